@@ -1,0 +1,249 @@
+"""Multi-head Latent Attention (MLA), DeepSeek-V3 report §2.1.1 (introduced in DeepSeek-V2).
+
+Standard multi-head attention caches, per token and per layer, a key and a value for every head:
+H·(d_h + d_h) values. MLA caches one small latent instead. For the hidden state h_t of token t:
+
+    c^KV_t = W^DKV h_t                          joint key/value latent, width d_c (`kv_lora_rank`)
+    k^C_t  = W^UK c^KV_t,  v^C_t = W^UV c^KV_t  per-head keys and values, up-projected from the latent
+    k^R_t  = RoPE(W^KR h_t)                     ONE rotary key of width d^R_h, shared by all heads
+    k_t,i  = [k^C_t,i ; k^R_t]                  content ("nope") dims first, rotary dims last
+
+and for the query (optionally compressed too, width d'_c = `q_lora_rank`; 0 = a plain projection `wq`):
+
+    c^Q_t = W^DQ h_t,  q^C_t = W^UQ c^Q_t,  q^R_t = RoPE(W^QR c^Q_t),  q_t,i = [q^C_t,i ; q^R_t,i]
+    o_t,i = Σ_j softmax_j(q_t,i · k_j,i / sqrt(d_h + d^R_h)) v^C_j,i,      u_t = W^O [o_t,1 ; ... ; o_t,H]
+
+RoPE cannot act on c^KV (a rotation between W^UK and the query would depend on the position and so could
+not be folded into a weight), hence the *decoupled* rotary part k^R / q^R. An RMSNorm follows each latent
+(`q_norm` on c^Q, `kv_norm` on c^KV only; k^R is taken from the down-projection before that norm).
+
+Weights, named as in the released checkpoints: `wkv_a` = [W^DKV ; W^KR] (dim → d_c + d^R_h), `wkv_b` =
+[W^UK ; W^UV] (d_c → H·(d_h + d_v), viewed (H, d_h + d_v, d_c): per head the first d_h rows are W^UK, the
+last d_v rows W^UV), `wq_a` = W^DQ, `wq_b` = [W^UQ ; W^QR] per head, `wo` = W^O. In code dn = d_h
+(`qk_nope_head_dim`), dr = d^R_h (`qk_rope_head_dim`), dv = `v_head_dim` (may differ from dn), c = d_c.
+
+Two attention paths, equal up to rounding (tests/test_mla.py):
+- naive (the reference; training and prefill): expand c^KV to per-head K and V with W^UK, W^UV and call
+  F.scaled_dot_product_attention.
+- absorb (the fast path for decoding): since q^C_i·(W^UK_i c^KV_j) = (W^UK_i^T q^C_i)·c^KV_j, fold W^UK into
+  the query and W^UV into the output, and attend over the cached latents directly; no per-head K or V is
+  ever formed. The KV cache holds only kv_norm(c^KV) and the roped k^R: d_c + d^R_h values per token
+  (576 for V3 instead of 128·(192+128) = 40960 for MHA).
+
+RoPE rotates interleaved pairs (x[2i], x[2i+1]), the layout of the released weights. YaRN extends the
+context when max_seq_len > original_seq_len: low-frequency pairs are slowed by rope_factor, high-frequency
+ones kept, a linear ramp in between; the softmax scale is multiplied by m², m = 0.1·mscale·ln(rope_factor)+1
+(the cos/sin themselves are not scaled).
+"""
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from layers import RMSNorm, at_least_fp32
+
+
+# ---------------------------------------------------------------------------------------------------------
+# RoPE and YaRN (pure functions)
+# ---------------------------------------------------------------------------------------------------------
+def yarn_correction_range(d: int, theta: float, original_seq_len: int, beta_fast: float, beta_slow: float):
+    """(low, high) pair indices of the YaRN ramp: pair j makes original_seq_len·θ_j/(2π) turns over the
+    original context; pairs turning more than beta_fast times keep their frequency, fewer than beta_slow
+    times are interpolated (divided by the factor)."""
+
+    def dim_for(turns):  # the (fractional) pair index that makes `turns` rotations in original_seq_len
+        return d * math.log(original_seq_len / (turns * 2 * math.pi)) / (2 * math.log(theta))
+
+    low = max(math.floor(dim_for(beta_fast)), 0)
+    high = min(math.ceil(dim_for(beta_slow)), d - 1)
+    return low, high
+
+
+def rope_frequencies(cfg) -> torch.Tensor:
+    """θ_i = rope_theta^(-2i/d) for i < d/2 (d = qk_rope_head_dim), with the YaRN ramp when active. (d/2,) fp32."""
+    d = cfg.qk_rope_head_dim
+    freqs = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float32) / d))  # (d/2,)
+    if cfg.yarn_active:
+        low, high = yarn_correction_range(d, cfg.rope_theta, cfg.original_seq_len, cfg.beta_fast, cfg.beta_slow)
+        span = (high - low) if high > low else 0.001  # avoid 0/0 when the ramp collapses
+        ramp = ((torch.arange(d // 2, dtype=torch.float32) - low) / span).clamp(0, 1)  # 0: keep, 1: slow
+        freqs = freqs * (1 - ramp) + freqs / cfg.rope_factor * ramp
+    return freqs
+
+
+def precompute_freqs_cis(cfg) -> torch.Tensor:
+    """e^{i·p·θ_j} for every position p < max_seq_len: complex64 (max_seq_len, dr/2)."""
+    t = torch.arange(cfg.max_seq_len, dtype=torch.float32)
+    angles = torch.outer(t, rope_frequencies(cfg))  # (S, dr/2)
+    return torch.polar(torch.ones_like(angles), angles)
+
+
+def apply_rotary_emb(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
+    """Rotate each pair (x[2i], x[2i+1]) of x (B, T, H, dr) or (B, T, dr) by angle p·θ_i (freqs_cis (T, dr/2)).
+
+    Computed in fp32 (fp64 for fp64 input) with real arithmetic, returned in x's dtype."""
+    if x.dim() not in (3, 4) or freqs_cis.shape != (x.shape[1], x.shape[-1] // 2) or x.shape[-1] % 2:
+        raise ValueError(f"apply_rotary_emb: x {tuple(x.shape)} (B, T, [H,] dr) does not match "
+                         f"freqs_cis {tuple(freqs_cis.shape)} (T, dr/2)")
+    pairs = at_least_fp32(x).unflatten(-1, (-1, 2))  # (B, T, [H,] dr/2, 2)
+    shape = (1, x.shape[1], 1, -1) if x.dim() == 4 else (1, x.shape[1], -1)  # broadcast over B (and H)
+    cos = freqs_cis.real.to(pairs.dtype).view(shape)  # (1, T, [1,] dr/2)
+    sin = freqs_cis.imag.to(pairs.dtype).view(shape)
+    a, b = pairs[..., 0], pairs[..., 1]  # (B, T, [H,] dr/2) each
+    out = torch.stack([a * cos - b * sin, a * sin + b * cos], dim=-1)  # (B, T, [H,] dr/2, 2)
+    return out.flatten(-2).to(x.dtype)  # (B, T, [H,] dr)
+
+
+def softmax_scale(cfg) -> float:
+    """1/sqrt(dn + dr), times m² with m = 0.1·mscale·ln(rope_factor) + 1 when YaRN is active."""
+    scale = cfg.qk_head_dim ** -0.5
+    if cfg.yarn_active:
+        m = 0.1 * cfg.mscale * math.log(cfg.rope_factor) + 1.0
+        scale *= m * m
+    return scale
+
+
+def causal_mask(T: int, S: int, start_pos: int, device=None) -> torch.Tensor:
+    """Boolean (T, S), True where query t (at position start_pos + t) may attend to key position s."""
+    q_pos = torch.arange(start_pos, start_pos + T, device=device)  # (T,)
+    return torch.arange(S, device=device)[None, :] <= q_pos[:, None]  # (T, S)
+
+
+def kv_cache_bytes_per_token(cfg, bytes_per_value: int = 2) -> dict:
+    """KV-cache bytes per token per layer: MLA (c^KV and k^R) and standard MHA with the same heads."""
+    mla = cfg.kv_lora_rank + cfg.qk_rope_head_dim
+    mha = cfg.n_heads * (cfg.qk_nope_head_dim + cfg.qk_rope_head_dim) + cfg.n_heads * cfg.v_head_dim
+    return dict(mla=mla * bytes_per_value, mha=mha * bytes_per_value)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The attention layer
+# ---------------------------------------------------------------------------------------------------------
+class MLA(nn.Module):
+    """Multi-head Latent Attention with decoupled RoPE, a naive and an absorbed path, and a latent KV cache."""
+
+    def __init__(self, cfg, linear=nn.Linear):
+        super().__init__()
+        self.dim, self.n_heads = cfg.dim, cfg.n_heads
+        self.q_lora_rank, self.kv_lora_rank = cfg.q_lora_rank, cfg.kv_lora_rank
+        self.dn, self.dr, self.dv = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+        H, dqk = self.n_heads, self.dn + self.dr
+        if self.q_lora_rank == 0:
+            self.wq = linear(self.dim, H * dqk, bias=False)  # [W^UQ ; W^QR] applied to h directly
+        else:
+            self.wq_a = linear(self.dim, self.q_lora_rank, bias=False)  # W^DQ
+            self.q_norm = RMSNorm(self.q_lora_rank)
+            self.wq_b = linear(self.q_lora_rank, H * dqk, bias=False)  # [W^UQ ; W^QR]
+        self.wkv_a = linear(self.dim, self.kv_lora_rank + self.dr, bias=False)  # [W^DKV ; W^KR]
+        self.kv_norm = RMSNorm(self.kv_lora_rank)
+        self.wkv_b = linear(self.kv_lora_rank, H * (self.dn + self.dv), bias=False)  # [W^UK ; W^UV] per head
+        self.wo = linear(H * self.dv, self.dim, bias=False)  # W^O
+        self.softmax_scale = softmax_scale(cfg)
+        self.attn_impl = "naive"  # "naive" (reference) or "absorb" (fast decode)
+        self.register_buffer("kv_cache", None, persistent=False)  # (maxB, maxS, c): kv_norm(c^KV)
+        self.register_buffer("pe_cache", None, persistent=False)  # (maxB, maxS, dr): roped k^R
+
+    # -- cache ----------------------------------------------------------------------------------------------
+    def setup_cache(self, max_batch: int, max_seq_len: int, device=None, dtype=None):
+        """Allocate the latent cache (zeros) for max_batch sequences of up to max_seq_len tokens."""
+        for name, v in (("max_batch", max_batch), ("max_seq_len", max_seq_len)):
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                raise ValueError(f"MLA.setup_cache: {name} must be a positive integer, got {v!r}")
+        device = device if device is not None else self.kv_norm.weight.device
+        dtype = dtype if dtype is not None else self.kv_norm.weight.dtype
+        self.kv_cache = torch.zeros(max_batch, max_seq_len, self.kv_lora_rank, device=device, dtype=dtype)
+        self.pe_cache = torch.zeros(max_batch, max_seq_len, self.dr, device=device, dtype=dtype)
+
+    def free_cache(self):
+        self.kv_cache = None
+        self.pe_cache = None
+
+    def _check_cache_use(self, B, T, start_pos):
+        if self.kv_cache is None:
+            raise ValueError("MLA.forward with start_pos needs setup_cache(max_batch, max_seq_len) first")
+        max_b, max_s, _ = self.kv_cache.shape
+        if not isinstance(start_pos, int) or isinstance(start_pos, bool) or start_pos < 0:
+            raise ValueError(f"MLA.forward: start_pos must be an integer >= 0, got {start_pos!r}")
+        if start_pos + T > max_s:
+            raise ValueError(f"MLA.forward: start_pos + T = {start_pos + T} exceeds the cache length {max_s}")
+        if B > max_b:
+            raise ValueError(f"MLA.forward: batch {B} exceeds the cache batch size {max_b}")
+
+    def _write_and_read_cache(self, latent, k_pe, start_pos):
+        """Store positions [start_pos, start_pos+T) of rows [0, B); return the cached (B, start_pos+T, ·)."""
+        B, T, _ = latent.shape
+        end = start_pos + T
+        # The cache is an inference structure: no gradient flows through it, and rewriting a position
+        # overwrites it (speculative decoding rolls back by writing again).
+        self.kv_cache[:B, start_pos:end] = latent.detach()
+        self.pe_cache[:B, start_pos:end] = k_pe.detach()
+        return self.kv_cache[:B, :end].to(latent.dtype), self.pe_cache[:B, :end].to(k_pe.dtype)  # (B, S, ·)
+
+    # -- projections ----------------------------------------------------------------------------------------
+    def _query(self, x):
+        B, T, _ = x.shape
+        q = self.wq(x) if self.q_lora_rank == 0 else self.wq_b(self.q_norm(self.wq_a(x)))  # (B, T, H·(dn+dr))
+        return q.view(B, T, self.n_heads, self.dn + self.dr)  # (B, T, H, dn+dr)
+
+    def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor, start_pos=None) -> torch.Tensor:
+        """x (B, T, dim), freqs_cis (T, dr/2) for positions [start_pos or 0, +T). Returns (B, T, dim).
+
+        start_pos None: causal self-attention over x, no cache. start_pos int: write this chunk to the
+        cache, then attend over positions [0, start_pos + T)."""
+        if self.attn_impl not in ("naive", "absorb"):
+            raise ValueError(f"MLA.attn_impl must be 'naive' or 'absorb', got {self.attn_impl!r}")
+        B, T, _ = x.shape
+        if freqs_cis.shape[0] != T:
+            raise ValueError(f"MLA.forward: freqs_cis has {freqs_cis.shape[0]} positions for T={T} tokens")
+        if start_pos is not None:
+            self._check_cache_use(B, T, start_pos)
+        q = self._query(x)  # (B, T, H, dn+dr)
+        q_nope, q_pe = q.split([self.dn, self.dr], dim=-1)  # (B, T, H, dn), (B, T, H, dr)
+        q_pe = apply_rotary_emb(q_pe, freqs_cis)  # q^R, per head
+        kv = self.wkv_a(x)  # (B, T, c+dr)
+        latent, k_pe = kv.split([self.kv_lora_rank, self.dr], dim=-1)  # (B, T, c), (B, T, dr)
+        k_pe = apply_rotary_emb(k_pe, freqs_cis)  # k^R: one per token, shared by the heads, not normalised
+        latent = self.kv_norm(latent)  # the norm covers only the c^KV part
+        start = 0
+        if start_pos is not None:
+            latent, k_pe = self._write_and_read_cache(latent, k_pe, start_pos)  # (B, S, c), (B, S, dr)
+            start = start_pos
+        attend = self._attend_naive if self.attn_impl == "naive" else self._attend_absorb
+        o = attend(q_nope, q_pe, latent, k_pe, start, x.dtype)  # (B, T, H, dv)
+        return self.wo(o.flatten(2))  # (B, T, H·dv) -> (B, T, dim)
+
+    # -- the two attention paths ----------------------------------------------------------------------------
+    def _attend_naive(self, q_nope, q_pe, latent, k_pe, start, out_dtype):
+        """Reference: expand c^KV to per-head k^C, v^C and run standard attention with k = [k^C ; k^R]."""
+        B, T, H, _ = q_nope.shape
+        S = latent.shape[1]
+        kv = self.wkv_b(latent).view(B, S, H, self.dn + self.dv)  # (B, S, H, dn+dv)
+        k_nope, v = kv.split([self.dn, self.dv], dim=-1)  # (B, S, H, dn), (B, S, H, dv)
+        k_rope = k_pe.to(k_nope.dtype)[:, :, None, :].expand(B, S, H, self.dr)  # (B, S, H, dr), shared
+        k = torch.cat([k_nope, k_rope], dim=-1).transpose(1, 2)  # (B, H, S, dn+dr)
+        q = torch.cat([q_nope, q_pe], dim=-1).transpose(1, 2)  # (B, H, T, dn+dr)
+        v = v.transpose(1, 2)  # (B, H, S, dv)
+        if T == S:  # no cache or a prefill from position 0: the usual square causal mask
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.softmax_scale)
+        else:  # queries sit at positions start..start+T-1; is_causal would align them to 0 instead
+            mask = causal_mask(T, S, start, device=q.device)  # (T, S)
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.softmax_scale)
+        # SDPA accumulates the softmax in fp32 for low-precision inputs
+        return o.transpose(1, 2).to(out_dtype)  # (B, T, H, dv)
+
+    def _attend_absorb(self, q_nope, q_pe, latent, k_pe, start, out_dtype):
+        """Fast: fold W^UK into the query and W^UV into the output; attend over the latents directly."""
+        B, T, H, _ = q_nope.shape
+        S = latent.shape[1]
+        w = self.wkv_b.weight.view(H, self.dn + self.dv, self.kv_lora_rank)  # (H, dn+dv, c)
+        w_uk, w_uv = w[:, : self.dn], w[:, self.dn:]  # (H, dn, c), (H, dv, c)
+        q_lat = torch.einsum("bthd,hdc->bthc", q_nope, w_uk)  # (B, T, H, c): W^UK_i^T q^C_i
+        scores = (torch.einsum("bthc,bsc->bhts", q_lat, latent)  # (B, H, T, S): content part
+                  + torch.einsum("bthr,bsr->bhts", q_pe, k_pe.to(q_pe.dtype)))  # + rotary part, k^R shared
+        scores = scores * self.softmax_scale
+        if T > 1:  # a single query is the newest position and sees all S keys: nothing to mask
+            scores = scores.masked_fill(~causal_mask(T, S, start, device=scores.device), float("-inf"))
+        p = F.softmax(at_least_fp32(scores), dim=-1).to(out_dtype)  # softmax in (at least) fp32  # (B, H, T, S)
+        o_lat = torch.einsum("bhts,bsc->bthc", p, latent.to(p.dtype))  # (B, T, H, c)
+        return torch.einsum("bthc,hvc->bthv", o_lat, w_uv.to(o_lat.dtype))  # (B, T, H, dv): W^UV_i o_lat

@@ -1,0 +1,167 @@
+"""The DeepSeek-V3 Transformer: composition only. Each idea lives in its own file:
+
+    mla.py     Multi-head Latent Attention (+ RoPE/YaRN, latent KV cache)          report §2.1.1
+    moe.py     DeepSeekMoE, aux-loss-free balancing, sequence-wise balance loss    report §2.1.2
+    mtp.py     Multi-Token Prediction                                              report §2.2
+    layers.py  RMSNorm and the SwiGLU feed-forward
+    config.py  ModelConfig, presets, validation
+
+Layout (as in the official inference code): token embedding → n_layers pre-norm residual blocks
+(x += MLA(norm(x)); x += FFN(norm(x))), where the first n_dense_layers use a dense SwiGLU FFN and the rest
+DeepSeekMoE → final RMSNorm → output head (not tied to the embedding) → logits for every position.
+The D MTP modules read the final hidden state and share the embedding and the head.
+
+Unlike the official inference forward (last position only, under inference_mode), `forward` returns logits for
+all positions and, given targets, the training losses. Cached decoding is a separate method.
+"""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from config import ModelConfig, PRESETS, get_preset  # noqa: F401  (re-exported for users of model.py)
+from layers import RMSNorm, MLP, at_least_fp32
+from mla import MLA, precompute_freqs_cis
+from moe import MoE
+from mtp import MTPModule, mtp_hidden, mtp_loss, mtp_accuracy
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + MLA(attn_norm(x)), then + FFN(ffn_norm(x)); FFN dense or MoE by depth."""
+
+    def __init__(self, layer_id: int, cfg: ModelConfig, linear=nn.Linear):
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.dim)
+        self.attn = MLA(cfg, linear)
+        self.ffn_norm = RMSNorm(cfg.dim)
+        self.ffn = MLP(cfg.dim, cfg.inter_dim, linear) if layer_id < cfg.n_dense_layers else MoE(cfg, linear)
+
+    def forward(self, x, freqs_cis, start_pos=None):
+        x = x + self.attn(self.attn_norm(x), freqs_cis, start_pos)
+        return x + self.ffn(self.ffn_norm(x))
+
+
+class Transformer(nn.Module):
+    """DeepSeek-V3: embedding, dense then MoE blocks, final norm, untied head, D MTP modules.
+
+    `linear` is the class used for the projections inside attention and FFNs (nn.Linear, or fp8.FP8Linear).
+    The embedding, the output head, the MoE gate and the norms always stay in high precision (report §3.3).
+    """
+
+    def __init__(self, cfg: ModelConfig, linear=nn.Linear):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(Block(i, cfg, linear) for i in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim)
+        self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        # MTP module k holds the block of "layer" n_layers + k (an MoE block, as in the released weights).
+        self.mtp = nn.ModuleList(MTPModule(cfg.dim, Block(cfg.n_layers + k, cfg, linear), linear)
+                                 for k in range(cfg.n_mtp))
+        self.register_buffer("freqs_cis", precompute_freqs_cis(cfg), persistent=False)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self):
+        """Every matrix ~ N(0, init_std) (report: 0.006); norm gains 1; gate biases 0 (buffers, untouched)."""
+        for name, p in self.named_parameters():
+            if p.ndim >= 2:
+                nn.init.normal_(p, mean=0.0, std=self.cfg.init_std)
+            else:
+                nn.init.ones_(p)
+
+    # -- training / full-sequence forward ---------------------------------------------------------------------
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor = None):
+        """idx (B, T) → logits (B, T, V); with targets (B, T) → (logits, losses).
+
+        losses: `main` next-token CE; `mtp` = (1/D) Σ_k CE_k (0 without MTP); `balance` = Σ over MoE layers of the
+        unweighted sequence-wise balance loss (0 in eval); `mtp_acc` = depth-1 argmax accuracy (detached).
+        The training objective is main + λ·mtp + α·balance (train.py).
+        """
+        B, T = idx.shape
+        if T > self.cfg.max_seq_len:
+            raise ValueError(f"sequence length {T} exceeds max_seq_len {self.cfg.max_seq_len}")
+        freqs_cis = self.freqs_cis[:T]
+        h = self.embed(idx)  # (B, T, d)
+        for layer in self.layers:
+            h = layer(h, freqs_cis)
+        h = self.norm(h)
+        logits = self.head(h)  # (B, T, V)
+        if targets is None:
+            return logits
+        V = logits.shape[-1]
+        losses = {"main": F.cross_entropy(at_least_fp32(logits).reshape(-1, V), targets.reshape(-1))}
+        zero = losses["main"].new_zeros(())
+        if len(self.mtp) and T > len(self.mtp):
+            mtp_logits = [self.head(hk) for hk in mtp_hidden(self.mtp, h, idx, self.embed, freqs_cis)]
+            losses["mtp"] = mtp_loss(mtp_logits, targets)
+            losses["mtp_acc"] = mtp_accuracy(mtp_logits[0], targets)
+        else:
+            losses["mtp"], losses["mtp_acc"] = zero, zero
+        balance = [m.balance_loss for m in self.moe_layers()]
+        losses["balance"] = torch.stack(balance).sum() if balance else zero
+        return logits, losses
+
+    # -- cached inference (absorbed MLA over the latent cache) -------------------------------------------------
+    def attention_modules(self):
+        return [b.attn for b in self.layers] + [m.block.attn for m in self.mtp]
+
+    def setup_cache(self, max_batch: int, max_seq_len: int = None, attn_impl: str = "absorb"):
+        """Allocate each MLA's latent cache (kv_lora_rank + dr values per token) and pick its decode path."""
+        max_seq_len = max_seq_len or self.cfg.max_seq_len
+        if max_seq_len > self.cfg.max_seq_len:
+            raise ValueError(f"cache length {max_seq_len} exceeds max_seq_len {self.cfg.max_seq_len}")
+        w = self.embed.weight
+        for attn in self.attention_modules():
+            attn.setup_cache(max_batch, max_seq_len, device=w.device, dtype=w.dtype)
+            attn.attn_impl = attn_impl
+
+    def free_cache(self):
+        for attn in self.attention_modules():
+            attn.free_cache()
+            attn.attn_impl = "naive"
+
+    @torch.no_grad()
+    def forward_cached(self, idx: torch.Tensor, start_pos: int):
+        """Tokens idx (B, T) at absolute positions start_pos.. → (logits (B, T, V), final hidden (B, T, d))."""
+        T = idx.shape[1]
+        freqs_cis = self.freqs_cis[start_pos:start_pos + T]
+        h = self.embed(idx)
+        for layer in self.layers:
+            h = layer(h, freqs_cis, start_pos)
+        h = self.norm(h)
+        return self.head(h), h
+
+    @torch.no_grad()
+    def mtp_step(self, h: torch.Tensor, next_idx: torch.Tensor, start_pos: int, depth: int = 0):
+        """Cached MTP module `depth` at positions start_pos..: h (B, T, d) hidden of those positions,
+        next_idx (B, T) the tokens one ahead of them → (logits (B, T, V) for the tokens two ahead, h^k)."""
+        T = next_idx.shape[1]
+        freqs_cis = self.freqs_cis[start_pos:start_pos + T]
+        hk = self.mtp[depth](h, self.embed(next_idx), freqs_cis, start_pos)
+        return self.head(hk), hk
+
+    # -- MoE bookkeeping ---------------------------------------------------------------------------------------
+    def moe_layers(self):
+        return [m for m in self.modules() if isinstance(m, MoE)]
+
+    @torch.no_grad()
+    def update_moe_bias(self, gamma: float, group=None):
+        """Aux-loss-free balancing: after each optimizer step, nudge every gate bias by ±γ (moe.MoE.update_bias)."""
+        for m in self.moe_layers():
+            m.update_bias(gamma, group)
+
+
+def count_params(cfg: ModelConfig) -> dict:
+    """Parameter counts of a config, built on the meta device (no memory, seconds even for 671B).
+
+    total / active: main model (embedding and head included); active counts only K_r of the N_r routed experts
+    of each MoE layer. mtp / mtp_active: the MTP modules' own parameters (their embedding and head are shared).
+    """
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    main = sum(p.numel() for n, p in model.named_parameters() if not n.startswith("mtp."))
+    mtp = sum(p.numel() for n, p in model.named_parameters() if n.startswith("mtp."))
+    per_expert = 3 * cfg.dim * cfg.moe_inter_dim
+    idle = (cfg.n_routed_experts - cfg.n_activated_experts) * per_expert
+    return {"total": main, "active": main - cfg.n_moe_layers * idle, "mtp": mtp,
+            "mtp_active": mtp - cfg.n_mtp * idle}

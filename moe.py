@@ -1,0 +1,278 @@
+"""DeepSeekMoE with auxiliary-loss-free load balancing (DeepSeek-V3 report §2.1.2).
+
+The FFN of an MoE block maps the token's input u_t (after ffn_norm) to
+    FFN(u_t) = Σ_{i=1..N_s} FFN^(s)_i(u_t) + Σ_{i=1..N_r} g_{i,t} FFN^(r)_i(u_t)
+(the residual "u_t +" of the report's h'_t is added by the Block). Every expert is a small SwiGLU FFN of width
+moe_inter_dim ("fine-grained" experts: many narrow ones rather than a few wide ones).
+- N_s shared experts see every token and are added unweighted. N_s SwiGLU experts of width moe_inter_dim sum to
+  exactly one SwiGLU of width N_s·moe_inter_dim (concatenate their hidden units), which is how they are stored.
+- N_r routed experts: each token goes to K_r of them. The affinity of token t to expert i is
+      s_{i,t} = Sigmoid(u_t^T e_i)                      (e_i = row i of gate.weight; computed in fp32)
+  and the gate values are
+      g'_{i,t} = s_{i,t} if s_{i,t} + b_i ∈ TopK({s_{j,t} + b_j}, K_r) else 0,    g_{i,t} = g'_{i,t} / Σ_j g'_{j,t}
+  then × route_scale (2.5 for V3; a factor of the official code, not written in the report).
+  The bias b_i only decides *which* experts are chosen; the weights use the unbiased s_{i,t}.
+- Auxiliary-Loss-Free Load Balancing: b_i is not trained by gradient. After each optimizer step it moves by γ
+  against the load of that step: b_i -= γ for overloaded experts, b_i += γ for underloaded ones (γ = 0.001 in the
+  report). `MoE.load` accumulates the token counts of all micro-batches of a step; `update_bias` applies and resets.
+- Complementary Sequence-Wise Auxiliary Loss: to stop single sequences from being extremely unbalanced, a tiny
+  L_Bal = α Σ_i f_i P_i per sequence (α = 1e-4, applied by train.py), with T the sequence length,
+      f_i = N_r/(K_r·T) · Σ_t 1[token t is routed to i]       (a count: carries no gradient)
+      P_i = (1/T) Σ_t s'_{i,t},   s'_{i,t} = s_{i,t} / Σ_j s_{j,t}   (differentiable w.r.t. the gate)
+  Perfectly balanced routing gives f_i = 1 for every i and hence Σ_i f_i P_i = 1.
+- Node-Limited Routing: a token may reach at most M nodes, ranked by the sum of the K_r/M highest affinities of
+  the experts they hold. The code form is group-limited routing: N_r experts in n_expert_groups groups, group
+  score = sum of the top-2 biased affinities (K_r/M = 8/4 = 2 in V3), keep the best n_limited_groups groups and
+  exclude the rest with -inf (not 0: biased scores can be negative).
+- No token dropping, no capacity factor: every token is processed by all of its K_r experts.
+- V2-style configs (score_func="softmax"): s = softmax over experts, no bias, group score = max, no
+  renormalisation of the top-k weights (still × route_scale).
+
+Two dispatch paths with identical results (tests/test_moe.py checks outputs and gradients):
+- "loop" (the reference, read it first): for each expert, gather its tokens, run it, add the weighted outputs.
+- "grouped" (the fast one, default): sort the N·K_r (token, expert) pairs by expert id with argsort so each expert
+  owns one contiguous segment, run all experts with one grouped GEMM per projection (torch._grouped_mm, where
+  this build supports it for the device and dtype; otherwise a loop over the segments), scatter-add back.
+Expert parallelism (all-to-all over an expert process group) is not implemented here yet.
+"""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torch.distributed as dist
+
+from layers import MLP, at_least_fp32
+
+DISPATCH = ("loop", "grouped")
+
+
+# -- routing: pure functions ---------------------------------------------------------------------------------
+def limit_groups(scores: torch.Tensor, n_groups: int, n_keep: int, top2: bool) -> torch.Tensor:
+    """Group-limited routing: keep the n_keep best of n_groups expert groups, set the others to -inf.
+
+    The group score is the sum of its top-2 scores (sigmoid/V3) or its max (softmax/V2)."""
+    N, E = scores.shape
+    grouped = scores.view(N, n_groups, E // n_groups)  # (N, G, E/G)
+    group_score = grouped.topk(2, dim=-1).values.sum(-1) if top2 else grouped.amax(-1)  # (N, G)
+    keep = group_score.topk(n_keep, dim=-1).indices  # (N, n_keep)
+    drop = torch.ones_like(group_score, dtype=torch.bool).scatter_(1, keep, False)  # (N, G)
+    return grouped.masked_fill(drop.unsqueeze(-1), float("-inf")).view(N, E)  # (N, E)
+
+
+def route(scores, bias, k, n_groups, n_keep, renormalize, route_scale):
+    """scores s (N, E) unbiased affinities → (weights g (N, K), indices (N, K)).
+
+    Selection uses s + b (and the group limit); the weights gather the *unbiased* s of the chosen experts."""
+    choice = scores if bias is None else scores + bias
+    if n_groups > 1:
+        choice = limit_groups(choice, n_groups, n_keep, top2=bias is not None)
+    indices = choice.topk(k, dim=-1).indices  # (N, K)
+    weights = scores.gather(1, indices)  # (N, K)
+    if renormalize:
+        weights = weights / weights.sum(-1, keepdim=True)
+    return weights * route_scale, indices
+
+
+def sequence_balance_loss(scores: torch.Tensor, indices: torch.Tensor, n_experts: int) -> torch.Tensor:
+    """Complementary sequence-wise balance loss Σ_i f_i P_i, averaged over sequences (α not applied).
+
+    scores (B, T, E) affinities s_{i,t} (differentiable), indices (B, T, K) the routed experts."""
+    B, T, K = indices.shape
+    counts = torch.zeros(B, n_experts, dtype=scores.dtype, device=scores.device)
+    counts.scatter_add_(1, indices.reshape(B, T * K), torch.ones_like(indices, dtype=scores.dtype).view(B, T * K))
+    f = counts * (n_experts / (K * T))  # (B, E), a count: no gradient flows through f
+    p = (scores / scores.sum(-1, keepdim=True)).mean(1)  # (B, E), P_i over the normalised s'_{i,t}
+    return (f * p).sum(-1).mean()
+
+
+def max_violation(counts: torch.Tensor) -> float:
+    """Load imbalance of per-expert token counts: max load / mean load − 1 (0 = perfectly balanced)."""
+    if counts.numel() == 0:
+        raise ValueError("max_violation: counts is empty")
+    counts = counts.double()
+    mean = counts.mean()
+    return 0.0 if mean == 0 else (counts.max() / mean - 1).item()
+
+
+class Gate(nn.Module):
+    """Router: fp32 affinities s = sigmoid(u·e_i) (or softmax), bias b_i for selection only, group limit, top-k."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.topk = cfg.n_activated_experts
+        self.n_groups, self.n_keep = cfg.n_expert_groups, cfg.n_limited_groups
+        self.score_func, self.route_scale = cfg.score_func, cfg.route_scale
+        self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.dim))
+        nn.init.normal_(self.weight, std=cfg.init_std)
+        if self.score_func == "sigmoid":
+            # b_i: saved with the model, moved only by update_bias (a buffer never receives a gradient)
+            self.register_buffer("bias", torch.zeros(cfg.n_routed_experts, dtype=torch.float32))
+        else:
+            self.bias = None
+
+    def scores(self, x: torch.Tensor) -> torch.Tensor:
+        """x (N, dim) → s (N, E) in fp32 (fp64 for fp64 models), also under bf16 autocast (routing is
+        precision-sensitive)."""
+        with torch.autocast(x.device.type, enabled=False):
+            logits = F.linear(at_least_fp32(x), at_least_fp32(self.weight))  # (N, E)
+        return logits.sigmoid() if self.score_func == "sigmoid" else logits.softmax(-1)
+
+    def forward(self, x: torch.Tensor):
+        s = self.scores(x)
+        w, idx = route(s, self.bias, self.topk, self.n_groups, self.n_keep,
+                       renormalize=self.score_func == "sigmoid", route_scale=self.route_scale)
+        return w.type_as(x), idx, s
+
+
+# -- experts and the two dispatch paths ------------------------------------------------------------------------
+_GROUPED_MM_OK = {}  # (device type, dtype) → whether torch._grouped_mm works there (probed once)
+
+
+def _probe_grouped_mm(device: torch.device, dtype: torch.dtype) -> bool:
+    """Run a tiny forward+backward of torch._grouped_mm against per-segment matmuls; False on any failure."""
+    if not hasattr(torch, "_grouped_mm"):
+        return False
+    try:
+        with torch.inference_mode(False), torch.enable_grad(), torch.autocast(device.type, enabled=False):
+            gen = torch.Generator().manual_seed(0)
+            a = torch.randn(24, 16, generator=gen).to(device, dtype).requires_grad_()
+            w = torch.randn(3, 32, 16, generator=gen).to(device, dtype).requires_grad_()
+            sizes = [5, 0, 19]  # an empty segment on purpose
+            offs = torch.tensor(sizes, device=device).cumsum(0).to(torch.int32)
+            out = torch._grouped_mm(a, w.transpose(-2, -1), offs=offs)  # (24, 32)
+            ref = torch.cat([ai @ wi.T for ai, wi in zip(a.split(sizes), w)])  # (24, 32)
+            g = torch.randn(out.shape, generator=gen).to(device, dtype)
+            got, want = (out, *torch.autograd.grad(out, (a, w), g)), (ref, *torch.autograd.grad(ref, (a, w), g))
+            tol = 1e-5 if dtype in (torch.float32, torch.float64) else 2e-2
+            return all(((p.float() - q.float()).norm() <= tol * q.float().norm()).item() for p, q in zip(got, want))
+    except Exception:  # unsupported device, dtype or build: use the segment loop instead
+        return False
+
+
+def grouped_mm_supported(device: torch.device, dtype: torch.dtype) -> bool:
+    key = (device.type, dtype)
+    if key not in _GROUPED_MM_OK:
+        _GROUPED_MM_OK[key] = _probe_grouped_mm(device, dtype)
+    return _GROUPED_MM_OK[key]
+
+
+def segment_mm(a: torch.Tensor, w: torch.Tensor, sizes: list, impl: str = "auto") -> torch.Tensor:
+    """Rows of a (M, in), sorted into len(sizes) contiguous segments, times w (E, out, in)ᵀ per segment → (M, out)
+
+    impl: "grouped_mm" (one torch._grouped_mm call), "loop" (one F.linear per segment) or "auto"."""
+    dtype = torch.get_autocast_dtype(a.device.type) if torch.is_autocast_enabled(a.device.type) else a.dtype
+    if impl == "auto":
+        aligned = all(n * dtype.itemsize % 16 == 0 for n in w.shape[1:])  # kernel needs 16-byte rows
+        impl = "grouped_mm" if aligned and grouped_mm_supported(a.device, dtype) else "loop"
+    if impl == "grouped_mm":
+        offs = torch.tensor(sizes, device=a.device).cumsum(0).to(torch.int32)  # (E,) end row of each segment
+        return torch._grouped_mm(a.to(dtype), w.to(dtype).transpose(-2, -1), offs=offs)  # (M, out)
+    # unbind, not w[i]: the backward of E separate w[i] would build E full-size (E, out, in) gradients
+    parts = [F.linear(seg, wi) for seg, wi, n in zip(a.split(sizes), w.unbind(0), sizes) if n > 0]
+    return torch.cat(parts) if parts else a.new_zeros(0, w.shape[1])
+
+
+class Experts(nn.Module):
+    """N_r routed SwiGLU experts with stacked weights w1 (E, inter, dim), w2 (E, dim, inter), w3 (E, inter, dim)."""
+
+    def __init__(self, n_experts: int, dim: int, inter_dim: int, init_std: float):
+        super().__init__()
+        self.w1 = nn.Parameter(torch.randn(n_experts, inter_dim, dim) * init_std)  # gate_proj
+        self.w2 = nn.Parameter(torch.randn(n_experts, dim, inter_dim) * init_std)  # down_proj
+        self.w3 = nn.Parameter(torch.randn(n_experts, inter_dim, dim) * init_std)  # up_proj
+
+    def expert(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        """FFN^(r)_i(x) for x (n, dim) → (n, dim); simple, not fast (each w[i] gets a full-size gradient)."""
+        return F.linear(F.silu(F.linear(x, self.w1[i])) * F.linear(x, self.w3[i]), self.w2[i])
+
+    def segments(self, x: torch.Tensor, sizes: list, impl: str = "auto") -> torch.Tensor:
+        """All experts at once on rows sorted by expert (sizes[i] rows for expert i): (M, dim) → (M, dim)."""
+        h = F.silu(segment_mm(x, self.w1, sizes, impl)) * segment_mm(x, self.w3, sizes, impl)  # (M, inter)
+        return segment_mm(h, self.w2, sizes, impl)  # (M, dim)
+
+
+def dispatch_loop(x, weights, indices, experts: Experts) -> torch.Tensor:
+    """Reference: y_t = Σ_k g_{t,k} FFN^(r)_{idx_{t,k}}(x_t), one expert at a time. x (N, dim) → (N, dim)."""
+    y = torch.zeros_like(x)
+    counts = torch.bincount(indices.flatten(), minlength=experts.w1.shape[0]).tolist()
+    for i, n in enumerate(counts):
+        if n == 0:  # skip idle experts (as the official code does)
+            continue
+        token, slot = torch.where(indices == i)  # (n,), (n,): which tokens chose i, in which of their K slots
+        y = y.index_add(0, token, experts.expert(i, x[token]) * weights[token, slot, None])
+    return y
+
+
+def dispatch_grouped(x, weights, indices, experts: Experts, impl: str = "auto") -> torch.Tensor:
+    """Fast path: sort (token, slot) pairs by expert, run contiguous segments, scatter-add. (N, dim) → (N, dim)."""
+    N, K = indices.shape
+    flat = indices.reshape(-1)  # (N·K,) expert id of each (token, slot) pair
+    order = torch.argsort(flat, stable=True)  # (N·K,) pairs sorted by expert id
+    token = order // K  # (N·K,) the token of each sorted pair
+    sizes = torch.bincount(flat, minlength=experts.w1.shape[0]).tolist()  # rows of each expert's segment
+    out = experts.segments(x[token], sizes, impl)  # (N·K, dim)
+    out = out * weights.reshape(-1)[order, None]  # (N·K, dim) times g of the pair
+    return torch.zeros_like(x).index_add(0, token, out.to(x.dtype))  # (N, dim) sum over the K slots
+
+
+class MoE(nn.Module):
+    """DeepSeekMoE layer: shared experts (unweighted) + K_r of N_r routed experts (weighted by g_{i,t}).
+
+    Keeps the per-expert token counts for aux-loss-free balancing (`load`, `update_bias`) and the complementary
+    sequence-wise balance loss of the last training forward (`balance_loss`, unweighted)."""
+
+    def __init__(self, cfg, linear=nn.Linear):
+        super().__init__()
+        self.dim, self.n_routed, self.topk = cfg.dim, cfg.n_routed_experts, cfg.n_activated_experts
+        self.gate = Gate(cfg)
+        # routed experts are stacked tensors (needed by the grouped GEMM), so `linear` applies to shared experts only
+        self.experts = Experts(cfg.n_routed_experts, cfg.dim, cfg.moe_inter_dim, cfg.init_std)
+        if cfg.n_shared_experts > 0:
+            self.shared_experts = MLP(cfg.dim, cfg.n_shared_experts * cfg.moe_inter_dim, linear)
+        else:
+            self.shared_experts = None
+        self.dispatch = "grouped"
+        self.register_buffer("load", torch.zeros(cfg.n_routed_experts, dtype=torch.long), persistent=False)
+        self.last_counts = torch.zeros(cfg.n_routed_experts, dtype=torch.long)
+        self.balance_loss = torch.zeros(())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 3 or x.shape[-1] != self.dim:
+            raise ValueError(f"MoE input must be (B, T, {self.dim}), got {tuple(x.shape)}")
+        if self.dispatch not in DISPATCH:
+            raise ValueError(f"MoE.dispatch={self.dispatch!r}: must be one of {DISPATCH}")
+        B, T, D = x.shape
+        u = x.reshape(B * T, D)  # (N, dim), N = B·T tokens
+        weights, indices, scores = self.gate(u)  # (N, K), (N, K), (N, E)
+        run = dispatch_loop if self.dispatch == "loop" else dispatch_grouped
+        y = run(u, weights, indices, self.experts)  # (N, dim)
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(u)
+        self._record(indices, scores, B, T)
+        return y.view(B, T, D)
+
+    def _record(self, indices, scores, B, T):
+        """Token counts for logging and for the bias update; the balance loss in training."""
+        counts = torch.bincount(indices.flatten(), minlength=self.n_routed).detach()  # (E,)
+        self.last_counts = counts
+        if self.training:
+            self.load += counts
+            self.balance_loss = sequence_balance_loss(scores.view(B, T, -1), indices.view(B, T, -1), self.n_routed)
+        else:
+            self.balance_loss = scores.new_zeros(())
+
+    @torch.no_grad()
+    def update_bias(self, gamma: float, group=None):
+        """After an optimizer step: b_i += γ·sign(mean load − load_i) from the accumulated `load`, then reset it.
+
+        Under torch.distributed the load is summed over `group` (default: the world) first, so every rank applies
+        the same update. No-op (except the reset) for softmax routing, which has no bias."""
+        if self.gate.bias is not None:
+            load = self.load.clone()
+            if dist.is_available() and dist.is_initialized():
+                dist.all_reduce(load, group=group)
+            load = load.double()
+            self.gate.bias += gamma * torch.sign(load.mean() - load).to(self.gate.bias.dtype)
+        self.reset_load()
+
+    def reset_load(self):
+        self.load.zero_()

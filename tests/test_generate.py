@@ -1,0 +1,144 @@
+"""Decoding: cached greedy == uncached greedy, speculative == plain, the acceptance rule keeps p."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import generate as G
+from model import ModelConfig, Transformer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_model(seed=0, **kw):
+    torch.manual_seed(seed)
+    base = dict(vocab_size=61, dim=32, n_layers=2, n_dense_layers=1, inter_dim=48, n_heads=2, q_lora_rank=16,
+                kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8, max_seq_len=40,
+                moe_inter_dim=16, n_routed_experts=4, n_shared_experts=1, n_activated_experts=2,
+                n_expert_groups=2, n_limited_groups=1, n_mtp=1, init_std=0.3)
+    base.update(kw)
+    return Transformer(ModelConfig(**base)).double().eval()
+
+
+def greedy_uncached(model, prompt, n):
+    ids = list(prompt)
+    for _ in range(n):
+        ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+    return ids[len(prompt):]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_cached_greedy_equals_uncached_greedy(seed):
+    model = tiny_model(seed)
+    prompt = torch.randint(0, 61, (5,)).tolist()
+    out, stats = G.generate(model, prompt, 12)
+    assert out == greedy_uncached(model, prompt, 12)
+    assert stats["main_forwards"] == 12  # prefill + one forward per token after the first
+
+
+class DraftOracle:
+    """Replace MTP drafts by chosen tokens (right, wrong or mixed) while the real MTP module still runs."""
+
+    def __init__(self, model, stream, mode):
+        self.real, self.stream, self.mode, self.calls = model.mtp_step, stream, mode, 0
+
+    def __call__(self, h, next_idx, start_pos, depth=0):
+        logits, hk = self.real(h, next_idx, start_pos, depth)
+        pos = start_pos + next_idx.shape[1] + 1  # the position whose token the last entry drafts
+        right = self.stream[pos] if pos < len(self.stream) else 0
+        self.calls += 1
+        good = self.mode == "right" or (self.mode == "mixed" and self.calls % 3 != 0)
+        tok = right if good else (right + 1) % logits.shape[-1]
+        forced = torch.full_like(logits, -1e9)
+        forced[..., tok] = 0
+        return forced, hk
+
+
+@pytest.mark.parametrize("mode", ["real", "right", "wrong", "mixed"])
+def test_greedy_speculative_is_token_identical_to_plain(mode):
+    model = tiny_model(3)
+    prompt = torch.randint(0, 61, (4,)).tolist()
+    plain, _ = G.generate(model, prompt, 25)
+    if mode != "real":
+        model.mtp_step = DraftOracle(model, prompt + plain, mode)
+    spec, stats = G.generate(model, prompt, 25, speculative=True)
+    assert spec == plain
+    if mode == "right":
+        assert stats["accepted"] == stats["drafted"] > 0 and stats["main_forwards"] < 16
+    if mode == "wrong":
+        assert stats["accepted"] == 0 and stats["drafted"] > 0
+
+
+def test_speculative_mtp_cache_matches_a_full_mtp_pass():
+    """The drafts made while decoding equal what the MTP module computes over the whole sequence at once."""
+    model = tiny_model(4)
+    prompt = torch.randint(0, 61, (6,)).tolist()
+    seen = []
+    real = model.mtp_step
+
+    def spy(h, next_idx, start_pos, depth=0):
+        logits, hk = real(h, next_idx, start_pos, depth)
+        seen.append((start_pos + next_idx.shape[1] - 1, logits[0, -1].clone()))
+        return logits, hk
+
+    model.mtp_step = spy
+    out, _ = G.generate(model, prompt, 15, speculative=True)
+    stream = torch.tensor([prompt + out])
+    T = stream.shape[1]
+    with torch.no_grad():
+        f = model.freqs_cis[:T]
+        h = model.embed(stream)
+        for layer in model.layers:
+            h = layer(h, f)
+        h = model.norm(h)
+        full = model.head(model.mtp[0](h[:, :-1], model.embed(stream[:, 1:]), f[:-1]))  # (1, T-1, V)
+    assert len(seen) > 3
+    for pos, logits in seen:
+        assert torch.allclose(logits, full[0, pos], atol=1e-9)
+
+
+def test_acceptance_rule_preserves_the_target_distribution():
+    g = torch.Generator().manual_seed(0)
+    p_logits, q_logits = torch.randn(2, 6, generator=g) * 1.5
+    p = G.probs_from_logits(p_logits, 1.0)
+    q = G.probs_from_logits(q_logits, 1.0)
+    n = 20000
+    counts = torch.zeros(6)
+    for _ in range(n):
+        draft = int(torch.multinomial(q, 1, generator=g))
+        tok, _ = G.verify_draft(p_logits, q_logits, draft, 1.0, None, g)
+        counts[tok] += 1
+    assert (counts / n - p).abs().max() < 0.015
+    assert (q - p).abs().max() > 0.1  # the draft distribution really differs
+
+
+def test_top_k_and_temperature():
+    logits = torch.tensor([3.0, 2.0, 1.0, 0.0])
+    p = G.probs_from_logits(logits, 1.0, top_k=2)
+    assert p[2] == 0 and p[3] == 0 and torch.isclose(p.sum(), torch.tensor(1.0))
+    cold = G.probs_from_logits(logits, 0.1)
+    assert cold[0] > 0.99
+
+
+def test_bad_requests_raise():
+    model = tiny_model(0)
+    with pytest.raises(ValueError, match="context"):
+        G.generate(model, list(range(40)), 5)
+    with pytest.raises(ValueError, match="MTP"):
+        G.generate(tiny_model(0, n_mtp=0), [1, 2], 5, speculative=True)
+
+
+def run_cli(*args, stdin=""):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "generate.py"), *args], input=stdin,
+                          capture_output=True, text=True, cwd=ROOT, timeout=120)
+
+
+def test_cli_missing_and_corrupt_checkpoint(tmp_path):
+    r = run_cli("--out_dir", str(tmp_path), "--prompt", "x")
+    assert r.returncode == 2 and r.stderr.startswith("error: no checkpoint") and "Traceback" not in r.stderr
+    (tmp_path / "ckpt.pt").write_bytes(b"not a checkpoint")
+    r = run_cli("--out_dir", str(tmp_path), "--prompt", "x")
+    assert r.returncode == 2 and "cannot read checkpoint" in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1

@@ -1,0 +1,132 @@
+"""The composition: parameter counts against the report, config validation, losses, cached decoding."""
+import math
+
+import pytest
+import torch
+
+from model import ModelConfig, PRESETS, Transformer, count_params, get_preset
+from moe import MoE
+
+
+def tiny(**kw):
+    base = dict(vocab_size=101, dim=32, n_layers=3, n_dense_layers=1, inter_dim=48, n_heads=2, q_lora_rank=16,
+                kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=6, max_seq_len=32,
+                moe_inter_dim=16, n_routed_experts=4, n_shared_experts=1, n_activated_experts=2,
+                n_expert_groups=2, n_limited_groups=1, n_mtp=1, init_std=0.02)
+    base.update(kw)
+    return ModelConfig(**base)
+
+
+def test_v3_671b_counts_match_the_report():
+    c = count_params(PRESETS["v3-671b"])
+    # Report / README_WEIGHTS: 671B total, 37B activated per token, MTP module 11.5B unique parameters
+    # (its 14B on disk include copies of the 0.9B embedding and the 0.9B head).
+    assert abs(c["total"] / 1e9 - 671) < 1.0, c
+    assert abs(c["active"] / 1e9 - 37) < 1.0, c
+    assert abs(c["mtp"] / 1e9 - 11.5) < 0.2, c
+
+
+def test_v2_lite_counts():
+    c = count_params(PRESETS["v2-lite-16b"])
+    cfg = PRESETS["v2-lite-16b"]
+    assert abs(c["total"] / 1e9 - 15.7) < 0.1, c  # DeepSeek-V2-Lite: 15.7B total, 2.4B activated
+    # The 2.4B leaves out the input embedding (a lookup, 0.21B): with it the count is 2.66B.
+    assert abs((c["active"] - cfg.vocab_size * cfg.dim) / 1e9 - 2.4) < 0.1, c
+
+
+@pytest.mark.parametrize("field, value, words", [
+    ("n_routed_experts", 9, "divisible by n_expert_groups"),
+    ("n_activated_experts", 3, "allowed groups"),
+    ("dim", 0, "positive"),
+    ("qk_rope_head_dim", 5, "even"),
+    ("n_limited_groups", 3, "<= n_expert_groups"),
+    ("score_func", "relu", "sigmoid"),
+    ("n_dense_layers", 4, "<= n_layers"),
+    ("q_lora_rank", -1, ">= 0"),
+])
+def test_bad_configs_raise_naming_field_and_rule(field, value, words):
+    with pytest.raises(ValueError) as e:
+        tiny(**{field: value})
+    assert field in str(e.value) and words in str(e.value)
+
+
+def test_presets_are_valid_and_unknown_names_raise():
+    for name in PRESETS:
+        assert get_preset(name).dim > 0
+    with pytest.raises(ValueError, match="unknown preset"):
+        get_preset("gpt5")
+    with pytest.raises(ValueError, match="unknown ModelConfig field"):
+        get_preset("tiny", dimension=3)
+
+
+def test_forward_shapes_losses_and_initial_loss():
+    torch.manual_seed(0)
+    cfg = tiny(init_std=0.006)
+    model = Transformer(cfg)
+    idx = torch.randint(0, cfg.vocab_size, (2, 16))
+    logits = model(idx)
+    assert logits.shape == (2, 16, cfg.vocab_size)
+    logits2, losses = model(idx, torch.roll(idx, -1, 1))
+    assert torch.equal(logits, logits2)
+    assert set(losses) == {"main", "mtp", "balance", "mtp_acc"}
+    # With N(0, 0.006) weights the logits are ~0, so the loss starts at ln V.
+    assert abs(losses["main"].item() - math.log(cfg.vocab_size)) < 0.05
+    assert abs(losses["mtp"].item() - math.log(cfg.vocab_size)) < 0.05
+    # the balance loss covers the main MoE layers and the MTP block's MoE; ≈ 1 per layer for near-uniform routing
+    n_moe = len(model.moe_layers())
+    assert n_moe == cfg.n_layers - cfg.n_dense_layers + cfg.n_mtp
+    assert 0.5 * n_moe < losses["balance"].item() < 2.0 * n_moe
+    model.eval()
+    _, losses = model(idx, torch.roll(idx, -1, 1))
+    assert losses["balance"].item() == 0.0
+
+
+def test_gate_bias_is_saved_but_not_trained():
+    model = Transformer(tiny())
+    sd = model.state_dict()
+    names = {n for n, _ in model.named_parameters()}
+    assert "layers.1.ffn.gate.bias" in sd and "layers.1.ffn.gate.bias" not in names
+    assert "freqs_cis" not in sd
+    assert not any(n.endswith("kv_cache") for n in sd)
+
+
+def test_training_steps_fit_a_batch():
+    torch.manual_seed(1)
+    cfg = tiny(init_std=0.02)
+    model = Transformer(cfg)
+    idx = torch.randint(0, cfg.vocab_size, (4, 16))
+    tgt = torch.roll(idx, -1, 1)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    first = None
+    for _ in range(40):
+        _, losses = model(idx, tgt)
+        loss = losses["main"] + 0.3 * losses["mtp"] + 1e-4 * losses["balance"]
+        first = first if first is not None else loss.item()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        model.update_moe_bias(0.001)
+    assert loss.item() < 0.5 * first
+    assert any(m.gate.bias.abs().sum() > 0 for m in model.moe_layers())
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_cached_decode_matches_full_forward(seed):
+    torch.manual_seed(seed)
+    model = Transformer(tiny(q_lora_rank=0 if seed else 16)).double().eval()
+    idx = torch.randint(0, 101, (2, 20))
+    full = model(idx)
+    model.setup_cache(2, 24)
+    pieces = [model.forward_cached(idx[:, :7], 0)[0]]
+    pieces.append(model.forward_cached(idx[:, 7:12], 7)[0])  # chunked prefill at start_pos > 0
+    for t in range(12, 20):
+        pieces.append(model.forward_cached(idx[:, t:t + 1], t)[0])
+    cached = torch.cat(pieces, 1)
+    assert torch.allclose(cached, full, atol=1e-10, rtol=1e-8)
+    model.free_cache()
+
+
+def test_sequence_longer_than_context_raises():
+    model = Transformer(tiny())
+    with pytest.raises(ValueError, match="max_seq_len"):
+        model(torch.zeros(1, 33, dtype=torch.long))

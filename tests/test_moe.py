@@ -1,0 +1,343 @@
+"""Tests of moe.py: gate semantics against hand computations, bias update, balancing, dispatch equivalence,
+the sequence-wise balance loss and the shared experts. CPU, tiny dims, fp64/fp32."""
+import pytest
+import torch
+
+import moe
+from config import ModelConfig
+from moe import MoE, max_violation, sequence_balance_loss
+
+
+def cfg_(**kw):
+    base = dict(dim=16, moe_inter_dim=8, n_routed_experts=8, n_shared_experts=1, n_activated_experts=2,
+                n_expert_groups=4, n_limited_groups=2, score_func="sigmoid", route_scale=1.0, init_std=0.1)
+    base.update(kw)
+    return ModelConfig(**base)
+
+
+def set_scores_by_input(m, s):
+    """Identity gate weight; returns x whose sigmoid scores are s (sigmoid) or whose logits are s (softmax)."""
+    m.gate.weight.data.copy_(torch.eye(s.shape[-1]))
+    return torch.logit(s) if m.gate.score_func == "sigmoid" else s
+
+
+def hand_gate(s, bias, k, n_groups, n_keep, score_func, route_scale):
+    """Per-token reference of the official gate, written with Python lists (no tensor tricks)."""
+    out = []
+    E = s.shape[1]
+    per = E // n_groups
+    for t in range(s.shape[0]):
+        sc = s[t].tolist()
+        ch = [sc[i] + (bias[i].item() if bias is not None else 0.0) for i in range(E)]
+        groups = [ch[g * per:(g + 1) * per] for g in range(n_groups)]
+        gscore = [sum(sorted(g, reverse=True)[:2]) if score_func == "sigmoid" else max(g) for g in groups]
+        keep = sorted(range(n_groups), key=lambda g: -gscore[g])[:n_keep]
+        allowed = [i for i in range(E) if i // per in keep]
+        chosen = sorted(sorted(allowed, key=lambda i: -ch[i])[:k])
+        w = [sc[i] for i in chosen]
+        if score_func == "sigmoid":
+            w = [v / sum(w) for v in w]
+        out.append((chosen, [v * route_scale for v in w]))
+    return out
+
+
+def sorted_routes(w, idx):
+    order = idx.argsort(-1)
+    return idx.gather(1, order), w.gather(1, order)
+
+
+# -- gate ------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("score_func", ["sigmoid", "softmax"])
+def test_gate_matches_hand_computation(seed, score_func):
+    torch.manual_seed(seed)
+    cfg = cfg_(n_routed_experts=12, n_expert_groups=3, n_limited_groups=2, n_activated_experts=3,
+               score_func=score_func, route_scale=2.5, init_std=0.5)
+    m = MoE(cfg)
+    if score_func == "sigmoid":
+        m.gate.bias.copy_(torch.randn(12) * 0.3)
+    x = torch.randn(32, cfg.dim)
+    w, idx, s = m.gate(x)
+    assert w.dtype == x.dtype and idx.dtype == torch.long and s.dtype == torch.float32
+    torch.testing.assert_close(s, m.gate.scores(x))
+    idx_s, w_s = sorted_routes(w, idx)
+    for t, (chosen, wt) in enumerate(hand_gate(s, m.gate.bias, 3, 3, 2, score_func, 2.5)):
+        assert idx_s[t].tolist() == chosen
+        torch.testing.assert_close(w_s[t], torch.tensor(wt))
+    picked = s.gather(1, idx)
+    if score_func == "sigmoid":
+        # weights = route_scale × unbiased scores of the chosen experts / their sum, and they sum to route_scale
+        torch.testing.assert_close(w, 2.5 * picked / picked.sum(-1, keepdim=True))
+        torch.testing.assert_close(w.sum(-1), torch.full((32,), 2.5))
+        # the bias did change which experts were chosen, for some tokens
+        bias = m.gate.bias.clone()
+        m.gate.bias.zero_()
+        _, idx0, s0 = m.gate(x)
+        assert torch.equal(s0, s)  # scores are unbiased
+        assert not torch.equal(sorted_routes(w, idx0)[0], idx_s)
+        m.gate.bias.copy_(bias)
+    else:
+        torch.testing.assert_close(w, 2.5 * picked)  # softmax: no renormalisation
+        assert (w.sum(-1) < 2.5).all()
+
+
+def test_bias_is_a_buffer_without_gradient():
+    torch.manual_seed(0)
+    m = MoE(cfg_())
+    assert "gate.bias" in m.state_dict() and m.state_dict()["gate.bias"].dtype == torch.float32
+    assert "gate.bias" not in dict(m.named_parameters())
+    m.gate.bias.copy_(torch.randn(8))
+    m.train()
+    y = m(torch.randn(2, 6, 16))
+    (y.square().sum() + m.balance_loss).backward()
+    assert m.gate.bias.grad is None and not m.gate.bias.requires_grad
+    assert m.gate.weight.grad is not None and m.gate.weight.grad.abs().sum() > 0
+    names = {n for n, _ in m.named_parameters()}
+    assert names == {"gate.weight", "experts.w1", "experts.w2", "experts.w3",
+                     "shared_experts.w1.weight", "shared_experts.w2.weight", "shared_experts.w3.weight"}
+    assert m.experts.w1.shape == (8, 8, 16) and m.experts.w2.shape == (8, 16, 8) and m.experts.w3.shape == (8, 8, 16)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_masked_groups_excluded_even_with_negative_biased_scores(seed):
+    torch.manual_seed(seed)
+    cfg = cfg_(n_routed_experts=12, n_expert_groups=4, n_limited_groups=2, n_activated_experts=3, init_std=0.5)
+    m = MoE(cfg)
+    m.gate.bias.copy_(-5.0 + 0.5 * torch.rand(12))  # every biased score s + b is negative
+    x = torch.randn(40, cfg.dim)
+    w, idx, s = m.gate(x)
+    biased = s + m.gate.bias
+    assert (biased < 0).all()
+    group_score = biased.view(40, 4, 3).topk(2, -1).values.sum(-1)  # (N, G)
+    allowed = group_score.topk(2, -1).indices  # (N, 2)
+    assert (idx.div(3, rounding_mode="floor").unsqueeze(-1) == allowed.unsqueeze(1)).any(-1).all()
+    # what the HF ≤5.0 fill with 0.0 would do: the masked experts (0) beat every allowed one (< 0)
+    filled = biased.view(40, 4, 3).clone()
+    filled[torch.ones(40, 4, dtype=torch.bool).scatter_(1, allowed, False)] = 0.0
+    wrong = filled.view(40, 12).topk(3, -1).indices
+    assert not (wrong.div(3, rounding_mode="floor").unsqueeze(-1) == allowed.unsqueeze(1)).any(-1).all()
+
+
+def test_group_score_is_sum_of_top2():
+    cfg = cfg_(dim=12, n_routed_experts=12, n_expert_groups=3, n_limited_groups=1, n_activated_experts=2,
+               route_scale=2.5)
+    m = MoE(cfg)
+    s = torch.tensor([[0.9, 0.1, 0.1, 0.1,  # group 0: best by max (0.9)
+                       0.6, 0.6, 0.05, 0.05,  # group 1: best by top-2 sum (1.2)
+                       0.5, 0.5, 0.5, 0.5]])  # group 2: best by sum of all (2.0)
+    w, idx, _ = m.gate(set_scores_by_input(m, s))
+    idx, w = sorted_routes(w, idx)
+    assert idx.tolist() == [[4, 5]]
+    torch.testing.assert_close(w, torch.tensor([[1.25, 1.25]]))
+
+
+def test_softmax_mode_max_group_score_and_no_renormalisation():
+    cfg = cfg_(dim=8, n_routed_experts=8, n_expert_groups=2, n_limited_groups=1, n_activated_experts=2,
+               score_func="softmax", route_scale=1.5)
+    m = MoE(cfg)
+    assert m.gate.bias is None and "gate.bias" not in m.state_dict()
+    logits = torch.tensor([[3.0, 1.0, 0.0, 0.0,  # group 0: max 3, top-2 sum 4
+                            2.5, 2.5, 0.0, 0.0]])  # group 1: max 2.5, top-2 sum 5
+    w, idx, s = m.gate(set_scores_by_input(m, logits))
+    idx, w = sorted_routes(w, idx)
+    assert idx.tolist() == [[0, 1]]
+    torch.testing.assert_close(w, 1.5 * logits.softmax(-1)[:, :2])
+    m.train()
+    m(torch.randn(1, 3, 8))
+    m.update_bias(0.1)  # no bias: nothing to update, no error
+    assert m.load.sum() == 0
+
+
+# -- aux-loss-free bias update ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("seed", [0, 1])
+def test_update_bias_direction_training_only_and_reset(seed):
+    torch.manual_seed(seed)
+    m = MoE(cfg_(init_std=0.5))
+    m.gate.bias.copy_(torch.randn(8) * 0.1)
+    m.train()
+    m(torch.randn(2, 5, 16))
+    c1 = m.last_counts.clone()
+    m(torch.randn(3, 4, 16))
+    load = c1 + m.last_counts
+    assert torch.equal(m.load, load)  # micro-batches accumulate
+    m.eval()
+    m(torch.randn(2, 5, 16))
+    assert torch.equal(m.load, load)  # an eval forward adds nothing
+    before = m.gate.bias.clone()
+    m.update_bias(0.001)
+    delta = m.gate.bias - before
+    mean = load.double().mean()
+    over, under = load > mean, load < mean
+    assert over.any() and under.any()
+    torch.testing.assert_close(delta[over], torch.full((int(over.sum()),), -0.001), rtol=0, atol=1e-7)
+    torch.testing.assert_close(delta[under], torch.full((int(under.sum()),), 0.001), rtol=0, atol=1e-7)
+    assert (delta[load == mean] == 0).all()
+    assert m.load.sum() == 0  # reset after the update
+    m.eval()
+    m(torch.randn(2, 5, 16))
+    after_eval = m.gate.bias.clone()
+    m.update_bias(0.001)  # only eval forwards since the last update: nothing moves
+    assert torch.equal(m.gate.bias, after_eval)
+
+
+def skewed_router(seed):
+    """Experts 0 and 1 get nearly every token: the inputs lean along c and so do their gate rows."""
+    torch.manual_seed(seed)
+    cfg = cfg_(n_shared_experts=0, n_expert_groups=1, n_limited_groups=1, init_std=0.1)
+    m = MoE(cfg)
+    c = torch.nn.functional.normalize(torch.randn(16), dim=0)
+    m.gate.weight.data[:2] += 2.0 * c
+    gen = torch.Generator().manual_seed(seed + 100)
+    sample = lambda n: torch.randn(n, 16, 16, generator=gen) * 0.5 + c  # noqa: E731
+    return m, sample, sample(16)
+
+
+def held_out_violation(m, held_out):
+    m.eval()
+    m(held_out)
+    m.train()
+    return max_violation(m.last_counts)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_bias_updates_balance_a_skewed_router(seed):
+    for update in (True, False):
+        m, sample, held_out = skewed_router(seed)
+        first = held_out_violation(m, held_out)
+        assert first > 2.5  # experts 0 and 1 take nearly all 2N assignments: max/mean ≈ N/(2N/8) = 4
+        m.train()
+        for _ in range(60):  # no optimizer: the gate weight never moves, only b_i
+            with torch.no_grad():
+                m(sample(2))
+            if update:
+                m.update_bias(0.01)
+        last = held_out_violation(m, held_out)
+        if update:
+            assert last < 0.35 * first
+        else:
+            assert last == first and m.gate.bias.abs().sum() == 0
+
+
+# -- dispatch -----------------------------------------------------------------------------------------------------
+def run_and_grads(m, x, g):
+    m.zero_grad()
+    x = x.clone().requires_grad_()
+    y = m(x)
+    ((y * g).sum() + m.balance_loss).backward()
+    return y.detach(), x.grad, {n: p.grad.clone() for n, p in m.named_parameters()}
+
+
+@pytest.mark.parametrize("seed,shape", [(0, (2, 5)), (1, (3, 4)), (2, (1, 3))])
+def test_loop_and_grouped_dispatch_agree_fp64(seed, shape):
+    torch.manual_seed(seed)
+    cfg = cfg_(n_routed_experts=16, n_expert_groups=4, n_limited_groups=2, n_activated_experts=3,
+               n_shared_experts=2, route_scale=2.5, init_std=0.3)
+    m = MoE(cfg).double().train()
+    m.gate.bias.copy_(torch.randn(16) * 0.2)
+    x, g = torch.randn(*shape, 16, dtype=torch.float64), torch.randn(*shape, 16, dtype=torch.float64)
+    m.dispatch = "loop"
+    y_ref, dx_ref, grads_ref = run_and_grads(m, x, g)
+    counts_ref = m.last_counts.clone()
+    m.dispatch = "grouped"
+    y, dx, grads = run_and_grads(m, x, g)
+    assert torch.equal(m.last_counts, counts_ref)
+    if shape == (1, 3):
+        assert (counts_ref == 0).any()  # idle experts (empty segments) are covered
+    torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(dx, dx_ref, rtol=1e-12, atol=1e-12)
+    assert set(grads) == set(grads_ref)
+    for n in grads:
+        torch.testing.assert_close(grads[n], grads_ref[n], rtol=1e-12, atol=1e-12, msg=n)
+
+
+@pytest.mark.parametrize("impl", ["loop", "grouped_mm"])
+def test_segment_impls_agree_with_reference_fp32(impl):
+    if impl == "grouped_mm" and not moe.grouped_mm_supported(torch.device("cpu"), torch.float32):
+        pytest.skip("torch._grouped_mm is not usable for CPU fp32 in this build")
+    torch.manual_seed(0)
+    m = MoE(cfg_(n_routed_experts=16, n_activated_experts=3, init_std=0.3))
+    u = torch.randn(12, 16, requires_grad=True)
+    w, idx, _ = m.gate(u)
+    ref = moe.dispatch_loop(u, w, idx, m.experts)
+    got = moe.dispatch_grouped(u, w, idx, m.experts, impl=impl)
+    torch.testing.assert_close(got, ref)
+    g = torch.randn_like(ref)
+    params = (u, m.gate.weight, m.experts.w1, m.experts.w2, m.experts.w3)
+    got_grads = torch.autograd.grad(got, params, g, retain_graph=True)  # the gate's graph is shared
+    for a, b in zip(got_grads, torch.autograd.grad(ref, params, g)):
+        torch.testing.assert_close(a, b)
+
+
+# -- sequence-wise balance loss ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_balance_loss_matches_direct_formula_and_f_has_no_gradient(seed):
+    torch.manual_seed(seed)
+    cfg = cfg_(n_routed_experts=8, n_activated_experts=3, init_std=0.5)
+    m = MoE(cfg).train()
+    B, T, E, K = 3, 5, 8, 3
+    x = torch.randn(B, T, 16)
+    m(x)
+    _, idx, s = m.gate(x.view(B * T, 16))
+    idx, s = idx.view(B, T, K), s.view(B, T, E)
+    total = 0.0
+    for b in range(B):
+        for i in range(E):
+            count = sum(int(i in idx[b, t].tolist()) for t in range(T))  # a plain number: no gradient
+            f_i = E / (K * T) * count
+            P_i = sum(s[b, t, i] / s[b, t].sum() for t in range(T)) / T
+            total = total + f_i * P_i
+    direct = total / B
+    torch.testing.assert_close(m.balance_loss, direct)
+    got = torch.autograd.grad(m.balance_loss, m.gate.weight)[0]
+    want = torch.autograd.grad(direct, m.gate.weight)[0]
+    assert got.abs().sum() > 0
+    torch.testing.assert_close(got, want)
+    m.eval()
+    m(x)
+    assert m.balance_loss.item() == 0.0
+
+
+def test_balance_loss_is_one_for_uniform_routing():
+    # any affinities, perfectly balanced counts (f_i = 1): Σ_i f_i P_i = Σ_i P_i = 1
+    torch.manual_seed(0)
+    scores = torch.rand(2, 4, 8)
+    idx = torch.tensor([[0, 1], [2, 3], [4, 5], [6, 7]]).expand(2, 4, 2)
+    torch.testing.assert_close(sequence_balance_loss(scores, idx, 8), torch.tensor(1.0))
+    # through the module: 4 experts, K=2, tokens routed to {0, 1} and {2, 3}
+    cfg = cfg_(dim=4, n_routed_experts=4, n_expert_groups=1, n_limited_groups=1, n_activated_experts=2)
+    m = MoE(cfg).train()
+    m.gate.weight.data.copy_(torch.eye(4))
+    x = torch.tensor([[[5.0, 4.0, -5.0, -4.0], [-5.0, -4.0, 5.0, 4.0]]])
+    m(x)
+    assert m.last_counts.tolist() == [1, 1, 1, 1]
+    torch.testing.assert_close(m.balance_loss, torch.tensor(1.0))
+
+
+# -- shared experts, logging, errors --------------------------------------------------------------------------------
+@pytest.mark.parametrize("route_scale", [1.0, 2.5])
+def test_shared_experts_are_added_unweighted(route_scale):
+    torch.manual_seed(0)
+    m = MoE(cfg_(n_shared_experts=2, route_scale=route_scale)).double()
+    assert m.shared_experts.w1.weight.shape == (2 * 8, 16)
+    x = torch.randn(2, 5, 16, dtype=torch.float64)
+    with torch.no_grad():
+        m.experts.w2.zero_()  # routed experts now output 0
+        torch.testing.assert_close(m(x), m.shared_experts(x), rtol=0, atol=0)
+    # without shared experts the output is the routed sum alone
+    m0 = MoE(cfg_(n_shared_experts=0)).double()
+    assert m0.shared_experts is None and not any(k.startswith("shared") for k in m0.state_dict())
+    w, idx, _ = m0.gate(x.view(10, 16))
+    torch.testing.assert_close(m0(x).view(10, 16), moe.dispatch_loop(x.view(10, 16), w, idx, m0.experts))
+
+
+def test_max_violation_and_errors():
+    assert max_violation(torch.tensor([4, 2, 2, 0])) == pytest.approx(1.0)
+    assert max_violation(torch.tensor([3, 3, 3])) == 0.0
+    assert max_violation(torch.zeros(4, dtype=torch.long)) == 0.0
+    m = MoE(cfg_())
+    with pytest.raises(ValueError, match="dispatch"):
+        m.dispatch = "fast"
+        m(torch.randn(1, 2, 16))
+    m.dispatch = "grouped"
+    with pytest.raises(ValueError, match="MoE input"):
+        m(torch.randn(2, 16))

@@ -1,0 +1,90 @@
+"""Multi-Token Prediction: semantics pinned against the report and the released-weight layout."""
+import torch
+import torch.nn.functional as F
+
+from model import ModelConfig, Transformer
+from mtp import mtp_hidden, mtp_loss
+
+
+def tiny(**kw):
+    base = dict(vocab_size=97, dim=32, n_layers=2, n_dense_layers=1, inter_dim=48, n_heads=2, q_lora_rank=16,
+                kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8, max_seq_len=32,
+                moe_inter_dim=16, n_routed_experts=4, n_shared_experts=1, n_activated_experts=2,
+                n_expert_groups=2, n_limited_groups=1, n_mtp=1, init_std=0.05)
+    base.update(kw)
+    return ModelConfig(**base)
+
+
+def test_depth_zero_reproduces_the_base_model():
+    torch.manual_seed(0)
+    with_mtp = Transformer(tiny(n_mtp=1)).double()
+    base = Transformer(tiny(n_mtp=0)).double()
+    missing, unexpected = base.load_state_dict(with_mtp.state_dict(), strict=False)
+    assert not missing and all(k.startswith("mtp.") for k in unexpected)
+    idx = torch.randint(0, 97, (2, 12))
+    tgt = torch.randint(0, 97, (2, 12))
+    la, losses_a = with_mtp(idx, tgt)
+    lb, losses_b = base(idx, tgt)
+    assert torch.equal(la, lb)
+    assert torch.equal(losses_a["main"], losses_b["main"])
+    assert losses_b["mtp"].item() == 0.0 and losses_a["mtp"].item() > 0.0
+
+
+def test_depth_k_prediction_sees_no_token_after_t_plus_k():
+    torch.manual_seed(1)
+    model = Transformer(tiny(n_mtp=2)).double().eval()
+    idx = torch.randint(0, 97, (1, 16))
+    T = idx.shape[1]
+
+    def mtp_logits(x):
+        h = model.norm(model.layers[1](model.layers[0](model.embed(x), model.freqs_cis[:T]), model.freqs_cis[:T]))
+        return [model.head(hk) for hk in mtp_hidden(model.mtp, h, x, model.embed, model.freqs_cis[:T])]
+
+    ref = mtp_logits(idx)
+    for k in (1, 2):
+        t = 5
+        changed = idx.clone()
+        changed[0, t + k + 1:] = (changed[0, t + k + 1:] + 1) % 97  # every token after t+k
+        out = mtp_logits(changed)
+        assert torch.equal(out[k - 1][0, : t + 1], ref[k - 1][0, : t + 1])
+        # ... while the token at t+k (the embedding depth k reads at position t) does matter
+        changed = idx.clone()
+        changed[0, t + k] = (changed[0, t + k] + 1) % 97
+        out = mtp_logits(changed)
+        assert not torch.allclose(out[k - 1][0, t], ref[k - 1][0, t])
+
+
+def test_mtp_loss_formula_and_targets():
+    torch.manual_seed(2)
+    B, T, V, D = 2, 10, 11, 2
+    logits = [torch.randn(B, T - k, V, dtype=torch.float64) for k in range(1, D + 1)]
+    targets = torch.randint(0, V, (B, T))
+    lam = 0.3
+    manual = sum(F.cross_entropy(logits[k - 1].reshape(-1, V), targets[:, k:].reshape(-1)) for k in (1, 2))
+    assert torch.allclose(mtp_loss(logits, targets, lam), lam / D * manual)
+
+
+def test_concat_order_is_embedding_then_hidden():
+    """Zeroing the first d input columns of eh_proj must remove the embedding's influence (released layout)."""
+    torch.manual_seed(3)
+    model = Transformer(tiny()).double().eval()
+    m = model.mtp[0]
+    d = model.cfg.dim
+    with torch.no_grad():
+        m.eh_proj.weight[:, :d] = 0
+    h = torch.randn(1, 6, d, dtype=torch.float64)
+    e1, e2 = torch.randn(2, 1, 6, d, dtype=torch.float64)
+    f = model.freqs_cis[:6]
+    assert torch.allclose(m(h, e1, f), m(h, e2, f))
+    assert not torch.allclose(m(h + 1.0 * torch.randn_like(h), e1, f), m(h, e1, f))
+
+
+def test_mtp_loss_trains_shared_embedding_and_head():
+    torch.manual_seed(4)
+    model = Transformer(tiny()).double()
+    assert not any("embed" in n or "head" in n for n, _ in model.mtp.named_parameters()), "must share, not copy"
+    idx = torch.randint(0, 97, (2, 12))
+    _, losses = model(idx, torch.roll(idx, -1, 1))
+    losses["mtp"].backward()
+    for p in (model.embed.weight, model.head.weight, model.mtp[0].eh_proj.weight, model.layers[0].attn.wkv_a.weight):
+        assert p.grad is not None and p.grad.abs().sum() > 0
