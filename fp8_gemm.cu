@@ -1,0 +1,514 @@
+// Fine-grained FP8 GEMM for Hopper (sm_90a), built by fp8.py through torch.utils.cpp_extension.
+//
+//   C[M, N] (bf16) = sum over 128-wide K blocks kb of  sa[m, kb] * sb[n / 128, kb] * (A[m, kb-block] . B[n, kb-block])
+//
+// A (M x K) e4m3 with one fp32 scale per token per 128 channels (1x128 tiles), B (N x K) e4m3 with one scale
+// per 128x128 block; both K-major ("NT"), the layout of DeepSeek-V3's kernel.py and DeepGEMM. The tensor cores
+// sum one 128-wide K block into a fresh fp32 accumulator; the CUDA cores then multiply that partial sum by its
+// two scales and add it into a second fp32 accumulator: the report's promotion with N_C = 128 (TR §3.3).
+//
+// Kernels kept side by side as tiers of one learning path (fp8.py --bench times each):
+//   tier 1  mma.sync.m16n8k32 (warp-level MMA), cp.async multi-stage pipeline, 128x128x128 tiles. On sm_90 the
+//           e4m3 mma.sync has no tensor-core path of its own: SASS shows F2FP conversions + HMMA.16816 (fp16).
+//   tier 2  wgmma (warpgroup MMA, QGMMA in SASS) fed by TMA into 128B-swizzled shared memory, mbarrier
+//           pipeline, warp specialization (1 producer warpgroup issuing TMA, 2 math warpgroups), persistent
+//           grid with a grouped tile order, setmaxnreg to move registers from the producer to the math warps.
+//   tier 3  tier 2 + the bf16 tile leaves through swizzled shared memory and an asynchronous TMA store.
+//   tier 4  tier 3 + two accumulators: the wgmmas of K block kb+1 run while the CUDA cores promote block kb.
+// Requirements checked on the host: K % 128 == 0, contiguous tensors, bf16 output.
+
+#include <cuda.h>
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+#include <cudaTypedefs.h>
+#include <stdint.h>
+
+#ifndef FP8_GEMM_NO_TORCH
+// Light headers (not torch/extension.h): the JIT build takes ~20 s instead of ~80 s.
+#include <ATen/core/Tensor.h>
+#include <torch/csrc/utils/pybind.h>
+#include <c10/cuda/CUDAStream.h>
+#endif
+
+namespace fp8g {
+
+constexpr int BM = 128, BN = 128, BK = 128;  // tile; BK = N_C = the scale block along K
+
+__device__ __forceinline__ uint32_t smem_u32(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+__device__ __forceinline__ void store_pair(__nv_bfloat16* C, int M, int N, int row, int col, float x, float y) {
+  // Two adjacent outputs of one row; a 4-byte store when both are in range and aligned (N even).
+  if (row >= M) return;
+  __nv_bfloat16* p = C + (size_t)row * N + col;
+  if (col + 1 < N && (N & 1) == 0) {
+    *reinterpret_cast<__nv_bfloat162*>(p) = __floats2bfloat162_rn(x, y);
+  } else {
+    if (col < N) p[0] = __float2bfloat16_rn(x);
+    if (col + 1 < N) p[1] = __float2bfloat16_rn(y);
+  }
+}
+
+// =====================================================================================================
+// Tier 1: mma.sync.m16n8k32 e4m3, 8 warps as 2 (M) x 4 (N), each warp 64 x 32 of the 128 x 128 tile.
+// =====================================================================================================
+namespace t1 {
+constexpr int THREADS = 256, STAGES = 3;
+constexpr int TILE_BYTES = BM * BK;               // 16 KiB per operand per stage
+constexpr int SMEM = STAGES * 2 * TILE_BYTES;     // 96 KiB
+
+__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, bool valid) {
+  // src-size 0 zero-fills the 16 bytes: rows past M (or N) read as zeros.
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(valid ? 16 : 0));
+}
+
+// One 128-row x 128-byte tile; 16-byte chunk c of row r goes to chunk c ^ (r & 7), so that the 8 row
+// addresses of one ldmatrix phase fall in 8 different bank groups (no bank conflicts).
+__device__ __forceinline__ void load_tile(uint8_t* s, const uint8_t* g, int rows, int row0, int K, int k0) {
+  for (int i = threadIdx.x; i < BM * 8; i += THREADS) {
+    int r = i >> 3, c = i & 7, row = row0 + r;
+    bool ok = row < rows;
+    const uint8_t* src = g + (size_t)(ok ? row : 0) * K + k0 + c * 16;
+    cp_async16(smem_u32(s + r * BK + ((c ^ (r & 7)) << 4)), src, ok);
+  }
+}
+
+__device__ __forceinline__ void ldmatrix_x4(uint32_t* r, uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr));
+}
+
+__device__ __forceinline__ void mma_e4m3(float* d, const uint32_t* a, const uint32_t* b) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k32.row.col.f32.e4m3.e4m3.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+__global__ void __launch_bounds__(THREADS) gemm(const uint8_t* __restrict__ A, const float* __restrict__ SA,
+                                                const uint8_t* __restrict__ B, const float* __restrict__ SB,
+                                                __nv_bfloat16* __restrict__ C, int M, int N, int K) {
+  extern __shared__ __align__(128) uint8_t smem[];
+  const int Kb = K / BK, m0 = blockIdx.y * BM, n0 = blockIdx.x * BN;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, q = lane & 3;
+  const int wm = (warp >> 2) * 64, wn = (warp & 3) * 32;
+  auto sA = [&](int s) { return smem + s * 2 * TILE_BYTES; };
+  auto sB = [&](int s) { return smem + s * 2 * TILE_BYTES + TILE_BYTES; };
+
+  float fin[4][4][4] = {};  // promoted fp32 result: [m16 tile][n8 tile][fragment]
+  for (int s = 0; s < STAGES - 1; ++s) {
+    if (s < Kb) { load_tile(sA(s), A, M, m0, K, s * BK); load_tile(sB(s), B, N, n0, K, s * BK); }
+    asm volatile("cp.async.commit_group;\n");
+  }
+  for (int kb = 0; kb < Kb; ++kb) {
+    int nxt = kb + STAGES - 1;  // refill the stage that was consumed one iteration ago
+    if (nxt < Kb) { load_tile(sA(nxt % STAGES), A, M, m0, K, nxt * BK); load_tile(sB(nxt % STAGES), B, N, n0, K, nxt * BK); }
+    asm volatile("cp.async.commit_group;\n");
+    // Scales for this K block, fetched before the wait so their latency hides behind it.
+    float sb = SB[(n0 / 128) * Kb + kb], sa[4][2];
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        int row = m0 + wm + i * 16 + h * 8 + g;
+        sa[i][h] = row < M ? SA[(size_t)row * Kb + kb] * sb : 0.f;
+      }
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(STAGES - 1));
+    __syncthreads();
+    const uint8_t *a_s = sA(kb % STAGES), *b_s = sB(kb % STAGES);
+    float acc[4][4][4] = {};  // tensor-core partial sum of this 128-wide K block
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) {  // 4 x k32
+      uint32_t af[4][4], bf[4][2];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {  // A 16x32: matrices (rows 0-7|8-15) x (k bytes 0-15|16-31)
+        int r = wm + i * 16 + (lane & 7) + ((lane >> 3) & 1) * 8, c = kk * 2 + (lane >> 4);
+        ldmatrix_x4(af[i], smem_u32(a_s + r * BK + ((c ^ (r & 7)) << 4)));
+      }
+#pragma unroll
+      for (int p = 0; p < 2; ++p) {  // two n8 tiles per x4: (n 0-7|8-15) x (k 0-15|16-31)
+        int r = wn + p * 16 + (lane & 7) + (lane >> 4) * 8, c = kk * 2 + ((lane >> 3) & 1);
+        uint32_t t[4];
+        ldmatrix_x4(t, smem_u32(b_s + r * BK + ((c ^ (r & 7)) << 4)));
+        bf[2 * p][0] = t[0]; bf[2 * p][1] = t[1]; bf[2 * p + 1][0] = t[2]; bf[2 * p + 1][1] = t[3];
+      }
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) mma_e4m3(acc[i][j], af[i], bf[j]);
+    }
+#pragma unroll
+    for (int i = 0; i < 4; ++i)  // promotion: fin += (sa * sb) * acc on the CUDA cores
+#pragma unroll
+      for (int j = 0; j < 4; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) fin[i][j][e] += sa[i][e >> 1] * acc[i][j][e];
+    __syncthreads();  // every warp is done with this stage before it is refilled
+  }
+#pragma unroll
+  for (int i = 0; i < 4; ++i)
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      int row = m0 + wm + i * 16 + g, col = n0 + wn + j * 8 + 2 * q;
+      store_pair(C, M, N, row, col, fin[i][j][0], fin[i][j][1]);
+      store_pair(C, M, N, row + 8, col, fin[i][j][2], fin[i][j][3]);
+    }
+}
+}  // namespace t1
+
+// =====================================================================================================
+// Tier 2: TMA + mbarrier pipeline + wgmma m64n128k32, 1 producer and 2 math warpgroups, persistent grid.
+// =====================================================================================================
+namespace t2 {
+constexpr int THREADS = 384, MATH_WARPS = 8;
+constexpr int TILE_BYTES = BM * BK;                           // 16 KiB, == BN * BK
+constexpr int C_BYTES = 2 * 64 * BN * 2;                      // bf16 output tile for the TMA-store epilogue
+constexpr int smem_bytes(bool epi_tma, int STAGES) {  // stages + output tile + barriers + 1024-B alignment slack
+  return STAGES * 2 * TILE_BYTES + (epi_tma ? C_BYTES : 0) + 2 * STAGES * 8 + 1024;
+}
+constexpr int GROUP_N = 8;                                    // tile raster: bands of 8 N tiles, M inner
+
+__device__ __forceinline__ void mbar_init(uint64_t* b, int count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(smem_u32(b)), "r"(count));
+}
+__device__ __forceinline__ void mbar_expect_tx(uint64_t* b, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(smem_u32(b)), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(uint64_t* b) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(smem_u32(b)) : "memory");
+}
+__device__ __forceinline__ void mbar_wait(uint64_t* b, uint32_t parity) {
+  uint32_t done = 0;
+  while (!done) {
+    asm volatile(
+        "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
+        : "=r"(done) : "r"(smem_u32(b)), "r"(parity) : "memory");
+  }
+}
+__device__ __forceinline__ void tma_load(void* dst, const CUtensorMap* map, uint64_t* bar, int k, int row) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%3, %4}], [%2];\n"
+      ::"r"(smem_u32(dst)), "l"(reinterpret_cast<uint64_t>(map)), "r"(smem_u32(bar)), "r"(k), "r"(row)
+      : "memory");
+}
+
+__device__ __forceinline__ void tma_store(const CUtensorMap* map, const void* src, int col, int row) {
+  asm volatile("cp.async.bulk.tensor.2d.global.shared::cta.bulk_group [%0, {%2, %3}], [%1];\n"
+               ::"l"(reinterpret_cast<uint64_t>(map)), "r"(smem_u32(src)), "r"(col), "r"(row) : "memory");
+}
+
+// wgmma shared-memory descriptor for a K-major tile written by TMA with 128-byte swizzle: rows of 128 bytes,
+// 8-row swizzle atoms 1024 bytes apart (stride byte offset); the leading byte offset is unused in this mode.
+__device__ __forceinline__ uint64_t desc(const uint8_t* p) {
+  uint64_t d = (uint64_t)((smem_u32(p) & 0x3FFFF) >> 4);
+  d |= (uint64_t)(1024 >> 4) << 32;
+  d |= (uint64_t)1 << 62;  // layout type 1 = 128B swizzle
+  return d;
+}
+
+__device__ __forceinline__ void fence_operand(float& r) { asm volatile("" : "+f"(r)::"memory"); }
+
+// D (64 x 128 fp32, 64 registers per thread) (+)= A (64 x 32 e4m3, smem) . B (128 x 32 e4m3, smem)^T
+__device__ __forceinline__ void wgmma_m64n128k32(float* d, uint64_t da, uint64_t db, int accumulate) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n128k32.f32.e4m3.e4m3 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+      "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
+      "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "
+      "%64, %65, p, 1, 1;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+        "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
+        "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+        "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+        "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+      : "l"(da), "l"(db), "r"(accumulate));
+}
+
+__device__ __forceinline__ void tile_coords(int t, int num_m, int num_n, int& m0, int& n0) {
+  int band = t / (GROUP_N * num_m), first_n = band * GROUP_N;
+  int width = min(num_n - first_n, GROUP_N), local = t - band * GROUP_N * num_m;
+  m0 = (local / width) * BM;
+  n0 = (first_n + local % width) * BN;
+}
+
+__device__ __forceinline__ void named_barrier(int id) { asm volatile("bar.sync %0, 128;\n" ::"r"(id) : "memory"); }
+
+template <int N>
+__device__ __forceinline__ void wgmma_wait() { asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory"); }
+
+// The 4 k32 wgmmas of one 128-wide K block into a fresh accumulator (scale-d = 0 on the first), as one group.
+__device__ __forceinline__ void issue_block(float* acc, const uint8_t* a, const uint8_t* b) {
+#pragma unroll
+  for (int i = 0; i < 64; ++i) fence_operand(acc[i]);
+  asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+#pragma unroll
+  for (int k = 0; k < BK / 32; ++k) wgmma_m64n128k32(acc, desc(a + k * 32), desc(b + k * 32), k > 0);
+  asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+}
+
+// Promotion on the CUDA cores: fin += (sa * sb) * acc. Register 4j+{0,1} is row r0, 4j+{2,3} row r0 + 8.
+__device__ __forceinline__ void promote(float* fin, float* acc, float s0, float s1) {
+#pragma unroll
+  for (int i = 0; i < 64; ++i) fence_operand(acc[i]);
+#pragma unroll
+  for (int j = 0; j < 16; ++j) {
+    fin[4 * j + 0] += s0 * acc[4 * j + 0];
+    fin[4 * j + 1] += s0 * acc[4 * j + 1];
+    fin[4 * j + 2] += s1 * acc[4 * j + 2];
+    fin[4 * j + 3] += s1 * acc[4 * j + 3];
+  }
+}
+
+// Tier 2: <false, false>. Tier 3 adds EPI_TMA: the bf16 tile goes through 128B-swizzled shared memory and an
+// asynchronous TMA store, so the math warps start the next tile at once. Tier 4 adds OVERLAP: two accumulators,
+// the wgmmas of K block kb+1 run on the tensor cores while the CUDA cores promote block kb. STAGES: pipeline
+// depth (6 x 32 KiB; 5 stages measured no faster, BENCHMARKS.md).
+template <bool EPI_TMA, bool OVERLAP, int STAGES>
+__global__ void __launch_bounds__(THREADS, 1) gemm(const __grid_constant__ CUtensorMap tmA,
+                                                   const __grid_constant__ CUtensorMap tmB,
+                                                   const __grid_constant__ CUtensorMap tmC,
+                                                   const float* __restrict__ SA, const float* __restrict__ SB,
+                                                   __nv_bfloat16* __restrict__ C, int M, int N, int K) {
+  extern __shared__ uint8_t smem_raw[];
+  // 128B-swizzled TMA destinations and wgmma operands want 1024-byte aligned tiles.
+  uint8_t* smem = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
+  uint8_t* sA = smem;                                   // [STAGES][128 rows][128 B]
+  uint8_t* sB = smem + STAGES * TILE_BYTES;             // [STAGES][128 rows][128 B]
+  uint8_t* sC = smem + 2 * STAGES * TILE_BYTES;         // EPI_TMA: [2 math wg][2 boxes][64 rows][128 B]
+  uint64_t* full = reinterpret_cast<uint64_t*>(sC + (EPI_TMA ? C_BYTES : 0));  // TMA bytes landed
+  uint64_t* empty = full + STAGES;                                              // math warps done reading
+  const int Kb = K / BK, num_m = (M + BM - 1) / BM, num_n = (N + BN - 1) / BN, tiles = num_m * num_n;
+  const int wg = threadIdx.x / 128;
+
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < STAGES; ++s) { mbar_init(&full[s], 1); mbar_init(&empty[s], MATH_WARPS); }
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+  }
+  __syncthreads();
+
+  if (wg == 0) {  // ---------------- producer warpgroup: one thread issues all TMA loads ----------------
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n");
+    if (threadIdx.x == 0) {
+      asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(&tmA)) : "memory");
+      asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(&tmB)) : "memory");
+      uint32_t it = 0;
+      for (int t = blockIdx.x; t < tiles; t += gridDim.x) {
+        int m0, n0;
+        tile_coords(t, num_m, num_n, m0, n0);
+        for (int kb = 0; kb < Kb; ++kb, ++it) {
+          int s = it % STAGES;
+          mbar_wait(&empty[s], ((it / STAGES) & 1) ^ 1);  // first pass: a fresh barrier passes parity 1
+          mbar_expect_tx(&full[s], 2 * TILE_BYTES);        // rows past M/N are zero-filled, still counted
+          tma_load(sA + s * TILE_BYTES, &tmA, &full[s], kb * BK, m0);
+          tma_load(sB + s * TILE_BYTES, &tmB, &full[s], kb * BK, n0);
+        }
+      }
+    }
+  } else {  // ---------------- math warpgroups: rows [64*(wg-1), 64*wg) of each tile ----------------
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n");
+    const int mw = wg - 1, warp = (threadIdx.x >> 5) & 3, lane = threadIdx.x & 31;
+    const int rw = warp * 16 + (lane >> 2);  // this thread's first row in the warpgroup's 64 (+8 the second)
+    const bool leader = (threadIdx.x & 127) == 0;
+    uint32_t it = 0;
+    float acc0[64], acc1[64], fin[64];
+#pragma unroll
+    for (int i = 0; i < 64; ++i) acc0[i] = acc1[i] = 0.f;
+    for (int t = blockIdx.x; t < tiles; t += gridDim.x) {
+      int m0, n0;
+      tile_coords(t, num_m, num_n, m0, n0);
+      const int r0 = m0 + mw * 64 + rw, r1 = r0 + 8;
+      auto a_of = [&](uint32_t i) { return sA + (i % STAGES) * TILE_BYTES + mw * 64 * BK; };
+      auto b_of = [&](uint32_t i) { return sB + (i % STAGES) * TILE_BYTES; };
+      auto scales = [&](int kb, float& s0, float& s1) {  // loaded early: their latency hides behind waits
+        float sb = SB[(n0 / 128) * Kb + kb];
+        s0 = r0 < M ? SA[(size_t)r0 * Kb + kb] * sb : 0.f;
+        s1 = r1 < M ? SA[(size_t)r1 * Kb + kb] * sb : 0.f;
+      };
+#pragma unroll
+      for (int i = 0; i < 64; ++i) fin[i] = 0.f;
+      if constexpr (!OVERLAP) {
+        for (int kb = 0; kb < Kb; ++kb, ++it) {
+          float s0, s1;
+          scales(kb, s0, s1);
+          mbar_wait(&full[it % STAGES], (it / STAGES) & 1);
+          issue_block(acc0, a_of(it), b_of(it));
+          wgmma_wait<0>();
+          if (lane == 0) mbar_arrive(&empty[it % STAGES]);  // stage may be refilled while we promote
+          promote(fin, acc0, s0, s1);
+        }
+      } else {
+        // Step kb: start block kb+1 into `nxt`, wait for block kb (in `cur`) only, release its stage, promote.
+        // The last step has no next block. Unrolled by 2 so that acc0/acc1 stay registers.
+        auto step = [&](float* cur, float* nxt, int kb, bool last) {
+          float s0, s1;
+          scales(kb, s0, s1);
+          if (!last) {
+            mbar_wait(&full[(it + 1) % STAGES], ((it + 1) / STAGES) & 1);
+            issue_block(nxt, a_of(it + 1), b_of(it + 1));
+            wgmma_wait<1>();
+          } else {
+            wgmma_wait<0>();
+          }
+          if (lane == 0) mbar_arrive(&empty[it % STAGES]);
+          promote(fin, cur, s0, s1);
+          ++it;
+        };
+        mbar_wait(&full[it % STAGES], (it / STAGES) & 1);
+        issue_block(acc0, a_of(it), b_of(it));
+        int kb = 0;
+        for (; kb + 2 < Kb; kb += 2) {
+          step(acc0, acc1, kb, false);
+          step(acc1, acc0, kb + 1, false);
+        }
+        if (kb + 1 < Kb) {
+          step(acc0, acc1, kb, false);
+          step(acc1, acc0, kb + 1, true);
+        } else {
+          step(acc0, acc1, kb, true);
+        }
+      }
+      if constexpr (EPI_TMA) {
+        uint8_t* cbuf = sC + mw * (C_BYTES / 2);
+        if (leader) asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory");  // last tile's store read it
+        named_barrier(1 + mw);
+#pragma unroll
+        for (int j = 0; j < 16; ++j) {  // cols 8j + 2(lane%4): box j/8, 16-byte chunk j%8 swizzled by row%8
+          int off = (j >> 3) * 8192 + rw * 128 + (((j & 7) ^ (rw & 7)) << 4) + 4 * (lane & 3);
+          *reinterpret_cast<__nv_bfloat162*>(cbuf + off) = __floats2bfloat162_rn(fin[4 * j + 0], fin[4 * j + 1]);
+          *reinterpret_cast<__nv_bfloat162*>(cbuf + off + 8 * 128) =
+              __floats2bfloat162_rn(fin[4 * j + 2], fin[4 * j + 3]);
+        }
+        asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");  // make the stores visible to TMA
+        named_barrier(1 + mw);
+        if (leader) {  // rows past M and columns past N are clipped by TMA
+          tma_store(&tmC, cbuf, n0, m0 + mw * 64);
+          tma_store(&tmC, cbuf + 8192, n0 + 64, m0 + mw * 64);
+          asm volatile("cp.async.bulk.commit_group;\n" ::: "memory");
+        }
+      } else {
+#pragma unroll
+        for (int j = 0; j < 16; ++j) {  // register 4j+{0,1} -> (row r0, cols 8j + 2(lane%4) + {0,1}); 4j+{2,3} -> r1
+          int col = n0 + 8 * j + 2 * (lane & 3);
+          store_pair(C, M, N, r0, col, fin[4 * j + 0], fin[4 * j + 1]);
+          store_pair(C, M, N, r1, col, fin[4 * j + 2], fin[4 * j + 3]);
+        }
+      }
+    }
+    if (EPI_TMA && leader) asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory");  // before smem goes away
+  }
+}
+}  // namespace t2
+
+// ------------------------------------------------ host side ------------------------------------------------
+static PFN_cuTensorMapEncodeTiled_v12000 get_encode() {
+  static PFN_cuTensorMapEncodeTiled_v12000 fn = nullptr;
+  if (!fn) {
+    cudaDriverEntryPointQueryResult q;
+    void* p = nullptr;
+    cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &p, 12000, cudaEnableDefault, &q);
+    fn = reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(p);
+  }
+  return fn;
+}
+
+// 2-D map over a row-major (rows x cols) matrix; box of box_rows x box_cols elements, 128-byte swizzle.
+static bool make_map(CUtensorMap* map, const void* ptr, CUtensorMapDataType dtype, int elem_bytes, int rows,
+                     int cols, int box_rows, int box_cols) {
+  auto encode = get_encode();
+  if (!encode) return false;
+  cuuint64_t dims[2] = {(cuuint64_t)cols, (cuuint64_t)rows};
+  cuuint64_t strides[1] = {(cuuint64_t)cols * elem_bytes};
+  cuuint32_t box[2] = {(cuuint32_t)box_cols, (cuuint32_t)box_rows}, estr[2] = {1, 1};
+  CUresult r = encode(map, dtype, 2, const_cast<void*>(ptr), dims, strides, box, estr, CU_TENSOR_MAP_INTERLEAVE_NONE,
+                      CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  return r == CUDA_SUCCESS;
+}
+
+template <bool EPI_TMA, bool OVERLAP, int STAGES>
+static const char* launch_t2(const uint8_t* A, const float* SA, const uint8_t* B, const float* SB,
+                             __nv_bfloat16* C, int M, int N, int K, cudaStream_t stream) {
+  static int sms = 0;
+  if (!sms) {
+    cudaFuncSetAttribute(t2::gemm<EPI_TMA, OVERLAP, STAGES>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                         t2::smem_bytes(EPI_TMA, STAGES));
+    int dev;
+    cudaGetDevice(&dev);
+    cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+  }
+  CUtensorMap ma, mb, mc = {};
+  if (!make_map(&ma, A, CU_TENSOR_MAP_DATA_TYPE_UINT8, 1, M, K, BM, BK) ||
+      !make_map(&mb, B, CU_TENSOR_MAP_DATA_TYPE_UINT8, 1, N, K, BN, BK) ||
+      (EPI_TMA && !make_map(&mc, C, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, M, N, 64, 64)))
+    return "cuTensorMapEncodeTiled failed";
+  int tiles = ((M + BM - 1) / BM) * ((N + BN - 1) / BN);
+  t2::gemm<EPI_TMA, OVERLAP, STAGES><<<tiles < sms ? tiles : sms, t2::THREADS, t2::smem_bytes(EPI_TMA, STAGES), stream>>>(
+      ma, mb, mc, SA, SB, C, M, N, K);
+  return nullptr;
+}
+
+// Returns an error string, or nullptr on success.
+static const char* launch(int tier, const uint8_t* A, const float* SA, const uint8_t* B, const float* SB,
+                          __nv_bfloat16* C, int M, int N, int K, cudaStream_t stream) {
+  // The TMA store needs 16-byte aligned output rows; otherwise tiers 3-4 fall back to tier 2's plain stores.
+  if (tier >= 3 && (N % 8 != 0 || reinterpret_cast<uintptr_t>(C) % 16 != 0)) tier = 2;
+  const char* err = nullptr;
+  if (tier == 1) {
+    static bool attr = false;
+    if (!attr) { cudaFuncSetAttribute(t1::gemm, cudaFuncAttributeMaxDynamicSharedMemorySize, t1::SMEM); attr = true; }
+    dim3 grid((N + BN - 1) / BN, (M + BM - 1) / BM);
+    t1::gemm<<<grid, t1::THREADS, t1::SMEM, stream>>>(A, SA, B, SB, C, M, N, K);
+  } else if (tier == 2) {
+    err = launch_t2<false, false, 6>(A, SA, B, SB, C, M, N, K, stream);
+  } else if (tier == 3) {
+    err = launch_t2<true, false, 6>(A, SA, B, SB, C, M, N, K, stream);
+  } else if (tier == 4) {
+    err = launch_t2<true, true, 6>(A, SA, B, SB, C, M, N, K, stream);
+  } else {
+    return "unknown tier (1-4)";
+  }
+  if (err) return err;
+  cudaError_t e = cudaGetLastError();
+  return e == cudaSuccess ? nullptr : cudaGetErrorString(e);
+}
+}  // namespace fp8g
+
+#ifndef FP8_GEMM_NO_TORCH
+// out (M, N) bf16 = a (M, K) e4m3 [a_scale (M, K/128) fp32] . b (N, K) e4m3 [b_scale (ceil(N/128), K/128)]^T
+void gemm(at::Tensor a, at::Tensor a_scale, at::Tensor b, at::Tensor b_scale, at::Tensor out, int64_t tier) {
+  TORCH_CHECK(a.is_cuda() && b.is_cuda() && a_scale.is_cuda() && b_scale.is_cuda() && out.is_cuda(),
+              "fp8_gemm: all tensors must be on the GPU");
+  TORCH_CHECK(a.scalar_type() == at::kFloat8_e4m3fn && b.scalar_type() == at::kFloat8_e4m3fn,
+              "fp8_gemm: a and b must be float8_e4m3fn");
+  TORCH_CHECK(a_scale.scalar_type() == at::kFloat && b_scale.scalar_type() == at::kFloat,
+              "fp8_gemm: scales must be float32");
+  TORCH_CHECK(out.scalar_type() == at::kBFloat16, "fp8_gemm: out must be bfloat16");
+  TORCH_CHECK(a.is_contiguous() && b.is_contiguous() && a_scale.is_contiguous() && b_scale.is_contiguous() &&
+                  out.is_contiguous(), "fp8_gemm: tensors must be contiguous");
+  TORCH_CHECK(a.dim() == 2 && b.dim() == 2 && a.size(1) == b.size(1), "fp8_gemm: a (M,K), b (N,K) expected");
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(a.data_ptr()) % 16 == 0 && reinterpret_cast<uintptr_t>(b.data_ptr()) % 16 == 0,
+              "fp8_gemm: a and b must be 16-byte aligned (TMA)");
+  const int M = a.size(0), K = a.size(1), N = b.size(0);
+  TORCH_CHECK(K % 128 == 0, "fp8_gemm: K must be a multiple of 128");
+  TORCH_CHECK(a_scale.size(0) == M && a_scale.size(1) == K / 128, "fp8_gemm: a_scale must be (M, K/128)");
+  TORCH_CHECK(b_scale.size(0) == (N + 127) / 128 && b_scale.size(1) == K / 128,
+              "fp8_gemm: b_scale must be (ceil(N/128), K/128)");
+  TORCH_CHECK(out.size(0) == M && out.size(1) == N, "fp8_gemm: out must be (M, N)");
+  if (M == 0 || N == 0) return;
+  const char* err = fp8g::launch((int)tier, reinterpret_cast<const uint8_t*>(a.data_ptr()),
+                                 a_scale.data_ptr<float>(), reinterpret_cast<const uint8_t*>(b.data_ptr()),
+                                 b_scale.data_ptr<float>(), reinterpret_cast<__nv_bfloat16*>(out.data_ptr()),
+                                 M, N, K, c10::cuda::getCurrentCUDAStream());
+  TORCH_CHECK(err == nullptr, "fp8_gemm kernel launch failed: ", err ? err : "");
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("gemm", &gemm, "fine-grained FP8 GEMM; tier 1: mma.sync, 2: TMA + wgmma + warp specialization, 3: + TMA-store epilogue, 4: + promotion overlapped with the next wgmma");
+}
+#endif

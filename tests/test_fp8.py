@@ -1,0 +1,218 @@
+"""Tests of fp8.py: quantization (1×128, 128×128), reference GEMM with promotion, FP8Linear; GPU kernel tiers."""
+import os
+
+import pytest
+import torch
+
+import fp8
+
+FP8 = torch.float8_e4m3fn
+
+
+def _exact(aq, a_s, bq, b_s):
+    """Dequantize-then-matmul in float64: what promotion computes, without any accumulator rounding."""
+    def deq_rows(q, s):  # (R, K) fp8 with (R, K/128) scales, in float64
+        return (q.double().reshape(q.shape[0], -1, 128) * s.double()[..., None]).reshape(q.shape)
+    rowwise = b_s.shape[0] == bq.shape[0] and bq.shape[0] > 1
+    B = deq_rows(bq, b_s) if rowwise else bq.double() * fp8._expand_blocks(b_s.double(), *bq.shape)
+    return deq_rows(aq, a_s) @ B.T
+
+
+# ------------------------------------------------------------------ quantization
+def test_calc_diff_metric():
+    x = torch.randn(50)
+    assert fp8.calc_diff(x, x) == pytest.approx(0.0, abs=1e-12)
+    assert fp8.calc_diff(x, -x) == pytest.approx(2.0)
+    assert fp8.calc_diff(x, 2 * x) == pytest.approx(1 - 4 / 5)
+
+
+@pytest.mark.parametrize("pow2", [False, True])
+def test_quantize_act_tiles(pow2):
+    x = torch.randn(3, 5, 256) * torch.logspace(-3, 3, 256)          # very different tile ranges
+    x[0, 0, :128] = 0.0                                                # an all-zero tile
+    q, s = fp8.quantize_act(x, pow2_scale=pow2)
+    assert q.dtype == FP8 and q.shape == x.shape and s.dtype == torch.float32 and s.shape == (3, 5, 2)
+    amax = x.reshape(3, 5, 2, 128).abs().amax(-1).clamp(min=1e-4)
+    if pow2:
+        assert torch.equal(torch.log2(s), torch.log2(s).round()) and (s >= amax / 448).all() and (s < amax / 224).all()
+    else:
+        torch.testing.assert_close(s, amax / 448)
+        # the tile's largest value maps to ±448 exactly
+        assert torch.equal(q.float().reshape(3, 5, 2, 128).abs().amax(-1)[1:], torch.full((2, 5, 2), 448.0))
+    deq = fp8.dequantize_act(q, s)
+    assert torch.isfinite(deq).all() and (deq[0, 0, :128] == 0).all()
+    # E4M3 keeps 3 mantissa bits: a normal value is off by at most 1/16 of itself
+    big = x.abs() > s.repeat_interleave(128, -1) * 2 ** -6
+    assert ((deq - x).abs() <= x.abs() / 16 + 1e-12)[big].all()
+
+
+def test_quantize_weight_edge_blocks():
+    w = torch.randn(200, 300)
+    q, s = fp8.quantize_weight(w)
+    assert q.shape == (200, 300) and q.dtype == FP8 and s.shape == (2, 3)
+    for i in range(2):
+        for j in range(3):
+            block = w[128 * i:128 * (i + 1), 128 * j:128 * (j + 1)]
+            assert s[i, j] == pytest.approx(block.abs().max().item() / 448, rel=1e-6)
+    back = fp8.dequantize_weight(q, s)
+    assert back.shape == w.shape and fp8.calc_diff(back, w) < 5e-4
+    assert fp8.dequantize_weight(q, s, torch.bfloat16).dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="scale shape"):
+        fp8.dequantize_weight(q, s[:, :2])
+
+
+def test_quantize_bad_inputs():
+    with pytest.raises(ValueError, match="multiple of 128"):
+        fp8.quantize_act(torch.randn(4, 100))
+    with pytest.raises(ValueError, match="float32"):
+        fp8.quantize_act(torch.ones(4, 128, dtype=torch.int32))
+    with pytest.raises(ValueError, match="2-D"):
+        fp8.quantize_weight(torch.randn(2, 128, 128))
+
+
+# ------------------------------------------------------------------ reference GEMM
+@pytest.mark.parametrize("M,N,K", [(1, 128, 128), (70, 200, 384), (130, 256, 512)])
+def test_reference_gemm(M, N, K):
+    torch.manual_seed(M + N + K)
+    x, w = torch.randn(M, K), torch.randn(N, K)
+    xq, xs = fp8.quantize_act(x)
+    wq, ws = fp8.quantize_weight(w)
+    out = fp8.fp8_gemm_ref(xq, xs, wq, ws, torch.float32)
+    exact = _exact(xq, xs, wq, ws)
+    assert out.shape == (M, N)
+    assert ((out - exact).abs().max() / exact.abs().max()).item() < 1e-6     # promotion: fp32 rounding only
+    # the quantization error (~7e-4 on N(0,1) data; a 1×128 output is too few samples for the 1e-3 bar)
+    assert fp8.calc_diff(out, x.double() @ w.double().T) < (1e-3 if M * N >= 4096 else 2e-3)
+    assert fp8.fp8_gemm(xq, xs, wq, ws).dtype == torch.bfloat16             # dispatch on CPU: reference, bf16
+    torch.testing.assert_close(fp8.fp8_gemm(xq, xs, wq, ws, torch.float32), out)
+
+
+def test_reference_gemm_rowwise_b():
+    a, b = torch.randn(40, 256), torch.randn(136, 256)
+    aq, a_s = fp8.quantize_act(a)
+    bq, b_s = fp8.quantize_act(b)                                         # (136, 2): 1×128 tiles on B
+    out = fp8.fp8_gemm_ref(aq, a_s, bq, b_s, torch.float32)
+    exact = _exact(aq, a_s, bq, b_s)
+    assert ((out - exact).abs().max() / exact.abs().max()).item() < 1e-6
+
+
+def test_gemm_rejects_bad_operands():
+    aq, a_s = fp8.quantize_act(torch.randn(8, 256))
+    bq, b_s = fp8.quantize_weight(torch.randn(64, 256))
+    with pytest.raises(ValueError, match="float8_e4m3fn"):
+        fp8.fp8_gemm(aq.float(), a_s, bq, b_s)
+    with pytest.raises(ValueError, match="multiple of 128"):
+        fp8.fp8_gemm(aq[:, :200], a_s, bq[:, :200], b_s)
+    with pytest.raises(ValueError, match=r"\(M, K\)"):
+        fp8.fp8_gemm(aq, a_s, bq[:, :128], b_s)
+    with pytest.raises(ValueError, match="a_scale"):
+        fp8.fp8_gemm(aq, a_s[:, :1], bq, b_s)
+    with pytest.raises(ValueError, match="b_scale"):
+        fp8.fp8_gemm(aq, a_s, bq, torch.ones(3, 2))
+    with pytest.raises(ValueError, match="float32"):
+        fp8.fp8_gemm(aq, a_s.double(), bq, b_s)
+
+
+def test_promotion_matters_over_long_k():
+    """Without promotion (whole K in a ~14-bit accumulator) the error grows with K; with it, it stays at fp32."""
+    torch.manual_seed(0)
+    errs = {}
+    for K in (256, 4096):
+        aq, a_s = fp8.quantize_act(torch.randn(32, K), pow2_scale=True)
+        bq, b_s = fp8.quantize_act(torch.randn(32, K), pow2_scale=True)
+        exact = _exact(aq, a_s, bq, b_s)
+        rel = lambda c: ((c.double() - exact).norm() / exact.norm()).item()  # noqa: E731
+        errs[K] = rel(fp8.fp8_gemm_ref(aq, a_s, bq, b_s, torch.float32)), rel(fp8.fp8_gemm_no_promotion(aq, a_s, bq, b_s))
+    (p_short, n_short), (p_long, n_long) = errs[256], errs[4096]
+    assert p_long < 1e-6 and n_long > 1e-3             # ~0.3% relative error at K = 4096 without promotion
+    assert n_long > 5 * n_short and n_long > 1000 * p_long
+    # with a full fp64 accumulator the emulation is the exact product: only the accumulator makes the error
+    aq, a_s = fp8.quantize_act(torch.randn(8, 512))
+    bq, b_s = fp8.quantize_act(torch.randn(8, 512))
+    torch.testing.assert_close(fp8.fp8_gemm_no_promotion(aq, a_s, bq, b_s, acc_bits=53, out_dtype=torch.float64),
+                               _exact(aq, a_s, bq, b_s))
+
+
+# ------------------------------------------------------------------ FP8Linear
+def _linear_vs_fp32(lin, x):
+    x1 = x.clone().requires_grad_()
+    y = lin(x1)
+    g = torch.randn_like(y)
+    y.backward(g)
+    x2 = x.clone().requires_grad_()
+    w2 = lin.weight.detach().clone().requires_grad_()
+    b2 = lin.bias.detach().clone().requires_grad_() if lin.bias is not None else None
+    y2 = torch.nn.functional.linear(x2, w2, b2)
+    y2.backward(g.to(y2.dtype))
+    return (y, y2), (x1.grad, x2.grad), (lin.weight.grad, w2.grad), (lin.bias, b2)
+
+
+@pytest.mark.parametrize("bias, n_out", [(False, 384), (True, 384), (False, 288)])
+def test_fp8_linear_matches_fp32(bias, n_out):
+    torch.manual_seed(1)
+    lin = fp8.FP8Linear(256, n_out, bias=bias)  # 288 = a partial last weight block (like V3's 576-row wkv_a)
+    (y, y2), (dx, dx2), (dw, dw2), (b, b2) = _linear_vs_fp32(lin, torch.randn(2, 40, 256))  # T = 80 tokens
+    assert y.dtype == dx.dtype == torch.float32 and dw.dtype == lin.weight.dtype == torch.float32
+    assert y.shape == (2, 40, n_out) and dx.shape == (2, 40, 256) and dw.shape == (n_out, 256)
+    assert fp8.calc_diff(y, y2) < 1e-3
+    assert fp8.calc_diff(dx, dx2) < 1e-3
+    assert fp8.calc_diff(dw, dw2) < 1e-3
+    if bias:
+        torch.testing.assert_close(b.grad, b2.grad)
+
+
+def test_fp8_linear_construction():
+    lin = fp8.FP8Linear(128, 256)
+    assert lin.weight.shape == (256, 128) and lin.bias is None and lin.weight.dtype == torch.float32
+    assert [n for n, _ in lin.named_parameters()] == ["weight"]        # same names as nn.Linear
+    with pytest.raises(ValueError, match="in_features=100"):
+        fp8.FP8Linear(100, 256)
+    with pytest.raises(ValueError, match="out_features=0"):
+        fp8.FP8Linear(128, 0, bias=False)
+
+
+# ------------------------------------------------------------------ GPU: the CUDA kernel
+hopper = pytest.mark.skipif(not (torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)),
+                            reason="needs a Hopper (sm_90) GPU")
+
+
+@pytest.mark.gpu
+@hopper
+@pytest.mark.parametrize("tier", [1, 2, 3, 4], ids=["tier1", "tier2", "tier3", "tier4"])
+@pytest.mark.parametrize("M,N,K", [(1, 128, 128), (65, 130, 256), (200, 384, 1024), (333, 2112, 2048),
+                                   (1000, 4096, 7168), (4096, 768, 512)])
+def test_kernel_matches_reference(tier, M, N, K):
+    ext = fp8.load_kernel()
+    assert ext is not None, fp8._WHY_NOT
+    seed = int.from_bytes(os.urandom(4), "little")                     # fresh inputs on every run
+    torch.manual_seed(seed)
+    x = torch.randn(M, K, device="cuda") * torch.rand(M, 1, device="cuda") * 4
+    w = torch.randn(N, K, device="cuda")
+    xq, xs = fp8.quantize_act(x)
+    wq, ws = fp8.quantize_weight(w)
+    ref = fp8.fp8_gemm_ref(xq, xs, wq, ws, torch.float32)
+    outs = []
+    for _ in range(2):                                                 # twice: a race shows as a difference
+        out = torch.full((M, N), float("nan"), device="cuda", dtype=torch.bfloat16)   # poison
+        ext.gemm(xq, xs, wq, ws, out, tier)
+        torch.cuda.synchronize()
+        outs.append(out)
+    out = outs[0]
+    assert not out.isnan().any(), f"unwritten outputs (seed {seed})"
+    assert torch.equal(outs[0], outs[1]), f"non-deterministic (seed {seed})"
+    assert fp8.calc_diff(out, ref) < 1e-5, f"seed {seed}"              # bf16 rounding of the same sum
+    torch.testing.assert_close(out.float(), ref, rtol=2 ** -7, atol=1e-3 * ref.abs().max().item(),
+                               msg=lambda m: f"seed {seed}: {m}")
+    assert fp8.calc_diff(out, x.double() @ w.double().T) < 1e-3, f"seed {seed}"
+
+
+@pytest.mark.gpu
+@hopper
+def test_fp8_gemm_dispatch_and_linear_on_gpu():
+    assert fp8.load_kernel() is not None, fp8._WHY_NOT
+    lin = fp8.FP8Linear(512, 1024).cuda()
+    x = torch.randn(3, 100, 512, device="cuda")
+    (y, y2), (dx, dx2), (dw, dw2), _ = _linear_vs_fp32(lin, x)
+    assert fp8.calc_diff(y, y2) < 1e-3 and fp8.calc_diff(dx, dx2) < 1e-3 and fp8.calc_diff(dw, dw2) < 1e-3
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        assert lin(x).dtype == torch.bfloat16
