@@ -15,6 +15,12 @@
 //           grid with a grouped tile order, setmaxnreg to move registers from the producer to the math warps.
 //   tier 3  tier 2 + the bf16 tile leaves through swizzled shared memory and an asynchronous TMA store.
 //   tier 4  tier 3 + two accumulators: the wgmmas of K block kb+1 run while the CUDA cores promote block kb.
+//   tier 5  tier 4 in 2-CTA clusters (2 tiles along M) sharing the B tile through TMA multicast: each CTA
+//           loads half of B, so L2 -> SM traffic per tile drops from 32 to 24 KiB per K block.
+//   tier 6  the same in 2x2 clusters, A and B both multicast: 16 KiB per K block.
+//   tier 7  2-CTA clusters along N sharing the A tile (tier 5 with the roles of A and B swapped).
+//   tier 8  tier 3 with a 128 x 256 tile (each math warpgroup 64 x 256 as two m64n128 halves, one accumulator):
+//           48 instead of 64 KiB loaded per 8.4 MFLOP, at the cost of tier 4's second accumulator.
 // Requirements checked on the host: K % 128 == 0, contiguous tensors, bf16 output.
 
 #include <cuda.h>
@@ -406,6 +412,329 @@ __global__ void __launch_bounds__(THREADS, 1) gemm(const __grid_constant__ CUten
 }
 }  // namespace t2
 
+// =====================================================================================================
+// Tier 5+: tier 4 run by clusters of CM x CN CTAs that share operand tiles through TMA multicast.
+// =====================================================================================================
+// At ~1000 TFLOP/s a 128x128 tile pulls 32 KiB from L2 per 128-wide K block on each of the 132 SMs, about
+// 8 TB/s in all: near what L2 can deliver. CTAs of one cluster work on neighbouring tiles: the CM CTAs of a
+// column share one B tile and the CN CTAs of a row one A tile. Each CTA loads 1/CM of the B tile and 1/CN of
+// the A tile and multicasts them to the CTAs that share them, so L2 reads per CTA drop to
+// 16 KiB * (1/CM + 1/CN). A stage may be refilled only when every CTA it is written into is done with it:
+// each math warp arrives on the `empty` barrier of all CM + CN - 1 CTAs that share its row or column.
+// Cluster rank r sits at (cm, cn) = (r % CM, r / CM). Tiles past M or N ("phantom" tiles of a group at the
+// edge) still load and release their stages, for their partners, but do no math and store nothing.
+namespace t5 {
+constexpr int STAGES = 6, SMEM = t2::smem_bytes(true, STAGES);
+
+__device__ __forceinline__ uint32_t sreg_cluster_rank() {
+  uint32_t r;
+  asm volatile("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(r));
+  return r;
+}
+__device__ __forceinline__ uint32_t sreg_cluster_id() {
+  uint32_t r;
+  asm volatile("mov.u32 %0, %%clusterid.x;\n" : "=r"(r));
+  return r;
+}
+__device__ __forceinline__ uint32_t sreg_num_clusters() {
+  uint32_t r;
+  asm volatile("mov.u32 %0, %%nclusterid.x;\n" : "=r"(r));
+  return r;
+}
+// Every thread of every CTA of the cluster: barrier init visible cluster-wide before any multicast or remote
+// arrive; at the end, no CTA leaves while a partner may still write into its shared memory.
+__device__ __forceinline__ void cluster_sync() {
+  asm volatile("barrier.cluster.arrive.release;\nbarrier.cluster.wait.acquire;\n" ::: "memory");
+}
+// Arrive on the barrier at the same shared-memory offset in CTA `rank` of the cluster (itself included).
+// Default (release, CTA-scope) semantics: what the arrival publishes is "wgmma has finished reading the stage",
+// already ordered by wgmma.wait_group; a .release.cluster arrive costs a MEMBAR.ALL.GPU per call in SASS.
+__device__ __forceinline__ void arrive_at(uint64_t* b, uint32_t rank) {
+  asm volatile("{\n.reg .b32 ra;\nmapa.shared::cluster.u32 ra, %0, %1;\n"
+               "mbarrier.arrive.shared::cluster.b64 _, [ra];\n}\n"
+               ::"r"(smem_u32(b)), "r"(rank) : "memory");
+}
+// TMA load whose box lands at the same offset in every CTA of `mask`, each signalling its own barrier there.
+__device__ __forceinline__ void tma_load_mc(void* dst, const CUtensorMap* map, uint64_t* bar, int k, int row,
+                                            uint16_t mask) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes.multicast::cluster"
+      " [%0], [%1, {%3, %4}], [%2], %5;\n"
+      ::"r"(smem_u32(dst)), "l"(reinterpret_cast<uint64_t>(map)), "r"(smem_u32(bar)), "r"(k), "r"(row), "h"(mask)
+      : "memory");
+}
+
+template <int CM, int CN>
+__global__ void __launch_bounds__(t2::THREADS, 1) gemm(const __grid_constant__ CUtensorMap tmA,
+                                                       const __grid_constant__ CUtensorMap tmB,
+                                                       const __grid_constant__ CUtensorMap tmC,
+                                                       const float* __restrict__ SA, const float* __restrict__ SB,
+                                                       int M, int N, int K) {
+  using namespace t2;
+  constexpr int A_ROWS = BM / CN, B_ROWS = BN / CM;  // rows of the A / B slice this CTA loads
+  extern __shared__ uint8_t smem_raw[];
+  uint8_t* smem = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
+  uint8_t* sA = smem;                                   // [STAGES][128 rows][128 B]
+  uint8_t* sB = smem + STAGES * TILE_BYTES;             // [STAGES][128 rows][128 B]
+  uint8_t* sC = smem + 2 * STAGES * TILE_BYTES;         // [2 math wg][2 boxes][64 rows][128 B]
+  uint64_t* full = reinterpret_cast<uint64_t*>(sC + C_BYTES);
+  uint64_t* empty = full + STAGES;
+  const int Kb = K / BK, num_m = (M + BM - 1) / BM, num_n = (N + BN - 1) / BN;
+  const int num_gm = (num_m + CM - 1) / CM, num_gn = (num_n + CN - 1) / CN, groups = num_gm * num_gn;
+  const int rank = (int)sreg_cluster_rank(), cm = rank % CM, cn = rank / CM;
+  const int wg = threadIdx.x / 128;
+  auto origin = [&](int g, int& m0, int& n0) {  // this CTA's tile in group g (banded order over groups)
+    int gm0, gn0;
+    tile_coords(g, num_gm, num_gn, gm0, gn0);    // origins of a BM x BN grid: group index = origin / BM|BN
+    m0 = (gm0 / BM * CM + cm) * BM;
+    n0 = (gn0 / BN * CN + cn) * BN;
+  };
+
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < STAGES; ++s) { mbar_init(&full[s], 1); mbar_init(&empty[s], MATH_WARPS * (CM + CN - 1)); }
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+  }
+  cluster_sync();
+
+  if (wg == 0) {  // ---------------- producer: one thread loads this CTA's slices, multicast ----------------
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n");
+    if (threadIdx.x == 0) {
+      asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(&tmA)) : "memory");
+      asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(&tmB)) : "memory");
+      uint16_t mask_a = 0, mask_b = 0;  // CTAs sharing this CTA's A tile (same cm) / B tile (same cn)
+#pragma unroll
+      for (int j = 0; j < CN; ++j) mask_a |= uint16_t(1u << (cm + CM * j));
+#pragma unroll
+      for (int i = 0; i < CM; ++i) mask_b |= uint16_t(1u << (i + CM * cn));
+      uint32_t it = 0;
+      for (int g = (int)sreg_cluster_id(); g < groups; g += (int)sreg_num_clusters()) {
+        int m0, n0;
+        origin(g, m0, n0);
+        // A slice that would start past M (or N) starts at the last row instead, so that no box lies wholly
+        // outside the tensor: the rows it brings feed only output rows (columns) that the TMA store clips.
+        // Partial boxes are zero-filled past M/N and still count their bytes.
+        const int arow = min(m0 + cn * A_ROWS, M - 1), brow = min(n0 + cm * B_ROWS, N - 1);
+        for (int kb = 0; kb < Kb; ++kb, ++it) {
+          int s = it % STAGES;
+          mbar_wait(&empty[s], ((it / STAGES) & 1) ^ 1);
+          mbar_expect_tx(&full[s], 2 * TILE_BYTES);  // all slices of A and B, from this CTA and its partners
+          uint8_t* da = sA + s * TILE_BYTES + cn * A_ROWS * BK;
+          uint8_t* db = sB + s * TILE_BYTES + cm * B_ROWS * BK;
+          if constexpr (CN == 1) tma_load(da, &tmA, &full[s], kb * BK, arow);
+          else tma_load_mc(da, &tmA, &full[s], kb * BK, arow, mask_a);
+          if constexpr (CM == 1) tma_load(db, &tmB, &full[s], kb * BK, brow);
+          else tma_load_mc(db, &tmB, &full[s], kb * BK, brow, mask_b);
+        }
+      }
+    }
+  } else {  // ---------------- math warpgroups: tier 4's loop, releasing stages cluster-wide ----------------
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n");
+    const int mw = wg - 1, warp = (threadIdx.x >> 5) & 3, lane = threadIdx.x & 31;
+    const int rw = warp * 16 + (lane >> 2);
+    const bool leader = (threadIdx.x & 127) == 0;
+    auto release = [&](uint32_t i) {  // this warp is done with stage i: tell every CTA that writes into it
+      if (lane == 0) {
+#pragma unroll
+        for (int j = 0; j < CN; ++j) arrive_at(&empty[i % STAGES], cm + CM * j);
+#pragma unroll
+        for (int r = 0; r < CM; ++r)
+          if (r != cm) arrive_at(&empty[i % STAGES], r + CM * cn);
+      }
+    };
+    uint32_t it = 0;
+    float acc0[64], acc1[64], fin[64];
+#pragma unroll
+    for (int i = 0; i < 64; ++i) acc0[i] = acc1[i] = 0.f;
+    for (int g = (int)sreg_cluster_id(); g < groups; g += (int)sreg_num_clusters()) {
+      int m0, n0;
+      origin(g, m0, n0);
+      if (m0 >= M || n0 >= N) {  // phantom tile: keep the stages flowing for the partners
+        for (int kb = 0; kb < Kb; ++kb, ++it) {
+          mbar_wait(&full[it % STAGES], (it / STAGES) & 1);
+          release(it);
+        }
+        continue;
+      }
+      const int r0 = m0 + mw * 64 + rw, r1 = r0 + 8;
+      auto a_of = [&](uint32_t i) { return sA + (i % STAGES) * TILE_BYTES + mw * 64 * BK; };
+      auto b_of = [&](uint32_t i) { return sB + (i % STAGES) * TILE_BYTES; };
+      auto scales = [&](int kb, float& s0, float& s1) {
+        float sb = SB[(n0 / 128) * Kb + kb];
+        s0 = r0 < M ? SA[(size_t)r0 * Kb + kb] * sb : 0.f;
+        s1 = r1 < M ? SA[(size_t)r1 * Kb + kb] * sb : 0.f;
+      };
+#pragma unroll
+      for (int i = 0; i < 64; ++i) fin[i] = 0.f;
+      auto step = [&](float* cur, float* nxt, int kb, bool last) {
+        float s0, s1;
+        scales(kb, s0, s1);
+        if (!last) {
+          mbar_wait(&full[(it + 1) % STAGES], ((it + 1) / STAGES) & 1);
+          issue_block(nxt, a_of(it + 1), b_of(it + 1));
+          wgmma_wait<1>();
+        } else {
+          wgmma_wait<0>();
+        }
+        release(it);
+        promote(fin, cur, s0, s1);
+        ++it;
+      };
+      mbar_wait(&full[it % STAGES], (it / STAGES) & 1);
+      issue_block(acc0, a_of(it), b_of(it));
+      int kb = 0;
+      for (; kb + 2 < Kb; kb += 2) {
+        step(acc0, acc1, kb, false);
+        step(acc1, acc0, kb + 1, false);
+      }
+      if (kb + 1 < Kb) {
+        step(acc0, acc1, kb, false);
+        step(acc1, acc0, kb + 1, true);
+      } else {
+        step(acc0, acc1, kb, true);
+      }
+      uint8_t* cbuf = sC + mw * (C_BYTES / 2);
+      if (leader) asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory");
+      named_barrier(1 + mw);
+#pragma unroll
+      for (int j = 0; j < 16; ++j) {
+        int off = (j >> 3) * 8192 + rw * 128 + (((j & 7) ^ (rw & 7)) << 4) + 4 * (lane & 3);
+        *reinterpret_cast<__nv_bfloat162*>(cbuf + off) = __floats2bfloat162_rn(fin[4 * j + 0], fin[4 * j + 1]);
+        *reinterpret_cast<__nv_bfloat162*>(cbuf + off + 8 * 128) =
+            __floats2bfloat162_rn(fin[4 * j + 2], fin[4 * j + 3]);
+      }
+      asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+      named_barrier(1 + mw);
+      if (leader) {
+        tma_store(&tmC, cbuf, n0, m0 + mw * 64);
+        tma_store(&tmC, cbuf + 8192, n0 + 64, m0 + mw * 64);
+        asm volatile("cp.async.bulk.commit_group;\n" ::: "memory");
+      }
+    }
+    if (leader) asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory");
+  }
+  cluster_sync();
+}
+}  // namespace t5
+
+// =====================================================================================================
+// Tier 8: a 128 x 256 tile. Each math warpgroup owns 64 rows x 256 columns as two 128-column halves.
+// =====================================================================================================
+// Per 128-wide K block a 128x128 tile moves 32 KiB into shared memory for 4.2 MFLOP; a 128x256 tile moves
+// 48 KiB for 8.4 MFLOP, 25% fewer bytes per FLOP through L2 and the shared-memory write port. The price is
+// registers: 128 promoted fp32 columns per thread leave room for one 64-register accumulator, not tier 4's
+// two, so within a warpgroup each half is issued, awaited and promoted in turn; the tensor cores stay busy
+// during one warpgroup's promotion with the other warpgroup's wgmmas (DeepGEMM's scheme). The two halves use
+// the B scales of two consecutive 128-row weight blocks. 4 stages of 48 KiB; the output leaves per warpgroup
+// in two 64 x 128 rounds through a 16 KiB staging buffer.
+namespace t8 {
+constexpr int BN2 = 256, STAGES = 4;
+constexpr int A_BYTES = BM * BK, B_BYTES = BN2 * BK, C_WG = 64 * 128 * 2;
+constexpr int SMEM = STAGES * (A_BYTES + B_BYTES) + 2 * C_WG + 2 * STAGES * 8 + 1024;
+
+__global__ void __launch_bounds__(t2::THREADS, 1) gemm(const __grid_constant__ CUtensorMap tmA,
+                                                       const __grid_constant__ CUtensorMap tmB,
+                                                       const __grid_constant__ CUtensorMap tmC,
+                                                       const float* __restrict__ SA, const float* __restrict__ SB,
+                                                       int M, int N, int K) {
+  using namespace t2;
+  extern __shared__ uint8_t smem_raw[];
+  uint8_t* smem = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
+  uint8_t* sA = smem;                                   // [STAGES][128 rows][128 B]
+  uint8_t* sB = smem + STAGES * A_BYTES;                // [STAGES][256 rows][128 B]
+  uint8_t* sC = sB + STAGES * B_BYTES;                  // [2 math wg][2 boxes][64 rows][128 B]
+  uint64_t* full = reinterpret_cast<uint64_t*>(sC + 2 * C_WG);
+  uint64_t* empty = full + STAGES;
+  const int Kb = K / BK, num_m = (M + BM - 1) / BM, num_n = (N + BN2 - 1) / BN2, tiles = num_m * num_n;
+  const int nb = (N + 127) / 128;  // rows of SB
+  const int wg = threadIdx.x / 128;
+  auto coords = [&](int t, int& m0, int& n0) {  // t2::tile_coords' banded order, 256-wide N tiles
+    int band = t / (GROUP_N * num_m), first_n = band * GROUP_N;
+    int width = min(num_n - first_n, GROUP_N), local = t - band * GROUP_N * num_m;
+    m0 = (local / width) * BM;
+    n0 = (first_n + local % width) * BN2;
+  };
+
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < STAGES; ++s) { mbar_init(&full[s], 1); mbar_init(&empty[s], MATH_WARPS); }
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+  }
+  __syncthreads();
+
+  if (wg == 0) {  // ---------------- producer ----------------
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n");
+    if (threadIdx.x == 0) {
+      asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(&tmA)) : "memory");
+      asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(&tmB)) : "memory");
+      uint32_t it = 0;
+      for (int t = blockIdx.x; t < tiles; t += gridDim.x) {
+        int m0, n0;
+        coords(t, m0, n0);
+        for (int kb = 0; kb < Kb; ++kb, ++it) {
+          int s = it % STAGES;
+          mbar_wait(&empty[s], ((it / STAGES) & 1) ^ 1);
+          mbar_expect_tx(&full[s], A_BYTES + B_BYTES);
+          tma_load(sA + s * A_BYTES, &tmA, &full[s], kb * BK, m0);
+          tma_load(sB + s * B_BYTES, &tmB, &full[s], kb * BK, n0);
+        }
+      }
+    }
+  } else {  // ---------------- math warpgroups: rows [64*(wg-1), 64*wg), all 256 columns ----------------
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n");
+    const int mw = wg - 1, warp = (threadIdx.x >> 5) & 3, lane = threadIdx.x & 31;
+    const int rw = warp * 16 + (lane >> 2);
+    const bool leader = (threadIdx.x & 127) == 0;
+    uint32_t it = 0;
+    float acc[64], fin[128];
+#pragma unroll
+    for (int i = 0; i < 64; ++i) acc[i] = 0.f;
+    for (int t = blockIdx.x; t < tiles; t += gridDim.x) {
+      int m0, n0;
+      coords(t, m0, n0);
+      const int r0 = m0 + mw * 64 + rw, r1 = r0 + 8, bn = n0 / 128;
+#pragma unroll
+      for (int i = 0; i < 128; ++i) fin[i] = 0.f;
+      for (int kb = 0; kb < Kb; ++kb, ++it) {
+        const float sb0 = SB[bn * Kb + kb], sb1 = bn + 1 < nb ? SB[(bn + 1) * Kb + kb] : 0.f;
+        const float sa0 = r0 < M ? SA[(size_t)r0 * Kb + kb] : 0.f, sa1 = r1 < M ? SA[(size_t)r1 * Kb + kb] : 0.f;
+        const uint8_t* a = sA + (it % STAGES) * A_BYTES + mw * 64 * BK;
+        const uint8_t* b = sB + (it % STAGES) * B_BYTES;
+        mbar_wait(&full[it % STAGES], (it / STAGES) & 1);
+        issue_block(acc, a, b);                 // columns [0, 128)
+        wgmma_wait<0>();
+        promote(fin, acc, sa0 * sb0, sa1 * sb0);
+        issue_block(acc, a, b + 128 * BK);      // columns [128, 256)
+        wgmma_wait<0>();
+        if (lane == 0) mbar_arrive(&empty[it % STAGES]);
+        promote(fin + 64, acc, sa0 * sb1, sa1 * sb1);
+      }
+      uint8_t* cbuf = sC + mw * C_WG;
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {  // two rounds of 64 rows x 128 columns through the 16 KiB buffer
+        if (leader) asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory");
+        named_barrier(1 + mw);
+#pragma unroll
+        for (int j = 0; j < 16; ++j) {
+          int off = (j >> 3) * 8192 + rw * 128 + (((j & 7) ^ (rw & 7)) << 4) + 4 * (lane & 3);
+          *reinterpret_cast<__nv_bfloat162*>(cbuf + off) =
+              __floats2bfloat162_rn(fin[64 * h + 4 * j + 0], fin[64 * h + 4 * j + 1]);
+          *reinterpret_cast<__nv_bfloat162*>(cbuf + off + 8 * 128) =
+              __floats2bfloat162_rn(fin[64 * h + 4 * j + 2], fin[64 * h + 4 * j + 3]);
+        }
+        asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+        named_barrier(1 + mw);
+        if (leader) {  // boxes wholly right of N are skipped, partial ones clipped by TMA
+          const int c0 = n0 + 128 * h;
+          if (c0 < N) tma_store(&tmC, cbuf, c0, m0 + mw * 64);
+          if (c0 + 64 < N) tma_store(&tmC, cbuf + 8192, c0 + 64, m0 + mw * 64);
+          asm volatile("cp.async.bulk.commit_group;\n" ::: "memory");
+        }
+      }
+    }
+    if (leader) asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory");
+  }
+}
+}  // namespace t8
+
 // ------------------------------------------------ host side ------------------------------------------------
 static PFN_cuTensorMapEncodeTiled_v12000 get_encode() {
   static PFN_cuTensorMapEncodeTiled_v12000 fn = nullptr;
@@ -453,10 +782,70 @@ static const char* launch_t2(const uint8_t* A, const float* SA, const uint8_t* B
   return nullptr;
 }
 
+// Tier 5+: a 1-D grid of clusters of CM x CN CTAs, no more clusters than fit on the GPU at once (a GPC's SM
+// count need not be a multiple of the cluster size), each walking the tile groups of the banded order.
+template <int CM, int CN>
+static const char* launch_t5(const uint8_t* A, const float* SA, const uint8_t* B, const float* SB,
+                             __nv_bfloat16* C, int M, int N, int K, cudaStream_t stream) {
+  constexpr int CS = CM * CN;
+  auto kern = t5::gemm<CM, CN>;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = CS;
+  attr[0].val.clusterDim.y = 1;
+  attr[0].val.clusterDim.z = 1;
+  cudaLaunchConfig_t cfg = {};
+  cfg.blockDim = dim3(t2::THREADS);
+  cfg.dynamicSmemBytes = t5::SMEM;
+  cfg.stream = stream;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  static int max_clusters = 0;
+  if (!max_clusters) {
+    cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, t5::SMEM);
+    int dev, sms;
+    cudaGetDevice(&dev);
+    cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+    cfg.gridDim = dim3(sms / CS * CS);
+    if (cudaOccupancyMaxActiveClusters(&max_clusters, kern, &cfg) != cudaSuccess || max_clusters <= 0) {
+      cudaGetLastError();  // clear it: fall back to the SM count
+      max_clusters = sms / CS;
+    }
+  }
+  CUtensorMap ma, mb, mc;
+  if (!make_map(&ma, A, CU_TENSOR_MAP_DATA_TYPE_UINT8, 1, M, K, BM / CN, BK) ||
+      !make_map(&mb, B, CU_TENSOR_MAP_DATA_TYPE_UINT8, 1, N, K, BN / CM, BK) ||
+      !make_map(&mc, C, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, M, N, 64, 64))
+    return "cuTensorMapEncodeTiled failed";
+  int groups = ((M + BM * CM - 1) / (BM * CM)) * ((N + BN * CN - 1) / (BN * CN));
+  cfg.gridDim = dim3((groups < max_clusters ? groups : max_clusters) * CS);
+  cudaError_t e = cudaLaunchKernelEx(&cfg, kern, ma, mb, mc, SA, SB, M, N, K);
+  return e == cudaSuccess ? nullptr : cudaGetErrorString(e);
+}
+
+static const char* launch_t8(const uint8_t* A, const float* SA, const uint8_t* B, const float* SB,
+                             __nv_bfloat16* C, int M, int N, int K, cudaStream_t stream) {
+  static int sms = 0;
+  if (!sms) {
+    cudaFuncSetAttribute(t8::gemm, cudaFuncAttributeMaxDynamicSharedMemorySize, t8::SMEM);
+    int dev;
+    cudaGetDevice(&dev);
+    cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+  }
+  CUtensorMap ma, mb, mc;
+  if (!make_map(&ma, A, CU_TENSOR_MAP_DATA_TYPE_UINT8, 1, M, K, BM, BK) ||
+      !make_map(&mb, B, CU_TENSOR_MAP_DATA_TYPE_UINT8, 1, N, K, t8::BN2, BK) ||
+      !make_map(&mc, C, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, M, N, 64, 64))
+    return "cuTensorMapEncodeTiled failed";
+  int tiles = ((M + BM - 1) / BM) * ((N + t8::BN2 - 1) / t8::BN2);
+  t8::gemm<<<tiles < sms ? tiles : sms, t2::THREADS, t8::SMEM, stream>>>(ma, mb, mc, SA, SB, M, N, K);
+  return nullptr;
+}
+
 // Returns an error string, or nullptr on success.
 static const char* launch(int tier, const uint8_t* A, const float* SA, const uint8_t* B, const float* SB,
                           __nv_bfloat16* C, int M, int N, int K, cudaStream_t stream) {
-  // The TMA store needs 16-byte aligned output rows; otherwise tiers 3-4 fall back to tier 2's plain stores.
+  // The TMA store needs 16-byte aligned output rows; otherwise tiers 3-8 fall back to tier 2's plain stores.
   if (tier >= 3 && (N % 8 != 0 || reinterpret_cast<uintptr_t>(C) % 16 != 0)) tier = 2;
   const char* err = nullptr;
   if (tier == 1) {
@@ -470,8 +859,16 @@ static const char* launch(int tier, const uint8_t* A, const float* SA, const uin
     err = launch_t2<true, false, 6>(A, SA, B, SB, C, M, N, K, stream);
   } else if (tier == 4) {
     err = launch_t2<true, true, 6>(A, SA, B, SB, C, M, N, K, stream);
+  } else if (tier == 5) {
+    err = launch_t5<2, 1>(A, SA, B, SB, C, M, N, K, stream);
+  } else if (tier == 6) {
+    err = launch_t5<2, 2>(A, SA, B, SB, C, M, N, K, stream);
+  } else if (tier == 7) {
+    err = launch_t5<1, 2>(A, SA, B, SB, C, M, N, K, stream);
+  } else if (tier == 8) {
+    err = launch_t8(A, SA, B, SB, C, M, N, K, stream);
   } else {
-    return "unknown tier (1-4)";
+    return "unknown tier (1-8)";
   }
   if (err) return err;
   cudaError_t e = cudaGetLastError();
@@ -509,6 +906,6 @@ void gemm(at::Tensor a, at::Tensor a_scale, at::Tensor b, at::Tensor b_scale, at
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("gemm", &gemm, "fine-grained FP8 GEMM; tier 1: mma.sync, 2: TMA + wgmma + warp specialization, 3: + TMA-store epilogue, 4: + promotion overlapped with the next wgmma");
+  m.def("gemm", &gemm, "fine-grained FP8 GEMM; tier 1: mma.sync, 2: TMA + wgmma + warp specialization, 3: + TMA-store epilogue, 4: + promotion overlapped with the next wgmma, 5-7: tier 4 in clusters with TMA multicast (2x1 B, 2x2 A+B, 1x2 A), 8: 128x256 tile");
 }
 #endif

@@ -178,8 +178,8 @@ hopper = pytest.mark.skipif(not (torch.cuda.is_available() and torch.cuda.get_de
 
 @pytest.mark.gpu
 @hopper
-@pytest.mark.parametrize("tier", [1, 2, 3, 4], ids=["tier1", "tier2", "tier3", "tier4"])
-@pytest.mark.parametrize("M,N,K", [(1, 128, 128), (65, 130, 256), (200, 384, 1024), (333, 2112, 2048),
+@pytest.mark.parametrize("tier", [1, 2, 3, 4, 5, 6, 7, 8], ids=[f"tier{t}" for t in range(1, 9)])
+@pytest.mark.parametrize("M,N,K", [(1, 128, 128), (65, 130, 256), (65, 136, 256), (200, 384, 1024), (333, 2112, 2048),
                                    (1000, 4096, 7168), (4096, 768, 512)])
 def test_kernel_matches_reference(tier, M, N, K):
     ext = fp8.load_kernel()
