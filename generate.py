@@ -23,6 +23,7 @@ import torch
 
 from config import config_from_dict
 from model import Transformer
+from train import load_checkpoint, pick_device
 
 
 # -- sampling ----------------------------------------------------------------------------------------------
@@ -126,36 +127,25 @@ def load_model(out_dir=None, hf_dir=None, device="cpu"):
         model = load_hf_checkpoint(hf_dir, device=device)
         return model.eval(), get_tokenizer(model.cfg.vocab_size)
     path = os.path.join(out_dir, "ckpt.pt")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no checkpoint at {path} (train one first: python train.py --out_dir {out_dir})")
+    ckpt = load_checkpoint(path, "generate", f" (train one first: python train.py --out_dir {out_dir})")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
         cfg = config_from_dict(ckpt["config"])
         state = ckpt["model"]
-    except Exception as e:  # unreadable, truncated or foreign file
-        raise ValueError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from None
+    except (KeyError, TypeError, ValueError) as e:  # a readable file that is not train.py's checkpoint
+        raise ValueError(f"generate: {path} is not a train.py checkpoint ({type(e).__name__}: {e})") from None
     model = Transformer(cfg)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    bad = [k for k in state if k in model.state_dict() and state[k].shape != model.state_dict()[k].shape]
+    want = model.state_dict()
+    missing = [k for k in want if k not in state]
+    unexpected = [k for k in state if k not in want]
+    bad = [k for k in state if k in want and state[k].shape != want[k].shape]
     if missing or unexpected or bad:
         raise ValueError(f"checkpoint {path} does not match its config "
                          f"(missing {missing[:3]}, unexpected {unexpected[:3]}, shape mismatch {bad[:3]})")
+    model.load_state_dict(state)
     tok = get_tokenizer(cfg.vocab_size)
     if ckpt.get("tokenizer") not in (None, tok.name):
         raise ValueError(f"checkpoint tokenizer {ckpt.get('tokenizer')!r} is not {tok.name!r}")
     return model.to(device).eval(), tok
-
-
-def pick_device(name):
-    if name != "auto":
-        if name.startswith("cuda") and not torch.cuda.is_available():
-            raise ValueError("--device cuda requested but no CUDA GPU is available")
-        return name
-    if torch.cuda.is_available():
-        return "cuda"
-    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
 
 
 def main(argv=None):

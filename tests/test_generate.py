@@ -137,8 +137,44 @@ def run_cli(*args, stdin=""):
 
 def test_cli_missing_and_corrupt_checkpoint(tmp_path):
     r = run_cli("--out_dir", str(tmp_path), "--prompt", "x")
-    assert r.returncode == 2 and r.stderr.startswith("error: no checkpoint") and "Traceback" not in r.stderr
+    assert r.returncode == 2 and r.stderr.startswith("error: generate: no checkpoint") and "Traceback" not in r.stderr
     (tmp_path / "ckpt.pt").write_bytes(b"not a checkpoint")
     r = run_cli("--out_dir", str(tmp_path), "--prompt", "x")
     assert r.returncode == 2 and "cannot read checkpoint" in r.stderr and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
+
+
+def save_ckpt(path, model, tokenizer_name):
+    """A checkpoint with the keys train.py writes (model, config, tokenizer) and that generate.py reads."""
+    from config import config_to_dict
+    torch.save({"model": model.state_dict(), "config": config_to_dict(model.cfg), "tokenizer": tokenizer_name,
+                "step": 0}, path)
+
+
+def test_cli_samples_from_a_checkpoint(tmp_path):
+    import data
+    model = tiny_model(5, vocab_size=300).float()
+    save_ckpt(tmp_path / "ckpt.pt", model, data.get_tokenizer(300).name)
+    r = run_cli("--out_dir", str(tmp_path), "--prompt", "def f(x):", "--max_new_tokens", "8", "--temperature", "0")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("def f(x):") and len(r.stdout) > len("def f(x):\n")
+    assert "8 tokens" in r.stderr
+    r2 = run_cli("--out_dir", str(tmp_path), "--prompt", "def f(x):", "--max_new_tokens", "8", "--temperature", "0",
+                 "--speculative")
+    assert r2.returncode == 0 and r2.stdout == r.stdout and "MTP drafts accepted" in r2.stderr
+    r3 = run_cli("--out_dir", str(tmp_path), "--max_new_tokens", "4", stdin="import os\n")  # prompt from stdin
+    assert r3.returncode == 0 and r3.stdout.startswith("import os\n")
+
+
+def test_cli_rejects_mismatched_checkpoint_and_long_prompt(tmp_path):
+    import data
+    from config import config_to_dict
+    model = tiny_model(6, vocab_size=300).float()
+    save_ckpt(tmp_path / "ckpt.pt", model, data.get_tokenizer(300).name)
+    r = run_cli("--out_dir", str(tmp_path), "--prompt", "x " * 100)  # more tokens than max_seq_len = 40
+    assert r.returncode == 2 and "context" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    ckpt["config"] = config_to_dict(tiny_model(6, vocab_size=300, dim=48).cfg)  # weights of another config
+    torch.save(ckpt, tmp_path / "ckpt.pt")
+    r = run_cli("--out_dir", str(tmp_path), "--prompt", "x")
+    assert r.returncode == 2 and "does not match" in r.stderr and "Traceback" not in r.stderr

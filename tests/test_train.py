@@ -1,0 +1,221 @@
+"""train.py: exact resume (also after Ctrl-C), atomic checkpoints, non-finite loss, LR schedule, FLOP count,
+one-line user errors. Every run uses a tiny model on a small generated text, so each takes about a second."""
+import argparse
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import data
+import train
+from config import get_preset
+from model import Transformer, count_params
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MODEL = ["--vocab_size", "512", "--dim", "32", "--n_layers", "2", "--n_dense_layers", "1", "--inter_dim", "64",
+         "--n_heads", "2", "--q_lora_rank", "16", "--kv_lora_rank", "16", "--qk_nope_head_dim", "8",
+         "--qk_rope_head_dim", "8", "--v_head_dim", "8", "--max_seq_len", "32", "--moe_inter_dim", "16",
+         "--n_routed_experts", "4", "--n_activated_experts", "2", "--n_expert_groups", "2",
+         "--n_limited_groups", "1"]
+RUN = ["--batch_size", "4", "--block_size", "16", "--lr", "2e-3", "--warmup_iters", "3", "--lr_decay_iters", "20",
+       "--min_lr", "1e-4", "--eval_iters", "2", "--log_interval", "1", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def corpus_args(tmp_path_factory):
+    d = tmp_path_factory.mktemp("corpus")
+    text = "".join(f"def f{i}(x, y):\n    return x * {i} + y  # {i % 7}\n\n" for i in range(400))
+    (d / "code.py").write_text(text)
+    return ["--data", str(d / "code.py"), "--cache_dir", str(d / "cache")]
+
+
+def run(out_dir, corpus_args, *extra):
+    return train.main(["--out_dir", str(out_dir), *corpus_args, *MODEL, *RUN, *extra])
+
+
+def load(out_dir):
+    return torch.load(os.path.join(out_dir, "ckpt.pt"), map_location="cpu", weights_only=True)
+
+
+def assert_same_state(a: dict, b: dict):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory, corpus_args):
+    """12 steps in one go, evaluating only at the end."""
+    out = tmp_path_factory.mktemp("straight")
+    assert run(out, corpus_args, "--max_iters", "12", "--eval_interval", "12") == 0
+    return load(out)
+
+
+def test_resume_is_bit_identical(tmp_path, corpus_args, straight):
+    # 6 steps, evaluating (and saving) every 2; then resume: every option comes back from the checkpoint.
+    assert run(tmp_path, corpus_args, "--max_iters", "6", "--eval_interval", "2") == 0
+    assert load(tmp_path)["step"] == 6
+    # --device is not taken from the checkpoint (a run may move machines): pin it, or a GPU host resumes on CUDA.
+    assert train.main(["--out_dir", str(tmp_path), "--resume", "--max_iters", "12", "--device", "cpu"]) == 0
+    ckpt = load(tmp_path)
+    assert ckpt["step"] == 12 and ckpt["args"]["lr"] == 2e-3 and ckpt["tokenizer"] == "cl100k_base[:511]+eot"
+    assert_same_state(ckpt["model"], straight["model"])  # gate bias buffers b_i included
+    assert any(k.endswith("gate.bias") for k in ckpt["model"])
+    assert torch.equal(ckpt["rng"]["data"], straight["rng"]["data"])
+    # evaluation ran 6 times here and once there: it did not touch the training RNG or data order.
+
+
+def test_ctrl_c_saves_and_resumes_exactly(tmp_path, corpus_args, straight, monkeypatch, capsys):
+    real, calls = data.Corpus.get_batch, []
+
+    def get_batch(self, split, *a, **kw):  # Ctrl-C in the middle of step 8 (after drawing its batch)
+        if split == "train":
+            calls.append(1)
+            if len(calls) == 8:
+                raise KeyboardInterrupt
+        return real(self, split, *a, **kw)
+
+    monkeypatch.setattr(data.Corpus, "get_batch", get_batch)
+    assert run(tmp_path, corpus_args, "--max_iters", "12", "--eval_interval", "100") == 130
+    assert "interrupted: saved step 7" in capsys.readouterr().err
+    assert load(tmp_path)["step"] == 7
+    monkeypatch.setattr(data.Corpus, "get_batch", real)
+    assert train.main(["--out_dir", str(tmp_path), "--resume", "--device", "cpu"]) == 0  # max_iters 12 from the ckpt
+    assert_same_state(load(tmp_path)["model"], straight["model"])
+
+
+def test_non_finite_loss_keeps_last_checkpoint(tmp_path, corpus_args, monkeypatch, capsys):
+    real, calls = train.total_loss, []
+
+    def total_loss(losses, args):  # the 6th step's loss is NaN
+        calls.append(1)
+        out = real(losses, args)
+        return out * float("nan") if len(calls) == 6 else out
+
+    monkeypatch.setattr(train, "total_loss", total_loss)
+    assert run(tmp_path, corpus_args, "--max_iters", "10", "--eval_interval", "4") == 1
+    assert "non-finite loss" in capsys.readouterr().err
+    ckpt = load(tmp_path)
+    assert ckpt["step"] == 4 and all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+
+
+def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+    path = str(tmp_path / "ckpt.pt")
+    train.save_checkpoint({"step": 1, "w": torch.arange(5)}, path)
+
+    def broken_save(obj, f):  # dies half-way through writing
+        with open(f, "wb") as fh:
+            fh.write(b"PK\x03\x04partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(OSError):
+        train.save_checkpoint({"step": 2, "w": torch.zeros(5)}, path)
+    monkeypatch.undo()
+    old = torch.load(path, weights_only=True)
+    assert old["step"] == 1 and torch.equal(old["w"], torch.arange(5))
+    assert os.listdir(tmp_path) == ["ckpt.pt"]  # no temporary file left behind
+
+
+def test_lr_schedule():
+    a = argparse.Namespace(lr=1e-3, min_lr=1e-4, warmup_iters=10, lr_decay_iters=110)
+    assert train.lr_at(0, a) == pytest.approx(1e-4)  # (0+1)/10 of the peak
+    assert train.lr_at(9, a) == pytest.approx(1e-3)  # end of warmup: the peak
+    assert train.lr_at(10, a) == pytest.approx(1e-3)  # cosine starts at the peak
+    assert train.lr_at(60, a) == pytest.approx(5.5e-4)  # half-way: (lr + min_lr) / 2
+    assert train.lr_at(35, a) == pytest.approx(1e-4 + 0.9e-3 * (1 + math.cos(math.pi / 4)) / 2)
+    assert train.lr_at(110, a) == train.lr_at(10_000, a) == pytest.approx(1e-4)
+
+
+@pytest.mark.parametrize("preset", ["tiny", "small", "v2-lite-16b", "v3-671b"])
+def test_matmul_params_match_the_model(preset):
+    """matmul_params = activated parameters minus the embedding and the norm gains (no matmul), plus the shared
+    head once more for each MTP depth."""
+    cfg = get_preset(preset)
+    n, ref = train.matmul_params(cfg), count_params(cfg)
+    d = cfg.dim
+    norms = cfg.n_layers * (2 * d + cfg.q_lora_rank + cfg.kv_lora_rank) + d
+    assert n["main"] == ref["active"] - cfg.vocab_size * d - norms
+    mtp_norms = cfg.n_mtp * (3 * d + 2 * d + cfg.q_lora_rank + cfg.kv_lora_rank)
+    assert n["mtp"] == ref["mtp_active"] - mtp_norms + cfg.n_mtp * cfg.vocab_size * d
+    if preset == "v3-671b":  # flops.md: about 37B activated
+        assert 36e9 < n["main"] < 39e9
+
+
+def test_optimizer_decays_matrices_only():
+    cfg = get_preset("tiny", dim=32, inter_dim=64, vocab_size=512)
+    model = Transformer(cfg)
+    opt = train.make_optimizer(model, argparse.Namespace(weight_decay=0.1, lr=1e-3, beta1=0.9, beta2=0.95),
+                               torch.device("cpu"))
+    decay, no_decay = ({id(p) for p in g["params"]} for g in opt.param_groups)
+    for name, p in model.named_parameters():
+        assert (id(p) in decay) == (p.ndim >= 2) and (id(p) in no_decay) == (p.ndim < 2), name
+    biases = [b for n, b in model.named_buffers() if n.endswith("gate.bias")]
+    assert biases and not any(id(b) in decay | no_decay for b in biases)
+
+
+def test_bench_writes_nothing(tmp_path, corpus_args, capsys):
+    assert run(tmp_path / "b", corpus_args, "--bench", "--max_iters", "2") == 0
+    assert "tokens/s" in capsys.readouterr().out and not os.path.exists(tmp_path / "b")
+
+
+def test_resume_mismatch_is_refused(tmp_path, corpus_args, capsys):
+    assert run(tmp_path, corpus_args, "--max_iters", "1") == 0
+    assert train.main(["--out_dir", str(tmp_path), "--resume", "--dim", "64"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --resume: the model config") and "dim: 32" in err and err.count("\n") == 1
+    ckpt = load(tmp_path)
+    ckpt["tokenizer"] = "gpt2"
+    torch.save(ckpt, tmp_path / "ckpt.pt")
+    assert train.main(["--out_dir", str(tmp_path), "--resume"]) == 2
+    assert "tokenizer 'gpt2'" in capsys.readouterr().err
+    (tmp_path / "ckpt.pt").write_bytes(b"not a checkpoint")
+    assert train.main(["--out_dir", str(tmp_path), "--resume"]) == 2
+    assert capsys.readouterr().err.startswith("error: --resume: cannot read checkpoint")
+
+
+def test_cli_errors_are_one_line(tmp_path):
+    """As a command: exit 2, one line on stderr, no traceback (two cases; the rest run in-process below)."""
+    cases = [["--data", str(tmp_path / "missing.txt")], ["--resume", "--out_dir", str(tmp_path / "empty")]]
+    procs = [subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *c], cwd=tmp_path, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for c in cases]
+    errs = []
+    for p in procs:
+        _, err = p.communicate(timeout=120)
+        assert p.returncode == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+        errs.append(err)
+    assert errs[0].startswith("error: --data path ") and errs[0].endswith("missing.txt does not exist\n")
+    assert errs[1].startswith("error: --resume: no checkpoint at ")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--preset", "huge"], "unknown preset 'huge'"),
+    (["--block_size", "64"], "--block_size=64: must be <= max_seq_len (32)"),
+    (["--batch_size", "0"], "--batch_size=0: must be >= 1"),
+    (["--n_expert_groups", "3"], "n_routed_experts"),
+    (["--fp8"], "--fp8 needs a Hopper GPU (sm_90); the device is cpu"),
+])
+def test_user_errors_are_one_line(tmp_path, corpus_args, capsys, argv, message):
+    assert run(tmp_path, corpus_args, *argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1
+
+
+def test_corpus_shorter_than_a_block(tmp_path, capsys):
+    text = " x = 1" * 20
+    n = len(data.get_tokenizer(512).encode(text)) + 1  # + eot
+    n_val = int(0.1 * n)  # a single file: the last tenth is validation
+    assert n - n_val >= 17 > n_val
+    (tmp_path / "short.txt").write_text(text)
+    argv = ["--data", str(tmp_path / "short.txt"), "--cache_dir", str(tmp_path / "c"), "--out_dir",
+            str(tmp_path / "out"), *MODEL, *RUN]
+    assert train.main(argv) == 2
+    assert f"error: corpus too short: the val split has {n_val} tokens, fewer than block_size+1 = 17" in \
+        capsys.readouterr().err
+    (tmp_path / "tiny.txt").write_text("x")
+    assert train.main(["--data", str(tmp_path / "tiny.txt"), *argv[2:]]) == 2
+    assert "error: corpus too short: " in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "out")
