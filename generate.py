@@ -123,8 +123,12 @@ def load_model(out_dir=None, hf_dir=None, device="cpu"):
     from data import get_tokenizer
 
     if hf_dir:
+        from data import FULL_VOCAB
         from hf_io import load_hf_checkpoint
         model = load_hf_checkpoint(hf_dir, device=device)
+        if model.cfg.vocab_size > FULL_VOCAB:  # e.g. the released V3 weights (129280): their own tokenizer
+            raise ValueError(f"{hf_dir}: vocabulary of {model.cfg.vocab_size} tokens; generate.py tokenizes with "
+                             f"cl100k_base or a prefix of it (at most {FULL_VOCAB} tokens)")
         return model.eval(), get_tokenizer(model.cfg.vocab_size)
     path = os.path.join(out_dir, "ckpt.pt")
     ckpt = load_checkpoint(path, "generate", f" (train one first: python train.py --out_dir {out_dir})")

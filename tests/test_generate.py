@@ -178,3 +178,17 @@ def test_cli_rejects_mismatched_checkpoint_and_long_prompt(tmp_path):
     torch.save(ckpt, tmp_path / "ckpt.pt")
     r = run_cli("--out_dir", str(tmp_path), "--prompt", "x")
     assert r.returncode == 2 and "does not match" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_cli_hf_dir_round_trip_and_foreign_vocabulary(tmp_path):
+    from hf_io import save_hf_checkpoint
+    model = tiny_model(7, vocab_size=300).float()
+    save_hf_checkpoint(model, tmp_path / "hf")
+    save_ckpt(tmp_path / "ckpt.pt", model, "cl100k_base[:299]+eot")
+    args = ("--prompt", "x = 1", "--max_new_tokens", "6", "--temperature", "0")
+    r_hf, r_ck = run_cli("--hf_dir", str(tmp_path / "hf"), *args), run_cli("--out_dir", str(tmp_path), *args)
+    assert r_hf.returncode == 0 and r_hf.stdout == r_ck.stdout
+    big = tiny_model(7, vocab_size=129280).float()  # the released V3 vocabulary: not a cl100k_base prefix
+    save_hf_checkpoint(big, tmp_path / "v3vocab")
+    r = run_cli("--hf_dir", str(tmp_path / "v3vocab"), *args)
+    assert r.returncode == 2 and "vocabulary of 129280" in r.stderr and "Traceback" not in r.stderr
