@@ -72,7 +72,8 @@ def generate(model, prompt, max_new_tokens, temperature=0.0, top_k=None, eot=Non
         raise ValueError("--speculative needs a model with MTP modules (n_mtp >= 1)")
     max_new_tokens = min(max_new_tokens, cfg.max_seq_len - len(prompt))
     device = model.embed.weight.device
-    model.setup_cache(1, cfg.max_seq_len)
+    cache_len = len(prompt) + max_new_tokens  # the last token is never fed back, so this always suffices
+    model.setup_cache(1, cache_len)
     out, stats = [], {"drafted": 0, "accepted": 0, "main_forwards": 1}
 
     def emit(tok):  # returns True when generation must stop
@@ -90,7 +91,7 @@ def generate(model, prompt, max_new_tokens, temperature=0.0, top_k=None, eot=Non
         while not emit(x):
             # Plain step; also the tail of speculative decoding (one token left, or no room for a 2-token
             # verify), after which no draft is made again, so the MTP cache need not be kept in step.
-            if not speculative or len(out) + 1 >= max_new_tokens or n + 1 >= cfg.max_seq_len:
+            if not speculative or len(out) + 1 >= max_new_tokens or n + 1 >= cache_len:
                 logits, h = model.forward_cached(ids.new_tensor([[x]]), n)
                 stats["main_forwards"] += 1
                 x, n = pick(logits[0, -1], temperature, top_k, gen), n + 1

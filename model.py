@@ -91,13 +91,15 @@ class Transformer(nn.Module):
         V = logits.shape[-1]
         losses = {"main": F.cross_entropy(at_least_fp32(logits).reshape(-1, V), targets.reshape(-1))}
         zero = losses["main"].new_zeros(())
+        ran = list(self.layers)  # the MoE layers whose balance loss belongs to this forward
         if len(self.mtp) and T > len(self.mtp):
             mtp_logits = [self.head(hk) for hk in mtp_hidden(self.mtp, h, idx, self.embed, freqs_cis)]
             losses["mtp"] = mtp_loss(mtp_logits, targets)
             losses["mtp_acc"] = mtp_accuracy(mtp_logits[0], targets)
-        else:
+            ran += [m.block for m in self.mtp]
+        else:  # too short a sequence for the MTP depths: they did not run (and keep no stale loss here)
             losses["mtp"], losses["mtp_acc"] = zero, zero
-        balance = [m.balance_loss for m in self.moe_layers()]
+        balance = [b.ffn.balance_loss for b in ran if isinstance(b.ffn, MoE)]
         losses["balance"] = torch.stack(balance).sum() if balance else zero
         return logits, losses
 

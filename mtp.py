@@ -14,6 +14,8 @@ first, but the released weights (and every implementation that loads them) put t
 checkpoints) before the shared head; its output is also what the next depth reads as h^k.
 
 Loss:  L_MTP = (λ / D) · Σ_k CE(P^k, t_{k+2..T+1})   (report: λ = 0.3 for the first 10T tokens, then 0.1).
+Each CE_k is averaged over the T−k positions that have a target (as Megatron does); the report's formula divides
+the sum by T, which differs by the factor (T−k)/T (0.8% for T = 128, k = 1).
 
 At inference the modules can be dropped, or used as a draft model for self-speculative decoding:
 `mtp_hidden` over the prompt fills their caches and depth 1 proposes the token after the next (generate.py).

@@ -55,6 +55,7 @@ PRESET_TRAIN = {
     "small": dict(max_iters=5000, batch_size=16, block_size=1024, lr=6e-4, min_lr=6e-5, warmup_iters=200,
                   lr_decay_iters=5000, bias_gamma=0.001, eval_interval=250, eval_iters=20),
 }
+CKPT_KEYS = ("model", "optimizer", "step", "rng", "config", "args", "tokenizer")  # what --resume needs
 RUN_ONLY = ("resume", "device", "compile", "bench", "out_dir")  # never taken from a checkpoint
 PEAK_BF16 = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "A800": 312e12}
 
@@ -159,7 +160,10 @@ def pick_device(name: str) -> torch.device:
             return torch.device("cuda")
         mps = getattr(torch.backends, "mps", None)
         return torch.device("mps" if mps is not None and mps.is_available() else "cpu")
-    dev = torch.device(name)
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name}: not a device (use auto, cpu, cuda, cuda:N or mps)") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {name}: CUDA is not available on this machine")
     if dev.type == "mps" and not torch.backends.mps.is_available():
@@ -285,10 +289,15 @@ def load_checkpoint(path: str, what: str = "--resume", hint: str = "") -> dict:
     if not os.path.exists(path):
         raise FileNotFoundError(f"{what}: no checkpoint at {path}{hint}")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated or foreign file: say so in one line
         reason = (str(e).strip().splitlines() or [""])[0]
         raise ValueError(f"{what}: cannot read checkpoint {path} ({type(e).__name__}: {reason})") from None
+    need = CKPT_KEYS if what == "--resume" else ("model", "config")
+    missing = [k for k in need if not isinstance(ckpt, dict) or k not in ckpt]
+    if missing:
+        raise ValueError(f"{what}: {path} is not a train.py checkpoint (no {', '.join(missing)})")
+    return ckpt
 
 
 # -- evaluation -----------------------------------------------------------------------------------------------
@@ -417,7 +426,8 @@ def train(args, cfg, device, corpus, ckpt, ckpt_path, model, opt, gen, step, n_p
         return 130
     except Diverged as e:
         bar.close()
-        print(f"error: {e}; {ckpt_path} keeps the last good checkpoint", file=sys.stderr)
+        kept = f"{ckpt_path} keeps the last good checkpoint" if os.path.exists(ckpt_path) else "no checkpoint written"
+        print(f"error: {e}; {kept}", file=sys.stderr)
         return 1
     finally:
         log.close()

@@ -81,6 +81,37 @@ def test_forward_shapes_losses_and_initial_loss():
     assert losses["balance"].item() == 0.0
 
 
+def test_init_norm_eps_and_untied_head():
+    torch.manual_seed(0)
+    model = Transformer(tiny(dim=64, inter_dim=128, vocab_size=512, init_std=0.006))
+    for name, p in model.named_parameters():
+        if p.ndim >= 2:  # every matrix ~ N(0, 0.006): mean and std within 5 standard errors
+            n = p.numel()
+            assert abs(p.std().item() - 0.006) < 5 * 0.006 / (2 * n) ** 0.5, name
+            assert abs(p.mean().item()) < 5 * 0.006 / n ** 0.5, name
+        else:  # norm gains start at 1
+            assert torch.equal(p, torch.ones_like(p)), name
+    norms = [m for m in model.modules() if type(m).__name__ == "RMSNorm"]
+    assert norms and all(m.eps == 1e-6 for m in norms)
+    assert model.head.weight.data_ptr() != model.embed.weight.data_ptr()
+
+
+def test_short_sequence_skips_mtp_without_stale_balance_loss():
+    torch.manual_seed(2)
+    model = Transformer(tiny())
+    idx = torch.randint(0, 101, (2, 8))
+    _, losses = model(idx, torch.roll(idx, -1, 1))  # MTP's MoE block runs and records a balance loss
+    one = torch.randint(0, 101, (2, 1))
+    _, losses = model(one, one)  # T = 1: the MTP depth cannot run
+    n_main_moe = model.cfg.n_layers - model.cfg.n_dense_layers
+    manual = sum(b.ffn.balance_loss for b in model.layers[model.cfg.n_dense_layers:])
+    assert torch.equal(losses["balance"], manual) and n_main_moe == 2
+    (losses["main"] + losses["balance"]).backward()  # no stale graph from the previous forward
+    model.eval()
+    _, losses = model(one, one)
+    assert losses["balance"].item() == 0.0
+
+
 def test_gate_bias_is_saved_but_not_trained():
     model = Transformer(tiny())
     sd = model.state_dict()

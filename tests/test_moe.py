@@ -59,7 +59,9 @@ def test_gate_matches_hand_computation(seed, score_func):
     x = torch.randn(32, cfg.dim)
     w, idx, s = m.gate(x)
     assert w.dtype == x.dtype and idx.dtype == torch.long and s.dtype == torch.float32
-    torch.testing.assert_close(s, m.gate.scores(x))
+    logits = x.double() @ m.gate.weight.double().T  # (N, E), computed independently of the module
+    expect = logits.sigmoid() if score_func == "sigmoid" else logits.softmax(-1)
+    torch.testing.assert_close(s.double(), expect, rtol=1e-5, atol=1e-6)
     idx_s, w_s = sorted_routes(w, idx)
     for t, (chosen, wt) in enumerate(hand_gate(s, m.gate.bias, 3, 3, 2, score_func, 2.5)):
         assert idx_s[t].tolist() == chosen

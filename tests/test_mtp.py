@@ -64,6 +64,28 @@ def test_mtp_loss_formula_and_targets():
     assert torch.allclose(mtp_loss(logits, targets, lam), lam / D * manual)
 
 
+def test_model_scores_depth_k_against_the_token_k_plus_1_ahead():
+    """Through Transformer.forward: depth k at position i is scored against idx[i+k+1] (built by hand)."""
+    torch.manual_seed(5)
+    model = Transformer(tiny(n_mtp=2)).double().eval()
+    full = torch.randint(0, 97, (2, 13))  # a stream of T+1 tokens
+    idx, targets = full[:, :-1], full[:, 1:]
+    T = idx.shape[1]
+    _, losses = model(idx, targets)
+    f = model.freqs_cis[:T]
+    h = model.embed(idx)
+    for layer in model.layers:
+        h = layer(h, f)
+    h = model.norm(h)
+    ces = []
+    for k in (1, 2):
+        emb = model.embed(torch.stack([full[:, i + k] for i in range(T - k)], 1))  # Emb(t_{i+k})
+        h = model.mtp[k - 1](h[:, : T - k], emb, f[: T - k])
+        want = torch.stack([full[:, i + k + 1] for i in range(T - k)], 1)  # the token k+1 ahead of idx[i]
+        ces.append(F.cross_entropy(model.head(h).reshape(-1, 97), want.reshape(-1)))
+    assert torch.allclose(losses["mtp"], (ces[0] + ces[1]) / 2)
+
+
 def test_concat_order_is_embedding_then_hidden():
     """Zeroing the first d input columns of eh_proj must remove the embedding's influence (released layout)."""
     torch.manual_seed(3)

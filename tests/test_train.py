@@ -172,6 +172,9 @@ def test_resume_mismatch_is_refused(tmp_path, corpus_args, capsys):
     torch.save(ckpt, tmp_path / "ckpt.pt")
     assert train.main(["--out_dir", str(tmp_path), "--resume"]) == 2
     assert "tokenizer 'gpt2'" in capsys.readouterr().err
+    torch.save({"model": ckpt["model"], "config": ckpt["config"]}, tmp_path / "ckpt.pt")  # e.g. an export
+    assert train.main(["--out_dir", str(tmp_path), "--resume"]) == 2
+    assert "is not a train.py checkpoint (no optimizer, step, rng, args, tokenizer)" in capsys.readouterr().err
     (tmp_path / "ckpt.pt").write_bytes(b"not a checkpoint")
     assert train.main(["--out_dir", str(tmp_path), "--resume"]) == 2
     assert capsys.readouterr().err.startswith("error: --resume: cannot read checkpoint")
@@ -197,6 +200,7 @@ def test_cli_errors_are_one_line(tmp_path):
     (["--batch_size", "0"], "--batch_size=0: must be >= 1"),
     (["--n_expert_groups", "3"], "n_routed_experts"),
     (["--fp8"], "--fp8 needs a Hopper GPU (sm_90); the device is cpu"),
+    (["--device", "foo"], "--device foo: not a device"),
 ])
 def test_user_errors_are_one_line(tmp_path, corpus_args, capsys, argv, message):
     assert run(tmp_path, corpus_args, *argv) == 2
@@ -219,3 +223,18 @@ def test_corpus_shorter_than_a_block(tmp_path, capsys):
     assert train.main(["--data", str(tmp_path / "tiny.txt"), *argv[2:]]) == 2
     assert "error: corpus too short: " in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "out")
+
+
+def test_grad_accum_equals_one_big_batch(tmp_path, corpus_args):
+    """2 micro-batches of 2 sequences == 1 batch of 4 (same windows: the data generator draws them in order):
+    the losses are means, the MoE load of both micro-batches feeds one bias update."""
+    common = [a for a in RUN if a not in ("--batch_size", "4")]
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert train.main(["--out_dir", str(a), *corpus_args, *MODEL, *common, "--batch_size", "4",
+                       "--grad_accum", "1", "--max_iters", "3", "--eval_interval", "3"]) == 0
+    assert train.main(["--out_dir", str(b), *corpus_args, *MODEL, *common, "--batch_size", "2",
+                       "--grad_accum", "2", "--max_iters", "3", "--eval_interval", "3"]) == 0
+    sa, sb = load(a)["model"], load(b)["model"]
+    for k in sa:
+        assert torch.allclose(sa[k], sb[k], rtol=1e-4, atol=1e-6), k
+    assert any("gate.bias" in k and sa[k].abs().sum() > 0 for k in sa)
