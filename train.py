@@ -36,6 +36,8 @@ from tqdm import tqdm
 
 import data
 from config import ModelConfig, PRESETS, get_preset, config_to_dict, config_from_dict
+from model import Transformer, count_params
+from moe import max_violation
 
 # Training defaults for the tiny preset, tuned on a 2-core CPU shared with other jobs: `python train.py` took 317 s
 # there (1000 steps × 1,024 tokens) and reached val loss 4.39 vs the unigram baseline's 7.01 nats/token.
@@ -65,10 +67,6 @@ class Diverged(RuntimeError):
 
 
 # -- options --------------------------------------------------------------------------------------------------
-def preset_train_defaults(preset: str) -> dict:
-    return {**TRAIN_DEFAULTS, **PRESET_TRAIN.get(preset, {})}
-
-
 def build_parser() -> argparse.ArgumentParser:
     """Every option defaults to None here so that we know which ones the user typed (they win over a checkpoint)."""
     d = TRAIN_DEFAULTS
@@ -110,7 +108,7 @@ def resolve_args(ns: argparse.Namespace, ckpt: dict = None) -> argparse.Namespac
     given = {k: v for k, v in vars(ns).items() if v is not None}
     saved = ckpt["args"] if ckpt else {}
     preset = given.get("preset", saved.get("preset", TRAIN_DEFAULTS["preset"]))
-    args = {**preset_train_defaults(preset), "out_dir": "out", "device": "auto", "resume": False,
+    args = {**TRAIN_DEFAULTS, **PRESET_TRAIN.get(preset, {}), "out_dir": "out", "device": "auto", "resume": False,
             "compile": False, "bench": False}
     args.update({k: v for k, v in saved.items() if k not in RUN_ONLY})
     model_fields = {f.name for f in fields(ModelConfig)}
@@ -306,8 +304,6 @@ def evaluate(model, raw, corpus, args, device, autocast) -> dict:
     """Validation main/MTP loss, MTP depth-1 acceptance, and the max over MoE layers of each layer's
     max_violation (max load / mean load − 1) over all the evaluation tokens. Uses its own generator with a
     fixed seed: the same batches every time, and the training RNG is untouched."""
-    from moe import max_violation
-
     gen = torch.Generator().manual_seed(args.seed + 1)
     raw.eval()
     sums = {"val_main": 0.0, "val_mtp": 0.0, "val_mtp_acc": 0.0}
@@ -345,8 +341,6 @@ def setup(ns: argparse.Namespace):
 
 
 def build(args, cfg, device, linear, ckpt):
-    from model import Transformer, count_params
-
     torch.manual_seed(args.seed)
     model = Transformer(cfg, linear).to(device)
     opt = make_optimizer(model, args, device)
