@@ -94,20 +94,22 @@ def quantize_weight(w: torch.Tensor):
     return q.reshape(nb * BLOCK, kb * BLOCK)[:N, :K].contiguous(), scale
 
 
-def _expand_blocks(scale: torch.Tensor, N: int, K: int) -> torch.Tensor:
-    """(ceil(N/128), ceil(K/128)) block scales → one scale per element (N, K)."""
-    return scale.repeat_interleave(BLOCK, 0).repeat_interleave(BLOCK, 1)[:N, :K]
+def _expand_blocks(scale: torch.Tensor, N: int, K: int, block: int = BLOCK) -> torch.Tensor:
+    """(ceil(N/block), ceil(K/block)) block scales → one scale per element (N, K)."""
+    return scale.repeat_interleave(block, 0).repeat_interleave(block, 1)[:N, :K]
 
 
-def dequantize_weight(w_fp8: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """w = w_fp8 · scale per 128×128 block (kernel.py's ``weight_dequant``; used to import FP8 HF checkpoints)."""
+def dequantize_weight(w_fp8: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32,
+                      block: int = BLOCK) -> torch.Tensor:
+    """w = w_fp8 · scale per block×block block (kernel.py's ``weight_dequant``; used to import FP8 HF checkpoints,
+    whose `weight_block_size` is 128)."""
     if w_fp8.dim() != 2 or w_fp8.dtype != FP8:
         raise ValueError(f"dequantize_weight: w_fp8 must be 2-D float8_e4m3fn, got {w_fp8.dtype} {tuple(w_fp8.shape)}")
     N, K = w_fp8.shape
-    if tuple(scale.shape) != (-(-N // BLOCK), -(-K // BLOCK)):
+    if tuple(scale.shape) != (-(-N // block), -(-K // block)):
         raise ValueError(f"dequantize_weight: scale shape {tuple(scale.shape)} does not match weight {(N, K)} "
-                         f"in {BLOCK}×{BLOCK} blocks")
-    return (w_fp8.float() * _expand_blocks(scale.float(), N, K)).to(dtype)
+                         f"in {block}×{block} blocks")
+    return (w_fp8.float() * _expand_blocks(scale.float(), N, K, block)).to(dtype)
 
 
 # ---------------------------------------------------------------- GEMM: reference

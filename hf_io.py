@@ -47,6 +47,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from config import ModelConfig
+from fp8 import dequantize_weight
 
 CONFIG, SINGLE, INDEX = "config.json", "model.safetensors", "model.safetensors.index.json"
 
@@ -271,16 +272,6 @@ def save_hf_checkpoint(model, path, max_shard_bytes: int = None) -> None:
 
 
 # -- loading -------------------------------------------------------------------------------------------------------
-def dequantize_block(w: torch.Tensor, scale_inv: torch.Tensor, block: int = 128) -> torch.Tensor:
-    """FP8 weight (M, N) × its per-block scale_inv (ceil(M/b), ceil(N/b)) → fp32; edge blocks are cropped."""
-    M, N = w.shape
-    if tuple(scale_inv.shape) != (-(-M // block), -(-N // block)):
-        raise ValueError(f"scale_inv of shape {tuple(scale_inv.shape)} does not fit a ({M}, {N}) weight "
-                         f"in {block}×{block} blocks")
-    s = scale_inv.float().repeat_interleave(block, 0).repeat_interleave(block, 1)[:M, :N]  # (M, N)
-    return w.float() * s
-
-
 class _Weights:
     """The tensors of a checkpoint directory, read lazily from one file or from the shards of an index."""
 
@@ -320,7 +311,7 @@ class _Weights:
         if t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
             if t.ndim != 2 or key + "_scale_inv" not in self:
                 raise ValueError(f"FP8 tensor {key} needs a 2-D weight and a {key}_scale_inv block scale")
-            t = dequantize_block(t, self.get(key + "_scale_inv"), self.block)
+            t = dequantize_weight(t, self.get(key + "_scale_inv"), block=self.block)
         return t
 
 
