@@ -56,14 +56,60 @@ def _pow2_ceil(s: torch.Tensor) -> torch.Tensor:
     return torch.exp2(torch.ceil(torch.log2(s)))
 
 
-def quantize_act(x: torch.Tensor, pow2_scale: bool = False):
-    """1×128 tiles: x (..., K) → (x_fp8 (..., K) e4m3, scale (..., K/128) fp32), x ≈ x_fp8 · scale."""
+def _check_act(x: torch.Tensor) -> int:
     _check_high_precision(x, "x")
     K = x.shape[-1] if x.dim() else 0
     if K == 0 or K % BLOCK:
         raise ValueError(f"quantize_act: last dim must be a positive multiple of {BLOCK}, got shape {tuple(x.shape)}")
+    return K
+
+
+def _fused_quant_ok(x: torch.Tensor, pow2_scale: bool) -> bool:
+    # fp8_quant.cu: bf16/fp32 on a GPU where the extension builds; bit-identical to the reference (tests)
+    return (x.is_cuda and not pow2_scale and x.dtype in (torch.bfloat16, torch.float32) and x.numel() > 0
+            and load_kernel() is not None)
+
+
+def quantize_act(x: torch.Tensor, pow2_scale: bool = False):
+    """1×128 tiles: x (..., K) → (x_fp8 (..., K) e4m3, scale (..., K/128) fp32), x ≈ x_fp8 · scale.
+
+    On Hopper the fused kernel of fp8_quant.cu does it in one pass; quantize_act_ref is the reference."""
+    K = _check_act(x)
+    if not _fused_quant_ok(x, pow2_scale):
+        return quantize_act_ref(x, pow2_scale)
+    x = x.contiguous()
+    if x.data_ptr() % 16:                                              # the kernel loads 8 or 16 bytes at a time
+        x = x.clone()
+    q = torch.empty(x.shape, dtype=FP8, device=x.device)
+    s = torch.empty(*x.shape[:-1], K // BLOCK, dtype=torch.float32, device=x.device)
+    with torch.cuda.device(x.device):
+        _EXT.quant_rows(x, q.view(torch.uint8), s)
+    return q, s
+
+
+def quantize_act_t(x: torch.Tensor):
+    """The 1×128 tiles of xᵀ for x (R, C), i.e. x quantized along its rows (the tokens, for Wgrad), with R
+    zero-padded to a multiple of 128 → (q (C, R'), scale (C, R'/128)). Equals quantize_act(pad(xᵀ)); fused into
+    one pass (transpose included) on Hopper."""
+    _check_high_precision(x, "x")
+    if x.dim() != 2:
+        raise ValueError(f"quantize_act_t: x must be 2-D, got shape {tuple(x.shape)}")
+    R, C = x.shape
+    if not _fused_quant_ok(x, False):
+        return quantize_act_ref(F.pad(x.t(), (0, -R % BLOCK)))
+    R_pad = R + (-R % BLOCK)
+    q = torch.empty(C, R_pad, dtype=FP8, device=x.device)
+    s = torch.empty(C, R_pad // BLOCK, dtype=torch.float32, device=x.device)
+    with torch.cuda.device(x.device):
+        _EXT.quant_cols(x.contiguous(), q.view(torch.uint8), s)
+    return q, s
+
+
+def quantize_act_ref(x: torch.Tensor, pow2_scale: bool = False):
+    """Reference of quantize_act in PyTorch ops (the same arithmetic, step by step)."""
+    K = _check_act(x)
     tiles = x.float().reshape(*x.shape[:-1], K // BLOCK, BLOCK)       # (..., K/128, 128)
-    scale = tiles.abs().amax(-1).clamp(min=AMAX_EPS) / E4M3_MAX        # (..., K/128)
+    scale = tiles.abs().amax(-1).clamp(min=AMAX_EPS) * (1 / E4M3_MAX)  # (..., K/128); as fp8_quant.cu does it
     if pow2_scale:
         scale = _pow2_ceil(scale)
     q = (tiles / scale.unsqueeze(-1)).clamp(-E4M3_MAX, E4M3_MAX).to(FP8)
@@ -202,8 +248,9 @@ def load_kernel():
         else:
             try:
                 from torch.utils.cpp_extension import load
-                src = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fp8_gemm.cu")
-                _EXT = load(name="fp8_gemm_ext", sources=[src], verbose=False,
+                here = os.path.dirname(os.path.abspath(__file__))
+                srcs = [os.path.join(here, f) for f in ("fp8_gemm.cu", "fp8_quant.cu")]
+                _EXT = load(name="fp8_gemm_ext", sources=srcs, verbose=False,
                             extra_cuda_cflags=["-O3", "-gencode=arch=compute_90a,code=sm_90a"])
             except Exception as e:  # a broken toolchain must not break training: fall back, say why
                 _WHY_NOT = f"building fp8_gemm.cu failed ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
@@ -211,17 +258,75 @@ def load_kernel():
 
 
 def fp8_gemm(a, a_scale, b, b_scale, out_dtype=torch.bfloat16) -> torch.Tensor:
-    """C = A·Bᵀ (see fp8_gemm_ref for the layouts): the CUDA kernel on Hopper, the reference elsewhere."""
+    """C = A·Bᵀ (see fp8_gemm_ref for the layouts): the CUDA kernel on Hopper, the reference elsewhere.
+
+    128×128 block scales on B run kernel tier 4; 1×128 scales on B (wgrad) its "1D1D" variant, which wants
+    the scales transposed to (K/128, N rounded up to 128) and an output row length that is a multiple of 8."""
     rowwise = _check_gemm(a, a_scale, b, b_scale)
-    if a.is_cuda and not rowwise and load_kernel() is not None:
-        out = torch.empty(a.shape[0], b.shape[0], dtype=torch.bfloat16, device=a.device)
+    N = b.shape[0]
+    if a.is_cuda and load_kernel() is not None and not (rowwise and N % 8):
+        out = torch.empty(a.shape[0], N, dtype=torch.bfloat16, device=a.device)
         with torch.cuda.device(a.device):   # the kernel launches on the current device's current stream
-            _EXT.gemm(a.contiguous(), a_scale.contiguous(), b.contiguous(), b_scale.contiguous(), out, KERNEL_TIER)
+            if rowwise:
+                sbt = F.pad(b_scale.t(), (0, -N % BLOCK)).contiguous()            # (K/128, N'), N' = ⌈N/128⌉·128
+                _EXT.gemm_1d1d(a.contiguous(), a_scale.contiguous(), b.contiguous(), sbt, out)
+            else:
+                _EXT.gemm(a.contiguous(), a_scale.contiguous(), b.contiguous(), b_scale.contiguous(), out,
+                          KERNEL_TIER)
         return out.to(out_dtype)
-    why = ("1×128 scales on B (wgrad) have no kernel" if a.is_cuda and _WHY_NOT is None
+    why = (f"1×128 scales on B with N = {N} (not a multiple of 8) have no kernel" if a.is_cuda and _WHY_NOT is None
            else _WHY_NOT or f"tensors on {a.device.type}")
     _notice(f"{why}; using the PyTorch reference GEMM (slow)")
     return fp8_gemm_ref(a, a_scale, b, b_scale, out_dtype)
+
+
+# ---------------------------------------------------------------- grouped GEMM (routed experts)
+def _check_grouped(a, a_scale, b, b_scale, groups):
+    if not isinstance(b, torch.Tensor) or b.dtype != FP8 or b.dim() != 3:
+        raise ValueError(f"fp8_gemm_grouped: b must be (E, N, K) float8_e4m3fn, got {getattr(b, 'dtype', None)} "
+                         f"{tuple(getattr(b, 'shape', ()))}")
+    E, N, K = b.shape
+    if N % BLOCK:
+        raise ValueError(f"fp8_gemm_grouped: N = {N} must be a multiple of {BLOCK} (weight blocks per expert)")
+    if a.dim() != 2 or a.shape[0] % BLOCK:
+        raise ValueError(f"fp8_gemm_grouped: a must be (M, K) with M a multiple of {BLOCK} (whole tiles per "
+                         f"expert), got {tuple(a.shape)}")
+    if tuple(b_scale.shape) != (E, N // BLOCK, K // BLOCK):
+        raise ValueError(f"fp8_gemm_grouped: b_scale must be {(E, N // BLOCK, K // BLOCK)}, got {tuple(b_scale.shape)}")
+    if groups.dtype != torch.int32 or tuple(groups.shape) != (a.shape[0] // BLOCK,):
+        raise ValueError(f"fp8_gemm_grouped: groups must be int32 of shape (M/128,) = ({a.shape[0] // BLOCK},)")
+    _check_gemm(a, a_scale, b[0], b_scale[0])                   # dtypes, K, a_scale, devices
+
+
+def fp8_gemm_grouped_ref(a, a_scale, b, b_scale, groups, out_dtype=torch.bfloat16) -> torch.Tensor:
+    """Reference M-grouped GEMM: rows [128·t, 128·t + 128) of a use expert groups[t]'s weight b[e] (N, K) with
+    its block scales b_scale[e]; out (M, N). Runs of tiles of one expert are one fp8_gemm_ref call."""
+    _check_grouped(a, a_scale, b, b_scale, groups)
+    out = torch.empty(a.shape[0], b.shape[1], dtype=out_dtype, device=a.device)
+    g = groups.tolist()
+    start = 0
+    for t in range(1, len(g) + 1):
+        if t == len(g) or g[t] != g[start]:
+            rows = slice(start * BLOCK, t * BLOCK)
+            out[rows] = fp8_gemm_ref(a[rows], a_scale[rows], b[g[start]], b_scale[g[start]], out_dtype)
+            start = t
+    return out
+
+
+def fp8_gemm_grouped(a, a_scale, b, b_scale, groups, out_dtype=torch.bfloat16) -> torch.Tensor:
+    """M-grouped C = A·B[e]ᵀ for routed experts (DeepGEMM's "contiguous" layout): a (M, K) holds the tokens sorted
+    by expert, each expert's segment padded to whole 128-row tiles, groups (M/128,) int32 the expert of each tile;
+    b (E, N, K) and b_scale (E, N/128, K/128) the stacked experts. One kernel launch on Hopper."""
+    _check_grouped(a, a_scale, b, b_scale, groups)
+    if a.is_cuda and load_kernel() is not None:
+        E, N, K = b.shape
+        out = torch.empty(a.shape[0], N, dtype=torch.bfloat16, device=a.device)
+        with torch.cuda.device(a.device):
+            _EXT.gemm_grouped(a.contiguous(), a_scale.contiguous(), b.reshape(E * N, K).contiguous(),
+                              b_scale.reshape(E * N // BLOCK, K // BLOCK).contiguous(), groups.contiguous(), out, E)
+        return out.to(out_dtype)
+    _notice(f"{_WHY_NOT or f'tensors on {a.device.type}'}; using the PyTorch reference grouped GEMM (slow)")
+    return fp8_gemm_grouped_ref(a, a_scale, b, b_scale, groups, out_dtype)
 
 
 # ---------------------------------------------------------------- FP8 training linear
@@ -256,14 +361,13 @@ class _FP8LinearFn(torch.autograd.Function):
         # N is the contraction here: when it is not a multiple of 128, zero rows of W and zero columns of dY
         # fill the last tile (they add nothing; W's last block scale already covers the padded block).
         pad_n = -dy2.shape[1] % BLOCK
-        dyq, dys = quantize_act(F.pad(dy2, (0, pad_n)))           # (T, N'), N' = N rounded up to 128
+        dyq, dys = quantize_act(F.pad(dy2, (0, pad_n)) if pad_n else dy2)  # (T, N'), N' = N rounded up to 128
         wq_t = torch.cat([wq, wq.new_zeros(pad_n, wq.shape[1])]).t().contiguous()  # (K, N')
         dx = fp8_gemm(dyq, dys, wq_t, ws.t().contiguous(), torch.float32)  # (T, K)
         # Wgrad dW = dYᵀ·X sums over tokens, so both are quantized in 1×128 tiles along T (rows of dYᵀ and Xᵀ);
         # T is zero-padded to a multiple of 128 (zero tokens add nothing).
-        pad = -dy2.shape[0] % BLOCK
-        dytq, dyts = quantize_act(F.pad(dy2.t().float(), (0, pad)))  # (N, T'), (N, T'/128)
-        xtq, xts = quantize_act(F.pad(x2.t().float(), (0, pad)))     # (K, T'), (K, T'/128)
+        dytq, dyts = quantize_act_t(dy2)                             # (N, T'), (N, T'/128)
+        xtq, xts = quantize_act_t(x2)                                # (K, T'), (K, T'/128)
         dw = fp8_gemm(dytq, dyts, xtq, xts, torch.float32)           # (N, K)
         db = dy2.float().sum(0) if has_bias else None
         return dx.to(x_dtype).reshape(x_shape), dw, db
@@ -303,6 +407,82 @@ class FP8Linear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+    @staticmethod
+    def experts_mm(dim: int, inter_dim: int):
+        """The routed-expert GEMM that goes with this linear (moe.Experts asks its linear class for one):
+        fp8_segment_mm, after checking that both expert dims are whole 128-blocks."""
+        if dim % BLOCK or inter_dim % BLOCK:
+            raise ValueError(f"FP8 routed experts need dim ({dim}) and moe_inter_dim ({inter_dim}) to be multiples "
+                             f"of {BLOCK}; choose such dims for FP8 runs")
+        return fp8_segment_mm
+
+
+# ---------------------------------------------------------------- FP8 routed experts
+def _tile_layout(sizes: list, device):
+    """Segments of `sizes` rows, each padded to whole 128-row tiles: (dst (M,) the padded row of each row,
+    groups (M'/128,) int32 the expert of each tile, padded sizes as a list)."""
+    padded = [-(-n // BLOCK) * BLOCK for n in sizes]
+    shift = torch.tensor([sum(padded[:e]) - sum(sizes[:e]) for e in range(len(sizes))], device=device)
+    counts = torch.tensor(sizes, device=device)
+    dst = torch.arange(sum(sizes), device=device) + shift.repeat_interleave(counts)            # (M,)
+    groups = torch.arange(len(sizes), device=device, dtype=torch.int32).repeat_interleave(
+        torch.tensor([p // BLOCK for p in padded], device=device))                             # (M'/128,)
+    return dst, groups, padded
+
+
+class _FP8ExpertsFn(torch.autograd.Function):
+    """Y_seg = X_seg·W[e]ᵀ for every expert e at once, Fprop, Dgrad and Wgrad in FP8 (the routed experts of
+    TR §3.3). Rows arrive sorted by expert (`sizes` per expert); each segment is padded with zero rows to whole
+    128-row tiles, so that one grouped GEMM serves all experts and no 1×128 tile mixes two experts' tokens."""
+
+    @staticmethod
+    def forward(ctx, x, w, sizes):
+        out_dtype = _compute_dtype(x)
+        E, N, K = w.shape
+        dst, groups, padded = _tile_layout(sizes, x.device)
+        xp = x.new_zeros(sum(padded), K)                               # (M', K) zero rows between segments
+        xp[dst] = x
+        xq, xs = quantize_act(xp)
+        wq, ws = quantize_weight(w.reshape(E * N, K))                  # blocks never straddle experts (N % 128 = 0)
+        wq, ws = wq.view(E, N, K), ws.view(E, N // BLOCK, K // BLOCK)
+        y = fp8_gemm_grouped(xq, xs, wq, ws, groups, torch.float32)[dst]  # (M, N)
+        ctx.save_for_backward(xp, wq, ws, dst, groups)
+        ctx.meta = (padded, x.dtype, w.dtype)
+        return y.to(out_dtype)
+
+    @staticmethod
+    def backward(ctx, dy):
+        xp, wq, ws, dst, groups = ctx.saved_tensors
+        padded, x_dtype, w_dtype = ctx.meta
+        E, N, K = wq.shape
+        dyp = dy.new_zeros(xp.shape[0], N)                             # (M', N)
+        dyp[dst] = dy
+        # Dgrad: dX_seg = dY_seg·W[e], i.e. a grouped GEMM against the transposed experts (E, K, N).
+        dyq, dys = quantize_act(dyp)
+        dx = fp8_gemm_grouped(dyq, dys, wq.transpose(1, 2).contiguous(), ws.transpose(1, 2).contiguous(), groups,
+                              torch.float32)[dst]                      # (M, K)
+        # Wgrad: dW[e] = dY_segᵀ·X_seg over the expert's own (padded) tokens, both quantized along tokens.
+        dytq, dyts = quantize_act_t(dyp)                               # (N, M'), (N, M'/128)
+        xtq, xts = quantize_act_t(xp)                                  # (K, M'), (K, M'/128)
+        dw = torch.zeros(E, N, K, dtype=w_dtype, device=dy.device)
+        start = 0
+        for e, p in enumerate(padded):
+            if p:
+                cols, sc = slice(start, start + p), slice(start // BLOCK, (start + p) // BLOCK)
+                dw[e] = fp8_gemm(dytq[:, cols].contiguous(), dyts[:, sc].contiguous(),
+                                 xtq[:, cols].contiguous(), xts[:, sc].contiguous(), torch.float32)
+            start += p
+        return dx.to(x_dtype), dw, None
+
+
+def fp8_segment_mm(x: torch.Tensor, w: torch.Tensor, sizes: list) -> torch.Tensor:
+    """Rows of x (M, in) sorted into len(sizes) segments, times w (E, out, in)ᵀ per segment, in FP8 → (M, out).
+    The FP8 twin of moe.segment_mm; in and out must be multiples of 128."""
+    if w.dim() != 3 or len(sizes) != w.shape[0] or x.shape != (sum(sizes), w.shape[2]):
+        raise ValueError(f"fp8_segment_mm: x {tuple(x.shape)}, w {tuple(w.shape)} and {len(sizes)} segment sizes "
+                         f"do not fit together")
+    return _FP8ExpertsFn.apply(x, w, list(sizes))
 
 
 # ---------------------------------------------------------------- benchmark
@@ -378,12 +558,45 @@ def bench(tiers=(1, 2, 3, 4, 5, 6, 7, 8)):
     print(f"# vendor blockwise = {vendor_name} (BlockWise1x128 × BlockWise128x128)")
 
 
+def bench_training(experts=32, rows=2048):
+    """Training GEMMs next to tier 4 on the same sizes: wgrad (1×128 scales on both operands) and the routed
+    experts' grouped GEMM (`experts` segments of `rows` tokens: `small` preset-like at 16K tokens × top-4)."""
+    print("\n# training variants vs tier 4 on the same M, N, K (TFLOP/s)")
+    print("| GEMM | M | N | K | variant | tier 4 (128×128 B scales, one weight) |\n|---|---|---|---|---|---|")
+
+    def rate(M, N, K, fn):
+        return f"{2 * M * N * K / _median_ms(fn) / 1e9:.0f}"
+
+    for M, N, K in [(1024, 1024, 16384), (2816, 1024, 16384), (7168, 2048, 4096), (4096, 7168, 8192)]:
+        aq, a_s = quantize_act(torch.randn(M, K, device="cuda"))
+        bq, b_s = quantize_act(torch.randn(N, K, device="cuda"))
+        wq, ws = quantize_weight(torch.randn(N, K, device="cuda"))
+        sbt = F.pad(b_s.t(), (0, -N % BLOCK)).contiguous()
+        out = torch.empty(M, N, device="cuda", dtype=torch.bfloat16)
+        print(f"| wgrad 1D1D | {M} | {N} | {K} | {rate(M, N, K, lambda: _EXT.gemm_1d1d(aq, a_s, bq, sbt, out))} | "
+              f"{rate(M, N, K, lambda: _EXT.gemm(aq, a_s, wq, ws, out, 4))} |", flush=True)
+    for N, K in [(512, 1024), (1024, 512), (2048, 7168), (7168, 2048)]:
+        M = experts * rows
+        aq, a_s = quantize_act(torch.randn(M, K, device="cuda"))
+        wq, ws = quantize_weight(torch.randn(experts * N, K, device="cuda"))
+        groups = torch.arange(experts, device="cuda", dtype=torch.int32).repeat_interleave(rows // BLOCK)
+        out = torch.empty(M, N, device="cuda", dtype=torch.bfloat16)
+        grouped = rate(M, N, K, lambda: _EXT.gemm_grouped(aq, a_s, wq, ws, groups, out, experts))
+        print(f"| {experts} experts × {rows} rows | {M} | {N} | {K} | {grouped} | "
+              f"{rate(M, N, K, lambda: _EXT.gemm(aq, a_s, wq[:N], ws[:N // BLOCK], out, 4))} |", flush=True)
+        del aq, wq
+        torch.cuda.empty_cache()
+
+
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description="Fine-grained FP8 GEMM (DeepSeek-V3 §3.3): benchmark on a Hopper GPU")
     p.add_argument("--bench", action="store_true", help="print TFLOP/s of the kernel tiers, bf16 mm, cuBLAS FP8")
     p.add_argument("--tiers", default="1,2,3,4,5,6,7,8", help="kernel tiers to time, comma-separated (default all)")
+    p.add_argument("--training", action="store_true", help="also time the wgrad (1D1D) and grouped-expert variants")
     args = p.parse_args()
     if not args.bench:
         p.print_help()
         sys.exit(0)
     bench(tuple(int(t) for t in args.tiers.split(",")))
+    if args.training:
+        bench_training()

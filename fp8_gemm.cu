@@ -171,8 +171,10 @@ namespace t2 {
 constexpr int THREADS = 384, MATH_WARPS = 8;
 constexpr int TILE_BYTES = BM * BK;                           // 16 KiB, == BN * BK
 constexpr int C_BYTES = 2 * 64 * BN * 2;                      // bf16 output tile for the TMA-store epilogue
-constexpr int smem_bytes(bool epi_tma, int STAGES) {  // stages + output tile + barriers + 1024-B alignment slack
-  return STAGES * 2 * TILE_BYTES + (epi_tma ? C_BYTES : 0) + 2 * STAGES * 8 + 1024;
+constexpr int SB_BYTES = BN * 4;                              // SB_ROW: one K block's 128 column scales of B
+// stages + output tile + column scales + barriers + 1024-B alignment slack
+constexpr int smem_bytes(bool epi_tma, int STAGES, bool sb_row = false) {
+  return STAGES * 2 * TILE_BYTES + (epi_tma ? C_BYTES : 0) + (sb_row ? STAGES * SB_BYTES : 0) + 2 * STAGES * 8 + 1024;
 }
 constexpr int GROUP_N = 8;                                    // tile raster: bands of 8 N tiles, M inner
 
@@ -198,6 +200,13 @@ __device__ __forceinline__ void tma_load(void* dst, const CUtensorMap* map, uint
       "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%3, %4}], [%2];\n"
       ::"r"(smem_u32(dst)), "l"(reinterpret_cast<uint64_t>(map)), "r"(smem_u32(bar)), "r"(k), "r"(row)
       : "memory");
+}
+
+// Plain bulk copy (no tensor map) of `bytes` contiguous bytes, 16-byte aligned, counted on `bar`.
+__device__ __forceinline__ void bulk_load(void* dst, const void* src, uint32_t bytes, uint64_t* bar) {
+  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n"
+               ::"r"(smem_u32(dst)), "l"(reinterpret_cast<uint64_t>(src)), "r"(bytes), "r"(smem_u32(bar))
+               : "memory");
 }
 
 __device__ __forceinline__ void tma_store(const CUtensorMap* map, const void* src, int col, int row) {
@@ -272,25 +281,50 @@ __device__ __forceinline__ void promote(float* fin, float* acc, float s0, float 
   }
 }
 
+// 1D1D promotion (wgrad: B too has one scale per row, i.e. per output column, per K block):
+// fin += (sa[row] * sb[col]) * acc, the 128 column scales of this K block read from shared memory.
+__device__ __forceinline__ void promote_cols(float* fin, float* acc, float s0, float s1, const float* sbs, int q) {
+#pragma unroll
+  for (int i = 0; i < 64; ++i) fence_operand(acc[i]);
+#pragma unroll
+  for (int j = 0; j < 16; ++j) {
+    float2 b;  // cols 8j + 2q + {0, 1}; ld.shared (a plain load of this pointer compiles to a generic LD)
+    asm volatile("ld.shared.v2.f32 {%0, %1}, [%2];\n" : "=f"(b.x), "=f"(b.y) : "r"(smem_u32(sbs + 8 * j + 2 * q)));
+    fin[4 * j + 0] += (s0 * b.x) * acc[4 * j + 0];
+    fin[4 * j + 1] += (s0 * b.y) * acc[4 * j + 1];
+    fin[4 * j + 2] += (s1 * b.x) * acc[4 * j + 2];
+    fin[4 * j + 3] += (s1 * b.y) * acc[4 * j + 3];
+  }
+}
+
 // Tier 2: <false, false>. Tier 3 adds EPI_TMA: the bf16 tile goes through 128B-swizzled shared memory and an
 // asynchronous TMA store, so the math warps start the next tile at once. Tier 4 adds OVERLAP: two accumulators,
 // the wgmmas of K block kb+1 run on the tensor cores while the CUDA cores promote block kb. STAGES: pipeline
 // depth (6 x 32 KiB; 5 stages measured no faster, BENCHMARKS.md).
-template <bool EPI_TMA, bool OVERLAP, int STAGES>
+// Two variants of tier 4 serve training (fp8.py):
+//  * SB_ROW (wgrad, "1D1D"): SB holds one scale per row of B per K block, stored transposed as
+//    (K/128, N rounded up to 128); the producer copies each K block's 128 scales into the stage next to the tiles.
+//  * GROUPS != nullptr (routed experts, "M-grouped"): B stacks one (N, K) weight per expert, SB their
+//    (N/128, K/128) block scales, and A's rows come sorted by expert in segments padded to 128 rows;
+//    GROUPS[m0 / 128] is the expert of M tile m0, so each tile reads its own expert's rows of B.
+template <bool EPI_TMA, bool OVERLAP, int STAGES, bool SB_ROW = false>
 __global__ void __launch_bounds__(THREADS, 1) gemm(const __grid_constant__ CUtensorMap tmA,
                                                    const __grid_constant__ CUtensorMap tmB,
                                                    const __grid_constant__ CUtensorMap tmC,
                                                    const float* __restrict__ SA, const float* __restrict__ SB,
-                                                   __nv_bfloat16* __restrict__ C, int M, int N, int K) {
+                                                   __nv_bfloat16* __restrict__ C, int M, int N, int K,
+                                                   const int* __restrict__ GROUPS = nullptr) {
   extern __shared__ uint8_t smem_raw[];
   // 128B-swizzled TMA destinations and wgmma operands want 1024-byte aligned tiles.
   uint8_t* smem = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
   uint8_t* sA = smem;                                   // [STAGES][128 rows][128 B]
   uint8_t* sB = smem + STAGES * TILE_BYTES;             // [STAGES][128 rows][128 B]
   uint8_t* sC = smem + 2 * STAGES * TILE_BYTES;         // EPI_TMA: [2 math wg][2 boxes][64 rows][128 B]
-  uint64_t* full = reinterpret_cast<uint64_t*>(sC + (EPI_TMA ? C_BYTES : 0));  // TMA bytes landed
+  float* sSB = reinterpret_cast<float*>(sC + (EPI_TMA ? C_BYTES : 0));          // SB_ROW: [STAGES][128]
+  uint64_t* full = reinterpret_cast<uint64_t*>(reinterpret_cast<uint8_t*>(sSB) + (SB_ROW ? STAGES * SB_BYTES : 0));
   uint64_t* empty = full + STAGES;                                              // math warps done reading
   const int Kb = K / BK, num_m = (M + BM - 1) / BM, num_n = (N + BN - 1) / BN, tiles = num_m * num_n;
+  const int n_pad = num_n * BN;  // SB_ROW: row length of the transposed column scales
   const int wg = threadIdx.x / 128;
 
   if (threadIdx.x == 0) {
@@ -308,12 +342,15 @@ __global__ void __launch_bounds__(THREADS, 1) gemm(const __grid_constant__ CUten
       for (int t = blockIdx.x; t < tiles; t += gridDim.x) {
         int m0, n0;
         tile_coords(t, num_m, num_n, m0, n0);
+        const int b_row = GROUPS ? GROUPS[m0 / BM] * N + n0 : n0;  // row of B where this tile's columns start
         for (int kb = 0; kb < Kb; ++kb, ++it) {
           int s = it % STAGES;
           mbar_wait(&empty[s], ((it / STAGES) & 1) ^ 1);  // first pass: a fresh barrier passes parity 1
-          mbar_expect_tx(&full[s], 2 * TILE_BYTES);        // rows past M/N are zero-filled, still counted
+          // rows past M/N are zero-filled, still counted
+          mbar_expect_tx(&full[s], 2 * TILE_BYTES + (SB_ROW ? SB_BYTES : 0));
           tma_load(sA + s * TILE_BYTES, &tmA, &full[s], kb * BK, m0);
-          tma_load(sB + s * TILE_BYTES, &tmB, &full[s], kb * BK, n0);
+          tma_load(sB + s * TILE_BYTES, &tmB, &full[s], kb * BK, b_row);
+          if constexpr (SB_ROW) bulk_load(sSB + s * BN, SB + (size_t)kb * n_pad + n0, SB_BYTES, &full[s]);
         }
       }
     }
@@ -332,8 +369,10 @@ __global__ void __launch_bounds__(THREADS, 1) gemm(const __grid_constant__ CUten
       const int r0 = m0 + mw * 64 + rw, r1 = r0 + 8;
       auto a_of = [&](uint32_t i) { return sA + (i % STAGES) * TILE_BYTES + mw * 64 * BK; };
       auto b_of = [&](uint32_t i) { return sB + (i % STAGES) * TILE_BYTES; };
+      // Block row of B's scales: the expert's own blocks when grouped.
+      const int sb_row = (GROUPS ? GROUPS[m0 / BM] * ((N + BN - 1) / BN) : 0) + n0 / 128;
       auto scales = [&](int kb, float& s0, float& s1) {  // loaded early: their latency hides behind waits
-        float sb = SB[(n0 / 128) * Kb + kb];
+        float sb = SB_ROW ? 1.f : SB[sb_row * Kb + kb];  // SB_ROW: the column scales come in promote_cols
         s0 = r0 < M ? SA[(size_t)r0 * Kb + kb] * sb : 0.f;
         s1 = r1 < M ? SA[(size_t)r1 * Kb + kb] * sb : 0.f;
       };
@@ -346,8 +385,13 @@ __global__ void __launch_bounds__(THREADS, 1) gemm(const __grid_constant__ CUten
           mbar_wait(&full[it % STAGES], (it / STAGES) & 1);
           issue_block(acc0, a_of(it), b_of(it));
           wgmma_wait<0>();
-          if (lane == 0) mbar_arrive(&empty[it % STAGES]);  // stage may be refilled while we promote
-          promote(fin, acc0, s0, s1);
+          if constexpr (SB_ROW) {
+            promote_cols(fin, acc0, s0, s1, sSB + (it % STAGES) * BN, lane & 3);
+            if (lane == 0) mbar_arrive(&empty[it % STAGES]);  // after the column scales were read
+          } else {
+            if (lane == 0) mbar_arrive(&empty[it % STAGES]);  // stage may be refilled while we promote
+            promote(fin, acc0, s0, s1);
+          }
         }
       } else {
         // Step kb: start block kb+1 into `nxt`, wait for block kb (in `cur`) only, release its stage, promote.
@@ -362,8 +406,13 @@ __global__ void __launch_bounds__(THREADS, 1) gemm(const __grid_constant__ CUten
           } else {
             wgmma_wait<0>();
           }
-          if (lane == 0) mbar_arrive(&empty[it % STAGES]);
-          promote(fin, cur, s0, s1);
+          if constexpr (SB_ROW) {  // the stage also holds this block's column scales: release it after them
+            promote_cols(fin, cur, s0, s1, sSB + (it % STAGES) * BN, lane & 3);
+            if (lane == 0) mbar_arrive(&empty[it % STAGES]);
+          } else {
+            if (lane == 0) mbar_arrive(&empty[it % STAGES]);
+            promote(fin, cur, s0, s1);
+          }
           ++it;
         };
         mbar_wait(&full[it % STAGES], (it / STAGES) & 1);
@@ -760,25 +809,27 @@ static bool make_map(CUtensorMap* map, const void* ptr, CUtensorMapDataType dtyp
   return r == CUDA_SUCCESS;
 }
 
-template <bool EPI_TMA, bool OVERLAP, int STAGES>
+// b_rows: rows of B (N, or experts x N when grouped); groups: the expert of each M tile, or nullptr.
+template <bool EPI_TMA, bool OVERLAP, int STAGES, bool SB_ROW = false>
 static const char* launch_t2(const uint8_t* A, const float* SA, const uint8_t* B, const float* SB,
-                             __nv_bfloat16* C, int M, int N, int K, cudaStream_t stream) {
+                             __nv_bfloat16* C, int M, int N, int K, cudaStream_t stream, int b_rows = -1,
+                             const int* groups = nullptr) {
+  auto kern = t2::gemm<EPI_TMA, OVERLAP, STAGES, SB_ROW>;
+  constexpr int smem = t2::smem_bytes(EPI_TMA, STAGES, SB_ROW);
   static int sms = 0;
   if (!sms) {
-    cudaFuncSetAttribute(t2::gemm<EPI_TMA, OVERLAP, STAGES>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                         t2::smem_bytes(EPI_TMA, STAGES));
+    cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
     int dev;
     cudaGetDevice(&dev);
     cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
   }
   CUtensorMap ma, mb, mc = {};
   if (!make_map(&ma, A, CU_TENSOR_MAP_DATA_TYPE_UINT8, 1, M, K, BM, BK) ||
-      !make_map(&mb, B, CU_TENSOR_MAP_DATA_TYPE_UINT8, 1, N, K, BN, BK) ||
+      !make_map(&mb, B, CU_TENSOR_MAP_DATA_TYPE_UINT8, 1, b_rows < 0 ? N : b_rows, K, BN, BK) ||
       (EPI_TMA && !make_map(&mc, C, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, M, N, 64, 64)))
     return "cuTensorMapEncodeTiled failed";
   int tiles = ((M + BM - 1) / BM) * ((N + BN - 1) / BN);
-  t2::gemm<EPI_TMA, OVERLAP, STAGES><<<tiles < sms ? tiles : sms, t2::THREADS, t2::smem_bytes(EPI_TMA, STAGES), stream>>>(
-      ma, mb, mc, SA, SB, C, M, N, K);
+  kern<<<tiles < sms ? tiles : sms, t2::THREADS, smem, stream>>>(ma, mb, mc, SA, SB, C, M, N, K, groups);
   return nullptr;
 }
 
@@ -874,6 +925,27 @@ static const char* launch(int tier, const uint8_t* A, const float* SA, const uin
   cudaError_t e = cudaGetLastError();
   return e == cudaSuccess ? nullptr : cudaGetErrorString(e);
 }
+
+// Tier 4 with 1x128 scales on B too (wgrad). SB_T: (K/128, N rounded up to 128), zero-padded.
+static const char* launch_1d1d(const uint8_t* A, const float* SA, const uint8_t* B, const float* SB_T,
+                               __nv_bfloat16* C, int M, int N, int K, cudaStream_t stream) {
+  // 5 stages: 6 and the column scales do not fit in 227 KiB (5 measured as fast as 6 in tier 4, BENCHMARKS.md)
+  const char* err = launch_t2<true, true, 5, true>(A, SA, B, SB_T, C, M, N, K, stream);
+  if (err) return err;
+  cudaError_t e = cudaGetLastError();
+  return e == cudaSuccess ? nullptr : cudaGetErrorString(e);
+}
+
+// Tier 4 over experts (routed-expert Fprop/Dgrad). B: (E*N, K), SB: (E*ceil(N/128), K/128), M % 128 == 0.
+static const char* launch_grouped(const uint8_t* A, const float* SA, const uint8_t* B, const float* SB,
+                                  __nv_bfloat16* C, int M, int N, int K, int E, const int* groups,
+                                  cudaStream_t stream) {
+  const char* err = launch_t2<true, true, 6>(A, SA, B, SB, C, M, N, K, stream, E * N, groups);
+  if (err) return err;
+  if (err) return err;
+  cudaError_t e = cudaGetLastError();
+  return e == cudaSuccess ? nullptr : cudaGetErrorString(e);
+}
 }  // namespace fp8g
 
 #ifndef FP8_GEMM_NO_TORCH
@@ -905,7 +977,76 @@ void gemm(at::Tensor a, at::Tensor a_scale, at::Tensor b, at::Tensor b_scale, at
   TORCH_CHECK(err == nullptr, "fp8_gemm kernel launch failed: ", err ? err : "");
 }
 
+static void check_common(const at::Tensor& a, const at::Tensor& a_scale, const at::Tensor& b,
+                         const at::Tensor& b_scale, const at::Tensor& out, const char* name) {
+  TORCH_CHECK(a.is_cuda() && b.is_cuda() && a_scale.is_cuda() && b_scale.is_cuda() && out.is_cuda(), name,
+              ": all tensors must be on the GPU");
+  TORCH_CHECK(a.scalar_type() == at::kFloat8_e4m3fn && b.scalar_type() == at::kFloat8_e4m3fn, name,
+              ": a and b must be float8_e4m3fn");
+  TORCH_CHECK(a_scale.scalar_type() == at::kFloat && b_scale.scalar_type() == at::kFloat, name,
+              ": scales must be float32");
+  TORCH_CHECK(out.scalar_type() == at::kBFloat16, name, ": out must be bfloat16");
+  TORCH_CHECK(a.is_contiguous() && b.is_contiguous() && a_scale.is_contiguous() && b_scale.is_contiguous() &&
+                  out.is_contiguous(), name, ": tensors must be contiguous");
+  TORCH_CHECK(a.dim() == 2 && b.dim() == 2 && a.size(1) == b.size(1) && a.size(1) % 128 == 0, name,
+              ": a (M, K), b (rows, K) with K a multiple of 128 expected");
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(a.data_ptr()) % 16 == 0 && reinterpret_cast<uintptr_t>(b.data_ptr()) % 16 == 0 &&
+                  reinterpret_cast<uintptr_t>(out.data_ptr()) % 16 == 0 && out.dim() == 2 && out.size(1) % 8 == 0,
+              name, ": a, b, out must be 16-byte aligned and out rows a multiple of 8 (TMA)");
+  TORCH_CHECK(a_scale.dim() == 2 && a_scale.size(0) == a.size(0) && a_scale.size(1) == a.size(1) / 128, name,
+              ": a_scale must be (M, K/128)");
+}
+
+// out (M, N) = a (M, K) [a_scale (M, K/128)] . b (N, K) [b_scale_t (K/128, N rounded up to 128), one scale
+// per row of b per 128 of K, transposed and zero-padded]^T: the wgrad GEMM, both operands in 1x128 tiles.
+void gemm_1d1d(at::Tensor a, at::Tensor a_scale, at::Tensor b, at::Tensor b_scale_t, at::Tensor out) {
+  check_common(a, a_scale, b, b_scale_t, out, "fp8_gemm_1d1d");
+  const int M = a.size(0), K = a.size(1), N = b.size(0);
+  TORCH_CHECK(b_scale_t.dim() == 2 && b_scale_t.size(0) == K / 128 && b_scale_t.size(1) == (N + 127) / 128 * 128,
+              "fp8_gemm_1d1d: b_scale_t must be (K/128, N rounded up to 128)");
+  TORCH_CHECK(out.size(0) == M && out.size(1) == N, "fp8_gemm_1d1d: out must be (M, N)");
+  if (M == 0 || N == 0) return;
+  const char* err = fp8g::launch_1d1d(reinterpret_cast<const uint8_t*>(a.data_ptr()), a_scale.data_ptr<float>(),
+                                      reinterpret_cast<const uint8_t*>(b.data_ptr()), b_scale_t.data_ptr<float>(),
+                                      reinterpret_cast<__nv_bfloat16*>(out.data_ptr()), M, N, K,
+                                      c10::cuda::getCurrentCUDAStream());
+  TORCH_CHECK(err == nullptr, "fp8_gemm_1d1d kernel launch failed: ", err ? err : "");
+}
+
+// Routed experts: out (M, N) = a (M, K) . b[e] (N, K)^T for the rows of expert e, where a's rows are sorted by
+// expert in segments of whole 128-row tiles, groups (M/128,) int32 names the expert of each tile, b stacks the
+// E experts' weights as (E*N, K) and b_scale their 128x128 block scales as (E*N/128, K/128); N % 128 == 0.
+void gemm_grouped(at::Tensor a, at::Tensor a_scale, at::Tensor b, at::Tensor b_scale, at::Tensor groups,
+                  at::Tensor out, int64_t n_experts) {
+  check_common(a, a_scale, b, b_scale, out, "fp8_gemm_grouped");
+  const int M = a.size(0), K = a.size(1), E = n_experts;
+  TORCH_CHECK(E > 0 && b.size(0) % E == 0 && (b.size(0) / E) % 128 == 0,
+              "fp8_gemm_grouped: b must be (E*N, K) with N a multiple of 128");
+  const int N = b.size(0) / E;
+  TORCH_CHECK(M % 128 == 0, "fp8_gemm_grouped: M must be a multiple of 128 (segments padded to whole tiles)");
+  TORCH_CHECK(b_scale.dim() == 2 && b_scale.size(0) == E * N / 128 && b_scale.size(1) == K / 128,
+              "fp8_gemm_grouped: b_scale must be (E*N/128, K/128)");
+  TORCH_CHECK(groups.is_cuda() && groups.scalar_type() == at::kInt && groups.is_contiguous() &&
+                  groups.dim() == 1 && groups.size(0) == M / 128,
+              "fp8_gemm_grouped: groups must be a contiguous int32 CUDA tensor of M/128 expert ids");
+  TORCH_CHECK(out.size(0) == M && out.size(1) == N, "fp8_gemm_grouped: out must be (M, N)");
+  if (M == 0) return;
+  const char* err = fp8g::launch_grouped(reinterpret_cast<const uint8_t*>(a.data_ptr()), a_scale.data_ptr<float>(),
+                                         reinterpret_cast<const uint8_t*>(b.data_ptr()), b_scale.data_ptr<float>(),
+                                         reinterpret_cast<__nv_bfloat16*>(out.data_ptr()), M, N, K, E,
+                                         groups.data_ptr<int>(), c10::cuda::getCurrentCUDAStream());
+  TORCH_CHECK(err == nullptr, "fp8_gemm_grouped kernel launch failed: ", err ? err : "");
+}
+
+// fp8_quant.cu, built into the same extension
+void quant_rows(at::Tensor x, at::Tensor q, at::Tensor s);
+void quant_cols(at::Tensor x, at::Tensor q, at::Tensor s);
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemm", &gemm, "fine-grained FP8 GEMM; tier 1: mma.sync, 2: TMA + wgmma + warp specialization, 3: + TMA-store epilogue, 4: + promotion overlapped with the next wgmma, 5-7: tier 4 in clusters with TMA multicast (2x1 B, 2x2 A+B, 1x2 A), 8: 128x256 tile");
+  m.def("gemm_1d1d", &gemm_1d1d, "tier 4 with 1x128 scales on both operands (wgrad)");
+  m.def("gemm_grouped", &gemm_grouped, "tier 4 over experts: each 128-row tile of a uses its expert's weight");
+  m.def("quant_rows", &quant_rows, "fused 1x128 quantization along the last dim (fp8_quant.cu)");
+  m.def("quant_cols", &quant_cols, "fused transpose + 1x128 quantization of x^T, rows padded to 128 (fp8_quant.cu)");
 }
 #endif

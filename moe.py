@@ -172,10 +172,14 @@ def segment_mm(a: torch.Tensor, w: torch.Tensor, sizes: list, impl: str = "auto"
 
 
 class Experts(nn.Module):
-    """N_r routed SwiGLU experts with stacked weights w1 (E, inter, dim), w2 (E, dim, inter), w3 (E, inter, dim)."""
+    """N_r routed SwiGLU experts with stacked weights w1 (E, inter, dim), w2 (E, dim, inter), w3 (E, inter, dim).
 
-    def __init__(self, n_experts: int, dim: int, inter_dim: int, init_std: float):
+    `mm`: the grouped GEMM of the fast path, segment_mm's signature without `impl` (None: segment_mm itself);
+    FP8 training passes fp8.fp8_segment_mm. The loop reference (`expert`) always runs in high precision."""
+
+    def __init__(self, n_experts: int, dim: int, inter_dim: int, init_std: float, mm=None):
         super().__init__()
+        self.mm = mm
         self.w1 = nn.Parameter(torch.randn(n_experts, inter_dim, dim) * init_std)  # gate_proj
         self.w2 = nn.Parameter(torch.randn(n_experts, dim, inter_dim) * init_std)  # down_proj
         self.w3 = nn.Parameter(torch.randn(n_experts, inter_dim, dim) * init_std)  # up_proj
@@ -186,8 +190,9 @@ class Experts(nn.Module):
 
     def segments(self, x: torch.Tensor, sizes: list, impl: str = "auto") -> torch.Tensor:
         """All experts at once on rows sorted by expert (sizes[i] rows for expert i): (M, dim) → (M, dim)."""
-        h = F.silu(segment_mm(x, self.w1, sizes, impl)) * segment_mm(x, self.w3, sizes, impl)  # (M, inter)
-        return segment_mm(h, self.w2, sizes, impl)  # (M, dim)
+        mm = self.mm or (lambda a, w, n: segment_mm(a, w, n, impl))
+        h = F.silu(mm(x, self.w1, sizes)) * mm(x, self.w3, sizes)  # (M, inter)
+        return mm(h, self.w2, sizes)  # (M, dim)
 
 
 def dispatch_loop(x, weights, indices, experts: Experts) -> torch.Tensor:
@@ -224,8 +229,10 @@ class MoE(nn.Module):
         super().__init__()
         self.dim, self.n_routed, self.topk = cfg.dim, cfg.n_routed_experts, cfg.n_activated_experts
         self.gate = Gate(cfg)
-        # routed experts are stacked tensors (needed by the grouped GEMM), so `linear` applies to shared experts only
-        self.experts = Experts(cfg.n_routed_experts, cfg.dim, cfg.moe_inter_dim, cfg.init_std)
+        # Routed experts are stacked tensors (for the grouped GEMM), not `linear` modules; a linear class that has
+        # a grouped twin for them says so with `experts_mm(dim, inter_dim)` (fp8.FP8Linear does).
+        mm = linear.experts_mm(cfg.dim, cfg.moe_inter_dim) if hasattr(linear, "experts_mm") else None
+        self.experts = Experts(cfg.n_routed_experts, cfg.dim, cfg.moe_inter_dim, cfg.init_std, mm)
         if cfg.n_shared_experts > 0:
             self.shared_experts = MLP(cfg.dim, cfg.n_shared_experts * cfg.moe_inter_dim, linear)
         else:
