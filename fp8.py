@@ -11,15 +11,21 @@ The recipe, in the report's terms:
     and add it into an FP32 accumulator. Without this, H800 tensor cores keep only ~14 bits of the running sum
     (≈2% max relative error at K = 4096 in the report): ``fp8_gemm_no_promotion`` emulates that failure.
   * Fprop, Dgrad and Wgrad all run in FP8 (``FP8Linear``); master weights, their gradients and the bias stay
-    in FP32.
+    in FP32. Wgrad contracts over tokens, so both of its operands are quantized in 1×128 tiles along the tokens
+    ("1D1D": a per-row scale on B too, not a 128×128 block).
+  * The routed experts run in FP8 as well (``fp8_segment_mm``): tokens sorted by expert, each expert's segment
+    padded to whole 128-row tiles so that no tile mixes two experts; Fprop and Dgrad are one "M-grouped" GEMM
+    over the stacked expert weights, Wgrad one "K-grouped" GEMM (each expert summed over its own tokens).
 
-Reference and fast path: ``fp8_gemm_ref`` is the reference, a Python loop over 128-wide K slices with FP32
-promotion, run on CPU and wherever the kernel is unavailable. The fast path is the hand-written sm_90a kernel in
-``fp8_gemm.cu`` (tier 1: mma.sync; tiers 2-4: TMA + wgmma + warp specialization, then a TMA-store epilogue, then
-promotion overlapped with the next wgmma; tiers 5-7: tier 4 in thread-block clusters that share operand tiles
-through TMA multicast; tier 8: a 128×256 tile), JIT-built on first use by
-``torch.utils.cpp_extension.load``; ``fp8_gemm`` picks it on Hopper GPUs and says once when it falls back.
-``python fp8.py --bench`` times it against torch's bf16 matmul and cuBLAS's blockwise FP8 ``F.scaled_mm``.
+Reference and fast path: ``fp8_gemm_ref`` (with ``fp8_gemm_grouped_ref``, ``fp8_gemm_kgrouped_ref`` and
+``quantize_act_ref``) is the reference, plain PyTorch run on CPU and wherever the kernels are unavailable. The fast
+path is the hand-written sm_90a kernel in ``fp8_gemm.cu`` (tier 1: mma.sync; tiers 2-4: TMA + wgmma + warp
+specialization, then a TMA-store epilogue, then promotion overlapped with the next wgmma; tiers 5-7: tier 4 in
+thread-block clusters that share operand tiles through TMA multicast; tier 8: a 128×256 tile; and tier 4's
+1D1D, M-grouped and K-grouped variants for training) plus the one-pass quantizers of ``fp8_quant.cu``, JIT-built
+on first use by ``torch.utils.cpp_extension.load``; the functions here pick them on Hopper GPUs and say once when
+they fall back. ``python fp8.py --bench`` times the kernel against torch's bf16 matmul and cuBLAS's blockwise FP8
+``F.scaled_mm``; ``--training`` adds the training variants.
 """
 import argparse
 import math
@@ -329,6 +335,41 @@ def fp8_gemm_grouped(a, a_scale, b, b_scale, groups, out_dtype=torch.bfloat16) -
     return fp8_gemm_grouped_ref(a, a_scale, b, b_scale, groups, out_dtype)
 
 
+def fp8_gemm_kgrouped_ref(a, a_scale, b, b_scale, sizes, out_dtype=torch.bfloat16) -> torch.Tensor:
+    """Reference K-grouped GEMM (routed-expert Wgrad): out[e] = A[:, seg_e]·B[:, seg_e]ᵀ over the e-th segment
+    of K (`sizes`, multiples of 128), both operands in 1×128 tiles along K → (E, M, N); empty segments give 0."""
+    _check_gemm(a, a_scale, b, b_scale)
+    if any(n % BLOCK for n in sizes) or sum(sizes) != a.shape[1]:
+        raise ValueError(f"fp8_gemm_kgrouped: segment sizes must be multiples of {BLOCK} summing to K = {a.shape[1]}")
+    out = torch.zeros(len(sizes), a.shape[0], b.shape[0], dtype=out_dtype, device=a.device)
+    start = 0
+    for e, n in enumerate(sizes):
+        if n:
+            k, ks = slice(start, start + n), slice(start // BLOCK, (start + n) // BLOCK)
+            out[e] = fp8_gemm_ref(a[:, k], a_scale[:, ks], b[:, k], b_scale[:, ks], out_dtype)
+        start += n
+    return out
+
+
+def fp8_gemm_kgrouped(a, a_scale, b, b_scale, sizes, out_dtype=torch.bfloat16) -> torch.Tensor:
+    """K-grouped GEMM (see the reference): one kernel launch on Hopper, with the segments read in place."""
+    if not (a.is_cuda and load_kernel() is not None and a.shape[0] % BLOCK == 0 and b.shape[0] % 8 == 0):
+        return fp8_gemm_kgrouped_ref(a, a_scale, b, b_scale, sizes, out_dtype)
+    _check_gemm(a, a_scale, b, b_scale)
+    if any(n % BLOCK for n in sizes) or sum(sizes) != a.shape[1]:
+        raise ValueError(f"fp8_gemm_kgrouped: segment sizes must be multiples of {BLOCK} summing to K = {a.shape[1]}")
+    (M, _), N = a.shape, b.shape[0]
+    starts = [sum(sizes[:e]) for e in range(len(sizes))]
+    kg = [(e, s // BLOCK, n // BLOCK) for e, (s, n) in enumerate(zip(starts, sizes)) if n]   # busy experts
+    out = torch.zeros(len(sizes) * M, N, dtype=torch.bfloat16, device=a.device)             # idle ones stay 0
+    if kg:
+        sbt = F.pad(b_scale.t(), (0, -N % BLOCK)).contiguous()                               # (K/128, N')
+        with torch.cuda.device(a.device):
+            _EXT.gemm_1d1d_kgrouped(a.contiguous(), a_scale.contiguous(), b.contiguous(), sbt,
+                                    torch.tensor(kg, dtype=torch.int32, device=a.device), out)
+    return out.view(len(sizes), M, N).to(out_dtype)
+
+
 # ---------------------------------------------------------------- FP8 training linear
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     # Same output dtype as nn.Linear: the autocast dtype inside autocast, else the input's dtype.
@@ -345,32 +386,32 @@ class _FP8LinearFn(torch.autograd.Function):
         x2 = x.reshape(-1, x.shape[-1])                            # (T, K)
         xq, xs = quantize_act(x2)                                  # 1×128 tiles along K
         wq, ws = quantize_weight(weight)                           # 128×128 blocks
-        y = fp8_gemm(xq, xs, wq, ws, torch.float32)                # (T, N)
+        y = fp8_gemm(xq, xs, wq, ws, out_dtype if bias is None else torch.float32)  # (T, N)
         if bias is not None:
-            y = y + bias.float()
+            y = (y + bias.float()).to(out_dtype)
         ctx.save_for_backward(x2, wq, ws)   # x kept in high precision: Wgrad re-quantizes it along tokens
-        ctx.meta = (x.shape, x.dtype, bias is not None)
-        return y.to(out_dtype).reshape(*x.shape[:-1], -1)          # (..., N)
+        ctx.meta = (x.shape, x.dtype, weight.dtype, bias is not None)
+        return y.reshape(*x.shape[:-1], -1)                        # (..., N)
 
     @staticmethod
     def backward(ctx, dy):
         x2, wq, ws = ctx.saved_tensors
-        x_shape, x_dtype, has_bias = ctx.meta
+        x_shape, x_dtype, w_dtype, has_bias = ctx.meta
         dy2 = dy.reshape(-1, dy.shape[-1])                         # (T, N)
         # Dgrad dX = dY·W = dY·(Wᵀ)ᵀ: dY in 1×128 tiles along N; Wᵀ's 128×128 blocks are W's, transposed.
         # N is the contraction here: when it is not a multiple of 128, zero rows of W and zero columns of dY
         # fill the last tile (they add nothing; W's last block scale already covers the padded block).
         pad_n = -dy2.shape[1] % BLOCK
         dyq, dys = quantize_act(F.pad(dy2, (0, pad_n)) if pad_n else dy2)  # (T, N'), N' = N rounded up to 128
-        wq_t = torch.cat([wq, wq.new_zeros(pad_n, wq.shape[1])]).t().contiguous()  # (K, N')
-        dx = fp8_gemm(dyq, dys, wq_t, ws.t().contiguous(), torch.float32)  # (T, K)
+        wq_t = (torch.cat([wq, wq.new_zeros(pad_n, wq.shape[1])]) if pad_n else wq).t().contiguous()  # (K, N')
+        dx = fp8_gemm(dyq, dys, wq_t, ws.t().contiguous(), x_dtype)  # (T, K)
         # Wgrad dW = dYᵀ·X sums over tokens, so both are quantized in 1×128 tiles along T (rows of dYᵀ and Xᵀ);
         # T is zero-padded to a multiple of 128 (zero tokens add nothing).
         dytq, dyts = quantize_act_t(dy2)                             # (N, T'), (N, T'/128)
         xtq, xts = quantize_act_t(x2)                                # (K, T'), (K, T'/128)
-        dw = fp8_gemm(dytq, dyts, xtq, xts, torch.float32)           # (N, K)
+        dw = fp8_gemm(dytq, dyts, xtq, xts, w_dtype)                 # (N, K)
         db = dy2.float().sum(0) if has_bias else None
-        return dx.to(x_dtype).reshape(x_shape), dw, db
+        return dx.reshape(x_shape), dw, db
 
 
 class FP8Linear(nn.Module):
@@ -419,9 +460,20 @@ class FP8Linear(nn.Module):
 
 
 # ---------------------------------------------------------------- FP8 routed experts
+_LAYOUT = {}  # the last layout built: w1, w3 and w2 of one MoE forward (and their backward) share it
+
+
 def _tile_layout(sizes: list, device):
     """Segments of `sizes` rows, each padded to whole 128-row tiles: (dst (M,) the padded row of each row,
     groups (M'/128,) int32 the expert of each tile, padded sizes as a list)."""
+    key = (tuple(sizes), str(device))
+    if key not in _LAYOUT:
+        _LAYOUT.clear()
+        _LAYOUT[key] = _build_tile_layout(sizes, device)
+    return _LAYOUT[key]
+
+
+def _build_tile_layout(sizes: list, device):
     padded = [-(-n // BLOCK) * BLOCK for n in sizes]
     shift = torch.tensor([sum(padded[:e]) - sum(sizes[:e]) for e in range(len(sizes))], device=device)
     counts = torch.tensor(sizes, device=device)
@@ -446,10 +498,10 @@ class _FP8ExpertsFn(torch.autograd.Function):
         xq, xs = quantize_act(xp)
         wq, ws = quantize_weight(w.reshape(E * N, K))                  # blocks never straddle experts (N % 128 = 0)
         wq, ws = wq.view(E, N, K), ws.view(E, N // BLOCK, K // BLOCK)
-        y = fp8_gemm_grouped(xq, xs, wq, ws, groups, torch.float32)[dst]  # (M, N)
+        y = fp8_gemm_grouped(xq, xs, wq, ws, groups, out_dtype)[dst]  # (M, N)
         ctx.save_for_backward(xp, wq, ws, dst, groups)
         ctx.meta = (padded, x.dtype, w.dtype)
-        return y.to(out_dtype)
+        return y
 
     @staticmethod
     def backward(ctx, dy):
@@ -461,19 +513,12 @@ class _FP8ExpertsFn(torch.autograd.Function):
         # Dgrad: dX_seg = dY_seg·W[e], i.e. a grouped GEMM against the transposed experts (E, K, N).
         dyq, dys = quantize_act(dyp)
         dx = fp8_gemm_grouped(dyq, dys, wq.transpose(1, 2).contiguous(), ws.transpose(1, 2).contiguous(), groups,
-                              torch.float32)[dst]                      # (M, K)
+                              x_dtype)[dst]                            # (M, K)
         # Wgrad: dW[e] = dY_segᵀ·X_seg over the expert's own (padded) tokens, both quantized along tokens.
         dytq, dyts = quantize_act_t(dyp)                               # (N, M'), (N, M'/128)
         xtq, xts = quantize_act_t(xp)                                  # (K, M'), (K, M'/128)
-        dw = torch.zeros(E, N, K, dtype=w_dtype, device=dy.device)
-        start = 0
-        for e, p in enumerate(padded):
-            if p:
-                cols, sc = slice(start, start + p), slice(start // BLOCK, (start + p) // BLOCK)
-                dw[e] = fp8_gemm(dytq[:, cols].contiguous(), dyts[:, sc].contiguous(),
-                                 xtq[:, cols].contiguous(), xts[:, sc].contiguous(), torch.float32)
-            start += p
-        return dx.to(x_dtype), dw, None
+        dw = fp8_gemm_kgrouped(dytq, dyts, xtq, xts, padded, w_dtype)  # (E, N, K), one launch on Hopper
+        return dx, dw, None
 
 
 def fp8_segment_mm(x: torch.Tensor, w: torch.Tensor, sizes: list) -> torch.Tensor:
@@ -575,6 +620,16 @@ def bench_training(experts=32, rows=2048):
         out = torch.empty(M, N, device="cuda", dtype=torch.bfloat16)
         print(f"| wgrad 1D1D | {M} | {N} | {K} | {rate(M, N, K, lambda: _EXT.gemm_1d1d(aq, a_s, bq, sbt, out))} | "
               f"{rate(M, N, K, lambda: _EXT.gemm(aq, a_s, wq, ws, out, 4))} |", flush=True)
+    for M, N in [(512, 1024), (1024, 512)]:  # expert wgrad: dW[e] = dY_eᵀ·X_e over each expert's own tokens
+        K = experts * rows
+        aq, a_s = quantize_act(torch.randn(M, K, device="cuda"))
+        bq, b_s = quantize_act(torch.randn(N, K, device="cuda"))
+        sbt = F.pad(b_s.t(), (0, -N % BLOCK)).contiguous()
+        out = torch.empty(M, N, device="cuda", dtype=torch.bfloat16)
+        kgrouped = rate(M, N, K, lambda: fp8_gemm_kgrouped(aq, a_s, bq, b_s, [rows] * experts))
+        print(f"| wgrad, {experts} experts × {rows} tokens (K-grouped) | {M} | {N} | {K} | {kgrouped} | "
+              f"{rate(M, N, K, lambda: _EXT.gemm_1d1d(aq, a_s, bq, sbt, out))} (1D1D, one sum over all K) |",
+              flush=True)
     for N, K in [(512, 1024), (1024, 512), (2048, 7168), (7168, 2048)]:
         M = experts * rows
         aq, a_s = quantize_act(torch.randn(M, K, device="cuda"))

@@ -307,13 +307,17 @@ __device__ __forceinline__ void promote_cols(float* fin, float* acc, float s0, f
 //  * GROUPS != nullptr (routed experts, "M-grouped"): B stacks one (N, K) weight per expert, SB their
 //    (N/128, K/128) block scales, and A's rows come sorted by expert in segments padded to 128 rows;
 //    GROUPS[m0 / 128] is the expert of M tile m0, so each tile reads its own expert's rows of B.
+//  * KG != nullptr (routed-expert wgrad, "K-grouped"): n_kg independent products over slices of K, the tokens
+//    of one expert each: group g = (e, kb0, nkb) sums K blocks [kb0, kb0 + nkb) and writes rows
+//    [e*M, e*M + M) of C, which is (experts*M, N); M % 128 == 0. Used with SB_ROW.
 template <bool EPI_TMA, bool OVERLAP, int STAGES, bool SB_ROW = false>
 __global__ void __launch_bounds__(THREADS, 1) gemm(const __grid_constant__ CUtensorMap tmA,
                                                    const __grid_constant__ CUtensorMap tmB,
                                                    const __grid_constant__ CUtensorMap tmC,
                                                    const float* __restrict__ SA, const float* __restrict__ SB,
                                                    __nv_bfloat16* __restrict__ C, int M, int N, int K,
-                                                   const int* __restrict__ GROUPS = nullptr) {
+                                                   const int* __restrict__ GROUPS = nullptr,
+                                                   const int* __restrict__ KG = nullptr, int n_kg = 0) {
   extern __shared__ uint8_t smem_raw[];
   // 128B-swizzled TMA destinations and wgmma operands want 1024-byte aligned tiles.
   uint8_t* smem = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
@@ -323,8 +327,17 @@ __global__ void __launch_bounds__(THREADS, 1) gemm(const __grid_constant__ CUten
   float* sSB = reinterpret_cast<float*>(sC + (EPI_TMA ? C_BYTES : 0));          // SB_ROW: [STAGES][128]
   uint64_t* full = reinterpret_cast<uint64_t*>(reinterpret_cast<uint8_t*>(sSB) + (SB_ROW ? STAGES * SB_BYTES : 0));
   uint64_t* empty = full + STAGES;                                              // math warps done reading
-  const int Kb = K / BK, num_m = (M + BM - 1) / BM, num_n = (N + BN - 1) / BN, tiles = num_m * num_n;
+  const int Kb = K / BK, num_m = (M + BM - 1) / BM, num_n = (N + BN - 1) / BN;
+  const int tiles = (KG ? n_kg : 1) * num_m * num_n;
   const int n_pad = num_n * BN;  // SB_ROW: row length of the transposed column scales
+  // Tile t: its coordinates, its K blocks [kb0, kb0 + nkb) and the row of C where it is stored.
+  auto tile = [&](int t, int& m0, int& n0, int& kb0, int& nkb, int& c_row) {
+    const int g = KG ? t / (num_m * num_n) : 0;
+    tile_coords(t - g * num_m * num_n, num_m, num_n, m0, n0);
+    kb0 = KG ? KG[3 * g + 1] : 0;
+    nkb = KG ? KG[3 * g + 2] : Kb;
+    c_row = (KG ? KG[3 * g] * M : 0) + m0;
+  };
   const int wg = threadIdx.x / 128;
 
   if (threadIdx.x == 0) {
@@ -340,10 +353,10 @@ __global__ void __launch_bounds__(THREADS, 1) gemm(const __grid_constant__ CUten
       asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(&tmB)) : "memory");
       uint32_t it = 0;
       for (int t = blockIdx.x; t < tiles; t += gridDim.x) {
-        int m0, n0;
-        tile_coords(t, num_m, num_n, m0, n0);
+        int m0, n0, kb0, nkb, c_row;
+        tile(t, m0, n0, kb0, nkb, c_row);
         const int b_row = GROUPS ? GROUPS[m0 / BM] * N + n0 : n0;  // row of B where this tile's columns start
-        for (int kb = 0; kb < Kb; ++kb, ++it) {
+        for (int kb = kb0; kb < kb0 + nkb; ++kb, ++it) {
           int s = it % STAGES;
           mbar_wait(&empty[s], ((it / STAGES) & 1) ^ 1);  // first pass: a fresh barrier passes parity 1
           // rows past M/N are zero-filled, still counted
@@ -364,14 +377,15 @@ __global__ void __launch_bounds__(THREADS, 1) gemm(const __grid_constant__ CUten
 #pragma unroll
     for (int i = 0; i < 64; ++i) acc0[i] = acc1[i] = 0.f;
     for (int t = blockIdx.x; t < tiles; t += gridDim.x) {
-      int m0, n0;
-      tile_coords(t, num_m, num_n, m0, n0);
+      int m0, n0, kb0, nkb, c_row;
+      tile(t, m0, n0, kb0, nkb, c_row);
       const int r0 = m0 + mw * 64 + rw, r1 = r0 + 8;
       auto a_of = [&](uint32_t i) { return sA + (i % STAGES) * TILE_BYTES + mw * 64 * BK; };
       auto b_of = [&](uint32_t i) { return sB + (i % STAGES) * TILE_BYTES; };
       // Block row of B's scales: the expert's own blocks when grouped.
       const int sb_row = (GROUPS ? GROUPS[m0 / BM] * ((N + BN - 1) / BN) : 0) + n0 / 128;
       auto scales = [&](int kb, float& s0, float& s1) {  // loaded early: their latency hides behind waits
+        kb += kb0;
         float sb = SB_ROW ? 1.f : SB[sb_row * Kb + kb];  // SB_ROW: the column scales come in promote_cols
         s0 = r0 < M ? SA[(size_t)r0 * Kb + kb] * sb : 0.f;
         s1 = r1 < M ? SA[(size_t)r1 * Kb + kb] * sb : 0.f;
@@ -379,7 +393,7 @@ __global__ void __launch_bounds__(THREADS, 1) gemm(const __grid_constant__ CUten
 #pragma unroll
       for (int i = 0; i < 64; ++i) fin[i] = 0.f;
       if constexpr (!OVERLAP) {
-        for (int kb = 0; kb < Kb; ++kb, ++it) {
+        for (int kb = 0; kb < nkb; ++kb, ++it) {
           float s0, s1;
           scales(kb, s0, s1);
           mbar_wait(&full[it % STAGES], (it / STAGES) & 1);
@@ -418,11 +432,11 @@ __global__ void __launch_bounds__(THREADS, 1) gemm(const __grid_constant__ CUten
         mbar_wait(&full[it % STAGES], (it / STAGES) & 1);
         issue_block(acc0, a_of(it), b_of(it));
         int kb = 0;
-        for (; kb + 2 < Kb; kb += 2) {
+        for (; kb + 2 < nkb; kb += 2) {
           step(acc0, acc1, kb, false);
           step(acc1, acc0, kb + 1, false);
         }
-        if (kb + 1 < Kb) {
+        if (kb + 1 < nkb) {
           step(acc0, acc1, kb, false);
           step(acc1, acc0, kb + 1, true);
         } else {
@@ -443,8 +457,8 @@ __global__ void __launch_bounds__(THREADS, 1) gemm(const __grid_constant__ CUten
         asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");  // make the stores visible to TMA
         named_barrier(1 + mw);
         if (leader) {  // rows past M and columns past N are clipped by TMA
-          tma_store(&tmC, cbuf, n0, m0 + mw * 64);
-          tma_store(&tmC, cbuf + 8192, n0 + 64, m0 + mw * 64);
+          tma_store(&tmC, cbuf, n0, c_row + mw * 64);
+          tma_store(&tmC, cbuf + 8192, n0 + 64, c_row + mw * 64);
           asm volatile("cp.async.bulk.commit_group;\n" ::: "memory");
         }
       } else {
@@ -813,7 +827,7 @@ static bool make_map(CUtensorMap* map, const void* ptr, CUtensorMapDataType dtyp
 template <bool EPI_TMA, bool OVERLAP, int STAGES, bool SB_ROW = false>
 static const char* launch_t2(const uint8_t* A, const float* SA, const uint8_t* B, const float* SB,
                              __nv_bfloat16* C, int M, int N, int K, cudaStream_t stream, int b_rows = -1,
-                             const int* groups = nullptr) {
+                             const int* groups = nullptr, const int* kg = nullptr, int n_kg = 0, int c_rows = -1) {
   auto kern = t2::gemm<EPI_TMA, OVERLAP, STAGES, SB_ROW>;
   constexpr int smem = t2::smem_bytes(EPI_TMA, STAGES, SB_ROW);
   static int sms = 0;
@@ -826,10 +840,10 @@ static const char* launch_t2(const uint8_t* A, const float* SA, const uint8_t* B
   CUtensorMap ma, mb, mc = {};
   if (!make_map(&ma, A, CU_TENSOR_MAP_DATA_TYPE_UINT8, 1, M, K, BM, BK) ||
       !make_map(&mb, B, CU_TENSOR_MAP_DATA_TYPE_UINT8, 1, b_rows < 0 ? N : b_rows, K, BN, BK) ||
-      (EPI_TMA && !make_map(&mc, C, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, M, N, 64, 64)))
+      (EPI_TMA && !make_map(&mc, C, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, c_rows < 0 ? M : c_rows, N, 64, 64)))
     return "cuTensorMapEncodeTiled failed";
-  int tiles = ((M + BM - 1) / BM) * ((N + BN - 1) / BN);
-  kern<<<tiles < sms ? tiles : sms, t2::THREADS, smem, stream>>>(ma, mb, mc, SA, SB, C, M, N, K, groups);
+  int tiles = (kg ? n_kg : 1) * ((M + BM - 1) / BM) * ((N + BN - 1) / BN);
+  kern<<<tiles < sms ? tiles : sms, t2::THREADS, smem, stream>>>(ma, mb, mc, SA, SB, C, M, N, K, groups, kg, n_kg);
   return nullptr;
 }
 
@@ -936,6 +950,17 @@ static const char* launch_1d1d(const uint8_t* A, const float* SA, const uint8_t*
   return e == cudaSuccess ? nullptr : cudaGetErrorString(e);
 }
 
+// The 1D1D GEMM once per group of K blocks (routed-expert wgrad): kg holds n_kg triples (expert, first K
+// block, number of K blocks), all on the GPU; C is (experts * M, N) and M % 128 == 0.
+static const char* launch_1d1d_kgrouped(const uint8_t* A, const float* SA, const uint8_t* B, const float* SB_T,
+                                        __nv_bfloat16* C, int M, int N, int K, const int* kg, int n_kg,
+                                        int c_rows, cudaStream_t stream) {
+  const char* err = launch_t2<true, true, 5, true>(A, SA, B, SB_T, C, M, N, K, stream, -1, nullptr, kg, n_kg, c_rows);
+  if (err) return err;
+  cudaError_t e = cudaGetLastError();
+  return e == cudaSuccess ? nullptr : cudaGetErrorString(e);
+}
+
 // Tier 4 over experts (routed-expert Fprop/Dgrad). B: (E*N, K), SB: (E*ceil(N/128), K/128), M % 128 == 0.
 static const char* launch_grouped(const uint8_t* A, const float* SA, const uint8_t* B, const float* SB,
                                   __nv_bfloat16* C, int M, int N, int K, int E, const int* groups,
@@ -1013,6 +1038,28 @@ void gemm_1d1d(at::Tensor a, at::Tensor a_scale, at::Tensor b, at::Tensor b_scal
   TORCH_CHECK(err == nullptr, "fp8_gemm_1d1d kernel launch failed: ", err ? err : "");
 }
 
+// Routed-expert wgrad: out[e] (M, N) = sum over the K blocks [kb0, kb0 + nkb) of group (e, kb0, nkb) of the
+// 1D1D product a . b^T (same layouts as gemm_1d1d); kg (G, 3) int32 on the GPU; out (E*M, N), M % 128 == 0.
+// Rows of out that belong to experts named by no group are left as they are (the caller zero-fills).
+void gemm_1d1d_kgrouped(at::Tensor a, at::Tensor a_scale, at::Tensor b, at::Tensor b_scale_t, at::Tensor kg,
+                        at::Tensor out) {
+  check_common(a, a_scale, b, b_scale_t, out, "fp8_gemm_1d1d_kgrouped");
+  const int M = a.size(0), K = a.size(1), N = b.size(0);
+  TORCH_CHECK(b_scale_t.dim() == 2 && b_scale_t.size(0) == K / 128 && b_scale_t.size(1) == (N + 127) / 128 * 128,
+              "fp8_gemm_1d1d_kgrouped: b_scale_t must be (K/128, N rounded up to 128)");
+  TORCH_CHECK(M % 128 == 0 && out.size(0) % M == 0 && out.size(1) == N,
+              "fp8_gemm_1d1d_kgrouped: M must be a multiple of 128 and out (E*M, N)");
+  TORCH_CHECK(kg.is_cuda() && kg.scalar_type() == at::kInt && kg.is_contiguous() && kg.dim() == 2 && kg.size(1) == 3,
+              "fp8_gemm_1d1d_kgrouped: kg must be a contiguous (G, 3) int32 CUDA tensor");
+  if (M == 0 || N == 0 || kg.size(0) == 0) return;
+  const char* err = fp8g::launch_1d1d_kgrouped(
+      reinterpret_cast<const uint8_t*>(a.data_ptr()), a_scale.data_ptr<float>(),
+      reinterpret_cast<const uint8_t*>(b.data_ptr()), b_scale_t.data_ptr<float>(),
+      reinterpret_cast<__nv_bfloat16*>(out.data_ptr()), M, N, K, kg.data_ptr<int>(), kg.size(0), out.size(0),
+      c10::cuda::getCurrentCUDAStream());
+  TORCH_CHECK(err == nullptr, "fp8_gemm_1d1d_kgrouped kernel launch failed: ", err ? err : "");
+}
+
 // Routed experts: out (M, N) = a (M, K) . b[e] (N, K)^T for the rows of expert e, where a's rows are sorted by
 // expert in segments of whole 128-row tiles, groups (M/128,) int32 names the expert of each tile, b stacks the
 // E experts' weights as (E*N, K) and b_scale their 128x128 block scales as (E*N/128, K/128); N % 128 == 0.
@@ -1045,6 +1092,7 @@ void quant_cols(at::Tensor x, at::Tensor q, at::Tensor s);
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemm", &gemm, "fine-grained FP8 GEMM; tier 1: mma.sync, 2: TMA + wgmma + warp specialization, 3: + TMA-store epilogue, 4: + promotion overlapped with the next wgmma, 5-7: tier 4 in clusters with TMA multicast (2x1 B, 2x2 A+B, 1x2 A), 8: 128x256 tile");
   m.def("gemm_1d1d", &gemm_1d1d, "tier 4 with 1x128 scales on both operands (wgrad)");
+  m.def("gemm_1d1d_kgrouped", &gemm_1d1d_kgrouped, "gemm_1d1d over groups of K blocks, one output per expert (wgrad)");
   m.def("gemm_grouped", &gemm_grouped, "tier 4 over experts: each 128-row tile of a uses its expert's weight");
   m.def("quant_rows", &quant_rows, "fused 1x128 quantization along the last dim (fp8_quant.cu)");
   m.def("quant_cols", &quant_cols, "fused transpose + 1x128 quantization of x^T, rows padded to 128 (fp8_quant.cu)");

@@ -33,6 +33,7 @@ Two dispatch paths with identical results (tests/test_moe.py checks outputs and 
 - "grouped" (the fast one, default): sort the N·K_r (token, expert) pairs by expert id with argsort so each expert
   owns one contiguous segment, run all experts with one grouped GEMM per projection (torch._grouped_mm, where
   this build supports it for the device and dtype; otherwise a loop over the segments), scatter-add back.
+  With `--fp8` the grouped GEMM is fp8.fp8_segment_mm instead (FP8Linear.experts_mm hands it over).
 Expert parallelism (all-to-all over an expert process group) is not implemented here yet.
 """
 import torch
