@@ -11,7 +11,7 @@ The recipe, in the report's terms:
     and add it into an FP32 accumulator. Without this, H800 tensor cores keep only ~14 bits of the running sum
     (≈2% max relative error at K = 4096 in the report): ``fp8_gemm_no_promotion`` emulates that failure.
   * Fprop, Dgrad and Wgrad all run in FP8 (``FP8Linear``); master weights, their gradients and the bias stay
-    in FP32. Wgrad contracts over tokens, so both of its operands are quantized in 1×128 tiles along the tokens
+    in FP32 (the kernel writes Wgrad in bf16 before it is widened: the report keeps it FP32 throughout). Wgrad contracts over tokens, so both of its operands are quantized in 1×128 tiles along the tokens
     ("1D1D": a per-row scale on B too, not a 128×128 block).
   * The routed experts run in FP8 as well (``fp8_segment_mm``): tokens sorted by expert, each expert's segment
     padded to whole 128-row tiles so that no tile mixes two experts; Fprop and Dgrad are one "M-grouped" GEMM
@@ -101,6 +101,8 @@ def quantize_act_t(x: torch.Tensor):
     if x.dim() != 2:
         raise ValueError(f"quantize_act_t: x must be 2-D, got shape {tuple(x.shape)}")
     R, C = x.shape
+    if R == 0:                                                         # no tokens: no tiles
+        return torch.empty(C, 0, dtype=FP8, device=x.device), torch.empty(C, 0, device=x.device)
     if not _fused_quant_ok(x, False):
         return quantize_act_ref(F.pad(x.t(), (0, -R % BLOCK)))
     R_pad = R + (-R % BLOCK)
@@ -338,7 +340,10 @@ def fp8_gemm_grouped(a, a_scale, b, b_scale, groups, out_dtype=torch.bfloat16) -
 def fp8_gemm_kgrouped_ref(a, a_scale, b, b_scale, sizes, out_dtype=torch.bfloat16) -> torch.Tensor:
     """Reference K-grouped GEMM (routed-expert Wgrad): out[e] = A[:, seg_e]·B[:, seg_e]ᵀ over the e-th segment
     of K (`sizes`, multiples of 128), both operands in 1×128 tiles along K → (E, M, N); empty segments give 0."""
-    _check_gemm(a, a_scale, b, b_scale)
+    if a.shape[1] == 0:                                                # no tokens at all: zero gradients
+        return torch.zeros(len(sizes), a.shape[0], b.shape[0], dtype=out_dtype, device=a.device)
+    if not _check_gemm(a, a_scale, b, b_scale):
+        raise ValueError("fp8_gemm_kgrouped: b_scale must hold 1×128 tiles along K, (N, K/128)")
     if any(n % BLOCK for n in sizes) or sum(sizes) != a.shape[1]:
         raise ValueError(f"fp8_gemm_kgrouped: segment sizes must be multiples of {BLOCK} summing to K = {a.shape[1]}")
     out = torch.zeros(len(sizes), a.shape[0], b.shape[0], dtype=out_dtype, device=a.device)
@@ -353,12 +358,16 @@ def fp8_gemm_kgrouped_ref(a, a_scale, b, b_scale, sizes, out_dtype=torch.bfloat1
 
 def fp8_gemm_kgrouped(a, a_scale, b, b_scale, sizes, out_dtype=torch.bfloat16) -> torch.Tensor:
     """K-grouped GEMM (see the reference): one kernel launch on Hopper, with the segments read in place."""
-    if not (a.is_cuda and load_kernel() is not None and a.shape[0] % BLOCK == 0 and b.shape[0] % 8 == 0):
+    (M, K), N = a.shape, b.shape[0]
+    if not (a.is_cuda and load_kernel() is not None and M % BLOCK == 0 and N % 8 == 0 and M and K):
+        if a.is_cuda and M and K:
+            _notice(f"{_WHY_NOT or f'M = {M} (not a multiple of 128) or N = {N} (not of 8)'}; "
+                    f"using the PyTorch reference K-grouped GEMM (slow)")
         return fp8_gemm_kgrouped_ref(a, a_scale, b, b_scale, sizes, out_dtype)
-    _check_gemm(a, a_scale, b, b_scale)
+    if not _check_gemm(a, a_scale, b, b_scale):
+        raise ValueError("fp8_gemm_kgrouped: b_scale must hold 1×128 tiles along K, (N, K/128)")
     if any(n % BLOCK for n in sizes) or sum(sizes) != a.shape[1]:
         raise ValueError(f"fp8_gemm_kgrouped: segment sizes must be multiples of {BLOCK} summing to K = {a.shape[1]}")
-    (M, _), N = a.shape, b.shape[0]
     starts = [sum(sizes[:e]) for e in range(len(sizes))]
     kg = [(e, s // BLOCK, n // BLOCK) for e, (s, n) in enumerate(zip(starts, sizes)) if n]   # busy experts
     out = torch.zeros(len(sizes) * M, N, dtype=torch.bfloat16, device=a.device)             # idle ones stay 0
@@ -391,7 +400,7 @@ class _FP8LinearFn(torch.autograd.Function):
             y = (y + bias.float()).to(out_dtype)
         ctx.save_for_backward(x2, wq, ws)   # x kept in high precision: Wgrad re-quantizes it along tokens
         ctx.meta = (x.shape, x.dtype, weight.dtype, bias is not None)
-        return y.reshape(*x.shape[:-1], -1)                        # (..., N)
+        return y.reshape(*x.shape[:-1], y.shape[-1])               # (..., N)
 
     @staticmethod
     def backward(ctx, dy):
@@ -409,7 +418,8 @@ class _FP8LinearFn(torch.autograd.Function):
         # T is zero-padded to a multiple of 128 (zero tokens add nothing).
         dytq, dyts = quantize_act_t(dy2)                             # (N, T'), (N, T'/128)
         xtq, xts = quantize_act_t(x2)                                # (K, T'), (K, T'/128)
-        dw = fp8_gemm(dytq, dyts, xtq, xts, w_dtype)                 # (N, K)
+        dw = (fp8_gemm(dytq, dyts, xtq, xts, w_dtype) if dy2.shape[0]  # (N, K)
+              else torch.zeros(wq.shape, dtype=w_dtype, device=dy.device))  # no tokens
         db = dy2.float().sum(0) if has_bias else None
         return dx.reshape(x_shape), dw, db
 

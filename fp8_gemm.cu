@@ -21,6 +21,8 @@
 //   tier 7  2-CTA clusters along N sharing the A tile (tier 5 with the roles of A and B swapped).
 //   tier 8  tier 3 with a 128 x 256 tile (each math warpgroup 64 x 256 as two m64n128 halves, one accumulator):
 //           48 instead of 64 KiB loaded per 8.4 MFLOP, at the cost of tier 4's second accumulator.
+// Training uses tier 4 and three variants of it (see t2::gemm): 1D1D (wgrad: 1x128 scales on B too), M-grouped
+// (routed-expert Fprop and Dgrad over stacked expert weights) and K-grouped 1D1D (routed-expert wgrad).
 // Requirements checked on the host: K % 128 == 0, contiguous tensors, bf16 output.
 
 #include <cuda.h>
@@ -301,7 +303,7 @@ __device__ __forceinline__ void promote_cols(float* fin, float* acc, float s0, f
 // asynchronous TMA store, so the math warps start the next tile at once. Tier 4 adds OVERLAP: two accumulators,
 // the wgmmas of K block kb+1 run on the tensor cores while the CUDA cores promote block kb. STAGES: pipeline
 // depth (6 x 32 KiB; 5 stages measured no faster, BENCHMARKS.md).
-// Two variants of tier 4 serve training (fp8.py):
+// Three variants of tier 4 serve training (fp8.py):
 //  * SB_ROW (wgrad, "1D1D"): SB holds one scale per row of B per K block, stored transposed as
 //    (K/128, N rounded up to 128); the producer copies each K block's 128 scales into the stage next to the tiles.
 //  * GROUPS != nullptr (routed experts, "M-grouped"): B stacks one (N, K) weight per expert, SB their
@@ -309,7 +311,8 @@ __device__ __forceinline__ void promote_cols(float* fin, float* acc, float s0, f
 //    GROUPS[m0 / 128] is the expert of M tile m0, so each tile reads its own expert's rows of B.
 //  * KG != nullptr (routed-expert wgrad, "K-grouped"): n_kg independent products over slices of K, the tokens
 //    of one expert each: group g = (e, kb0, nkb) sums K blocks [kb0, kb0 + nkb) and writes rows
-//    [e*M, e*M + M) of C, which is (experts*M, N); M % 128 == 0. Used with SB_ROW.
+//    [e*M, e*M + M) of C, which is (experts*M, N); M % 128 == 0. Used with SB_ROW and EPI_TMA (the plain-store
+//    epilogue writes rows from m0). Every group needs nkb >= 1 and kb0 + nkb <= K/128 (fp8.py sees to it).
 template <bool EPI_TMA, bool OVERLAP, int STAGES, bool SB_ROW = false>
 __global__ void __launch_bounds__(THREADS, 1) gemm(const __grid_constant__ CUtensorMap tmA,
                                                    const __grid_constant__ CUtensorMap tmB,
@@ -318,6 +321,7 @@ __global__ void __launch_bounds__(THREADS, 1) gemm(const __grid_constant__ CUten
                                                    __nv_bfloat16* __restrict__ C, int M, int N, int K,
                                                    const int* __restrict__ GROUPS = nullptr,
                                                    const int* __restrict__ KG = nullptr, int n_kg = 0) {
+  static_assert(OVERLAP || !SB_ROW, "the 1D1D variant is built on tier 4 (OVERLAP)");
   extern __shared__ uint8_t smem_raw[];
   // 128B-swizzled TMA destinations and wgmma operands want 1024-byte aligned tiles.
   uint8_t* smem = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
@@ -382,11 +386,12 @@ __global__ void __launch_bounds__(THREADS, 1) gemm(const __grid_constant__ CUten
       const int r0 = m0 + mw * 64 + rw, r1 = r0 + 8;
       auto a_of = [&](uint32_t i) { return sA + (i % STAGES) * TILE_BYTES + mw * 64 * BK; };
       auto b_of = [&](uint32_t i) { return sB + (i % STAGES) * TILE_BYTES; };
-      // Block row of B's scales: the expert's own blocks when grouped.
-      const int sb_row = (GROUPS ? GROUPS[m0 / BM] * ((N + BN - 1) / BN) : 0) + n0 / 128;
+      // Block row of B's 128x128 scales: the expert's own blocks when grouped.
+      const int sb_block_row = (GROUPS ? GROUPS[m0 / BM] * ((N + BN - 1) / BN) : 0) + n0 / 128;
+      // kb counts this tile's K blocks from 0 (the producer uses absolute indices): kb0 + kb indexes the scales.
       auto scales = [&](int kb, float& s0, float& s1) {  // loaded early: their latency hides behind waits
         kb += kb0;
-        float sb = SB_ROW ? 1.f : SB[sb_row * Kb + kb];  // SB_ROW: the column scales come in promote_cols
+        float sb = SB_ROW ? 1.f : SB[sb_block_row * Kb + kb];  // SB_ROW: the column scales come in promote_cols
         s0 = r0 < M ? SA[(size_t)r0 * Kb + kb] * sb : 0.f;
         s1 = r1 < M ? SA[(size_t)r1 * Kb + kb] * sb : 0.f;
       };
@@ -399,13 +404,8 @@ __global__ void __launch_bounds__(THREADS, 1) gemm(const __grid_constant__ CUten
           mbar_wait(&full[it % STAGES], (it / STAGES) & 1);
           issue_block(acc0, a_of(it), b_of(it));
           wgmma_wait<0>();
-          if constexpr (SB_ROW) {
-            promote_cols(fin, acc0, s0, s1, sSB + (it % STAGES) * BN, lane & 3);
-            if (lane == 0) mbar_arrive(&empty[it % STAGES]);  // after the column scales were read
-          } else {
-            if (lane == 0) mbar_arrive(&empty[it % STAGES]);  // stage may be refilled while we promote
-            promote(fin, acc0, s0, s1);
-          }
+          if (lane == 0) mbar_arrive(&empty[it % STAGES]);  // stage may be refilled while we promote
+          promote(fin, acc0, s0, s1);
         }
       } else {
         // Step kb: start block kb+1 into `nxt`, wait for block kb (in `cur`) only, release its stage, promote.
@@ -951,7 +951,8 @@ static const char* launch_1d1d(const uint8_t* A, const float* SA, const uint8_t*
 }
 
 // The 1D1D GEMM once per group of K blocks (routed-expert wgrad): kg holds n_kg triples (expert, first K
-// block, number of K blocks), all on the GPU; C is (experts * M, N) and M % 128 == 0.
+// block, number of K blocks), all on the GPU; C is (experts * M, N) and M % 128 == 0. Each group must have at
+// least one K block inside K (an empty group would wait forever for a stage); fp8.py passes busy experts only.
 static const char* launch_1d1d_kgrouped(const uint8_t* A, const float* SA, const uint8_t* B, const float* SB_T,
                                         __nv_bfloat16* C, int M, int N, int K, const int* kg, int n_kg,
                                         int c_rows, cudaStream_t stream) {
@@ -966,7 +967,6 @@ static const char* launch_grouped(const uint8_t* A, const float* SA, const uint8
                                   __nv_bfloat16* C, int M, int N, int K, int E, const int* groups,
                                   cudaStream_t stream) {
   const char* err = launch_t2<true, true, 6>(A, SA, B, SB, C, M, N, K, stream, E * N, groups);
-  if (err) return err;
   if (err) return err;
   cudaError_t e = cudaGetLastError();
   return e == cudaSuccess ? nullptr : cudaGetErrorString(e);

@@ -232,6 +232,20 @@ def test_fp8_experts_match_fp32():
         fp8.fp8_segment_mm(x, w, sizes[:-1])
 
 
+def test_fp8_layers_without_tokens():
+    """Zero tokens (an expert group or a batch with none): empty outputs and zero weight gradients, no error."""
+    w = torch.randn(2, 256, 128, requires_grad=True)
+    x = torch.randn(0, 128, requires_grad=True)
+    fp8.fp8_segment_mm(x, w, [0, 0]).sum().backward()
+    assert x.grad.shape == (0, 128) and w.grad.abs().sum() == 0
+    lin = fp8.FP8Linear(128, 256)
+    x = torch.randn(0, 128, requires_grad=True)
+    lin(x).sum().backward()
+    assert lin.weight.grad.shape == (256, 128) and lin.weight.grad.abs().sum() == 0
+    q, s = fp8.quantize_act_t(torch.randn(0, 256))
+    assert q.shape == (256, 0) and s.shape == (256, 0)
+
+
 def test_moe_routed_experts_run_in_fp8():
     from config import ModelConfig
     from moe import MoE
@@ -358,6 +372,7 @@ def test_kernel_grouped_matches_reference(sizes, N, K):
 @pytest.mark.gpu
 @hopper
 def test_fp8_experts_on_gpu_match_fp32():
+    assert fp8.load_kernel() is not None, fp8._WHY_NOT                # not the PyTorch fallback
     sizes, N, K = [300, 0, 1, 1000, 129], 512, 1024
     x, w, *_ = _grouped_operands(sizes, N, K, "cuda", seed=3)
     x1, w1 = x.clone().requires_grad_(), w.clone().requires_grad_()
@@ -369,20 +384,22 @@ def test_fp8_experts_on_gpu_match_fp32():
     assert fp8.calc_diff(y, torch.cat([s @ we.T for s, we in zip(x.split(sizes), w.unbind(0))])) < 1e-3
     assert fp8.calc_diff(x1.grad, x2.grad) < 1e-3
     assert all(fp8.calc_diff(w1.grad[e], w2.grad[e]) < 1e-3 for e in (0, 3, 4))
+    assert w1.grad[1].abs().sum() == 0                                 # the idle expert
 
 
 @pytest.mark.gpu
 @hopper
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("R,C", [(1, 128), (200, 384), (4096, 1024), (333, 2112)])
+@pytest.mark.parametrize("R,C", [(1, 128), (200, 384), (4096, 1024), (333, 2112), (200, 100), (333, 288)])
 def test_fused_quantization_is_bit_identical(dtype, R, C):
-    """fp8_quant.cu against the PyTorch reference: the same bytes and scales, rows and transposed columns
-    (C = 2112 is not a multiple of 128: only the transposed quantization, which pads R, applies)."""
+    """fp8_quant.cu against the PyTorch reference: the same bytes and scales, rows and transposed columns.
+    Widths that are not multiples of 128 (2112, 100, 288) test only the transposed quantization (which pads R);
+    100 and 288 are not multiples of its 64-column block either."""
     assert fp8.load_kernel() is not None, fp8._WHY_NOT
     seed = int.from_bytes(os.urandom(4), "little")
     torch.manual_seed(seed)
     x = (torch.randn(R, C, device="cuda") * torch.rand(R, 1, device="cuda") * 100).to(dtype)
-    x[0, :128] = 0                                                     # an all-zero tile: amax floor
+    x[0, :min(C, 128)] = 0                                             # an all-zero tile: amax floor
     if C % 128 == 0:
         q, s = fp8.quantize_act(x)
         q_ref, s_ref = fp8.quantize_act_ref(x)
