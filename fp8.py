@@ -11,7 +11,8 @@ The recipe, in the report's terms:
     and add it into an FP32 accumulator. Without this, H800 tensor cores keep only ~14 bits of the running sum
     (≈2% max relative error at K = 4096 in the report): ``fp8_gemm_no_promotion`` emulates that failure.
   * Fprop, Dgrad and Wgrad all run in FP8 (``FP8Linear``); master weights, their gradients and the bias stay
-    in FP32 (the kernel writes Wgrad in bf16 before it is widened: the report keeps it FP32 throughout). Wgrad contracts over tokens, so both of its operands are quantized in 1×128 tiles along the tokens
+    in FP32 (the kernel writes Wgrad in bf16 before it is widened: the report keeps it FP32 throughout).
+    Wgrad contracts over tokens, so both of its operands are quantized in 1×128 tiles along the tokens
     ("1D1D": a per-row scale on B too, not a 128×128 block).
   * The routed experts run in FP8 as well (``fp8_segment_mm``): tokens sorted by expert, each expert's segment
     padded to whole 128-row tiles so that no tile mixes two experts; Fprop and Dgrad are one "M-grouped" GEMM
