@@ -26,12 +26,11 @@ thread-block clusters that share operand tiles through TMA multicast; tier 8: a 
 1D1D, M-grouped and K-grouped variants for training) plus the one-pass quantizers of ``fp8_quant.cu``, JIT-built
 on first use by ``torch.utils.cpp_extension.load``; the functions here pick them on Hopper GPUs and say once when
 they fall back. ``python fp8.py --bench`` times the kernel against torch's bf16 matmul and cuBLAS's blockwise FP8
-``F.scaled_mm``; ``--training`` adds the training variants.
+``F.scaled_mm``; ``--training`` adds the training variants (the timing code is in fp8_bench.py).
 """
 import argparse
 import math
 import os
-import statistics
 import sys
 
 import torch
@@ -338,15 +337,19 @@ def fp8_gemm_grouped(a, a_scale, b, b_scale, groups, out_dtype=torch.bfloat16) -
     return fp8_gemm_grouped_ref(a, a_scale, b, b_scale, groups, out_dtype)
 
 
+def _check_kgrouped(a, a_scale, b, b_scale, sizes):
+    if not _check_gemm(a, a_scale, b, b_scale):
+        raise ValueError("fp8_gemm_kgrouped: b_scale must hold 1×128 tiles along K, (N, K/128)")
+    if any(n % BLOCK for n in sizes) or sum(sizes) != a.shape[1]:
+        raise ValueError(f"fp8_gemm_kgrouped: segment sizes must be multiples of {BLOCK} summing to K = {a.shape[1]}")
+
+
 def fp8_gemm_kgrouped_ref(a, a_scale, b, b_scale, sizes, out_dtype=torch.bfloat16) -> torch.Tensor:
     """Reference K-grouped GEMM (routed-expert Wgrad): out[e] = A[:, seg_e]·B[:, seg_e]ᵀ over the e-th segment
     of K (`sizes`, multiples of 128), both operands in 1×128 tiles along K → (E, M, N); empty segments give 0."""
     if a.shape[1] == 0:                                                # no tokens at all: zero gradients
         return torch.zeros(len(sizes), a.shape[0], b.shape[0], dtype=out_dtype, device=a.device)
-    if not _check_gemm(a, a_scale, b, b_scale):
-        raise ValueError("fp8_gemm_kgrouped: b_scale must hold 1×128 tiles along K, (N, K/128)")
-    if any(n % BLOCK for n in sizes) or sum(sizes) != a.shape[1]:
-        raise ValueError(f"fp8_gemm_kgrouped: segment sizes must be multiples of {BLOCK} summing to K = {a.shape[1]}")
+    _check_kgrouped(a, a_scale, b, b_scale, sizes)
     out = torch.zeros(len(sizes), a.shape[0], b.shape[0], dtype=out_dtype, device=a.device)
     start = 0
     for e, n in enumerate(sizes):
@@ -365,10 +368,7 @@ def fp8_gemm_kgrouped(a, a_scale, b, b_scale, sizes, out_dtype=torch.bfloat16) -
             _notice(f"{_WHY_NOT or f'M = {M} (not a multiple of 128) or N = {N} (not of 8)'}; "
                     f"using the PyTorch reference K-grouped GEMM (slow)")
         return fp8_gemm_kgrouped_ref(a, a_scale, b, b_scale, sizes, out_dtype)
-    if not _check_gemm(a, a_scale, b, b_scale):
-        raise ValueError("fp8_gemm_kgrouped: b_scale must hold 1×128 tiles along K, (N, K/128)")
-    if any(n % BLOCK for n in sizes) or sum(sizes) != a.shape[1]:
-        raise ValueError(f"fp8_gemm_kgrouped: segment sizes must be multiples of {BLOCK} summing to K = {a.shape[1]}")
+    _check_kgrouped(a, a_scale, b, b_scale, sizes)
     starts = [sum(sizes[:e]) for e in range(len(sizes))]
     kg = [(e, s // BLOCK, n // BLOCK) for e, (s, n) in enumerate(zip(starts, sizes)) if n]   # busy experts
     out = torch.zeros(len(sizes) * M, N, dtype=torch.bfloat16, device=a.device)             # idle ones stay 0
@@ -541,119 +541,6 @@ def fp8_segment_mm(x: torch.Tensor, w: torch.Tensor, sizes: list) -> torch.Tenso
     return _FP8ExpertsFn.apply(x, w, list(sizes))
 
 
-# ---------------------------------------------------------------- benchmark
-SHAPES_NK = [(2112, 7168), (24576, 1536), (32768, 512), (7168, 16384), (4096, 7168), (7168, 2048)]
-
-
-def _median_ms(fn, warmup: int = 10, reps: int = 50) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        times.append((start, end))
-    torch.cuda.synchronize()
-    return statistics.median(s.elapsed_time(e) for s, e in times)
-
-
-def _vendor_blockwise(xq, xs, wq, ws):
-    """cuBLAS blockwise FP8 through torch: returns (callable, name). Layouts per torch's ScaledBlas checks:
-    A-scales (M, K/128) with strides (1, M); B = Wᵀ column-major; B-scales (round_up(K/128, 4), N/128)."""
-    sa = xs.t().contiguous().t()                                          # (M, K/128), M-major
-    sb = F.pad(ws, (0, -ws.shape[1] % 4)).t()                              # (Kb4, Nb), strides (1, Kb4)
-    tries = [(lambda: torch._scaled_mm(xq, wq.t(), sa, sb, out_dtype=torch.bfloat16), "torch._scaled_mm")]
-    if hasattr(F, "scaled_mm"):
-        tries.insert(0, (lambda: F.scaled_mm(xq, wq.t(), sa, F.ScalingType.BlockWise1x128, sb,
-                                             F.ScalingType.BlockWise128x128, output_dtype=torch.bfloat16),
-                         "F.scaled_mm"))
-    for fn, name in tries:
-        try:
-            fn()
-            return fn, name
-        except Exception as e:  # noqa: PERF203 - report the last failure
-            err = e
-    raise err
-
-
-def bench(tiers=(1, 2, 3, 4, 5, 6, 7, 8)):
-    if load_kernel() is None:
-        raise SystemExit(f"fp8.py --bench needs a Hopper GPU and the kernel: {_WHY_NOT}")
-    print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, CUDA {torch.version.cuda}")
-    print("# TFLOP/s = 2MNK / median time (CUDA events, 10 warm-ups, 50 reps, no L2 flush); "
-          "(calc_diff vs bf16 x@w.T of the unquantized inputs)")
-    head = [f"tier{t}" for t in tiers] + ["bf16 mm", "vendor blockwise"]
-    print("| M | N | K | " + " | ".join(head) + " |")
-    print("|---" * (3 + len(head)) + "|")
-    vendor_name = "n/a"
-    shapes = [(4096, n, k) for n, k in SHAPES_NK] + [(8192, 8192, 8192)] + [(128, n, k) for n, k in SHAPES_NK]
-    for M, N, K in shapes:
-        x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
-        w = torch.randn(N, K, device="cuda", dtype=torch.bfloat16)
-        xq, xs = quantize_act(x)
-        wq, ws = quantize_weight(w)
-        ref = x @ w.T
-        cells = []
-        for t in tiers:
-            out = torch.full((M, N), float("nan"), device="cuda", dtype=torch.bfloat16)
-            ms = _median_ms(lambda: _EXT.gemm(xq, xs, wq, ws, out, t))
-            cells.append(f"{2 * M * N * K / ms / 1e9:.0f} ({calc_diff(out, ref):.1e})")
-        ms = _median_ms(lambda: x @ w.T)
-        cells.append(f"{2 * M * N * K / ms / 1e9:.0f}")
-        try:
-            fn, vendor_name = _vendor_blockwise(xq, xs, wq, ws)
-            ms = _median_ms(fn)
-            cells.append(f"{2 * M * N * K / ms / 1e9:.0f} ({calc_diff(fn(), ref):.1e})")
-        except Exception as e:
-            cells.append(f"error: {type(e).__name__}: {str(e).splitlines()[0][:60]}")
-        print(f"| {M} | {N} | {K} | " + " | ".join(cells) + " |", flush=True)
-        del x, w, xq, wq, ref
-        torch.cuda.empty_cache()
-    print(f"# vendor blockwise = {vendor_name} (BlockWise1x128 × BlockWise128x128)")
-
-
-def bench_training(experts=32, rows=2048):
-    """Training GEMMs next to tier 4 on the same sizes: wgrad (1×128 scales on both operands) and the routed
-    experts' grouped GEMM (`experts` segments of `rows` tokens: `small` preset-like at 16K tokens × top-4)."""
-    print("\n# training variants vs tier 4 on the same M, N, K (TFLOP/s)")
-    print("| GEMM | M | N | K | variant | tier 4 (128×128 B scales, one weight) |\n|---|---|---|---|---|---|")
-
-    def rate(M, N, K, fn):
-        return f"{2 * M * N * K / _median_ms(fn) / 1e9:.0f}"
-
-    for M, N, K in [(1024, 1024, 16384), (2816, 1024, 16384), (7168, 2048, 4096), (4096, 7168, 8192)]:
-        aq, a_s = quantize_act(torch.randn(M, K, device="cuda"))
-        bq, b_s = quantize_act(torch.randn(N, K, device="cuda"))
-        wq, ws = quantize_weight(torch.randn(N, K, device="cuda"))
-        sbt = F.pad(b_s.t(), (0, -N % BLOCK)).contiguous()
-        out = torch.empty(M, N, device="cuda", dtype=torch.bfloat16)
-        print(f"| wgrad 1D1D | {M} | {N} | {K} | {rate(M, N, K, lambda: _EXT.gemm_1d1d(aq, a_s, bq, sbt, out))} | "
-              f"{rate(M, N, K, lambda: _EXT.gemm(aq, a_s, wq, ws, out, 4))} |", flush=True)
-    for M, N in [(512, 1024), (1024, 512)]:  # expert wgrad: dW[e] = dY_eᵀ·X_e over each expert's own tokens
-        K = experts * rows
-        aq, a_s = quantize_act(torch.randn(M, K, device="cuda"))
-        bq, b_s = quantize_act(torch.randn(N, K, device="cuda"))
-        sbt = F.pad(b_s.t(), (0, -N % BLOCK)).contiguous()
-        out = torch.empty(M, N, device="cuda", dtype=torch.bfloat16)
-        kgrouped = rate(M, N, K, lambda: fp8_gemm_kgrouped(aq, a_s, bq, b_s, [rows] * experts))
-        print(f"| wgrad, {experts} experts × {rows} tokens (K-grouped) | {M} | {N} | {K} | {kgrouped} | "
-              f"{rate(M, N, K, lambda: _EXT.gemm_1d1d(aq, a_s, bq, sbt, out))} (1D1D, one sum over all K) |",
-              flush=True)
-    for N, K in [(512, 1024), (1024, 512), (2048, 7168), (7168, 2048)]:
-        M = experts * rows
-        aq, a_s = quantize_act(torch.randn(M, K, device="cuda"))
-        wq, ws = quantize_weight(torch.randn(experts * N, K, device="cuda"))
-        groups = torch.arange(experts, device="cuda", dtype=torch.int32).repeat_interleave(rows // BLOCK)
-        out = torch.empty(M, N, device="cuda", dtype=torch.bfloat16)
-        grouped = rate(M, N, K, lambda: _EXT.gemm_grouped(aq, a_s, wq, ws, groups, out, experts))
-        print(f"| {experts} experts × {rows} rows | {M} | {N} | {K} | {grouped} | "
-              f"{rate(M, N, K, lambda: _EXT.gemm(aq, a_s, wq[:N], ws[:N // BLOCK], out, 4))} |", flush=True)
-        del aq, wq
-        torch.cuda.empty_cache()
-
-
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description="Fine-grained FP8 GEMM (DeepSeek-V3 §3.3): benchmark on a Hopper GPU")
     p.add_argument("--bench", action="store_true", help="print TFLOP/s of the kernel tiers, bf16 mm, cuBLAS FP8")
@@ -663,6 +550,7 @@ if __name__ == "__main__":
     if not args.bench:
         p.print_help()
         sys.exit(0)
-    bench(tuple(int(t) for t in args.tiers.split(",")))
+    import fp8_bench  # the timing code lives beside this file
+    fp8_bench.bench(tuple(int(t) for t in args.tiers.split(",")))
     if args.training:
-        bench_training()
+        fp8_bench.bench_training()

@@ -270,6 +270,24 @@ __device__ __forceinline__ void issue_block(float* acc, const uint8_t* a, const 
   asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
 }
 
+// The K loop of the two-accumulator pipeline (tier 4 and the cluster tiers): block 0 is already issued into
+// acc0; step(cur, nxt, kb, last) starts block kb + 1 into `nxt` (unless last), waits for block kb in `cur` and
+// promotes it. Unrolled by 2 so that acc0 and acc1 stay registers.
+template <class Step>
+__device__ __forceinline__ void k_loop_2acc(float* acc0, float* acc1, int n_blocks, Step& step) {
+  int kb = 0;
+  for (; kb + 2 < n_blocks; kb += 2) {
+    step(acc0, acc1, kb, false);
+    step(acc1, acc0, kb + 1, false);
+  }
+  if (kb + 1 < n_blocks) {
+    step(acc0, acc1, kb, false);
+    step(acc1, acc0, kb + 1, true);
+  } else {
+    step(acc0, acc1, kb, true);
+  }
+}
+
 // Promotion on the CUDA cores: fin += (sa * sb) * acc. Register 4j+{0,1} is row r0, 4j+{2,3} row r0 + 8.
 __device__ __forceinline__ void promote(float* fin, float* acc, float s0, float s1) {
 #pragma unroll
@@ -409,7 +427,7 @@ __global__ void __launch_bounds__(THREADS, 1) gemm(const __grid_constant__ CUten
         }
       } else {
         // Step kb: start block kb+1 into `nxt`, wait for block kb (in `cur`) only, release its stage, promote.
-        // The last step has no next block. Unrolled by 2 so that acc0/acc1 stay registers.
+        // The last step has no next block (k_loop_2acc drives the steps).
         auto step = [&](float* cur, float* nxt, int kb, bool last) {
           float s0, s1;
           scales(kb, s0, s1);
@@ -431,17 +449,7 @@ __global__ void __launch_bounds__(THREADS, 1) gemm(const __grid_constant__ CUten
         };
         mbar_wait(&full[it % STAGES], (it / STAGES) & 1);
         issue_block(acc0, a_of(it), b_of(it));
-        int kb = 0;
-        for (; kb + 2 < nkb; kb += 2) {
-          step(acc0, acc1, kb, false);
-          step(acc1, acc0, kb + 1, false);
-        }
-        if (kb + 1 < nkb) {
-          step(acc0, acc1, kb, false);
-          step(acc1, acc0, kb + 1, true);
-        } else {
-          step(acc0, acc1, kb, true);
-        }
+        k_loop_2acc(acc0, acc1, nkb, step);
       }
       if constexpr (EPI_TMA) {
         uint8_t* cbuf = sC + mw * (C_BYTES / 2);
@@ -644,17 +652,7 @@ __global__ void __launch_bounds__(t2::THREADS, 1) gemm(const __grid_constant__ C
       };
       mbar_wait(&full[it % STAGES], (it / STAGES) & 1);
       issue_block(acc0, a_of(it), b_of(it));
-      int kb = 0;
-      for (; kb + 2 < Kb; kb += 2) {
-        step(acc0, acc1, kb, false);
-        step(acc1, acc0, kb + 1, false);
-      }
-      if (kb + 1 < Kb) {
-        step(acc0, acc1, kb, false);
-        step(acc1, acc0, kb + 1, true);
-      } else {
-        step(acc0, acc1, kb, true);
-      }
+      t2::k_loop_2acc(acc0, acc1, Kb, step);
       uint8_t* cbuf = sC + mw * (C_BYTES / 2);
       if (leader) asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory");
       named_barrier(1 + mw);

@@ -1,0 +1,125 @@
+"""Timing of fp8.py's kernels on a Hopper GPU (run it as `python fp8.py --bench [--tiers ...] [--training]`).
+
+`bench` prints TFLOP/s per shape for the kernel tiers of fp8_gemm.cu, torch's bf16 matmul and cuBLAS's blockwise
+FP8 (`F.scaled_mm`, BlockWise1x128 × BlockWise128x128), with each result's calc_diff against the bf16 product of
+the unquantized inputs; `bench_training` times the variants FP8 training uses next to tier 4. BENCHMARKS.md
+records the tables.
+"""
+import statistics
+
+import torch
+import torch.nn.functional as F
+
+import fp8
+from fp8 import BLOCK, calc_diff, fp8_gemm_kgrouped, load_kernel, quantize_act, quantize_weight
+
+SHAPES_NK = [(2112, 7168), (24576, 1536), (32768, 512), (7168, 16384), (4096, 7168), (7168, 2048)]
+
+
+def _median_ms(fn, warmup: int = 10, reps: int = 50) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        times.append((start, end))
+    torch.cuda.synchronize()
+    return statistics.median(s.elapsed_time(e) for s, e in times)
+
+
+def _vendor_blockwise(xq, xs, wq, ws):
+    """cuBLAS blockwise FP8 through torch: returns (callable, name). Layouts per torch's ScaledBlas checks:
+    A-scales (M, K/128) with strides (1, M); B = Wᵀ column-major; B-scales (round_up(K/128, 4), N/128)."""
+    sa = xs.t().contiguous().t()                                          # (M, K/128), M-major
+    sb = F.pad(ws, (0, -ws.shape[1] % 4)).t()                              # (Kb4, Nb), strides (1, Kb4)
+    tries = [(lambda: torch._scaled_mm(xq, wq.t(), sa, sb, out_dtype=torch.bfloat16), "torch._scaled_mm")]
+    if hasattr(F, "scaled_mm"):
+        tries.insert(0, (lambda: F.scaled_mm(xq, wq.t(), sa, F.ScalingType.BlockWise1x128, sb,
+                                             F.ScalingType.BlockWise128x128, output_dtype=torch.bfloat16),
+                         "F.scaled_mm"))
+    for fn, name in tries:
+        try:
+            fn()
+            return fn, name
+        except Exception as e:  # noqa: PERF203 - report the last failure
+            err = e
+    raise err
+
+
+def bench(tiers=(1, 2, 3, 4, 5, 6, 7, 8)):
+    if load_kernel() is None:
+        raise SystemExit(f"fp8.py --bench needs a Hopper GPU and the kernel: {fp8._WHY_NOT}")
+    print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, CUDA {torch.version.cuda}")
+    print("# TFLOP/s = 2MNK / median time (CUDA events, 10 warm-ups, 50 reps, no L2 flush); "
+          "(calc_diff vs bf16 x@w.T of the unquantized inputs)")
+    head = [f"tier{t}" for t in tiers] + ["bf16 mm", "vendor blockwise"]
+    print("| M | N | K | " + " | ".join(head) + " |")
+    print("|---" * (3 + len(head)) + "|")
+    vendor_name = "n/a"
+    shapes = [(4096, n, k) for n, k in SHAPES_NK] + [(8192, 8192, 8192)] + [(128, n, k) for n, k in SHAPES_NK]
+    for M, N, K in shapes:
+        x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+        w = torch.randn(N, K, device="cuda", dtype=torch.bfloat16)
+        xq, xs = quantize_act(x)
+        wq, ws = quantize_weight(w)
+        ref = x @ w.T
+        cells = []
+        for t in tiers:
+            out = torch.full((M, N), float("nan"), device="cuda", dtype=torch.bfloat16)
+            ms = _median_ms(lambda: fp8._EXT.gemm(xq, xs, wq, ws, out, t))
+            cells.append(f"{2 * M * N * K / ms / 1e9:.0f} ({calc_diff(out, ref):.1e})")
+        ms = _median_ms(lambda: x @ w.T)
+        cells.append(f"{2 * M * N * K / ms / 1e9:.0f}")
+        try:
+            fn, vendor_name = _vendor_blockwise(xq, xs, wq, ws)
+            ms = _median_ms(fn)
+            cells.append(f"{2 * M * N * K / ms / 1e9:.0f} ({calc_diff(fn(), ref):.1e})")
+        except Exception as e:
+            cells.append(f"error: {type(e).__name__}: {str(e).splitlines()[0][:60]}")
+        print(f"| {M} | {N} | {K} | " + " | ".join(cells) + " |", flush=True)
+        del x, w, xq, wq, ref
+        torch.cuda.empty_cache()
+    print(f"# vendor blockwise = {vendor_name} (BlockWise1x128 × BlockWise128x128)")
+
+
+def bench_training(experts=32, rows=2048):
+    """Training GEMMs next to tier 4 on the same sizes: wgrad (1×128 scales on both operands) and the routed
+    experts' grouped GEMM (`experts` segments of `rows` tokens: `small` preset-like at 16K tokens × top-4)."""
+    print("\n# training variants vs tier 4 on the same M, N, K (TFLOP/s)")
+    print("| GEMM | M | N | K | variant | tier 4 (128×128 B scales, one weight) |\n|---|---|---|---|---|---|")
+
+    def rate(M, N, K, fn):
+        return f"{2 * M * N * K / _median_ms(fn) / 1e9:.0f}"
+
+    for M, N, K in [(1024, 1024, 16384), (2816, 1024, 16384), (7168, 2048, 4096), (4096, 7168, 8192)]:
+        aq, a_s = quantize_act(torch.randn(M, K, device="cuda"))
+        bq, b_s = quantize_act(torch.randn(N, K, device="cuda"))
+        wq, ws = quantize_weight(torch.randn(N, K, device="cuda"))
+        sbt = F.pad(b_s.t(), (0, -N % BLOCK)).contiguous()
+        out = torch.empty(M, N, device="cuda", dtype=torch.bfloat16)
+        print(f"| wgrad 1D1D | {M} | {N} | {K} | {rate(M, N, K, lambda: fp8._EXT.gemm_1d1d(aq, a_s, bq, sbt, out))} | "
+              f"{rate(M, N, K, lambda: fp8._EXT.gemm(aq, a_s, wq, ws, out, 4))} |", flush=True)
+    for M, N in [(512, 1024), (1024, 512)]:  # expert wgrad: dW[e] = dY_eᵀ·X_e over each expert's own tokens
+        K = experts * rows
+        aq, a_s = quantize_act(torch.randn(M, K, device="cuda"))
+        bq, b_s = quantize_act(torch.randn(N, K, device="cuda"))
+        sbt = F.pad(b_s.t(), (0, -N % BLOCK)).contiguous()
+        out = torch.empty(M, N, device="cuda", dtype=torch.bfloat16)
+        kgrouped = rate(M, N, K, lambda: fp8_gemm_kgrouped(aq, a_s, bq, b_s, [rows] * experts))
+        print(f"| wgrad, {experts} experts × {rows} tokens (K-grouped) | {M} | {N} | {K} | {kgrouped} | "
+              f"{rate(M, N, K, lambda: fp8._EXT.gemm_1d1d(aq, a_s, bq, sbt, out))} (1D1D, one sum over all K) |",
+              flush=True)
+    for N, K in [(512, 1024), (1024, 512), (2048, 7168), (7168, 2048)]:
+        M = experts * rows
+        aq, a_s = quantize_act(torch.randn(M, K, device="cuda"))
+        wq, ws = quantize_weight(torch.randn(experts * N, K, device="cuda"))
+        groups = torch.arange(experts, device="cuda", dtype=torch.int32).repeat_interleave(rows // BLOCK)
+        out = torch.empty(M, N, device="cuda", dtype=torch.bfloat16)
+        grouped = rate(M, N, K, lambda: fp8._EXT.gemm_grouped(aq, a_s, wq, ws, groups, out, experts))
+        print(f"| {experts} experts × {rows} rows | {M} | {N} | {K} | {grouped} | "
+              f"{rate(M, N, K, lambda: fp8._EXT.gemm(aq, a_s, wq[:N], ws[:N // BLOCK], out, 4))} |", flush=True)
+        del aq, wq
+        torch.cuda.empty_cache()
