@@ -11,8 +11,8 @@ The recipe, in the report's terms:
     and add it into an FP32 accumulator. Without this, H800 tensor cores keep only ~14 bits of the running sum
     (≈2% max relative error at K = 4096 in the report): ``fp8_gemm_no_promotion`` emulates that failure.
   * Fprop, Dgrad and Wgrad all run in FP8 (``FP8Linear``); master weights, their gradients and the bias stay
-    in FP32 (the kernel writes Wgrad in bf16 before it is widened: the report keeps it FP32 throughout).
-    Wgrad contracts over tokens, so both of its operands are quantized in 1×128 tiles along the tokens
+    in FP32 (the wgrad kernels write FP32 too). Wgrad contracts over tokens, so both of its operands are
+    quantized in 1×128 tiles along the tokens
     ("1D1D": a per-row scale on B too, not a 128×128 block).
   * The routed experts run in FP8 as well (``fp8_segment_mm``): tokens sorted by expert, each expert's segment
     padded to whole 128-row tiles so that no tile mixes two experts; Fprop and Dgrad are one "M-grouped" GEMM
@@ -268,12 +268,13 @@ def load_kernel():
 def fp8_gemm(a, a_scale, b, b_scale, out_dtype=torch.bfloat16) -> torch.Tensor:
     """C = A·Bᵀ (see fp8_gemm_ref for the layouts): the CUDA kernel on Hopper, the reference elsewhere.
 
-    128×128 block scales on B run kernel tier 4; 1×128 scales on B (wgrad) its "1D1D" variant, which wants
-    the scales transposed to (K/128, N rounded up to 128) and an output row length that is a multiple of 8."""
+    128×128 block scales on B run kernel tier 4 (bf16 output); 1×128 scales on B (wgrad) its "1D1D" variant
+    (fp32 output), which wants the scales transposed to (K/128, N rounded up to 128) and N a multiple of 8."""
     rowwise = _check_gemm(a, a_scale, b, b_scale)
     N = b.shape[0]
     if a.is_cuda and load_kernel() is not None and not (rowwise and N % 8):
-        out = torch.empty(a.shape[0], N, dtype=torch.bfloat16, device=a.device)
+        # the wgrad variant writes fp32 (Wgrad stays FP32 in the report), tier 4 bf16
+        out = torch.empty(a.shape[0], N, dtype=torch.float32 if rowwise else torch.bfloat16, device=a.device)
         with torch.cuda.device(a.device):   # the kernel launches on the current device's current stream
             if rowwise:
                 sbt = F.pad(b_scale.t(), (0, -N % BLOCK)).contiguous()            # (K/128, N'), N' = ⌈N/128⌉·128
@@ -371,7 +372,7 @@ def fp8_gemm_kgrouped(a, a_scale, b, b_scale, sizes, out_dtype=torch.bfloat16) -
     _check_kgrouped(a, a_scale, b, b_scale, sizes)
     starts = [sum(sizes[:e]) for e in range(len(sizes))]
     kg = [(e, s // BLOCK, n // BLOCK) for e, (s, n) in enumerate(zip(starts, sizes)) if n]   # busy experts
-    out = torch.zeros(len(sizes) * M, N, dtype=torch.bfloat16, device=a.device)             # idle ones stay 0
+    out = torch.zeros(len(sizes) * M, N, dtype=torch.float32, device=a.device)              # idle ones stay 0
     if kg:
         sbt = F.pad(b_scale.t(), (0, -N % BLOCK)).contiguous()                               # (K/128, N')
         with torch.cuda.device(a.device):

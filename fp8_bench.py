@@ -100,14 +100,16 @@ def bench_training(experts=32, rows=2048):
         wq, ws = quantize_weight(torch.randn(N, K, device="cuda"))
         sbt = F.pad(b_s.t(), (0, -N % BLOCK)).contiguous()
         out = torch.empty(M, N, device="cuda", dtype=torch.bfloat16)
-        print(f"| wgrad 1D1D | {M} | {N} | {K} | {rate(M, N, K, lambda: fp8._EXT.gemm_1d1d(aq, a_s, bq, sbt, out))} | "
+        out32 = torch.empty(M, N, device="cuda", dtype=torch.float32)     # the wgrad variants write fp32
+        print(f"| wgrad 1D1D | {M} | {N} | {K} | "
+              f"{rate(M, N, K, lambda: fp8._EXT.gemm_1d1d(aq, a_s, bq, sbt, out32))} | "
               f"{rate(M, N, K, lambda: fp8._EXT.gemm(aq, a_s, wq, ws, out, 4))} |", flush=True)
     for M, N in [(512, 1024), (1024, 512)]:  # expert wgrad: dW[e] = dY_eᵀ·X_e over each expert's own tokens
         K = experts * rows
         aq, a_s = quantize_act(torch.randn(M, K, device="cuda"))
         bq, b_s = quantize_act(torch.randn(N, K, device="cuda"))
         sbt = F.pad(b_s.t(), (0, -N % BLOCK)).contiguous()
-        out = torch.empty(M, N, device="cuda", dtype=torch.bfloat16)
+        out = torch.empty(M, N, device="cuda", dtype=torch.float32)
         kgrouped = rate(M, N, K, lambda: fp8_gemm_kgrouped(aq, a_s, bq, b_s, [rows] * experts))
         print(f"| wgrad, {experts} experts × {rows} tokens (K-grouped) | {M} | {N} | {K} | {kgrouped} | "
               f"{rate(M, N, K, lambda: fp8._EXT.gemm_1d1d(aq, a_s, bq, sbt, out))} (1D1D, one sum over all K) |",

@@ -46,6 +46,18 @@ __device__ __forceinline__ uint32_t smem_u32(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }
 
+// fp32 output (the wgrad variants): two adjacent outputs of one row, one 8-byte store when aligned.
+__device__ __forceinline__ void store_pair(float* C, int M, int N, int row, int col, float x, float y) {
+  if (row >= M) return;
+  float* p = C + (size_t)row * N + col;
+  if (col + 1 < N && (N & 1) == 0) {
+    *reinterpret_cast<float2*>(p) = make_float2(x, y);
+  } else {
+    if (col < N) p[0] = x;
+    if (col + 1 < N) p[1] = y;
+  }
+}
+
 __device__ __forceinline__ void store_pair(__nv_bfloat16* C, int M, int N, int row, int col, float x, float y) {
   // Two adjacent outputs of one row; a 4-byte store when both are in range and aligned (N even).
   if (row >= M) return;
@@ -329,17 +341,19 @@ __device__ __forceinline__ void promote_cols(float* fin, float* acc, float s0, f
 //    GROUPS[m0 / 128] is the expert of M tile m0, so each tile reads its own expert's rows of B.
 //  * KG != nullptr (routed-expert wgrad, "K-grouped"): n_kg independent products over slices of K, the tokens
 //    of one expert each: group g = (e, kb0, nkb) sums K blocks [kb0, kb0 + nkb) and writes rows
-//    [e*M, e*M + M) of C, which is (experts*M, N); M % 128 == 0. Used with SB_ROW and EPI_TMA (the plain-store
-//    epilogue writes rows from m0). Every group needs nkb >= 1 and kb0 + nkb <= K/128 (fp8.py sees to it).
-template <bool EPI_TMA, bool OVERLAP, int STAGES, bool SB_ROW = false>
+//    [e*M, e*M + M) of C, which is (experts*M, N); M % 128 == 0. Used with SB_ROW. Every group needs nkb >= 1
+//    and kb0 + nkb <= K/128 (fp8.py sees to it).
+// OutT = float (with the plain-store epilogue): the wgrad variants write fp32, as the report keeps Wgrad.
+template <bool EPI_TMA, bool OVERLAP, int STAGES, bool SB_ROW = false, typename OutT = __nv_bfloat16>
 __global__ void __launch_bounds__(THREADS, 1) gemm(const __grid_constant__ CUtensorMap tmA,
                                                    const __grid_constant__ CUtensorMap tmB,
                                                    const __grid_constant__ CUtensorMap tmC,
                                                    const float* __restrict__ SA, const float* __restrict__ SB,
-                                                   __nv_bfloat16* __restrict__ C, int M, int N, int K,
+                                                   OutT* __restrict__ C, int M, int N, int K,
                                                    const int* __restrict__ GROUPS = nullptr,
                                                    const int* __restrict__ KG = nullptr, int n_kg = 0) {
   static_assert(OVERLAP || !SB_ROW, "the 1D1D variant is built on tier 4 (OVERLAP)");
+  static_assert(!EPI_TMA || sizeof(OutT) == 2, "the TMA-store epilogue writes bf16; fp32 outputs use plain stores");
   extern __shared__ uint8_t smem_raw[];
   // 128B-swizzled TMA destinations and wgmma operands want 1024-byte aligned tiles.
   uint8_t* smem = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
@@ -473,8 +487,9 @@ __global__ void __launch_bounds__(THREADS, 1) gemm(const __grid_constant__ CUten
 #pragma unroll
         for (int j = 0; j < 16; ++j) {  // register 4j+{0,1} -> (row r0, cols 8j + 2(lane%4) + {0,1}); 4j+{2,3} -> r1
           int col = n0 + 8 * j + 2 * (lane & 3);
-          store_pair(C, M, N, r0, col, fin[4 * j + 0], fin[4 * j + 1]);
-          store_pair(C, M, N, r1, col, fin[4 * j + 2], fin[4 * j + 3]);
+          OutT* Cg = C + (size_t)(c_row - m0) * N;  // K-grouped: this expert's block of rows (else C itself)
+          store_pair(Cg, M, N, r0, col, fin[4 * j + 0], fin[4 * j + 1]);
+          store_pair(Cg, M, N, r1, col, fin[4 * j + 2], fin[4 * j + 3]);
         }
       }
     }
@@ -822,11 +837,11 @@ static bool make_map(CUtensorMap* map, const void* ptr, CUtensorMapDataType dtyp
 }
 
 // b_rows: rows of B (N, or experts x N when grouped); groups: the expert of each M tile, or nullptr.
-template <bool EPI_TMA, bool OVERLAP, int STAGES, bool SB_ROW = false>
+template <bool EPI_TMA, bool OVERLAP, int STAGES, bool SB_ROW = false, typename OutT = __nv_bfloat16>
 static const char* launch_t2(const uint8_t* A, const float* SA, const uint8_t* B, const float* SB,
-                             __nv_bfloat16* C, int M, int N, int K, cudaStream_t stream, int b_rows = -1,
+                             OutT* C, int M, int N, int K, cudaStream_t stream, int b_rows = -1,
                              const int* groups = nullptr, const int* kg = nullptr, int n_kg = 0, int c_rows = -1) {
-  auto kern = t2::gemm<EPI_TMA, OVERLAP, STAGES, SB_ROW>;
+  auto kern = t2::gemm<EPI_TMA, OVERLAP, STAGES, SB_ROW, OutT>;
   constexpr int smem = t2::smem_bytes(EPI_TMA, STAGES, SB_ROW);
   static int sms = 0;
   if (!sms) {
@@ -938,11 +953,11 @@ static const char* launch(int tier, const uint8_t* A, const float* SA, const uin
   return e == cudaSuccess ? nullptr : cudaGetErrorString(e);
 }
 
-// Tier 4 with 1x128 scales on B too (wgrad). SB_T: (K/128, N rounded up to 128), zero-padded.
+// Tier 4 with 1x128 scales on B too (wgrad), fp32 output through plain stores (no output tile in shared memory,
+// so 6 stages fit next to the column scales). SB_T: (K/128, N rounded up to 128), zero-padded.
 static const char* launch_1d1d(const uint8_t* A, const float* SA, const uint8_t* B, const float* SB_T,
-                               __nv_bfloat16* C, int M, int N, int K, cudaStream_t stream) {
-  // 5 stages: 6 and the column scales do not fit in 227 KiB (5 measured as fast as 6 in tier 4, BENCHMARKS.md)
-  const char* err = launch_t2<true, true, 5, true>(A, SA, B, SB_T, C, M, N, K, stream);
+                               float* C, int M, int N, int K, cudaStream_t stream) {
+  const char* err = launch_t2<false, true, 6, true, float>(A, SA, B, SB_T, C, M, N, K, stream);
   if (err) return err;
   cudaError_t e = cudaGetLastError();
   return e == cudaSuccess ? nullptr : cudaGetErrorString(e);
@@ -952,9 +967,10 @@ static const char* launch_1d1d(const uint8_t* A, const float* SA, const uint8_t*
 // block, number of K blocks), all on the GPU; C is (experts * M, N) and M % 128 == 0. Each group must have at
 // least one K block inside K (an empty group would wait forever for a stage); fp8.py passes busy experts only.
 static const char* launch_1d1d_kgrouped(const uint8_t* A, const float* SA, const uint8_t* B, const float* SB_T,
-                                        __nv_bfloat16* C, int M, int N, int K, const int* kg, int n_kg,
+                                        float* C, int M, int N, int K, const int* kg, int n_kg,
                                         int c_rows, cudaStream_t stream) {
-  const char* err = launch_t2<true, true, 5, true>(A, SA, B, SB_T, C, M, N, K, stream, -1, nullptr, kg, n_kg, c_rows);
+  const char* err = launch_t2<false, true, 6, true, float>(A, SA, B, SB_T, C, M, N, K, stream, -1, nullptr, kg, n_kg,
+                                                           c_rows);
   if (err) return err;
   cudaError_t e = cudaGetLastError();
   return e == cudaSuccess ? nullptr : cudaGetErrorString(e);
@@ -1001,14 +1017,16 @@ void gemm(at::Tensor a, at::Tensor a_scale, at::Tensor b, at::Tensor b_scale, at
 }
 
 static void check_common(const at::Tensor& a, const at::Tensor& a_scale, const at::Tensor& b,
-                         const at::Tensor& b_scale, const at::Tensor& out, const char* name) {
+                         const at::Tensor& b_scale, const at::Tensor& out, const char* name,
+                         at::ScalarType out_type = at::kBFloat16) {
   TORCH_CHECK(a.is_cuda() && b.is_cuda() && a_scale.is_cuda() && b_scale.is_cuda() && out.is_cuda(), name,
               ": all tensors must be on the GPU");
   TORCH_CHECK(a.scalar_type() == at::kFloat8_e4m3fn && b.scalar_type() == at::kFloat8_e4m3fn, name,
               ": a and b must be float8_e4m3fn");
   TORCH_CHECK(a_scale.scalar_type() == at::kFloat && b_scale.scalar_type() == at::kFloat, name,
               ": scales must be float32");
-  TORCH_CHECK(out.scalar_type() == at::kBFloat16, name, ": out must be bfloat16");
+  TORCH_CHECK(out.scalar_type() == out_type, name, out_type == at::kFloat ? ": out must be float32"
+                                                                         : ": out must be bfloat16");
   TORCH_CHECK(a.is_contiguous() && b.is_contiguous() && a_scale.is_contiguous() && b_scale.is_contiguous() &&
                   out.is_contiguous(), name, ": tensors must be contiguous");
   TORCH_CHECK(a.dim() == 2 && b.dim() == 2 && a.size(1) == b.size(1) && a.size(1) % 128 == 0, name,
@@ -1021,9 +1039,10 @@ static void check_common(const at::Tensor& a, const at::Tensor& a_scale, const a
 }
 
 // out (M, N) = a (M, K) [a_scale (M, K/128)] . b (N, K) [b_scale_t (K/128, N rounded up to 128), one scale
-// per row of b per 128 of K, transposed and zero-padded]^T: the wgrad GEMM, both operands in 1x128 tiles.
+// per row of b per 128 of K, transposed and zero-padded]^T: the wgrad GEMM, both operands in 1x128 tiles,
+// out float32.
 void gemm_1d1d(at::Tensor a, at::Tensor a_scale, at::Tensor b, at::Tensor b_scale_t, at::Tensor out) {
-  check_common(a, a_scale, b, b_scale_t, out, "fp8_gemm_1d1d");
+  check_common(a, a_scale, b, b_scale_t, out, "fp8_gemm_1d1d", at::kFloat);
   const int M = a.size(0), K = a.size(1), N = b.size(0);
   TORCH_CHECK(b_scale_t.dim() == 2 && b_scale_t.size(0) == K / 128 && b_scale_t.size(1) == (N + 127) / 128 * 128,
               "fp8_gemm_1d1d: b_scale_t must be (K/128, N rounded up to 128)");
@@ -1031,21 +1050,21 @@ void gemm_1d1d(at::Tensor a, at::Tensor a_scale, at::Tensor b, at::Tensor b_scal
   if (M == 0 || N == 0) return;
   const char* err = fp8g::launch_1d1d(reinterpret_cast<const uint8_t*>(a.data_ptr()), a_scale.data_ptr<float>(),
                                       reinterpret_cast<const uint8_t*>(b.data_ptr()), b_scale_t.data_ptr<float>(),
-                                      reinterpret_cast<__nv_bfloat16*>(out.data_ptr()), M, N, K,
-                                      c10::cuda::getCurrentCUDAStream());
+                                      out.data_ptr<float>(), M, N, K, c10::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == nullptr, "fp8_gemm_1d1d kernel launch failed: ", err ? err : "");
 }
 
 // Routed-expert wgrad: out[e] (M, N) = sum over the K blocks [kb0, kb0 + nkb) of group (e, kb0, nkb) of the
-// 1D1D product a . b^T (same layouts as gemm_1d1d); kg (G, 3) int32 on the GPU; out (E*M, N), M % 128 == 0.
+// 1D1D product a . b^T (same layouts as gemm_1d1d); kg (G, 3) int32 on the GPU; out (E*M, N) float32,
+// M % 128 == 0.
 // Rows of out that belong to experts named by no group are left as they are (the caller zero-fills).
 void gemm_1d1d_kgrouped(at::Tensor a, at::Tensor a_scale, at::Tensor b, at::Tensor b_scale_t, at::Tensor kg,
                         at::Tensor out) {
-  check_common(a, a_scale, b, b_scale_t, out, "fp8_gemm_1d1d_kgrouped");
+  check_common(a, a_scale, b, b_scale_t, out, "fp8_gemm_1d1d_kgrouped", at::kFloat);
   const int M = a.size(0), K = a.size(1), N = b.size(0);
   TORCH_CHECK(b_scale_t.dim() == 2 && b_scale_t.size(0) == K / 128 && b_scale_t.size(1) == (N + 127) / 128 * 128,
               "fp8_gemm_1d1d_kgrouped: b_scale_t must be (K/128, N rounded up to 128)");
-  TORCH_CHECK(M % 128 == 0 && out.size(0) % M == 0 && out.size(1) == N,
+  TORCH_CHECK(M > 0 && M % 128 == 0 && out.size(0) % M == 0 && out.size(1) == N,
               "fp8_gemm_1d1d_kgrouped: M must be a multiple of 128 and out (E*M, N)");
   TORCH_CHECK(kg.is_cuda() && kg.scalar_type() == at::kInt && kg.is_contiguous() && kg.dim() == 2 && kg.size(1) == 3,
               "fp8_gemm_1d1d_kgrouped: kg must be a contiguous (G, 3) int32 CUDA tensor");
@@ -1053,7 +1072,7 @@ void gemm_1d1d_kgrouped(at::Tensor a, at::Tensor a_scale, at::Tensor b, at::Tens
   const char* err = fp8g::launch_1d1d_kgrouped(
       reinterpret_cast<const uint8_t*>(a.data_ptr()), a_scale.data_ptr<float>(),
       reinterpret_cast<const uint8_t*>(b.data_ptr()), b_scale_t.data_ptr<float>(),
-      reinterpret_cast<__nv_bfloat16*>(out.data_ptr()), M, N, K, kg.data_ptr<int>(), kg.size(0), out.size(0),
+      out.data_ptr<float>(), M, N, K, kg.data_ptr<int>(), kg.size(0), out.size(0),
       c10::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == nullptr, "fp8_gemm_1d1d_kgrouped kernel launch failed: ", err ? err : "");
 }
