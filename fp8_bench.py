@@ -110,7 +110,7 @@ def bench_training(experts=32, rows=2048):
         bq, b_s = quantize_act(torch.randn(N, K, device="cuda"))
         sbt = F.pad(b_s.t(), (0, -N % BLOCK)).contiguous()
         out = torch.empty(M, N, device="cuda", dtype=torch.float32)
-        kgrouped = rate(M, N, K, lambda: fp8_gemm_kgrouped(aq, a_s, bq, b_s, [rows] * experts))
+        kgrouped = rate(M, N, K, lambda: fp8_gemm_kgrouped(aq, a_s, bq, b_s, [rows] * experts, torch.float32))
         print(f"| wgrad, {experts} experts × {rows} tokens (K-grouped) | {M} | {N} | {K} | {kgrouped} | "
               f"{rate(M, N, K, lambda: fp8._EXT.gemm_1d1d(aq, a_s, bq, sbt, out))} (1D1D, one sum over all K) |",
               flush=True)

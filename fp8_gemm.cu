@@ -1,6 +1,6 @@
 // Fine-grained FP8 GEMM for Hopper (sm_90a), built by fp8.py through torch.utils.cpp_extension.
 //
-//   C[M, N] (bf16) = sum over 128-wide K blocks kb of  sa[m, kb] * sb[n / 128, kb] * (A[m, kb-block] . B[n, kb-block])
+//   C[M, N] (bf16; fp32 for wgrad) = sum over 128-wide K blocks kb of  sa[m, kb] * sb[n / 128, kb] * (A[m, kb-block] . B[n, kb-block])
 //
 // A (M x K) e4m3 with one fp32 scale per token per 128 channels (1x128 tiles), B (N x K) e4m3 with one scale
 // per 128x128 block; both K-major ("NT"), the layout of DeepSeek-V3's kernel.py and DeepGEMM. The tensor cores
@@ -23,7 +23,7 @@
 //           48 instead of 64 KiB loaded per 8.4 MFLOP, at the cost of tier 4's second accumulator.
 // Training uses tier 4 and three variants of it (see t2::gemm): 1D1D (wgrad: 1x128 scales on B too), M-grouped
 // (routed-expert Fprop and Dgrad over stacked expert weights) and K-grouped 1D1D (routed-expert wgrad).
-// Requirements checked on the host: K % 128 == 0, contiguous tensors, bf16 output.
+// Requirements checked on the host: K % 128 == 0, contiguous tensors, bf16 output (fp32 for the wgrad variants).
 
 #include <cuda.h>
 #include <cuda_bf16.h>
@@ -843,6 +843,7 @@ static const char* launch_t2(const uint8_t* A, const float* SA, const uint8_t* B
                              const int* groups = nullptr, const int* kg = nullptr, int n_kg = 0, int c_rows = -1) {
   auto kern = t2::gemm<EPI_TMA, OVERLAP, STAGES, SB_ROW, OutT>;
   constexpr int smem = t2::smem_bytes(EPI_TMA, STAGES, SB_ROW);
+  static_assert(smem <= 227 * 1024, "more shared memory than an H100 SM gives one block");
   static int sms = 0;
   if (!sms) {
     cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
