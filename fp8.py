@@ -26,7 +26,8 @@ thread-block clusters that share operand tiles through TMA multicast; tier 8: a 
 1D1D, M-grouped and K-grouped variants for training) plus the one-pass quantizers of ``fp8_quant.cu``, JIT-built
 on first use by ``torch.utils.cpp_extension.load``; the functions here pick them on Hopper GPUs and say once when
 they fall back. ``python fp8.py --bench`` times the kernel against torch's bf16 matmul and cuBLAS's blockwise FP8
-``F.scaled_mm``; ``--training`` adds the training variants (the timing code is in fp8_bench.py).
+``F.scaled_mm``; ``--training`` adds the training variants, ``--sustained`` the clock and power under a long run
+(the timing code is in fp8_bench.py).
 """
 import argparse
 import math
@@ -547,11 +548,17 @@ if __name__ == "__main__":
     p.add_argument("--bench", action="store_true", help="print TFLOP/s of the kernel tiers, bf16 mm, cuBLAS FP8")
     p.add_argument("--tiers", default="1,2,3,4,5,6,7,8", help="kernel tiers to time, comma-separated (default all)")
     p.add_argument("--training", action="store_true", help="also time the wgrad (1D1D) and grouped-expert variants")
+    p.add_argument("--sustained", action="store_true",
+                   help="also run the tiers and cuBLAS for 2 s each with the SM clock and power sampled (nvidia-smi)")
+    p.add_argument("--flush-l2", action="store_true", help="time every call with a cold L2 (write 256 MiB first)")
     args = p.parse_args()
     if not args.bench:
         p.print_help()
         sys.exit(0)
     import fp8_bench  # the timing code lives beside this file
+    fp8_bench.FLUSH_L2 = args.flush_l2
     fp8_bench.bench(tuple(int(t) for t in args.tiers.split(",")))
     if args.training:
         fp8_bench.bench_training()
+    if args.sustained:
+        fp8_bench.bench_sustained(tuple(int(t) for t in args.tiers.split(",")))

@@ -2,10 +2,14 @@
 
 `bench` prints TFLOP/s per shape for the kernel tiers of fp8_gemm.cu, torch's bf16 matmul and cuBLAS's blockwise
 FP8 (`F.scaled_mm`, BlockWise1x128 × BlockWise128x128), with each result's calc_diff against the bf16 product of
-the unquantized inputs; `bench_training` times the variants FP8 training uses next to tier 4. BENCHMARKS.md
+the unquantized inputs; `bench_training` times the variants FP8 training uses next to tier 4; `bench_sustained`
+runs tier 4 and cuBLAS for seconds each with the SM clock and board power sampled, because FP8 GEMMs at these
+sizes run into the H100's power limit and then the clock, not only the kernel, sets the rate. BENCHMARKS.md
 records the tables.
 """
 import statistics
+import subprocess
+import time
 
 import torch
 import torch.nn.functional as F
@@ -16,12 +20,21 @@ from fp8 import BLOCK, calc_diff, fp8_gemm_kgrouped, load_kernel, quantize_act, 
 SHAPES_NK = [(2112, 7168), (24576, 1536), (32768, 512), (7168, 16384), (4096, 7168), (7168, 2048)]
 
 
+FLUSH_L2 = False  # set by `fp8.py --bench --flush-l2`: every timed call starts with a cold L2, as DeepGEMM times
+_scratch = None
+
+
 def _median_ms(fn, warmup: int = 10, reps: int = 50) -> float:
+    global _scratch
+    if FLUSH_L2 and _scratch is None:
+        _scratch = torch.empty(256 * 2 ** 20, dtype=torch.uint8, device="cuda")   # 256 MiB > the 50 MiB L2
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(reps):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        if FLUSH_L2:
+            _scratch.zero_()  # outside the timed region, which starts after it on the stream
         start.record()
         fn()
         end.record()
@@ -53,7 +66,8 @@ def bench(tiers=(1, 2, 3, 4, 5, 6, 7, 8)):
     if load_kernel() is None:
         raise SystemExit(f"fp8.py --bench needs a Hopper GPU and the kernel: {fp8._WHY_NOT}")
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, CUDA {torch.version.cuda}")
-    print("# TFLOP/s = 2MNK / median time (CUDA events, 10 warm-ups, 50 reps, no L2 flush); "
+    print(f"# TFLOP/s = 2MNK / median time (CUDA events, 10 warm-ups, 50 reps, "
+          f"{'L2 flushed before each call' if FLUSH_L2 else 'no L2 flush'}); "
           "(calc_diff vs bf16 x@w.T of the unquantized inputs)")
     head = [f"tier{t}" for t in tiers] + ["bf16 mm", "vendor blockwise"]
     print("| M | N | K | " + " | ".join(head) + " |")
@@ -125,3 +139,45 @@ def bench_training(experts=32, rows=2048):
               f"{rate(M, N, K, lambda: fp8._EXT.gemm(aq, a_s, wq[:N], ws[:N // BLOCK], out, 4))} |", flush=True)
         del aq, wq
         torch.cuda.empty_cache()
+
+
+def bench_sustained(tiers=(4,), seconds: float = 2.0):
+    """The kernel tiers and cuBLAS blockwise, `seconds` each, with nvidia-smi sampling the SM clock and the board
+    power every 50 ms. At the power cap the GPU lowers its clock until the board draws its limit, so the rate
+    depends on the energy a kernel spends per FLOP as well as on the work it does per clock cycle; TFLOP/s per GHz
+    is the latter."""
+    print("\n# sustained: TFLOP/s over the run, median SM clock and power of the samples in its second half")
+    print("| M | N | K | kernel | TFLOP/s | SM clock (MHz) | power (W) | TFLOP/s per GHz |")
+    print("|---" * 8 + "|")
+    for M, N, K in [(4096, 4096, 7168), (4096, 32768, 512), (4096, 7168, 16384), (4096, 2112, 7168)]:
+        x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+        w = torch.randn(N, K, device="cuda", dtype=torch.bfloat16)
+        xq, xs = quantize_act(x)
+        wq, ws = quantize_weight(w)
+        out = torch.empty(M, N, device="cuda", dtype=torch.bfloat16)
+        kernels = [(f"tier{t}", lambda t=t: fp8._EXT.gemm(xq, xs, wq, ws, out, t)) for t in tiers]
+        kernels.append(("vendor blockwise", _vendor_blockwise(xq, xs, wq, ws)[0]))
+        for name, fn in kernels:
+            for _ in range(20):
+                fn()
+            torch.cuda.synchronize()
+            try:
+                query = ["--query-gpu=clocks.sm,power.draw", "--format=csv,noheader,nounits", "-lms", "50"]
+                smi = subprocess.Popen(["nvidia-smi", *query], stdout=subprocess.PIPE, text=True)
+            except OSError as e:
+                raise SystemExit(f"fp8.py --sustained needs nvidia-smi on PATH ({e})")
+            t0, calls = time.perf_counter(), 0
+            while time.perf_counter() - t0 < seconds:
+                for _ in range(20):
+                    fn()
+                calls += 20
+                torch.cuda.synchronize()
+            dt = time.perf_counter() - t0
+            smi.terminate()
+            samples = [tuple(map(float, line.split(","))) for line in smi.communicate()[0].splitlines() if line.strip()]
+            samples = samples[len(samples) // 2:]  # after the clock has settled
+            tflops = 2 * M * N * K * calls / dt / 1e12
+            mhz = statistics.median(c for c, _ in samples) if samples else float("nan")
+            watts = statistics.median(p for _, p in samples) if samples else float("nan")
+            print(f"| {M} | {N} | {K} | {name} | {tflops:.0f} | {mhz:.0f} | {watts:.0f} | {tflops / mhz * 1e3:.0f} |",
+                  flush=True)

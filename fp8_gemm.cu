@@ -277,8 +277,13 @@ __device__ __forceinline__ void issue_block(float* acc, const uint8_t* a, const 
 #pragma unroll
   for (int i = 0; i < 64; ++i) fence_operand(acc[i]);
   asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+  // Step k moves 32 bytes along K: +2 in the descriptors' address field (16-byte units), computed once.
+  // Only the low word changes (no carry: shared addresses are < 2^18), so the adds stay 32-bit.
+  const uint64_t da = desc(a), db = desc(b);
+  const uint32_t da_lo = (uint32_t)da, db_lo = (uint32_t)db;
+  const uint64_t da_hi = da & ~0xFFFFFFFFull, db_hi = db & ~0xFFFFFFFFull;
 #pragma unroll
-  for (int k = 0; k < BK / 32; ++k) wgmma_m64n128k32(acc, desc(a + k * 32), desc(b + k * 32), k > 0);
+  for (int k = 0; k < BK / 32; ++k) wgmma_m64n128k32(acc, da_hi | (da_lo + 2 * k), db_hi | (db_lo + 2 * k), k > 0);
   asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
 }
 
@@ -374,7 +379,9 @@ __global__ void __launch_bounds__(THREADS, 1) gemm(const __grid_constant__ CUten
     nkb = KG ? KG[3 * g + 2] : Kb;
     c_row = (KG ? KG[3 * g] * M : 0) + m0;
   };
-  const int wg = threadIdx.x / 128;
+  // Warpgroup index through a shuffle: the compiler then knows it is warp-uniform and keeps what derives
+  // from it (the math warpgroup's shared-memory offsets, its wgmma descriptors) in uniform registers.
+  const int wg = __shfl_sync(0xffffffff, threadIdx.x / 128, 0);
 
   if (threadIdx.x == 0) {
     for (int s = 0; s < STAGES; ++s) { mbar_init(&full[s], 1); mbar_init(&empty[s], MATH_WARPS); }
@@ -408,63 +415,44 @@ __global__ void __launch_bounds__(THREADS, 1) gemm(const __grid_constant__ CUten
     const int mw = wg - 1, warp = (threadIdx.x >> 5) & 3, lane = threadIdx.x & 31;
     const int rw = warp * 16 + (lane >> 2);  // this thread's first row in the warpgroup's 64 (+8 the second)
     const bool leader = (threadIdx.x & 127) == 0;
-    uint32_t it = 0;
+    // The ring position of the next K block to consume: its stage and its full barrier's parity, which flips
+    // each time the ring wraps (kept as two counters: `it % 6` would cost a multiply-shift at every use).
+    int st = 0;
+    uint32_t ph = 0;
+    auto advance = [](int& s, uint32_t& p) {
+      if (++s == STAGES) { s = 0; p ^= 1; }
+    };
     float acc0[64], acc1[64], fin[64];
 #pragma unroll
     for (int i = 0; i < 64; ++i) acc0[i] = acc1[i] = 0.f;
-    for (int t = blockIdx.x; t < tiles; t += gridDim.x) {
-      int m0, n0, kb0, nkb, c_row;
-      tile(t, m0, n0, kb0, nkb, c_row);
-      const int r0 = m0 + mw * 64 + rw, r1 = r0 + 8;
-      auto a_of = [&](uint32_t i) { return sA + (i % STAGES) * TILE_BYTES + mw * 64 * BK; };
-      auto b_of = [&](uint32_t i) { return sB + (i % STAGES) * TILE_BYTES; };
-      // Block row of B's 128x128 scales: the expert's own blocks when grouped.
-      const int sb_block_row = (GROUPS ? GROUPS[m0 / BM] * ((N + BN - 1) / BN) : 0) + n0 / 128;
-      // kb counts this tile's K blocks from 0 (the producer uses absolute indices): kb0 + kb indexes the scales.
-      auto scales = [&](int kb, float& s0, float& s1) {  // loaded early: their latency hides behind waits
-        kb += kb0;
-        float sb = SB_ROW ? 1.f : SB[sb_block_row * Kb + kb];  // SB_ROW: the column scales come in promote_cols
-        s0 = r0 < M ? SA[(size_t)r0 * Kb + kb] * sb : 0.f;
-        s1 = r1 < M ? SA[(size_t)r1 * Kb + kb] * sb : 0.f;
-      };
-#pragma unroll
-      for (int i = 0; i < 64; ++i) fin[i] = 0.f;
-      if constexpr (!OVERLAP) {
-        for (int kb = 0; kb < nkb; ++kb, ++it) {
-          float s0, s1;
-          scales(kb, s0, s1);
-          mbar_wait(&full[it % STAGES], (it / STAGES) & 1);
-          issue_block(acc0, a_of(it), b_of(it));
-          wgmma_wait<0>();
-          if (lane == 0) mbar_arrive(&empty[it % STAGES]);  // stage may be refilled while we promote
-          promote(fin, acc0, s0, s1);
-        }
-      } else {
-        // Step kb: start block kb+1 into `nxt`, wait for block kb (in `cur`) only, release its stage, promote.
-        // The last step has no next block (k_loop_2acc drives the steps).
-        auto step = [&](float* cur, float* nxt, int kb, bool last) {
-          float s0, s1;
-          scales(kb, s0, s1);
-          if (!last) {
-            mbar_wait(&full[(it + 1) % STAGES], ((it + 1) / STAGES) & 1);
-            issue_block(nxt, a_of(it + 1), b_of(it + 1));
-            wgmma_wait<1>();
-          } else {
-            wgmma_wait<0>();
-          }
-          if constexpr (SB_ROW) {  // the stage also holds this block's column scales: release it after them
-            promote_cols(fin, cur, s0, s1, sSB + (it % STAGES) * BN, lane & 3);
-            if (lane == 0) mbar_arrive(&empty[it % STAGES]);
-          } else {
-            if (lane == 0) mbar_arrive(&empty[it % STAGES]);
-            promote(fin, cur, s0, s1);
-          }
-          ++it;
-        };
-        mbar_wait(&full[it % STAGES], (it / STAGES) & 1);
-        issue_block(acc0, a_of(it), b_of(it));
-        k_loop_2acc(acc0, acc1, nkb, step);
-      }
+    auto a_of = [&](int s) { return sA + s * TILE_BYTES + mw * 64 * BK; };
+    auto b_of = [&](int s) { return sB + s * TILE_BYTES; };
+    // One tile's work: where it goes in C, how many K blocks it sums, and where this thread's scales start:
+    // its two rows of A and B's block row (the expert's own blocks when grouped). Rows past M read row M - 1's
+    // scales: their A rows are zero-filled by TMA and they are never stored.
+    struct Work {
+      int m0, n0, nkb, c_row;
+      const float *pa0, *pa1, *pb;
+    };
+    auto work_of = [&](int t) {
+      Work w;
+      int kb0;
+      tile(t, w.m0, w.n0, kb0, w.nkb, w.c_row);
+      const int r0 = w.m0 + mw * 64 + rw;
+      w.pa0 = SA + (size_t)min(r0, M - 1) * Kb + kb0;
+      w.pa1 = SA + (size_t)min(r0 + 8, M - 1) * Kb + kb0;
+      w.pb = SB + (size_t)((GROUPS ? GROUPS[w.m0 / BM] * ((N + BN - 1) / BN) : 0) + w.n0 / 128) * Kb + kb0;
+      return w;
+    };
+    // The scales of block kb of a tile (SB_ROW: B's is 1 here, its column scales come in promote_cols).
+    float na0, na1, nb;
+    auto load_scales = [&](const Work& w, int kb) {
+      nb = SB_ROW ? 1.f : w.pb[kb];
+      na0 = w.pa0[kb];
+      na1 = w.pa1[kb];
+    };
+    auto store_tile = [&](const Work& w) {
+      const int r0 = w.m0 + mw * 64 + rw, r1 = r0 + 8;
       if constexpr (EPI_TMA) {
         uint8_t* cbuf = sC + mw * (C_BYTES / 2);
         if (leader) asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory");  // last tile's store read it
@@ -479,18 +467,75 @@ __global__ void __launch_bounds__(THREADS, 1) gemm(const __grid_constant__ CUten
         asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");  // make the stores visible to TMA
         named_barrier(1 + mw);
         if (leader) {  // rows past M and columns past N are clipped by TMA
-          tma_store(&tmC, cbuf, n0, c_row + mw * 64);
-          tma_store(&tmC, cbuf + 8192, n0 + 64, c_row + mw * 64);
+          tma_store(&tmC, cbuf, w.n0, w.c_row + mw * 64);
+          tma_store(&tmC, cbuf + 8192, w.n0 + 64, w.c_row + mw * 64);
           asm volatile("cp.async.bulk.commit_group;\n" ::: "memory");
         }
       } else {
+        OutT* Cg = C + (size_t)(w.c_row - w.m0) * N;  // K-grouped: this expert's block of rows (else C itself)
 #pragma unroll
         for (int j = 0; j < 16; ++j) {  // register 4j+{0,1} -> (row r0, cols 8j + 2(lane%4) + {0,1}); 4j+{2,3} -> r1
-          int col = n0 + 8 * j + 2 * (lane & 3);
-          OutT* Cg = C + (size_t)(c_row - m0) * N;  // K-grouped: this expert's block of rows (else C itself)
+          int col = w.n0 + 8 * j + 2 * (lane & 3);
           store_pair(Cg, M, N, r0, col, fin[4 * j + 0], fin[4 * j + 1]);
           store_pair(Cg, M, N, r1, col, fin[4 * j + 2], fin[4 * j + 3]);
         }
+      }
+    };
+    if constexpr (!OVERLAP) {
+      for (int t = blockIdx.x; t < tiles; t += gridDim.x) {
+        const Work w = work_of(t);
+#pragma unroll
+        for (int i = 0; i < 64; ++i) fin[i] = 0.f;
+        for (int kb = 0; kb < w.nkb; ++kb) {
+          load_scales(w, kb);
+          const float s0 = na0 * nb, s1 = na1 * nb;
+          mbar_wait(&full[st], ph);
+          issue_block(acc0, a_of(st), b_of(st));
+          wgmma_wait<0>();
+          if (lane == 0) mbar_arrive(&empty[st]);  // stage may be refilled while we promote
+          promote(fin, acc0, s0, s1);
+          advance(st, ph);
+        }
+        store_tile(w);
+      }
+    } else {
+      // Step kb: start block kb+1 into `nxt`, wait for block kb (in `cur`) only, release its stage, promote.
+      // The last step has no next block (k_loop_2acc drives the steps). The scales are loaded one step ahead,
+      // so that their global-load latency hides behind a whole block of MMAs rather than stalling the
+      // promotion (Nsight Compute showed that stall when they were loaded at the start of the step).
+      // Measured and dropped: issuing the next tile's first block before this tile's epilogue (BENCHMARKS.md).
+      for (int t = blockIdx.x; t < tiles; t += gridDim.x) {
+        const Work w = work_of(t);
+#pragma unroll
+        for (int i = 0; i < 64; ++i) fin[i] = 0.f;
+        auto step = [&](float* cur, float* nxt, int kb, bool last) {
+          const float s0 = na0 * nb, s1 = na1 * nb;
+          int sn = st;
+          uint32_t pn = ph;
+          advance(sn, pn);  // block kb + 1's stage
+          if (!last) {
+            load_scales(w, kb + 1);
+            mbar_wait(&full[sn], pn);
+            issue_block(nxt, a_of(sn), b_of(sn));
+            wgmma_wait<1>();
+          } else {
+            wgmma_wait<0>();
+          }
+          if constexpr (SB_ROW) {  // the stage also holds this block's column scales: release it after them
+            promote_cols(fin, cur, s0, s1, sSB + st * BN, lane & 3);
+            if (lane == 0) mbar_arrive(&empty[st]);
+          } else {
+            if (lane == 0) mbar_arrive(&empty[st]);
+            promote(fin, cur, s0, s1);
+          }
+          st = sn;
+          ph = pn;
+        };
+        load_scales(w, 0);
+        mbar_wait(&full[st], ph);
+        issue_block(acc0, a_of(st), b_of(st));
+        k_loop_2acc(acc0, acc1, w.nkb, step);
+        store_tile(w);
       }
     }
     if (EPI_TMA && leader) asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory");  // before smem goes away
@@ -568,7 +613,7 @@ __global__ void __launch_bounds__(t2::THREADS, 1) gemm(const __grid_constant__ C
   const int Kb = K / BK, num_m = (M + BM - 1) / BM, num_n = (N + BN - 1) / BN;
   const int num_gm = (num_m + CM - 1) / CM, num_gn = (num_n + CN - 1) / CN, groups = num_gm * num_gn;
   const int rank = (int)sreg_cluster_rank(), cm = rank % CM, cn = rank / CM;
-  const int wg = threadIdx.x / 128;
+  const int wg = __shfl_sync(0xffffffff, threadIdx.x / 128, 0);  // warp-uniform (see t2::gemm)
   auto origin = [&](int g, int& m0, int& n0) {  // this CTA's tile in group g (banded order over groups)
     int gm0, gn0;
     tile_coords(g, num_gm, num_gn, gm0, gn0);    // origins of a BM x BN grid: group index = origin / BM|BN
@@ -618,16 +663,22 @@ __global__ void __launch_bounds__(t2::THREADS, 1) gemm(const __grid_constant__ C
     const int mw = wg - 1, warp = (threadIdx.x >> 5) & 3, lane = threadIdx.x & 31;
     const int rw = warp * 16 + (lane >> 2);
     const bool leader = (threadIdx.x & 127) == 0;
-    auto release = [&](uint32_t i) {  // this warp is done with stage i: tell every CTA that writes into it
+    auto release = [&](int s) {  // this warp is done with stage s: tell every CTA that writes into it
       if (lane == 0) {
 #pragma unroll
-        for (int j = 0; j < CN; ++j) arrive_at(&empty[i % STAGES], cm + CM * j);
+        for (int j = 0; j < CN; ++j) arrive_at(&empty[s], cm + CM * j);
 #pragma unroll
         for (int r = 0; r < CM; ++r)
-          if (r != cm) arrive_at(&empty[i % STAGES], r + CM * cn);
+          if (r != cm) arrive_at(&empty[s], r + CM * cn);
       }
     };
-    uint32_t it = 0;
+    int st = 0;  // ring position of the next K block: stage and full-barrier parity (as in t2::gemm)
+    uint32_t ph = 0;
+    auto advance = [](int& s, uint32_t& p) {
+      if (++s == STAGES) { s = 0; p ^= 1; }
+    };
+    auto a_of = [&](int s) { return sA + s * TILE_BYTES + mw * 64 * BK; };
+    auto b_of = [&](int s) { return sB + s * TILE_BYTES; };
     float acc0[64], acc1[64], fin[64];
 #pragma unroll
     for (int i = 0; i < 64; ++i) acc0[i] = acc1[i] = 0.f;
@@ -635,38 +686,43 @@ __global__ void __launch_bounds__(t2::THREADS, 1) gemm(const __grid_constant__ C
       int m0, n0;
       origin(g, m0, n0);
       if (m0 >= M || n0 >= N) {  // phantom tile: keep the stages flowing for the partners
-        for (int kb = 0; kb < Kb; ++kb, ++it) {
-          mbar_wait(&full[it % STAGES], (it / STAGES) & 1);
-          release(it);
+        for (int kb = 0; kb < Kb; ++kb) {
+          mbar_wait(&full[st], ph);
+          release(st);
+          advance(st, ph);
         }
         continue;
       }
       const int r0 = m0 + mw * 64 + rw, r1 = r0 + 8;
-      auto a_of = [&](uint32_t i) { return sA + (i % STAGES) * TILE_BYTES + mw * 64 * BK; };
-      auto b_of = [&](uint32_t i) { return sB + (i % STAGES) * TILE_BYTES; };
-      auto scales = [&](int kb, float& s0, float& s1) {
-        float sb = SB[(n0 / 128) * Kb + kb];
-        s0 = r0 < M ? SA[(size_t)r0 * Kb + kb] * sb : 0.f;
-        s1 = r1 < M ? SA[(size_t)r1 * Kb + kb] * sb : 0.f;
-      };
+      // Scales one step ahead, as in t2::gemm; rows past M read row M - 1's (never stored).
+      const float* pa0 = SA + (size_t)min(r0, M - 1) * Kb;
+      const float* pa1 = SA + (size_t)min(r1, M - 1) * Kb;
+      const float* pb = SB + (size_t)(n0 / 128) * Kb;
+      float na0 = pa0[0], na1 = pa1[0], nb = pb[0];
 #pragma unroll
       for (int i = 0; i < 64; ++i) fin[i] = 0.f;
       auto step = [&](float* cur, float* nxt, int kb, bool last) {
-        float s0, s1;
-        scales(kb, s0, s1);
+        const float s0 = na0 * nb, s1 = na1 * nb;
+        int sn = st;
+        uint32_t pn = ph;
+        advance(sn, pn);
         if (!last) {
-          mbar_wait(&full[(it + 1) % STAGES], ((it + 1) / STAGES) & 1);
-          issue_block(nxt, a_of(it + 1), b_of(it + 1));
+          nb = pb[kb + 1];
+          na0 = pa0[kb + 1];
+          na1 = pa1[kb + 1];
+          mbar_wait(&full[sn], pn);
+          issue_block(nxt, a_of(sn), b_of(sn));
           wgmma_wait<1>();
         } else {
           wgmma_wait<0>();
         }
-        release(it);
+        release(st);
         promote(fin, cur, s0, s1);
-        ++it;
+        st = sn;
+        ph = pn;
       };
-      mbar_wait(&full[it % STAGES], (it / STAGES) & 1);
-      issue_block(acc0, a_of(it), b_of(it));
+      mbar_wait(&full[st], ph);
+      issue_block(acc0, a_of(st), b_of(st));
       t2::k_loop_2acc(acc0, acc1, Kb, step);
       uint8_t* cbuf = sC + mw * (C_BYTES / 2);
       if (leader) asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory");

@@ -279,8 +279,10 @@ hopper = pytest.mark.skipif(not (torch.cuda.is_available() and torch.cuda.get_de
 @hopper
 @pytest.mark.parametrize("tier", [1, 2, 3, 4, 5, 6, 7, 8], ids=[f"tier{t}" for t in range(1, 9)])
 @pytest.mark.parametrize("M,N,K", [(1, 128, 128), (65, 130, 256), (65, 136, 256), (200, 384, 1024), (333, 2112, 2048),
-                                   (1000, 4096, 7168), (4096, 768, 512)])
+                                   (1000, 4096, 7168), (4096, 768, 512), (2000, 2112, 640), (4161, 1032, 128)])
 def test_kernel_matches_reference(tier, M, N, K):
+    """Each tier against the reference. The last shapes give every CTA of the persistent grid two or three
+    tiles with an odd number of K blocks (the two-accumulator loop ends a tile in either accumulator)."""
     ext = fp8.load_kernel()
     assert ext is not None, fp8._WHY_NOT
     seed = int.from_bytes(os.urandom(4), "little")                     # fresh inputs on every run
@@ -338,7 +340,8 @@ def _assert_fp32_close(out, ref, absprod, seed):
 
 @pytest.mark.gpu
 @hopper
-@pytest.mark.parametrize("M,N,K", [(1, 128, 128), (130, 200, 256), (384, 1024, 2048), (2112, 7168, 1024)])
+@pytest.mark.parametrize("M,N,K", [(1, 128, 128), (130, 200, 256), (384, 1024, 2048), (2112, 7168, 1024),
+                                   (2100, 2048, 1152)])
 def test_kernel_1d1d_matches_reference(M, N, K):
     """Wgrad variant: 1×128 scales on both operands, against the reference with per-row B scales."""
     ext = fp8.load_kernel()
@@ -365,7 +368,8 @@ def test_kernel_1d1d_matches_reference(M, N, K):
 
 @pytest.mark.gpu
 @hopper
-@pytest.mark.parametrize("sizes,N,K", [([1, 0, 300, 128], 256, 384), ([700] * 3 + [0, 5] + [260] * 11, 1024, 512)])
+@pytest.mark.parametrize("sizes,N,K", [([1, 0, 300, 128], 256, 384), ([700] * 3 + [0, 5] + [260] * 11, 1024, 512),
+                                       ([700] * 3 + [0, 5] + [260] * 11, 1024, 640)])
 def test_kernel_grouped_matches_reference(sizes, N, K):
     ext = fp8.load_kernel()
     assert ext is not None, fp8._WHY_NOT
@@ -431,7 +435,8 @@ def test_fused_quantization_is_bit_identical(dtype, R, C):
 
 @pytest.mark.gpu
 @hopper
-@pytest.mark.parametrize("sizes,M,N", [([128, 0, 384, 128], 256, 384), ([0, 1280, 0, 256] * 4, 512, 1024)])
+@pytest.mark.parametrize("sizes,M,N", [([128, 0, 384, 128], 256, 384), ([0, 1280, 0, 256] * 4, 512, 1024),
+                                       ([384, 0, 640, 128] * 3, 512, 1024)])
 def test_kernel_kgrouped_matches_reference(sizes, M, N):
     """Routed-expert Wgrad in one launch: per expert, the 1D1D product over its own slice of tokens."""
     ext = fp8.load_kernel()
