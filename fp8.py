@@ -22,8 +22,9 @@ Reference and fast path: ``fp8_gemm_ref`` (with ``fp8_gemm_grouped_ref``, ``fp8_
 ``quantize_act_ref``) is the reference, plain PyTorch run on CPU and wherever the kernels are unavailable. The fast
 path is the hand-written sm_90a kernel in ``fp8_gemm.cu`` (tier 1: mma.sync; tiers 2-4: TMA + wgmma + warp
 specialization, then a TMA-store epilogue, then promotion overlapped with the next wgmma; tiers 5-7: tier 4 in
-thread-block clusters that share operand tiles through TMA multicast; tier 8: a 128×256 tile; and tier 4's
-1D1D, M-grouped and K-grouped variants for training) plus the one-pass quantizers of ``fp8_quant.cu``, JIT-built
+thread-block clusters that share operand tiles through TMA multicast; tier 8: a 128×256 tile; tier 9: tier 4 with
+M-major A scales carried into shared memory with each stage; and tier 4's 1D1D, M-grouped and K-grouped variants
+for training) plus the one-pass quantizers of ``fp8_quant.cu``, JIT-built
 on first use by ``torch.utils.cpp_extension.load``; the functions here pick them on Hopper GPUs and say once when
 they fall back. ``python fp8.py --bench`` times the kernel against torch's bf16 matmul and cuBLAS's blockwise FP8
 ``F.scaled_mm``; ``--training`` adds the training variants, ``--sustained`` the clock and power under a long run
@@ -42,7 +43,7 @@ FP8 = torch.float8_e4m3fn
 E4M3_MAX = 448.0
 BLOCK = 128        # tile width along K, side of a weight block, and the promotion interval N_C
 AMAX_EPS = 1e-4    # amax floor (DeepGEMM's casts and kernel.py's act_quant)
-KERNEL_TIER = 4    # tier of fp8_gemm.cu used by fp8_gemm on Hopper (the fastest measured, BENCHMARKS.md)
+KERNEL_TIER = 4    # fp8_gemm's tier for row-major A scales; M-major ones (quantize_act(mmajor=True)) run tier 9
 
 
 def calc_diff(x: torch.Tensor, y: torch.Tensor) -> float:
@@ -77,20 +78,30 @@ def _fused_quant_ok(x: torch.Tensor, pow2_scale: bool) -> bool:
             and load_kernel() is not None)
 
 
-def quantize_act(x: torch.Tensor, pow2_scale: bool = False):
+def quantize_act(x: torch.Tensor, pow2_scale: bool = False, mmajor: bool = False):
     """1×128 tiles: x (..., K) → (x_fp8 (..., K) e4m3, scale (..., K/128) fp32), x ≈ x_fp8 · scale.
 
-    On Hopper the fused kernel of fp8_quant.cu does it in one pass; quantize_act_ref is the reference."""
+    On Hopper the fused kernel of fp8_quant.cu does it in one pass; quantize_act_ref is the reference.
+    mmajor (x 2-D): the same scales laid out as `mmajor_scales` lays them, which fp8_gemm then uses as they are."""
     K = _check_act(x)
+    if mmajor and x.dim() != 2:
+        raise ValueError(f"quantize_act: mmajor scales need a 2-D x, got {tuple(x.shape)}")
     if not _fused_quant_ok(x, pow2_scale):
-        return quantize_act_ref(x, pow2_scale)
+        q, s = quantize_act_ref(x, pow2_scale)
+        return (q, mmajor_scales(s)) if mmajor else (q, s)
     x = x.contiguous()
     if x.data_ptr() % 16:                                              # the kernel loads 8 or 16 bytes at a time
         x = x.clone()
     q = torch.empty(x.shape, dtype=FP8, device=x.device)
+    if mmajor:
+        ld = -(-x.shape[0] // BLOCK) * BLOCK
+        buf = torch.zeros(K // BLOCK, ld, dtype=torch.float32, device=x.device)   # (K/128, ld), padded rows 0
+        with torch.cuda.device(x.device):
+            _EXT.quant_rows(x, q.view(torch.uint8), buf, ld)
+        return q, buf.t()[:x.shape[0]]
     s = torch.empty(*x.shape[:-1], K // BLOCK, dtype=torch.float32, device=x.device)
     with torch.cuda.device(x.device):
-        _EXT.quant_rows(x, q.view(torch.uint8), s)
+        _EXT.quant_rows(x, q.view(torch.uint8), s, 0)
     return q, s
 
 
@@ -130,6 +141,26 @@ def dequantize_act(x_fp8: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     K = x_fp8.shape[-1]
     tiles = x_fp8.float().reshape(*x_fp8.shape[:-1], K // BLOCK, BLOCK)  # (..., K/128, 128)
     return (tiles * scale.unsqueeze(-1)).reshape(x_fp8.shape)
+
+
+def _is_mmajor(scale: torch.Tensor) -> bool:
+    """Laid out as mmajor_scales lays it out (strides (1, ld), ld a multiple of 128, the padded rows there)."""
+    M, kb = scale.shape
+    ld = scale.stride(1)
+    room = scale.untyped_storage().nbytes() // 4 - scale.storage_offset()   # floats from the first scale on
+    return (scale.stride(0) == 1 and ld % BLOCK == 0 and ld >= M and scale.data_ptr() % 16 == 0
+            and room >= (kb - 1) * ld + -(-M // BLOCK) * BLOCK)
+
+
+def mmajor_scales(scale: torch.Tensor) -> torch.Tensor:
+    """The (M, K/128) activation scales laid out M-major: a view with strides (1, ld) of a zero-padded (K/128, ld)
+    buffer, ld = M rounded up to 128. The values are the same; each K block's scales of 128 consecutive rows
+    are then 512 contiguous bytes, which the producer of kernel tier 9 copies into the pipeline stage with the
+    tiles (cuBLAS and DeepGEMM take A-scales M-major too)."""
+    M, kb = scale.shape
+    buf = torch.zeros(kb, -(-M // BLOCK) * BLOCK, dtype=scale.dtype, device=scale.device)
+    buf[:, :M] = scale.t()
+    return buf.t()[:M]
 
 
 def quantize_weight(w: torch.Tensor):
@@ -269,8 +300,10 @@ def load_kernel():
 def fp8_gemm(a, a_scale, b, b_scale, out_dtype=torch.bfloat16) -> torch.Tensor:
     """C = A·Bᵀ (see fp8_gemm_ref for the layouts): the CUDA kernel on Hopper, the reference elsewhere.
 
-    128×128 block scales on B run kernel tier 4 (bf16 output); 1×128 scales on B (wgrad) its "1D1D" variant
-    (fp32 output), which wants the scales transposed to (K/128, N rounded up to 128) and N a multiple of 8."""
+    128×128 block scales on B run kernel tier 4 (bf16 output), or tier 9 when the A scales are M-major (from
+    quantize_act(..., mmajor=True) or mmajor_scales): tier 9 takes them into shared memory with each stage and
+    is the fastest tier in BENCHMARKS.md. 1×128 scales on B (wgrad) run tier 4's "1D1D" variant (fp32 output),
+    which wants the scales transposed to (K/128, N rounded up to 128) and N a multiple of 8."""
     rowwise = _check_gemm(a, a_scale, b, b_scale)
     N = b.shape[0]
     if a.is_cuda and load_kernel() is not None and not (rowwise and N % 8):
@@ -281,8 +314,9 @@ def fp8_gemm(a, a_scale, b, b_scale, out_dtype=torch.bfloat16) -> torch.Tensor:
                 sbt = F.pad(b_scale.t(), (0, -N % BLOCK)).contiguous()            # (K/128, N'), N' = ⌈N/128⌉·128
                 _EXT.gemm_1d1d(a.contiguous(), a_scale.contiguous(), b.contiguous(), sbt, out)
             else:
-                _EXT.gemm(a.contiguous(), a_scale.contiguous(), b.contiguous(), b_scale.contiguous(), out,
-                          KERNEL_TIER)
+                mm = _is_mmajor(a_scale)
+                _EXT.gemm(a.contiguous(), a_scale if mm else a_scale.contiguous(), b.contiguous(),
+                          b_scale.contiguous(), out, 9 if mm else KERNEL_TIER)
         return out.to(out_dtype)
     why = (f"1×128 scales on B with N = {N} (not a multiple of 8) have no kernel" if a.is_cuda and _WHY_NOT is None
            else _WHY_NOT or f"tensors on {a.device.type}")
@@ -396,7 +430,10 @@ class _FP8LinearFn(torch.autograd.Function):
     def forward(ctx, x, weight, bias):
         out_dtype = _compute_dtype(x)
         x2 = x.reshape(-1, x.shape[-1])                            # (T, K)
-        xq, xs = quantize_act(x2)                                  # 1×128 tiles along K
+        # 1×128 tiles along K. Row-major scales (tier 4): with M-major ones (tier 9) the `small` preset trained
+        # slower, 49,885 against 51,051-53,998 tokens/s (BENCHMARKS.md, run H): its GEMMs are short and the
+        # zero-filled scale buffer costs one more launch per call.
+        xq, xs = quantize_act(x2)
         wq, ws = quantize_weight(weight)                           # 128×128 blocks
         y = fp8_gemm(xq, xs, wq, ws, out_dtype if bias is None else torch.float32)  # (T, N)
         if bias is not None:
@@ -432,8 +469,8 @@ class FP8Linear(nn.Module):
 
     Master weight (and bias) are FP32 parameters named like nn.Linear's; they are re-quantized (online amax)
     on every forward. in_features must be a multiple of 128 (the forward contracts over it in whole 1×128
-    tiles); out_features may be any size (the last 128×128 weight block is partial, like V3's 576-row wkv_a). Output dtype as
-    nn.Linear's (the autocast dtype under autocast, else the input dtype; fp32 on CPU)."""
+    tiles); out_features may be any size (the last 128×128 weight block is partial, like V3's 576-row wkv_a).
+    Output dtype as nn.Linear's (the autocast dtype under autocast, else the input dtype; fp32 on CPU)."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False, device=None, dtype=None):
         super().__init__()
@@ -546,7 +583,7 @@ def fp8_segment_mm(x: torch.Tensor, w: torch.Tensor, sizes: list) -> torch.Tenso
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description="Fine-grained FP8 GEMM (DeepSeek-V3 §3.3): benchmark on a Hopper GPU")
     p.add_argument("--bench", action="store_true", help="print TFLOP/s of the kernel tiers, bf16 mm, cuBLAS FP8")
-    p.add_argument("--tiers", default="1,2,3,4,5,6,7,8", help="kernel tiers to time, comma-separated (default all)")
+    p.add_argument("--tiers", default="1,2,3,4,5,6,7,8,9", help="kernel tiers to time, comma-separated (default all)")
     p.add_argument("--training", action="store_true", help="also time the wgrad (1D1D) and grouped-expert variants")
     p.add_argument("--sustained", action="store_true",
                    help="also run the tiers and cuBLAS for 2 s each with the SM clock and power sampled (nvidia-smi)")

@@ -21,6 +21,9 @@
 //   tier 7  2-CTA clusters along N sharing the A tile (tier 5 with the roles of A and B swapped).
 //   tier 8  tier 3 with a 128 x 256 tile (each math warpgroup 64 x 256 as two m64n128 halves, one accumulator):
 //           48 instead of 64 KiB loaded per 8.4 MFLOP, at the cost of tier 4's second accumulator.
+//   tier 9  tier 4 with the A scales M-major ((K/128, ld) in memory): the producer copies each K block's 128 row
+//           scales into the stage with the tiles, and the math warps read them from shared memory instead of
+//           global memory (5 stages: 6 and the scales do not fit). The fastest tier (BENCHMARKS.md, runs 16-19).
 // Training uses tier 4 and three variants of it (see t2::gemm): 1D1D (wgrad: 1x128 scales on B too), M-grouped
 // (routed-expert Fprop and Dgrad over stacked expert weights) and K-grouped 1D1D (routed-expert wgrad).
 // Requirements checked on the host: K % 128 == 0, contiguous tensors, bf16 output (fp32 for the wgrad variants).
@@ -44,6 +47,13 @@ constexpr int BM = 128, BN = 128, BK = 128;  // tile; BK = N_C = the scale block
 
 __device__ __forceinline__ uint32_t smem_u32(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// One float from shared memory with ld.shared (a plain load through a generic pointer compiles to a generic LD).
+__device__ __forceinline__ float lds(const float* p) {
+  float v;
+  asm volatile("ld.shared.f32 %0, [%1];\n" : "=f"(v) : "r"(smem_u32(p)));
+  return v;
 }
 
 // fp32 output (the wgrad variants): two adjacent outputs of one row, one 8-byte store when aligned.
@@ -186,9 +196,11 @@ constexpr int THREADS = 384, MATH_WARPS = 8;
 constexpr int TILE_BYTES = BM * BK;                           // 16 KiB, == BN * BK
 constexpr int C_BYTES = 2 * 64 * BN * 2;                      // bf16 output tile for the TMA-store epilogue
 constexpr int SB_BYTES = BN * 4;                              // SB_ROW: one K block's 128 column scales of B
+constexpr int SA_BYTES = BM * 4;                              // SA_T: one K block's 128 row scales of A
 // stages + output tile + column scales + barriers + 1024-B alignment slack
-constexpr int smem_bytes(bool epi_tma, int STAGES, bool sb_row = false) {
-  return STAGES * 2 * TILE_BYTES + (epi_tma ? C_BYTES : 0) + (sb_row ? STAGES * SB_BYTES : 0) + 2 * STAGES * 8 + 1024;
+constexpr int smem_bytes(bool epi_tma, int STAGES, bool sb_row = false, bool sa_t = false) {
+  return STAGES * 2 * TILE_BYTES + (epi_tma ? C_BYTES : 0) + (sb_row ? STAGES * SB_BYTES : 0) +
+         (sa_t ? STAGES * SA_BYTES : 0) + 2 * STAGES * 8 + 1024;
 }
 constexpr int GROUP_N = 8;                                    // tile raster: bands of 8 N tiles, M inner
 
@@ -349,15 +361,18 @@ __device__ __forceinline__ void promote_cols(float* fin, float* acc, float s0, f
 //    [e*M, e*M + M) of C, which is (experts*M, N); M % 128 == 0. Used with SB_ROW. Every group needs nkb >= 1
 //    and kb0 + nkb <= K/128 (fp8.py sees to it).
 // OutT = float (with the plain-store epilogue): the wgrad variants write fp32, as the report keeps Wgrad.
-template <bool EPI_TMA, bool OVERLAP, int STAGES, bool SB_ROW = false, typename OutT = __nv_bfloat16>
+template <bool EPI_TMA, bool OVERLAP, int STAGES, bool SB_ROW = false, typename OutT = __nv_bfloat16,
+          bool SA_T = false>
 __global__ void __launch_bounds__(THREADS, 1) gemm(const __grid_constant__ CUtensorMap tmA,
                                                    const __grid_constant__ CUtensorMap tmB,
                                                    const __grid_constant__ CUtensorMap tmC,
                                                    const float* __restrict__ SA, const float* __restrict__ SB,
                                                    OutT* __restrict__ C, int M, int N, int K,
                                                    const int* __restrict__ GROUPS = nullptr,
-                                                   const int* __restrict__ KG = nullptr, int n_kg = 0) {
+                                                   const int* __restrict__ KG = nullptr, int n_kg = 0,
+                                                   int sa_ld = 0) {
   static_assert(OVERLAP || !SB_ROW, "the 1D1D variant is built on tier 4 (OVERLAP)");
+  static_assert(OVERLAP || !SA_T, "A scales in shared memory are a tier-4 variant");
   static_assert(!EPI_TMA || sizeof(OutT) == 2, "the TMA-store epilogue writes bf16; fp32 outputs use plain stores");
   extern __shared__ uint8_t smem_raw[];
   // 128B-swizzled TMA destinations and wgmma operands want 1024-byte aligned tiles.
@@ -366,7 +381,8 @@ __global__ void __launch_bounds__(THREADS, 1) gemm(const __grid_constant__ CUten
   uint8_t* sB = smem + STAGES * TILE_BYTES;             // [STAGES][128 rows][128 B]
   uint8_t* sC = smem + 2 * STAGES * TILE_BYTES;         // EPI_TMA: [2 math wg][2 boxes][64 rows][128 B]
   float* sSB = reinterpret_cast<float*>(sC + (EPI_TMA ? C_BYTES : 0));          // SB_ROW: [STAGES][128]
-  uint64_t* full = reinterpret_cast<uint64_t*>(reinterpret_cast<uint8_t*>(sSB) + (SB_ROW ? STAGES * SB_BYTES : 0));
+  float* sSA = sSB + (SB_ROW ? STAGES * BN : 0);                                // SA_T: [STAGES][128]
+  uint64_t* full = reinterpret_cast<uint64_t*>(sSA + (SA_T ? STAGES * BM : 0));
   uint64_t* empty = full + STAGES;                                              // math warps done reading
   const int Kb = K / BK, num_m = (M + BM - 1) / BM, num_n = (N + BN - 1) / BN;
   const int tiles = (KG ? n_kg : 1) * num_m * num_n;
@@ -403,10 +419,11 @@ __global__ void __launch_bounds__(THREADS, 1) gemm(const __grid_constant__ CUten
           int s = it % STAGES;
           mbar_wait(&empty[s], ((it / STAGES) & 1) ^ 1);  // first pass: a fresh barrier passes parity 1
           // rows past M/N are zero-filled, still counted
-          mbar_expect_tx(&full[s], 2 * TILE_BYTES + (SB_ROW ? SB_BYTES : 0));
+          mbar_expect_tx(&full[s], 2 * TILE_BYTES + (SB_ROW ? SB_BYTES : 0) + (SA_T ? SA_BYTES : 0));
           tma_load(sA + s * TILE_BYTES, &tmA, &full[s], kb * BK, m0);
           tma_load(sB + s * TILE_BYTES, &tmB, &full[s], kb * BK, b_row);
           if constexpr (SB_ROW) bulk_load(sSB + s * BN, SB + (size_t)kb * n_pad + n0, SB_BYTES, &full[s]);
+          if constexpr (SA_T) bulk_load(sSA + s * BM, SA + (size_t)kb * sa_ld + m0, SA_BYTES, &full[s]);
         }
       }
     }
@@ -448,8 +465,10 @@ __global__ void __launch_bounds__(THREADS, 1) gemm(const __grid_constant__ CUten
     float na0, na1, nb;
     auto load_scales = [&](const Work& w, int kb) {
       nb = SB_ROW ? 1.f : w.pb[kb];
-      na0 = w.pa0[kb];
-      na1 = w.pa1[kb];
+      if constexpr (!SA_T) {
+        na0 = w.pa0[kb];
+        na1 = w.pa1[kb];
+      }
     };
     auto store_tile = [&](const Work& w) {
       const int r0 = w.m0 + mw * 64 + rw, r1 = r0 + 8;
@@ -509,6 +528,10 @@ __global__ void __launch_bounds__(THREADS, 1) gemm(const __grid_constant__ CUten
 #pragma unroll
         for (int i = 0; i < 64; ++i) fin[i] = 0.f;
         auto step = [&](float* cur, float* nxt, int kb, bool last) {
+          if constexpr (SA_T) {  // this block's A scales came with its stage, which is not released yet
+            na0 = lds(sSA + st * BM + mw * 64 + rw);
+            na1 = lds(sSA + st * BM + mw * 64 + rw + 8);
+          }
           const float s0 = na0 * nb, s1 = na1 * nb;
           int sn = st;
           uint32_t pn = ph;
@@ -893,12 +916,14 @@ static bool make_map(CUtensorMap* map, const void* ptr, CUtensorMapDataType dtyp
 }
 
 // b_rows: rows of B (N, or experts x N when grouped); groups: the expert of each M tile, or nullptr.
-template <bool EPI_TMA, bool OVERLAP, int STAGES, bool SB_ROW = false, typename OutT = __nv_bfloat16>
+template <bool EPI_TMA, bool OVERLAP, int STAGES, bool SB_ROW = false, typename OutT = __nv_bfloat16,
+          bool SA_T = false>
 static const char* launch_t2(const uint8_t* A, const float* SA, const uint8_t* B, const float* SB,
                              OutT* C, int M, int N, int K, cudaStream_t stream, int b_rows = -1,
-                             const int* groups = nullptr, const int* kg = nullptr, int n_kg = 0, int c_rows = -1) {
-  auto kern = t2::gemm<EPI_TMA, OVERLAP, STAGES, SB_ROW, OutT>;
-  constexpr int smem = t2::smem_bytes(EPI_TMA, STAGES, SB_ROW);
+                             const int* groups = nullptr, const int* kg = nullptr, int n_kg = 0, int c_rows = -1,
+                             int sa_ld = 0) {
+  auto kern = t2::gemm<EPI_TMA, OVERLAP, STAGES, SB_ROW, OutT, SA_T>;
+  constexpr int smem = t2::smem_bytes(EPI_TMA, STAGES, SB_ROW, SA_T);
   static_assert(smem <= 227 * 1024, "more shared memory than an H100 SM gives one block");
   static int sms = 0;
   if (!sms) {
@@ -913,7 +938,8 @@ static const char* launch_t2(const uint8_t* A, const float* SA, const uint8_t* B
       (EPI_TMA && !make_map(&mc, C, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, c_rows < 0 ? M : c_rows, N, 64, 64)))
     return "cuTensorMapEncodeTiled failed";
   int tiles = (kg ? n_kg : 1) * ((M + BM - 1) / BM) * ((N + BN - 1) / BN);
-  kern<<<tiles < sms ? tiles : sms, t2::THREADS, smem, stream>>>(ma, mb, mc, SA, SB, C, M, N, K, groups, kg, n_kg);
+  kern<<<tiles < sms ? tiles : sms, t2::THREADS, smem, stream>>>(ma, mb, mc, SA, SB, C, M, N, K, groups, kg, n_kg,
+                                                                   sa_ld);
   return nullptr;
 }
 
@@ -979,7 +1005,7 @@ static const char* launch_t8(const uint8_t* A, const float* SA, const uint8_t* B
 
 // Returns an error string, or nullptr on success.
 static const char* launch(int tier, const uint8_t* A, const float* SA, const uint8_t* B, const float* SB,
-                          __nv_bfloat16* C, int M, int N, int K, cudaStream_t stream) {
+                          __nv_bfloat16* C, int M, int N, int K, cudaStream_t stream, int sa_ld = 0) {
   // The TMA store needs 16-byte aligned output rows; otherwise tiers 3-8 fall back to tier 2's plain stores.
   if (tier >= 3 && (N % 8 != 0 || reinterpret_cast<uintptr_t>(C) % 16 != 0)) tier = 2;
   const char* err = nullptr;
@@ -1002,8 +1028,11 @@ static const char* launch(int tier, const uint8_t* A, const float* SA, const uin
     err = launch_t5<1, 2>(A, SA, B, SB, C, M, N, K, stream);
   } else if (tier == 8) {
     err = launch_t8(A, SA, B, SB, C, M, N, K, stream);
+  } else if (tier == 9) {  // tier 4, A scales M-major (K/128 rows of sa_ld) and brought into each stage by bulk copy
+    err = launch_t2<true, true, 5, false, __nv_bfloat16, true>(A, SA, B, SB, C, M, N, K, stream, -1, nullptr, nullptr,
+                                                               0, -1, sa_ld);
   } else {
-    return "unknown tier (1-8)";
+    return "unknown tier (1-9)";
   }
   if (err) return err;
   cudaError_t e = cudaGetLastError();
@@ -1054,22 +1083,40 @@ void gemm(at::Tensor a, at::Tensor a_scale, at::Tensor b, at::Tensor b_scale, at
   TORCH_CHECK(a_scale.scalar_type() == at::kFloat && b_scale.scalar_type() == at::kFloat,
               "fp8_gemm: scales must be float32");
   TORCH_CHECK(out.scalar_type() == at::kBFloat16, "fp8_gemm: out must be bfloat16");
-  TORCH_CHECK(a.is_contiguous() && b.is_contiguous() && a_scale.is_contiguous() && b_scale.is_contiguous() &&
-                  out.is_contiguous(), "fp8_gemm: tensors must be contiguous");
+  TORCH_CHECK(a.is_contiguous() && b.is_contiguous() && b_scale.is_contiguous() && out.is_contiguous(),
+              "fp8_gemm: tensors must be contiguous");
   TORCH_CHECK(a.dim() == 2 && b.dim() == 2 && a.size(1) == b.size(1), "fp8_gemm: a (M,K), b (N,K) expected");
   TORCH_CHECK(reinterpret_cast<uintptr_t>(a.data_ptr()) % 16 == 0 && reinterpret_cast<uintptr_t>(b.data_ptr()) % 16 == 0,
               "fp8_gemm: a and b must be 16-byte aligned (TMA)");
   const int M = a.size(0), K = a.size(1), N = b.size(0);
   TORCH_CHECK(K % 128 == 0, "fp8_gemm: K must be a multiple of 128");
-  TORCH_CHECK(a_scale.size(0) == M && a_scale.size(1) == K / 128, "fp8_gemm: a_scale must be (M, K/128)");
+  TORCH_CHECK(a_scale.dim() == 2 && a_scale.size(0) == M && a_scale.size(1) == K / 128,
+              "fp8_gemm: a_scale must be (M, K/128)");
   TORCH_CHECK(b_scale.size(0) == (N + 127) / 128 && b_scale.size(1) == K / 128,
               "fp8_gemm: b_scale must be (ceil(N/128), K/128)");
   TORCH_CHECK(out.size(0) == M && out.size(1) == N, "fp8_gemm: out must be (M, N)");
-  if (M == 0 || N == 0) return;
+  if (M == 0 || N == 0) return;  // (an empty a_scale has no layout to check)
+  int sa_ld = 0;
+  if (tier == 9) {  // M-major A scales: a (M, K/128) view with strides (1, ld) of a (K/128, ld) buffer
+    sa_ld = (int)a_scale.stride(1);
+    const int64_t need = (int64_t)(K / 128 - 1) * sa_ld + (M + 127) / 128 * 128;  // floats the bulk copies read
+    TORCH_CHECK(a_scale.stride(0) == 1 && sa_ld % 4 == 0 && sa_ld >= (M + 127) / 128 * 128 &&
+                    reinterpret_cast<uintptr_t>(a_scale.data_ptr()) % 16 == 0 &&
+                    (int64_t)a_scale.storage().nbytes() / 4 - a_scale.storage_offset() >= need,
+                "fp8_gemm tier 9: a_scale must be M-major, strides (1, ld) with ld >= M rounded up to 128 and a "
+                "multiple of 4 (fp8.mmajor_scales makes it)");
+    if (N % 8 != 0 || reinterpret_cast<uintptr_t>(out.data_ptr()) % 16 != 0) {  // no TMA store: tier 2's path
+      a_scale = a_scale.contiguous();
+      tier = 2;
+      sa_ld = 0;
+    }
+  } else {
+    TORCH_CHECK(a_scale.is_contiguous(), "fp8_gemm: a_scale must be contiguous");
+  }
   const char* err = fp8g::launch((int)tier, reinterpret_cast<const uint8_t*>(a.data_ptr()),
                                  a_scale.data_ptr<float>(), reinterpret_cast<const uint8_t*>(b.data_ptr()),
                                  b_scale.data_ptr<float>(), reinterpret_cast<__nv_bfloat16*>(out.data_ptr()),
-                                 M, N, K, c10::cuda::getCurrentCUDAStream());
+                                 M, N, K, c10::cuda::getCurrentCUDAStream(), sa_ld);
   TORCH_CHECK(err == nullptr, "fp8_gemm kernel launch failed: ", err ? err : "");
 }
 
@@ -1160,15 +1207,15 @@ void gemm_grouped(at::Tensor a, at::Tensor a_scale, at::Tensor b, at::Tensor b_s
 }
 
 // fp8_quant.cu, built into the same extension
-void quant_rows(at::Tensor x, at::Tensor q, at::Tensor s);
+void quant_rows(at::Tensor x, at::Tensor q, at::Tensor s, int64_t ld);
 void quant_cols(at::Tensor x, at::Tensor q, at::Tensor s);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("gemm", &gemm, "fine-grained FP8 GEMM; tier 1: mma.sync, 2: TMA + wgmma + warp specialization, 3: + TMA-store epilogue, 4: + promotion overlapped with the next wgmma, 5-7: tier 4 in clusters with TMA multicast (2x1 B, 2x2 A+B, 1x2 A), 8: 128x256 tile");
+  m.def("gemm", &gemm, "fine-grained FP8 GEMM; tier 1: mma.sync, 2: TMA + wgmma + warp specialization, 3: + TMA-store epilogue, 4: + promotion overlapped with the next wgmma, 5-7: tier 4 in clusters with TMA multicast (2x1 B, 2x2 A+B, 1x2 A), 8: 128x256 tile, 9: tier 4 with M-major A scales brought in by the producer (fp8.mmajor_scales)");
   m.def("gemm_1d1d", &gemm_1d1d, "tier 4 with 1x128 scales on both operands (wgrad)");
   m.def("gemm_1d1d_kgrouped", &gemm_1d1d_kgrouped, "gemm_1d1d over groups of K blocks, one output per expert (wgrad)");
   m.def("gemm_grouped", &gemm_grouped, "tier 4 over experts: each 128-row tile of a uses its expert's weight");
-  m.def("quant_rows", &quant_rows, "fused 1x128 quantization along the last dim (fp8_quant.cu)");
+  m.def("quant_rows", &quant_rows, "fused 1x128 quantization along the last dim, scales row- or M-major (fp8_quant.cu)");
   m.def("quant_cols", &quant_cols, "fused transpose + 1x128 quantization of x^T, rows padded to 128 (fp8_quant.cu)");
 }
 #endif

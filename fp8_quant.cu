@@ -47,9 +47,11 @@ __device__ __forceinline__ uint32_t pack4(float a, float b, float c, float d, fl
 }
 
 // One warp per 1x128 tile: each lane holds 4 consecutive values; the tile amax is a warp max.
+// ld == 0: scales row-major, tile t at s[t]. ld > 0: M-major, tile (row r, block kb) at s[kb * ld + r], the layout
+// kernel tier 9 reads (kb_row: scales per row, K/128).
 template <typename T>
 __global__ void __launch_bounds__(256) rows(const T* __restrict__ x, uint32_t* __restrict__ q,
-                                            float* __restrict__ s, long long tiles) {
+                                            float* __restrict__ s, long long tiles, int kb_row, int ld) {
   long long tile = (long long)blockIdx.x * 8 + threadIdx.x / 32;
   if (tile >= tiles) return;
   const int lane = threadIdx.x & 31;
@@ -60,7 +62,7 @@ __global__ void __launch_bounds__(256) rows(const T* __restrict__ x, uint32_t* _
   for (int o = 16; o; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
   const float scale = fmaxf(m, AMAX_EPS) * INV_E4M3_MAX;
   q[tile * 32 + lane] = pack4(v[0], v[1], v[2], v[3], scale);
-  if (lane == 0) s[tile] = scale;
+  if (lane == 0) s[ld ? (tile % kb_row) * ld + tile / kb_row : tile] = scale;
 }
 
 // A block transposes a 128 (rows of x) x 64 (columns of x) tile through shared memory; four threads share a
@@ -97,18 +99,25 @@ __global__ void __launch_bounds__(256) cols(const T* __restrict__ x, uint8_t* __
 
 #ifndef FP8_GEMM_NO_TORCH
 // q, s preallocated by fp8.py: q uint8 view of the float8 output, s float32.
-void quant_rows(at::Tensor x, at::Tensor q, at::Tensor s) {
-  TORCH_CHECK(x.is_cuda() && x.is_contiguous() && q.is_contiguous() && s.is_contiguous(), "quant_rows: contiguous CUDA tensors expected");
-  TORCH_CHECK(x.numel() % 128 == 0 && q.numel() == x.numel() && s.numel() == x.numel() / 128, "quant_rows: bad sizes");
+// s: the (R, C/128) scales row-major (ld = 0), or a contiguous (C/128, ld) buffer, ld >= R, for M-major scales.
+void quant_rows(at::Tensor x, at::Tensor q, at::Tensor s, int64_t ld) {
+  TORCH_CHECK(x.is_cuda() && x.is_contiguous() && q.is_contiguous() && s.is_contiguous(),
+              "quant_rows: contiguous CUDA tensors expected");
+  TORCH_CHECK(x.numel() % 128 == 0 && q.numel() == x.numel(), "quant_rows: bad sizes");
   const long long tiles = x.numel() / 128;
+  const int kb_row = x.dim() ? (int)(x.size(-1) / 128) : 0;
+  TORCH_CHECK(ld == 0 ? s.numel() == tiles
+                      : (x.dim() == 2 && ld >= x.size(0) && s.numel() == (long long)kb_row * ld),
+              "quant_rows: bad scale buffer");
   if (!tiles) return;
   auto stream = c10::cuda::getCurrentCUDAStream();
   const unsigned grid = (unsigned)((tiles + 7) / 8);
   auto qp = reinterpret_cast<uint32_t*>(q.data_ptr());
   if (x.scalar_type() == at::kBFloat16)
-    fp8q::rows<<<grid, 256, 0, stream>>>(reinterpret_cast<const __nv_bfloat16*>(x.data_ptr()), qp, s.data_ptr<float>(), tiles);
+    fp8q::rows<<<grid, 256, 0, stream>>>(reinterpret_cast<const __nv_bfloat16*>(x.data_ptr()), qp, s.data_ptr<float>(),
+                                         tiles, kb_row, (int)ld);
   else if (x.scalar_type() == at::kFloat)
-    fp8q::rows<<<grid, 256, 0, stream>>>(x.data_ptr<float>(), qp, s.data_ptr<float>(), tiles);
+    fp8q::rows<<<grid, 256, 0, stream>>>(x.data_ptr<float>(), qp, s.data_ptr<float>(), tiles, kb_row, (int)ld);
   else
     TORCH_CHECK(false, "quant_rows: x must be bfloat16 or float32");
   TORCH_CHECK(cudaGetLastError() == cudaSuccess, "quant_rows: launch failed");

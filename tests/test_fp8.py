@@ -46,6 +46,21 @@ def test_quantize_act_tiles(pow2):
     assert ((deq - x).abs() <= x.abs() / 16 + 1e-12)[big].all()
 
 
+def test_mmajor_scales_layout():
+    s = torch.rand(200, 3) + 0.5
+    m = fp8.mmajor_scales(s)
+    assert torch.equal(m, s) and m.shape == (200, 3) and m.stride() == (1, 256)   # ld = 200 rounded up to 128
+    assert m.untyped_storage().nbytes() == 3 * 256 * 4                            # the padded rows are there to read
+    aq, a_s = fp8.quantize_act(torch.randn(200, 384))
+    wq, ws = fp8.quantize_weight(torch.randn(256, 384))
+    torch.testing.assert_close(fp8.fp8_gemm_ref(aq, fp8.mmajor_scales(a_s), wq, ws, torch.float32),
+                               fp8.fp8_gemm_ref(aq, a_s, wq, ws, torch.float32), rtol=0, atol=0)
+    q2, s2 = fp8.quantize_act(torch.randn(200, 384), mmajor=True)       # the reference path lays them out too
+    assert s2.stride() == (1, 256) and fp8._is_mmajor(s2) and not fp8._is_mmajor(a_s)
+    with pytest.raises(ValueError, match="2-D"):
+        fp8.quantize_act(torch.randn(2, 100, 384), mmajor=True)
+
+
 def test_quantize_weight_edge_blocks():
     w = torch.randn(200, 300)
     q, s = fp8.quantize_weight(w)
@@ -277,7 +292,7 @@ hopper = pytest.mark.skipif(not (torch.cuda.is_available() and torch.cuda.get_de
 
 @pytest.mark.gpu
 @hopper
-@pytest.mark.parametrize("tier", [1, 2, 3, 4, 5, 6, 7, 8], ids=[f"tier{t}" for t in range(1, 9)])
+@pytest.mark.parametrize("tier", [1, 2, 3, 4, 5, 6, 7, 8, 9], ids=[f"tier{t}" for t in range(1, 10)])
 @pytest.mark.parametrize("M,N,K", [(1, 128, 128), (65, 130, 256), (65, 136, 256), (200, 384, 1024), (333, 2112, 2048),
                                    (1000, 4096, 7168), (4096, 768, 512), (2000, 2112, 640), (4161, 1032, 128)])
 def test_kernel_matches_reference(tier, M, N, K):
@@ -295,7 +310,7 @@ def test_kernel_matches_reference(tier, M, N, K):
     outs = []
     for _ in range(2):                                                 # twice: a race shows as a difference
         out = torch.full((M, N), float("nan"), device="cuda", dtype=torch.bfloat16)   # poison
-        ext.gemm(xq, xs, wq, ws, out, tier)
+        ext.gemm(xq, fp8.mmajor_scales(xs) if tier == 9 else xs, wq, ws, out, tier)
         torch.cuda.synchronize()
         outs.append(out)
     out = outs[0]
@@ -307,6 +322,34 @@ def test_kernel_matches_reference(tier, M, N, K):
     # the quantization error vs the unquantized product (~7e-4 on random data): too few outputs make it noisy
     bar = 1e-3 if M * N >= 4096 else 2e-3
     assert fp8.calc_diff(out, x.double() @ w.double().T) < bar, f"seed {seed}"
+
+
+@pytest.mark.gpu
+@hopper
+def test_fp8_gemm_mmajor_scales_run_tier9_bit_identical():
+    """fp8_gemm sends M-major A scales to tier 9 and row-major ones to tier 4: the same products, promoted in the
+    same order, so the same bits."""
+    assert fp8.load_kernel() is not None, fp8._WHY_NOT
+    xq, xs = fp8.quantize_act(torch.randn(1000, 1024, device="cuda"))
+    xs_m = fp8.mmajor_scales(xs)
+    wq, ws = fp8.quantize_weight(torch.randn(640, 1024, device="cuda"))
+    assert fp8._is_mmajor(xs_m) and not fp8._is_mmajor(xs)
+    y4, y9 = fp8.fp8_gemm(xq, xs, wq, ws), fp8.fp8_gemm(xq, xs_m, wq, ws)
+    assert torch.equal(y4, y9) and fp8.calc_diff(y4, fp8.fp8_gemm_ref(xq, xs, wq, ws, torch.float32)) < 1e-5
+
+
+@pytest.mark.gpu
+@hopper
+def test_tier9_wants_mmajor_scales():
+    ext = fp8.load_kernel()
+    assert ext is not None, fp8._WHY_NOT
+    xq, xs = fp8.quantize_act(torch.randn(256, 256, device="cuda"))
+    wq, ws = fp8.quantize_weight(torch.randn(128, 256, device="cuda"))
+    out = torch.empty(256, 128, device="cuda", dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match="M-major"):
+        ext.gemm(xq, xs, wq, ws, out, 9)                                 # row-major scales: refused, not misread
+    with pytest.raises(RuntimeError, match="M-major"):
+        ext.gemm(xq, fp8.mmajor_scales(xs)[:, :1].expand(256, 2), wq, ws, out, 9)   # too short a buffer
 
 
 @pytest.mark.gpu
@@ -427,6 +470,10 @@ def test_fused_quantization_is_bit_identical(dtype, R, C):
         assert torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8)), f"seed {seed}"
         q3, s3 = fp8.quantize_act(x.reshape(1, R, C))                 # leading dims kept
         assert q3.shape == (1, R, C) and torch.equal(s3[0], s)
+        qm, sm = fp8.quantize_act(x, mmajor=True)                     # scales written M-major for tier 9
+        assert torch.equal(qm.view(torch.uint8), q.view(torch.uint8)) and torch.equal(sm, s), f"seed {seed}"
+        assert sm.stride() == (1, -(-R // 128) * 128) and fp8._is_mmajor(sm)
+        assert sm.as_strided((C // 128, sm.stride(1)), (sm.stride(1), 1))[:, R:].abs().sum() == 0   # zero padding
     qt, st = fp8.quantize_act_t(x)                                      # rows padded to 128, transposed
     qt_ref, st_ref = fp8.quantize_act_ref(torch.nn.functional.pad(x.t(), (0, -R % 128)))
     assert qt.shape == (C, R + (-R % 128)) and torch.equal(st, st_ref), f"seed {seed}"
