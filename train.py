@@ -4,7 +4,8 @@ on a laptop CPU), `python train.py --preset small` on a GPU, `python train.py --
 One optimizer step (report §2 and §4, training details):
     loss = L_main + λ·L_MTP + α·Σ_layers L_balance        (λ = --mtp_lambda, α = --balance_alpha)
     backward over --grad_accum micro-batches, clip the global gradient norm to 1.0, AdamW (β = 0.9/0.95,
-    weight decay 0.1 on matrices only), then the aux-loss-free update of every MoE gate bias:
+    weight decay 0.1 on matrices only; --bf16_moments keeps its moments in bf16 as the report does, §3.3.3),
+    then the aux-loss-free update of every MoE gate bias:
     b_i += γ·sign(mean load − load_i)                     (γ = --bias_gamma; bias buffers never see a gradient)
 Learning rate: linear warmup to --lr over --warmup_iters steps, then cosine to --min_lr at --lr_decay_iters
 (the schedule's lengths do not depend on --max_iters, so stopping early or resuming keeps it unchanged).
@@ -35,6 +36,7 @@ import torch.nn as nn
 from tqdm import tqdm
 
 import data
+from adamw_bf16 import AdamWBF16
 from config import ModelConfig, PRESETS, get_preset, config_to_dict, config_from_dict
 from model import Transformer, count_params
 from moe import max_violation
@@ -50,7 +52,7 @@ TRAIN_DEFAULTS = dict(
     lr=3e-3, min_lr=3e-4, warmup_iters=100, lr_decay_iters=1000,
     weight_decay=0.1, beta1=0.9, beta2=0.95, grad_clip=1.0,
     mtp_lambda=0.3, balance_alpha=1e-4, bias_gamma=0.01,
-    eval_interval=200, eval_iters=20, log_interval=10, fp8=False,
+    eval_interval=200, eval_iters=20, log_interval=10, fp8=False, bf16_moments=False,
 )
 # Other presets change only these (the rest as above).
 PRESET_TRAIN = {
@@ -81,6 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="auto, cpu, cuda, cuda:N or mps (default: auto = cuda → mps → cpu)")
     p.add_argument("--seed", type=int, help=f"seed of the init and of the data order (default: {d['seed']})")
     p.add_argument("--fp8", action=argparse.BooleanOptionalAction, help="FP8 projections (fp8.FP8Linear; Hopper)")
+    p.add_argument("--bf16_moments", action=argparse.BooleanOptionalAction,
+                   help="AdamW moments stored in bf16, as the report trains (adamw_bf16.py; default: fp32)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, help="torch.compile the model")
     p.add_argument("--bench", action="store_true", default=None, help="time a short run: tokens/s and MFU, no ckpt")
     g = p.add_argument_group("training (defaults for tiny; `small` overrides: "
@@ -184,12 +188,15 @@ def linear_class(fp8: bool, device: torch.device):
     return fp8.FP8Linear
 
 
-def make_optimizer(model: nn.Module, args, device: torch.device) -> torch.optim.AdamW:
+def make_optimizer(model: nn.Module, args, device: torch.device) -> torch.optim.Optimizer:
     """AdamW; weight decay on matrices (ndim >= 2: projections, experts, embedding, head) only, not on norms.
-    The gate biases b_i are buffers, so the optimizer never sees them."""
+    The gate biases b_i are buffers, so the optimizer never sees them. --bf16_moments keeps the two moments in
+    bf16 (TR §3.3.3; adamw_bf16.py), otherwise torch's AdamW keeps them in fp32."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": args.weight_decay},
               {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    if args.bf16_moments:
+        return AdamWBF16(groups, lr=args.lr, betas=(args.beta1, args.beta2))
     return torch.optim.AdamW(groups, lr=args.lr, betas=(args.beta1, args.beta2), fused=device.type == "cuda")
 
 

@@ -68,6 +68,22 @@ def test_resume_is_bit_identical(tmp_path, corpus_args, straight):
     # evaluation ran 6 times here and once there: it did not touch the training RNG or data order.
 
 
+def test_bf16_moments_train_and_resume_exactly(tmp_path, corpus_args, straight):
+    """--bf16_moments: AdamW's moments in bf16 (TR §3.3.3), saved as bf16, resumed bit-identically; the weights
+    end near the fp32-moment run's but not equal to them."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert run(a, corpus_args, "--bf16_moments", "--max_iters", "12", "--eval_interval", "12") == 0
+    assert run(b, corpus_args, "--bf16_moments", "--max_iters", "6", "--eval_interval", "6") == 0
+    assert train.main(["--out_dir", str(b), "--resume", "--max_iters", "12", "--device", "cpu"]) == 0
+    ca, cb = load(a), load(b)
+    assert cb["args"]["bf16_moments"] is True                     # restored from the checkpoint on resume
+    assert_same_state(ca["model"], cb["model"])
+    moments = [t for st in ca["optimizer"]["state"].values() for k, t in st.items() if k.startswith("exp_avg")]
+    assert moments and all(t.dtype == torch.bfloat16 for t in moments)
+    w, w32 = ca["model"]["embed.weight"], straight["model"]["embed.weight"]
+    assert not torch.equal(w, w32) and (w - w32).abs().max() < 0.1 * (w32.abs().max())
+
+
 def test_ctrl_c_saves_and_resumes_exactly(tmp_path, corpus_args, straight, monkeypatch, capsys):
     real, calls = data.Corpus.get_batch, []
 
@@ -145,11 +161,13 @@ def test_matmul_params_match_the_model(preset):
         assert 36e9 < n["main"] < 39e9
 
 
-def test_optimizer_decays_matrices_only():
+@pytest.mark.parametrize("bf16_moments", [False, True])
+def test_optimizer_decays_matrices_only(bf16_moments):
     cfg = get_preset("tiny", dim=32, inter_dim=64, vocab_size=512)
     model = Transformer(cfg)
-    opt = train.make_optimizer(model, argparse.Namespace(weight_decay=0.1, lr=1e-3, beta1=0.9, beta2=0.95),
-                               torch.device("cpu"))
+    opt = train.make_optimizer(model, argparse.Namespace(weight_decay=0.1, lr=1e-3, beta1=0.9, beta2=0.95,
+                                                         bf16_moments=bf16_moments), torch.device("cpu"))
+    assert isinstance(opt, train.AdamWBF16 if bf16_moments else torch.optim.AdamW)
     decay, no_decay = ({id(p) for p in g["params"]} for g in opt.param_groups)
     for name, p in model.named_parameters():
         assert (id(p) in decay) == (p.ndim >= 2) and (id(p) in no_decay) == (p.ndim < 2), name
