@@ -14,6 +14,10 @@ rounded to `moment_dtype`. So the rounding delays nothing and only what is carri
 rounded. With moment_dtype=torch.float32 it is AdamW exactly (the reference; the tests compare it with
 torch.optim.AdamW).
 
+A limit of bf16 storage: a decay step 1 − β must stay above half a bf16 ulp (2^-9 relative), or the stored
+moment stops moving. With β2 = 0.999 (torch's default) v would no longer decay; the report's β2 = 0.95 (the
+default here) decays 5% per step.
+
 This is one plain loop over the tensors, written to be read. It is slower than torch's fused AdamW on a GPU, so
 train.py uses it only with --bf16_moments.
 """
@@ -23,7 +27,7 @@ import torch
 class AdamWBF16(torch.optim.Optimizer):
     """AdamW (decoupled weight decay) whose exp_avg and exp_avg_sq are kept in `moment_dtype` (default bf16)."""
 
-    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2,
+    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.95), eps: float = 1e-8, weight_decay: float = 1e-2,
                  moment_dtype: torch.dtype = torch.bfloat16):
         if not lr > 0 or not eps > 0 or weight_decay < 0 or not all(0 <= b < 1 for b in betas):
             raise ValueError(f"AdamWBF16: need lr > 0, eps > 0, weight_decay >= 0 and 0 <= betas < 1; got lr={lr}, "

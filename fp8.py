@@ -431,8 +431,7 @@ class _FP8LinearFn(torch.autograd.Function):
         out_dtype = _compute_dtype(x)
         x2 = x.reshape(-1, x.shape[-1])                            # (T, K)
         # 1×128 tiles along K. Row-major scales (tier 4): with M-major ones (tier 9) the `small` preset trained
-        # slower, 49,885 against 51,051-53,998 tokens/s (BENCHMARKS.md, run H): its GEMMs are short and the
-        # zero-filled scale buffer costs one more launch per call.
+        # slower in the one run measured (BENCHMARKS.md, run H: 0.68× bf16, against 0.72× for tier 4 in run G).
         xq, xs = quantize_act(x2)
         wq, ws = quantize_weight(weight)                           # 128×128 blocks
         y = fp8_gemm(xq, xs, wq, ws, out_dtype if bias is None else torch.float32)  # (T, N)

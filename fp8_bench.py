@@ -3,9 +3,9 @@
 `bench` prints TFLOP/s per shape for the kernel tiers of fp8_gemm.cu, torch's bf16 matmul and cuBLAS's blockwise
 FP8 (`F.scaled_mm`, BlockWise1x128 × BlockWise128x128), with each result's calc_diff against the bf16 product of
 the unquantized inputs; `bench_training` times the variants FP8 training uses next to tier 4; `bench_sustained`
-runs tier 4 and cuBLAS for seconds each with the SM clock and board power sampled, because FP8 GEMMs at these
-sizes run into the H100's power limit and then the clock, not only the kernel, sets the rate. BENCHMARKS.md
-records the tables.
+runs the chosen tiers and cuBLAS for seconds each with the SM clock and board power sampled, because FP8 GEMMs
+at these sizes run into the H100's power limit and then the clock, not only the kernel, sets the rate.
+BENCHMARKS.md records the tables.
 """
 import statistics
 import subprocess
@@ -146,7 +146,7 @@ def bench_sustained(tiers=(4,), seconds: float = 2.0):
     """The kernel tiers and cuBLAS blockwise, `seconds` each, with nvidia-smi sampling the SM clock and the board
     power every 50 ms. At the power cap the GPU lowers its clock until the board draws its limit, so the rate
     depends on the energy a kernel spends per FLOP as well as on the work it does per clock cycle; TFLOP/s per GHz
-    is the latter."""
+    is the latter. nvidia-smi samples every GPU of the host: run it where the benchmark's GPU is the only one."""
     print("\n# sustained: TFLOP/s over the run, median SM clock and power of the samples in its second half")
     print("| M | N | K | kernel | TFLOP/s | SM clock (MHz) | power (W) | TFLOP/s per GHz |")
     print("|---" * 8 + "|")

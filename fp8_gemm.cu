@@ -1,6 +1,7 @@
 // Fine-grained FP8 GEMM for Hopper (sm_90a), built by fp8.py through torch.utils.cpp_extension.
 //
-//   C[M, N] (bf16; fp32 for wgrad) = sum over 128-wide K blocks kb of  sa[m, kb] * sb[n / 128, kb] * (A[m, kb-block] . B[n, kb-block])
+//   C[M, N] (bf16; fp32 for wgrad) = sum over 128-wide K blocks kb of
+//                                    sa[m, kb] * sb[n / 128, kb] * (A[m, kb-block] . B[n, kb-block])
 //
 // A (M x K) e4m3 with one fp32 scale per token per 128 channels (1x128 tiles), B (N x K) e4m3 with one scale
 // per 128x128 block; both K-major ("NT"), the layout of DeepSeek-V3's kernel.py and DeepGEMM. The tensor cores
@@ -26,7 +27,8 @@
 //           global memory (5 stages: 6 and the scales do not fit). The fastest tier (BENCHMARKS.md, runs 16-19).
 // Training uses tier 4 and three variants of it (see t2::gemm): 1D1D (wgrad: 1x128 scales on B too), M-grouped
 // (routed-expert Fprop and Dgrad over stacked expert weights) and K-grouped 1D1D (routed-expert wgrad).
-// Requirements checked on the host: K % 128 == 0, contiguous tensors, bf16 output (fp32 for the wgrad variants).
+// Requirements checked on the host: K % 128 == 0, contiguous tensors (tier 9: M-major A scales), bf16 output
+// (fp32 for the wgrad variants).
 
 #include <cuda.h>
 #include <cuda_bf16.h>
@@ -1007,7 +1009,11 @@ static const char* launch_t8(const uint8_t* A, const float* SA, const uint8_t* B
 static const char* launch(int tier, const uint8_t* A, const float* SA, const uint8_t* B, const float* SB,
                           __nv_bfloat16* C, int M, int N, int K, cudaStream_t stream, int sa_ld = 0) {
   // The TMA store needs 16-byte aligned output rows; otherwise tiers 3-8 fall back to tier 2's plain stores.
-  if (tier >= 3 && (N % 8 != 0 || reinterpret_cast<uintptr_t>(C) % 16 != 0)) tier = 2;
+  // Tier 9 cannot (tier 2 reads row-major scales): the torch binding converts its scales and falls back itself.
+  const bool no_tma_store = N % 8 != 0 || reinterpret_cast<uintptr_t>(C) % 16 != 0;
+  if (tier == 9 && (no_tma_store || sa_ld % 4 != 0 || sa_ld < (M + BM - 1) / BM * BM))
+    return "tier 9 needs N % 8 == 0, a 16-byte aligned output and M-major scales with ld >= M rounded up to 128";
+  if (tier >= 3 && tier <= 8 && no_tma_store) tier = 2;
   const char* err = nullptr;
   if (tier == 1) {
     static bool attr = false;
@@ -1211,11 +1217,15 @@ void quant_rows(at::Tensor x, at::Tensor q, at::Tensor s, int64_t ld);
 void quant_cols(at::Tensor x, at::Tensor q, at::Tensor s);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("gemm", &gemm, "fine-grained FP8 GEMM; tier 1: mma.sync, 2: TMA + wgmma + warp specialization, 3: + TMA-store epilogue, 4: + promotion overlapped with the next wgmma, 5-7: tier 4 in clusters with TMA multicast (2x1 B, 2x2 A+B, 1x2 A), 8: 128x256 tile, 9: tier 4 with M-major A scales brought in by the producer (fp8.mmajor_scales)");
+  m.def("gemm", &gemm,
+        "fine-grained FP8 GEMM; tier 1: mma.sync, 2: TMA + wgmma + warp specialization, 3: + TMA-store epilogue, "
+        "4: + promotion overlapped with the next wgmma, 5-7: tier 4 in clusters with TMA multicast (2x1 B, 2x2 A+B, "
+        "1x2 A), 8: 128x256 tile, 9: tier 4 with M-major A scales brought in by the producer (fp8.mmajor_scales)");
   m.def("gemm_1d1d", &gemm_1d1d, "tier 4 with 1x128 scales on both operands (wgrad)");
   m.def("gemm_1d1d_kgrouped", &gemm_1d1d_kgrouped, "gemm_1d1d over groups of K blocks, one output per expert (wgrad)");
   m.def("gemm_grouped", &gemm_grouped, "tier 4 over experts: each 128-row tile of a uses its expert's weight");
-  m.def("quant_rows", &quant_rows, "fused 1x128 quantization along the last dim, scales row- or M-major (fp8_quant.cu)");
+  m.def("quant_rows", &quant_rows,
+        "fused 1x128 quantization along the last dim, scales row- or M-major (fp8_quant.cu)");
   m.def("quant_cols", &quant_cols, "fused transpose + 1x128 quantization of x^T, rows padded to 128 (fp8_quant.cu)");
 }
 #endif

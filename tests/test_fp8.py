@@ -57,6 +57,8 @@ def test_mmajor_scales_layout():
                                fp8.fp8_gemm_ref(aq, a_s, wq, ws, torch.float32), rtol=0, atol=0)
     q2, s2 = fp8.quantize_act(torch.randn(200, 384), mmajor=True)       # the reference path lays them out too
     assert s2.stride() == (1, 256) and fp8._is_mmajor(s2) and not fp8._is_mmajor(a_s)
+    short = torch.ones(2 * 256 + 200).as_strided((200, 3), (1, 256))   # the last block's padded rows missing
+    assert not fp8._is_mmajor(short) and fp8._is_mmajor(torch.ones(3 * 256).as_strided((200, 3), (1, 256)))
     with pytest.raises(ValueError, match="2-D"):
         fp8.quantize_act(torch.randn(2, 100, 384), mmajor=True)
 
@@ -349,7 +351,11 @@ def test_tier9_wants_mmajor_scales():
     with pytest.raises(RuntimeError, match="M-major"):
         ext.gemm(xq, xs, wq, ws, out, 9)                                 # row-major scales: refused, not misread
     with pytest.raises(RuntimeError, match="M-major"):
-        ext.gemm(xq, fp8.mmajor_scales(xs)[:, :1].expand(256, 2), wq, ws, out, 9)   # too short a buffer
+        ext.gemm(xq, fp8.mmajor_scales(xs)[:, :1].expand(256, 2), wq, ws, out, 9)   # ld 0
+    xq2, _ = fp8.quantize_act(torch.randn(200, 256, device="cuda"))
+    short = torch.ones(256 + 200, device="cuda").as_strided((200, 2), (1, 256))  # padded rows of block 1 missing
+    with pytest.raises(RuntimeError, match="M-major"):
+        ext.gemm(xq2, short, wq, ws, out[:200], 9)
 
 
 @pytest.mark.gpu
