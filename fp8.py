@@ -17,6 +17,8 @@ The recipe, in the report's terms:
   * The routed experts run in FP8 as well (``fp8_segment_mm``): tokens sorted by expert, each expert's segment
     padded to whole 128-row tiles so that no tile mixes two experts; Fprop and Dgrad are one "M-grouped" GEMM
     over the stacked expert weights, Wgrad one "K-grouped" GEMM (each expert summed over its own tokens).
+  * Low-precision storage (§3.3.3): ``FP8Linear.act_cache`` can keep a layer's input for Wgrad as its 1×128
+    E4M3 tiles, or in E5M6 with power-of-2 scales (``quantize_e5m6``), instead of the input itself.
 
 Reference and fast path: ``fp8_gemm_ref`` (with ``fp8_gemm_grouped_ref``, ``fp8_gemm_kgrouped_ref`` and
 ``quantize_act_ref``) is the reference, plain PyTorch run on CPU and wherever the kernels are unavailable. The fast
@@ -141,6 +143,26 @@ def dequantize_act(x_fp8: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     K = x_fp8.shape[-1]
     tiles = x_fp8.float().reshape(*x_fp8.shape[:-1], K // BLOCK, BLOCK)  # (..., K/128, 128)
     return (tiles * scale.unsqueeze(-1)).reshape(x_fp8.shape)
+
+
+E5M6_MAX = 65024.0  # (2 − 2⁻⁶)·2¹⁵: the largest E5M6 value (5 exponent bits with fp16's bias, 6 mantissa bits)
+
+
+def quantize_e5m6(x: torch.Tensor):
+    """1×128 tiles in E5M6 with power-of-2 scales (TR §3.3.3: the cached input of the Linear after attention):
+    x (..., K) → (q (..., K), scale (..., K/128)), x ≈ q · scale. E5M6 has fp16's exponent range and 6 mantissa
+    bits, so every E5M6 value is an fp16 value: q is stored as float16 (the numerics of the format, not its 12-bit
+    storage). Rounding is to nearest, ties to even, in one step from fp32."""
+    K = _check_act(x)
+    tiles = x.float().reshape(*x.shape[:-1], K // BLOCK, BLOCK)       # (..., K/128, 128)
+    scale = _pow2_ceil(tiles.abs().amax(-1).clamp(min=AMAX_EPS) / E5M6_MAX)  # exact division below
+    y = tiles / scale.unsqueeze(-1)                                    # |y| ≤ 65024
+    bits = y.view(torch.int32)                                         # normals: keep 6 of fp32's 23 mantissa bits
+    lsb = (bits >> 17) & 1
+    normal = ((bits + 0xFFFF + lsb) & ~0x1FFFF).view(torch.float32)
+    sub = torch.round(y * 2.0 ** 20) * 2.0 ** -20                      # below 2⁻¹⁴: multiples of 2⁻²⁰
+    q = torch.where(y.abs() < 2.0 ** -14, sub, normal).to(torch.float16)
+    return q.reshape(x.shape), scale
 
 
 def _is_mmajor(scale: torch.Tensor) -> bool:
@@ -427,7 +449,7 @@ class _FP8LinearFn(torch.autograd.Function):
     """Y = X·Wᵀ (+ b) with Fprop, Dgrad and Wgrad in FP8 (TR §3.3, Figure 6)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias):
+    def forward(ctx, x, weight, bias, act_cache="bf16"):
         out_dtype = _compute_dtype(x)
         x2 = x.reshape(-1, x.shape[-1])                            # (T, K)
         # 1×128 tiles along K. Row-major scales (tier 4): with M-major ones (tier 9) the `small` preset trained
@@ -437,14 +459,25 @@ class _FP8LinearFn(torch.autograd.Function):
         y = fp8_gemm(xq, xs, wq, ws, out_dtype if bias is None else torch.float32)  # (T, N)
         if bias is not None:
             y = (y + bias.float()).to(out_dtype)
-        ctx.save_for_backward(x2, wq, ws)   # x kept in high precision: Wgrad re-quantizes it along tokens
-        ctx.meta = (x.shape, x.dtype, weight.dtype, bias is not None)
+        # What Wgrad will re-quantize along tokens (TR §3.3.3, low-precision storage): x itself ("bf16": the
+        # compute dtype), the Fprop's own 1×128 E4M3 tiles ("fp8"), or 1×128 E5M6 tiles ("e5m6").
+        if act_cache == "fp8":
+            ctx.save_for_backward(xq, xs, wq, ws)
+        elif act_cache == "e5m6":
+            ctx.save_for_backward(*quantize_e5m6(x2), wq, ws)
+        else:
+            ctx.save_for_backward(x2, wq, ws)
+        ctx.meta = (x.shape, x.dtype, weight.dtype, bias is not None, act_cache)
         return y.reshape(*x.shape[:-1], y.shape[-1])               # (..., N)
 
     @staticmethod
     def backward(ctx, dy):
-        x2, wq, ws = ctx.saved_tensors
-        x_shape, x_dtype, w_dtype, has_bias = ctx.meta
+        x_shape, x_dtype, w_dtype, has_bias, act_cache = ctx.meta
+        if act_cache == "bf16":
+            x2, wq, ws = ctx.saved_tensors
+        else:  # the cached 1×128 tiles, back to values: their 128×1 tiles along tokens are cut below
+            xc, xcs, wq, ws = ctx.saved_tensors
+            x2 = dequantize_act(xc, xcs)
         dy2 = dy.reshape(-1, dy.shape[-1])                         # (T, N)
         # Dgrad dX = dY·W = dY·(Wᵀ)ᵀ: dY in 1×128 tiles along N; Wᵀ's 128×128 blocks are W's, transposed.
         # N is the contraction here: when it is not a multiple of 128, zero rows of W and zero columns of dY
@@ -460,7 +493,10 @@ class _FP8LinearFn(torch.autograd.Function):
         dw = (fp8_gemm(dytq, dyts, xtq, xts, w_dtype) if dy2.shape[0]  # (N, K)
               else torch.zeros(wq.shape, dtype=w_dtype, device=dy.device))  # no tokens
         db = dy2.float().sum(0) if has_bias else None
-        return dx.reshape(x_shape), dw, db
+        return dx.reshape(x_shape), dw, db, None
+
+
+ACT_CACHES = ("bf16", "fp8", "e5m6")
 
 
 class FP8Linear(nn.Module):
@@ -469,7 +505,14 @@ class FP8Linear(nn.Module):
     Master weight (and bias) are FP32 parameters named like nn.Linear's; they are re-quantized (online amax)
     on every forward. in_features must be a multiple of 128 (the forward contracts over it in whole 1×128
     tiles); out_features may be any size (the last 128×128 weight block is partial, like V3's 576-row wkv_a).
-    Output dtype as nn.Linear's (the autocast dtype under autocast, else the input dtype; fp32 on CPU)."""
+    Output dtype as nn.Linear's (the autocast dtype under autocast, else the input dtype; fp32 on CPU).
+
+    act_cache (class attribute, or set per layer): what the layer keeps of its input for Wgrad. "bf16" keeps the
+    input itself. "fp8" keeps the Fprop's 1×128 E4M3 tiles, and "e5m6" 1×128 E5M6 tiles with power-of-2
+    scales. The report does the latter two (E5M6 for the input of the Linear after attention); Wgrad then
+    re-quantizes the dequantized values in 128×1 tiles along tokens, a second rounding."""
+
+    act_cache = "bf16"
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False, device=None, dtype=None):
         super().__init__()
@@ -493,10 +536,13 @@ class FP8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"FP8Linear: input last dim {x.shape[-1]} != in_features {self.in_features}")
-        return _FP8LinearFn.apply(x, self.weight, self.bias)
+        if self.act_cache not in ACT_CACHES:
+            raise ValueError(f"FP8Linear: act_cache={self.act_cache!r}, expected one of {ACT_CACHES}")
+        return _FP8LinearFn.apply(x, self.weight, self.bias, self.act_cache)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"act_cache={self.act_cache}")
 
     @staticmethod
     def experts_mm(dim: int, inter_dim: int):

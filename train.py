@@ -52,7 +52,7 @@ TRAIN_DEFAULTS = dict(
     lr=3e-3, min_lr=3e-4, warmup_iters=100, lr_decay_iters=1000,
     weight_decay=0.1, beta1=0.9, beta2=0.95, grad_clip=1.0,
     mtp_lambda=0.3, balance_alpha=1e-4, bias_gamma=0.01,
-    eval_interval=200, eval_iters=20, log_interval=10, fp8=False, bf16_moments=False,
+    eval_interval=200, eval_iters=20, log_interval=10, fp8=False, fp8_act_cache="bf16", bf16_moments=False,
 )
 # Other presets change only these (the rest as above).
 PRESET_TRAIN = {
@@ -83,6 +83,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="auto, cpu, cuda, cuda:N or mps (default: auto = cuda → mps → cpu)")
     p.add_argument("--seed", type=int, help=f"seed of the init and of the data order (default: {d['seed']})")
     p.add_argument("--fp8", action=argparse.BooleanOptionalAction, help="FP8 projections (fp8.FP8Linear; Hopper)")
+    p.add_argument("--fp8_act_cache", choices=("bf16", "fp8", "e5m6"),
+                   help="with --fp8: what each FP8 layer keeps of its input for Wgrad, the input itself (bf16, the "
+                        "default) or its 1x128 tiles in E4M3 (fp8) or E5M6 (e5m6); the report keeps E4M3 and E5M6 "
+                        "for the Linear after attention, this applies one choice to every layer")
     p.add_argument("--bf16_moments", action=argparse.BooleanOptionalAction,
                    help="AdamW moments stored in bf16, as the report trains (adamw_bf16.py; default: fp32)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, help="torch.compile the model")
@@ -153,6 +157,7 @@ def check_args(args, cfg: ModelConfig) -> None:
     need(args.lr_decay_iters >= args.warmup_iters, "lr_decay_iters", "must be >= warmup_iters")
     need(args.block_size <= cfg.max_seq_len, "block_size", f"must be <= max_seq_len ({cfg.max_seq_len})")
     need(args.block_size > cfg.n_mtp, "block_size", f"must be > n_mtp ({cfg.n_mtp}): MTP predicts further ahead")
+    need(args.fp8 or args.fp8_act_cache == "bf16", "fp8_act_cache", "needs --fp8")
 
 
 # -- device, model, optimizer, schedule -----------------------------------------------------------------------
@@ -173,7 +178,12 @@ def pick_device(name: str) -> torch.device:
     return dev
 
 
-def linear_class(fp8: bool, device: torch.device):
+def with_act_cache(cls, act_cache: str):
+    """cls, or a subclass of it whose layers keep their Wgrad input as `act_cache` (fp8.FP8Linear.act_cache)."""
+    return cls if act_cache == "bf16" else type(f"{cls.__name__}_{act_cache}", (cls,), {"act_cache": act_cache})
+
+
+def linear_class(fp8: bool, device: torch.device, act_cache: str = "bf16"):
     """nn.Linear, or fp8.FP8Linear (imported only when asked for, and only where its kernel runs)."""
     if not fp8:
         return nn.Linear
@@ -185,7 +195,7 @@ def linear_class(fp8: bool, device: torch.device):
         raise ValueError(f"--fp8 is unavailable: cannot import fp8.py ({e})") from None
     if fp8.load_kernel() is None:  # builds fp8_gemm.cu now rather than failing (or crawling) mid-run
         raise ValueError(f"--fp8 is unavailable: {getattr(fp8, '_WHY_NOT', None) or 'the FP8 kernel did not load'}")
-    return fp8.FP8Linear
+    return with_act_cache(fp8.FP8Linear, act_cache)
 
 
 def make_optimizer(model: nn.Module, args, device: torch.device) -> torch.optim.Optimizer:
@@ -338,7 +348,7 @@ def setup(ns: argparse.Namespace):
     cfg = resolve_config(args, ckpt)
     check_args(args, cfg)
     device = pick_device(args.device)
-    linear = linear_class(args.fp8, device)
+    linear = linear_class(args.fp8, device, args.fp8_act_cache)
     corpus = data.load_corpus(args.data, cfg.vocab_size, args.cache_dir, log=print)
     if ckpt and ckpt.get("tokenizer") != corpus.tokenizer.name:
         raise ValueError(f"--resume: the checkpoint's tokenizer {ckpt.get('tokenizer')!r} is not "

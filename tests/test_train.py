@@ -212,12 +212,21 @@ def test_cli_errors_are_one_line(tmp_path):
     assert errs[1].startswith("error: --resume: no checkpoint at ")
 
 
+def test_fp8_act_cache_subclass():
+    import fp8
+    cls = train.with_act_cache(fp8.FP8Linear, "e5m6")
+    assert issubclass(cls, fp8.FP8Linear) and cls.act_cache == "e5m6" and fp8.FP8Linear.act_cache == "bf16"
+    assert cls.experts_mm(128, 256) is fp8.fp8_segment_mm and cls(128, 256).act_cache == "e5m6"
+    assert train.with_act_cache(fp8.FP8Linear, "bf16") is fp8.FP8Linear
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--preset", "huge"], "unknown preset 'huge'"),
     (["--block_size", "64"], "--block_size=64: must be <= max_seq_len (32)"),
     (["--batch_size", "0"], "--batch_size=0: must be >= 1"),
     (["--n_expert_groups", "3"], "n_routed_experts"),
     (["--fp8"], "--fp8 needs a Hopper GPU (sm_90); the device is cpu"),
+    (["--fp8_act_cache", "e5m6"], "--fp8_act_cache='e5m6': needs --fp8"),
     (["--device", "foo"], "--device foo: not a device"),
 ])
 def test_user_errors_are_one_line(tmp_path, corpus_args, capsys, argv, message):
