@@ -407,12 +407,15 @@ def test_tier9_wants_mmajor_scales():
 
 @pytest.mark.gpu
 @hopper
-def test_fp8_gemm_dispatch_and_linear_on_gpu():
+@pytest.mark.parametrize("act_cache", ["bf16", "fp8", "e5m6"])
+def test_fp8_gemm_dispatch_and_linear_on_gpu(act_cache):
     assert fp8.load_kernel() is not None, fp8._WHY_NOT
     lin = fp8.FP8Linear(512, 1024).cuda()
+    lin.act_cache = act_cache
     x = torch.randn(3, 100, 512, device="cuda")
     (y, y2), (dx, dx2), (dw, dw2), _ = _linear_vs_fp32(lin, x)
-    assert fp8.calc_diff(y, y2) < 1e-3 and fp8.calc_diff(dx, dx2) < 1e-3 and fp8.calc_diff(dw, dw2) < 1e-3
+    assert fp8.calc_diff(y, y2) < 1e-3 and fp8.calc_diff(dx, dx2) < 1e-3
+    assert fp8.calc_diff(dw, dw2) < (1.5e-3 if act_cache == "fp8" else 1e-3)    # fp8: x rounded twice (CPU test)
     with torch.autocast("cuda", dtype=torch.bfloat16):
         assert lin(x).dtype == torch.bfloat16
 
