@@ -83,10 +83,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="auto, cpu, cuda, cuda:N or mps (default: auto = cuda → mps → cpu)")
     p.add_argument("--seed", type=int, help=f"seed of the init and of the data order (default: {d['seed']})")
     p.add_argument("--fp8", action=argparse.BooleanOptionalAction, help="FP8 projections (fp8.FP8Linear; Hopper)")
-    p.add_argument("--fp8_act_cache", choices=("bf16", "fp8", "e5m6"),
-                   help="with --fp8: what each FP8 layer keeps of its input for Wgrad, the input itself (bf16, the "
-                        "default) or its 1x128 tiles in E4M3 (fp8) or E5M6 (e5m6); the report keeps E4M3 and E5M6 "
-                        "for the Linear after attention, this applies one choice to every layer")
+    p.add_argument("--fp8_act_cache", choices=("bf16", "fp8", "e5m6", "report"),
+                   help="with --fp8: what each FP8 layer keeps of its input for Wgrad: the input itself (bf16, the "
+                        "default), its 1x128 tiles in E4M3 (fp8) or E5M6 (e5m6), or as the report: E4M3, and E5M6 "
+                        "for the attention output projection W^O (report)")
     p.add_argument("--bf16_moments", action=argparse.BooleanOptionalAction,
                    help="AdamW moments stored in bf16, as the report trains (adamw_bf16.py; default: fp32)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, help="torch.compile the model")
@@ -178,12 +178,15 @@ def pick_device(name: str) -> torch.device:
     return dev
 
 
-def with_act_cache(cls, act_cache: str):
-    """cls, or a subclass of it whose layers keep their Wgrad input as `act_cache` (fp8.FP8Linear.act_cache)."""
-    return cls if act_cache == "bf16" else type(f"{cls.__name__}_{act_cache}", (cls,), {"act_cache": act_cache})
+def set_act_cache(model: nn.Module, mode: str) -> None:
+    """What every FP8 layer keeps of its input for Wgrad (fp8.FP8Linear.act_cache): one mode for all, or "report":
+    E4M3 tiles everywhere and E5M6 for the input of W^O, the Linear after attention (TR §3.3.3)."""
+    for name, m in model.named_modules():
+        if hasattr(m, "act_cache"):
+            m.act_cache = ("e5m6" if name.endswith("attn.wo") else "fp8") if mode == "report" else mode
 
 
-def linear_class(fp8: bool, device: torch.device, act_cache: str = "bf16"):
+def linear_class(fp8: bool, device: torch.device):
     """nn.Linear, or fp8.FP8Linear (imported only when asked for, and only where its kernel runs)."""
     if not fp8:
         return nn.Linear
@@ -195,7 +198,7 @@ def linear_class(fp8: bool, device: torch.device, act_cache: str = "bf16"):
         raise ValueError(f"--fp8 is unavailable: cannot import fp8.py ({e})") from None
     if fp8.load_kernel() is None:  # builds fp8_gemm.cu now rather than failing (or crawling) mid-run
         raise ValueError(f"--fp8 is unavailable: {getattr(fp8, '_WHY_NOT', None) or 'the FP8 kernel did not load'}")
-    return with_act_cache(fp8.FP8Linear, act_cache)
+    return fp8.FP8Linear
 
 
 def make_optimizer(model: nn.Module, args, device: torch.device) -> torch.optim.Optimizer:
@@ -348,7 +351,7 @@ def setup(ns: argparse.Namespace):
     cfg = resolve_config(args, ckpt)
     check_args(args, cfg)
     device = pick_device(args.device)
-    linear = linear_class(args.fp8, device, args.fp8_act_cache)
+    linear = linear_class(args.fp8, device)
     corpus = data.load_corpus(args.data, cfg.vocab_size, args.cache_dir, log=print)
     if ckpt and ckpt.get("tokenizer") != corpus.tokenizer.name:
         raise ValueError(f"--resume: the checkpoint's tokenizer {ckpt.get('tokenizer')!r} is not "
@@ -360,6 +363,7 @@ def setup(ns: argparse.Namespace):
 def build(args, cfg, device, linear, ckpt):
     torch.manual_seed(args.seed)
     model = Transformer(cfg, linear).to(device)
+    set_act_cache(model, args.fp8_act_cache)
     opt = make_optimizer(model, args, device)
     gen = torch.Generator().manual_seed(args.seed)  # the data order: its state is the position in the data
     step = 0
