@@ -301,6 +301,12 @@ __device__ __forceinline__ void issue_block(float* acc, const uint8_t* a, const 
   asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
 }
 
+// One step along the ring of STAGES pipeline stages: the next stage, and the full barrier's parity flipped on wrap.
+template <int STAGES>
+__device__ __forceinline__ void ring_advance(int& s, uint32_t& p) {
+  if (++s == STAGES) { s = 0; p ^= 1; }
+}
+
 // The K loop of the two-accumulator pipeline (tier 4 and the cluster tiers): block 0 is already issued into
 // acc0; step(cur, nxt, kb, last) starts block kb + 1 into `nxt` (unless last), waits for block kb in `cur` and
 // promotes it. Unrolled by 2 so that acc0 and acc1 stay registers.
@@ -436,11 +442,9 @@ __global__ void __launch_bounds__(THREADS, 1) gemm(const __grid_constant__ CUten
     const bool leader = (threadIdx.x & 127) == 0;
     // The ring position of the next K block to consume: its stage and its full barrier's parity, which flips
     // each time the ring wraps (kept as two counters: `it % 6` would cost a multiply-shift at every use).
+    auto advance = ring_advance<STAGES>;
     int st = 0;
     uint32_t ph = 0;
-    auto advance = [](int& s, uint32_t& p) {
-      if (++s == STAGES) { s = 0; p ^= 1; }
-    };
     float acc0[64], acc1[64], fin[64];
 #pragma unroll
     for (int i = 0; i < 64; ++i) acc0[i] = acc1[i] = 0.f;
@@ -699,9 +703,7 @@ __global__ void __launch_bounds__(t2::THREADS, 1) gemm(const __grid_constant__ C
     };
     int st = 0;  // ring position of the next K block: stage and full-barrier parity (as in t2::gemm)
     uint32_t ph = 0;
-    auto advance = [](int& s, uint32_t& p) {
-      if (++s == STAGES) { s = 0; p ^= 1; }
-    };
+    auto advance = t2::ring_advance<STAGES>;
     auto a_of = [&](int s) { return sA + s * TILE_BYTES + mw * 64 * BK; };
     auto b_of = [&](int s) { return sB + s * TILE_BYTES; };
     float acc0[64], acc1[64], fin[64];
