@@ -97,7 +97,9 @@ def quantize_act(x: torch.Tensor, pow2_scale: bool = False, mmajor: bool = False
     q = torch.empty(x.shape, dtype=FP8, device=x.device)
     if mmajor:
         ld = -(-x.shape[0] // BLOCK) * BLOCK
-        buf = torch.zeros(K // BLOCK, ld, dtype=torch.float32, device=x.device)   # (K/128, ld), padded rows 0
+        # (K/128, ld). The kernel writes rows < M; padded rows (only when M % 128 != 0) are zero-filled first.
+        alloc = torch.empty if ld == x.shape[0] else torch.zeros
+        buf = alloc(K // BLOCK, ld, dtype=torch.float32, device=x.device)
         with torch.cuda.device(x.device):
             _EXT.quant_rows(x, q.view(torch.uint8), buf, ld)
         return q, buf.t()[:x.shape[0]]
@@ -452,9 +454,10 @@ class _FP8LinearFn(torch.autograd.Function):
     def forward(ctx, x, weight, bias, act_cache="bf16"):
         out_dtype = _compute_dtype(x)
         x2 = x.reshape(-1, x.shape[-1])                            # (T, K)
-        # 1×128 tiles along K. Row-major scales (tier 4): with M-major ones (tier 9) the `small` preset trained
-        # slower in the one run measured (BENCHMARKS.md, run H: 0.68× bf16, against 0.72× for tier 4 in run G).
-        xq, xs = quantize_act(x2)
+        # 1×128 tiles along K, scales M-major for tier 9. (Run H measured this slower than row-major scales on
+        # tier 4, 49,885 against 51,051-53,998 tokens/s, with a zero-filled scale buffer on every call; that
+        # buffer is now left unfilled when T % 128 == 0. To be re-measured.)
+        xq, xs = quantize_act(x2, mmajor=True)
         wq, ws = quantize_weight(weight)                           # 128×128 blocks
         y = fp8_gemm(xq, xs, wq, ws, out_dtype if bias is None else torch.float32)  # (T, N)
         if bias is not None:
@@ -483,7 +486,7 @@ class _FP8LinearFn(torch.autograd.Function):
         # N is the contraction here: when it is not a multiple of 128, zero rows of W and zero columns of dY
         # fill the last tile (they add nothing; W's last block scale already covers the padded block).
         pad_n = -dy2.shape[1] % BLOCK
-        dyq, dys = quantize_act(F.pad(dy2, (0, pad_n)) if pad_n else dy2)  # (T, N'), N' = N rounded up to 128
+        dyq, dys = quantize_act(F.pad(dy2, (0, pad_n)) if pad_n else dy2, mmajor=True)  # (T, N'), N' = N↑128
         wq_t = (torch.cat([wq, wq.new_zeros(pad_n, wq.shape[1])]) if pad_n else wq).t().contiguous()  # (K, N')
         dx = fp8_gemm(dyq, dys, wq_t, ws.t().contiguous(), x_dtype)  # (T, K)
         # Wgrad dW = dYᵀ·X sums over tokens, so both are quantized in 1×128 tiles along T (rows of dYᵀ and Xᵀ);

@@ -201,7 +201,8 @@ constexpr int SB_BYTES = BN * 4;                              // SB_ROW: one K b
 constexpr int SA_BYTES = BM * 4;                              // SA_T: one K block's 128 row scales of A
 // stages + output tile + column scales + barriers + 1024-B alignment slack
 constexpr int smem_bytes(bool epi_tma, int STAGES, bool sb_row = false, bool sa_t = false) {
-  return STAGES * 2 * TILE_BYTES + (epi_tma ? C_BYTES : 0) + (sb_row ? STAGES * SB_BYTES : 0) +
+  // sa_t (tier 9) writes its output one 64-column box at a time: half the output buffer, room for a sixth stage
+  return STAGES * 2 * TILE_BYTES + (epi_tma ? (sa_t ? C_BYTES / 2 : C_BYTES) : 0) + (sb_row ? STAGES * SB_BYTES : 0) +
          (sa_t ? STAGES * SA_BYTES : 0) + 2 * STAGES * 8 + 1024;
 }
 constexpr int GROUP_N = 8;                                    // tile raster: bands of 8 N tiles, M inner
@@ -388,7 +389,8 @@ __global__ void __launch_bounds__(THREADS, 1) gemm(const __grid_constant__ CUten
   uint8_t* sA = smem;                                   // [STAGES][128 rows][128 B]
   uint8_t* sB = smem + STAGES * TILE_BYTES;             // [STAGES][128 rows][128 B]
   uint8_t* sC = smem + 2 * STAGES * TILE_BYTES;         // EPI_TMA: [2 math wg][2 boxes][64 rows][128 B]
-  float* sSB = reinterpret_cast<float*>(sC + (EPI_TMA ? C_BYTES : 0));          // SB_ROW: [STAGES][128]
+  constexpr int C_ROUNDS = SA_T ? 2 : 1;  // EPI_TMA: output boxes of 64 columns written in C_ROUNDS rounds
+  float* sSB = reinterpret_cast<float*>(sC + (EPI_TMA ? C_BYTES / C_ROUNDS : 0));  // SB_ROW: [STAGES][128]
   float* sSA = sSB + (SB_ROW ? STAGES * BN : 0);                                // SA_T: [STAGES][128]
   uint64_t* full = reinterpret_cast<uint64_t*>(sSA + (SA_T ? STAGES * BM : 0));
   uint64_t* empty = full + STAGES;                                              // math warps done reading
@@ -479,22 +481,28 @@ __global__ void __launch_bounds__(THREADS, 1) gemm(const __grid_constant__ CUten
     auto store_tile = [&](const Work& w) {
       const int r0 = w.m0 + mw * 64 + rw, r1 = r0 + 8;
       if constexpr (EPI_TMA) {
-        uint8_t* cbuf = sC + mw * (C_BYTES / 2);
-        if (leader) asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory");  // last tile's store read it
-        named_barrier(1 + mw);
+        constexpr int BOXES = 2 / C_ROUNDS;  // 64-column boxes of 64 rows x 128 B per round
+        uint8_t* cbuf = sC + mw * (C_BYTES / 2 / C_ROUNDS);
 #pragma unroll
-        for (int j = 0; j < 16; ++j) {  // cols 8j + 2(lane%4): box j/8, 16-byte chunk j%8 swizzled by row%8
-          int off = (j >> 3) * 8192 + rw * 128 + (((j & 7) ^ (rw & 7)) << 4) + 4 * (lane & 3);
-          *reinterpret_cast<__nv_bfloat162*>(cbuf + off) = __floats2bfloat162_rn(fin[4 * j + 0], fin[4 * j + 1]);
-          *reinterpret_cast<__nv_bfloat162*>(cbuf + off + 8 * 128) =
-              __floats2bfloat162_rn(fin[4 * j + 2], fin[4 * j + 3]);
-        }
-        asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");  // make the stores visible to TMA
-        named_barrier(1 + mw);
-        if (leader) {  // rows past M and columns past N are clipped by TMA
-          tma_store(&tmC, cbuf, w.n0, w.c_row + mw * 64);
-          tma_store(&tmC, cbuf + 8192, w.n0 + 64, w.c_row + mw * 64);
-          asm volatile("cp.async.bulk.commit_group;\n" ::: "memory");
+        for (int h = 0; h < C_ROUNDS; ++h) {
+          if (leader) asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory");  // the last store read it
+          named_barrier(1 + mw);
+#pragma unroll
+          for (int jj = 0; jj < 8 * BOXES; ++jj) {  // cols 8j + 2(lane%4): box j/8, 16-byte chunk j%8 swizzled by row%8
+            const int j = h * 8 * BOXES + jj;
+            int off = (jj >> 3) * 8192 + rw * 128 + (((j & 7) ^ (rw & 7)) << 4) + 4 * (lane & 3);
+            *reinterpret_cast<__nv_bfloat162*>(cbuf + off) = __floats2bfloat162_rn(fin[4 * j + 0], fin[4 * j + 1]);
+            *reinterpret_cast<__nv_bfloat162*>(cbuf + off + 8 * 128) =
+                __floats2bfloat162_rn(fin[4 * j + 2], fin[4 * j + 3]);
+          }
+          asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");  // make the stores visible to TMA
+          named_barrier(1 + mw);
+          if (leader) {  // rows past M and columns past N are clipped by TMA
+#pragma unroll
+            for (int b = 0; b < BOXES; ++b)
+              tma_store(&tmC, cbuf + b * 8192, w.n0 + 64 * (h * BOXES + b), w.c_row + mw * 64);
+            asm volatile("cp.async.bulk.commit_group;\n" ::: "memory");
+          }
         }
       } else {
         OutT* Cg = C + (size_t)(w.c_row - w.m0) * N;  // K-grouped: this expert's block of rows (else C itself)
@@ -1037,7 +1045,7 @@ static const char* launch(int tier, const uint8_t* A, const float* SA, const uin
   } else if (tier == 8) {
     err = launch_t8(A, SA, B, SB, C, M, N, K, stream);
   } else if (tier == 9) {  // tier 4, A scales M-major (K/128 rows of sa_ld) and brought into each stage by bulk copy
-    err = launch_t2<true, true, 5, false, __nv_bfloat16, true>(A, SA, B, SB, C, M, N, K, stream, -1, nullptr, nullptr,
+    err = launch_t2<true, true, 6, false, __nv_bfloat16, true>(A, SA, B, SB, C, M, N, K, stream, -1, nullptr, nullptr,
                                                                0, -1, sa_ld);
   } else {
     return "unknown tier (1-9)";
