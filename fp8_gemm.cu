@@ -24,7 +24,8 @@
 //           48 instead of 64 KiB loaded per 8.4 MFLOP, at the cost of tier 4's second accumulator.
 //   tier 9  tier 4 with the A scales M-major ((K/128, ld) in memory): the producer copies each K block's 128 row
 //           scales into the stage with the tiles, and the math warps read them from shared memory instead of
-//           global memory (5 stages: 6 and the scales do not fit). The fastest tier (BENCHMARKS.md, runs 16-19).
+//           global memory; 6 stages, its output written one 64-column box at a time to make room. The fastest
+//           tier (BENCHMARKS.md, runs 16-19, measured with 5 stages and the whole output tile at once).
 // Training uses tier 4 and three variants of it (see t2::gemm): 1D1D (wgrad: 1x128 scales on B too), M-grouped
 // (routed-expert Fprop and Dgrad over stacked expert weights) and K-grouped 1D1D (routed-expert wgrad).
 // Requirements checked on the host: K % 128 == 0, contiguous tensors (tier 9: M-major A scales), bf16 output
