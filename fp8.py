@@ -46,6 +46,7 @@ E4M3_MAX = 448.0
 BLOCK = 128        # tile width along K, side of a weight block, and the promotion interval N_C
 AMAX_EPS = 1e-4    # amax floor (DeepGEMM's casts and kernel.py's act_quant)
 KERNEL_TIER = 4    # fp8_gemm's tier for row-major A scales; M-major ones (quantize_act(mmajor=True)) run tier 9
+LINEAR_MMAJOR = True  # FP8Linear's Fprop and Dgrad quantize X and dY with M-major scales, so they run tier 9
 
 
 def calc_diff(x: torch.Tensor, y: torch.Tensor) -> float:
@@ -454,10 +455,8 @@ class _FP8LinearFn(torch.autograd.Function):
     def forward(ctx, x, weight, bias, act_cache="bf16"):
         out_dtype = _compute_dtype(x)
         x2 = x.reshape(-1, x.shape[-1])                            # (T, K)
-        # 1×128 tiles along K, scales M-major for tier 9. (Run H measured this slower than row-major scales on
-        # tier 4, 49,885 against 51,051-53,998 tokens/s, with a zero-filled scale buffer on every call; that
-        # buffer is now left unfilled when T % 128 == 0. To be re-measured.)
-        xq, xs = quantize_act(x2, mmajor=True)
+        # 1×128 tiles along K, scales M-major for tier 9 (LINEAR_MMAJOR; else row-major for tier 4)
+        xq, xs = quantize_act(x2, mmajor=LINEAR_MMAJOR)
         wq, ws = quantize_weight(weight)                           # 128×128 blocks
         y = fp8_gemm(xq, xs, wq, ws, out_dtype if bias is None else torch.float32)  # (T, N)
         if bias is not None:
@@ -486,7 +485,7 @@ class _FP8LinearFn(torch.autograd.Function):
         # N is the contraction here: when it is not a multiple of 128, zero rows of W and zero columns of dY
         # fill the last tile (they add nothing; W's last block scale already covers the padded block).
         pad_n = -dy2.shape[1] % BLOCK
-        dyq, dys = quantize_act(F.pad(dy2, (0, pad_n)) if pad_n else dy2, mmajor=True)  # (T, N'), N' = N↑128
+        dyq, dys = quantize_act(F.pad(dy2, (0, pad_n)) if pad_n else dy2, mmajor=LINEAR_MMAJOR)  # (T, N'), N'=N↑128
         wq_t = (torch.cat([wq, wq.new_zeros(pad_n, wq.shape[1])]) if pad_n else wq).t().contiguous()  # (K, N')
         dx = fp8_gemm(dyq, dys, wq_t, ws.t().contiguous(), x_dtype)  # (T, K)
         # Wgrad dW = dYᵀ·X sums over tokens, so both are quantized in 1×128 tiles along T (rows of dYᵀ and Xᵀ);

@@ -201,9 +201,10 @@ constexpr int C_BYTES = 2 * 64 * BN * 2;                      // bf16 output til
 constexpr int SB_BYTES = BN * 4;                              // SB_ROW: one K block's 128 column scales of B
 constexpr int SA_BYTES = BM * 4;                              // SA_T: one K block's 128 row scales of A
 // stages + output tile + column scales + barriers + 1024-B alignment slack
+// Tier 9 with 6 stages writes its output one 64-column box at a time: half the output buffer, room for the 6th.
+__host__ __device__ constexpr int c_rounds(bool sa_t, int STAGES) { return sa_t && STAGES == 6 ? 2 : 1; }
 constexpr int smem_bytes(bool epi_tma, int STAGES, bool sb_row = false, bool sa_t = false) {
-  // sa_t (tier 9) writes its output one 64-column box at a time: half the output buffer, room for a sixth stage
-  return STAGES * 2 * TILE_BYTES + (epi_tma ? (sa_t ? C_BYTES / 2 : C_BYTES) : 0) + (sb_row ? STAGES * SB_BYTES : 0) +
+  return STAGES * 2 * TILE_BYTES + (epi_tma ? C_BYTES / c_rounds(sa_t, STAGES) : 0) + (sb_row ? STAGES * SB_BYTES : 0) +
          (sa_t ? STAGES * SA_BYTES : 0) + 2 * STAGES * 8 + 1024;
 }
 constexpr int GROUP_N = 8;                                    // tile raster: bands of 8 N tiles, M inner
@@ -303,6 +304,17 @@ __device__ __forceinline__ void issue_block(float* acc, const uint8_t* a, const 
   asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
 }
 
+// Stream-K hand-over of a partial tile between CTAs: release (after the writer warpgroup's bar.sync) and acquire.
+__device__ __forceinline__ void flag_raise(unsigned* f) {
+  asm volatile("fence.acq_rel.gpu;\nst.relaxed.gpu.global.u32 [%0], 1;\n" ::"l"(f) : "memory");
+}
+__device__ __forceinline__ void flag_wait(const unsigned* f) {
+  unsigned v = 0;
+  do {
+    asm volatile("ld.acquire.gpu.global.u32 %0, [%1];\n" : "=r"(v) : "l"(f) : "memory");
+  } while (v == 0);
+}
+
 // One step along the ring of STAGES pipeline stages: the next stage, and the full barrier's parity flipped on wrap.
 template <int STAGES>
 __device__ __forceinline__ void ring_advance(int& s, uint32_t& p) {
@@ -372,7 +384,7 @@ __device__ __forceinline__ void promote_cols(float* fin, float* acc, float s0, f
 //    and kb0 + nkb <= K/128 (fp8.py sees to it).
 // OutT = float (with the plain-store epilogue): the wgrad variants write fp32, as the report keeps Wgrad.
 template <bool EPI_TMA, bool OVERLAP, int STAGES, bool SB_ROW = false, typename OutT = __nv_bfloat16,
-          bool SA_T = false>
+          bool SA_T = false, bool SK = false>
 __global__ void __launch_bounds__(THREADS, 1) gemm(const __grid_constant__ CUtensorMap tmA,
                                                    const __grid_constant__ CUtensorMap tmB,
                                                    const __grid_constant__ CUtensorMap tmC,
@@ -380,17 +392,19 @@ __global__ void __launch_bounds__(THREADS, 1) gemm(const __grid_constant__ CUten
                                                    OutT* __restrict__ C, int M, int N, int K,
                                                    const int* __restrict__ GROUPS = nullptr,
                                                    const int* __restrict__ KG = nullptr, int n_kg = 0,
-                                                   int sa_ld = 0) {
+                                                   int sa_ld = 0, float* __restrict__ WS = nullptr,
+                                                   unsigned* __restrict__ FLAGS = nullptr, int parts = 0) {
   static_assert(OVERLAP || !SB_ROW, "the 1D1D variant is built on tier 4 (OVERLAP)");
   static_assert(OVERLAP || !SA_T, "A scales in shared memory are a tier-4 variant");
   static_assert(!EPI_TMA || sizeof(OutT) == 2, "the TMA-store epilogue writes bf16; fp32 outputs use plain stores");
+  static_assert(!SK || (SA_T && EPI_TMA), "the stream-K tail is built on tier 9");
   extern __shared__ uint8_t smem_raw[];
   // 128B-swizzled TMA destinations and wgmma operands want 1024-byte aligned tiles.
   uint8_t* smem = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
   uint8_t* sA = smem;                                   // [STAGES][128 rows][128 B]
   uint8_t* sB = smem + STAGES * TILE_BYTES;             // [STAGES][128 rows][128 B]
   uint8_t* sC = smem + 2 * STAGES * TILE_BYTES;         // EPI_TMA: [2 math wg][2 boxes][64 rows][128 B]
-  constexpr int C_ROUNDS = SA_T ? 2 : 1;  // EPI_TMA: output boxes of 64 columns written in C_ROUNDS rounds
+  constexpr int C_ROUNDS = c_rounds(SA_T, STAGES);  // EPI_TMA: output boxes of 64 columns in C_ROUNDS rounds
   float* sSB = reinterpret_cast<float*>(sC + (EPI_TMA ? C_BYTES / C_ROUNDS : 0));  // SB_ROW: [STAGES][128]
   float* sSA = sSB + (SB_ROW ? STAGES * BN : 0);                                // SA_T: [STAGES][128]
   uint64_t* full = reinterpret_cast<uint64_t*>(sSA + (SA_T ? STAGES * BM : 0));
@@ -406,6 +420,26 @@ __global__ void __launch_bounds__(THREADS, 1) gemm(const __grid_constant__ CUten
     nkb = KG ? KG[3 * g + 2] : Kb;
     c_row = (KG ? KG[3 * g] * M : 0) + m0;
   };
+  // SK with parts > 1: the split tail. Of the tiles left after the last full round (rest < G / 2 of them),
+  // each is split along K into `parts` runs of K blocks, run side by side by `parts` neighbouring CTAs: CTA
+  // b < rest * parts takes run b % parts of tile dp_end + b / parts. Run 0's CTA owns the tile: the others
+  // write their FP32 partial sums to their slot of WS and raise their flag, the owner waits for them, adds
+  // them and stores the tile, and lowers the flags for the next launch. (The host picks `parts`.)
+  // The split run is computed once and made warp-uniform by a shuffle (all threads, before the roles split):
+  // the producer's per-block code must stay in uniform registers, or its issue slows the whole pipeline.
+  const bool sk = SK && parts > 1;
+  const int G = gridDim.x;
+  const int dp_end = sk ? tiles / G * G : tiles;  // tiles [0, dp_end): one per CTA per round
+  int sp_t = -1, sp_k0 = 0, sp_nk = 0;           // this CTA's split run: tile, first K block, K blocks
+  if (sk && (int)blockIdx.x < (tiles - dp_end) * parts) {
+    const int p = blockIdx.x % parts;
+    sp_t = dp_end + blockIdx.x / parts;
+    sp_k0 = p * Kb / parts;
+    sp_nk = (p + 1) * Kb / parts - sp_k0;
+  }
+  sp_t = __shfl_sync(0xffffffff, sp_t, 0);
+  sp_k0 = __shfl_sync(0xffffffff, sp_k0, 0);
+  sp_nk = __shfl_sync(0xffffffff, sp_nk, 0);
   // Warpgroup index through a shuffle: the compiler then knows it is warp-uniform and keeps what derives
   // from it (the math warpgroup's shared-memory offsets, its wgmma descriptors) in uniform registers.
   const int wg = __shfl_sync(0xffffffff, threadIdx.x / 128, 0);
@@ -422,9 +456,11 @@ __global__ void __launch_bounds__(THREADS, 1) gemm(const __grid_constant__ CUten
       asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(&tmA)) : "memory");
       asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(&tmB)) : "memory");
       uint32_t it = 0;
-      for (int t = blockIdx.x; t < tiles; t += gridDim.x) {
+      // K blocks [kb0, kb0 + nkb) of tile t (the split run), or the tile's own (nkb < 0)
+      auto load_tile = [&](int t, int kb0_, int nkb_) {
         int m0, n0, kb0, nkb, c_row;
         tile(t, m0, n0, kb0, nkb, c_row);
+        if (nkb_ >= 0) kb0 = kb0_, nkb = nkb_;
         const int b_row = GROUPS ? GROUPS[m0 / BM] * N + n0 : n0;  // row of B where this tile's columns start
         for (int kb = kb0; kb < kb0 + nkb; ++kb, ++it) {
           int s = it % STAGES;
@@ -436,7 +472,9 @@ __global__ void __launch_bounds__(THREADS, 1) gemm(const __grid_constant__ CUten
           if constexpr (SB_ROW) bulk_load(sSB + s * BN, SB + (size_t)kb * n_pad + n0, SB_BYTES, &full[s]);
           if constexpr (SA_T) bulk_load(sSA + s * BM, SA + (size_t)kb * sa_ld + m0, SA_BYTES, &full[s]);
         }
-      }
+      };
+      for (int t = blockIdx.x; t < dp_end; t += G) load_tile(t, 0, -1);
+      if (SK && sp_t >= 0) load_tile(sp_t, sp_k0, sp_nk);
     }
   } else {  // ---------------- math warpgroups: rows [64*(wg-1), 64*wg) of each tile ----------------
     asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n");
@@ -457,13 +495,14 @@ __global__ void __launch_bounds__(THREADS, 1) gemm(const __grid_constant__ CUten
     // its two rows of A and B's block row (the expert's own blocks when grouped). Rows past M read row M - 1's
     // scales: their A rows are zero-filled by TMA and they are never stored.
     struct Work {
-      int m0, n0, nkb, c_row;
+      int m0, n0, kb0, nkb, c_row;
       const float *pa0, *pa1, *pb;
     };
-    auto work_of = [&](int t) {
+    auto work_of = [&](int t, int kb0_, int nkb_) {  // nkb_ >= 0: K blocks [kb0_, kb0_ + nkb_) only
       Work w;
-      int kb0;
-      tile(t, w.m0, w.n0, kb0, w.nkb, w.c_row);
+      tile(t, w.m0, w.n0, w.kb0, w.nkb, w.c_row);
+      if (nkb_ >= 0) w.kb0 = kb0_, w.nkb = nkb_;
+      const int kb0 = w.kb0;
       const int r0 = w.m0 + mw * 64 + rw;
       w.pa0 = SA + (size_t)min(r0, M - 1) * Kb + kb0;
       w.pa1 = SA + (size_t)min(r0 + 8, M - 1) * Kb + kb0;
@@ -516,8 +555,8 @@ __global__ void __launch_bounds__(THREADS, 1) gemm(const __grid_constant__ CUten
       }
     };
     if constexpr (!OVERLAP) {
-      for (int t = blockIdx.x; t < tiles; t += gridDim.x) {
-        const Work w = work_of(t);
+      for (int t = blockIdx.x; t < tiles; t += G) {
+        const Work w = work_of(t, 0, -1);
 #pragma unroll
         for (int i = 0; i < 64; ++i) fin[i] = 0.f;
         for (int kb = 0; kb < w.nkb; ++kb) {
@@ -538,8 +577,9 @@ __global__ void __launch_bounds__(THREADS, 1) gemm(const __grid_constant__ CUten
       // so that their global-load latency hides behind a whole block of MMAs rather than stalling the
       // promotion (Nsight Compute showed that stall when they were loaded at the start of the step).
       // Measured and dropped: issuing the next tile's first block before this tile's epilogue (BENCHMARKS.md).
-      for (int t = blockIdx.x; t < tiles; t += gridDim.x) {
-        const Work w = work_of(t);
+      // Each tile (t, the split run's K blocks or nkb < 0: all of them): its K loop, then its epilogue.
+      auto run_tile = [&](int t, int kb0_, int nkb_) {
+        const Work w = work_of(t, kb0_, nkb_);
 #pragma unroll
         for (int i = 0; i < 64; ++i) fin[i] = 0.f;
         auto step = [&](float* cur, float* nxt, int kb, bool last) {
@@ -573,8 +613,39 @@ __global__ void __launch_bounds__(THREADS, 1) gemm(const __grid_constant__ CUten
         mbar_wait(&full[st], ph);
         issue_block(acc0, a_of(st), b_of(st));
         k_loop_2acc(acc0, acc1, w.nkb, step);
-        store_tile(w);
-      }
+        if (nkb_ < 0) {
+          store_tile(w);
+        } else if (w.kb0 > 0) {  // a later part of a split tile: hand this warpgroup's partial sums to the owner
+          float* p = WS + (size_t)(blockIdx.x * 2 + mw) * 8192 + (threadIdx.x & 127) * 4;  // [16][128 threads][4]
+#pragma unroll
+          for (int j = 0; j < 16; ++j)
+            __stcg(reinterpret_cast<float4*>(p + 512 * j), make_float4(fin[4 * j], fin[4 * j + 1], fin[4 * j + 2],
+                                                                       fin[4 * j + 3]));
+          named_barrier(1 + mw);
+          if (leader) flag_raise(&FLAGS[blockIdx.x * 2 + mw]);
+        } else {  // the owner: wait for the CTAs that ran the rest of the tile, add their sums, store the tile
+          if (leader)
+            for (int c = blockIdx.x + 1; c < (int)blockIdx.x + parts; ++c) {
+              flag_wait(&FLAGS[c * 2 + mw]);
+              FLAGS[c * 2 + mw] = 0;  // lowered for the next launch (each flag has one reader per launch)
+            }
+          named_barrier(1 + mw);
+          for (int c = blockIdx.x + 1; c < (int)blockIdx.x + parts; ++c) {
+            const float* p = WS + (size_t)(c * 2 + mw) * 8192 + (threadIdx.x & 127) * 4;
+#pragma unroll
+            for (int j = 0; j < 16; ++j) {
+              const float4 v = __ldcg(reinterpret_cast<const float4*>(p + 512 * j));
+              fin[4 * j] += v.x;
+              fin[4 * j + 1] += v.y;
+              fin[4 * j + 2] += v.z;
+              fin[4 * j + 3] += v.w;
+            }
+          }
+          store_tile(w);
+        }
+      };
+      for (int t = blockIdx.x; t < dp_end; t += G) run_tile(t, 0, -1);
+      if (SK && sp_t >= 0) run_tile(sp_t, sp_k0, sp_nk);
     }
     if (EPI_TMA && leader) asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory");  // before smem goes away
   }
@@ -929,13 +1000,63 @@ static bool make_map(CUtensorMap* map, const void* ptr, CUtensorMapDataType dtyp
 }
 
 // b_rows: rows of B (N, or experts x N when grouped); groups: the expert of each M tile, or nullptr.
+// Stream-K workspace of one device: a slot of 128 x 128 FP32 partial sums and two flags (one per math
+// warpgroup) per CTA. Allocated once; flags start at 0 and the kernel lowers each one it reads, so launches
+// on one stream (and CUDA-graph replays) can reuse it. Launches on two streams at once must not share it.
+struct SkSpace {
+  float* ws = nullptr;
+  unsigned* flags = nullptr;
+};
+static const char* sk_space(int sms, SkSpace& out) {
+  static SkSpace per_dev[64];
+  int dev;
+  cudaGetDevice(&dev);
+  if (dev >= 64) return "stream-K: device index >= 64";
+  SkSpace& s = per_dev[dev];
+  if (!s.ws) {
+    if (cudaMalloc(&s.ws, (size_t)sms * BM * BN * sizeof(float)) != cudaSuccess ||
+        cudaMalloc(&s.flags, (size_t)sms * 2 * sizeof(unsigned)) != cudaSuccess ||
+        cudaMemset(s.flags, 0, (size_t)sms * 2 * sizeof(unsigned)) != cudaSuccess) {
+      s = SkSpace();
+      return "stream-K: workspace allocation failed";
+    }
+  }
+  out = s;
+  return nullptr;
+}
+
+// The split tail of tier 9: when the last round leaves rest < G / 2 tiles for G SMs, each of them is split
+// along K into parts = G / rest runs (at most 8, each of at least 8 K blocks), run side by side by
+// rest * parts CTAs. Only where that round is a large share of the work: fewer than 8 full rounds. Returns
+// the parts, or 0 for no split. Measured and dropped (BENCHMARKS.md, runs 22-25): a stream-K split (every
+// CTA one run of the same length, across tile boundaries), whose CTAs work at different K offsets and lose
+// the L2 reuse between neighbouring tiles; and the split kernel on long-K shapes with many rounds (8192^3).
+static int split_parts(int tiles, int sms, int kb) {
+  const int rest = tiles % sms;
+  if (rest == 0 || tiles / sms >= 8) return 0;
+  int parts = sms / rest;
+  parts = parts < 8 ? parts : 8;
+  parts = parts < kb / 8 ? parts : kb / 8;
+  return parts >= 2 ? parts : 0;
+}
+
+static int num_sms() {
+  static int sms = 0;
+  if (!sms) {
+    int dev;
+    cudaGetDevice(&dev);
+    cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+  }
+  return sms;
+}
+
 template <bool EPI_TMA, bool OVERLAP, int STAGES, bool SB_ROW = false, typename OutT = __nv_bfloat16,
-          bool SA_T = false>
+          bool SA_T = false, bool SK = false>
 static const char* launch_t2(const uint8_t* A, const float* SA, const uint8_t* B, const float* SB,
                              OutT* C, int M, int N, int K, cudaStream_t stream, int b_rows = -1,
                              const int* groups = nullptr, const int* kg = nullptr, int n_kg = 0, int c_rows = -1,
                              int sa_ld = 0) {
-  auto kern = t2::gemm<EPI_TMA, OVERLAP, STAGES, SB_ROW, OutT, SA_T>;
+  auto kern = t2::gemm<EPI_TMA, OVERLAP, STAGES, SB_ROW, OutT, SA_T, SK>;
   constexpr int smem = t2::smem_bytes(EPI_TMA, STAGES, SB_ROW, SA_T);
   static_assert(smem <= 227 * 1024, "more shared memory than an H100 SM gives one block");
   static int sms = 0;
@@ -951,8 +1072,13 @@ static const char* launch_t2(const uint8_t* A, const float* SA, const uint8_t* B
       (EPI_TMA && !make_map(&mc, C, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, c_rows < 0 ? M : c_rows, N, 64, 64)))
     return "cuTensorMapEncodeTiled failed";
   int tiles = (kg ? n_kg : 1) * ((M + BM - 1) / BM) * ((N + BN - 1) / BN);
-  kern<<<tiles < sms ? tiles : sms, t2::THREADS, smem, stream>>>(ma, mb, mc, SA, SB, C, M, N, K, groups, kg, n_kg,
-                                                                   sa_ld);
+  SkSpace sks;
+  const int n_parts = SK ? split_parts(tiles, sms, K / BK) : 0;
+  if (n_parts > 1)
+    if (const char* err = sk_space(sms, sks)) return err;
+  const int grid = tiles < sms ? (n_parts > 1 ? tiles * n_parts : tiles) : sms;
+  kern<<<grid, t2::THREADS, smem, stream>>>(ma, mb, mc, SA, SB, C, M, N, K, groups, kg, n_kg, sa_ld, sks.ws,
+                                            sks.flags, n_parts);
   return nullptr;
 }
 
@@ -1046,8 +1172,18 @@ static const char* launch(int tier, const uint8_t* A, const float* SA, const uin
   } else if (tier == 8) {
     err = launch_t8(A, SA, B, SB, C, M, N, K, stream);
   } else if (tier == 9) {  // tier 4, A scales M-major (K/128 rows of sa_ld) and brought into each stage by bulk copy
-    err = launch_t2<true, true, 6, false, __nv_bfloat16, true>(A, SA, B, SB, C, M, N, K, stream, -1, nullptr, nullptr,
-                                                               0, -1, sa_ld);
+    // Three builds: 6 stages when a tile has at most 4 K blocks (the next tile's blocks then load during this
+    // one's epilogue), the split tail where it pays (split_parts), else 5 stages (BENCHMARKS.md, runs 20-25).
+    const int tiles = ((M + BM - 1) / BM) * ((N + BN - 1) / BN), kb = K / BK;
+    if (kb <= 4)
+      err = launch_t2<true, true, 6, false, __nv_bfloat16, true>(A, SA, B, SB, C, M, N, K, stream, -1, nullptr,
+                                                                 nullptr, 0, -1, sa_ld);
+    else if (split_parts(tiles, num_sms(), kb))
+      err = launch_t2<true, true, 5, false, __nv_bfloat16, true, true>(A, SA, B, SB, C, M, N, K, stream, -1,
+                                                                       nullptr, nullptr, 0, -1, sa_ld);
+    else
+      err = launch_t2<true, true, 5, false, __nv_bfloat16, true>(A, SA, B, SB, C, M, N, K, stream, -1, nullptr,
+                                                                 nullptr, 0, -1, sa_ld);
   } else {
     return "unknown tier (1-9)";
   }

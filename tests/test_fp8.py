@@ -343,7 +343,8 @@ hopper = pytest.mark.skipif(not (torch.cuda.is_available() and torch.cuda.get_de
 @hopper
 @pytest.mark.parametrize("tier", [1, 2, 3, 4, 5, 6, 7, 8, 9], ids=[f"tier{t}" for t in range(1, 10)])
 @pytest.mark.parametrize("M,N,K", [(1, 128, 128), (65, 130, 256), (65, 136, 256), (200, 384, 1024), (333, 2112, 2048),
-                                   (1000, 4096, 7168), (4096, 768, 512), (2000, 2112, 640), (4161, 1032, 128)])
+                                   (1000, 4096, 7168), (4096, 768, 512), (2000, 2112, 640), (4161, 1032, 128),
+                                   (4000, 2112, 2944)])
 def test_kernel_matches_reference(tier, M, N, K):
     """Each tier against the reference. The last shapes give every CTA of the persistent grid two or three
     tiles with an odd number of K blocks (the two-accumulator loop ends a tile in either accumulator)."""
