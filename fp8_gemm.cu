@@ -24,10 +24,13 @@
 //           48 instead of 64 KiB loaded per 8.4 MFLOP, at the cost of tier 4's second accumulator.
 //   tier 9  tier 4 with the A scales M-major ((K/128, ld) in memory): the producer copies each K block's 128 row
 //           scales into the stage with the tiles, and the math warps read them from shared memory instead of
-//           global memory; 6 stages, its output written one 64-column box at a time to make room. The fastest
-//           tier (BENCHMARKS.md, runs 16-19, measured with 5 stages and the whole output tile at once).
-// Training uses tier 4 and three variants of it (see t2::gemm): 1D1D (wgrad: 1x128 scales on B too), M-grouped
-// (routed-expert Fprop and Dgrad over stacked expert weights) and K-grouped 1D1D (routed-expert wgrad).
+//           global memory. Three builds picked per shape: 5 stages; 6 stages when a tile has at most 4 K blocks
+//           (its output then goes out one 64-column box at a time, to make room); and a split tail, where the
+//           tiles of a last, mostly empty round are each split along K over several CTAs (split_parts). The
+//           fastest tier (BENCHMARKS.md, runs 16-27).
+// Training uses tier 9 (FP8Linear's Fprop and Dgrad) and three variants of tier 4 (see t2::gemm): 1D1D (wgrad:
+// 1x128 scales on B too), M-grouped (routed-expert Fprop and Dgrad over stacked expert weights) and K-grouped
+// 1D1D (routed-expert wgrad).
 // Requirements checked on the host: K % 128 == 0, contiguous tensors (tier 9: M-major A scales), bf16 output
 // (fp32 for the wgrad variants).
 
@@ -304,7 +307,7 @@ __device__ __forceinline__ void issue_block(float* acc, const uint8_t* a, const 
   asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
 }
 
-// Stream-K hand-over of a partial tile between CTAs: release (after the writer warpgroup's bar.sync) and acquire.
+// Split tail: hand-over of a partial tile between CTAs, release (after the writer warpgroup's bar.sync) and acquire.
 __device__ __forceinline__ void flag_raise(unsigned* f) {
   asm volatile("fence.acq_rel.gpu;\nst.relaxed.gpu.global.u32 [%0], 1;\n" ::"l"(f) : "memory");
 }
@@ -397,7 +400,7 @@ __global__ void __launch_bounds__(THREADS, 1) gemm(const __grid_constant__ CUten
   static_assert(OVERLAP || !SB_ROW, "the 1D1D variant is built on tier 4 (OVERLAP)");
   static_assert(OVERLAP || !SA_T, "A scales in shared memory are a tier-4 variant");
   static_assert(!EPI_TMA || sizeof(OutT) == 2, "the TMA-store epilogue writes bf16; fp32 outputs use plain stores");
-  static_assert(!SK || (SA_T && EPI_TMA), "the stream-K tail is built on tier 9");
+  static_assert(!SK || (SA_T && EPI_TMA), "the split tail is built on tier 9");
   extern __shared__ uint8_t smem_raw[];
   // 128B-swizzled TMA destinations and wgmma operands want 1024-byte aligned tiles.
   uint8_t* smem = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
@@ -1000,7 +1003,7 @@ static bool make_map(CUtensorMap* map, const void* ptr, CUtensorMapDataType dtyp
 }
 
 // b_rows: rows of B (N, or experts x N when grouped); groups: the expert of each M tile, or nullptr.
-// Stream-K workspace of one device: a slot of 128 x 128 FP32 partial sums and two flags (one per math
+// Split-tail workspace of one device: a slot of 128 x 128 FP32 partial sums and two flags (one per math
 // warpgroup) per CTA. Allocated once; flags start at 0 and the kernel lowers each one it reads, so launches
 // on one stream (and CUDA-graph replays) can reuse it. Launches on two streams at once must not share it.
 struct SkSpace {
@@ -1011,14 +1014,14 @@ static const char* sk_space(int sms, SkSpace& out) {
   static SkSpace per_dev[64];
   int dev;
   cudaGetDevice(&dev);
-  if (dev >= 64) return "stream-K: device index >= 64";
+  if (dev >= 64) return "split tail: device index >= 64";
   SkSpace& s = per_dev[dev];
   if (!s.ws) {
     if (cudaMalloc(&s.ws, (size_t)sms * BM * BN * sizeof(float)) != cudaSuccess ||
         cudaMalloc(&s.flags, (size_t)sms * 2 * sizeof(unsigned)) != cudaSuccess ||
         cudaMemset(s.flags, 0, (size_t)sms * 2 * sizeof(unsigned)) != cudaSuccess) {
       s = SkSpace();
-      return "stream-K: workspace allocation failed";
+      return "split tail: workspace allocation failed";
     }
   }
   out = s;

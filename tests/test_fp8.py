@@ -346,8 +346,11 @@ hopper = pytest.mark.skipif(not (torch.cuda.is_available() and torch.cuda.get_de
                                    (1000, 4096, 7168), (4096, 768, 512), (2000, 2112, 640), (4161, 1032, 128),
                                    (4000, 2112, 2944)])
 def test_kernel_matches_reference(tier, M, N, K):
-    """Each tier against the reference. The last shapes give every CTA of the persistent grid two or three
-    tiles with an odd number of K blocks (the two-accumulator loop ends a tile in either accumulator)."""
+    """Each tier against the reference. (2000, 2112, 640) and (4161, 1032, 128) give every CTA of the persistent
+    grid two or three tiles with an odd number of K blocks (the two-accumulator loop ends a tile in either
+    accumulator). Tier 9 picks a build per shape (on 132 SMs): 6 stages at K = 512 (4096, 768, 512); its split
+    tail at (333, 2112, 2048) (51 tiles, each split in 2) and (4000, 2112, 2944) (4 full rounds, then 16 tiles
+    split in 2 runs of 11 and 12 K blocks); 5 stages elsewhere."""
     ext = fp8.load_kernel()
     assert ext is not None, fp8._WHY_NOT
     seed = int.from_bytes(os.urandom(4), "little")                     # fresh inputs on every run
@@ -378,7 +381,7 @@ def test_kernel_matches_reference(tier, M, N, K):
 @hopper
 def test_fp8_gemm_mmajor_scales_run_tier9_bit_identical():
     """fp8_gemm sends M-major A scales to tier 9 and row-major ones to tier 4: the same products, promoted in the
-    same order, so the same bits."""
+    same order, so the same bits (40 tiles of 8 K blocks: too few K blocks for tier 9's split tail)."""
     assert fp8.load_kernel() is not None, fp8._WHY_NOT
     xq, xs = fp8.quantize_act(torch.randn(1000, 1024, device="cuda"))
     xs_m = fp8.mmajor_scales(xs)
