@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 
 import fp8
-from fp8 import BLOCK, calc_diff, fp8_gemm_kgrouped, load_kernel, quantize_act, quantize_weight
+from fp8 import BLOCK, calc_diff, load_kernel, quantize_act, quantize_weight
+from fp8_experts import fp8_gemm_kgrouped
 
 SHAPES_NK = [(2112, 7168), (24576, 1536), (32768, 512), (7168, 16384), (4096, 7168), (7168, 2048)]
 

@@ -33,7 +33,7 @@ Two dispatch paths with identical results (tests/test_moe.py checks outputs and 
 - "grouped" (the fast one, default): sort the N·K_r (token, expert) pairs by expert id with argsort so each expert
   owns one contiguous segment, run all experts with one grouped GEMM per projection (torch._grouped_mm, where
   this build supports it for the device and dtype; otherwise a loop over the segments), scatter-add back.
-  With `--fp8` the grouped GEMM is fp8.fp8_segment_mm instead (FP8Linear.experts_mm hands it over).
+  With `--fp8` the grouped GEMM is fp8_experts.fp8_segment_mm instead (FP8Linear.experts_mm hands it over).
 Expert parallelism (all-to-all over an expert process group) is not implemented here yet.
 """
 import torch
@@ -176,7 +176,7 @@ class Experts(nn.Module):
     """N_r routed SwiGLU experts with stacked weights w1 (E, inter, dim), w2 (E, dim, inter), w3 (E, inter, dim).
 
     `mm`: the grouped GEMM of the fast path, segment_mm's signature without `impl` (None: segment_mm itself);
-    FP8 training passes fp8.fp8_segment_mm. The loop reference (`expert`) always runs in high precision."""
+    FP8 training passes fp8_experts.fp8_segment_mm. The loop reference (`expert`) always runs in high precision."""
 
     def __init__(self, n_experts: int, dim: int, inter_dim: int, init_std: float, mm=None):
         super().__init__()

@@ -1,0 +1,188 @@
+"""FP8 for the routed experts (DeepSeek-V3 technical report §3.3): fp8.py's recipe on a MoE layer's experts.
+
+The routed experts' GEMMs run in FP8 too, with the same 1×128 activation tiles and 128×128 weight blocks as
+``fp8.FP8Linear``. The trouble is that an expert sees only its own tokens, a few hundred rows of varying
+count. Launching one GEMM per expert wastes the GPU on small problems, so all experts go in one launch:
+
+  * Layout: tokens come sorted by expert (``moe.Experts``); each expert's segment is padded with zero rows to
+    whole 128-row tiles (``_tile_layout``), so that no 1×128 tile, and no tile of the GEMM, mixes two experts.
+  * Fprop and Dgrad: one **M-grouped** GEMM (``fp8_gemm_grouped``, DeepGEMM's "contiguous" layout). Row tile t
+    multiplies expert groups[t]'s weight out of the stacked (E, N, K) tensor.
+  * Wgrad: one **K-grouped** GEMM (``fp8_gemm_kgrouped``). dW[e] = dY_segᵀ·X_seg contracts over the expert's own
+    tokens, so both operands are quantized along the tokens (1×128 tiles on both, "1D1D") and each expert sums
+    only its own K range. The output is FP32, as the report keeps Wgrad.
+  * ``fp8_segment_mm`` wraps the three in an autograd function: the FP8 twin of ``moe.segment_mm``, which
+    ``fp8.FP8Linear.experts_mm`` hands to the MoE layer when training runs with --fp8.
+
+Each GEMM has its reference beside it (``fp8_gemm_grouped_ref``, ``fp8_gemm_kgrouped_ref``: fp8.fp8_gemm_ref per
+expert), used on CPU and wherever the kernels are unavailable. The kernels are variants of fp8_gemm.cu's tier 4.
+"""
+import torch
+import torch.nn.functional as F
+
+import fp8
+from fp8 import (BLOCK, FP8, _check_gemm, _compute_dtype, _notice, fp8_gemm_ref, load_kernel, quantize_act,
+                 quantize_act_t, quantize_weight)
+
+
+# ---------------------------------------------------------------- grouped GEMM (routed experts)
+def _check_grouped(a, a_scale, b, b_scale, groups):
+    if not isinstance(b, torch.Tensor) or b.dtype != FP8 or b.dim() != 3:
+        raise ValueError(f"fp8_gemm_grouped: b must be (E, N, K) float8_e4m3fn, got {getattr(b, 'dtype', None)} "
+                         f"{tuple(getattr(b, 'shape', ()))}")
+    E, N, K = b.shape
+    if N % BLOCK:
+        raise ValueError(f"fp8_gemm_grouped: N = {N} must be a multiple of {BLOCK} (weight blocks per expert)")
+    if a.dim() != 2 or a.shape[0] % BLOCK:
+        raise ValueError(f"fp8_gemm_grouped: a must be (M, K) with M a multiple of {BLOCK} (whole tiles per "
+                         f"expert), got {tuple(a.shape)}")
+    if tuple(b_scale.shape) != (E, N // BLOCK, K // BLOCK):
+        raise ValueError(f"fp8_gemm_grouped: b_scale must be {(E, N // BLOCK, K // BLOCK)}, got {tuple(b_scale.shape)}")
+    if groups.dtype != torch.int32 or tuple(groups.shape) != (a.shape[0] // BLOCK,):
+        raise ValueError(f"fp8_gemm_grouped: groups must be int32 of shape (M/128,) = ({a.shape[0] // BLOCK},)")
+    _check_gemm(a, a_scale, b[0], b_scale[0])                   # dtypes, K, a_scale, devices
+
+
+def fp8_gemm_grouped_ref(a, a_scale, b, b_scale, groups, out_dtype=torch.bfloat16) -> torch.Tensor:
+    """Reference M-grouped GEMM: rows [128·t, 128·t + 128) of a use expert groups[t]'s weight b[e] (N, K) with
+    its block scales b_scale[e]; out (M, N). Runs of tiles of one expert are one fp8_gemm_ref call."""
+    _check_grouped(a, a_scale, b, b_scale, groups)
+    out = torch.empty(a.shape[0], b.shape[1], dtype=out_dtype, device=a.device)
+    g = groups.tolist()
+    start = 0
+    for t in range(1, len(g) + 1):
+        if t == len(g) or g[t] != g[start]:
+            rows = slice(start * BLOCK, t * BLOCK)
+            out[rows] = fp8_gemm_ref(a[rows], a_scale[rows], b[g[start]], b_scale[g[start]], out_dtype)
+            start = t
+    return out
+
+
+def fp8_gemm_grouped(a, a_scale, b, b_scale, groups, out_dtype=torch.bfloat16) -> torch.Tensor:
+    """M-grouped C = A·B[e]ᵀ for routed experts (DeepGEMM's "contiguous" layout): a (M, K) holds the tokens sorted
+    by expert, each expert's segment padded to whole 128-row tiles, groups (M/128,) int32 the expert of each tile;
+    b (E, N, K) and b_scale (E, N/128, K/128) the stacked experts. One kernel launch on Hopper."""
+    _check_grouped(a, a_scale, b, b_scale, groups)
+    if a.is_cuda and load_kernel() is not None:
+        E, N, K = b.shape
+        out = torch.empty(a.shape[0], N, dtype=torch.bfloat16, device=a.device)
+        with torch.cuda.device(a.device):
+            fp8._EXT.gemm_grouped(a.contiguous(), a_scale.contiguous(), b.reshape(E * N, K).contiguous(),
+                              b_scale.reshape(E * N // BLOCK, K // BLOCK).contiguous(), groups.contiguous(), out, E)
+        return out.to(out_dtype)
+    _notice(f"{fp8._WHY_NOT or f'tensors on {a.device.type}'}; using the PyTorch reference grouped GEMM (slow)")
+    return fp8_gemm_grouped_ref(a, a_scale, b, b_scale, groups, out_dtype)
+
+
+def _check_kgrouped(a, a_scale, b, b_scale, sizes):
+    if not _check_gemm(a, a_scale, b, b_scale):
+        raise ValueError("fp8_gemm_kgrouped: b_scale must hold 1×128 tiles along K, (N, K/128)")
+    if any(n % BLOCK for n in sizes) or sum(sizes) != a.shape[1]:
+        raise ValueError(f"fp8_gemm_kgrouped: segment sizes must be multiples of {BLOCK} summing to K = {a.shape[1]}")
+
+
+def fp8_gemm_kgrouped_ref(a, a_scale, b, b_scale, sizes, out_dtype=torch.bfloat16) -> torch.Tensor:
+    """Reference K-grouped GEMM (routed-expert Wgrad): out[e] = A[:, seg_e]·B[:, seg_e]ᵀ over the e-th segment
+    of K (`sizes`, multiples of 128), both operands in 1×128 tiles along K → (E, M, N); empty segments give 0."""
+    if a.shape[1] == 0:                                                # no tokens at all: zero gradients
+        return torch.zeros(len(sizes), a.shape[0], b.shape[0], dtype=out_dtype, device=a.device)
+    _check_kgrouped(a, a_scale, b, b_scale, sizes)
+    out = torch.zeros(len(sizes), a.shape[0], b.shape[0], dtype=out_dtype, device=a.device)
+    start = 0
+    for e, n in enumerate(sizes):
+        if n:
+            k, ks = slice(start, start + n), slice(start // BLOCK, (start + n) // BLOCK)
+            out[e] = fp8_gemm_ref(a[:, k], a_scale[:, ks], b[:, k], b_scale[:, ks], out_dtype)
+        start += n
+    return out
+
+
+def fp8_gemm_kgrouped(a, a_scale, b, b_scale, sizes, out_dtype=torch.bfloat16) -> torch.Tensor:
+    """K-grouped GEMM (see the reference): one kernel launch on Hopper, with the segments read in place."""
+    (M, K), N = a.shape, b.shape[0]
+    if not (a.is_cuda and load_kernel() is not None and M % BLOCK == 0 and N % 8 == 0 and M and K):
+        if a.is_cuda and M and K:
+            _notice(f"{fp8._WHY_NOT or f'M = {M} (not a multiple of 128) or N = {N} (not of 8)'}; "
+                    f"using the PyTorch reference K-grouped GEMM (slow)")
+        return fp8_gemm_kgrouped_ref(a, a_scale, b, b_scale, sizes, out_dtype)
+    _check_kgrouped(a, a_scale, b, b_scale, sizes)
+    starts = [sum(sizes[:e]) for e in range(len(sizes))]
+    kg = [(e, s // BLOCK, n // BLOCK) for e, (s, n) in enumerate(zip(starts, sizes)) if n]   # busy experts
+    out = torch.zeros(len(sizes) * M, N, dtype=torch.float32, device=a.device)              # idle ones stay 0
+    if kg:
+        sbt = F.pad(b_scale.t(), (0, -N % BLOCK)).contiguous()                               # (K/128, N')
+        with torch.cuda.device(a.device):
+            fp8._EXT.gemm_1d1d_kgrouped(a.contiguous(), a_scale.contiguous(), b.contiguous(), sbt,
+                                    torch.tensor(kg, dtype=torch.int32, device=a.device), out)
+    return out.view(len(sizes), M, N).to(out_dtype)
+
+
+# ---------------------------------------------------------------- FP8 routed experts
+_LAYOUT = {}  # the last layout built: w1, w3 and w2 of one MoE forward (and their backward) share it
+
+
+def _tile_layout(sizes: list, device):
+    """Segments of `sizes` rows, each padded to whole 128-row tiles: (dst (M,) the padded row of each row,
+    groups (M'/128,) int32 the expert of each tile, padded sizes as a list)."""
+    key = (tuple(sizes), str(device))
+    if key not in _LAYOUT:
+        _LAYOUT.clear()
+        _LAYOUT[key] = _build_tile_layout(sizes, device)
+    return _LAYOUT[key]
+
+
+def _build_tile_layout(sizes: list, device):
+    padded = [-(-n // BLOCK) * BLOCK for n in sizes]
+    shift = torch.tensor([sum(padded[:e]) - sum(sizes[:e]) for e in range(len(sizes))], device=device)
+    counts = torch.tensor(sizes, device=device)
+    dst = torch.arange(sum(sizes), device=device) + shift.repeat_interleave(counts)            # (M,)
+    groups = torch.arange(len(sizes), device=device, dtype=torch.int32).repeat_interleave(
+        torch.tensor([p // BLOCK for p in padded], device=device))                             # (M'/128,)
+    return dst, groups, padded
+
+
+class _FP8ExpertsFn(torch.autograd.Function):
+    """Y_seg = X_seg·W[e]ᵀ for every expert e at once, Fprop, Dgrad and Wgrad in FP8 (the routed experts of
+    TR §3.3). Rows arrive sorted by expert (`sizes` per expert); each segment is padded with zero rows to whole
+    128-row tiles, so that one grouped GEMM serves all experts and no 1×128 tile mixes two experts' tokens."""
+
+    @staticmethod
+    def forward(ctx, x, w, sizes):
+        out_dtype = _compute_dtype(x)
+        E, N, K = w.shape
+        dst, groups, padded = _tile_layout(sizes, x.device)
+        xp = x.new_zeros(sum(padded), K)                               # (M', K) zero rows between segments
+        xp[dst] = x
+        xq, xs = quantize_act(xp)
+        wq, ws = quantize_weight(w.reshape(E * N, K))                  # blocks never straddle experts (N % 128 = 0)
+        wq, ws = wq.view(E, N, K), ws.view(E, N // BLOCK, K // BLOCK)
+        y = fp8_gemm_grouped(xq, xs, wq, ws, groups, out_dtype)[dst]  # (M, N)
+        ctx.save_for_backward(xp, wq, ws, dst, groups)
+        ctx.meta = (padded, x.dtype, w.dtype)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        xp, wq, ws, dst, groups = ctx.saved_tensors
+        padded, x_dtype, w_dtype = ctx.meta
+        E, N, K = wq.shape
+        dyp = dy.new_zeros(xp.shape[0], N)                             # (M', N)
+        dyp[dst] = dy
+        # Dgrad: dX_seg = dY_seg·W[e], i.e. a grouped GEMM against the transposed experts (E, K, N).
+        dyq, dys = quantize_act(dyp)
+        dx = fp8_gemm_grouped(dyq, dys, wq.transpose(1, 2).contiguous(), ws.transpose(1, 2).contiguous(), groups,
+                              x_dtype)[dst]                            # (M, K)
+        # Wgrad: dW[e] = dY_segᵀ·X_seg over the expert's own (padded) tokens, both quantized along tokens.
+        dytq, dyts = quantize_act_t(dyp)                               # (N, M'), (N, M'/128)
+        xtq, xts = quantize_act_t(xp)                                  # (K, M'), (K, M'/128)
+        dw = fp8_gemm_kgrouped(dytq, dyts, xtq, xts, padded, w_dtype)  # (E, N, K), one launch on Hopper
+        return dx, dw, None
+
+
+def fp8_segment_mm(x: torch.Tensor, w: torch.Tensor, sizes: list) -> torch.Tensor:
+    """Rows of x (M, in) sorted into len(sizes) segments, times w (E, out, in)ᵀ per segment, in FP8 → (M, out).
+    The FP8 twin of moe.segment_mm; in and out must be multiples of 128."""
+    if w.dim() != 3 or len(sizes) != w.shape[0] or x.shape != (sum(sizes), w.shape[2]):
+        raise ValueError(f"fp8_segment_mm: x {tuple(x.shape)}, w {tuple(w.shape)} and {len(sizes)} segment sizes "
+                         f"do not fit together")
+    return _FP8ExpertsFn.apply(x, w, list(sizes))

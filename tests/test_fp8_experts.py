@@ -1,0 +1,184 @@
+"""Tests of fp8_experts.py: the tile layout of the experts' token segments, the M-grouped and K-grouped GEMMs
+against their references, and FP8 routed experts (fp8_segment_mm) against fp32 per-expert matmuls."""
+import os
+
+import pytest
+import torch
+
+import fp8
+import fp8_experts
+from test_fp8 import _abs8, _assert_fp32_close, hopper
+
+def _grouped_operands(sizes, N, K, device="cpu", seed=0):
+    """Random segments of `sizes` rows laid out in whole 128-row tiles, and E stacked expert weights (E, N, K)."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    x = torch.randn(sum(sizes), K, generator=g).to(device)
+    w = torch.randn(len(sizes), N, K, generator=g).to(device)
+    dst, groups, padded = fp8_experts._tile_layout(sizes, torch.device(device))
+    xp = x.new_zeros(sum(padded), K)
+    xp[dst] = x
+    return x, w, xp, dst, groups
+
+
+def test_tile_layout_pads_segments_to_whole_tiles():
+    dst, groups, padded = fp8_experts._tile_layout([3, 0, 130, 128], torch.device("cpu"))
+    assert padded == [128, 0, 256, 128]
+    assert dst.tolist() == [0, 1, 2] + list(range(128, 258)) + list(range(384, 512))
+    assert groups.tolist() == [0, 2, 2, 3] and groups.dtype == torch.int32
+
+
+def test_grouped_reference_is_per_expert_gemm():
+    sizes, N, K = [5, 0, 200, 128], 256, 384
+    x, w, xp, dst, groups = _grouped_operands(sizes, N, K)
+    xq, xs = fp8.quantize_act(xp)
+    wq, ws = fp8.quantize_weight(w.reshape(-1, K))
+    wq, ws = wq.view(len(sizes), N, K), ws.view(len(sizes), N // 128, K // 128)
+    out = fp8_experts.fp8_gemm_grouped(xq, xs, wq, ws, groups, torch.float32)[dst]       # CPU: the reference
+    start = 0
+    for e, n in enumerate(sizes):                                              # each expert on its own rows
+        rows = slice(start, start + n)
+        exact = x[rows].double() @ w[e].double().T
+        if n:
+            assert fp8.calc_diff(out[rows], exact) < 1e-3
+        start += n
+    with pytest.raises(ValueError, match="multiple of 128"):
+        fp8_experts.fp8_gemm_grouped(xq[:100], xs[:100], wq, ws, groups)
+    with pytest.raises(ValueError, match="groups"):
+        fp8_experts.fp8_gemm_grouped(xq, xs, wq, ws, groups.long())
+
+
+def test_fp8_experts_match_fp32():
+    """Fprop, Dgrad and Wgrad of the FP8 routed experts against fp32 per-expert matmuls (calc_diff < 1e-3)."""
+    sizes, N, K = [70, 0, 300, 128, 1], 256, 384
+    x, w, *_ = _grouped_operands(sizes, N, K, seed=1)
+    x1, w1 = x.clone().requires_grad_(), w.clone().requires_grad_()
+    y = fp8_experts.fp8_segment_mm(x1, w1, sizes)
+    g = torch.randn_like(y)
+    y.backward(g)
+    x2, w2 = x.clone().requires_grad_(), w.clone().requires_grad_()
+    y2 = torch.cat([seg @ we.T for seg, we in zip(x2.split(sizes), w2.unbind(0))])
+    y2.backward(g)
+    assert y.shape == (sum(sizes), N) and w1.grad.shape == w.shape
+    assert fp8.calc_diff(y, y2) < 1e-3
+    assert fp8.calc_diff(x1.grad, x2.grad) < 1e-3
+    for e, n in enumerate(sizes):                                             # every expert's own gradient
+        if n >= 64:
+            assert fp8.calc_diff(w1.grad[e], w2.grad[e]) < 1e-3, e
+    assert w1.grad[1].abs().sum() == 0                                        # an idle expert gets no gradient
+    with pytest.raises(ValueError, match="do not fit"):
+        fp8_experts.fp8_segment_mm(x, w, sizes[:-1])
+
+
+def test_fp8_layers_without_tokens():
+    """Zero tokens (an expert group or a batch with none): empty outputs and zero weight gradients, no error."""
+    w = torch.randn(2, 256, 128, requires_grad=True)
+    x = torch.randn(0, 128, requires_grad=True)
+    fp8_experts.fp8_segment_mm(x, w, [0, 0]).sum().backward()
+    assert x.grad.shape == (0, 128) and w.grad.abs().sum() == 0
+    lin = fp8.FP8Linear(128, 256)
+    x = torch.randn(0, 128, requires_grad=True)
+    lin(x).sum().backward()
+    assert lin.weight.grad.shape == (256, 128) and lin.weight.grad.abs().sum() == 0
+    q, s = fp8.quantize_act_t(torch.randn(0, 256))
+    assert q.shape == (256, 0) and s.shape == (256, 0)
+
+
+def test_moe_routed_experts_run_in_fp8():
+    from config import ModelConfig
+    from moe import MoE
+    cfg = ModelConfig(dim=256, moe_inter_dim=128, n_routed_experts=8, n_activated_experts=2, n_expert_groups=1,
+                      n_limited_groups=1, n_shared_experts=1)
+    torch.manual_seed(0)
+    m8, m32 = MoE(cfg, fp8.FP8Linear), MoE(cfg)
+    assert m8.experts.mm is fp8_experts.fp8_segment_mm and m32.experts.mm is None
+    m32.load_state_dict(m8.state_dict())
+    x = torch.randn(2, 256, 256)
+    y8, y32 = m8(x), m32(x)
+    # Two FP8 GEMMs in series (w1/w3, then w2) roughly double one GEMM's ~7e-4: the shared expert (FP8Linear)
+    # and the routed experts both measure ~2e-3 here, on the output and on every weight gradient (a fixed
+    # upstream gradient, so that FP8 error in y does not feed back into dy). Not 0: the experts really use FP8.
+    assert 1e-4 < fp8.calc_diff(y8, y32) < 3e-3
+    g = torch.randn_like(y8)
+    y8.backward(g)
+    y32.backward(g)
+    for (n, p8), p32 in zip(m8.named_parameters(), m32.parameters()):
+        assert fp8.calc_diff(p8.grad, p32.grad) < 3e-3, n
+    with pytest.raises(ValueError, match="moe_inter_dim"):
+        MoE(ModelConfig(dim=256, moe_inter_dim=96, n_shared_experts=0), fp8.FP8Linear)
+
+
+# ------------------------------------------------------------------ GPU: the grouped kernels
+@pytest.mark.gpu
+@hopper
+@pytest.mark.parametrize("sizes,N,K", [([1, 0, 300, 128], 256, 384), ([700] * 3 + [0, 5] + [260] * 11, 1024, 512),
+                                       ([700] * 3 + [0, 5] + [260] * 11, 1024, 640)])
+def test_kernel_grouped_matches_reference(sizes, N, K):
+    ext = fp8.load_kernel()
+    assert ext is not None, fp8._WHY_NOT
+    seed = int.from_bytes(os.urandom(4), "little")
+    x, w, xp, dst, groups = _grouped_operands(sizes, N, K, "cuda", seed)
+    xq, xs = fp8.quantize_act(xp)
+    wq, ws = fp8.quantize_weight(w.reshape(-1, K))
+    E = len(sizes)
+    wq, ws = wq.view(E, N, K), ws.view(E, N // 128, K // 128)
+    ref = fp8_experts.fp8_gemm_grouped_ref(xq, xs, wq, ws, groups, torch.float32)
+    out = torch.full((xp.shape[0], N), float("nan"), device="cuda", dtype=torch.bfloat16)
+    ext.gemm_grouped(xq, xs, wq.reshape(E * N, K), ws.reshape(-1, K // 128), groups, out, E)
+    torch.cuda.synchronize()
+    assert not out.isnan().any(), f"seed {seed}"
+    torch.testing.assert_close(out.float(), ref, rtol=2 ** -7, atol=1e-3 * ref.abs().max().item(),
+                               msg=lambda m: f"seed {seed}: {m}")
+    torch.testing.assert_close(fp8_experts.fp8_gemm_grouped(xq, xs, wq, ws, groups), out)    # dispatch
+
+
+@pytest.mark.gpu
+@hopper
+def test_fp8_experts_on_gpu_match_fp32():
+    assert fp8.load_kernel() is not None, fp8._WHY_NOT                # not the PyTorch fallback
+    sizes, N, K = [300, 0, 1, 1000, 129], 512, 1024
+    x, w, *_ = _grouped_operands(sizes, N, K, "cuda", seed=3)
+    x1, w1 = x.clone().requires_grad_(), w.clone().requires_grad_()
+    y = fp8_experts.fp8_segment_mm(x1, w1, sizes)
+    g = torch.randn_like(y)
+    y.backward(g)
+    x2, w2 = x.clone().requires_grad_(), w.clone().requires_grad_()
+    torch.cat([seg @ we.T for seg, we in zip(x2.split(sizes), w2.unbind(0))]).backward(g)
+    assert fp8.calc_diff(y, torch.cat([s @ we.T for s, we in zip(x.split(sizes), w.unbind(0))])) < 1e-3
+    assert fp8.calc_diff(x1.grad, x2.grad) < 1e-3
+    assert all(fp8.calc_diff(w1.grad[e], w2.grad[e]) < 1e-3 for e in (0, 3, 4))
+    assert w1.grad[1].abs().sum() == 0                                 # the idle expert
+
+
+@pytest.mark.gpu
+@hopper
+@pytest.mark.parametrize("sizes,M,N", [([128, 0, 384, 128], 256, 384), ([0, 1280, 0, 256] * 4, 512, 1024),
+                                       ([384, 0, 640, 128] * 3, 512, 1024)])
+def test_kernel_kgrouped_matches_reference(sizes, M, N):
+    """Routed-expert Wgrad in one launch: per expert, the 1D1D product over its own slice of tokens."""
+    ext = fp8.load_kernel()
+    assert ext is not None, fp8._WHY_NOT
+    seed = int.from_bytes(os.urandom(4), "little")
+    torch.manual_seed(seed)
+    a = torch.randn(M, sum(sizes), device="cuda") * torch.rand(M, 1, device="cuda") * 4
+    b = torch.randn(N, sum(sizes), device="cuda") * torch.rand(N, 1, device="cuda") * 4
+    aq, a_s = fp8.quantize_act(a)
+    bq, b_s = fp8.quantize_act(b)
+    ref = fp8_experts.fp8_gemm_kgrouped_ref(aq, a_s, bq, b_s, sizes, torch.float32)
+    starts = [sum(sizes[:e]) for e in range(len(sizes))]
+    kg = torch.tensor([(e, s // 128, n // 128) for e, (s, n) in enumerate(zip(starts, sizes)) if n],
+                      dtype=torch.int32, device="cuda")
+    sbt = torch.nn.functional.pad(b_s.t(), (0, -N % 128)).contiguous()
+    busy = torch.tensor([n > 0 for n in sizes], device="cuda")
+    outs = []
+    for _ in range(2):                                                 # poisoned, twice: races show
+        out = torch.full((len(sizes) * M, N), float("nan"), device="cuda")
+        ext.gemm_1d1d_kgrouped(aq, a_s, bq, sbt, kg, out)
+        torch.cuda.synchronize()
+        outs.append(out.view(len(sizes), M, N))
+    out = outs[0]
+    assert not out[busy].isnan().any() and out[~busy].isnan().all(), f"seed {seed}"  # idle rows left alone
+    assert torch.equal(outs[0][busy], outs[1][busy]), f"non-deterministic (seed {seed})"
+    absprod = fp8_experts.fp8_gemm_kgrouped_ref(_abs8(aq), a_s, _abs8(bq), b_s, sizes, torch.float32)
+    _assert_fp32_close(out[busy], ref[busy], absprod[busy], seed)
+    wrapped = fp8_experts.fp8_gemm_kgrouped(aq, a_s, bq, b_s, sizes, torch.float32)  # zero-fills the idle experts
+    assert torch.equal(wrapped[busy], out[busy]) and wrapped[~busy].abs().sum() == 0, f"seed {seed}"
