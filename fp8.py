@@ -19,16 +19,17 @@ The recipe, in the report's terms:
   * Low-precision storage (§3.3.3): ``FP8Linear.act_cache`` can keep a layer's input for Wgrad as its 1×128
     E4M3 tiles, or in E5M6 with power-of-2 scales (``quantize_e5m6``), instead of the input itself.
 
-Reference and fast path: ``fp8_gemm_ref`` (with ``quantize_act_ref``) is the reference, plain PyTorch run on CPU and wherever the kernels are unavailable. The fast
-path is the hand-written sm_90a kernel in ``fp8_gemm.cu`` (tier 1: mma.sync; tiers 2-4: TMA + wgmma + warp
-specialization, then a TMA-store epilogue, then promotion overlapped with the next wgmma; tiers 5-7: tier 4 in
-thread-block clusters that share operand tiles through TMA multicast; tier 8: a 128×256 tile; tier 9: tier 4 with
-M-major A scales carried into shared memory with each stage, 6 stages for short K and a split-K tail for a last,
-mostly empty round of tiles; and tier 4's 1D1D, M-grouped and K-grouped variants for training) plus the one-pass quantizers of ``fp8_quant.cu``, JIT-built
-on first use by ``torch.utils.cpp_extension.load``; the functions here pick them on Hopper GPUs and say once when
-they fall back. ``python fp8.py --bench`` times the kernel against torch's bf16 matmul and cuBLAS's blockwise FP8
-``F.scaled_mm``; ``--training`` adds the training variants, ``--sustained`` the clock and power under a long run
-(the timing code is in fp8_bench.py).
+Reference and fast path: ``fp8_gemm_ref`` (with ``quantize_act_ref``) is the reference, plain PyTorch run on CPU
+and wherever the kernels are unavailable. The fast path is the hand-written sm_90a kernel in ``fp8_gemm.cu`` (tier
+1: mma.sync; tiers 2-4: TMA + wgmma + warp specialization, then a TMA-store epilogue, then promotion overlapped
+with the next wgmma; tiers 5-7: tier 4 in thread-block clusters that share operand tiles through TMA multicast;
+tier 8: a 128×256 tile; tier 9: tier 4 with M-major A scales carried into shared memory with each stage, 6 stages
+for short K and a split-K tail for a last, mostly empty round of tiles; and tier 4's 1D1D, M-grouped and K-grouped
+variants for training) plus the one-pass quantizers of ``fp8_quant.cu``, JIT-built on first use by
+``torch.utils.cpp_extension.load``; the functions here pick them on Hopper GPUs and say once when they fall back.
+``python fp8.py --bench`` times the kernel against torch's bf16 matmul and cuBLAS's blockwise FP8 ``F.scaled_mm``;
+``--training`` adds the training variants, ``--sustained`` the clock and power under a long run (the timing code is
+in fp8_bench.py).
 """
 import argparse
 import math
