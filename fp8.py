@@ -463,6 +463,14 @@ class FP8Linear(nn.Module):
         from fp8_experts import fp8_segment_mm  # (imported here: fp8_experts builds on this module)
         return fp8_segment_mm
 
+    @staticmethod
+    def experts_swiglu_down():
+        """The routed experts' SwiGLU fused with their down projection (moe.Experts): fp8_experts.fp8_swiglu_down,
+        which keeps only the SwiGLU inputs for the backward pass (as Experts.act_cache says) and recomputes
+        the rest."""
+        from fp8_experts import fp8_swiglu_down
+        return fp8_swiglu_down
+
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description="Fine-grained FP8 GEMM (DeepSeek-V3 §3.3): benchmark on a Hopper GPU")

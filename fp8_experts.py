@@ -13,6 +13,10 @@ count. Launching one GEMM per expert wastes the GPU on small problems, so all ex
     only its own K range. The output is FP32, as the report keeps Wgrad.
   * ``fp8_segment_mm`` wraps the three in an autograd function: the FP8 twin of ``moe.segment_mm``, which
     ``fp8.FP8Linear.experts_mm`` hands to the MoE layer when training runs with --fp8.
+  * Low-precision storage with recomputation (§3.3.3): ``fp8_swiglu_down`` runs the experts' SwiGLU and their
+    down projection W2 as one autograd step. It keeps only the SwiGLU's inputs for the backward pass, in 1×128
+    E4M3 tiles with ``act_cache="fp8"`` (the report's choice), and recomputes the SwiGLU output (W2's input)
+    there.
 
 Each GEMM has its reference beside it (``fp8_gemm_grouped_ref``, ``fp8_gemm_kgrouped_ref``: fp8.fp8_gemm_ref per
 expert), used on CPU and wherever the kernels are unavailable. The kernels are variants of fp8_gemm.cu's tier 4.
@@ -21,8 +25,8 @@ import torch
 import torch.nn.functional as F
 
 import fp8
-from fp8 import (BLOCK, FP8, _check_gemm, _compute_dtype, _notice, fp8_gemm_ref, load_kernel, quantize_act,
-                 quantize_act_t, quantize_weight)
+from fp8 import (ACT_CACHES, BLOCK, FP8, _check_gemm, _compute_dtype, _notice, dequantize_act, fp8_gemm_ref,
+                 load_kernel, quantize_act, quantize_act_t, quantize_e5m6, quantize_weight)
 
 
 # ---------------------------------------------------------------- grouped GEMM (routed experts)
@@ -141,6 +145,42 @@ def _build_tile_layout(sizes: list, device):
     return dst, groups, padded
 
 
+def _padded(x, dst, padded):
+    """Rows of x into the tile layout: (M', K) with zero rows between the segments."""
+    xp = x.new_zeros(sum(padded), x.shape[1])
+    xp[dst] = x
+    return xp
+
+
+def _experts_forward(x, w, sizes):
+    """Fprop of Y_seg = X_seg·W[e]ᵀ: y (M, N), the padded input xp, and what the backward needs besides it."""
+    out_dtype = _compute_dtype(x)
+    E, N, K = w.shape
+    dst, groups, padded = _tile_layout(sizes, x.device)
+    xp = _padded(x, dst, padded)                                       # (M', K)
+    xq, xs = quantize_act(xp)
+    wq, ws = quantize_weight(w.reshape(E * N, K))                      # blocks never straddle experts (N % 128 = 0)
+    wq, ws = wq.view(E, N, K), ws.view(E, N // BLOCK, K // BLOCK)
+    y = fp8_gemm_grouped(xq, xs, wq, ws, groups, out_dtype)[dst]      # (M, N)
+    return y, xp, (wq, ws, dst, groups), (padded, x.dtype, w.dtype)
+
+
+def _experts_backward(dy, xp, saved, meta):
+    """Dgrad and Wgrad of _experts_forward, given its padded input xp (kept, or recomputed)."""
+    wq, ws, dst, groups = saved
+    padded, x_dtype, w_dtype = meta
+    dyp = _padded(dy, dst, padded)                                     # (M', N)
+    # Dgrad: dX_seg = dY_seg·W[e], i.e. a grouped GEMM against the transposed experts (E, K, N).
+    dyq, dys = quantize_act(dyp)
+    dx = fp8_gemm_grouped(dyq, dys, wq.transpose(1, 2).contiguous(), ws.transpose(1, 2).contiguous(), groups,
+                          x_dtype)[dst]                                # (M, K)
+    # Wgrad: dW[e] = dY_segᵀ·X_seg over the expert's own (padded) tokens, both quantized along tokens.
+    dytq, dyts = quantize_act_t(dyp)                                   # (N, M'), (N, M'/128)
+    xtq, xts = quantize_act_t(xp)                                      # (K, M'), (K, M'/128)
+    dw = fp8_gemm_kgrouped(dytq, dyts, xtq, xts, padded, w_dtype)      # (E, N, K), one launch on Hopper
+    return dx, dw
+
+
 class _FP8ExpertsFn(torch.autograd.Function):
     """Y_seg = X_seg·W[e]ᵀ for every expert e at once, Fprop, Dgrad and Wgrad in FP8 (the routed experts of
     TR §3.3). Rows arrive sorted by expert (`sizes` per expert); each segment is padded with zero rows to whole
@@ -148,35 +188,66 @@ class _FP8ExpertsFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, w, sizes):
-        out_dtype = _compute_dtype(x)
-        E, N, K = w.shape
-        dst, groups, padded = _tile_layout(sizes, x.device)
-        xp = x.new_zeros(sum(padded), K)                               # (M', K) zero rows between segments
-        xp[dst] = x
-        xq, xs = quantize_act(xp)
-        wq, ws = quantize_weight(w.reshape(E * N, K))                  # blocks never straddle experts (N % 128 = 0)
-        wq, ws = wq.view(E, N, K), ws.view(E, N // BLOCK, K // BLOCK)
-        y = fp8_gemm_grouped(xq, xs, wq, ws, groups, out_dtype)[dst]  # (M, N)
-        ctx.save_for_backward(xp, wq, ws, dst, groups)
-        ctx.meta = (padded, x.dtype, w.dtype)
+        y, xp, saved, meta = _experts_forward(x, w, sizes)
+        ctx.save_for_backward(xp, *saved)
+        ctx.meta = meta
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        xp, wq, ws, dst, groups = ctx.saved_tensors
-        padded, x_dtype, w_dtype = ctx.meta
-        E, N, K = wq.shape
-        dyp = dy.new_zeros(xp.shape[0], N)                             # (M', N)
-        dyp[dst] = dy
-        # Dgrad: dX_seg = dY_seg·W[e], i.e. a grouped GEMM against the transposed experts (E, K, N).
-        dyq, dys = quantize_act(dyp)
-        dx = fp8_gemm_grouped(dyq, dys, wq.transpose(1, 2).contiguous(), ws.transpose(1, 2).contiguous(), groups,
-                              x_dtype)[dst]                            # (M, K)
-        # Wgrad: dW[e] = dY_segᵀ·X_seg over the expert's own (padded) tokens, both quantized along tokens.
-        dytq, dyts = quantize_act_t(dyp)                               # (N, M'), (N, M'/128)
-        xtq, xts = quantize_act_t(xp)                                  # (K, M'), (K, M'/128)
-        dw = fp8_gemm_kgrouped(dytq, dyts, xtq, xts, padded, w_dtype)  # (E, N, K), one launch on Hopper
+        xp, *saved = ctx.saved_tensors
+        dx, dw = _experts_backward(dy, xp, saved, ctx.meta)
         return dx, dw, None
+
+
+class _FP8SwiGLUDownFn(torch.autograd.Function):
+    """Y = (SiLU(A) ⊙ B)·W2[e]ᵀ per segment: the experts' SwiGLU fused with their down projection (TR §3.3.3).
+
+    A and B (the outputs of the gate and up projections) are kept for the backward pass, "cached" as
+    `act_cache` says: as they are ("bf16"), in 1×128 E4M3 tiles ("fp8", the report's choice) or in E5M6 tiles
+    ("e5m6"). The SwiGLU output H, the input of W2, is not kept: the backward recomputes it from A and B. With
+    "bf16" every gradient is bit-identical to SiLU, ⊙ and fp8_segment_mm composed by autograd (a test), which keep
+    SiLU(A), A, B and H padded."""
+
+    @staticmethod
+    def forward(ctx, a, b, w2, sizes, act_cache):
+        h = F.silu(a) * b                                                  # (M, inter)
+        y, _, saved, meta = _experts_forward(h, w2, sizes)
+        if act_cache == "bf16":
+            kept = (a, b)
+        else:
+            quant = quantize_act if act_cache == "fp8" else quantize_e5m6
+            kept = quant(a) + quant(b)                                     # (q, scale) of A, then of B
+        ctx.save_for_backward(*kept, *saved)
+        ctx.meta = (meta, act_cache, a.dtype, len(kept))
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        meta, act_cache, ab_dtype, n_kept = ctx.meta
+        kept, saved = ctx.saved_tensors[:n_kept], ctx.saved_tensors[n_kept:]
+        if act_cache == "bf16":
+            a, b = kept
+        else:
+            a, b = dequantize_act(*kept[:2]).to(ab_dtype), dequantize_act(*kept[2:]).to(ab_dtype)
+        s = F.silu(a)                                                      # recomputed: SiLU(A) and H
+        h = s * b
+        dh, dw2 = _experts_backward(dy, _padded(h, saved[2], meta[0]), saved, meta)
+        da = torch.ops.aten.silu_backward(dh * b, a)                      # the ops autograd would run
+        db = dh * s
+        return da, db, dw2, None, None
+
+
+def fp8_swiglu_down(a: torch.Tensor, b: torch.Tensor, w2: torch.Tensor, sizes: list,
+                    act_cache: str = "bf16") -> torch.Tensor:
+    """(SiLU(a) ⊙ b)·w2[e]ᵀ per segment of rows, in FP8, for a, b (M, inter) and w2 (E, dim, inter) → (M, dim),
+    keeping a and b for the backward pass as `act_cache` says (see _FP8SwiGLUDownFn)."""
+    if act_cache not in ACT_CACHES:
+        raise ValueError(f"fp8_swiglu_down: act_cache={act_cache!r}, expected one of {ACT_CACHES}")
+    if a.shape != b.shape or w2.dim() != 3 or len(sizes) != w2.shape[0] or a.shape != (sum(sizes), w2.shape[2]):
+        raise ValueError(f"fp8_swiglu_down: a {tuple(a.shape)}, b {tuple(b.shape)}, w2 {tuple(w2.shape)} and "
+                         f"{len(sizes)} segment sizes do not fit together")
+    return _FP8SwiGLUDownFn.apply(a, b, w2, list(sizes), act_cache)
 
 
 def fp8_segment_mm(x: torch.Tensor, w: torch.Tensor, sizes: list) -> torch.Tensor:

@@ -33,7 +33,8 @@ Two dispatch paths with identical results (tests/test_moe.py checks outputs and 
 - "grouped" (the fast one, default): sort the N·K_r (token, expert) pairs by expert id with argsort so each expert
   owns one contiguous segment, run all experts with one grouped GEMM per projection (torch._grouped_mm, where
   this build supports it for the device and dtype; otherwise a loop over the segments), scatter-add back.
-  With `--fp8` the grouped GEMM is fp8_experts.fp8_segment_mm instead (FP8Linear.experts_mm hands it over).
+  With `--fp8` the grouped GEMM is fp8_experts.fp8_segment_mm instead (FP8Linear.experts_mm hands it over), and
+  the SwiGLU with W2 is fp8_experts.fp8_swiglu_down, which recomputes the SwiGLU output in the backward pass.
 Expert parallelism (all-to-all over an expert process group) is not implemented here yet.
 """
 import torch
@@ -176,11 +177,15 @@ class Experts(nn.Module):
     """N_r routed SwiGLU experts with stacked weights w1 (E, inter, dim), w2 (E, dim, inter), w3 (E, inter, dim).
 
     `mm`: the grouped GEMM of the fast path, segment_mm's signature without `impl` (None: segment_mm itself);
-    FP8 training passes fp8_experts.fp8_segment_mm. The loop reference (`expert`) always runs in high precision."""
+    FP8 training passes fp8_experts.fp8_segment_mm. `swiglu_down` (FP8: fp8_experts.fp8_swiglu_down), if given,
+    runs the SwiGLU and the down projection as one step that keeps only the SwiGLU's inputs for the backward
+    pass, as `act_cache` says (TR §3.3.3). The loop reference (`expert`) always runs in high precision."""
 
-    def __init__(self, n_experts: int, dim: int, inter_dim: int, init_std: float, mm=None):
+    act_cache = "bf16"  # with swiglu_down: how the SwiGLU inputs are kept ("bf16", "fp8" or "e5m6")
+
+    def __init__(self, n_experts: int, dim: int, inter_dim: int, init_std: float, mm=None, swiglu_down=None):
         super().__init__()
-        self.mm = mm
+        self.mm, self.swiglu_down = mm, swiglu_down
         self.w1 = nn.Parameter(torch.randn(n_experts, inter_dim, dim) * init_std)  # gate_proj
         self.w2 = nn.Parameter(torch.randn(n_experts, dim, inter_dim) * init_std)  # down_proj
         self.w3 = nn.Parameter(torch.randn(n_experts, inter_dim, dim) * init_std)  # up_proj
@@ -192,6 +197,8 @@ class Experts(nn.Module):
     def segments(self, x: torch.Tensor, sizes: list, impl: str = "auto") -> torch.Tensor:
         """All experts at once on rows sorted by expert (sizes[i] rows for expert i): (M, dim) → (M, dim)."""
         mm = self.mm or (lambda a, w, n: segment_mm(a, w, n, impl))
+        if self.swiglu_down is not None:
+            return self.swiglu_down(mm(x, self.w1, sizes), mm(x, self.w3, sizes), self.w2, sizes, self.act_cache)
         h = F.silu(mm(x, self.w1, sizes)) * mm(x, self.w3, sizes)  # (M, inter)
         return mm(h, self.w2, sizes)  # (M, dim)
 
@@ -231,9 +238,11 @@ class MoE(nn.Module):
         self.dim, self.n_routed, self.topk = cfg.dim, cfg.n_routed_experts, cfg.n_activated_experts
         self.gate = Gate(cfg)
         # Routed experts are stacked tensors (for the grouped GEMM), not `linear` modules; a linear class that has
-        # a grouped twin for them says so with `experts_mm(dim, inter_dim)` (fp8.FP8Linear does).
+        # a grouped twin for them says so with `experts_mm(dim, inter_dim)`, and may hand over a fused SwiGLU and
+        # down projection with `experts_swiglu_down()` (fp8.FP8Linear does both).
         mm = linear.experts_mm(cfg.dim, cfg.moe_inter_dim) if hasattr(linear, "experts_mm") else None
-        self.experts = Experts(cfg.n_routed_experts, cfg.dim, cfg.moe_inter_dim, cfg.init_std, mm)
+        swiglu_down = linear.experts_swiglu_down() if hasattr(linear, "experts_swiglu_down") else None
+        self.experts = Experts(cfg.n_routed_experts, cfg.dim, cfg.moe_inter_dim, cfg.init_std, mm, swiglu_down)
         if cfg.n_shared_experts > 0:
             self.shared_experts = MLP(cfg.dim, cfg.n_shared_experts * cfg.moe_inter_dim, linear)
         else:

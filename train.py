@@ -84,9 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, help=f"seed of the init and of the data order (default: {d['seed']})")
     p.add_argument("--fp8", action=argparse.BooleanOptionalAction, help="FP8 projections (fp8.FP8Linear; Hopper)")
     p.add_argument("--fp8_act_cache", choices=("bf16", "fp8", "e5m6", "report"),
-                   help="with --fp8: what each FP8 layer keeps of its input for Wgrad: the input itself (bf16, the "
-                        "default), its 1x128 tiles in E4M3 (fp8) or E5M6 (e5m6), or as the report: E4M3, and E5M6 "
-                        "for the attention output projection W^O (report)")
+                   help="with --fp8: what each FP8 layer keeps of its input for Wgrad, and the routed experts of "
+                        "their SwiGLU inputs: the input itself (bf16, the default), its 1x128 tiles in E4M3 (fp8) or "
+                        "E5M6 (e5m6), or as the report: E4M3, and E5M6 for the attention output projection W^O "
+                        "(report)")
     p.add_argument("--bf16_moments", action=argparse.BooleanOptionalAction,
                    help="AdamW moments stored in bf16, as the report trains (adamw_bf16.py; default: fp32)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, help="torch.compile the model")
@@ -179,8 +180,9 @@ def pick_device(name: str) -> torch.device:
 
 
 def set_act_cache(model: nn.Module, mode: str) -> None:
-    """What every FP8 layer keeps of its input for Wgrad (fp8.FP8Linear.act_cache): one mode for all, or "report":
-    E4M3 tiles everywhere and E5M6 for the input of W^O, the Linear after attention (TR §3.3.3)."""
+    """What every FP8 layer keeps of its input for Wgrad (fp8.FP8Linear.act_cache), and the routed experts of
+    their SwiGLU inputs (moe.Experts.act_cache): one mode for all, or "report": E4M3 tiles everywhere and E5M6
+    for the input of W^O, the Linear after attention (TR §3.3.3)."""
     for name, m in model.named_modules():
         if hasattr(m, "act_cache"):
             m.act_cache = ("e5m6" if name.endswith("attn.wo") else "fp8") if mode == "report" else mode

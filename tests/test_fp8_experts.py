@@ -107,6 +107,88 @@ def test_moe_routed_experts_run_in_fp8():
         MoE(ModelConfig(dim=256, moe_inter_dim=96, n_shared_experts=0), fp8.FP8Linear)
 
 
+
+def _swiglu_down_run(fn, a, b, w2, g):
+    """Forward and backward of fn(a, b, w2) with upstream gradient g: y, the grads of a, b, w2, and the bytes of
+    every tensor the autograd graph keeps for the backward pass."""
+    a, b, w2 = (t.detach().clone().requires_grad_() for t in (a, b, w2))
+    kept = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t.numel() * t.element_size()) or t,
+                                                  lambda t: t):
+        y = fn(a, b, w2)
+    y.backward(g)
+    return y.detach(), a.grad, b.grad, w2.grad, sum(kept)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_swiglu_down_recomputes_and_caches_its_inputs(dtype):
+    """The experts' SwiGLU fused with W2 (TR §3.3.3). Kept as they are ("bf16"), A and B give the bits of SiLU, ⊙
+    and fp8_segment_mm composed by autograd while keeping less (H is recomputed, not kept); in E4M3 tiles ("fp8",
+    the report's choice) they keep less again and the gradients move by about one E4M3 rounding."""
+    sizes, inter, dim = [70, 0, 300, 1], 256, 128
+    g0 = torch.Generator().manual_seed(5)
+    a, b = (torch.randn(sum(sizes), inter, generator=g0).to(dtype) for _ in range(2))
+    w2 = torch.randn(len(sizes), dim, inter, generator=g0)
+    g = torch.randn(sum(sizes), dim, generator=g0).to(dtype)
+    composed = _swiglu_down_run(lambda a, b, w: fp8_experts.fp8_segment_mm(torch.nn.functional.silu(a) * b, w, sizes),
+                                a, b, w2, g)
+    runs = {c: _swiglu_down_run(lambda a, b, w: fp8_experts.fp8_swiglu_down(a, b, w, sizes, c), a, b, w2, g)
+            for c in ("bf16", "fp8", "e5m6")}
+    for x, y in zip(composed[:4], runs["bf16"][:4]):
+        assert x.dtype == y.dtype and torch.equal(x, y)
+    assert runs["bf16"][4] < 0.75 * composed[4]                        # no SiLU(A), no padded H
+    bound = 0.75 if dtype == torch.bfloat16 else 0.4                  # 1 byte (+ a scale per 128) against 2 or 4
+    assert runs["fp8"][4] < bound * runs["bf16"][4]
+    for c in ("fp8", "e5m6"):
+        assert torch.equal(runs[c][0], composed[0])                    # the forward does not use the cache
+        for x, y in zip(composed[1:4], runs[c][1:4]):
+            assert 0 < fp8.calc_diff(y, x) < 2e-3, c                   # rounded, not lost
+    assert fp8.calc_diff(runs["e5m6"][1], composed[1]) < fp8.calc_diff(runs["fp8"][1], composed[1])  # 6 bits vs 3
+    assert runs["fp8"][3][1].abs().sum() == 0                          # the idle expert
+    with pytest.raises(ValueError, match="act_cache"):
+        fp8_experts.fp8_swiglu_down(a, b, w2, sizes, "fp4")
+    with pytest.raises(ValueError, match="do not fit"):
+        fp8_experts.fp8_swiglu_down(a, b[1:], w2, sizes)
+    e = torch.zeros(0, inter, requires_grad=True)                      # no tokens at all
+    fp8_experts.fp8_swiglu_down(e, e, w2.requires_grad_(), [0] * len(sizes), "fp8").sum().backward()
+    assert w2.grad.abs().sum() == 0 and e.grad.shape == (0, inter)
+
+
+def test_moe_experts_cache_follows_act_cache():
+    """In an FP8 MoE the routed experts run the fused SwiGLU: under bf16 autocast with the default cache, the same
+    bits as the unfused composition; train.set_act_cache reaches their cache too ("report": E4M3)."""
+    import train
+    from config import ModelConfig
+    from moe import MoE
+    cfg = ModelConfig(dim=128, moe_inter_dim=128, n_routed_experts=4, n_activated_experts=2, n_expert_groups=1,
+                      n_limited_groups=1, n_shared_experts=0)
+    x = torch.randn(2, 64, 128)
+    outs = []
+    for fused in (True, False):
+        torch.manual_seed(1)
+        m = MoE(cfg, fp8.FP8Linear)
+        if not fused:
+            m.experts.swiglu_down = None                                  # SiLU, ⊙ and W2 composed by autograd
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = m(x)
+        y.backward(torch.ones_like(y))
+        outs.append([y.detach()] + [p.grad for p in m.parameters()])
+    assert all(torch.equal(f, u) for f, u in zip(*outs))
+    torch.manual_seed(1)
+    m8, m32 = MoE(cfg, fp8.FP8Linear), MoE(cfg)
+    m32.load_state_dict(m8.state_dict())
+    assert m8.experts.swiglu_down is fp8_experts.fp8_swiglu_down and m32.experts.swiglu_down is None
+    train.set_act_cache(m8, "report")
+    assert m8.experts.act_cache == "fp8"
+    y8, y32 = m8(x), m32(x)
+    g = torch.randn_like(y8)
+    y8.backward(g)
+    y32.backward(g)
+    assert fp8.calc_diff(y8, y32) < 3e-3
+    for (n, p8), p32 in zip(m8.named_parameters(), m32.parameters()):
+        assert fp8.calc_diff(p8.grad, p32.grad) < 4e-3, n
+
+
 # ------------------------------------------------------------------ GPU: the grouped kernels
 @pytest.mark.gpu
 @hopper
@@ -147,6 +229,24 @@ def test_fp8_experts_on_gpu_match_fp32():
     assert fp8.calc_diff(x1.grad, x2.grad) < 1e-3
     assert all(fp8.calc_diff(w1.grad[e], w2.grad[e]) < 1e-3 for e in (0, 3, 4))
     assert w1.grad[1].abs().sum() == 0                                 # the idle expert
+
+
+@pytest.mark.gpu
+@hopper
+def test_swiglu_down_on_gpu():
+    """The fused SwiGLU and W2 on the kernels: bf16 inputs, the same bits as the composition with the inputs kept,
+    about one E4M3 rounding away with them cached in FP8."""
+    assert fp8.load_kernel() is not None, fp8._WHY_NOT
+    sizes, inter, dim = [300, 0, 1, 1000, 129], 512, 256
+    a, b = (torch.randn(sum(sizes), inter, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    w2 = torch.randn(len(sizes), dim, inter, device="cuda")
+    g = torch.randn(sum(sizes), dim, device="cuda", dtype=torch.bfloat16)
+    composed = _swiglu_down_run(lambda a, b, w: fp8_experts.fp8_segment_mm(torch.nn.functional.silu(a) * b, w, sizes),
+                                a, b, w2, g)
+    kept = _swiglu_down_run(lambda a, b, w: fp8_experts.fp8_swiglu_down(a, b, w, sizes, "bf16"), a, b, w2, g)
+    cached = _swiglu_down_run(lambda a, b, w: fp8_experts.fp8_swiglu_down(a, b, w, sizes, "fp8"), a, b, w2, g)
+    assert all(torch.equal(x, y) for x, y in zip(composed[:4], kept[:4])) and kept[4] < composed[4]
+    assert all(0 < fp8.calc_diff(y, x) < 2e-3 for x, y in zip(composed[1:4], cached[1:4])) and cached[4] < kept[4]
 
 
 @pytest.mark.gpu
