@@ -1004,25 +1004,35 @@ static bool make_map(CUtensorMap* map, const void* ptr, CUtensorMapDataType dtyp
 
 // b_rows: rows of B (N, or experts x N when grouped); groups: the expert of each M tile, or nullptr.
 // Split-tail workspace of one device: a slot of 128 x 128 FP32 partial sums and two flags (one per math
-// warpgroup) per CTA. Allocated once; flags start at 0 and the kernel lowers each one it reads, so launches
-// on one stream (and CUDA-graph replays) can reuse it. Launches on two streams at once must not share it.
+// warpgroup) per CTA. Allocated by the first split launch on the device, outside any CUDA-graph capture, with
+// the flags zeroed before that launch (a device synchronization, once). The kernel lowers each flag it reads,
+// so launches on one stream, and graph replays, can reuse it. Split launches on two streams at once (or from
+// two host threads) must not share it: one owner could take the other's flag and the other wait forever.
 struct SkSpace {
   float* ws = nullptr;
   unsigned* flags = nullptr;
 };
-static const char* sk_space(int sms, SkSpace& out) {
+static const char* sk_space(int sms, cudaStream_t stream, SkSpace& out) {
   static SkSpace per_dev[64];
   int dev;
   cudaGetDevice(&dev);
   if (dev >= 64) return "split tail: device index >= 64";
   SkSpace& s = per_dev[dev];
   if (!s.ws) {
-    if (cudaMalloc(&s.ws, (size_t)sms * BM * BN * sizeof(float)) != cudaSuccess ||
-        cudaMalloc(&s.flags, (size_t)sms * 2 * sizeof(unsigned)) != cudaSuccess ||
-        cudaMemset(s.flags, 0, (size_t)sms * 2 * sizeof(unsigned)) != cudaSuccess) {
-      s = SkSpace();
+    cudaStreamCaptureStatus cap;
+    if (cudaStreamIsCapturing(stream, &cap) != cudaSuccess || cap != cudaStreamCaptureStatusNone)
+      return "split tail: the first call on a device must run outside CUDA-graph capture (it allocates)";
+    SkSpace n;
+    if (cudaMalloc(&n.ws, (size_t)sms * BM * BN * sizeof(float)) != cudaSuccess ||
+        cudaMalloc(&n.flags, (size_t)sms * 2 * sizeof(unsigned)) != cudaSuccess ||
+        cudaMemset(n.flags, 0, (size_t)sms * 2 * sizeof(unsigned)) != cudaSuccess ||
+        cudaDeviceSynchronize() != cudaSuccess) {  // the zeroed flags, before any stream's first split launch
+      cudaFree(n.ws);
+      cudaFree(n.flags);
+      cudaGetLastError();
       return "split tail: workspace allocation failed";
     }
+    s = n;
   }
   out = s;
   return nullptr;
@@ -1078,7 +1088,7 @@ static const char* launch_t2(const uint8_t* A, const float* SA, const uint8_t* B
   SkSpace sks;
   const int n_parts = SK ? split_parts(tiles, sms, K / BK) : 0;
   if (n_parts > 1)
-    if (const char* err = sk_space(sms, sks)) return err;
+    if (const char* err = sk_space(sms, stream, sks)) return err;
   const int grid = tiles < sms ? (n_parts > 1 ? tiles * n_parts : tiles) : sms;
   kern<<<grid, t2::THREADS, smem, stream>>>(ma, mb, mc, SA, SB, C, M, N, K, groups, kg, n_kg, sa_ld, sks.ws,
                                             sks.flags, n_parts);
@@ -1245,7 +1255,7 @@ void gemm(at::Tensor a, at::Tensor a_scale, at::Tensor b, at::Tensor b_scale, at
   TORCH_CHECK(reinterpret_cast<uintptr_t>(a.data_ptr()) % 16 == 0 && reinterpret_cast<uintptr_t>(b.data_ptr()) % 16 == 0,
               "fp8_gemm: a and b must be 16-byte aligned (TMA)");
   const int M = a.size(0), K = a.size(1), N = b.size(0);
-  TORCH_CHECK(K % 128 == 0, "fp8_gemm: K must be a multiple of 128");
+  TORCH_CHECK(K > 0 && K % 128 == 0, "fp8_gemm: K must be a positive multiple of 128");
   TORCH_CHECK(a_scale.dim() == 2 && a_scale.size(0) == M && a_scale.size(1) == K / 128,
               "fp8_gemm: a_scale must be (M, K/128)");
   TORCH_CHECK(b_scale.size(0) == (N + 127) / 128 && b_scale.size(1) == K / 128,
@@ -1289,7 +1299,7 @@ static void check_common(const at::Tensor& a, const at::Tensor& a_scale, const a
                                                                          : ": out must be bfloat16");
   TORCH_CHECK(a.is_contiguous() && b.is_contiguous() && a_scale.is_contiguous() && b_scale.is_contiguous() &&
                   out.is_contiguous(), name, ": tensors must be contiguous");
-  TORCH_CHECK(a.dim() == 2 && b.dim() == 2 && a.size(1) == b.size(1) && a.size(1) % 128 == 0, name,
+  TORCH_CHECK(a.dim() == 2 && b.dim() == 2 && a.size(1) == b.size(1) && a.size(1) > 0 && a.size(1) % 128 == 0, name,
               ": a (M, K), b (rows, K) with K a multiple of 128 expected");
   TORCH_CHECK(reinterpret_cast<uintptr_t>(a.data_ptr()) % 16 == 0 && reinterpret_cast<uintptr_t>(b.data_ptr()) % 16 == 0 &&
                   reinterpret_cast<uintptr_t>(out.data_ptr()) % 16 == 0 && out.dim() == 2 && out.size(1) % 8 == 0,

@@ -245,13 +245,14 @@ hopper = pytest.mark.skipif(not (torch.cuda.is_available() and torch.cuda.get_de
 @pytest.mark.parametrize("tier", [1, 2, 3, 4, 5, 6, 7, 8, 9], ids=[f"tier{t}" for t in range(1, 10)])
 @pytest.mark.parametrize("M,N,K", [(1, 128, 128), (65, 130, 256), (65, 136, 256), (200, 384, 1024), (333, 2112, 2048),
                                    (1000, 4096, 7168), (4096, 768, 512), (2000, 2112, 640), (4161, 1032, 128),
-                                   (4000, 2112, 2944)])
+                                   (4000, 2112, 2944), (128, 2112, 7296)])
 def test_kernel_matches_reference(tier, M, N, K):
     """Each tier against the reference. (2000, 2112, 640) and (4161, 1032, 128) give every CTA of the persistent
     grid two or three tiles with an odd number of K blocks (the two-accumulator loop ends a tile in either
     accumulator). Tier 9 picks a build per shape (on 132 SMs): 6 stages at K = 512 (4096, 768, 512); its split
     tail at (333, 2112, 2048) (51 tiles, each split in 2) and (4000, 2112, 2944) (4 full rounds, then 16 tiles
-    split in 2 runs of 11 and 12 K blocks); 5 stages elsewhere."""
+    split in 2 runs of 11 and 12 K blocks) and (128, 2112, 7296) (17 tiles, each split in 7 runs of 8 or 9 K
+    blocks); 5 stages elsewhere."""
     ext = fp8.load_kernel()
     assert ext is not None, fp8._WHY_NOT
     seed = int.from_bytes(os.urandom(4), "little")                     # fresh inputs on every run
