@@ -295,6 +295,20 @@ def test_fp8_gemm_mmajor_scales_run_tier9_bit_identical():
 
 @pytest.mark.gpu
 @hopper
+def test_kernels_refuse_empty_k():
+    """K = 0 is refused with an error: the kernels would otherwise wait for a K block that never comes."""
+    ext = fp8.load_kernel()
+    assert ext is not None, fp8._WHY_NOT
+    a, b = (torch.empty(128, 0, device="cuda", dtype=FP8) for _ in range(2))
+    sa, sb = torch.empty(128, 0, device="cuda"), torch.empty(1, 0, device="cuda")
+    with pytest.raises(RuntimeError, match="positive multiple of 128"):
+        ext.gemm(a, sa, b, sb, torch.empty(128, 128, device="cuda", dtype=torch.bfloat16), 4)
+    with pytest.raises(RuntimeError, match="fp8_gemm_1d1d"):
+        ext.gemm_1d1d(a, sa, b, torch.empty(0, 128, device="cuda"), torch.empty(128, 128, device="cuda"))
+
+
+@pytest.mark.gpu
+@hopper
 def test_tier9_wants_mmajor_scales():
     ext = fp8.load_kernel()
     assert ext is not None, fp8._WHY_NOT
