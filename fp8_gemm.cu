@@ -423,7 +423,7 @@ __global__ void __launch_bounds__(THREADS, 1) gemm(const __grid_constant__ CUten
     nkb = KG ? KG[3 * g + 2] : Kb;
     c_row = (KG ? KG[3 * g] * M : 0) + m0;
   };
-  // SK with parts > 1: the split tail. Of the tiles left after the last full round (rest < G / 2 of them),
+  // SK with parts > 1: the split tail. Of the tiles left after the last full round (rest <= G / 2 of them),
   // each is split along K into `parts` runs of K blocks, run side by side by `parts` neighbouring CTAs: CTA
   // b < rest * parts takes run b % parts of tile dp_end + b / parts. Run 0's CTA owns the tile: the others
   // write their FP32 partial sums to their slot of WS and raise their flag, the owner waits for them, adds
@@ -1038,7 +1038,7 @@ static const char* sk_space(int sms, cudaStream_t stream, SkSpace& out) {
   return nullptr;
 }
 
-// The split tail of tier 9: when the last round leaves rest < G / 2 tiles for G SMs, each of them is split
+// The split tail of tier 9: when the last round leaves rest <= G / 2 tiles for G SMs, each of them is split
 // along K into parts = G / rest runs (at most 8, each of at least 8 K blocks), run side by side by
 // rest * parts CTAs. Only where that round is a large share of the work: fewer than 8 full rounds. Returns
 // the parts, or 0 for no split. Measured and dropped (BENCHMARKS.md, runs 22-25): a stream-K split (every
@@ -1185,8 +1185,9 @@ static const char* launch(int tier, const uint8_t* A, const float* SA, const uin
   } else if (tier == 8) {
     err = launch_t8(A, SA, B, SB, C, M, N, K, stream);
   } else if (tier == 9) {  // tier 4, A scales M-major (K/128 rows of sa_ld) and brought into each stage by bulk copy
-    // Three builds: 6 stages when a tile has at most 4 K blocks (the next tile's blocks then load during this
-    // one's epilogue), the split tail where it pays (split_parts), else 5 stages (BENCHMARKS.md, runs 20-25).
+    // Three builds: 6 stages when a tile has at most 4 K blocks (the ring then has room for all of the next
+    // tile's blocks during this one's epilogue), the split tail where it pays (split_parts), else 5 stages
+    // (BENCHMARKS.md, runs 20-27).
     const int tiles = ((M + BM - 1) / BM) * ((N + BN - 1) / BN), kb = K / BK;
     if (kb <= 4)
       err = launch_t2<true, true, 6, false, __nv_bfloat16, true>(A, SA, B, SB, C, M, N, K, stream, -1, nullptr,
