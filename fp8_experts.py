@@ -232,7 +232,8 @@ class _FP8SwiGLUDownFn(torch.autograd.Function):
             a, b = dequantize_act(*kept[:2]).to(ab_dtype), dequantize_act(*kept[2:]).to(ab_dtype)
         s = F.silu(a)                                                      # recomputed: SiLU(A) and H
         h = s * b
-        dh, dw2 = _experts_backward(dy, _padded(h, saved[2], meta[0]), saved, meta)
+        dst, padded = saved[2], meta[0]                                 # the rows' places in the tile layout
+        dh, dw2 = _experts_backward(dy, _padded(h, dst, padded), saved, meta)
         da = torch.ops.aten.silu_backward(dh * b, a)                      # the ops autograd would run
         db = dh * s
         return da, db, dw2, None, None

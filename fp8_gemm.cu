@@ -1072,13 +1072,12 @@ static const char* launch_t2(const uint8_t* A, const float* SA, const uint8_t* B
   auto kern = t2::gemm<EPI_TMA, OVERLAP, STAGES, SB_ROW, OutT, SA_T, SK>;
   constexpr int smem = t2::smem_bytes(EPI_TMA, STAGES, SB_ROW, SA_T);
   static_assert(smem <= 227 * 1024, "more shared memory than an H100 SM gives one block");
-  static int sms = 0;
-  if (!sms) {
+  static bool attr = false;  // once per build (and per process: the device current at first use)
+  if (!attr) {
     cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-    int dev;
-    cudaGetDevice(&dev);
-    cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+    attr = true;
   }
+  const int sms = num_sms();
   CUtensorMap ma, mb, mc = {};
   if (!make_map(&ma, A, CU_TENSOR_MAP_DATA_TYPE_UINT8, 1, M, K, BM, BK) ||
       !make_map(&mb, B, CU_TENSOR_MAP_DATA_TYPE_UINT8, 1, b_rows < 0 ? N : b_rows, K, BN, BK) ||
