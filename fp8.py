@@ -480,6 +480,8 @@ if __name__ == "__main__":
     p.add_argument("--sustained", action="store_true",
                    help="also run the tiers and cuBLAS for 2 s each with the SM clock and power sampled (nvidia-smi)")
     p.add_argument("--flush-l2", action="store_true", help="time every call with a cold L2 (write 256 MiB first)")
+    p.add_argument("--interleave", action="store_true",
+                   help="also time the tiers and cuBLAS taking turns, order rotated (clock drift hits all alike)")
     args = p.parse_args()
     if not args.bench:
         p.print_help()
@@ -487,6 +489,8 @@ if __name__ == "__main__":
     import fp8_bench  # the timing code lives beside this file
     fp8_bench.FLUSH_L2 = args.flush_l2
     fp8_bench.bench(tuple(int(t) for t in args.tiers.split(",")))
+    if args.interleave:
+        fp8_bench.bench_interleaved(tuple(int(t) for t in args.tiers.split(",")))
     if args.training:
         fp8_bench.bench_training()
     if args.sustained:

@@ -2,9 +2,11 @@
 
 `bench` prints TFLOP/s per shape for the kernel tiers of fp8_gemm.cu, torch's bf16 matmul and cuBLAS's blockwise
 FP8 (`F.scaled_mm`, BlockWise1x128 × BlockWise128x128), with each result's calc_diff against the bf16 product of
-the unquantized inputs; `bench_training` times the variants FP8 training uses next to tier 4; `bench_sustained`
-runs the chosen tiers and cuBLAS for seconds each with the SM clock and board power sampled, because FP8 GEMMs
-at these sizes run into the H100's power limit and then the clock, not only the kernel, sets the rate.
+the unquantized inputs; `bench_interleaved` (`--interleave`) times the tiers and cuBLAS again taking turns, so
+that clock drift hits all of them alike; `bench_training` times the variants FP8 training uses next to tier 4;
+`bench_sustained` runs the chosen tiers and cuBLAS for seconds each with the SM clock and board power sampled,
+because FP8 GEMMs at these sizes run into the H100's power limit and then the clock, not only the kernel, sets
+the rate.
 BENCHMARKS.md records the tables.
 """
 import statistics
@@ -99,6 +101,42 @@ def bench(tiers=(1, 2, 3, 4, 5, 6, 7, 8, 9)):
         del x, w, xq, wq, ref
         torch.cuda.empty_cache()
     print(f"# vendor blockwise = {vendor_name} (BlockWise1x128 × BlockWise128x128)")
+
+
+def bench_interleaved(tiers=(9,), rounds: int = 8, reps: int = 20):
+    """The M = 4096 shapes and 8192³ again, with the kernels taking turns: `rounds` rounds in each of which every
+    kernel (the tiers, then cuBLAS blockwise) runs `reps` timed calls, the order rotated by one each round. In
+    `bench` each kernel runs all its calls in one block, in a fixed order (cuBLAS last, right after bf16 mm); at
+    the power limit the SM clock depends on what ran just before, so a fixed order can favour one kernel. Here
+    each kernel runs in every position. Prints the median over rounds of each round's median call, the spread of
+    the round medians, and tier / vendor."""
+    print(f"\n# interleaved: {rounds} rounds × {reps} calls per kernel, order rotated each round; TFLOP/s as median "
+          "of round medians [min–max]")
+    head = [f"tier{t}" for t in tiers] + ["vendor blockwise"] + [f"tier{t} / vendor" for t in tiers]
+    print("| M | N | K | " + " | ".join(head) + " |")
+    print("|---" * (3 + len(head)) + "|")
+    for M, N, K in [(4096, n, k) for n, k in SHAPES_NK] + [(8192, 8192, 8192)]:
+        x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+        w = torch.randn(N, K, device="cuda", dtype=torch.bfloat16)
+        xq, xs = quantize_act(x)
+        wq, ws = quantize_weight(w)
+        xs_m = fp8.mmajor_scales(xs)
+        out = torch.empty(M, N, device="cuda", dtype=torch.bfloat16)
+        kernels = [lambda t=t: fp8._EXT.gemm(xq, xs_m if t == 9 else xs, wq, ws, out, t) for t in tiers]
+        kernels.append(_vendor_blockwise(xq, xs, wq, ws)[0])
+        per = [[] for _ in kernels]
+        for fn in kernels:
+            _median_ms(fn, warmup=5, reps=5)
+        for r in range(rounds):
+            for i in [(j + r) % len(kernels) for j in range(len(kernels))]:
+                per[i].append(_median_ms(kernels[i], warmup=2, reps=reps))
+        rate = [[2 * M * N * K / ms / 1e9 for ms in p] for p in per]
+        med = [statistics.median(r) for r in rate]
+        cells = [f"{m:.0f} [{min(r):.0f}–{max(r):.0f}]" for m, r in zip(med, rate)]
+        cells += [f"{m / med[-1]:.2f}" for m in med[:-1]]
+        print(f"| {M} | {N} | {K} | " + " | ".join(cells) + " |", flush=True)
+        del x, w, xq, wq
+        torch.cuda.empty_cache()
 
 
 def bench_training(experts=32, rows=2048):

@@ -443,6 +443,21 @@ __global__ void __launch_bounds__(THREADS, 1) gemm(const __grid_constant__ CUten
   sp_t = __shfl_sync(0xffffffff, sp_t, 0);
   sp_k0 = __shfl_sync(0xffffffff, sp_k0, 0);
   sp_nk = __shfl_sync(0xffffffff, sp_nk, 0);
+  // The math warps' work in order: tiles blockIdx.x, + G, ... below dp_end, then the split run, if any (K blocks
+  // [sp_k0, sp_k0 + sp_nk) of tile sp_t); fn(t, kb0, nkb) with nkb < 0 for a whole tile. One call site, so the
+  // per-tile code (the K loop, the epilogue) is inlined once: two call sites doubled the split build's code.
+  auto each_work = [&](auto&& fn) {
+    bool split_left = SK && sp_t >= 0;
+    for (int t = blockIdx.x;; t += G) {
+      int kb0 = 0, nkb = -1;
+      if (t >= dp_end) {
+        if (!split_left) break;
+        split_left = false;
+        t = sp_t, kb0 = sp_k0, nkb = sp_nk;  // t >= dp_end: the next step leaves the loop
+      }
+      fn(t, kb0, nkb);
+    }
+  };
   // Warpgroup index through a shuffle: the compiler then knows it is warp-uniform and keeps what derives
   // from it (the math warpgroup's shared-memory offsets, its wgmma descriptors) in uniform registers.
   const int wg = __shfl_sync(0xffffffff, threadIdx.x / 128, 0);
@@ -476,6 +491,8 @@ __global__ void __launch_bounds__(THREADS, 1) gemm(const __grid_constant__ CUten
           if constexpr (SA_T) bulk_load(sSA + s * BM, SA + (size_t)kb * sa_ld + m0, SA_BYTES, &full[s]);
         }
       };
+      // Not each_work: with its loop, the producer's coordinates left the uniform registers (SASS). This code is
+      // small, so two call sites cost little.
       for (int t = blockIdx.x; t < dp_end; t += G) load_tile(t, 0, -1);
       if (SK && sp_t >= 0) load_tile(sp_t, sp_k0, sp_nk);
     }
@@ -647,8 +664,7 @@ __global__ void __launch_bounds__(THREADS, 1) gemm(const __grid_constant__ CUten
           store_tile(w);
         }
       };
-      for (int t = blockIdx.x; t < dp_end; t += G) run_tile(t, 0, -1);
-      if (SK && sp_t >= 0) run_tile(sp_t, sp_k0, sp_nk);
+      each_work(run_tile);
     }
     if (EPI_TMA && leader) asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory");  // before smem goes away
   }
@@ -1041,9 +1057,9 @@ static const char* sk_space(int sms, cudaStream_t stream, SkSpace& out) {
 // The split tail of tier 9: when the last round leaves rest <= G / 2 tiles for G SMs, each of them is split
 // along K into parts = G / rest runs (at most 8, each of at least 8 K blocks), run side by side by
 // rest * parts CTAs. Only where that round is a large share of the work: fewer than 8 full rounds. Returns
-// the parts, or 0 for no split. Measured and dropped (BENCHMARKS.md, runs 22-25): a stream-K split (every
+// the parts, or 0 for no split. Measured and dropped (BENCHMARKS.md, runs 22-29): a stream-K split (every
 // CTA one run of the same length, across tile boundaries), whose CTAs work at different K offsets and lose
-// the L2 reuse between neighbouring tiles; and the split kernel on long-K shapes with many rounds (8192^3).
+// the L2 reuse between neighbouring tiles; and a split of the last round at any number of rounds (8192^3).
 static int split_parts(int tiles, int sms, int kb) {
   const int rest = tiles % sms;
   if (rest == 0 || tiles / sms >= 8) return 0;
