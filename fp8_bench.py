@@ -103,6 +103,17 @@ def bench(tiers=(1, 2, 3, 4, 5, 6, 7, 8, 9)):
     print(f"# vendor blockwise = {vendor_name} (BlockWise1x128 × BlockWise128x128)")
 
 
+def take_turns(kernels, rounds: int, time_one) -> list:
+    """`rounds` rounds in which every kernel is timed once by time_one(kernel), the order rotated by one each
+    round (round r starts with kernel r mod n), so that over n rounds each kernel runs in every position.
+    Returns one list of times per kernel, in round order."""
+    per = [[] for _ in kernels]
+    for r in range(rounds):
+        for i in [(j + r) % len(kernels) for j in range(len(kernels))]:
+            per[i].append(time_one(kernels[i]))
+    return per
+
+
 def bench_interleaved(tiers=(9,), rounds: int = 8, reps: int = 20):
     """The M = 4096 shapes and 8192³ again, with the kernels taking turns: `rounds` rounds in each of which every
     kernel (the tiers, then cuBLAS blockwise) runs `reps` timed calls, the order rotated by one each round. In
@@ -124,12 +135,9 @@ def bench_interleaved(tiers=(9,), rounds: int = 8, reps: int = 20):
         out = torch.empty(M, N, device="cuda", dtype=torch.bfloat16)
         kernels = [lambda t=t: fp8._EXT.gemm(xq, xs_m if t == 9 else xs, wq, ws, out, t) for t in tiers]
         kernels.append(_vendor_blockwise(xq, xs, wq, ws)[0])
-        per = [[] for _ in kernels]
         for fn in kernels:
             _median_ms(fn, warmup=5, reps=5)
-        for r in range(rounds):
-            for i in [(j + r) % len(kernels) for j in range(len(kernels))]:
-                per[i].append(_median_ms(kernels[i], warmup=2, reps=reps))
+        per = take_turns(kernels, rounds, lambda fn: _median_ms(fn, warmup=2, reps=reps))
         rate = [[2 * M * N * K / ms / 1e9 for ms in p] for p in per]
         med = [statistics.median(r) for r in rate]
         cells = [f"{m:.0f} [{min(r):.0f}–{max(r):.0f}]" for m, r in zip(med, rate)]

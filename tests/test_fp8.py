@@ -235,6 +235,19 @@ def test_fp8_linear_construction():
         fp8.FP8Linear(128, 0, bias=False)
 
 
+def test_bench_take_turns_rotates_the_order():
+    """`fp8.py --bench --interleave`: every kernel is timed once per round, the order rotated by one each round,
+    so over n rounds each of n kernels runs in every position; each kernel's list holds its own times."""
+    import fp8_bench
+    order = []
+    per = fp8_bench.take_turns(["a", "b", "c"], 6, lambda k: order.append(k) or len(order))
+    rounds = [order[3 * r:3 * r + 3] for r in range(6)]
+    assert rounds[:3] == [["a", "b", "c"], ["b", "c", "a"], ["c", "a", "b"]] and rounds[3:] == rounds[:3]
+    assert [len(p) for p in per] == [6, 6, 6]
+    for i, k in enumerate("abc"):
+        assert per[i] == [t + 1 for t, name in enumerate(order) if name == k]
+
+
 # ------------------------------------------------------------------ GPU: the CUDA kernel
 hopper = pytest.mark.skipif(not (torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)),
                             reason="needs a Hopper (sm_90) GPU")
