@@ -472,10 +472,22 @@ class FP8Linear(nn.Module):
         return fp8_swiglu_down
 
 
+def _tier_list(text: str) -> tuple:
+    """--tiers: comma-separated kernel tiers, each 1-9."""
+    try:
+        tiers = tuple(int(t) for t in text.split(","))
+    except ValueError:
+        tiers = ()
+    if not tiers or any(not 1 <= t <= 9 for t in tiers):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of tiers 1-9")
+    return tiers
+
+
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description="Fine-grained FP8 GEMM (DeepSeek-V3 §3.3): benchmark on a Hopper GPU")
     p.add_argument("--bench", action="store_true", help="print TFLOP/s of the kernel tiers, bf16 mm, cuBLAS FP8")
-    p.add_argument("--tiers", default="1,2,3,4,5,6,7,8,9", help="kernel tiers to time, comma-separated (default all)")
+    p.add_argument("--tiers", type=_tier_list, default=tuple(range(1, 10)),
+                   help="kernel tiers to time, comma-separated (default all: 1,2,...,9)")
     p.add_argument("--training", action="store_true", help="also time the wgrad (1D1D) and grouped-expert variants")
     p.add_argument("--sustained", action="store_true",
                    help="also run the tiers and cuBLAS for 2 s each with the SM clock and power sampled (nvidia-smi)")
@@ -488,10 +500,10 @@ if __name__ == "__main__":
         sys.exit(0)
     import fp8_bench  # the timing code lives beside this file
     fp8_bench.FLUSH_L2 = args.flush_l2
-    fp8_bench.bench(tuple(int(t) for t in args.tiers.split(",")))
+    fp8_bench.bench(args.tiers)
     if args.interleave:
-        fp8_bench.bench_interleaved(tuple(int(t) for t in args.tiers.split(",")))
+        fp8_bench.bench_interleaved(args.tiers)
     if args.training:
         fp8_bench.bench_training()
     if args.sustained:
-        fp8_bench.bench_sustained(tuple(int(t) for t in args.tiers.split(",")))
+        fp8_bench.bench_sustained(args.tiers)

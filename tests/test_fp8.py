@@ -248,6 +248,18 @@ def test_bench_take_turns_rotates_the_order():
         assert per[i] == [t + 1 for t, name in enumerate(order) if name == k]
 
 
+@pytest.mark.parametrize("tiers", ["0", "10", "4,x", ""])
+def test_bench_cli_refuses_bad_tiers(tiers):
+    """`fp8.py --bench --tiers` outside 1-9: a one-line usage error and exit code 2, on any machine."""
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, "fp8.py", "--bench", "--tiers", tiers], cwd=root, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "not a comma-separated list of tiers 1-9" in r.stderr.strip().splitlines()[-1]
+
+
 # ------------------------------------------------------------------ GPU: the CUDA kernel
 hopper = pytest.mark.skipif(not (torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)),
                             reason="needs a Hopper (sm_90) GPU")
