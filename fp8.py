@@ -28,10 +28,9 @@ for short K and a split-K tail for a last, mostly empty round of tiles; and tier
 variants for training) plus the one-pass quantizers of ``fp8_quant.cu``, JIT-built on first use by
 ``torch.utils.cpp_extension.load``; the functions here pick them on Hopper GPUs and say once when they fall back.
 ``python fp8.py --bench`` times the kernel against torch's bf16 matmul and cuBLAS's blockwise FP8 ``F.scaled_mm``;
-``--training`` adds the training variants, ``--sustained`` the clock and power under a long run (the timing code is
-in fp8_bench.py).
+``--interleave`` times them again taking turns, ``--training`` adds the training variants, ``--sustained`` the
+clock and power under a long run (the timing code and its command line are in fp8_bench.py).
 """
-import argparse
 import math
 import os
 import sys
@@ -472,38 +471,6 @@ class FP8Linear(nn.Module):
         return fp8_swiglu_down
 
 
-def _tier_list(text: str) -> tuple:
-    """--tiers: comma-separated kernel tiers, each 1-9."""
-    try:
-        tiers = tuple(int(t) for t in text.split(","))
-    except ValueError:
-        tiers = ()
-    if not tiers or any(not 1 <= t <= 9 for t in tiers):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of tiers 1-9")
-    return tiers
-
-
-if __name__ == "__main__":
-    p = argparse.ArgumentParser(description="Fine-grained FP8 GEMM (DeepSeek-V3 §3.3): benchmark on a Hopper GPU")
-    p.add_argument("--bench", action="store_true", help="print TFLOP/s of the kernel tiers, bf16 mm, cuBLAS FP8")
-    p.add_argument("--tiers", type=_tier_list, default=tuple(range(1, 10)),
-                   help="kernel tiers to time, comma-separated (default all: 1,2,...,9)")
-    p.add_argument("--training", action="store_true", help="also time the wgrad (1D1D) and grouped-expert variants")
-    p.add_argument("--sustained", action="store_true",
-                   help="also run the tiers and cuBLAS for 2 s each with the SM clock and power sampled (nvidia-smi)")
-    p.add_argument("--flush-l2", action="store_true", help="time every call with a cold L2 (write 256 MiB first)")
-    p.add_argument("--interleave", action="store_true",
-                   help="also time the tiers and cuBLAS taking turns, order rotated (clock drift hits all alike)")
-    args = p.parse_args()
-    if not args.bench:
-        p.print_help()
-        sys.exit(0)
-    import fp8_bench  # the timing code lives beside this file
-    fp8_bench.FLUSH_L2 = args.flush_l2
-    fp8_bench.bench(args.tiers)
-    if args.interleave:
-        fp8_bench.bench_interleaved(args.tiers)
-    if args.training:
-        fp8_bench.bench_training()
-    if args.sustained:
-        fp8_bench.bench_sustained(args.tiers)
+if __name__ == "__main__":  # `python fp8.py --bench ...`: the benchmark's command line lives with its code
+    import fp8_bench
+    fp8_bench.main()

@@ -1,4 +1,5 @@
-"""Timing of fp8.py's kernels on a Hopper GPU (run it as `python fp8.py --bench [--tiers ...] [--training]`).
+"""Timing of fp8.py's kernels on a Hopper GPU, and its command line: `python fp8.py --bench [--tiers ...] ...` calls
+`main`.
 
 `bench` prints TFLOP/s per shape for the kernel tiers of fp8_gemm.cu, torch's bf16 matmul and cuBLAS's blockwise
 FP8 (`F.scaled_mm`, BlockWise1x128 × BlockWise128x128), with each result's calc_diff against the bf16 product of
@@ -9,8 +10,10 @@ because FP8 GEMMs at these sizes run into the H100's power limit and then the cl
 the rate.
 BENCHMARKS.md records the tables.
 """
+import argparse
 import statistics
 import subprocess
+import sys
 import time
 
 import torch
@@ -21,6 +24,12 @@ from fp8 import BLOCK, calc_diff, load_kernel, quantize_act, quantize_weight
 from fp8_experts import fp8_gemm_kgrouped
 
 SHAPES_NK = [(2112, 7168), (24576, 1536), (32768, 512), (7168, 16384), (4096, 7168), (7168, 2048)]
+LARGE_SHAPES = [(4096, n, k) for n, k in SHAPES_NK] + [(8192, 8192, 8192)]  # the goal's shapes (M, N, K)
+
+
+def _tier_call(t, xq, xs, xs_m, wq, ws, out):
+    """One call of kernel tier t into out: tier 9 takes the M-major copy of the A scales, the others xs."""
+    return lambda: fp8._EXT.gemm(xq, xs_m if t == 9 else xs, wq, ws, out, t)
 
 
 FLUSH_L2 = False  # set by `fp8.py --bench --flush-l2`: every timed call starts with a cold L2, as DeepGEMM times
@@ -76,7 +85,7 @@ def bench(tiers=(1, 2, 3, 4, 5, 6, 7, 8, 9)):
     print("| M | N | K | " + " | ".join(head) + " |")
     print("|---" * (3 + len(head)) + "|")
     vendor_name = "n/a"
-    shapes = [(4096, n, k) for n, k in SHAPES_NK] + [(8192, 8192, 8192)] + [(128, n, k) for n, k in SHAPES_NK]
+    shapes = LARGE_SHAPES + [(128, n, k) for n, k in SHAPES_NK]
     for M, N, K in shapes:
         x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
         w = torch.randn(N, K, device="cuda", dtype=torch.bfloat16)
@@ -87,7 +96,7 @@ def bench(tiers=(1, 2, 3, 4, 5, 6, 7, 8, 9)):
         xs_m = fp8.mmajor_scales(xs) if 9 in tiers else None  # tier 9's layout, untimed like cuBLAS's below
         for t in tiers:
             out = torch.full((M, N), float("nan"), device="cuda", dtype=torch.bfloat16)
-            ms = _median_ms(lambda: fp8._EXT.gemm(xq, xs_m if t == 9 else xs, wq, ws, out, t))
+            ms = _median_ms(_tier_call(t, xq, xs, xs_m, wq, ws, out))
             cells.append(f"{2 * M * N * K / ms / 1e9:.0f} ({calc_diff(out, ref):.1e})")
         ms = _median_ms(lambda: x @ w.T)
         cells.append(f"{2 * M * N * K / ms / 1e9:.0f}")
@@ -126,14 +135,14 @@ def bench_interleaved(tiers=(9,), rounds: int = 8, reps: int = 20):
     head = [f"tier{t}" for t in tiers] + ["vendor blockwise"] + [f"tier{t} / vendor" for t in tiers]
     print("| M | N | K | " + " | ".join(head) + " |")
     print("|---" * (3 + len(head)) + "|")
-    for M, N, K in [(4096, n, k) for n, k in SHAPES_NK] + [(8192, 8192, 8192)]:
+    for M, N, K in LARGE_SHAPES:
         x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
         w = torch.randn(N, K, device="cuda", dtype=torch.bfloat16)
         xq, xs = quantize_act(x)
         wq, ws = quantize_weight(w)
         xs_m = fp8.mmajor_scales(xs)
         out = torch.empty(M, N, device="cuda", dtype=torch.bfloat16)
-        kernels = [lambda t=t: fp8._EXT.gemm(xq, xs_m if t == 9 else xs, wq, ws, out, t) for t in tiers]
+        kernels = [_tier_call(t, xq, xs, xs_m, wq, ws, out) for t in tiers]
         kernels.append(_vendor_blockwise(xq, xs, wq, ws)[0])
         for fn in kernels:
             _median_ms(fn, warmup=5, reps=5)
@@ -204,7 +213,7 @@ def bench_sustained(tiers=(4,), seconds: float = 2.0):
         wq, ws = quantize_weight(w)
         out = torch.empty(M, N, device="cuda", dtype=torch.bfloat16)
         xs_m = fp8.mmajor_scales(xs) if 9 in tiers else None
-        kernels = [(f"tier{t}", lambda t=t: fp8._EXT.gemm(xq, xs_m if t == 9 else xs, wq, ws, out, t)) for t in tiers]
+        kernels = [(f"tier{t}", _tier_call(t, xq, xs, xs_m, wq, ws, out)) for t in tiers]
         kernels.append(("vendor blockwise", _vendor_blockwise(xq, xs, wq, ws)[0]))
         for name, fn in kernels:
             for _ in range(20):
@@ -230,3 +239,42 @@ def bench_sustained(tiers=(4,), seconds: float = 2.0):
             watts = statistics.median(p for _, p in samples) if samples else float("nan")
             print(f"| {M} | {N} | {K} | {name} | {tflops:.0f} | {mhz:.0f} | {watts:.0f} | {tflops / mhz * 1e3:.0f} |",
                   flush=True)
+
+
+def _tier_list(text: str) -> tuple:
+    """--tiers: comma-separated kernel tiers, each 1-9."""
+    try:
+        tiers = tuple(int(t) for t in text.split(","))
+    except ValueError:
+        tiers = ()
+    if not tiers or any(not 1 <= t <= 9 for t in tiers):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of tiers 1-9")
+    return tiers
+
+
+def main(argv=None):
+    """The command line of `python fp8.py --bench ...`."""
+    global FLUSH_L2
+    p = argparse.ArgumentParser(prog="fp8.py",
+                                description="Fine-grained FP8 GEMM (DeepSeek-V3 §3.3): benchmark on a Hopper GPU")
+    p.add_argument("--bench", action="store_true", help="print TFLOP/s of the kernel tiers, bf16 mm, cuBLAS FP8")
+    p.add_argument("--tiers", type=_tier_list, default=tuple(range(1, 10)),
+                   help="kernel tiers to time, comma-separated (default all: 1,2,...,9)")
+    p.add_argument("--training", action="store_true", help="also time the wgrad (1D1D) and grouped-expert variants")
+    p.add_argument("--sustained", action="store_true",
+                   help="also run the tiers and cuBLAS for 2 s each with the SM clock and power sampled (nvidia-smi)")
+    p.add_argument("--flush-l2", action="store_true", help="time every call with a cold L2 (write 256 MiB first)")
+    p.add_argument("--interleave", action="store_true",
+                   help="also time the tiers and cuBLAS taking turns, order rotated (clock drift hits all alike)")
+    args = p.parse_args(argv)
+    if not args.bench:
+        p.print_help()
+        sys.exit(0)
+    FLUSH_L2 = args.flush_l2
+    bench(args.tiers)
+    if args.interleave:
+        bench_interleaved(args.tiers)
+    if args.training:
+        bench_training()
+    if args.sustained:
+        bench_sustained(args.tiers)
