@@ -157,17 +157,21 @@ def grouped_mm_supported(device: torch.device, dtype: torch.dtype) -> bool:
     return _GROUPED_MM_OK[key]
 
 
-def segment_mm(a: torch.Tensor, w: torch.Tensor, sizes: list, impl: str = "auto") -> torch.Tensor:
+def segment_mm(a: torch.Tensor, w: torch.Tensor, sizes, impl: str = "auto") -> torch.Tensor:
     """Rows of a (M, in), sorted into len(sizes) contiguous segments, times w (E, out, in)ᵀ per segment → (M, out)
 
+    sizes: a list of ints, or a 1-D integer tensor on a's device (then the grouped GEMM reads the segment ends
+    from the device and the host never waits for the GPU; the loop has to copy them to the host).
     impl: "grouped_mm" (one torch._grouped_mm call), "loop" (one F.linear per segment) or "auto"."""
     dtype = torch.get_autocast_dtype(a.device.type) if torch.is_autocast_enabled(a.device.type) else a.dtype
     if impl == "auto":
         aligned = all(n * dtype.itemsize % 16 == 0 for n in w.shape[1:])  # kernel needs 16-byte rows
         impl = "grouped_mm" if aligned and grouped_mm_supported(a.device, dtype) else "loop"
     if impl == "grouped_mm":
-        offs = torch.tensor(sizes, device=a.device).cumsum(0).to(torch.int32)  # (E,) end row of each segment
+        sizes = sizes if torch.is_tensor(sizes) else torch.tensor(sizes, device=a.device)
+        offs = sizes.cumsum(0).to(torch.int32)  # (E,) end row of each segment
         return torch._grouped_mm(a.to(dtype), w.to(dtype).transpose(-2, -1), offs=offs)  # (M, out)
+    sizes = sizes.tolist() if torch.is_tensor(sizes) else sizes  # the loop needs them on the host
     # unbind, not w[i]: the backward of E separate w[i] would build E full-size (E, out, in) gradients
     parts = [F.linear(seg, wi) for seg, wi, n in zip(a.split(sizes), w.unbind(0), sizes) if n > 0]
     return torch.cat(parts) if parts else a.new_zeros(0, w.shape[1])
@@ -194,8 +198,11 @@ class Experts(nn.Module):
         """FFN^(r)_i(x) for x (n, dim) → (n, dim); simple, not fast (each w[i] gets a full-size gradient)."""
         return F.linear(F.silu(F.linear(x, self.w1[i])) * F.linear(x, self.w3[i]), self.w2[i])
 
-    def segments(self, x: torch.Tensor, sizes: list, impl: str = "auto") -> torch.Tensor:
-        """All experts at once on rows sorted by expert (sizes[i] rows for expert i): (M, dim) → (M, dim)."""
+    def segments(self, x: torch.Tensor, sizes, impl: str = "auto") -> torch.Tensor:
+        """All experts at once on rows sorted by expert (sizes[i] rows for expert i): (M, dim) → (M, dim).
+        sizes: list or device tensor (segment_mm); a grouped GEMM passed in as `mm` gets a list."""
+        if self.mm is not None and torch.is_tensor(sizes):
+            sizes = sizes.tolist()  # fp8_segment_mm plans its tiles on the host
         mm = self.mm or (lambda a, w, n: segment_mm(a, w, n, impl))
         if self.swiglu_down is not None:
             return self.swiglu_down(mm(x, self.w1, sizes), mm(x, self.w3, sizes), self.w2, sizes, self.act_cache)
@@ -215,13 +222,21 @@ def dispatch_loop(x, weights, indices, experts: Experts) -> torch.Tensor:
     return y
 
 
-def dispatch_grouped(x, weights, indices, experts: Experts, impl: str = "auto") -> torch.Tensor:
-    """Fast path: sort (token, slot) pairs by expert, run contiguous segments, scatter-add. (N, dim) → (N, dim)."""
+def expert_counts(indices: torch.Tensor, n_experts: int) -> torch.Tensor:
+    """Tokens routed to each expert, (n_experts,) int64 on indices' device. Not torch.bincount: on CUDA that
+    reads max(indices) back to the host to size its output, a sync that stalls the launch queue."""
+    flat = indices.reshape(-1)
+    return torch.zeros(n_experts, dtype=torch.long, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
+
+
+def dispatch_grouped(x, weights, indices, experts: Experts, impl: str = "auto", counts=None) -> torch.Tensor:
+    """Fast path: sort (token, slot) pairs by expert, run contiguous segments, scatter-add. (N, dim) → (N, dim).
+    counts: expert_counts(indices) if the caller has them. The segment sizes stay on the device."""
     N, K = indices.shape
     flat = indices.reshape(-1)  # (N·K,) expert id of each (token, slot) pair
     order = torch.argsort(flat, stable=True)  # (N·K,) pairs sorted by expert id
     token = order // K  # (N·K,) the token of each sorted pair
-    sizes = torch.bincount(flat, minlength=experts.w1.shape[0]).tolist()  # rows of each expert's segment
+    sizes = expert_counts(flat, experts.w1.shape[0]) if counts is None else counts  # rows of each segment
     out = experts.segments(x[token], sizes, impl)  # (N·K, dim)
     out = out * weights.reshape(-1)[order, None]  # (N·K, dim) times g of the pair
     return torch.zeros_like(x).index_add(0, token, out.to(x.dtype))  # (N, dim) sum over the K slots
@@ -260,16 +275,18 @@ class MoE(nn.Module):
         B, T, D = x.shape
         u = x.reshape(B * T, D)  # (N, dim), N = B·T tokens
         weights, indices, scores = self.gate(u)  # (N, K), (N, K), (N, E)
-        run = dispatch_loop if self.dispatch == "loop" else dispatch_grouped
-        y = run(u, weights, indices, self.experts)  # (N, dim)
+        counts = expert_counts(indices, self.n_routed)  # (E,)
+        if self.dispatch == "loop":
+            y = dispatch_loop(u, weights, indices, self.experts)  # (N, dim)
+        else:
+            y = dispatch_grouped(u, weights, indices, self.experts, counts=counts)  # (N, dim)
         if self.shared_experts is not None:
             y = y + self.shared_experts(u)
-        self._record(indices, scores, B, T)
+        self._record(indices, scores, B, T, counts)
         return y.view(B, T, D)
 
-    def _record(self, indices, scores, B, T):
+    def _record(self, indices, scores, B, T, counts):
         """Token counts for logging and for the bias update; the balance loss in training."""
-        counts = torch.bincount(indices.flatten(), minlength=self.n_routed).detach()  # (E,)
         self.last_counts = counts
         if self.training:
             self.load += counts

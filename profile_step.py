@@ -1,0 +1,100 @@
+"""Where the time of one training step goes: tokens/s as `train.py --bench` measures it, then a torch.profiler
+table of one more step (top ops by GPU time) and the step's idle and host-sync share.
+
+    python profile_step.py --preset small [--fp8] [any train.py option]     (CUDA only)
+
+It runs train.py's own step functions (forward_backward, optimizer_step) on the same batches; only the model is
+built directly on the GPU (train.py builds it on the CPU and moves it, which takes long for big presets).
+Idle share = 1 − (time some kernel runs) / (step wall time): time the GPU waits for the host (Python, kernel
+launches, host syncs). Host syncs are the calls that make the CPU wait for the GPU (.item(), .tolist(),
+.cpu(), torch.cuda.synchronize): each one drains the launch queue, so the kernels after it start late.
+"""
+import sys
+import time
+
+import torch
+
+import train
+from model import Transformer, count_params
+
+SYNC_OPS = ("aten::item", "aten::_local_scalar_dense", "cudaStreamSynchronize", "cudaDeviceSynchronize",
+            "cudaMemcpyAsync")
+
+
+def busy_time_us(events) -> float:
+    """Union of the GPU kernels' time intervals (µs): time during which at least one kernel runs."""
+    spans = sorted((e.time_range.start, e.time_range.end) for e in events
+                   if e.device_type == torch.autograd.DeviceType.CUDA)
+    busy, cur_s, cur_e = 0.0, None, None
+    for s, e in spans:
+        if cur_e is None or s > cur_e:
+            busy += (cur_e - cur_s) if cur_e is not None else 0.0
+            cur_s, cur_e = s, e
+        else:
+            cur_e = max(cur_e, e)
+    return busy + ((cur_e - cur_s) if cur_e is not None else 0.0)
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    profile = "--no_profile" not in argv
+    argv = [a for a in argv if a != "--no_profile"]
+    args, cfg, device, linear, corpus, _, _ = train.setup(train.build_parser().parse_args(argv))
+    if device.type != "cuda":
+        print("error: profile_step.py needs a CUDA device", file=sys.stderr)
+        return 2
+    torch.manual_seed(args.seed)
+    with torch.device(device):
+        model = Transformer(cfg, linear)
+    train.set_act_cache(model, args.fp8_act_cache)
+    opt = train.make_optimizer(model, args, device)
+    gen = torch.Generator().manual_seed(args.seed)
+    fwd = torch.compile(model) if args.compile else model
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16)
+    tokens = args.batch_size * args.block_size * args.grad_accum
+    flops_tok = train.train_flops_per_token(cfg, args.block_size, with_mtp=cfg.n_mtp > 0)
+    peak = train.peak_flops(device)
+
+    def step(i):
+        m = train.forward_backward(fwd, model, opt, corpus, gen, args, i, device, autocast)
+        train.optimizer_step(model, opt, args)
+        return m
+
+    warmup, n = 3, max(1, args.max_iters if "max_iters" in args.typed else 10)
+    for i in range(warmup):
+        step(i)
+    torch.cuda.synchronize()
+    t0 = time.time()
+    for i in range(n):
+        m = step(warmup + i)
+    torch.cuda.synchronize()
+    dt = (time.time() - t0) / n
+    mode = "fp8" if args.fp8 else "bf16"
+    n_par = count_params(cfg)
+    mfu = 100 * tokens / dt * flops_tok / peak if peak else float("nan")
+    print(f"RESULT {args.preset} {mode}{' compile' if args.compile else ''}: {n} steps of {tokens:,} tokens | "
+          f"{tokens / dt:,.0f} tokens/s | {1e3 * dt:.1f} ms/step | MFU {mfu:.1f}% | loss {m['loss']:.4f} | "
+          f"params {n_par['total'] / 1e9:.2f}B + MTP {n_par['mtp'] / 1e9:.2f}B | "
+          f"peak mem {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
+    if not profile:
+        return 0
+    from torch.profiler import profile as prof_ctx, ProfilerActivity
+    with prof_ctx(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        torch.cuda.synchronize()
+        t0 = time.time()
+        step(warmup + n)
+        torch.cuda.synchronize()
+        wall_us = (time.time() - t0) * 1e6
+    events = prof.events()
+    busy = busy_time_us(events)
+    avg = prof.key_averages()
+    syncs = {k: (e.count, e.cpu_time_total / 1e3) for e in avg for k in SYNC_OPS if e.key == k}
+    print(f"PROFILE {args.preset} {mode}: step {wall_us / 1e3:.1f} ms (profiled), GPU busy {busy / 1e3:.1f} ms, "
+          f"idle {100 * (1 - busy / wall_us):.1f}% | host syncs: "
+          + ", ".join(f"{k} ×{c} ({ms:.1f} ms)" for k, (c, ms) in syncs.items()))
+    print(avg.table(sort_by="self_device_time_total", row_limit=18, max_name_column_width=60))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
