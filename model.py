@@ -122,11 +122,22 @@ class Transformer(nn.Module):
             attn.free_cache()
             attn.attn_impl = "naive"
 
+    def freqs_at(self, start_pos, T: int) -> torch.Tensor:
+        """RoPE factors of positions start_pos..start_pos+T-1: (T, dr/2) for an int start, (B, T, dr/2) for a
+        (B,) tensor of per-sequence starts (gathered on the device)."""
+        if not torch.is_tensor(start_pos):
+            return self.freqs_cis[start_pos:start_pos + T]
+        return self.freqs_cis[start_pos[:, None] + torch.arange(T, device=start_pos.device)]  # (B, T, dr/2)
+
     @torch.no_grad()
-    def forward_cached(self, idx: torch.Tensor, start_pos: int):
-        """Tokens idx (B, T) at absolute positions start_pos.. → (logits (B, T, V), final hidden (B, T, d))."""
+    def forward_cached(self, idx: torch.Tensor, start_pos):
+        """Tokens idx (B, T) at absolute positions start_pos.. → (logits (B, T, V), final hidden (B, T, d)).
+
+        start_pos: an int (every row at the same positions), or a (B,) integer tensor on the model's device,
+        row b at start_pos[b]..: the static-cache form (mla.MLA._write_cache_at) that a CUDA graph can capture;
+        the caller keeps start_pos[b] + T within the cache."""
         T = idx.shape[1]
-        freqs_cis = self.freqs_cis[start_pos:start_pos + T]
+        freqs_cis = self.freqs_at(start_pos, T)
         h = self.embed(idx)
         for layer in self.layers:
             h = layer(h, freqs_cis, start_pos)
@@ -136,9 +147,10 @@ class Transformer(nn.Module):
     @torch.no_grad()
     def mtp_step(self, h: torch.Tensor, next_idx: torch.Tensor, start_pos: int, depth: int = 0):
         """Cached MTP module `depth` at positions start_pos..: h (B, T, d) hidden of those positions,
-        next_idx (B, T) the tokens one ahead of them → (logits (B, T, V) for the tokens two ahead, h^k)."""
+        next_idx (B, T) the tokens one ahead of them → (logits (B, T, V) for the tokens two ahead, h^k).
+        start_pos: int or (B,) tensor, as in forward_cached."""
         T = next_idx.shape[1]
-        freqs_cis = self.freqs_cis[start_pos:start_pos + T]
+        freqs_cis = self.freqs_at(start_pos, T)
         hk = self.mtp[depth](h, self.embed(next_idx), freqs_cis, start_pos)
         return self.head(hk), hk
 
