@@ -84,7 +84,8 @@ def main(argv=None) -> int:
     text = open(os.path.join(os.path.dirname(os.__file__), "argparse.py")).read()
     stream = tok.encode(text)
     N, P, B = args.max_new_tokens, args.prompt_tokens, args.batch
-    prompts = [stream[1000 * b: 1000 * b + max(1, P * (b + 1) // B)] for b in range(B)]
+    starts = [(997 * b) % (len(stream) - P) for b in range(B)]
+    prompts = [stream[s:s + max(1, P * (b + 1) // B)] for b, s in enumerate(starts)]
     prompt = stream[:P]
     rows = []
 
@@ -133,6 +134,17 @@ def main(argv=None) -> int:
     cache_bytes = len(model.layers) * B * S * (attn.kv_lora_rank + attn.dr) * 2
     print(f"graphed decode step, batch {B}, cache {S} positions: {1e3 * sec:.3f} ms, latent cache "
           f"{cache_bytes / 1e6:.1f} MB read → {cache_bytes / sec / 1e12:.3f} TB/s over the whole step")
+    if args.device == "cuda":  # what one step is made of: the kernels an eager step launches
+        from torch.profiler import profile, ProfilerActivity
+        for Bk in (1, B):
+            xk, nk = x[:Bk], n[:Bk]
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                G._plain_step(model, xk, nk)
+                torch.cuda.synchronize()
+            kern = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+            graphed = event_time(lambda: dec._step("plain", Bk)(xk, nk))
+            print(f"decode step, batch {Bk}: {len(kern)} kernels, {sum(e.time_range.elapsed_us() for e in kern) / 1e3:.3f} ms "
+                  f"of kernel time (eager, profiled); graphed step {1e3 * graphed:.3f} ms")
     dec.close()
     print("absorbed attention alone (one layer, one new token per row, bf16):")
     v3 = MLA(get_preset("v3-layers")).to(args.device).bfloat16()  # V3's MLA: 128 heads, d_c 512, d^R_h 64
