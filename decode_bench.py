@@ -61,7 +61,8 @@ def attention_read_rate(attn, B: int, S: int, dtype=torch.bfloat16):
     latent = torch.randn(B, S, c, device=dev, dtype=dtype)
     k_pe = torch.randn(B, S, dr, device=dev, dtype=dtype)
     mask = torch.ones(B, 1, S, dtype=torch.bool, device=dev)
-    sec = event_time(lambda: attn._attend_absorb(q_nope, q_pe, latent, k_pe, 0, dtype, mask))
+    step = G.GraphedStep(lambda *a: attn._attend_absorb(*a, 0, dtype, mask), dev.type == "cuda")
+    sec = event_time(lambda: step(q_nope, q_pe, latent, k_pe))  # replays: GPU time, no launch gaps
     return sec, B * S * (c + dr) * latent.element_size()
 
 
@@ -72,12 +73,22 @@ def main(argv=None) -> int:
     p.add_argument("--max_new_tokens", type=int, default=256)
     p.add_argument("--prompt_tokens", type=int, default=64)
     p.add_argument("--no_reference", action="store_true", help="skip the (slow) reference generate() rows")
+    p.add_argument("--compile", action="store_true", help="also time StaticDecoder(compile=True), batch 1")
+    p.add_argument("--random_preset", default=None, help="no checkpoint: this preset with random weights")
     p.add_argument("--device", default="cuda", help="cuda (timings) or cpu (a check that the script runs)")
     args = p.parse_args(argv)
     try:
         if args.device == "cuda" and not torch.cuda.is_available():
             raise ValueError("decode_bench.py times CUDA; this machine has no CUDA device (--device cpu checks it)")
-        model, tok = G.load_model(args.out_dir, device=args.device)
+        if args.random_preset:  # speed only: random weights decode as fast (but drafts are rarely accepted)
+            from data import get_tokenizer
+            torch.manual_seed(0)
+            with torch.device(args.device):
+                model = G.Transformer(get_preset(args.random_preset)).eval()
+            tok, source = get_tokenizer(model.cfg.vocab_size), f"{args.random_preset} (random weights)"
+        else:
+            model, tok = G.load_model(args.out_dir, device=args.device)
+            source = args.out_dir
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -93,9 +104,9 @@ def main(argv=None) -> int:
         rows.append(f"| {name} | {n_tok} | {sec:.3f} | {n_tok / sec:,.1f} | {extra} |")
         print(rows[-1], flush=True)
 
-    print(f"{torch.cuda.get_device_name() if args.device == 'cuda' else 'cpu'} | torch {torch.__version__} CUDA {torch.version.cuda} | "
-          f"model {args.out_dir}: dim {model.cfg.dim}, {model.cfg.n_layers} layers | prompt {P} tokens, "
-          f"{N} new, batch {B}")
+    device_name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
+    print(f"{device_name} | torch {torch.__version__} CUDA {torch.version.cuda} | model {source}: dim "
+          f"{model.cfg.dim}, {model.cfg.n_layers} layers | prompt {P} tokens, {N} new, batch {B}")
     print("| path | new tokens | s | tokens/s | notes |\n|---|---|---|---|---|")
     if not args.no_reference:
         for dtype in (torch.float32, torch.bfloat16):
@@ -143,16 +154,25 @@ def main(argv=None) -> int:
                 torch.cuda.synchronize()
             kern = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
             graphed = event_time(lambda: dec._step("plain", Bk)(xk, nk))
-            print(f"decode step, batch {Bk}: {len(kern)} kernels, {sum(e.time_range.elapsed_us() for e in kern) / 1e3:.3f} ms "
-                  f"of kernel time (eager, profiled); graphed step {1e3 * graphed:.3f} ms")
-    dec.close()
-    print("absorbed attention alone (one layer, one new token per row, bf16):")
+            busy = sum(e.time_range.elapsed_us() for e in kern) / 1e3
+            print(f"decode step, batch {Bk}: {len(kern)} kernels, {busy:.3f} ms of kernel time (eager, profiled); "
+                  f"graphed step {1e3 * graphed:.3f} ms")
+    print("absorbed attention alone (one layer, one new token per row, bf16, CUDA-graph replays):")
     v3 = MLA(get_preset("v3-layers")).to(args.device).bfloat16()  # V3's MLA: 128 heads, d_c 512, d^R_h 64
     for a, Bq, Sq in ((attn, B, 1024), (attn, B, 4096), (v3, B, 4096), (v3, 128, 4096)):
         sec, nbytes = attention_read_rate(a, Bq, Sq)
         print(f"  {a.n_heads} heads, d_c {a.kv_lora_rank}: batch {Bq}, {Sq} positions: "
               f"{1e6 * sec:.1f} µs, {nbytes / 1e6:.1f} MB → {nbytes / sec / 1e12:.3f} TB/s "
-              f"({100 * nbytes / sec / 4.8e12:.0f}% of 4.8 TB/s)")
+              f"({100 * nbytes / sec / 4.8e12:.0f}% of 4.8 TB/s)", flush=True)
+    del v3
+    if args.compile:
+        dec.close()
+        dec = G.StaticDecoder(model, max_batch=B, max_seq_len=dec.max_seq_len, compile=True)
+        (outc, _), sec = timed(lambda: dec.generate([prompt], N))
+        print(f"StaticDecoder(compile=True) first call (compiles, captures): {sec:.1f} s", flush=True)
+        (outc, _), sec = timed(lambda: dec.generate([prompt], N))
+        row("StaticDecoder bf16 compiled, batch 1", len(outc[0]), sec, f"same tokens as uncompiled: {outc == plain1}")
+    dec.close()
     return 0
 
 

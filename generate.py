@@ -12,6 +12,12 @@ two tokens for one main forward. Acceptance rule:
   leaves the output distribution exactly that of the main model (Leviathan et al. 2023; Chen et al. 2023).
 The report quotes 85–90% acceptance for DeepSeek-V3; a tiny model trained for minutes reaches far less.
 
+`generate` is the reference (one sequence, a host round trip per token). `StaticDecoder` is the fast path for
+GPUs: a batch of prompts of any lengths, a latent cache of fixed size with one position per row kept on the
+device, each step captured once as a CUDA graph and replayed, greedy; its speculative iteration verifies with one
+main forward over two tokens and drafts for both outcomes with one MTP forward. tests/test_decode.py checks it
+against `generate`; decode_bench.py times both.
+
     python generate.py --out_dir out --prompt "def " --max_new_tokens 200 [--speculative]
 """
 import argparse
@@ -191,10 +197,12 @@ class StaticDecoder:
     """Greedy decoding of batches of prompts over a latent cache allocated once (max_batch × max_seq_len).
 
     graphs: capture each step as a CUDA graph (default: on CUDA). The graphs hold the cache's addresses: do not
-    call model.setup_cache / free_cache / generate() while a StaticDecoder is in use; close() frees the cache."""
+    call model.setup_cache / free_cache / generate() while a StaticDecoder is in use; close() frees the cache.
+    compile: torch.compile each step function first (static shapes), so that the graph replays fused kernels
+    instead of the eager step's many small ones; the first call of each step kind then takes long."""
 
-    def __init__(self, model, max_batch: int, max_seq_len: int = None, graphs: bool = None):
-        self.model, self.max_batch = model, max_batch
+    def __init__(self, model, max_batch: int, max_seq_len: int = None, graphs: bool = None, compile: bool = False):
+        self.model, self.max_batch, self.compile = model, max_batch, compile
         self.max_seq_len = max_seq_len or model.cfg.max_seq_len
         self.device = model.embed.weight.device
         self.graphs = self.device.type == "cuda" if graphs is None else graphs
@@ -213,7 +221,9 @@ class StaticDecoder:
     def _step(self, kind, B):
         if (kind, B) not in self.steps:
             fn = _plain_step if kind == "plain" else _speculative_iteration
-            self.steps[kind, B] = GraphedStep(lambda *a: fn(self.model, *a), self.graphs)
+            step = (lambda *a: fn(self.model, *a))
+            self.steps[kind, B] = GraphedStep(torch.compile(step, dynamic=False) if self.compile else step,
+                                              self.graphs)
         return self.steps[kind, B]
 
     def _check(self, prompts, max_new_tokens, speculative):
