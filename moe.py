@@ -157,6 +157,15 @@ def grouped_mm_supported(device: torch.device, dtype: torch.dtype) -> bool:
     return _GROUPED_MM_OK[key]
 
 
+def resolve_impl(a: torch.Tensor, w: torch.Tensor, impl: str = "auto") -> str:
+    """segment_mm's choice for "auto": the grouped GEMM where it runs (device, dtype, 16-byte rows), else the loop."""
+    if impl != "auto":
+        return impl
+    dtype = torch.get_autocast_dtype(a.device.type) if torch.is_autocast_enabled(a.device.type) else a.dtype
+    aligned = all(n * dtype.itemsize % 16 == 0 for n in w.shape[1:])  # kernel needs 16-byte rows
+    return "grouped_mm" if aligned and grouped_mm_supported(a.device, dtype) else "loop"
+
+
 def segment_mm(a: torch.Tensor, w: torch.Tensor, sizes, impl: str = "auto") -> torch.Tensor:
     """Rows of a (M, in), sorted into len(sizes) contiguous segments, times w (E, out, in)ᵀ per segment → (M, out)
 
@@ -164,9 +173,7 @@ def segment_mm(a: torch.Tensor, w: torch.Tensor, sizes, impl: str = "auto") -> t
     from the device and the host never waits for the GPU; the loop has to copy them to the host).
     impl: "grouped_mm" (one torch._grouped_mm call), "loop" (one F.linear per segment) or "auto"."""
     dtype = torch.get_autocast_dtype(a.device.type) if torch.is_autocast_enabled(a.device.type) else a.dtype
-    if impl == "auto":
-        aligned = all(n * dtype.itemsize % 16 == 0 for n in w.shape[1:])  # kernel needs 16-byte rows
-        impl = "grouped_mm" if aligned and grouped_mm_supported(a.device, dtype) else "loop"
+    impl = resolve_impl(a, w, impl)
     if impl == "grouped_mm":
         sizes = sizes if torch.is_tensor(sizes) else torch.tensor(sizes, device=a.device)
         offs = sizes.cumsum(0).to(torch.int32)  # (E,) end row of each segment
@@ -201,8 +208,9 @@ class Experts(nn.Module):
     def segments(self, x: torch.Tensor, sizes, impl: str = "auto") -> torch.Tensor:
         """All experts at once on rows sorted by expert (sizes[i] rows for expert i): (M, dim) → (M, dim).
         sizes: list or device tensor (segment_mm); a grouped GEMM passed in as `mm` gets a list."""
-        if self.mm is not None and torch.is_tensor(sizes):
-            sizes = sizes.tolist()  # fp8_segment_mm plans its tiles on the host
+        host = self.mm is not None or "loop" in (resolve_impl(x, self.w1, impl), resolve_impl(x, self.w2, impl))
+        if host and torch.is_tensor(sizes):
+            sizes = sizes.tolist()  # fp8_segment_mm plans its tiles on the host, the loop splits by them: read once
         mm = self.mm or (lambda a, w, n: segment_mm(a, w, n, impl))
         if self.swiglu_down is not None:
             return self.swiglu_down(mm(x, self.w1, sizes), mm(x, self.w3, sizes), self.w2, sizes, self.act_cache)
