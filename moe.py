@@ -60,16 +60,20 @@ def limit_groups(scores: torch.Tensor, n_groups: int, n_keep: int, top2: bool) -
     return grouped.masked_fill(drop.unsqueeze(-1), float("-inf")).view(N, E)  # (N, E)
 
 
-def route(scores, bias, k, n_groups, n_keep, renormalize, route_scale):
+def route(scores, bias, k, n_groups, n_keep, score_func, route_scale):
     """scores s (N, E) unbiased affinities → (weights g (N, K), indices (N, K)).
 
-    Selection uses s + b (and the group limit); the weights gather the *unbiased* s of the chosen experts."""
+    Selection uses s + b (and the group limit); the weights gather the *unbiased* s of the chosen experts.
+    score_func says which routing the scores came from: "sigmoid" (V3: group score = top-2 sum, weights
+    renormalised to sum to 1) or "softmax" (V2: group score = max, no renormalisation). bias may be None."""
+    if score_func not in ("sigmoid", "softmax"):
+        raise ValueError(f"route: score_func must be 'sigmoid' or 'softmax', got {score_func!r}")
     choice = scores if bias is None else scores + bias
     if n_groups > 1:
-        choice = limit_groups(choice, n_groups, n_keep, top2=bias is not None)
+        choice = limit_groups(choice, n_groups, n_keep, top2=score_func == "sigmoid")
     indices = choice.topk(k, dim=-1).indices  # (N, K)
     weights = scores.gather(1, indices)  # (N, K)
-    if renormalize:
+    if score_func == "sigmoid":
         weights = weights / weights.sum(-1, keepdim=True)
     return weights * route_scale, indices
 
@@ -120,8 +124,7 @@ class Gate(nn.Module):
 
     def forward(self, x: torch.Tensor):
         s = self.scores(x)
-        w, idx = route(s, self.bias, self.topk, self.n_groups, self.n_keep,
-                       renormalize=self.score_func == "sigmoid", route_scale=self.route_scale)
+        w, idx = route(s, self.bias, self.topk, self.n_groups, self.n_keep, self.score_func, self.route_scale)
         return w.type_as(x), idx, s
 
 
