@@ -385,3 +385,29 @@ def test_softmax_of_the_absorbed_path_runs_in_fp32():
         torch.nn.functional.softmax = real_softmax
     assert seen == [torch.float32, torch.float32]
     assert (low.double() - ref).abs().max() < 0.05 * ref.abs().max()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The demo (`python mla.py`) prints true numbers
+# ---------------------------------------------------------------------------------------------------------
+def test_demo_prints_the_cache_saving_and_the_agreement(capsys):
+    import re
+
+    import mla
+    mla._demo_main()
+    out = capsys.readouterr().out
+    assert max(len(line) for line in out.splitlines()) <= 100
+
+    def row(name):  # values/token/layer and bytes of one table row
+        m = re.search(rf"^  {re.escape(name)}\s+([\d,]+)\s+([\d,]+)\s+([\d,.]+)$", out, re.M)
+        return [float(g.replace(",", "")) for g in m.groups()]
+
+    mha, gqa, lat = row("MHA, 128 heads"), row("GQA, 8 groups"), row("MLA, c^KV + k^R")
+    assert (mha[0], gqa[0], lat[0]) == (128 * (192 + 128), 8 * (192 + 128), 512 + 64)
+    assert (mha[1], lat[1]) == (2 * mha[0], 2 * lat[0])
+    assert mha[2] == pytest.approx(mha[1] * 61 * 131072 / 2**30, abs=0.05)
+    ratio = float(re.search(r"MLA caches ([\d.]+)x less than MHA", out).group(1))
+    assert ratio == pytest.approx(40960 / 576, abs=0.05)
+    fp64, fp32 = map(float, re.search(r"fp64 (\S+)\s+fp32 (\S+)", out).groups())
+    decode = float(re.search(r"naive full pass: (\S+)", out).group(1))
+    assert fp64 < 1e-12 and fp32 < 1e-5 and decode < 1e-5

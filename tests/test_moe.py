@@ -460,3 +460,23 @@ def test_update_bias_sums_the_load_over_ranks(tmp_path):
     for r in range(2):
         assert torch.equal(got[r]["bias"], want), r
         assert got[r]["load"].sum() == 0
+
+
+# -- the demo (`python moe.py`) prints true numbers ----------------------------------------------------------------
+def test_demo_bias_balances_and_group_limit_bounds_the_groups(capsys):
+    import re
+    moe._demo_main([])
+    out = capsys.readouterr().out
+    assert max(len(line) for line in out.splitlines()) <= 100
+    table = [tuple(map(float, r)) for r in re.findall(r"^\s+(\d+)\s+([\d.]+)\s+([\d.]+)$", out, re.M)]
+    assert [int(r[0]) for r in table] == [1, 6, 11, 16, 21, 26, 31, 36, 40]
+    first, last = table[0], table[-1]
+    assert first[1] == first[2] > 3  # the same skewed start
+    assert last[2] < 0.25 * last[1] and last[1] > 3  # the bias run balances, the other stays skewed
+    heat = re.findall(r"^  expert\s+(\d+) \|(.{40})\|$", out, re.M)
+    assert len(heat) == 16 and heat[0][1][:3] == "@@@" and set(heat[0][1][-5:]) <= set(".:-=+")
+    unl = re.search(r"unlimited mean ([\d.]+), max (\d+)", out).groups()
+    lim = re.search(r"best 4 groups only: mean ([\d.]+), max (\d+)", out).groups()
+    assert int(lim[1]) == 4 and float(lim[0]) <= 4 and int(unl[1]) > 4 and float(unl[0]) > float(lim[0])
+    kept = float(re.search(r"keeps ([\d.]+)%", out).group(1))
+    assert 50 < kept < 100
