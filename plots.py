@@ -105,21 +105,24 @@ def png_heatmap(path: str, rows, title: str, xlabel: str, ylabel: str, clabel: s
 
 def png_gantt(path: str, panels) -> None:
     """Pipeline timelines: panels [(title, rows)], rows[r] = [(start, end, kind, label), ...] for rank r, kind
-    one of F, B, I (input-grad), W (weight-grad); an overlapped pair is two spans sharing its time."""
+    one of F, B, I (input-grad backward), W (weight-grad), with "^" or "_" appended for the upper or lower half
+    of the bar (the two halves of an overlapped F&B pair share its time)."""
     plt = need_pyplot("a PNG")
     colors = {"F": "#4c9be8", "B": "#e8804c", "I": "#e8c14c", "W": "#7bc96f"}
-    fig, axes = plt.subplots(len(panels), 1, figsize=(12, 1.2 + 0.45 * sum(len(r) for _, r in panels)),
-                             squeeze=False)
+    height = 1.2 + sum(0.3 * len(rows) + 0.5 for _, rows in panels)
+    fig, axes = plt.subplots(len(panels), 1, figsize=(12, height), squeeze=False)
     for ax, (title, rows) in zip(axes[:, 0], panels):
         for r, spans in enumerate(rows):
             for start, end, kind, label in spans:
-                ax.barh(r, end - start, left=start, color=colors[kind], edgecolor="black", linewidth=0.4)
-                if end - start >= 0.8:
-                    ax.text((start + end) / 2, r, label, ha="center", va="center", fontsize=6)
-        ax.set_yticks(range(len(rows)), [f"rank {r}" for r in range(len(rows))])
-        ax.invert_yaxis()
+                half = {"^": -0.2, "_": 0.2}.get(kind[-1], 0.0)  # y grows downwards (inverted axis)
+                y, h = r + half, 0.4 if half else 0.8
+                ax.barh(y, end - start, h, left=start, color=colors[kind[0]], edgecolor="black", linewidth=0.4)
+                if end - start >= 1:
+                    ax.text((start + end) / 2, y, label, ha="center", va="center", fontsize=5)
+        ax.set_yticks(range(len(rows)), [f"rank {r}" for r in range(len(rows))], fontsize=7)
+        ax.set_ylim(len(rows) - 0.5, -0.5)
         ax.set_title(title, fontsize=9)
-    axes[-1, 0].set_xlabel("time (cost units); white = idle (bubble)")
+    axes[-1, 0].set_xlabel("time (cost units); white = idle (the bubble); split bars = an overlapped F&B pair")
     handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in colors.values()]
     fig.legend(handles, ["forward", "full backward", "input-grad backward", "weight-grad"], loc="upper right",
                ncol=4, fontsize=8)
