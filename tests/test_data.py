@@ -170,6 +170,7 @@ def test_library_errors(tmp_path):
         data.load_corpus(str(tmp_path / "bin"), 512, str(tmp_path / "c"))
 
 
+@pytest.mark.slow  # starts a subprocess
 def test_cli_error_is_one_line(tmp_path):
     r = subprocess.run([sys.executable, os.path.join(ROOT, "data.py"), "--data", str(tmp_path / "nope"),
                         "--cache_dir", str(tmp_path / "c")], capture_output=True, text=True, cwd=ROOT)

@@ -230,6 +230,7 @@ def _worker(rank, n_pp, n_chunks, store, outdir):
     dist.destroy_process_group()
 
 
+@pytest.mark.slow  # starts one process per pipeline rank
 @pytest.mark.parametrize("n_pp,n_chunks", [(2, 4), (4, 8)])  # N=4 also runs BI/W on non-first stages
 def test_dualpipe_executor_matches_sequential(tmp_path, n_pp, n_chunks):
     import torch

@@ -135,6 +135,7 @@ def run_cli(*args, stdin=""):
                           capture_output=True, text=True, cwd=ROOT, timeout=120)
 
 
+@pytest.mark.slow  # starts a subprocess
 def test_cli_missing_and_corrupt_checkpoint(tmp_path):
     r = run_cli("--out_dir", str(tmp_path), "--prompt", "x")
     assert r.returncode == 2 and r.stderr.startswith("error: generate: no checkpoint") and "Traceback" not in r.stderr
@@ -151,6 +152,7 @@ def save_ckpt(path, model, tokenizer_name):
                 "step": 0}, path)
 
 
+@pytest.mark.slow  # starts a subprocess
 def test_cli_samples_from_a_checkpoint(tmp_path):
     import data
     model = tiny_model(5, vocab_size=300).float()
@@ -166,6 +168,7 @@ def test_cli_samples_from_a_checkpoint(tmp_path):
     assert r3.returncode == 0 and r3.stdout.startswith("import os\n")
 
 
+@pytest.mark.slow  # starts a subprocess
 def test_cli_rejects_mismatched_checkpoint_and_long_prompt(tmp_path):
     import data
     from config import config_to_dict
@@ -180,6 +183,7 @@ def test_cli_rejects_mismatched_checkpoint_and_long_prompt(tmp_path):
     assert r.returncode == 2 and "does not match" in r.stderr and "Traceback" not in r.stderr
 
 
+@pytest.mark.slow  # starts a subprocess
 def test_cli_hf_dir_round_trip_and_foreign_vocabulary(tmp_path):
     from hf_io import save_hf_checkpoint
     model = tiny_model(7, vocab_size=300).float()

@@ -198,6 +198,7 @@ def test_resume_mismatch_is_refused(tmp_path, corpus_args, capsys):
     assert capsys.readouterr().err.startswith("error: --resume: cannot read checkpoint")
 
 
+@pytest.mark.slow  # starts a subprocess
 def test_cli_errors_are_one_line(tmp_path):
     """As a command: exit 2, one line on stderr, no traceback (two cases; the rest run in-process below)."""
     cases = [["--data", str(tmp_path / "missing.txt")], ["--resume", "--out_dir", str(tmp_path / "empty")]]
