@@ -10,6 +10,7 @@
     signals_deferred  holds Ctrl-C (SIGINT) and SIGTERM during a critical section (an optimizer step, a checkpoint
                       write) and delivers them right after it, as an Interrupted exception.
     stop_on_sigterm   makes SIGTERM (what clusters and `timeout` send) raise Interrupted, as Ctrl-C does.
+    lock_out_dir      an exclusive lock on a run folder, so that two runs never write the same files.
     pick_device       the device to load onto or train on: auto (cuda → mps → cpu) or a name, checked.
 
 Used by train.py (save, resume) and generate.py (load).
@@ -32,12 +33,16 @@ class Interrupted(KeyboardInterrupt):
 
 # -- save and load ----------------------------------------------------------------------------------------------
 def save_checkpoint(obj: dict, path: str) -> None:
-    """Atomic: write `path`.tmp, then rename it over `path`. Signals wait until the file is complete."""
+    """Atomic: write `path`.tmp, then rename it over `path`. Signals wait until the file is complete. A failed
+    write (full disk, read-only folder) raises OSError and leaves `path` as it was."""
     tmp = f"{path}.tmp"
     with signals_deferred():
         try:
             torch.save(obj, tmp)
             os.replace(tmp, path)
+        except RuntimeError as e:  # torch's file writer reports a failed write (a full disk) as RuntimeError
+            reason = (str(e).strip().splitlines() or [""])[-1]
+            raise OSError(f"cannot write {path} (is the disk full? {reason})") from None
         finally:
             if os.path.exists(tmp):
                 os.remove(tmp)
@@ -131,3 +136,38 @@ def pick_device(name: str) -> torch.device:
     if dev.type == "mps" and not torch.backends.mps.is_available():
         raise ValueError(f"--device {name}: MPS is not available on this machine")
     return dev
+
+
+# -- the run folder -----------------------------------------------------------------------------------------------
+LOCK_NAME = ".lock"
+
+
+def lock_out_dir(out_dir: str):
+    """Create out_dir if needed and take an exclusive lock on it; returns the open lock file, which holds the lock
+    until it is closed or the process ends. A second process asking for the same folder gets a ValueError naming
+    the holder's pid. The lock is flock(2) on out_dir/.lock: the kernel drops it when its process dies, even by
+    kill -9, so a lock is never stale (the pid in the file is for people to read). Where fcntl does not exist
+    (Windows) the folder is not locked."""
+    where = f"--out_dir {out_dir}"
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise ValueError(f"{where}: this is a file, not a folder")
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        fd = os.open(os.path.join(out_dir, LOCK_NAME), os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise ValueError(f"{where}: cannot write there ({e.strerror or e})") from None
+    f = os.fdopen(fd, "r+")
+    try:
+        import fcntl
+    except ImportError:
+        return f
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        pid = f.read().strip() or "?"
+        f.close()
+        raise ValueError(f"{where}: another run (pid {pid}) is using this folder") from None
+    f.truncate(0)
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    return f

@@ -7,15 +7,23 @@ One optimizer step (report §2 and §4, training details):
     weight decay 0.1 on matrices only; --bf16_moments keeps its moments in bf16 as the report does, §3.3.3),
     then the aux-loss-free update of every MoE gate bias:
     b_i += γ·sign(mean load − load_i)                     (γ = --bias_gamma; bias buffers never see a gradient)
-Learning rate: linear warmup to --lr over --warmup_iters steps, then cosine to --min_lr at --lr_decay_iters
-(the schedule's lengths do not depend on --max_iters, so stopping early or resuming keeps it unchanged).
+Learning rate: linear warmup to --lr over --warmup_iters steps, then cosine to --min_lr at --lr_decay_iters. Unless
+given, both follow --max_iters: warmup over the first tenth of the steps, decay ending at the last step (so the
+default 1000 steps warm up for 100). The resolved values are saved in the checkpoint: a resumed run keeps its
+schedule even when it is given a larger --max_iters.
 
-Checkpoints (out_dir/ckpt.pt, checkpoint.py: written to a temporary file and then renamed, so a crash never
-leaves half a file) hold the model (MoE bias buffers included), the optimizer, the step, every RNG state (the
-data position is the state of the data generator), the config, the training options and the tokenizer name.
-`--max_iters` counts steps from 0, so 6 steps then `--resume --max_iters 12` gives bit-identical weights to 12
-straight; on resume, options not given on the command line come from the checkpoint. Ctrl-C saves and exits
-(130); a non-finite loss stops without overwriting the last good checkpoint.
+The run folder (--out_dir, default out/) holds ckpt.pt, log.jsonl (format: see "the log" below) and a lock file:
+a second run on the same folder refuses to start, and so does a fresh run into a folder that holds a run, unless
+given --resume (continue it) or --overwrite (replace it; the old files stay intact until the new run's first
+checkpoint is complete). Checkpoints (checkpoint.py: written to a temporary file and then renamed, so a crash
+never leaves half a file; every --ckpt_interval steps and at the end) hold the model (MoE bias buffers
+included), the optimizer, the step, every RNG state (the data position is the state of the data generator), the
+config, the training options, the tokenizer name and the sums of the steps not yet logged. A run of 12 steps
+stopped after 6 (by a signal, or by --max_iters 6 with the schedule given explicitly) and resumed with
+`--resume --max_iters 12` ends with bit-identical weights and log records, given the same thread count; on resume, options not given on the command line come from the
+checkpoint. Ctrl-C and SIGTERM (what `timeout` and cluster schedulers send) save the last finished step and exit
+with 128 + the signal number (130, 143); a non-finite loss, a full disk or an unwritable folder stop with one
+line and leave the last good checkpoint in place.
 
 Precision: bf16 autocast on CUDA (fp32 master weights), fp32 on CPU and MPS; `--fp8` swaps the projections for
 fp8.FP8Linear (Hopper GPUs). `--bench` times a few steps and prints tokens/s and MFU (FLOPs per token:
@@ -29,9 +37,10 @@ import contextlib
 import json
 import math
 import os
+import signal
 import sys
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 import torch
 import torch.nn as nn
@@ -39,7 +48,8 @@ from tqdm import tqdm
 
 import data
 from adamw_bf16 import AdamWBF16
-from checkpoint import load_checkpoint, pick_device, rng_state, save_checkpoint, set_rng_state, signals_deferred
+from checkpoint import (load_checkpoint, lock_out_dir, pick_device, rng_state, save_checkpoint, set_rng_state,
+                        signals_deferred, stop_on_sigterm)
 from config import ModelConfig, PRESETS, get_preset, config_to_dict, config_from_dict
 from model import Transformer, count_params, train_flops_per_token
 from moe import max_violation
@@ -51,18 +61,19 @@ from moe import max_violation
 TRAIN_DEFAULTS = dict(
     preset="tiny", data=None, cache_dir=data.DEFAULT_CACHE_DIR, seed=1337, max_iters=1000,
     batch_size=8, block_size=128, grad_accum=1,
-    lr=3e-3, min_lr=3e-4, warmup_iters=100, lr_decay_iters=1000,
+    lr=3e-3, min_lr=3e-4, warmup_iters=None, lr_decay_iters=None,  # None: from max_iters (resolve_args)
     weight_decay=0.1, beta1=0.9, beta2=0.95, grad_clip=1.0,
     mtp_lambda=0.3, balance_alpha=1e-4, bias_gamma=0.01,
-    eval_interval=200, eval_iters=20, log_interval=10, fp8=False, fp8_act_cache="bf16", bf16_moments=False,
+    eval_interval=200, ckpt_interval=None, eval_iters=20, log_interval=10, fp8=False, fp8_act_cache="bf16", bf16_moments=False,
 )
 # Other presets change only these (the rest as above).
 PRESET_TRAIN = {
-    "small": dict(max_iters=5000, batch_size=16, block_size=1024, lr=6e-4, min_lr=6e-5, warmup_iters=200,
-                  lr_decay_iters=5000, bias_gamma=0.001, eval_interval=250, eval_iters=20),
+    "small": dict(max_iters=5000, batch_size=16, block_size=1024, lr=6e-4, min_lr=6e-5, bias_gamma=0.001,
+                  eval_interval=250, eval_iters=20),
 }
 CKPT_KEYS = ("model", "optimizer", "step", "rng", "config", "args", "tokenizer")  # what --resume needs
-RUN_ONLY = ("resume", "device", "compile", "bench", "out_dir")  # never taken from a checkpoint
+RUN_ONLY = ("resume", "overwrite", "device", "compile", "bench", "out_dir")  # never taken from a checkpoint
+LOG, LOG_NEW = "log.jsonl", "log.jsonl.new"  # the log, and its name while an --overwrite run has no checkpoint
 PEAK_BF16 = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "A800": 312e12}
 
 
@@ -85,6 +96,11 @@ class Run:
     step: int                   # optimizer steps done
     ckpt_path: str
     resumed: bool
+    log_sums: dict = field(default_factory=dict)  # sums of the metrics of the steps not yet logged
+    log_count: int = 0                            # how many steps those sums hold
+    log_name: str = LOG                           # LOG_NEW while an --overwrite run has no checkpoint yet
+    saved_step: int = None                        # step of the checkpoint on disk (None: none from this run)
+    lock: object = None                           # the open lock file of out_dir (checkpoint.lock_out_dir)
 
     @property
     def autocast(self):
@@ -94,16 +110,30 @@ class Run:
     def tokens_per_step(self) -> int:
         return self.args.batch_size * self.args.block_size * self.args.grad_accum
 
+    def path(self, name: str) -> str:
+        return os.path.join(self.args.out_dir, name)
+
     def snapshot(self) -> dict:
-        """What a checkpoint at `step` holds; taken only between optimizer steps."""
+        """What a checkpoint at `step` holds; taken only between optimizer steps. The tensors are the live ones
+        (no copy): they do not change until the next optimizer step, and a checkpoint is written before it."""
         saved = {k: v for k, v in vars(self.args).items() if k not in RUN_ONLY + ("typed", "model_overrides")}
         return {"model": self.model.state_dict(), "optimizer": self.opt.state_dict(), "step": self.step,
                 "rng": rng_state(self.gen), "config": config_to_dict(self.cfg), "args": saved,
-                "tokenizer": self.corpus.tokenizer.name, "data": self.corpus.key}
+                "tokenizer": self.corpus.tokenizer.name, "data": self.corpus.key,
+                "log_sums": dict(self.log_sums), "log_count": self.log_count, "log_file": self.log_name}
+
+    def is_eval_step(self) -> bool:
+        return self.step % self.args.eval_interval == 0 or self.step == self.args.max_iters
+
+
+class SaveFailed(RuntimeError):
+    pass
 
 
 # -- the training loop ----------------------------------------------------------------------------------------
 def train(run: Run) -> int:
+    """Steps from run.step to --max_iters; returns the exit status (0 done, 1 stopped by an error, 2 --compile
+    failed, 128 + signal number after Ctrl-C or SIGTERM, the checkpoint saved)."""
     args, corpus = run.args, run.corpus
     n_params = count_params(run.cfg)
     baseline = data.unigram_baseline(corpus.splits["train"], corpus.splits["val"], corpus.tokenizer.n_vocab)
@@ -112,66 +142,167 @@ def train(run: Run) -> int:
           f"{'bf16 autocast' if run.device.type == 'cuda' else 'fp32'}{', fp8' if args.fp8 else ''} | "
           f"{run.tokens_per_step:,} tokens/step | {corpus.tokenizer.name}")
     print(f"unigram baseline on val: {baseline:.4f} nats/token")
-    if run.step >= args.max_iters and not args.bench:
-        print(f"checkpoint is at step {run.step} >= --max_iters {args.max_iters}: nothing to do")
-        return 0
     if args.bench:
         return bench(run)
-    if not run.resumed and os.path.exists(run.ckpt_path):
-        print(f"starting from scratch: {run.ckpt_path} will be overwritten (--resume continues it instead)")
-    os.makedirs(args.out_dir, exist_ok=True)
-    log = open(os.path.join(args.out_dir, "log.jsonl"), "a" if run.resumed else "w")
-
-    boundary, sums, t_last, ev = run.snapshot(), {}, time.time(), None
-    bar = tqdm(total=args.max_iters, initial=run.step, unit="step", dynamic_ncols=True, disable=None)
+    log = open_log(run)
+    # Both stdout and stderr on a terminal: a progress bar; otherwise (a file, tee, a batch job) a plain line
+    # every log_interval steps.
+    interactive = sys.stdout.isatty() and sys.stderr.isatty()
+    bar = tqdm(total=args.max_iters, initial=run.step, unit="step", dynamic_ncols=True, disable=not interactive)
+    boundary, ev, start = run.snapshot(), None, run.step
     try:
-        while run.step < args.max_iters:
-            metrics = forward_backward(run)
-            with signals_deferred():  # the step, the bias update and the step counter move together
-                optimizer_step(run)
-                run.step += 1
-                boundary = run.snapshot()
-            for k, v in metrics.items():
-                sums[k] = sums.get(k, 0.0) + v
-            step = run.step
-            if step % args.log_interval == 0 or step == args.max_iters:
-                n = step % args.log_interval or args.log_interval
-                dt, t_last = time.time() - t_last, time.time()
-                rec = {"step": step, "lr": lr_at(step - 1, args), **{k: v / n for k, v in sums.items()},
-                       "tok_per_s": n * run.tokens_per_step / dt}
-                log.write(json.dumps(rec) + "\n")
-                log.flush()
-                bar.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{rec['tok_per_s']:.0f}")
-                sums = {}
-            bar.update(1)
-            if step % args.eval_interval == 0 or step == args.max_iters:
-                ev = evaluate(run)
-                log.write(json.dumps({"step": step, **ev}) + "\n")
-                log.flush()
-                tqdm.write(f"step {step}: val loss {ev['val_main']:.4f}, mtp {ev['val_mtp']:.4f}, mtp acc "
-                           f"{ev['val_mtp_acc']:.3f}, max violation {ev['max_violation']:.2f}")
-                save_checkpoint(boundary, run.ckpt_path)
-                t_last = time.time()  # evaluation time is not training throughput
-    except KeyboardInterrupt:
+        with stop_on_sigterm():
+            if run.resumed and run.is_eval_step() and not logged_eval(run):  # stopped between the step and its eval
+                ev = evaluate_and_log(run, log)
+            if run.step >= args.max_iters:
+                print(f"checkpoint is at step {run.step} >= --max_iters {args.max_iters}: nothing to do")
+                return 0
+            t_last, timed = time.time(), 0  # throughput: steps run since t_last
+            while run.step < args.max_iters:
+                metrics = forward_backward(run)
+                with signals_deferred():  # the step, its log record and the snapshot move together
+                    optimizer_step(run)
+                    run.step += 1
+                    timed += 1
+                    for k, v in metrics.items():
+                        run.log_sums[k] = run.log_sums.get(k, 0.0) + v
+                    run.log_count += 1
+                    if run.step % args.log_interval == 0 or run.step == args.max_iters:
+                        dt, t_last = time.time() - t_last, time.time()
+                        rec = {"step": run.step, "lr": lr_at(run.step - 1, args),
+                               **{k: v / run.log_count for k, v in run.log_sums.items()},
+                               "tok_per_s": timed * run.tokens_per_step / dt}
+                        write_record(log, rec)
+                        show_progress(bar, interactive, rec, args.max_iters)
+                        run.log_sums, run.log_count, timed = {}, 0, 0
+                    boundary = run.snapshot()
+                bar.update(1)
+                if run.is_eval_step():
+                    ev = evaluate_and_log(run, log)
+                if run.step % args.ckpt_interval == 0 or run.step == args.max_iters:
+                    save(run, boundary)
+                if run.is_eval_step() or run.step % args.ckpt_interval == 0:
+                    t_last, timed = time.time(), 0  # evaluation and saving are not training throughput
+    except KeyboardInterrupt as e:
         bar.close()
-        save_checkpoint(boundary, run.ckpt_path)
-        print(f"interrupted: saved step {boundary['step']} to {run.ckpt_path} (continue with --resume)",
-              file=sys.stderr)
-        return 130
-    except Diverged as e:
+        signum = getattr(e, "signum", signal.SIGINT)
+        try:
+            save(run, boundary)
+        except SaveFailed as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 1
+        what = "interrupted" if signum == signal.SIGINT else f"stopped by {signal.Signals(signum).name}"
+        print(f"{what}: saved step {boundary['step']} to {run.ckpt_path} (continue with --resume)", file=sys.stderr)
+        return 128 + signum
+    except (Diverged, SaveFailed) as e:
         bar.close()
-        kept = (f"{run.ckpt_path} keeps the last good checkpoint" if os.path.exists(run.ckpt_path)
-                else "no checkpoint written")
-        print(f"error: {e}; {kept}", file=sys.stderr)
+        print(f"error: {e}; {kept(run)}", file=sys.stderr)
         return 1
+    except OSError as e:  # writing the log: the folder vanished, the disk is full
+        bar.close()
+        print(f"error: cannot write to {args.out_dir} ({e.strerror or e}); {kept(run)}", file=sys.stderr)
+        return 1
+    except Exception as e:
+        if not (args.compile and run.step == start):
+            raise
+        bar.close()  # torch.compile compiles at the first call: a missing compiler or backend shows up here
+        print(f"error: --compile failed at the first step ({type(e).__name__}: {first_line(e)}); run without "
+              f"--compile", file=sys.stderr)
+        return 2
     finally:
         log.close()
     bar.close()
-    print(f"done: step {run.step}, val loss {ev['val_main']:.4f} vs unigram baseline {baseline:.4f} nats/token; "
-          f"checkpoint {run.ckpt_path}")
+    val = f"val loss {ev['val_main']:.4f} vs unigram baseline {baseline:.4f} nats/token; " if ev else ""
+    print(f"done: step {run.step}, {val}checkpoint {run.ckpt_path}")
     return 0
 
 
+def save(run: Run, snapshot: dict) -> None:
+    """Write the checkpoint; the first one of an --overwrite run then puts its log in place of the old one."""
+    try:
+        save_checkpoint(snapshot, run.ckpt_path)
+    except OSError as e:
+        raise SaveFailed(str(e)) from None
+    run.saved_step = snapshot["step"]
+    if run.log_name != LOG:
+        os.replace(run.path(run.log_name), run.path(LOG))  # the open log file follows the rename
+        run.log_name = LOG
+
+
+def kept(run: Run) -> str:
+    if run.saved_step is not None:
+        return f"{run.ckpt_path} holds step {run.saved_step}"
+    return f"{run.ckpt_path} is unchanged" if os.path.exists(run.ckpt_path) else "no checkpoint written"
+
+
+def first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [""])[0]
+
+
+def show_progress(bar, interactive: bool, rec: dict, max_iters: int) -> None:
+    if interactive:
+        bar.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{rec['tok_per_s']:.0f}")
+    else:
+        print(f"step {rec['step']}/{max_iters}: loss {rec['loss']:.4f}, lr {rec['lr']:.2e}, "
+              f"{rec['tok_per_s']:,.0f} tokens/s", flush=True)
+
+
+# -- the log: out_dir/log.jsonl ------------------------------------------------------------------------------
+# One JSON record per line: every log_interval steps {"step", "lr", "loss", "main", "mtp", "balance", "grad_norm"
+# (means over the steps since the last record), "tok_per_s"}, and at each evaluation {"step", "val_main",
+# "val_mtp", "val_mtp_acc", "max_violation"}. Resuming is exact, so the log of an interrupted and resumed run
+# equals the log of a straight run record by record (tok_per_s aside): the checkpoint keeps the sums of the steps
+# not yet logged, and a resumed run first cuts the log back to the checkpoint's step (a run killed after its last
+# checkpoint logged steps that it will run again).
+def open_log(run: Run):
+    if not run.resumed:
+        return open(run.path(run.log_name), "w")
+    truncate_log(run.path(LOG), run.step)
+    return open(run.path(LOG), "a")
+
+
+def truncate_log(path: str, step: int) -> None:
+    """Keep the records up to `step`; a half-written last line goes too. Rewritten atomically."""
+    if not os.path.exists(path):
+        return
+    keep = []
+    with open(path) as f:
+        for line in f:
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                break
+            if not line.endswith("\n") or rec.get("step", 0) > step:
+                break
+            keep.append(line)
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        f.writelines(keep)
+    os.replace(tmp, path)
+
+
+def logged_eval(run: Run) -> bool:
+    """Whether the log holds the evaluation at run.step (a run stopped during an evaluation saved the step first)."""
+    if not os.path.exists(run.path(LOG)):
+        return False
+    with open(run.path(LOG)) as f:
+        return any('"val_main"' in line and json.loads(line)["step"] == run.step for line in f)
+
+
+def write_record(log, rec: dict) -> None:
+    log.write(json.dumps(rec) + "\n")
+    log.flush()
+
+
+def evaluate_and_log(run: Run, log) -> dict:
+    ev = evaluate(run)
+    write_record(log, {"step": run.step, **ev})
+    tqdm.write(f"step {run.step}: val loss {ev['val_main']:.4f}, mtp {ev['val_mtp']:.4f}, mtp acc "
+               f"{ev['val_mtp_acc']:.3f}, max violation {ev['max_violation']:.2f}")
+    return ev
+
+
+# -- one optimizer step ----------------------------------------------------------------------------------------
 def forward_backward(run: Run) -> dict:
     """Gradients of one optimizer step, accumulated over grad_accum micro-batches; returns the mean losses."""
     args = run.args
@@ -276,37 +407,116 @@ def bench(run: Run) -> int:
 # -- setup: everything that can fail because of user input, before training ----------------------------------
 def setup(ns: argparse.Namespace) -> Run:
     """Options, config, device, corpus, model, optimizer and (on --resume) their saved state.
-    Raises ValueError/FileNotFoundError with one line for anything the user can fix."""
+    Raises ValueError/FileNotFoundError with one line for anything the user can fix; writes nothing before the
+    out_dir lock is taken, and nothing at all when it refuses."""
     out_dir = ns.out_dir or "out"
+    if not ns.bench:
+        check_out_dir(out_dir, ns.resume, ns.overwrite)
     ckpt_path = os.path.join(out_dir, "ckpt.pt")
     ckpt = load_checkpoint(ckpt_path, "--resume", need=CKPT_KEYS) if ns.resume else None
     args = resolve_args(ns, ckpt)
     cfg = resolve_config(args, ckpt)
     check_args(args, cfg)
     device = pick_device(args.device)
+    check_memory(cfg, args, device)
     linear = linear_class(args.fp8, device)
     corpus = data.load_corpus(args.data, cfg.vocab_size, args.cache_dir, log=print)
     if ckpt and ckpt.get("tokenizer") != corpus.tokenizer.name:
         raise ValueError(f"--resume: the checkpoint's tokenizer {ckpt.get('tokenizer')!r} is not "
                          f"{corpus.tokenizer.name!r}")
     corpus.check_block(args.block_size)
+    lock = None if args.bench else lock_out_dir(out_dir)
+    try:
+        run = build(args, cfg, device, linear, corpus, ckpt, ckpt_path)
+        run.lock = lock
+        if not args.bench:
+            check_out_dir(out_dir, ns.resume, ns.overwrite)  # again, now that we hold the lock
+            prepare_log(run, ckpt)
+    except BaseException:
+        if lock is not None:
+            lock.close()
+        raise
+    return run
 
+
+def build(args, cfg, device, linear, corpus, ckpt, ckpt_path) -> Run:
     torch.manual_seed(args.seed)
     model = Transformer(cfg, linear).to(device)
     set_act_cache(model, args.fp8_act_cache)
     opt = make_optimizer(model, args, device)
     gen = torch.Generator().manual_seed(args.seed)
-    step = 0
+    run = Run(args, cfg, device, corpus, model, model, opt, gen, 0, ckpt_path, resumed=ckpt is not None)
     if ckpt:
         try:
             model.load_state_dict(ckpt["model"])
             opt.load_state_dict(ckpt["optimizer"])
         except (RuntimeError, ValueError, KeyError) as e:
-            raise ValueError(f"--resume: the checkpoint does not fit the model ({str(e).splitlines()[0]})") from None
+            raise ValueError(f"--resume: the checkpoint does not fit the model ({first_line(e)})") from None
         set_rng_state(ckpt["rng"], gen)
-        step = ckpt["step"]
-    fwd = torch.compile(model) if args.compile else model
-    return Run(args, cfg, device, corpus, model, fwd, opt, gen, step, ckpt_path, resumed=ckpt is not None)
+        run.step = run.saved_step = ckpt["step"]
+        run.log_sums, run.log_count = dict(ckpt.get("log_sums", {})), ckpt.get("log_count", 0)
+    if args.compile:
+        try:
+            run.fwd = torch.compile(model)
+        except Exception as e:  # e.g. a Python version that torch.compile does not support yet
+            raise ValueError(f"--compile is unavailable here ({type(e).__name__}: {first_line(e)})") from None
+    return run
+
+
+def check_out_dir(out_dir: str, resume: bool, overwrite: bool) -> None:
+    """A fresh run never writes into a folder that holds a run unless told to (--overwrite)."""
+    if resume and overwrite:
+        raise ValueError("--resume continues the run in out_dir and --overwrite replaces it: give one of them")
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise ValueError(f"--out_dir {out_dir}: this is a file, not a folder")
+    held = [name for name in ("ckpt.pt", LOG) if os.path.exists(os.path.join(out_dir, name))]
+    if held and not resume and not overwrite:
+        raise ValueError(f"--out_dir {out_dir} holds a run ({', '.join(held)}): --resume continues it, "
+                         f"--overwrite replaces it (the old files stay until the new run's first checkpoint)")
+
+
+def prepare_log(run: Run, ckpt: dict) -> None:
+    """Name the log this run appends to. A fresh run into a folder that holds a run (--overwrite) writes
+    LOG_NEW, which replaces LOG at its first checkpoint (Run.save). A resumed run first finishes that rename if
+    a crash came between the checkpoint and the rename, and drops the LOG_NEW of a run that never saved."""
+    new = run.path(LOG_NEW)
+    if ckpt and ckpt.get("log_file") == LOG_NEW and os.path.exists(new):
+        os.replace(new, run.path(LOG))
+    elif os.path.exists(new):
+        os.remove(new)
+    if not ckpt and (os.path.exists(run.ckpt_path) or os.path.exists(run.path(LOG))):
+        run.log_name = LOG_NEW
+
+
+def check_memory(cfg: ModelConfig, args, device: torch.device) -> None:
+    """Refuse, before allocating anything, a model whose weights, gradients and AdamW moments alone do not fit
+    in the device's free memory (activations come on top of that)."""
+    n = count_params(cfg)  # on the meta device: no memory
+    params = n["total"] + n["mtp"]
+    per_param = 4 + 4 + (2 * 2 if args.bf16_moments else 2 * 4)  # fp32 weight and gradient, two moments
+    need, free = params * per_param, free_memory(device)
+    if free is not None and need > free:
+        raise ValueError(f"the model ({args.preset} preset{' with overrides' if args.model_overrides else ''}) "
+                         f"has {params / 1e9:.2f}B parameters: weights, gradients and AdamW moments need "
+                         f"{need / 1e9:,.1f} GB ({per_param} bytes each) before any activation, and {device} has "
+                         f"{free / 1e9:,.1f} GB free")
+
+
+def free_memory(device: torch.device):
+    """Free bytes: of the GPU for CUDA, else of the machine (MemAvailable on Linux, physical memory elsewhere)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024  # kB
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, OSError, ValueError):
+        return None
 
 
 def set_act_cache(model: nn.Module, mode: str) -> None:
@@ -356,7 +566,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out_dir", help="checkpoint and log.jsonl folder (default: out)")
     p.add_argument("--cache_dir", help=f"tokenized-corpus cache (default: {d['cache_dir']})")
     p.add_argument("--max_iters", type=int, help=f"total optimizer steps, counted from 0 (default: {d['max_iters']})")
-    p.add_argument("--resume", action="store_true", default=None, help="continue from out_dir/ckpt.pt")
+    p.add_argument("--resume", action="store_true", default=None,
+                   help="continue the run in out_dir from its ckpt.pt (options not given come from the checkpoint)")
+    p.add_argument("--overwrite", action="store_true", default=None,
+                   help="start afresh in an out_dir that holds a run; its files stay until the first checkpoint")
     p.add_argument("--device", help="auto, cpu, cuda, cuda:N or mps (default: auto = cuda → mps → cpu)")
     p.add_argument("--seed", type=int, help=f"seed of the init and of the data order (default: {d['seed']})")
     p.add_argument("--fp8", action=argparse.BooleanOptionalAction, help="FP8 projections (fp8.FP8Linear; Hopper)")
@@ -374,14 +587,17 @@ def build_parser() -> argparse.ArgumentParser:
     helps = dict(batch_size="sequences per micro-batch", block_size="tokens per sequence (<= max_seq_len)",
                  grad_accum="micro-batches per optimizer step", lr="peak learning rate", min_lr="final learning rate",
                  warmup_iters="linear warmup steps", lr_decay_iters="step where the cosine reaches min_lr",
+                 ckpt_interval="steps between checkpoints",
                  weight_decay="AdamW decay (matrices only)", beta1="AdamW β1", beta2="AdamW β2",
                  grad_clip="max global gradient norm (0: off)", mtp_lambda="λ, weight of the MTP loss",
                  balance_alpha="α, weight of the sequence-wise balance loss",
                  bias_gamma="γ, speed of the aux-loss-free gate-bias update",
-                 eval_interval="steps between evaluations (and checkpoints)",
+                 eval_interval="steps between evaluations",
                  eval_iters="validation batches per evaluation", log_interval="steps between log lines")
+    derived = dict(warmup_iters="max_iters // 10", lr_decay_iters="max_iters", ckpt_interval="eval_interval")
     for name, text in helps.items():
-        g.add_argument(f"--{name}", type=type(d[name]), help=f"{text} (default: {d[name]})")
+        g.add_argument(f"--{name}", type=int if name in derived else type(d[name]),
+                       help=f"{text} (default: {derived.get(name, d[name])})")
     m = p.add_argument_group("model (ModelConfig fields; default: the preset's value, shown for tiny)")
     for f in fields(ModelConfig):
         m.add_argument(f"--{f.name}", type=type(getattr(PRESETS["tiny"], f.name)),
@@ -395,13 +611,21 @@ def resolve_args(ns: argparse.Namespace, ckpt: dict = None) -> argparse.Namespac
     saved = ckpt["args"] if ckpt else {}
     preset = given.get("preset", saved.get("preset", TRAIN_DEFAULTS["preset"]))
     args = {**TRAIN_DEFAULTS, **PRESET_TRAIN.get(preset, {}), "out_dir": "out", "device": "auto", "resume": False,
-            "compile": False, "bench": False}
+            "overwrite": False, "compile": False, "bench": False}
     args.update({k: v for k, v in saved.items() if k not in RUN_ONLY})
     model_fields = {f.name for f in fields(ModelConfig)}
     args.update({k: v for k, v in given.items() if k not in model_fields})
     args["preset"] = preset
     if args["data"] is not None:
         args["data"] = os.path.abspath(args["data"])
+    # The schedule follows the run's length unless given: warmup over the first tenth, cosine down to min_lr at the
+    # last step (1000 steps: warmup 100, decay at 1000). The values are saved, so a resumed run keeps them.
+    if args["warmup_iters"] is None:
+        args["warmup_iters"] = args["max_iters"] // 10
+    if args["lr_decay_iters"] is None:
+        args["lr_decay_iters"] = args["max_iters"]
+    if args["ckpt_interval"] is None:
+        args["ckpt_interval"] = args["eval_interval"]
     args["model_overrides"] = {k: v for k, v in given.items() if k in model_fields}
     args["typed"] = set(given)
     return argparse.Namespace(**args)
@@ -426,7 +650,8 @@ def check_args(args, cfg: ModelConfig) -> None:
         if not ok:
             raise ValueError(f"--{name}={getattr(args, name)!r}: {rule}")
 
-    for name in ("batch_size", "block_size", "grad_accum", "eval_interval", "eval_iters", "log_interval"):
+    for name in ("batch_size", "block_size", "grad_accum", "eval_interval", "ckpt_interval", "eval_iters",
+                 "log_interval"):
         need(getattr(args, name) >= 1, name, "must be >= 1")
     for name in ("max_iters", "warmup_iters", "min_lr", "weight_decay", "grad_clip", "mtp_lambda",
                  "balance_alpha", "bias_gamma"):
@@ -448,7 +673,11 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:  # during setup there is nothing to save yet
         print("interrupted before training started", file=sys.stderr)
         return 130
-    return train(run)
+    try:
+        return train(run)
+    finally:
+        if run.lock is not None:  # the process may go on (a test, a notebook): let the folder go now
+            run.lock.close()
 
 
 if __name__ == "__main__":
