@@ -247,7 +247,9 @@ def cache_damage(folder: str):
             size, want = os.path.getsize(path), meta[f"{name}_tokens"] * itemsize
             if size != want:
                 return f"{name}.bin holds {size:,} bytes, its header says {want:,}"
-            if file_sha256(path) != meta.get(f"{name}_sha256"):
+            if f"{name}_sha256" not in meta:
+                return "its header holds no checksum (written by an older data.py)"
+            if file_sha256(path) != meta[f"{name}_sha256"]:
                 return f"{name}.bin does not match the checksum in its header"
     except FileNotFoundError:
         return "no cache"
