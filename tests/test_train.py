@@ -21,7 +21,7 @@ MODEL = ["--vocab_size", "512", "--dim", "32", "--n_layers", "2", "--n_dense_lay
          "--n_routed_experts", "4", "--n_activated_experts", "2", "--n_expert_groups", "2",
          "--n_limited_groups", "1"]
 # The schedule is given explicitly, so that a 6-step run resumed to 12 steps has the schedule of a 12-step run (by
-# default warmup and decay follow --max_iters of the run that starts: see test_lr_schedule_follows_max_iters_unless_given).
+# default warmup and decay follow the first run's --max_iters: test_lr_schedule_follows_max_iters_unless_given).
 RUN = ["--batch_size", "4", "--block_size", "16", "--lr", "2e-3", "--warmup_iters", "3", "--lr_decay_iters", "20",
        "--min_lr", "1e-4", "--eval_iters", "2", "--log_interval", "1", "--device", "cpu"]
 
