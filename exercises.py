@@ -39,6 +39,7 @@ import ast
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -338,10 +339,18 @@ class Recorder:
         items[:] = keep
 
     def pytest_collectreport(self, report):
-        if report.failed:
-            text = str(report.longrepr).strip().splitlines()
-            err = next((ln for ln in reversed(text) if ln.startswith("E ")), text[-1] if text else "")
-            self.broken[report.nodeid.replace(os.sep, "/")] = err[1:].strip() if err.startswith("E ") else err
+        """A grading test file that cannot be imported (a syntax error in an exercise, say): where and why."""
+        if not report.failed:
+            return
+        text = str(report.longrepr).strip().splitlines()
+        errs = [ln[1:].strip() for ln in text if ln.startswith("E ")]
+        where = ""
+        for ln in text:  # the deepest frame in the student's own files, or the file a SyntaxError names
+            m = re.match(r'^E?\s*File "(.+)", line (\d+)', ln) or re.match(r"^(\S+\.py):(\d+): in ", ln)
+            if m and os.path.abspath(m.group(1)).startswith(os.getcwd() + os.sep):
+                where = f"{os.path.relpath(m.group(1))}:{m.group(2)}: "
+        why = errs[-1] if errs else (text[-1] if text else "")
+        self.broken[report.nodeid.replace(os.sep, "/")] = where + why
 
     def pytest_runtest_makereport(self, item, call):
         name = self._graded(item)
@@ -358,6 +367,10 @@ class Recorder:
         if exc.errisinstance(NotImplementedError) and msg and msg[0].startswith(STUB_PREFIX):
             res["stub"] = msg[0][len(STUB_PREFIX):]
         test_file = os.path.abspath(str(item.path))
+        mine = [e for e in exc.traceback if os.path.abspath(str(e.path)).startswith(os.getcwd() + os.sep)
+                and os.path.abspath(str(e.path)) != test_file]
+        if mine and not res.get("stub"):  # raised inside the student's code: say where
+            res["error"] += f" (at {os.path.relpath(str(mine[-1].path))}:{mine[-1].lineno + 1})"
         for entry in reversed(exc.traceback):
             if os.path.abspath(str(entry.path)) == test_file:
                 stmt = str(entry.statement).strip().splitlines()
@@ -381,13 +394,15 @@ def _run_pytest(out_json: str, functions: list, files: list) -> int:
 
 def summarize(tests: dict, outcome: dict) -> dict:
     """Per function: (status, detail), status in passed / failed / not started / skipped / missing."""
-    per = {}
+    per, by_test = {}, {}
+    for nodeid, r in outcome["results"].items():  # "file::test[params]" → "file::test"
+        by_test.setdefault(nodeid.split("[")[0], []).append(r)
     for name, ts in tests.items():
-        rs = [outcome["results"][t] for t in ts if t in outcome["results"]]
+        rs = [r for t in ts for r in by_test.get(t, [])]
         broken = [f"{t.split('::')[0]}: {outcome['broken'][t.split('::')[0]]}" for t in ts
                   if t.split("::")[0] in outcome["broken"]]
         if broken and not rs:
-            per[name] = ("failed", f"the grading tests could not be imported: {broken[0]}")
+            per[name] = ("failed", f"the code does not import ({broken[0].split(': ', 1)[1]})")
         elif not rs:
             per[name] = ("missing", "its grading tests did not run")
         elif any(r.get("stub") == name for r in rs):
@@ -457,7 +472,7 @@ def list_text(root: str = ROOT) -> str:
     lines = ["Sets (in the suggested order of assignments):", ""]
     for name, (about, fns) in SETS.items():
         lines.append(f"{name}: {about}")
-        lines += [f"    {fn}  ({len(tests.get(fn, []))} grading tests)" for fn in fns]
+        lines += [f"    {fn}  (test functions: {len(tests.get(fn, []))})" for fn in fns]
     lines += ["", "Other functions with grading tests (--function NAME):"]
     listed = {fn for _, fns in SETS.values() for fn in fns}
     lines += [f"    {fn}" for fn in tests if fn not in listed] or ["    (none)"]
