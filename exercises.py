@@ -43,6 +43,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import tokenize
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -358,7 +359,7 @@ class Recorder:
         if call.excinfo is None or res["outcome"] != "passed":
             return None
         exc = call.excinfo
-        if exc.errisinstance(BaseException) and type(exc.value).__name__ in ("Skipped", "XFailed"):
+        if type(exc.value).__name__ in ("Skipped", "XFailed"):  # pytest.skip / pytest.xfail
             res["outcome"] = "skipped"
             return None
         res["outcome"] = "failed"
@@ -436,7 +437,8 @@ def grade(student_dir: str, sets=(), functions=(), verbose=False, timeout=900) -
             raise ExerciseError(f"{unknown[0]} is not an exercise of this copy; it has: {', '.join(tests)}")
         tests = {n: tests[n] for n in chosen}
     files = sorted({t.split("::")[0] for ts in tests.values() for t in ts})
-    out_json = os.path.join(student_dir, ".grade.json")
+    fd, out_json = tempfile.mkstemp(suffix=".json", prefix="grade-")
+    os.close(fd)
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", "1")
     env["PYTHONDONTWRITEBYTECODE"] = "1"
@@ -445,12 +447,16 @@ def grade(student_dir: str, sets=(), functions=(), verbose=False, timeout=900) -
         proc = subprocess.run(cmd, cwd=student_dir, env=env, capture_output=not verbose, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         raise ExerciseError(f"grading took longer than {timeout} s (an endless loop in an exercise?)") from None
-    if proc.returncode != 0 or not os.path.isfile(out_json):
+    try:
+        with open(out_json, encoding="utf-8") as f:
+            outcome = json.load(f) if proc.returncode == 0 else None
+    except ValueError:  # empty: the run ended before writing
+        outcome = None
+    finally:
+        os.remove(out_json)
+    if outcome is None:
         tail = (proc.stderr or proc.stdout or "").strip().splitlines()[-1:] if not verbose else []
         raise ExerciseError(f"the grading run did not finish ({' '.join(tail) or 'no output'})")
-    with open(out_json, encoding="utf-8") as f:
-        outcome = json.load(f)
-    os.remove(out_json)
     return summarize(tests, outcome)
 
 
