@@ -190,3 +190,44 @@ def test_each_grade_is_independent_of_the_other_exercises(tmp_path):
         per = E.grade(str(copy))
         assert {n for n, (s, _) in per.items() if s == "passed"} == set(done), per
         assert {n for n, (s, _) in per.items() if s == "not started"} == set(ALL) - set(done), per
+
+
+# One plausible mistake per exercise: (function, text of the solution, what the mistake writes instead).
+PLANTS = [
+    ("mla.yarn_correction_range", "low = max(math.floor(", "low = max(math.ceil("),
+    ("mla.rope_frequencies", "freqs * (1 - ramp) + freqs / cfg.rope_factor * ramp",
+     "freqs * ramp + freqs / cfg.rope_factor * (1 - ramp)"),  # the YaRN ramp reversed
+    ("mla.apply_rotary_emb", "unflatten(-1, (-1, 2))", "unflatten(-1, (2, -1)).transpose(-1, -2)"),  # halves, not pairs
+    ("mla.softmax_scale", "scale *= m * m", "scale *= m"),
+    ("mla.MLA._attend_absorb", "if T > 1:", "if False:"),  # no causal mask
+    ("moe.limit_groups", 'float("-inf")', "0.0"),  # the dropped groups filled with 0
+    ("moe.route", "weights = weights / weights.sum(-1, keepdim=True)", "pass"),  # no renormalization
+    ("moe.MoE.update_bias", "torch.sign(load.mean() - load)", "torch.sign(load - load.mean())"),
+    ("moe.sequence_balance_loss", "n_experts / (K * T)", "n_experts / T"),
+    ("mtp.mtp_hidden", "emb = embed(idx[:, k:])", "emb = embed(idx[:, k - 1:-1])"),  # embedding one too early
+    ("mtp.mtp_loss", "tk = targets[:, k:]", "tk = targets[:, k - 1:-1]"),  # targets one too early
+    ("generate.probs_from_logits", "logits < kth", "logits <= kth"),  # top-k drops the k-th
+    ("generate.verify_draft", "residual = (p - q).clamp_min(0)", "residual = p.clone()"),  # resample from p
+    ("fp8.quantize_act_ref", "* (1 / E4M3_MAX)", "* (1 / 240.0)"),  # E4M3's range taken for another format's
+    ("fp8.quantize_weight", ".clamp(min=AMAX_EPS)", ""),  # no amax floor: an all-zero block divides by 0
+    ("fp8.fp8_gemm_ref", "sb[:, kb]", "sb[:, 0]"),  # one weight scale for every K block
+    ("dualpipe.schedule_1f1b", "warm = min(n_ranks - 1 - r, n_chunks)", "warm = min(n_ranks - r, n_chunks)"),
+    ("dualpipe.step_counts", "half - 2 * H + h + 1", "half - 2 * H + h + 2"),
+    ("dualpipe._eight_steps", "ops += [W(), B(0, zb=True)]", "ops += [B(0, zb=True), W()]"),
+]
+
+
+def test_every_exercise_has_a_planted_mistake():
+    assert sorted(p[0] for p in PLANTS) == sorted(ALL)
+
+
+@pytest.mark.slow
+def test_grading_catches_a_planted_mistake_in_every_exercise(tmp_path):
+    """All mistakes planted at once in one copy: each function's grade fails on its own mistake alone."""
+    copy = tmp_path / "student"
+    E.make(str(copy), ALL)
+    for name, old, new in PLANTS:
+        restore(copy, name, mistake=(old, new))
+    per = E.grade(str(copy))
+    assert {n: s for n, (s, _) in per.items()} == {n: "failed" for n in ALL}, per
+    assert not [n for n, (_, detail) in per.items() if "does not import" in detail or "needs " in detail], per
