@@ -105,7 +105,9 @@ def find_function(tree: ast.Module, qualname: str):
 
 def _label(stmt: ast.stmt, src: str) -> str:
     """What a skeleton line says of the statement that a trailing comment belongs to: `name = ...`, `return ...`."""
-    seg = lambda n: ast.get_source_segment(src, n) or "..."  # noqa: E731
+    def seg(node):
+        return ast.get_source_segment(src, node) or "..."
+
     if isinstance(stmt, ast.Assign):
         return " = ".join(seg(t) for t in stmt.targets) + " = ..."
     if isinstance(stmt, ast.AugAssign):
@@ -171,9 +173,13 @@ def stub_source(src: str, qualname: str, name: str) -> str:
             skeleton.append(pad + text + "\n")
         elif line in starts:               # a trailing comment: the statement's target, then the comment
             skeleton.append(f"{pad}# {_label(starts[line], src)}  {text}\n")
+        elif own.lstrip().startswith(("else", "elif")):  # a branch of an if: its keyword, then the comment
+            word = "else:" if own.lstrip().startswith("else") else "elif ...:"
+            skeleton.append(f"{' ' * lead}# {word}  {text}\n")
         else:                              # a comment on a continuation line of the statement above
-            above = max((n for n in starts.values() if n.lineno < line <= n.end_lineno), key=lambda n: n.lineno)
-            skeleton.append(f"{' ' * above.col_offset}#     ...  {text}\n")
+            around = [n for n in starts.values() if n.lineno < line <= n.end_lineno]
+            col = max(around, key=lambda n: n.lineno).col_offset if around else len(indent)
+            skeleton.append(f"{' ' * col}#     ...  {text}\n")
     stub = skeleton + [f'{indent}raise NotImplementedError("{STUB_PREFIX}{name}")\n']
     return "".join(lines[: first - 1] + stub + lines[last:])
 
