@@ -36,30 +36,34 @@ def limit_groups_plain(scores, n_groups, n_keep, top2):
     return out
 
 
-def route_plain(s, b, k, n_groups, n_keep, renormalize, route_scale):
+def route_plain(s, b, k, n_groups, n_keep, score_func, route_scale):
     """Per token: the k experts, inside the best groups, with the largest s + b (every k-subset tried); their
-    weights are the unbiased s, renormalized to sum 1 if asked, times route_scale. Returns [{expert: weight}]."""
+    weights are the unbiased s, renormalized to sum 1 for sigmoid scores, times route_scale. Returns
+    [{expert: weight}]. Sigmoid (V3) scores a group by its top-2 sum, softmax (V2) by its max."""
     N, E = s.shape
+    sigmoid = score_func == "sigmoid"
     choice = s if b is None else s + b
     out = []
     for t in range(N):
         row = choice[t].tolist()
         allowed = range(E)
         if n_groups > 1:
-            keep = best_groups(row, n_groups, n_keep, top2=b is not None)
+            keep = best_groups(row, n_groups, n_keep, top2=sigmoid)
             allowed = [e for e in range(E) if e // (E // n_groups) in keep]
         best = max(itertools.combinations(allowed, k), key=lambda es: sum(row[e] for e in es))
         w = {e: s[t, e].item() for e in best}
         total = sum(w.values())
-        out.append({e: (v / total if renormalize else v) * route_scale for e, v in w.items()})
+        out.append({e: (v / total if sigmoid else v) * route_scale for e, v in w.items()})
     return out
 
 
-def call_route(scores, bias, k, n_groups, n_keep, renormalize, route_scale):
-    """moe.route, with the score function passed too where its signature asks for it."""
-    kw = dict(k=k, n_groups=n_groups, n_keep=n_keep, renormalize=renormalize, route_scale=route_scale)
+def call_route(scores, bias, k, n_groups, n_keep, score_func, route_scale):
+    """moe.route, whether it takes the score function or (an older signature) a renormalize flag."""
+    kw = dict(k=k, n_groups=n_groups, n_keep=n_keep, route_scale=route_scale)
     if "score_func" in inspect.signature(moe.route).parameters:
-        kw["score_func"] = "sigmoid" if bias is not None else "softmax"
+        kw["score_func"] = score_func
+    else:
+        kw["renormalize"] = score_func == "sigmoid"
     return moe.route(scores, bias, **kw)
 
 
@@ -84,22 +88,23 @@ def test_limit_groups_top2_differs_from_max():
     assert torch.isfinite(by_max[0]).tolist() == [True, True, False, False, False, False, False, False]
 
 
-ROUTE_CASES = [  # (sigmoid with bias?, k, n_groups, n_keep, renormalize, route_scale)
-    (True, 2, 4, 2, True, 1.0), (True, 3, 4, 2, True, 2.5), (True, 2, 1, 1, False, 1.0),
-    (False, 2, 1, 1, False, 1.0), (False, 3, 4, 2, False, 16.0), (True, 4, 8, 3, True, 1.0)]
+ROUTE_CASES = [  # (score_func, k, n_groups, n_keep, route_scale); sigmoid routing has a bias, softmax none
+    ("sigmoid", 2, 4, 2, 1.0), ("sigmoid", 3, 4, 2, 2.5), ("sigmoid", 2, 1, 1, 1.0), ("sigmoid", 4, 8, 3, 1.0),
+    ("softmax", 2, 1, 1, 1.0), ("softmax", 3, 4, 2, 16.0)]
 
 
 @pytest.mark.grades("moe.route")
-@pytest.mark.parametrize("sigmoid, k, n_groups, n_keep, renormalize, route_scale", ROUTE_CASES)
-def test_route(monkeypatch, sigmoid, k, n_groups, n_keep, renormalize, route_scale):
+@pytest.mark.parametrize("score_func, k, n_groups, n_keep, route_scale", ROUTE_CASES)
+def test_route(monkeypatch, score_func, k, n_groups, n_keep, route_scale):
     monkeypatch.setattr(moe, "limit_groups", limit_groups_plain)
     gen = torch.Generator().manual_seed(k * 100 + n_groups)
     logits = torch.randn(10, 16, generator=gen, dtype=torch.float64)
+    sigmoid = score_func == "sigmoid"
     s = logits.sigmoid() if sigmoid else logits.softmax(-1)
     b = torch.randn(16, generator=gen, dtype=torch.float64) * 0.3 if sigmoid else None  # large enough to matter
-    weights, indices = call_route(s, b, k, n_groups, n_keep, renormalize, route_scale)
+    weights, indices = call_route(s, b, k, n_groups, n_keep, score_func, route_scale)
     assert weights.shape == (10, k) and indices.shape == (10, k)
-    for t, want in enumerate(route_plain(s, b, k, n_groups, n_keep, renormalize, route_scale)):
+    for t, want in enumerate(route_plain(s, b, k, n_groups, n_keep, score_func, route_scale)):
         got = {int(e): float(w) for e, w in zip(indices[t], weights[t])}
         assert set(got) == set(want), f"token {t}: experts {sorted(got)}, expected {sorted(want)}"
         for e in want:
