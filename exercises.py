@@ -422,7 +422,7 @@ def summarize(tests: dict, outcome: dict) -> dict:
                 per[name] = ("failed", f"needs {r['stub']} (not started); the grading test should replace it")
             else:
                 n_fail = sum(r["outcome"] == "failed" for r in rs)
-                detail = f"{n_fail} of {len(rs)} tests; {r.get('where', '?')}\n    {r.get('error', '')}"
+                detail = f"{n_fail} of {len(rs)} tests\n    {r.get('where', '?')}\n    {r.get('error', '')}"
                 per[name] = ("failed", detail)
         else:
             per[name] = ("passed", f"{len(rs)} tests")
