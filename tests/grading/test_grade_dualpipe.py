@@ -130,7 +130,7 @@ def test_schedule_1f1b(N, C):
 def test_step_counts_table(N, C):
     for r in range(N):
         got = list(dualpipe.step_counts(N, C, r))
-        assert got == counts_plain(N, C, r), f"rank {r}"
+        assert got == counts_plain(N, C, r), f"rank {r}: {got}, the table gives {counts_plain(N, C, r)}"
         s1, s2, s3, s4, s5, s6, s7, s8 = got
         assert s1 + s2 + s4 == C // 2, "forwards of the near-end phase: steps 1, 2, 4"
         assert s2 + s3 + s4 + s5 == C // 2, "forwards of the far-end phase: steps 2, 3, 4, 5"
