@@ -277,7 +277,9 @@ def repository_files(root: str) -> list:
         for d, dirs, names in os.walk(root):
             dirs[:] = [x for x in dirs if not x.startswith(".") and x != "__pycache__"]
             files += [os.path.relpath(os.path.join(d, n), root) for n in names if n.endswith(_TEXT_EXT)]
-    return sorted(p for p in files if os.path.isfile(os.path.join(root, p)) and p != MANIFEST)
+    copies = [p[: -len(MANIFEST)] for p in files if p.endswith("/" + MANIFEST)]  # student copies made in here
+    return sorted(p for p in files if os.path.isfile(os.path.join(root, p)) and p != MANIFEST
+                  and not any(p.startswith(c) for c in copies))
 
 
 def make(out: str, names: list, root: str = ROOT) -> dict:
@@ -514,8 +516,8 @@ def main(argv=None) -> int:
             print(list_text())
         elif args.cmd == "make":
             tests = make(args.out, resolve(args.set, args.function))
-            print(f"wrote {args.out}: {len(tests)} functions to implement, listed in "
-                  f"{os.path.join(args.out, 'EXERCISES.md')}; grade with: python exercises.py grade")
+            print(f"wrote {args.out}: functions to implement: {len(tests)}, listed with their tests in "
+                  f"{os.path.join(args.out, 'EXERCISES.md')}; grade them inside it with: python exercises.py grade")
         else:
             per = grade(args.dir, args.set, args.function, args.verbose)
             print(report(per))
