@@ -126,6 +126,11 @@ def _label(stmt: ast.stmt, src: str) -> str:
     return "..."
 
 
+def _lines(src: str) -> list:
+    """Source lines as ast numbers them (str.splitlines would also split at form feeds and \u2028)."""
+    return io.StringIO(src, newline="").readlines()
+
+
 _BLOCKS = (ast.For, ast.While, ast.With, ast.If, ast.FunctionDef, ast.AsyncFunctionDef)
 
 
@@ -144,7 +149,7 @@ def stub_source(src: str, qualname: str, name: str) -> str:
         raise ExerciseError(f"{name}: a one-line function cannot be stubbed")
     first = body[0].end_lineno + 1 if has_doc else body[0].lineno  # 1-based, first line replaced
     last = code[-1].end_lineno if code else first - 1               # 1-based, last line replaced
-    lines = src.splitlines(keepends=True)
+    lines = _lines(src)
     starts = {}  # line → the innermost statement starting there
     for stmt in code:
         for node in ast.walk(stmt):
@@ -190,7 +195,7 @@ def function_source(src: str, qualname: str) -> str:
     if fn is None:
         raise ExerciseError(f"no function {qualname}")
     start = min([fn.lineno] + [d.lineno for d in fn.decorator_list])
-    return "".join(src.splitlines(keepends=True)[start - 1: fn.end_lineno])
+    return "".join(_lines(src)[start - 1: fn.end_lineno])
 
 
 def replace_function(src: str, qualname: str, new_text: str) -> str:
@@ -199,7 +204,7 @@ def replace_function(src: str, qualname: str, new_text: str) -> str:
     if fn is None:
         raise ExerciseError(f"no function {qualname}")
     start = min([fn.lineno] + [d.lineno for d in fn.decorator_list])
-    lines = src.splitlines(keepends=True)
+    lines = _lines(src)
     return "".join(lines[: start - 1]) + new_text + "".join(lines[fn.end_lineno:])
 
 
