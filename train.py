@@ -29,8 +29,9 @@ Precision: bf16 autocast on CUDA (fp32 master weights), fp32 on CPU and MPS; `--
 fp8.FP8Linear (Hopper GPUs). `--bench` times a few steps and prints tokens/s and MFU (FLOPs per token:
 model.train_flops_per_token, whose counting rule is written beside it).
 
-The file reads top to bottom: defaults, the run's state, the training loop and its step, evaluation, the
-benchmark, then setup (everything that can fail because of user input, done before training starts) and options.
+The file reads top to bottom: defaults, the run's state, the training loop, its log, one optimizer step and
+evaluation, the benchmark, then setup (everything that can fail because of user input, done before training
+starts: the run folder, memory, device, corpus, model) and options.
 """
 import argparse
 import contextlib
