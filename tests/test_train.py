@@ -1,5 +1,6 @@
-"""train.py: exact resume (also after Ctrl-C), atomic checkpoints, non-finite loss, LR schedule, FLOP count,
-one-line user errors. Every run uses a tiny model on a small generated text, so each takes about a second."""
+"""train.py: exact resume (also after Ctrl-C, SIGTERM and kill -9, weights and log), the run folder (refusal,
+--overwrite, lock), non-finite loss, full disk, LR schedule, FLOP count, one-line user errors. Every run uses a tiny
+model on a small generated text, so each takes about a second."""
 import argparse
 import math
 import os
