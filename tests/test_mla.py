@@ -361,7 +361,7 @@ def test_yarn_keeps_fast_pairs_and_slows_slow_ones():
     assert bool(((ratio <= 1) & (ratio >= 1 / 8)).all())
 
 
-def test_softmax_of_the_absorbed_path_runs_in_fp32():
+def test_softmax_of_the_absorbed_path_runs_in_fp32(monkeypatch):
     """DESIGN: softmax runs in fp32. CPU's bf16 softmax kernel accumulates in fp32 itself, so a softmax on bf16
     scores would give the same numbers here; what is pinned is the dtype softmax receives, with a bf16 model
     and under bf16 autocast, and the bf16 output stays near the fp64 reference."""
@@ -376,13 +376,10 @@ def test_softmax_of_the_absorbed_path_runs_in_fp32():
         seen.append(t.dtype)
         return real_softmax(t, *args, **kw)
 
-    torch.nn.functional.softmax = spy
-    try:
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            m.float()(x.float(), fc[:9])
-        low = m.bfloat16()(x.bfloat16(), fc[:9])
-    finally:
-        torch.nn.functional.softmax = real_softmax
+    monkeypatch.setattr(torch.nn.functional, "softmax", spy)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        m.float()(x.float(), fc[:9])
+    low = m.bfloat16()(x.bfloat16(), fc[:9])
     assert seen == [torch.float32, torch.float32]
     assert (low.double() - ref).abs().max() < 0.05 * ref.abs().max()
 

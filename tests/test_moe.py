@@ -384,6 +384,12 @@ def test_router_runs_in_fp32_under_bf16_autocast():
     assert s_ac.dtype == torch.float32
     torch.testing.assert_close(s_ac, s, rtol=1e-6, atol=1e-7)
     assert torch.equal(idx_ac, idx)
+    m.bfloat16()  # a bf16 model: the bf16 weights and inputs are upcast, the product taken in fp32
+    xb = x.bfloat16()
+    _, idx_b, s_b = m.gate(xb)
+    want = torch.sigmoid(xb.double() @ m.gate.weight.double().T)
+    assert s_b.dtype == torch.float32
+    torch.testing.assert_close(s_b.double(), want, rtol=1e-6, atol=1e-7)
 
 
 def test_balance_loss_uses_unbiased_scores():
