@@ -287,7 +287,7 @@ def demo_agreement(seed: int = 0, T: int = 16) -> dict:
             naive = m(x.to(dtype), fc)
             m.attn_impl = "absorb"
             out[name] = (m(x.to(dtype), fc) - naive).abs().max().item()
-        out["scale"] = naive.abs().max().item()
+        out["scale"] = naive.abs().max().item()  # `naive` is now the fp32 full pass, the decode's reference
         m.setup_cache(2, T)
         steps = [m(x[:, t:t + 1], fc[t:t + 1], start_pos=t) for t in range(T)]  # absorb, one token at a time
         out["decode"] = (torch.cat(steps, dim=1) - naive).abs().max().item()

@@ -92,7 +92,9 @@ def demo_targets(words: list, depths: int = 2) -> list:
 
     What depth k reads comes from mtp_hidden itself, run with an "embedding" that returns the token id and
     modules that pass it through; what it predicts is targets[:, k:], as mtp_loss slices them."""
-    if depths < 1 or len(words) < depths + 2:
+    if depths < 1:
+        raise ValueError(f"--depths must be at least 1, got {depths}")
+    if len(words) < depths + 2:
         raise ValueError(f"{depths} MTP depth(s) need at least {depths + 2} words, got {len(words)}")
     ids = torch.arange(len(words))[None]  # (1, T+1): token i is words[i]
     idx, targets = ids[:, :-1], ids[:, 1:]  # inputs and next-token targets, (1, T) each
