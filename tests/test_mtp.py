@@ -139,3 +139,13 @@ def test_demo_targets_are_what_mtp_loss_trains(capsys):
     for p, r in zip(printed, rows):
         assert (p[1], p[2], p[3], p[4]) == (r[1], r[2], *r[3][0])
     assert "main 8, depth 1: 7, depth 2: 6" in out
+
+
+def test_demo_bad_input_is_one_line():
+    import pytest
+
+    import mtp
+    with pytest.raises(SystemExit, match="error: 2 MTP depth.s. need at least 4 words, got 3"):
+        mtp._demo_main(["a", "b", "c"])
+    with pytest.raises(SystemExit, match="error: --depths must be at least 1"):
+        mtp._demo_main(["--depths", "0", "a", "b", "c"])
