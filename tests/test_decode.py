@@ -26,12 +26,13 @@ def prompts_of(lengths, seed=0, vocab=61):
     return [torch.randint(0, vocab, (n,), generator=g).tolist() for n in lengths]
 
 
-def test_per_sequence_positions_give_the_same_logits_as_one_shared_position():
+@pytest.mark.parametrize("impl", ["absorb", "naive"])
+def test_per_sequence_positions_give_the_same_logits_as_one_shared_position(impl):
     model = tiny_model(1)
     idx = torch.randint(0, 61, (3, 9))
-    model.setup_cache(3, 16)
+    model.setup_cache(3, 16, attn_impl=impl)
     ref = [model.forward_cached(idx[:, :6], 0)[0], model.forward_cached(idx[:, 6:], 6)[0]]  # (3, ·, V)
-    model.setup_cache(3, 16)
+    model.setup_cache(3, 16, attn_impl=impl)
     zero = torch.zeros(3, dtype=torch.long)
     got = [model.forward_cached(idx[:, :6], zero)[0], model.forward_cached(idx[:, 6:], zero + 6)[0]]
     model.free_cache()
