@@ -19,6 +19,11 @@ main forward over two tokens and drafts for both outcomes with one MTP forward. 
 against `generate`; decode_bench.py times both.
 
     python generate.py --out_dir out --prompt "def " --max_new_tokens 200 [--speculative]
+    python generate.py --out_dir out --static --temperature 0 --prompt "def " --prompt "class " [--speculative]
+
+The command line runs `generate` by default (streamed, sampling or greedy, one prompt after the other); --static
+runs StaticDecoder on all prompts as one batch (greedy; in bf16 on a GPU, where a near-tie between two logits can
+pick another token than the float32 reference does).
 """
 import argparse
 import math
@@ -353,14 +358,24 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out_dir", default="out", help="directory holding train.py's ckpt.pt")
     p.add_argument("--hf_dir", default=None, help="load a Hugging Face DeepSeek-V3 layout directory instead")
-    p.add_argument("--prompt", default=None, help="prompt text; without it the prompt is read from stdin")
+    p.add_argument("--prompt", action="append", default=None,
+                   help="prompt text; repeat it for several prompts; without it (and without --prompts_file) the "
+                        "prompt is read from stdin")
+    p.add_argument("--prompts_file", default=None, help="a text file of prompts, one per non-empty line")
     p.add_argument("--max_new_tokens", type=int, default=200,
-                   help="tokens to generate at most (cut, with a note, to the room left in the model's context)")
+                   help="tokens to generate at most (cut, with a note, to the room the longest prompt leaves in the "
+                        "model's context)")
     p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature; 0 = greedy")
     p.add_argument("--top_k", type=int, default=50, help="sample among the k most likely tokens; 0 = among all")
     p.add_argument("--seed", type=int, default=1337, help="seed of the sampling")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument("--speculative", action="store_true", help="MTP self-speculative decoding")
+    p.add_argument("--static", action="store_true",
+                   help="the fast path (StaticDecoder): all prompts decoded as one batch over a fixed-size latent "
+                        "cache, each step a CUDA graph on a GPU; greedy only (temperature 0); the text is "
+                        "printed at the end, not streamed")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="weights' dtype; auto = bfloat16 for --static on CUDA (its CUDA graphs need it), else float32")
     return p
 
 
@@ -371,74 +386,153 @@ def check_args(args) -> None:
         raise ValueError(f"--temperature {args.temperature}: must be a finite number >= 0 (0 = greedy)")
     if args.top_k < 0:
         raise ValueError(f"--top_k {args.top_k}: must be >= 0 (0 = no top-k cut)")
+    if args.static and args.temperature > 0:
+        raise ValueError(f"--static decodes greedily only: add --temperature 0 (sampling with --temperature "
+                         f"{args.temperature} runs without --static)")
 
 
-def main(argv=None):
-    """The command line. Exit status: 0 done (also when the reader of stdout goes away, as `| head` does), 2 a bad
-    option or file (one line on stderr, nothing on stdout), 130 Ctrl-C."""
-    args = build_parser().parse_args(argv)
-    printed = []  # the text written to stdout so far: nothing until the first token, so errors come alone
-    try:
-        check_args(args)
-        device = pick_device(args.device)
-        model, tok = load_model(args.out_dir, args.hf_dir, device)
-        if args.prompt is None and sys.stdin.isatty():
-            print("reading the prompt from stdin until end of file (Ctrl-D); --prompt TEXT gives it directly",
-                  file=sys.stderr)
-        text = args.prompt if args.prompt is not None else sys.stdin.read()
-        prompt = tok.encode(text)
-        room = model.cfg.max_seq_len - len(prompt)
-        max_new = args.max_new_tokens
-        if 0 < room < max_new:
-            print(f"note: --max_new_tokens {max_new} cut to {room}: the model's context holds "
-                  f"{model.cfg.max_seq_len} tokens and the prompt takes {len(prompt)}", file=sys.stderr)
-            max_new = room
-        gen = torch.Generator(device=device).manual_seed(args.seed)
-        new_ids = []
-
-        def on_token(t):  # stream: the prompt first, then the newly decodable part of the text
-            if not printed:
-                sys.stdout.write(text)
-                printed.append(text)
-            if t == tok.eot:
-                return
-            full = text + tok.decode(new_ids + [t])
-            new_ids.append(t)
-            if full.startswith(printed[-1]) and not full.endswith("\ufffd"):
-                sys.stdout.write(full[len(printed[-1]):])
-                sys.stdout.flush()
-                printed.append(full)
-
-        t0 = time.perf_counter()
+def read_prompts(args) -> list:
+    """The prompt texts: every --prompt, then the lines of --prompts_file; else stdin as one prompt."""
+    texts = list(args.prompt or [])
+    if args.prompts_file is not None:
         try:
-            out, stats = generate(model, prompt, max_new, args.temperature, args.top_k or None, tok.eot, gen,
-                                  args.speculative, on_token)
+            with open(args.prompts_file, encoding="utf-8") as f:
+                lines = [line.rstrip("\r\n") for line in f]
+        except (FileNotFoundError, IsADirectoryError):
+            raise FileNotFoundError(f"--prompts_file {args.prompts_file}: no such file") from None
+        except UnicodeDecodeError:
+            raise ValueError(f"--prompts_file {args.prompts_file}: not UTF-8 text") from None
+        file_prompts = [line for line in lines if line.strip()]
+        if not file_prompts:
+            raise ValueError(f"--prompts_file {args.prompts_file}: no prompt in it (one per non-empty line)")
+        texts += file_prompts
+    if texts:
+        return texts
+    if sys.stdin.isatty():
+        print("reading the prompt from stdin until end of file (Ctrl-D); --prompt TEXT gives it directly",
+              file=sys.stderr)
+    return [sys.stdin.read()]
+
+
+def check_prompts(prompts, context: int, max_new: int) -> int:
+    """Token lists against the model's context → max_new, cut (with a note) to the room the longest one leaves."""
+    for i, p in enumerate(prompts):
+        name = "the prompt" if len(prompts) == 1 else f"prompt {i + 1}"
+        if not p:
+            raise ValueError(f"{name} is empty: give at least one token")
+        if len(p) >= context:
+            raise ValueError(f"{name} has {len(p)} tokens; the model's context is {context}")
+    longest = max(map(len, prompts))
+    if context - longest < max_new:
+        print(f"note: --max_new_tokens {max_new} cut to {context - longest}: the model's context holds {context} "
+              f"tokens and the {'' if len(prompts) == 1 else 'longest '}prompt takes {longest}", file=sys.stderr)
+    return min(max_new, context - longest)
+
+
+class TextStream:
+    """Writes one prompt and its continuation to stdout: the prompt with the first new token (so that an error
+    before it comes alone), then each newly decodable piece of the text (a token may end inside a character)."""
+
+    def __init__(self, tok, text: str, header: str = ""):
+        self.tok, self.text, self.header = tok, text, header
+        self.ids, self.shown = [], None  # shown: the text written so far (None: nothing yet)
+
+    def __call__(self, t: int):
+        if self.shown is None:
+            self._start()
+        if t == self.tok.eot:
+            return
+        self.ids.append(t)
+        full = self.text + self.tok.decode(self.ids)
+        if full.startswith(self.shown) and not full.endswith("\ufffd"):
+            sys.stdout.write(full[len(self.shown):])
+            sys.stdout.flush()
+            self.shown = full
+
+    def _start(self):
+        sys.stdout.write(self.header + self.text)
+        self.shown = self.text
+
+    def finish(self):
+        if self.shown is None:
+            self._start()
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+
+
+def decode_reference(model, prompts, streams, max_new, args, eot):
+    """generate() on one prompt after the other, streaming each. Returns (new tokens, summed stats)."""
+    gen = torch.Generator(device=model.embed.weight.device).manual_seed(args.seed)
+    total, stats = 0, {"drafted": 0, "accepted": 0, "main_forwards": 0}
+    for prompt, stream in zip(prompts, streams):
+        try:
+            out, st = generate(model, prompt, max_new, args.temperature, args.top_k or None, eot, gen,
+                               args.speculative, stream)
         except RuntimeError as e:  # torch.multinomial refuses probabilities that are not finite
             if "probability tensor" not in str(e):
                 raise
             raise ValueError(f"--temperature {args.temperature}: too small, the logits divided by it overflow "
                              f"(0 gives greedy decoding)" if args.temperature < 1e-30 else
                              "the model's next-token probabilities are not finite (a damaged checkpoint?)") from None
+        stream.finish()
+        total += len(out)
+        stats = {k: stats[k] + st[k] for k in stats}
+    return total, stats
+
+
+def decode_static(model, prompts, streams, max_new, args, eot):
+    """StaticDecoder on all prompts as one batch (greedy); the text is written once decoding is done."""
+    dec = StaticDecoder(model, max_batch=len(prompts), max_seq_len=max(map(len, prompts)) + max_new)
+    try:
+        rows, stats = dec.generate(prompts, max_new, speculative=args.speculative, eot=eot)
+    finally:
+        dec.close()
+    for row, stream in zip(rows, streams):
+        for t in row:
+            stream(t)
+        stream.finish()
+    stats["path"] = f"static, batch {len(prompts)}, {'CUDA graphs' if dec.graphs else 'no CUDA graphs'}"
+    return sum(map(len, rows)), stats
+
+
+def main(argv=None):
+    """The command line. Exit status: 0 done (also when the reader of stdout goes away, as `| head` does), 2 a bad
+    option or file (one line on stderr, nothing on stdout), 130 Ctrl-C."""
+    args = build_parser().parse_args(argv)
+    streams = []  # one TextStream per prompt; nothing reaches stdout before the first token, so errors come alone
+    try:
+        check_args(args)
+        device = pick_device(args.device)
+        model, tok = load_model(args.out_dir, args.hf_dir, device)
+        texts = read_prompts(args)
+        dtype = args.dtype if args.dtype != "auto" else \
+            "bfloat16" if args.static and device.type == "cuda" else "float32"
+        model = model.bfloat16() if dtype == "bfloat16" else model.float()  # (.to(dtype) would cast RoPE's table)
+        prompts = [tok.encode(t) for t in texts]
+        max_new = check_prompts(prompts, model.cfg.max_seq_len, args.max_new_tokens)
+        streams = [TextStream(tok, t, f"==> prompt {i + 1} <==\n" if len(texts) > 1 else "")
+                   for i, t in enumerate(texts)]
+        decode = decode_static if args.static else decode_reference
+        t0 = time.perf_counter()
+        n_new, stats = decode(model, prompts, streams, max_new, args, tok.eot)
         dt = time.perf_counter() - t0
-        if not printed:
-            sys.stdout.write(text)
-        sys.stdout.write("\n")
-        sys.stdout.flush()
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        if printed:
+        if any(s.shown is not None for s in streams):
             sys.stdout.write("\n")
         print("interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:  # the reader is gone (`| head`): stop quietly; stdout must not be flushed at exit
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
-    msg = f"{len(out)} tokens in {dt:.2f} s ({len(out) / dt:.1f} tokens/s, {stats['main_forwards']} main forwards)"
+    msg = f"{n_new} tokens in {dt:.2f} s ({n_new / dt:.1f} tokens/s, {stats['main_forwards']} main forwards)"
     if args.speculative:
         rate = stats["accepted"] / max(stats["drafted"], 1)
         msg += f"; MTP drafts accepted {stats['accepted']}/{stats['drafted']} ({100 * rate:.1f}%)"
+    if "path" in stats:
+        msg += f"; {stats['path']}"
     print(msg, file=sys.stderr)
     return 0
 
