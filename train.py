@@ -188,19 +188,21 @@ def set_act_cache(model: nn.Module, mode: str) -> None:
             m.act_cache = ("e5m6" if name.endswith("attn.wo") else "fp8") if mode == "report" else mode
 
 
-def linear_class(fp8: bool, device: torch.device):
-    """nn.Linear, or fp8.FP8Linear (imported only when asked for, and only where its kernel runs)."""
+def layer_classes(fp8: bool, device: torch.device):
+    """What the model is built with, (linear, routed experts' kernels): (nn.Linear, None), or with --fp8
+    (fp8.FP8Linear, fp8_experts.FP8Experts), imported only when asked for and only where the kernel runs."""
     if not fp8:
-        return nn.Linear
+        return nn.Linear, None
     if device.type != "cuda":
         raise ValueError(f"--fp8 needs a Hopper GPU (sm_90); the device is {device}")
     try:
         import fp8
+        import fp8_experts
     except ImportError as e:
         raise ValueError(f"--fp8 is unavailable: cannot import fp8.py ({e})") from None
     if fp8.load_kernel() is None:  # builds fp8_gemm.cu now rather than failing (or crawling) mid-run
         raise ValueError(f"--fp8 is unavailable: {getattr(fp8, '_WHY_NOT', None) or 'the FP8 kernel did not load'}")
-    return fp8.FP8Linear
+    return fp8.FP8Linear, fp8_experts.FP8Experts
 
 
 def make_optimizer(model: nn.Module, args, device: torch.device) -> torch.optim.Optimizer:
@@ -353,18 +355,18 @@ def setup(ns: argparse.Namespace):
     cfg = resolve_config(args, ckpt)
     check_args(args, cfg)
     device = pick_device(args.device)
-    linear = linear_class(args.fp8, device)
+    layers = layer_classes(args.fp8, device)
     corpus = data.load_corpus(args.data, cfg.vocab_size, args.cache_dir, log=print)
     if ckpt and ckpt.get("tokenizer") != corpus.tokenizer.name:
         raise ValueError(f"--resume: the checkpoint's tokenizer {ckpt.get('tokenizer')!r} is not "
                          f"{corpus.tokenizer.name!r}")
     corpus.check_block(args.block_size)
-    return args, cfg, device, linear, corpus, ckpt, ckpt_path
+    return args, cfg, device, layers, corpus, ckpt, ckpt_path
 
 
-def build(args, cfg, device, linear, ckpt):
+def build(args, cfg, device, layers, ckpt):
     torch.manual_seed(args.seed)
-    model = Transformer(cfg, linear).to(device)
+    model = Transformer(cfg, *layers).to(device)
     set_act_cache(model, args.fp8_act_cache)
     opt = make_optimizer(model, args, device)
     gen = torch.Generator().manual_seed(args.seed)  # the data order: its state is the position in the data
@@ -508,8 +510,8 @@ def bench(fwd, model, opt, corpus, gen, args, device, autocast, flops_tok, peak,
 def main(argv=None) -> int:
     ns = build_parser().parse_args(argv)
     try:
-        args, cfg, device, linear, corpus, ckpt, ckpt_path = setup(ns)
-        built = build(args, cfg, device, linear, ckpt)  # may refuse too: FP8 dims, a checkpoint that does not fit
+        args, cfg, device, layers, corpus, ckpt, ckpt_path = setup(ns)
+        built = build(args, cfg, device, layers, ckpt)  # may refuse too: FP8 dims, a checkpoint that does not fit
     except (ValueError, FileNotFoundError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
