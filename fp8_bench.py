@@ -1,13 +1,13 @@
-"""Timing of fp8.py's kernels on a Hopper GPU: `python fp8_bench.py [--interleave] [--training] [--sustained]
-[--flush-l2]`.
+"""Timing of fp8.py's kernels on a Hopper GPU: `python fp8_bench.py [--interleave] [--training] [--ladder]
+[--sustained] [--flush-l2]`.
 
 The main table prints TFLOP/s per shape for fp8_gemm.cu's Fprop kernel, torch's bf16 matmul and cuBLAS's blockwise
 FP8 (`F.scaled_mm`, BlockWise1x128 × BlockWise128x128), with each result's calc_diff against the bf16 product of
 the unquantized inputs. `--interleave` times the kernel and cuBLAS again taking turns, so that clock drift hits
-both alike; `--training` times the Wgrad and grouped-expert kernels next to the Fprop kernel; `--sustained` runs
-the kernel and cuBLAS for seconds each with the SM clock and board power sampled, because FP8 GEMMs at these sizes
-run into the GPU's power limit and then the clock, not only the kernel, sets the rate. BENCHMARKS.md records
-the tables.
+both alike; `--training` times the Wgrad and grouped-expert kernels next to the Fprop kernel; `--ladder` the
+teaching kernels of fp8_teaching/ beside it; `--sustained` runs the kernel and cuBLAS for seconds each with the SM
+clock and board power sampled, because FP8 GEMMs at these sizes run into the GPU's power limit and then the
+clock, not only the kernel, sets the rate. BENCHMARKS.md records the tables.
 """
 import argparse
 import statistics
@@ -198,6 +198,26 @@ def bench_training(experts=32, rows=2048):
         torch.cuda.empty_cache()
 
 
+def bench_ladder():
+    """fp8_teaching's steps 1-4 beside the production kernel (and cuBLAS) on the M = 4096 shapes and 8192³, each
+    kernel's calls in one block, in the order of the columns."""
+    import fp8_teaching
+    steps = fp8_teaching.load()
+    print("\n# the teaching ladder (fp8_teaching/): TFLOP/s, each kernel's calls in one block")
+    print("| M | N | K | step 1 | step 2 | step 3 | step 4 | kernel | vendor blockwise |")
+    print("|---" * 9 + "|")
+    for M, N, K in LARGE_SHAPES:
+        xq, xs = quantize_act(torch.randn(M, K, device="cuda", dtype=torch.bfloat16))
+        wq, ws = quantize_weight(torch.randn(N, K, device="cuda", dtype=torch.bfloat16))
+        out = torch.empty(M, N, device="cuda", dtype=torch.bfloat16)
+        calls = [lambda f=getattr(steps, f"step{i}"): f(xq, xs, wq, ws, out) for i in range(1, 5)]
+        calls += [_kernel_call(xq, mmajor_scales(xs), wq, ws, out), _vendor_blockwise(xq, xs, wq, ws)[0]]
+        cells = [f"{2 * M * N * K / _median_ms(fn) / 1e9:.0f}" for fn in calls]
+        print(f"| {M} | {N} | {K} | " + " | ".join(cells) + " |", flush=True)
+        del xq, wq, out
+        torch.cuda.empty_cache()
+
+
 def bench_sustained(seconds: float = 2.0):
     """The Fprop kernel and cuBLAS blockwise, `seconds` each, with nvidia-smi sampling the SM clock and the board
     power every 50 ms. At the power cap the GPU lowers its clock until the board draws its limit, so the rate
@@ -250,6 +270,8 @@ def main(argv=None):
     p.add_argument("--training", action="store_true", help="also time the Wgrad (1D1D) and grouped-expert kernels")
     p.add_argument("--sustained", action="store_true",
                    help="also run the kernel and cuBLAS for 2 s each with the SM clock and power sampled (nvidia-smi)")
+    p.add_argument("--ladder", action="store_true",
+                   help="also time the teaching kernels of fp8_teaching/ (steps 1-4) beside the kernel")
     p.add_argument("--flush-l2", action="store_true", help="time every call with a cold L2 (write 256 MiB first)")
     args = p.parse_args(argv)
     _need_kernel()
@@ -259,6 +281,8 @@ def main(argv=None):
         bench_interleaved()
     if args.training:
         bench_training()
+    if args.ladder:
+        bench_ladder()
     if args.sustained:
         bench_sustained()
 

@@ -110,24 +110,21 @@ __device__ __forceinline__ float lds(const float* p) {
 }
 
 // Two adjacent outputs of one row: one 8-byte (fp32) or 4-byte (bf16) store when both are in range and aligned.
-__device__ __forceinline__ void store_pair(float* C, int M, int N, int row, int col, float x, float y) {
-  if (row >= M) return;
-  float* p = C + (size_t)row * N + col;
-  if (col + 1 < N && (N & 1) == 0) {
-    *reinterpret_cast<float2*>(p) = make_float2(x, y);
-  } else {
-    if (col < N) p[0] = x;
-    if (col + 1 < N) p[1] = y;
-  }
+template <typename OutT>
+__device__ __forceinline__ OutT to_out(float v) {
+  if constexpr (std::is_same_v<OutT, float>) return v;
+  else return __float2bfloat16_rn(v);
 }
-__device__ __forceinline__ void store_pair(__nv_bfloat16* C, int M, int N, int row, int col, float x, float y) {
+template <typename OutT>
+__device__ __forceinline__ void store_pair(OutT* C, int M, int N, int row, int col, float x, float y) {
   if (row >= M) return;
-  __nv_bfloat16* p = C + (size_t)row * N + col;
+  OutT* p = C + (size_t)row * N + col;
   if (col + 1 < N && (N & 1) == 0) {
-    *reinterpret_cast<__nv_bfloat162*>(p) = __floats2bfloat162_rn(x, y);
+    if constexpr (std::is_same_v<OutT, float>) *reinterpret_cast<float2*>(p) = make_float2(x, y);
+    else *reinterpret_cast<__nv_bfloat162*>(p) = __floats2bfloat162_rn(x, y);
   } else {
-    if (col < N) p[0] = __float2bfloat16_rn(x);
-    if (col + 1 < N) p[1] = __float2bfloat16_rn(y);
+    if (col < N) p[0] = to_out<OutT>(x);
+    if (col + 1 < N) p[1] = to_out<OutT>(y);
   }
 }
 

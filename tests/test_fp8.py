@@ -262,7 +262,8 @@ def test_bench_cli_usage():
     assert lines[0].startswith("usage: fp8_bench.py") and "unrecognized arguments: --tiers 9" in lines[-1]
     h = subprocess.run([sys.executable, "fp8_bench.py", "--help"], cwd=root, capture_output=True, text=True,
                        timeout=120)
-    assert h.returncode == 0 and all(f in h.stdout for f in ("--interleave", "--training", "--sustained", "--flush-l2"))
+    assert h.returncode == 0 and all(f in h.stdout for f in ("--interleave", "--training", "--ladder", "--sustained",
+                                                          "--flush-l2"))
 
 
 # ------------------------------------------------------------------ GPU: the CUDA kernel
