@@ -179,7 +179,7 @@ class Experts(nn.Module):
     `mm`: the grouped GEMM of the fast path, segment_mm's signature without `impl` (None: segment_mm itself);
     FP8 training passes fp8_experts.fp8_segment_mm. `swiglu_down` (FP8: fp8_experts.fp8_swiglu_down), if given,
     runs the SwiGLU and the down projection as one step that keeps only the SwiGLU's inputs for the backward
-    pass, as `act_cache` says (TR §3.3.3). The loop reference (`expert`) always runs in high precision."""
+    pass, as `act_cache` says (report §3.3.3). The loop reference (`expert`) always runs in high precision."""
 
     act_cache = "bf16"  # with swiglu_down: how the SwiGLU inputs are kept ("bf16", "fp8" or "e5m6")
 
