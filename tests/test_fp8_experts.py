@@ -107,6 +107,22 @@ def test_moe_routed_experts_run_in_fp8():
         MoE(ModelConfig(dim=256, moe_inter_dim=96, n_shared_experts=0), fp8.FP8Linear, fp8_experts.FP8Experts)
 
 
+def test_transformer_hands_fp8_experts_to_every_moe():
+    """Transformer(cfg, linear, experts) gives every MoE layer, the MTP blocks' too, the experts' kernels it was
+    handed, and none without them: the hand-over is explicit, not found on the linear class."""
+    from config import ModelConfig
+    from model import Transformer
+    from moe import MoE
+    cfg = ModelConfig(dim=128, inter_dim=256, moe_inter_dim=128, n_layers=2, n_dense_layers=1, n_mtp=1,
+                      n_routed_experts=4, n_activated_experts=2, n_expert_groups=1, n_limited_groups=1,
+                      q_lora_rank=128, kv_lora_rank=128, n_heads=2, qk_nope_head_dim=64, qk_rope_head_dim=64,
+                      v_head_dim=64, vocab_size=512)
+    for experts, mm, fused in ((fp8_experts.FP8Experts, fp8_experts.fp8_segment_mm, fp8_experts.fp8_swiglu_down),
+                               (None, None, None)):
+        moes = [m for m in Transformer(cfg, fp8.FP8Linear, experts).modules() if isinstance(m, MoE)]
+        assert len(moes) == 2 and all(m.experts.mm is mm and m.experts.swiglu_down is fused for m in moes)
+
+
 
 def _swiglu_down_run(fn, a, b, w2, g):
     """Forward and backward of fn(a, b, w2) with upstream gradient g: y, the grads of a, b, w2, and the bytes of
