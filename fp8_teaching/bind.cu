@@ -1,7 +1,8 @@
-// The teaching kernels' one Python module (fp8_teaching.load() builds it): the operand checks, shared by all
-// steps, and the bindings. Every step computes the same C = A . B^T as fp8.fp8_gemm_ref:
+// The teaching kernels' one Python module (fp8_teaching.load() builds it). Every step computes the same
+// C = A . B^T as fp8.fp8_gemm_ref:
 //   a (M, K) e4m3, a_scale (M, K/128) fp32 row-major, b (N, K) e4m3, b_scale (ceil(N/128), K/128) fp32,
 //   out (M, N) bf16; all contiguous CUDA tensors, K a positive multiple of 128.
+// fp8_teaching.gemm checks the operands and raises ValueError; the checks here are a last guard for direct calls.
 
 #include <ATen/core/Tensor.h>
 #include <torch/csrc/utils/pybind.h>

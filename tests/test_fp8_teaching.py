@@ -18,6 +18,21 @@ def test_steps_are_numbered_files():
     assert all(os.path.isfile(os.path.join(here, f)) for f in fp8_teaching.STEPS + ("bind.cu", "README.md"))
 
 
+def test_gemm_refuses_what_a_step_cannot_take():
+    """One clear ValueError, on any machine, before anything is built or launched."""
+    import fp8_teaching
+    aq, a_s = fp8.quantize_act(torch.randn(4, 256))
+    wq, ws = fp8.quantize_weight(torch.randn(136, 256))
+    with pytest.raises(ValueError, match="step must be 1, 2, 3 or 4"):
+        fp8_teaching.gemm(5, aq, a_s, wq, ws)
+    with pytest.raises(ValueError, match="128×128 blocks"):
+        fp8_teaching.gemm(1, aq, a_s, aq, a_s)                          # 1×128 scales on B: the Wgrad layout
+    with pytest.raises(ValueError, match="contiguous CUDA tensors"):
+        fp8_teaching.gemm(1, aq, a_s, wq, ws)                           # on the CPU
+    with pytest.raises(ValueError, match="multiple of 128"):
+        fp8_teaching.gemm(1, aq[:, :100], a_s, wq[:, :100], ws)
+
+
 @pytest.mark.gpu
 @hopper
 @pytest.mark.parametrize("step", [1, 2, 3, 4])
@@ -28,23 +43,21 @@ def test_step_matches_reference(step, M, N, K):
     (2000, 2112, 640) and (4161, 1032, 128) give the persistent grid's CTAs two or three tiles with an odd number of
     K blocks (step 4 ends a tile in either accumulator). N = 130 is refused by the steps that store by TMA."""
     import fp8_teaching
-    ext = fp8_teaching.load()
     seed = int.from_bytes(os.urandom(4), "little")
     torch.manual_seed(seed)
     x = torch.randn(M, K, device="cuda") * torch.rand(M, 1, device="cuda") * 4
     w = torch.randn(N, K, device="cuda")
     xq, xs = fp8.quantize_act(x)
     wq, ws = fp8.quantize_weight(w)
-    run = getattr(ext, f"step{step}")
     if step >= 3 and N % 8:
-        with pytest.raises(RuntimeError, match="N % 8"):
-            run(xq, xs, wq, ws, torch.empty(M, N, device="cuda", dtype=torch.bfloat16))
+        with pytest.raises(ValueError, match="N % 8 == 0"):
+            fp8_teaching.gemm(step, xq, xs, wq, ws)
         return
     ref = fp8.fp8_gemm_ref(xq, xs, wq, ws, torch.float32)
     outs = []
     for _ in range(2):
         out = torch.full((M, N), float("nan"), device="cuda", dtype=torch.bfloat16)
-        run(xq, xs, wq, ws, out)
+        assert fp8_teaching.gemm(step, xq, xs, wq, ws, out) is out
         torch.cuda.synchronize()
         outs.append(out)
     assert not outs[0].isnan().any(), f"unwritten outputs (seed {seed})"
