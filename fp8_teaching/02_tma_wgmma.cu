@@ -18,6 +18,8 @@
 #include <cudaTypedefs.h>
 #include <stdint.h>
 
+#include <string>
+
 #include <ATen/core/Tensor.h>
 #include <c10/cuda/CUDAStream.h>
 
@@ -226,8 +228,9 @@ static bool make_map(CUtensorMap* map, const void* ptr, CUtensorMapDataType dtyp
 }
 }  // namespace step2
 
-// Operands as in step 1; a and b 16-byte aligned (TMA). The checks are in bind.cu.
-void step2_gemm(at::Tensor a, at::Tensor a_scale, at::Tensor b, at::Tensor b_scale, at::Tensor out) {
+// Operands as in step 1; a and b 16-byte aligned (TMA). Checked in fp8_teaching.gemm (and
+// bind.cu); returns "" or what went wrong.
+std::string step2_gemm(at::Tensor a, at::Tensor a_scale, at::Tensor b, at::Tensor b_scale, at::Tensor out) {
   using namespace step2;
   const int M = a.size(0), K = a.size(1), N = b.size(0);
   static int sms = 0;
@@ -238,12 +241,13 @@ void step2_gemm(at::Tensor a, at::Tensor a_scale, at::Tensor b, at::Tensor b_sca
     cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
   }
   CUtensorMap ma, mb;
-  TORCH_CHECK(make_map(&ma, a.data_ptr(), CU_TENSOR_MAP_DATA_TYPE_UINT8, 1, M, K, BM, BK) &&
-                  make_map(&mb, b.data_ptr(), CU_TENSOR_MAP_DATA_TYPE_UINT8, 1, N, K, BN, BK),
-              "step2_gemm: cuTensorMapEncodeTiled failed");
+  if (!(make_map(&ma, a.data_ptr(), CU_TENSOR_MAP_DATA_TYPE_UINT8, 1, M, K, BM, BK) &&
+        make_map(&mb, b.data_ptr(), CU_TENSOR_MAP_DATA_TYPE_UINT8, 1, N, K, BN, BK)))
+    return "step2: cuTensorMapEncodeTiled failed";
   const int tiles = ((M + BM - 1) / BM) * ((N + BN - 1) / BN);
   gemm<<<tiles < sms ? tiles : sms, THREADS, SMEM, c10::cuda::getCurrentCUDAStream()>>>(
       ma, mb, a_scale.data_ptr<float>(), b_scale.data_ptr<float>(), reinterpret_cast<__nv_bfloat16*>(out.data_ptr()),
       M, N, K);
-  TORCH_CHECK(cudaGetLastError() == cudaSuccess, "step2_gemm: launch failed");
+  const cudaError_t e = cudaGetLastError();
+  return e == cudaSuccess ? "" : std::string("step2: launch failed: ") + cudaGetErrorString(e);
 }

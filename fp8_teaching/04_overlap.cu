@@ -14,6 +14,8 @@
 #include <cudaTypedefs.h>
 #include <stdint.h>
 
+#include <string>
+
 #include <ATen/core/Tensor.h>
 #include <c10/cuda/CUDAStream.h>
 
@@ -271,8 +273,9 @@ static bool make_map(CUtensorMap* map, const void* ptr, CUtensorMapDataType dtyp
 }
 }  // namespace step4
 
-// Operands as in step 1; a, b and out 16-byte aligned, N % 8 == 0 (TMA). The checks are in bind.cu.
-void step4_gemm(at::Tensor a, at::Tensor a_scale, at::Tensor b, at::Tensor b_scale, at::Tensor out) {
+// Operands as in step 1; a, b and out 16-byte aligned, N % 8 == 0 (TMA). Checked in fp8_teaching.gemm (and
+// bind.cu); returns "" or what went wrong.
+std::string step4_gemm(at::Tensor a, at::Tensor a_scale, at::Tensor b, at::Tensor b_scale, at::Tensor out) {
   using namespace step4;
   const int M = a.size(0), K = a.size(1), N = b.size(0);
   static int sms = 0;
@@ -283,12 +286,13 @@ void step4_gemm(at::Tensor a, at::Tensor a_scale, at::Tensor b, at::Tensor b_sca
     cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
   }
   CUtensorMap ma, mb, mc;
-  TORCH_CHECK(make_map(&ma, a.data_ptr(), CU_TENSOR_MAP_DATA_TYPE_UINT8, 1, M, K, BM, BK) &&
-                  make_map(&mb, b.data_ptr(), CU_TENSOR_MAP_DATA_TYPE_UINT8, 1, N, K, BN, BK) &&
-                  make_map(&mc, out.data_ptr(), CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, M, N, 64, 64),
-              "step4_gemm: cuTensorMapEncodeTiled failed");
+  if (!(make_map(&ma, a.data_ptr(), CU_TENSOR_MAP_DATA_TYPE_UINT8, 1, M, K, BM, BK) &&
+        make_map(&mb, b.data_ptr(), CU_TENSOR_MAP_DATA_TYPE_UINT8, 1, N, K, BN, BK) &&
+        make_map(&mc, out.data_ptr(), CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, M, N, 64, 64)))
+    return "step4: cuTensorMapEncodeTiled failed";
   const int tiles = ((M + BM - 1) / BM) * ((N + BN - 1) / BN);
   gemm<<<tiles < sms ? tiles : sms, THREADS, SMEM, c10::cuda::getCurrentCUDAStream()>>>(
       ma, mb, mc, a_scale.data_ptr<float>(), b_scale.data_ptr<float>(), M, N, K);
-  TORCH_CHECK(cudaGetLastError() == cudaSuccess, "step4_gemm: launch failed");
+  const cudaError_t e = cudaGetLastError();
+  return e == cudaSuccess ? "" : std::string("step4: launch failed: ") + cudaGetErrorString(e);
 }

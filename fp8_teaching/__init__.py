@@ -16,8 +16,8 @@ _EXT = None
 
 
 def load():
-    """The module with step1 ... step4(a, a_scale, b, b_scale, out), which expect the operands gemm() checks.
-    Raises RuntimeError where the kernels cannot run."""
+    """The module: its gemm(step, a, a_scale, b, b_scale, out) runs a step and returns "" or what went wrong (see
+    bind.cu). Raises RuntimeError where the kernels cannot run."""
     global _EXT
     if _EXT is None:
         if not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0):
@@ -50,6 +50,7 @@ def gemm(step: int, a, a_scale, b, b_scale, out=None) -> torch.Tensor:
     if step >= 3 and N % 8:
         raise ValueError(f"teaching gemm: step {step} stores by TMA, which needs N % 8 == 0 (N = {N})")
     assert a.dtype == FP8 and K % BLOCK == 0                              # (check_gemm_operands saw to it)
-    if M and N:
-        getattr(load(), f"step{step}")(*tensors)
+    err = load().gemm(step, *tensors)
+    if err:
+        raise RuntimeError(f"teaching gemm: {err}")
     return out

@@ -65,3 +65,20 @@ def test_step_matches_reference(step, M, N, K):
     assert fp8.calc_diff(outs[0], ref) < 1e-5, f"seed {seed}"
     torch.testing.assert_close(outs[0].float(), ref, rtol=2 ** -7, atol=1e-3 * ref.abs().max().item(),
                                msg=lambda m: f"seed {seed}: {m}")
+
+
+@pytest.mark.gpu
+@hopper
+def test_module_returns_errors_instead_of_raising():
+    """Called directly, the module refuses what a step cannot take with a message (no C++ exception crosses into
+    Python), and runs nothing."""
+    import fp8_teaching
+    ext = fp8_teaching.load()
+    xq, xs = fp8.quantize_act(torch.randn(65, 256, device="cuda"))
+    wq, ws = fp8.quantize_weight(torch.randn(130, 256, device="cuda"))
+    out = torch.full((65, 130), float("nan"), device="cuda", dtype=torch.bfloat16)
+    assert "N % 8 == 0" in ext.gemm(3, xq, xs, wq, ws, out)
+    assert "bf16 out" in ext.gemm(1, xq, xs, wq, ws, out.float())
+    assert "step must be" in ext.gemm(7, xq, xs, wq, ws, out)
+    assert out.isnan().all()
+    assert ext.gemm(2, xq, xs, wq, ws, out) == "" and not out.isnan().any()
