@@ -78,7 +78,8 @@ struct Layout {
   using T = Traits<K>;
   static constexpr int c_rounds = T::a_scales_in_stage && T::tma_store && STAGES == 6 ? 2 : 1;
   static constexpr int c_bytes = T::tma_store ? C_BYTES / c_rounds : 0;
-  static constexpr int stage_scale_bytes = (T::b_row_scales ? SCALES_BYTES : 0) + (T::a_scales_in_stage ? SCALES_BYTES : 0);
+  static constexpr int stage_scale_bytes =
+      (T::b_row_scales ? SCALES_BYTES : 0) + (T::a_scales_in_stage ? SCALES_BYTES : 0);
   static constexpr int bytes = STAGES * 2 * TILE_BYTES + c_bytes + STAGES * stage_scale_bytes + 2 * STAGES * 8 + 1024;
   static_assert(bytes <= 227 * 1024, "more shared memory than a Hopper SM gives one block");
 };
@@ -100,7 +101,9 @@ struct Problem {
 };
 
 // ------------------------------------------------------------ PTX wrappers
-__device__ __forceinline__ uint32_t smem_u32(const void* p) { return static_cast<uint32_t>(__cvta_generic_to_shared(p)); }
+__device__ __forceinline__ uint32_t smem_u32(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
 
 // One float from shared memory with ld.shared (a plain load through a generic pointer compiles to a generic LD).
 __device__ __forceinline__ float lds(const float* p) {
@@ -209,7 +212,9 @@ __device__ __forceinline__ void wgmma_m64n128k32(float* d, uint64_t da, uint64_t
 }
 
 template <int N>
-__device__ __forceinline__ void wgmma_wait() { asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory"); }
+__device__ __forceinline__ void wgmma_wait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+}
 
 // The 4 k32 wgmmas of one 128-wide K block into a fresh accumulator (scale-d = 0 on the first), as one group.
 __device__ __forceinline__ void issue_block(float* acc, const uint8_t* a, const uint8_t* b) {
@@ -574,7 +579,8 @@ static bool make_map(CUtensorMap* map, const void* ptr, CUtensorMapDataType dtyp
   cuuint64_t strides[1] = {(cuuint64_t)cols * elem_bytes};
   cuuint32_t box[2] = {(cuuint32_t)box_cols, (cuuint32_t)box_rows}, estr[2] = {1, 1};
   CUresult r = encode(map, dtype, 2, const_cast<void*>(ptr), dims, strides, box, estr, CU_TENSOR_MAP_INTERLEAVE_NONE,
-                      CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+                      CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                      CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
   return r == CUDA_SUCCESS;
 }
 
@@ -597,7 +603,8 @@ static const char* split_workspace(cudaStream_t stream, float** ws, unsigned** f
     float* w = nullptr;
     unsigned* f = nullptr;
     if (cudaMalloc(&w, sms * BM * BN * sizeof(float)) != cudaSuccess ||
-        cudaMalloc(&f, sms * 2 * sizeof(unsigned)) != cudaSuccess || cudaMemset(f, 0, sms * 2 * sizeof(unsigned)) != cudaSuccess ||
+        cudaMalloc(&f, sms * 2 * sizeof(unsigned)) != cudaSuccess ||
+        cudaMemset(f, 0, sms * 2 * sizeof(unsigned)) != cudaSuccess ||
         cudaDeviceSynchronize() != cudaSuccess) {  // the zeroed flags, before any stream's first split launch
       cudaFree(w);
       cudaFree(f);
@@ -688,16 +695,18 @@ static bool aligned16(const at::Tensor& t) { return reinterpret_cast<uintptr_t>(
 // What every binding needs: a (M, K), b (rows, K) e4m3 K-major with K a multiple of 128, fp32 scales, out of
 // the given type, all on the GPU; a_scale (M, K/128), contiguous unless M-major.
 static void check_operands(const at::Tensor& a, const at::Tensor& a_scale, const at::Tensor& b,
-                           const at::Tensor& b_scale, const at::Tensor& out, const char* name, at::ScalarType out_type) {
+                           const at::Tensor& b_scale, const at::Tensor& out, const char* name,
+                           at::ScalarType out_type) {
   TORCH_CHECK(a.is_cuda() && b.is_cuda() && a_scale.is_cuda() && b_scale.is_cuda() && out.is_cuda(), name,
               ": all tensors must be on the GPU");
   TORCH_CHECK(a.scalar_type() == at::kFloat8_e4m3fn && b.scalar_type() == at::kFloat8_e4m3fn, name,
               ": a and b must be float8_e4m3fn");
   TORCH_CHECK(a_scale.scalar_type() == at::kFloat && b_scale.scalar_type() == at::kFloat, name,
               ": scales must be float32");
-  TORCH_CHECK(out.scalar_type() == out_type, name, out_type == at::kFloat ? ": out must be float32" : ": out must be bfloat16");
-  TORCH_CHECK(a.is_contiguous() && b.is_contiguous() && b_scale.is_contiguous() && out.is_contiguous() && out.dim() == 2,
-              name, ": a, b, b_scale and a 2-D out must be contiguous");
+  TORCH_CHECK(out.scalar_type() == out_type, name,
+              out_type == at::kFloat ? ": out must be float32" : ": out must be bfloat16");
+  TORCH_CHECK(a.is_contiguous() && b.is_contiguous() && b_scale.is_contiguous() && out.is_contiguous() &&
+                  out.dim() == 2, name, ": a, b, b_scale and a 2-D out must be contiguous");
   TORCH_CHECK(a.dim() == 2 && b.dim() == 2 && a.size(1) == b.size(1) && a.size(1) > 0 && a.size(1) % 128 == 0, name,
               ": a (M, K), b (rows, K) with K a positive multiple of 128 expected");
   TORCH_CHECK(aligned16(a) && aligned16(b), name, ": a and b must be 16-byte aligned (TMA)");

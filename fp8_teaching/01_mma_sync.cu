@@ -30,7 +30,9 @@ constexpr int THREADS = 256, STAGES = 3;
 constexpr int TILE_BYTES = BM * BK;               // 16 KiB per operand per stage
 constexpr int SMEM = STAGES * 2 * TILE_BYTES;     // 96 KiB
 
-__device__ __forceinline__ uint32_t smem_u32(const void* p) { return static_cast<uint32_t>(__cvta_generic_to_shared(p)); }
+__device__ __forceinline__ uint32_t smem_u32(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
 
 __device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, bool valid) {
   // src-size 0 zero-fills the 16 bytes: rows past M (or N) read as zeros.
@@ -89,7 +91,10 @@ __global__ void __launch_bounds__(THREADS) gemm(const uint8_t* __restrict__ A, c
   }
   for (int kb = 0; kb < Kb; ++kb) {
     int nxt = kb + STAGES - 1;  // refill the stage that was consumed one iteration ago
-    if (nxt < Kb) { load_tile(sA(nxt % STAGES), A, M, m0, K, nxt * BK); load_tile(sB(nxt % STAGES), B, N, n0, K, nxt * BK); }
+    if (nxt < Kb) {
+      load_tile(sA(nxt % STAGES), A, M, m0, K, nxt * BK);
+      load_tile(sB(nxt % STAGES), B, N, n0, K, nxt * BK);
+    }
     asm volatile("cp.async.commit_group;\n");
     // Scales for this K block, fetched before the wait so their latency hides behind it.
     float sb = SB[(n0 / 128) * Kb + kb], sa[4][2];

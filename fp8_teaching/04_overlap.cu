@@ -28,7 +28,9 @@ constexpr int C_BYTES = 2 * 64 * BN * 2;                      // the bf16 output
 constexpr int SMEM = STAGES * 2 * TILE_BYTES + C_BYTES + 2 * STAGES * 8 + 1024;  // + barriers, alignment slack
 constexpr int GROUP_N = 8;                                    // tile order: bands of 8 N tiles, M inner
 
-__device__ __forceinline__ uint32_t smem_u32(const void* p) { return static_cast<uint32_t>(__cvta_generic_to_shared(p)); }
+__device__ __forceinline__ uint32_t smem_u32(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
 
 __device__ __forceinline__ void mbar_init(uint64_t* b, int count) {
   asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(smem_u32(b)), "r"(count));
@@ -93,7 +95,9 @@ __device__ __forceinline__ void wgmma_m64n128k32(float* d, uint64_t da, uint64_t
 }
 
 template <int N>
-__device__ __forceinline__ void wgmma_wait() { asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory"); }
+__device__ __forceinline__ void wgmma_wait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+}
 
 // The 4 k32 wgmmas of one 128-wide K block into a fresh accumulator (scale-d = 0 on the first), as one group.
 // Step k moves 32 bytes along K: +2 in the descriptors' address field (16-byte units).
@@ -239,7 +243,8 @@ __global__ void __launch_bounds__(THREADS, 1) gemm(const __grid_constant__ CUten
       for (int j = 0; j < 16; ++j) {  // cols 8j + 2(lane%4): box j/8, 16-byte chunk j%8 swizzled by row%8
         int off = (j >> 3) * 8192 + rw * 128 + (((j & 7) ^ (rw & 7)) << 4) + 4 * (lane & 3);
         *reinterpret_cast<__nv_bfloat162*>(cbuf + off) = __floats2bfloat162_rn(fin[4 * j + 0], fin[4 * j + 1]);
-        *reinterpret_cast<__nv_bfloat162*>(cbuf + off + 8 * 128) = __floats2bfloat162_rn(fin[4 * j + 2], fin[4 * j + 3]);
+        *reinterpret_cast<__nv_bfloat162*>(cbuf + off + 8 * 128) =
+            __floats2bfloat162_rn(fin[4 * j + 2], fin[4 * j + 3]);
       }
       asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");  // make the stores visible to TMA
       named_barrier(1 + mw);
@@ -268,7 +273,8 @@ static bool make_map(CUtensorMap* map, const void* ptr, CUtensorMapDataType dtyp
   cuuint64_t strides[1] = {(cuuint64_t)cols * elem_bytes};
   cuuint32_t box[2] = {(cuuint32_t)box_cols, (cuuint32_t)box_rows}, estr[2] = {1, 1};
   CUresult r = encode(map, dtype, 2, const_cast<void*>(ptr), dims, strides, box, estr, CU_TENSOR_MAP_INTERLEAVE_NONE,
-                      CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+                      CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                      CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
   return r == CUDA_SUCCESS;
 }
 }  // namespace step4

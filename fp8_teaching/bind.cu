@@ -35,9 +35,11 @@ static const char* check(const at::Tensor& a, const at::Tensor& a_scale, const a
   return nullptr;
 }
 
-std::string gemm(int64_t step, at::Tensor a, at::Tensor a_scale, at::Tensor b, at::Tensor b_scale, at::Tensor out) {
+std::string gemm(int64_t step, at::Tensor a, at::Tensor a_scale, at::Tensor b, at::Tensor b_scale,
+                 at::Tensor out) {
   if (step < 1 || step > 4) return "step must be 1, 2, 3 or 4";
-  if (const char* err = check(a, a_scale, b, b_scale, out, (int)step)) return "step " + std::to_string(step) + ": " + err;
+  if (const char* err = check(a, a_scale, b, b_scale, out, (int)step))
+    return "step " + std::to_string(step) + ": " + err;
   if (a.size(0) == 0 || b.size(0) == 0) return "";
   switch (step) {
     case 1: return step1_gemm(a, a_scale, b, b_scale, out);
