@@ -21,6 +21,8 @@ Weights, named as in the released checkpoints: `wkv_a` = [W^DKV ; W^KR] (dim →
 [W^UK ; W^UV] (d_c → H·(d_h + d_v), viewed (H, d_h + d_v, d_c): per head the first d_h rows are W^UK, the
 last d_v rows W^UV), `wq_a` = W^DQ, `wq_b` = [W^UQ ; W^QR] per head, `wo` = W^O. In code dn = d_h
 (`qk_nope_head_dim`), dr = d^R_h (`qk_rope_head_dim`), dv = `v_head_dim` (may differ from dn), c = d_c.
+"pe" (positional embedding) names the rotary part, as in the released code: q_pe = q^R, k_pe = k^R, and
+`pe_cache` holds the roped k^R; "nope" (no positional embedding) names the content part q^C, k^C.
 
 Two attention paths, equal up to rounding (tests/test_mla.py):
 - naive (the reference; training and prefill): expand c^KV to per-head K and V with W^UK, W^UV and call
@@ -33,7 +35,11 @@ Two attention paths, equal up to rounding (tests/test_mla.py):
 RoPE rotates interleaved pairs (x[2i], x[2i+1]), the layout of the released weights. YaRN extends the
 context when max_seq_len > original_seq_len: low-frequency pairs are slowed by rope_factor, high-frequency
 ones kept, a linear ramp in between; the softmax scale is multiplied by m², m = 0.1·mscale·ln(rope_factor)+1
-(the cos/sin themselves are not scaled).
+(the cos/sin themselves are not scaled). Why m²: over a longer context the softmax spreads its weight over
+more keys, and YaRN sharpens it again with a lower temperature (logits × 1/t, fitted as √(1/t) = 0.1·ln s + 1
+for a stretch s). YaRN applies √(1/t) = m to q and to k alike (through their cos/sin), so their dot product
+carries m²; DeepSeek's code puts the whole m² into the softmax scale instead, which sharpens the content dims
+as well as the rotary ones, and this file does the same.
 """
 import math
 
@@ -80,15 +86,18 @@ def precompute_freqs_cis(cfg) -> torch.Tensor:
 
 
 def apply_rotary_emb(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
-    """Rotate each pair (x[2i], x[2i+1]) of x (B, T, H, dr) or (B, T, dr) by angle p·θ_i (freqs_cis (T, dr/2)).
+    """Rotate each pair (x[2i], x[2i+1]) of x (B, T, H, dr) or (B, T, dr) by angle p·θ_i (freqs_cis (T, dr/2),
+    or (B, T, dr/2) when each sequence sits at its own positions).
 
     Computed in fp32 (fp64 for fp64 input) with real arithmetic, returned in x's dtype."""
-    if x.dim() not in (3, 4) or freqs_cis.shape != (x.shape[1], x.shape[-1] // 2) or x.shape[-1] % 2:
+    want = (x.shape[1], x.shape[-1] // 2) if freqs_cis.dim() == 2 else (x.shape[0], x.shape[1], x.shape[-1] // 2)
+    if x.dim() not in (3, 4) or freqs_cis.shape != want or x.shape[-1] % 2:
         raise ValueError(f"apply_rotary_emb: x {tuple(x.shape)} (B, T, [H,] dr) does not match "
-                         f"freqs_cis {tuple(freqs_cis.shape)} (T, dr/2)")
+                         f"freqs_cis {tuple(freqs_cis.shape)} ([B,] T, dr/2)")
     pairs = at_least_fp32(x).unflatten(-1, (-1, 2))  # (B, T, [H,] dr/2, 2)
-    shape = (1, x.shape[1], 1, -1) if x.dim() == 4 else (1, x.shape[1], -1)  # broadcast over B (and H)
-    cos = freqs_cis.real.to(pairs.dtype).view(shape)  # (1, T, [1,] dr/2)
+    lead = (x.shape[0] if freqs_cis.dim() == 3 else 1, x.shape[1])  # broadcast over B unless per sequence
+    shape = (*lead, 1, -1) if x.dim() == 4 else (*lead, -1)  # ([B|1], T, [1,] dr/2): broadcast over H
+    cos = freqs_cis.real.to(pairs.dtype).view(shape)  # ([B|1], T, [1,] dr/2)
     sin = freqs_cis.imag.to(pairs.dtype).view(shape)
     a, b = pairs[..., 0], pairs[..., 1]  # (B, T, [H,] dr/2) each
     out = torch.stack([a * cos - b * sin, a * sin + b * cos], dim=-1)  # (B, T, [H,] dr/2, 2)
@@ -96,7 +105,10 @@ def apply_rotary_emb(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
 
 
 def softmax_scale(cfg) -> float:
-    """1/sqrt(dn + dr), times m² with m = 0.1·mscale·ln(rope_factor) + 1 when YaRN is active."""
+    """1/sqrt(dn + dr), times m² with m = 0.1·mscale·ln(rope_factor) + 1 when YaRN is active.
+
+    m is the factor YaRN puts on q and on k each (a lower softmax temperature for the longer context), hence
+    squared in the score q·k."""
     scale = cfg.qk_head_dim ** -0.5
     if cfg.yarn_active:
         m = 0.1 * cfg.mscale * math.log(cfg.rope_factor) + 1.0
@@ -180,6 +192,20 @@ class MLA(nn.Module):
         self.pe_cache[:B, start_pos:end] = k_pe.detach()
         return self.kv_cache[:B, :end].to(latent.dtype), self.pe_cache[:B, :end].to(k_pe.dtype)  # (B, S, ·)
 
+    def _write_cache_at(self, latent, k_pe, pos):
+        """Static-cache form: row b's T new entries go to positions pos[b]..pos[b]+T-1 (pos a (B,) tensor, so
+        sequences of a batch may sit at different positions); returns the whole cache of rows [0, B), (B, S, ·),
+        and the mask (B, T, S) of the keys each query may see (s <= its own position). The shapes never depend
+        on the positions, and nothing is read back to the host: a CUDA graph can capture it. The caller checks
+        that pos[b] + T <= S (no check here would run without a host sync)."""
+        B, T, _ = latent.shape
+        S = self.kv_cache.shape[1]
+        at = pos[:, None] + torch.arange(T, device=pos.device)  # (B, T) absolute positions of the new entries
+        self.kv_cache[:B].scatter_(1, at[..., None].expand(B, T, self.kv_lora_rank), latent.detach())
+        self.pe_cache[:B].scatter_(1, at[..., None].expand(B, T, self.dr), k_pe.detach())
+        mask = torch.arange(S, device=pos.device)[None, None, :] <= at[..., None]  # (B, T, S)
+        return self.kv_cache[:B].to(latent.dtype), self.pe_cache[:B].to(k_pe.dtype), mask
+
     # -- projections ----------------------------------------------------------------------------------------
     def _query(self, x):
         B, T, _ = x.shape
@@ -190,13 +216,19 @@ class MLA(nn.Module):
         """x (B, T, dim), freqs_cis (T, dr/2) for positions [start_pos or 0, +T). Returns (B, T, dim).
 
         start_pos None: causal self-attention over x, no cache. start_pos int: write this chunk to the
-        cache, then attend over positions [0, start_pos + T)."""
+        cache, then attend over positions [0, start_pos + T). start_pos a (B,) integer tensor: row b's chunk
+        sits at positions start_pos[b].. (freqs_cis then (B, T, dr/2)); attend over the whole cache, masked
+        (_write_cache_at: static shapes, no host sync)."""
         if self.attn_impl not in ("naive", "absorb"):
             raise ValueError(f"MLA.attn_impl must be 'naive' or 'absorb', got {self.attn_impl!r}")
         B, T, _ = x.shape
-        if freqs_cis.shape[0] != T:
-            raise ValueError(f"MLA.forward: freqs_cis has {freqs_cis.shape[0]} positions for T={T} tokens")
-        if start_pos is not None:
+        if freqs_cis.shape[-2] != T:
+            raise ValueError(f"MLA.forward: freqs_cis has {freqs_cis.shape[-2]} positions for T={T} tokens")
+        static = torch.is_tensor(start_pos)
+        if static and (self.kv_cache is None or B > self.kv_cache.shape[0] or start_pos.shape != (B,)):
+            raise ValueError("MLA.forward: per-sequence positions need setup_cache(max_batch >= B) and a (B,) "
+                             "tensor of start positions")
+        if start_pos is not None and not static:
             self._check_cache_use(B, T, start_pos)
         q = self._query(x)  # (B, T, H, dn+dr)
         q_nope, q_pe = q.split([self.dn, self.dr], dim=-1)  # (B, T, H, dn), (B, T, H, dr)
@@ -205,16 +237,18 @@ class MLA(nn.Module):
         latent, k_pe = kv.split([self.kv_lora_rank, self.dr], dim=-1)  # (B, T, c), (B, T, dr)
         k_pe = apply_rotary_emb(k_pe, freqs_cis)  # k^R: one per token, shared by the heads, not normalised
         latent = self.kv_norm(latent)  # the norm covers only the c^KV part
-        start = 0
-        if start_pos is not None:
+        start, mask = 0, None
+        if static:
+            latent, k_pe, mask = self._write_cache_at(latent, k_pe, start_pos)  # (B, S, c), (B, S, dr), (B, T, S)
+        elif start_pos is not None:
             latent, k_pe = self._write_and_read_cache(latent, k_pe, start_pos)  # (B, S, c), (B, S, dr)
             start = start_pos
         attend = self._attend_naive if self.attn_impl == "naive" else self._attend_absorb
-        o = attend(q_nope, q_pe, latent, k_pe, start, x.dtype)  # (B, T, H, dv)
+        o = attend(q_nope, q_pe, latent, k_pe, start, x.dtype, mask)  # (B, T, H, dv)
         return self.wo(o.flatten(2))  # (B, T, H·dv) -> (B, T, dim)
 
     # -- the two attention paths ----------------------------------------------------------------------------
-    def _attend_naive(self, q_nope, q_pe, latent, k_pe, start, out_dtype):
+    def _attend_naive(self, q_nope, q_pe, latent, k_pe, start, out_dtype, mask=None):
         """Reference: expand c^KV to per-head k^C, v^C and run standard attention with k = [k^C ; k^R]."""
         B, T, H, _ = q_nope.shape
         S = latent.shape[1]
@@ -224,7 +258,9 @@ class MLA(nn.Module):
         k = torch.cat([k_nope, k_rope], dim=-1).transpose(1, 2)  # (B, H, S, dn+dr)
         q = torch.cat([q_nope, q_pe], dim=-1).transpose(1, 2)  # (B, H, T, dn+dr)
         v = v.transpose(1, 2)  # (B, H, S, dv)
-        if T == S:  # no cache or a prefill from position 0: the usual square causal mask
+        if mask is not None:  # per-sequence positions: (B, T, S), the same for every head
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], scale=self.softmax_scale)
+        elif T == S:  # no cache or a prefill from position 0: the usual square causal mask
             o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.softmax_scale)
         else:  # queries sit at positions start..start+T-1; is_causal would align them to 0 instead
             mask = causal_mask(T, S, start, device=q.device)  # (T, S)
@@ -232,7 +268,7 @@ class MLA(nn.Module):
         # SDPA accumulates the softmax in fp32 for low-precision inputs
         return o.transpose(1, 2).to(out_dtype)  # (B, T, H, dv)
 
-    def _attend_absorb(self, q_nope, q_pe, latent, k_pe, start, out_dtype):
+    def _attend_absorb(self, q_nope, q_pe, latent, k_pe, start, out_dtype, mask=None):
         """Fast: fold W^UK into the query and W^UV into the output; attend over the latents directly."""
         B, T, H, _ = q_nope.shape
         S = latent.shape[1]
@@ -242,8 +278,69 @@ class MLA(nn.Module):
         scores = (torch.einsum("bthc,bsc->bhts", q_lat, latent)  # (B, H, T, S): content part
                   + torch.einsum("bthr,bsr->bhts", q_pe, k_pe.to(q_pe.dtype)))  # + rotary part, k^R shared
         scores = scores * self.softmax_scale
-        if T > 1:  # a single query is the newest position and sees all S keys: nothing to mask
+        if mask is not None:  # per-sequence positions: (B, T, S), the same for every head
+            scores = scores.masked_fill(~mask[:, None], float("-inf"))
+        elif T > 1:  # a single query is the newest position and sees all S keys: nothing to mask
             scores = scores.masked_fill(~causal_mask(T, S, start, device=scores.device), float("-inf"))
         p = F.softmax(at_least_fp32(scores), dim=-1).to(out_dtype)  # softmax in (at least) fp32  # (B, H, T, S)
         o_lat = torch.einsum("bhts,bsc->bthc", p, latent.to(p.dtype))  # (B, T, H, c)
         return torch.einsum("bthc,hvc->bthv", o_lat, w_uv.to(o_lat.dtype))  # (B, T, H, dv): W^UV_i o_lat
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Demo: `python mla.py` prints what MLA buys (cache size) and that the absorbed path equals the naive one
+# ---------------------------------------------------------------------------------------------------------
+def demo_cache_sizes(cfg, context: int = 128 * 1024, gqa_groups: int = 8) -> list:
+    """Rows (name, values per token per layer, bf16 bytes, GiB for `context` tokens over all layers)."""
+    sizes = kv_cache_bytes_per_token(cfg, bytes_per_value=2)
+    gqa = gqa_groups * (cfg.qk_head_dim + cfg.v_head_dim)  # GQA: one key and value per group of heads
+    rows = [(f"MHA, {cfg.n_heads} heads", sizes["mha"] // 2), (f"GQA, {gqa_groups} groups", gqa),
+            ("MLA, c^KV + k^R", sizes["mla"] // 2)]
+    return [(name, v, 2 * v, 2 * v * cfg.n_layers * context / 2**30) for name, v in rows]
+
+
+def demo_agreement(seed: int = 0, T: int = 16) -> dict:
+    """Max |naive − absorbed| of one small random MLA in fp64 and fp32, and of a token-by-token absorbed
+    decode from the latent cache against the naive full pass (fp32)."""
+    from config import ModelConfig
+    cfg = ModelConfig(max_seq_len=64)  # the tiny preset's attention: dim 128, 4 heads, d_c 64, dr 16
+    torch.manual_seed(seed)
+    m = MLA(cfg)
+    x = torch.randn(2, T, cfg.dim)
+    fc = precompute_freqs_cis(cfg)[:T]
+    out = {}
+    with torch.no_grad():
+        for name, dtype in (("fp64", torch.float64), ("fp32", torch.float32)):
+            m.to(dtype)
+            m.attn_impl = "naive"
+            naive = m(x.to(dtype), fc)
+            m.attn_impl = "absorb"
+            out[name] = (m(x.to(dtype), fc) - naive).abs().max().item()
+        out["scale"] = naive.abs().max().item()  # `naive` is now the fp32 full pass, the decode's reference
+        m.setup_cache(2, T)
+        steps = [m(x[:, t:t + 1], fc[t:t + 1], start_pos=t) for t in range(T)]  # absorb, one token at a time
+        out["decode"] = (torch.cat(steps, dim=1) - naive).abs().max().item()
+    return out
+
+
+def _demo_main():
+    from config import get_preset
+    cfg = get_preset("v3-671b")
+    print(f"KV cache at DeepSeek-V3's size ({cfg.n_heads} heads, d_h {cfg.qk_nope_head_dim} + d^R_h "
+          f"{cfg.qk_rope_head_dim}, d_v {cfg.v_head_dim}, d_c {cfg.kv_lora_rank}, {cfg.n_layers} layers), bf16:")
+    rows = demo_cache_sizes(cfg)
+    print(f"  {'attention':22s} {'values/token/layer':>18s} {'bytes':>7s} {'GiB for 128K tokens':>20s}")
+    for name, values, nbytes, gib in rows:
+        print(f"  {name:22s} {values:18,d} {nbytes:7,d} {gib:20,.1f}")
+    mha, gqa, mla = (r[2] for r in rows)
+    print(f"  MLA caches {mha / mla:.1f}x less than MHA and {gqa / mla:.1f}x less than 8-group GQA: "
+          f"as little as GQA with {mla / (gqa / 8):.1f} groups")
+    r = demo_agreement()
+    print("\nnaive (expand c^KV to per-head K, V) vs absorbed (W^UK into q, W^UV into the output), small random")
+    print(f"MLA (dim 128, 4 heads, T 16), outputs up to {r['scale']:.2f} in size:")
+    print(f"  max |naive - absorbed|  fp64 {r['fp64']:.1e}   fp32 {r['fp32']:.1e}")
+    print(f"  absorbed decode from the latent cache, one token at a time, vs naive full pass: {r['decode']:.1e}")
+
+
+if __name__ == "__main__":
+    _demo_main()

@@ -15,6 +15,11 @@ moe_inter_dim ("fine-grained" experts: many narrow ones rather than a few wide o
 - Auxiliary-Loss-Free Load Balancing: b_i is not trained by gradient. After each optimizer step it moves by γ
   against the load of that step: b_i -= γ for overloaded experts, b_i += γ for underloaded ones (γ = 0.001 in the
   report). `MoE.load` accumulates the token counts of all micro-batches of a step; `update_bias` applies and resets.
+  Why balance: a router left alone sends most tokens to a few experts (the others stop learning), and under
+  expert parallelism the GPUs holding the busy experts hold up every step. Why not with a loss: an auxiliary
+  balance loss strong enough to balance pulls the gate against the language-modelling loss and costs model
+  quality (report §2.1.2); the bias changes only which experts are chosen, gets no gradient, and leaves the gate
+  values g to the language-modelling loss.
 - Complementary Sequence-Wise Auxiliary Loss: to stop single sequences from being extremely unbalanced, a tiny
   L_Bal = α Σ_i f_i P_i per sequence (α = 1e-4, applied by train.py), with T the sequence length,
       f_i = N_r/(K_r·T) · Σ_t 1[token t is routed to i]       (a count: carries no gradient)
@@ -23,7 +28,11 @@ moe_inter_dim ("fine-grained" experts: many narrow ones rather than a few wide o
 - Node-Limited Routing: a token may reach at most M nodes, ranked by the sum of the K_r/M highest affinities of
   the experts they hold. The code form is group-limited routing: N_r experts in n_expert_groups groups, group
   score = sum of the top-2 biased affinities (K_r/M = 8/4 = 2 in V3), keep the best n_limited_groups groups and
-  exclude the rest with -inf (not 0: biased scores can be negative).
+  exclude the rest with -inf (not 0: biased scores can be negative). Why: under expert parallelism the experts
+  are spread over nodes (V3: 8 nodes, one group each), and a token's hidden state crosses the slower
+  inter-node network (InfiniBand, 50 GB/s against NVLink's 160 GB/s in the report's cluster) once for every
+  node it reaches, before NVLink carries it to the experts inside the node; at most M = 4 nodes bounds each
+  token's cross-node traffic, so the dispatch can stay hidden under computation.
 - No token dropping, no capacity factor: every token is processed by all of its K_r experts.
 - V2-style configs (score_func="softmax"): s = softmax over experts, no bias, group score = max, no
   renormalisation of the top-k weights (still × route_scale).
@@ -60,16 +69,20 @@ def limit_groups(scores: torch.Tensor, n_groups: int, n_keep: int, top2: bool) -
     return grouped.masked_fill(drop.unsqueeze(-1), float("-inf")).view(N, E)  # (N, E)
 
 
-def route(scores, bias, k, n_groups, n_keep, renormalize, route_scale):
+def route(scores, bias, k, n_groups, n_keep, score_func, route_scale):
     """scores s (N, E) unbiased affinities → (weights g (N, K), indices (N, K)).
 
-    Selection uses s + b (and the group limit); the weights gather the *unbiased* s of the chosen experts."""
+    Selection uses s + b (and the group limit); the weights gather the *unbiased* s of the chosen experts.
+    score_func says which routing the scores came from: "sigmoid" (V3: group score = top-2 sum, weights
+    renormalised to sum to 1) or "softmax" (V2: group score = max, no renormalisation). bias may be None."""
+    if score_func not in ("sigmoid", "softmax"):
+        raise ValueError(f"route: score_func must be 'sigmoid' or 'softmax', got {score_func!r}")
     choice = scores if bias is None else scores + bias
     if n_groups > 1:
-        choice = limit_groups(choice, n_groups, n_keep, top2=bias is not None)
+        choice = limit_groups(choice, n_groups, n_keep, top2=score_func == "sigmoid")
     indices = choice.topk(k, dim=-1).indices  # (N, K)
     weights = scores.gather(1, indices)  # (N, K)
-    if renormalize:
+    if score_func == "sigmoid":
         weights = weights / weights.sum(-1, keepdim=True)
     return weights * route_scale, indices
 
@@ -120,8 +133,7 @@ class Gate(nn.Module):
 
     def forward(self, x: torch.Tensor):
         s = self.scores(x)
-        w, idx = route(s, self.bias, self.topk, self.n_groups, self.n_keep,
-                       renormalize=self.score_func == "sigmoid", route_scale=self.route_scale)
+        w, idx = route(s, self.bias, self.topk, self.n_groups, self.n_keep, self.score_func, self.route_scale)
         return w.type_as(x), idx, s
 
 
@@ -157,17 +169,28 @@ def grouped_mm_supported(device: torch.device, dtype: torch.dtype) -> bool:
     return _GROUPED_MM_OK[key]
 
 
-def segment_mm(a: torch.Tensor, w: torch.Tensor, sizes: list, impl: str = "auto") -> torch.Tensor:
+def resolve_impl(a: torch.Tensor, w: torch.Tensor, impl: str = "auto") -> str:
+    """segment_mm's choice for "auto": the grouped GEMM where it runs (device, dtype, 16-byte rows), else the loop."""
+    if impl != "auto":
+        return impl
+    dtype = torch.get_autocast_dtype(a.device.type) if torch.is_autocast_enabled(a.device.type) else a.dtype
+    aligned = all(n * dtype.itemsize % 16 == 0 for n in w.shape[1:])  # kernel needs 16-byte rows
+    return "grouped_mm" if aligned and grouped_mm_supported(a.device, dtype) else "loop"
+
+
+def segment_mm(a: torch.Tensor, w: torch.Tensor, sizes, impl: str = "auto") -> torch.Tensor:
     """Rows of a (M, in), sorted into len(sizes) contiguous segments, times w (E, out, in)ᵀ per segment → (M, out)
 
+    sizes: a list of ints, or a 1-D integer tensor on a's device (then the grouped GEMM reads the segment ends
+    from the device and the host never waits for the GPU; the loop has to copy them to the host).
     impl: "grouped_mm" (one torch._grouped_mm call), "loop" (one F.linear per segment) or "auto"."""
     dtype = torch.get_autocast_dtype(a.device.type) if torch.is_autocast_enabled(a.device.type) else a.dtype
-    if impl == "auto":
-        aligned = all(n * dtype.itemsize % 16 == 0 for n in w.shape[1:])  # kernel needs 16-byte rows
-        impl = "grouped_mm" if aligned and grouped_mm_supported(a.device, dtype) else "loop"
+    impl = resolve_impl(a, w, impl)
     if impl == "grouped_mm":
-        offs = torch.tensor(sizes, device=a.device).cumsum(0).to(torch.int32)  # (E,) end row of each segment
+        sizes = sizes if torch.is_tensor(sizes) else torch.tensor(sizes, device=a.device)
+        offs = sizes.cumsum(0).to(torch.int32)  # (E,) end row of each segment
         return torch._grouped_mm(a.to(dtype), w.to(dtype).transpose(-2, -1), offs=offs)  # (M, out)
+    sizes = sizes.tolist() if torch.is_tensor(sizes) else sizes  # the loop needs them on the host
     # unbind, not w[i]: the backward of E separate w[i] would build E full-size (E, out, in) gradients
     parts = [F.linear(seg, wi) for seg, wi, n in zip(a.split(sizes), w.unbind(0), sizes) if n > 0]
     return torch.cat(parts) if parts else a.new_zeros(0, w.shape[1])
@@ -194,8 +217,12 @@ class Experts(nn.Module):
         """FFN^(r)_i(x) for x (n, dim) → (n, dim); simple, not fast (each w[i] gets a full-size gradient)."""
         return F.linear(F.silu(F.linear(x, self.w1[i])) * F.linear(x, self.w3[i]), self.w2[i])
 
-    def segments(self, x: torch.Tensor, sizes: list, impl: str = "auto") -> torch.Tensor:
-        """All experts at once on rows sorted by expert (sizes[i] rows for expert i): (M, dim) → (M, dim)."""
+    def segments(self, x: torch.Tensor, sizes, impl: str = "auto") -> torch.Tensor:
+        """All experts at once on rows sorted by expert (sizes[i] rows for expert i): (M, dim) → (M, dim).
+        sizes: list or device tensor (segment_mm); a grouped GEMM passed in as `mm` gets a list."""
+        host = self.mm is not None or "loop" in (resolve_impl(x, self.w1, impl), resolve_impl(x, self.w2, impl))
+        if host and torch.is_tensor(sizes):
+            sizes = sizes.tolist()  # fp8_segment_mm plans its tiles on the host, the loop splits by them: read once
         mm = self.mm or (lambda a, w, n: segment_mm(a, w, n, impl))
         if self.swiglu_down is not None:
             return self.swiglu_down(mm(x, self.w1, sizes), mm(x, self.w3, sizes), self.w2, sizes, self.act_cache)
@@ -215,13 +242,21 @@ def dispatch_loop(x, weights, indices, experts: Experts) -> torch.Tensor:
     return y
 
 
-def dispatch_grouped(x, weights, indices, experts: Experts, impl: str = "auto") -> torch.Tensor:
-    """Fast path: sort (token, slot) pairs by expert, run contiguous segments, scatter-add. (N, dim) → (N, dim)."""
+def expert_counts(indices: torch.Tensor, n_experts: int) -> torch.Tensor:
+    """Tokens routed to each expert, (n_experts,) int64 on indices' device. Not torch.bincount: on CUDA that
+    reads max(indices) back to the host to size its output, a sync that stalls the launch queue."""
+    flat = indices.reshape(-1)
+    return torch.zeros(n_experts, dtype=torch.long, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
+
+
+def dispatch_grouped(x, weights, indices, experts: Experts, impl: str = "auto", counts=None) -> torch.Tensor:
+    """Fast path: sort (token, slot) pairs by expert, run contiguous segments, scatter-add. (N, dim) → (N, dim).
+    counts: expert_counts(indices) if the caller has them. The segment sizes stay on the device."""
     N, K = indices.shape
     flat = indices.reshape(-1)  # (N·K,) expert id of each (token, slot) pair
     order = torch.argsort(flat, stable=True)  # (N·K,) pairs sorted by expert id
     token = order // K  # (N·K,) the token of each sorted pair
-    sizes = torch.bincount(flat, minlength=experts.w1.shape[0]).tolist()  # rows of each expert's segment
+    sizes = expert_counts(flat, experts.w1.shape[0]) if counts is None else counts  # rows of each segment
     out = experts.segments(x[token], sizes, impl)  # (N·K, dim)
     out = out * weights.reshape(-1)[order, None]  # (N·K, dim) times g of the pair
     return torch.zeros_like(x).index_add(0, token, out.to(x.dtype))  # (N, dim) sum over the K slots
@@ -261,16 +296,18 @@ class MoE(nn.Module):
         B, T, D = x.shape
         u = x.reshape(B * T, D)  # (N, dim), N = B·T tokens
         weights, indices, scores = self.gate(u)  # (N, K), (N, K), (N, E)
-        run = dispatch_loop if self.dispatch == "loop" else dispatch_grouped
-        y = run(u, weights, indices, self.experts)  # (N, dim)
+        counts = expert_counts(indices, self.n_routed)  # (E,)
+        if self.dispatch == "loop":
+            y = dispatch_loop(u, weights, indices, self.experts)  # (N, dim)
+        else:
+            y = dispatch_grouped(u, weights, indices, self.experts, counts=counts)  # (N, dim)
         if self.shared_experts is not None:
             y = y + self.shared_experts(u)
-        self._record(indices, scores, B, T)
+        self._record(indices, scores, B, T, counts)
         return y.view(B, T, D)
 
-    def _record(self, indices, scores, B, T):
+    def _record(self, indices, scores, B, T, counts):
         """Token counts for logging and for the bias update; the balance loss in training."""
-        counts = torch.bincount(indices.flatten(), minlength=self.n_routed).detach()  # (E,)
         self.last_counts = counts
         if self.training:
             self.load += counts
@@ -294,3 +331,86 @@ class MoE(nn.Module):
 
     def reset_load(self):
         self.load.zero_()
+
+
+# -- demo: `python moe.py` balances a skewed router with the bias alone, and shows the group limit -----------------
+def demo_balancing(steps: int = 40, gamma: float = 0.01, update: bool = True, seed: int = 0) -> dict:
+    """A router whose gate rows 0 and 1 lean along the inputs' common direction, so experts 0 and 1 take most
+    tokens. No optimizer runs: only b_i moves (update_bias after each step, or never). Returns the max violation
+    and the load/mean of every expert at each step, and the final bias."""
+    from config import ModelConfig
+    cfg = ModelConfig(dim=32, moe_inter_dim=8, n_routed_experts=16, n_shared_experts=0, n_activated_experts=2,
+                      n_expert_groups=1, n_limited_groups=1, init_std=0.1)
+    torch.manual_seed(seed)
+    m = MoE(cfg).train()
+    c = F.normalize(torch.randn(cfg.dim), dim=0)
+    with torch.no_grad():
+        m.gate.weight[:2] += 2.0 * c
+    gen = torch.Generator().manual_seed(seed + 1)
+    violation, load = [], []
+    for _ in range(steps):
+        x = torch.randn(8, 32, cfg.dim, generator=gen) * 0.5 + c  # one step: 256 tokens
+        with torch.no_grad():
+            m(x)
+        counts = m.last_counts.double()
+        violation.append(max_violation(counts))
+        load.append((counts / counts.mean()).tolist())
+        if update:
+            m.update_bias(gamma)
+        else:
+            m.reset_load()
+    return dict(violation=violation, load=load, bias=m.gate.bias.clone())
+
+
+def demo_group_limit(n_tokens: int = 4096, seed: int = 0) -> dict:
+    """V3's routing shape (256 experts in 8 groups, top-8, best 4 groups) on random affinities: how many groups
+    (nodes, when each node holds one group) a token's experts span with and without the limit, and how much of
+    the unrestricted top-8's affinity the limited choice keeps."""
+    gen = torch.Generator().manual_seed(seed)
+    s = torch.rand(n_tokens, 256, generator=gen).pow(4)  # skewed affinities in [0, 1), like sigmoid outputs
+    out = {}
+    for name, keep in (("unlimited", 8), ("limited", 4)):
+        _, idx = route(s, torch.zeros(256), 8, 8, keep, "sigmoid", 1.0)
+        groups = F.one_hot(idx // 32, 8).amax(1).sum(-1).double()  # (N,) distinct groups per token
+        out[name] = dict(mean=groups.mean().item(), max=int(groups.max()), mass=s.gather(1, idx).sum().item())
+    out["kept"] = out["limited"]["mass"] / out["unlimited"]["mass"]
+    return out
+
+
+def _demo_main(argv=None):
+    import argparse
+    import plots
+    p = argparse.ArgumentParser(description="Aux-loss-free balancing and group-limited routing, in numbers.")
+    p.add_argument("--png", metavar="PATH", help="also write the expert load over the steps as a PNG")
+    a = p.parse_args(argv)
+    runs = {u: demo_balancing(update=u) for u in (False, True)}
+    print("A skewed router (16 experts, top-2, experts 0 and 1 favoured), 256 tokens a step, fixed gate.")
+    print("Max violation = max load / mean load - 1 (0 is perfect balance) of each step's tokens:")
+    print(f"  {'step':>4s} {'no bias':>8s} {'bias, gamma=0.01':>17s}   (the report's 0.001 needs more steps)")
+    for t in list(range(0, 40, 5)) + [39]:
+        print(f"  {t + 1:4d} {runs[False]['violation'][t]:8.2f} {runs[True]['violation'][t]:17.2f}")
+    b = runs[True]["bias"]
+    print(f"  after 40 steps b_0 = {b[0]:+.2f}, b_1 = {b[1]:+.2f}, the others {b[2:].min():+.2f}..{b[2:].max():+.2f}")
+    load = runs[True]["load"]
+    print("\nLoad of each expert (load / mean) over the 40 steps with the bias update, one column a step:")
+    rows = [[step[e] for step in load] for e in range(16)]
+    print("\n".join(plots.text_heatmap(rows, [f"  expert {e:2d}" for e in range(16)], top=4.5)))
+    print("  shade by half a mean: ' ' 0, '.' to 0.5, ':' to 1, '-' to 1.5, '=' to 2, '+' to 2.5,")
+    print("  '*' to 3, '#' to 3.5, '%' to 4, '@' more (perfect balance: all ':')")
+    g = demo_group_limit()
+    print("\nGroup-limited routing at V3's shape (256 experts in 8 groups, top-8), random affinities:")
+    print(f"  groups (nodes) a token's experts sit in: unlimited mean {g['unlimited']['mean']:.2f}, max "
+          f"{g['unlimited']['max']}")
+    print(f"  {'':39s} best 4 groups only: mean {g['limited']['mean']:.2f}, max {g['limited']['max']}")
+    print(f"  the limited top-8 keeps {100 * g['kept']:.1f}% of the unrestricted top-8's affinity")
+    if a.png:
+        try:
+            plots.png_heatmap(a.png, rows, "expert load with the bias update (load / mean)", "step", "expert",
+                              "load / mean")
+        except ValueError as e:
+            raise SystemExit(f"error: {e}")
+        print(f"wrote {a.png}")
+
+
+if __name__ == "__main__":
+    _demo_main()

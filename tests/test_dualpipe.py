@@ -1,4 +1,5 @@
-"""Tests for dualpipe.py: schedule structure against the fact sheet, the simulator against the README formulas."""
+"""Tests for dualpipe.py: schedule structure against the step table of its header, the simulator against the bubble
+formulas there (the table and formulas of deepseek-ai/DualPipe's README)."""
 from collections import Counter
 
 import pytest
@@ -6,7 +7,7 @@ import pytest
 from dualpipe import (Schedule, bubble_table, formula_bubble, make_schedule, render_timeline, schedule_1f1b,
                       schedule_dualpipe, schedule_dualpipev, simulate, step_counts)
 
-README_COSTS = dict(F=1, B=2, W=1, FB=3)
+README_COSTS = dict(F=1, B=2, W=1, FB=3)  # the example costs under dualpipe.py's bubble table
 CONFIGS = [(2, 4), (2, 10), (4, 8), (4, 12), (6, 12), (8, 16), (8, 20), (10, 30)]
 
 
@@ -17,7 +18,7 @@ def flat(ops):
 
 
 # -- step counts --------------------------------------------------------------------------------------------
-def test_step_counts_match_readme_figure():
+def test_step_counts_match_the_step_table():  # dualpipe.py's header: h = min(r, N-1-r), H = N/2
     assert step_counts(8, 20, 0) == step_counts(8, 20, 7) == [6, 1, 3, 3, 3, 1, 3, 1]
     assert step_counts(8, 20, 3) == step_counts(8, 20, 4) == [0, 4, 0, 6, 0, 4, 0, 4]
 
@@ -133,7 +134,7 @@ def test_dualpipe_bubble_with_readme_costs_is_exactly_the_formula(n_ranks, n_chu
                                    dict(F=1, B=2, W=1, FB=2), dict(F=1, B=2, W=0, FB=3)])
 @pytest.mark.parametrize("n_ranks,n_chunks", CONFIGS)
 def test_dualpipe_bubble_never_exceeds_the_formula(costs, n_ranks, n_chunks):
-    # With zero communication the README formula is the worst rank's bubble or an upper bound on it.
+    # With zero communication the bubble formula is the worst rank's bubble or an upper bound on it.
     dp = simulate(schedule_dualpipe(n_ranks, n_chunks), costs)
     assert max(dp.bubble) <= formula_bubble("dualpipe", n_ranks, costs)
 
@@ -229,6 +230,7 @@ def _worker(rank, n_pp, n_chunks, store, outdir):
     dist.destroy_process_group()
 
 
+@pytest.mark.slow  # starts one process per pipeline rank
 @pytest.mark.parametrize("n_pp,n_chunks", [(2, 4), (4, 8)])  # N=4 also runs BI/W on non-first stages
 def test_dualpipe_executor_matches_sequential(tmp_path, n_pp, n_chunks):
     import torch
@@ -251,5 +253,60 @@ def test_dualpipe_executor_matches_sequential(tmp_path, n_pp, n_chunks):
     for s in range(n_pp):  # model stage s: module 0 of rank s + module 1 of rank N-1-s
         for g0, g1, p in zip(got[s]["grads"][0], got[n_pp - 1 - s]["grads"][1], ref[s].parameters()):
             g, r = g0 + g1, p.grad
-            diff = 1 - 2 * (g * r).sum() / (g * g + r * r).sum()  # DualPipe examples' cal_diff
+            diff = 1 - 2 * (g * r).sum() / (g * g + r * r).sum()  # calc_diff, as in fp8.py
             assert diff < 1e-13
+
+
+# -- the pictures of `python dualpipe.py` -------------------------------------------------------------------------
+@pytest.mark.parametrize("width", [100, 60])
+def test_fold_timeline_keeps_every_column_within_the_width(width):
+    import dualpipe
+    tl = simulate(schedule_dualpipe(8, 20), README_COSTS)
+    text = render_timeline(tl)
+    folded = dualpipe.fold_timeline(text, width)
+    assert max(len(line) for line in folded.splitlines()) <= width
+    bodies = [line.split("|")[1] for line in text.splitlines()]
+    got = ["" for _ in bodies]
+    spans = []
+    for line in folded.splitlines():
+        if line.lstrip().startswith("t = "):
+            spans.append(line.split("= ")[1])
+        else:
+            r = int(line.split("|")[0].split()[1])
+            got[r] += line.split("|")[1]
+    assert got == bodies and len(spans) >= 2
+    assert spans[0].startswith("0 ..") and spans[-1].endswith(f".. {tl.makespan:g}")
+    assert folded.splitlines()[-1].endswith(f"| bubble {tl.bubble[-1]:g}")
+
+
+def test_cli_prints_narrow_timelines_and_the_bubble_table(capsys):
+    import re
+
+    import dualpipe
+    dualpipe.main([])
+    out = capsys.readouterr().out
+    assert max(len(line) for line in out.splitlines()) <= 100
+    table = dict((k, tuple(map(float, v))) for k, *v in
+                 re.findall(r"^(1f1b|dualpipe|dualpipev)\s+(\d+)\s+(\S+)\s+(\S+)\s+(\S+)$", out, re.M))
+    assert table == {"1f1b": (8, 21, 21, 81), "dualpipe": (8, 6, 6, 66), "dualpipev": (4, 6, 6, 126)}
+    assert out.count("rank  0 |") == len(re.findall(r"^\s+t = ", out, re.M)) > 3
+
+
+def test_cli_png_without_matplotlib_is_one_line_error(tmp_path, monkeypatch):
+    import dualpipe
+    import plots
+    monkeypatch.setattr(plots, "pyplot", lambda: None)
+    with pytest.raises(SystemExit, match="needs matplotlib"):
+        dualpipe.main(["--ranks", "4", "--chunks", "8", "--png", str(tmp_path / "t.png")])
+    assert not (tmp_path / "t.png").exists()
+
+
+def test_cli_png_draws_every_span(tmp_path):
+    pytest.importorskip("matplotlib")
+    import dualpipe
+    tl = simulate(schedule_dualpipe(4, 8), README_COSTS)
+    rows = dualpipe.gantt_rows(tl)
+    pairs = sum(op[0] == "FB" for spans in tl.spans for _, _, op in spans)
+    assert sum(map(len, rows)) == sum(map(len, tl.spans)) + pairs  # a pair is drawn as two halves
+    dualpipe.main(["--ranks", "4", "--chunks", "8", "--png", str(tmp_path / "t.png")])
+    assert (tmp_path / "t.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
