@@ -28,12 +28,12 @@ from mtp import MTPModule, mtp_hidden, mtp_loss, mtp_accuracy
 class Block(nn.Module):
     """Pre-norm residual block: x + MLA(attn_norm(x)), then + FFN(ffn_norm(x)); FFN dense or MoE by depth."""
 
-    def __init__(self, layer_id: int, cfg: ModelConfig, linear=nn.Linear):
+    def __init__(self, layer_id: int, cfg: ModelConfig, linear=nn.Linear, experts=None):
         super().__init__()
         self.attn_norm = RMSNorm(cfg.dim)
         self.attn = MLA(cfg, linear)
         self.ffn_norm = RMSNorm(cfg.dim)
-        self.ffn = MLP(cfg.dim, cfg.inter_dim, linear) if layer_id < cfg.n_dense_layers else MoE(cfg, linear)
+        self.ffn = MLP(cfg.dim, cfg.inter_dim, linear) if layer_id < cfg.n_dense_layers else MoE(cfg, linear, experts)
 
     def forward(self, x, freqs_cis, start_pos=None):
         x = x + self.attn(self.attn_norm(x), freqs_cis, start_pos)
@@ -43,19 +43,20 @@ class Block(nn.Module):
 class Transformer(nn.Module):
     """DeepSeek-V3: embedding, dense then MoE blocks, final norm, untied head, D MTP modules.
 
-    `linear` is the class used for the projections inside attention and FFNs (nn.Linear, or fp8.FP8Linear).
+    `linear` is the class used for the projections inside attention and FFNs (nn.Linear, or fp8.FP8Linear);
+    `experts` the routed experts' kernels (None: high precision; fp8_experts.FP8Experts with fp8.FP8Linear).
     The embedding, the output head, the MoE gate and the norms always stay in high precision (report §3.3).
     """
 
-    def __init__(self, cfg: ModelConfig, linear=nn.Linear):
+    def __init__(self, cfg: ModelConfig, linear=nn.Linear, experts=None):
         super().__init__()
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
-        self.layers = nn.ModuleList(Block(i, cfg, linear) for i in range(cfg.n_layers))
+        self.layers = nn.ModuleList(Block(i, cfg, linear, experts) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim)
         self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         # MTP module k holds the block of "layer" n_layers + k (an MoE block, as in the released weights).
-        self.mtp = nn.ModuleList(MTPModule(cfg.dim, Block(cfg.n_layers + k, cfg, linear), linear)
+        self.mtp = nn.ModuleList(MTPModule(cfg.dim, Block(cfg.n_layers + k, cfg, linear, experts), linear)
                                  for k in range(cfg.n_mtp))
         self.register_buffer("freqs_cis", precompute_freqs_cis(cfg), persistent=False)
         self.reset_parameters()

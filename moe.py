@@ -42,7 +42,7 @@ Two dispatch paths with identical results (tests/test_moe.py checks outputs and 
 - "grouped" (the fast one, default): sort the N·K_r (token, expert) pairs by expert id with argsort so each expert
   owns one contiguous segment, run all experts with one grouped GEMM per projection (torch._grouped_mm, where
   this build supports it for the device and dtype; otherwise a loop over the segments), scatter-add back.
-  With `--fp8` the grouped GEMM is fp8_experts.fp8_segment_mm instead (FP8Linear.experts_mm hands it over), and
+  With `--fp8` the grouped GEMM is fp8_experts.fp8_segment_mm instead (MoE is handed fp8_experts.FP8Experts), and
   the SwiGLU with W2 is fp8_experts.fp8_swiglu_down, which recomputes the SwiGLU output in the backward pass.
 Expert parallelism (all-to-all over an expert process group) is not implemented here yet.
 """
@@ -202,7 +202,7 @@ class Experts(nn.Module):
     `mm`: the grouped GEMM of the fast path, segment_mm's signature without `impl` (None: segment_mm itself);
     FP8 training passes fp8_experts.fp8_segment_mm. `swiglu_down` (FP8: fp8_experts.fp8_swiglu_down), if given,
     runs the SwiGLU and the down projection as one step that keeps only the SwiGLU's inputs for the backward
-    pass, as `act_cache` says (TR §3.3.3). The loop reference (`expert`) always runs in high precision."""
+    pass, as `act_cache` says (report §3.3.3). The loop reference (`expert`) always runs in high precision."""
 
     act_cache = "bf16"  # with swiglu_down: how the SwiGLU inputs are kept ("bf16", "fp8" or "e5m6")
 
@@ -268,15 +268,16 @@ class MoE(nn.Module):
     Keeps the per-expert token counts for aux-loss-free balancing (`load`, `update_bias`) and the complementary
     sequence-wise balance loss of the last training forward (`balance_loss`, unweighted)."""
 
-    def __init__(self, cfg, linear=nn.Linear):
+    def __init__(self, cfg, linear=nn.Linear, experts=None):
         super().__init__()
         self.dim, self.n_routed, self.topk = cfg.dim, cfg.n_routed_experts, cfg.n_activated_experts
         self.gate = Gate(cfg)
-        # Routed experts are stacked tensors (for the grouped GEMM), not `linear` modules; a linear class that has
-        # a grouped twin for them says so with `experts_mm(dim, inter_dim)`, and may hand over a fused SwiGLU and
-        # down projection with `experts_swiglu_down()` (fp8.FP8Linear does both).
-        mm = linear.experts_mm(cfg.dim, cfg.moe_inter_dim) if hasattr(linear, "experts_mm") else None
-        swiglu_down = linear.experts_swiglu_down() if hasattr(linear, "experts_swiglu_down") else None
+        # Routed experts are stacked tensors (for the grouped GEMM), not `linear` modules. `experts` brings their
+        # kernels (fp8_experts.FP8Experts: mm, swiglu_down, check_dims); None runs them with segment_mm.
+        mm = swiglu_down = None
+        if experts is not None:
+            experts.check_dims(cfg.dim, cfg.moe_inter_dim)
+            mm, swiglu_down = experts.mm, experts.swiglu_down
         self.experts = Experts(cfg.n_routed_experts, cfg.dim, cfg.moe_inter_dim, cfg.init_std, mm, swiglu_down)
         if cfg.n_shared_experts > 0:
             self.shared_experts = MLP(cfg.dim, cfg.n_shared_experts * cfg.moe_inter_dim, linear)

@@ -54,7 +54,7 @@ def main(argv=None) -> int:
         return 2
     torch.manual_seed(args.seed)
     with torch.device(device):
-        model = Transformer(cfg, linear)
+        model = Transformer(cfg, linear, train.expert_kernels(args.fp8))
     train.set_act_cache(model, args.fp8_act_cache)
     opt = train.make_optimizer(model, args, device)
     fwd = torch.compile(model) if args.compile else model
