@@ -1,0 +1,213 @@
+"""The rank layout: how N processes split the work of one training step (report §3.2).
+
+Three kinds of parallelism compose, each a dimension of one grid of ranks:
+- pp (pipeline): the blocks are cut into pp stages; a micro-batch flows stage to stage.
+- ep (expert): the N_r routed experts of every MoE layer are split into ep equal slices; tokens travel to the
+  rank that holds their expert and back (moe.dispatch_ep, two all-to-alls per MoE layer).
+- dp (data): dp = world / pp ranks hold the same stage and see different slices of the global batch; FSDP2 shards
+  their parameters, gradients and optimizer states over them.
+Expert parallelism does not take ranks of its own: it re-uses the data-parallel ranks of a stage. The dp ranks of
+a stage are viewed twice ("parallel folding", as Megatron and torchtitan do):
+
+    dense mesh  (pp, dp)            attention, dense FFNs, gates, shared experts, embedding, head: FSDP over dp
+    sparse mesh (pp, efsdp, ep)     routed experts: sliced over ep, each slice FSDP-sharded over efsdp = dp / ep
+
+Rank r sits at dense coordinates (r // dp, r % dp) and sparse coordinates (r // dp, (r % dp) // ep, r % ep), so the
+ranks of one ep group are consecutive: with 8 GPUs per node and ep <= 8 the all-to-all stays inside a node.
+Picture for 8 ranks, pp 2 × dp 4, ep 2 (efsdp 2):
+
+    stage 0:  rank 0 1 2 3        ep groups {0,1} {2,3}   efsdp groups {0,2} {1,3}   dp group {0,1,2,3}
+    stage 1:  rank 4 5 6 7        ep groups {4,5} {6,7}   efsdp groups {4,6} {5,7}   dp group {4,5,6,7}
+
+Every rank builds the model from the same seed (FSDP2 does not broadcast weights, so identical initialisation is
+what makes the replicas agree), draws the same global batch from one data generator and keeps its dp slice:
+one data state to checkpoint, and exact equality with one process on the whole batch.
+
+Processes are started by torchrun (which sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT); gloo on
+CPU, NCCL on CUDA. `python train.py` without torchrun uses no process group at all (`Layout.single()`).
+"""
+import datetime
+import os
+import sys
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh
+
+
+def under_torchrun() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def check_sizes(world: int, ep: int, pp: int, n_experts: int = None) -> int:
+    """dp = world / (pp) data-parallel ranks per stage, of which ep share one expert slice; raises ValueError."""
+    for name, v in (("ep", ep), ("pp", pp)):
+        if not isinstance(v, int) or v < 1:
+            raise ValueError(f"--{name}={v!r}: must be a positive integer")
+    if world % (ep * pp) != 0:
+        raise ValueError(f"world size {world} is not divisible by ep × pp = {ep} × {pp}")
+    if n_experts is not None and n_experts % ep != 0:
+        raise ValueError(f"--ep {ep}: the {n_experts} routed experts do not split evenly over {ep} ranks")
+    return world // pp
+
+
+@dataclass
+class Layout:
+    """Where this process sits in the grid; the meshes are None in a single process."""
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    pp: int = 1
+    dp: int = 1
+    ep: int = 1
+    backend: str = "none"
+    device: torch.device = torch.device("cpu")
+    dense: DeviceMesh = None  # (pp, dp)
+    sparse: DeviceMesh = None  # (pp, efsdp, ep)
+
+    @classmethod
+    def single(cls, device: torch.device = torch.device("cpu")) -> "Layout":
+        return cls(device=device)
+
+    @property
+    def distributed(self) -> bool:
+        return self.dense is not None
+
+    @property
+    def efsdp(self) -> int:
+        return self.dp // self.ep
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def pp_rank(self) -> int:
+        return self.rank // self.dp
+
+    @property
+    def dp_rank(self) -> int:
+        return self.rank % self.dp
+
+    @property
+    def ep_rank(self) -> int:
+        return self.rank % self.ep
+
+    def group(self, name: str):
+        """The process group of one mesh dimension ("pp", "dp", "efsdp" or "ep"); None in a single process."""
+        if not self.distributed:
+            return None
+        return (self.dense if name in ("pp", "dp") else self.sparse)[name].get_group()
+
+    def describe(self) -> str:
+        return f"dp {self.dp} × ep {self.ep} × pp {self.pp} on {self.world} ranks, {self.backend}"
+
+
+# -- init and teardown --------------------------------------------------------------------------------------------
+def init(ep: int = 1, pp: int = 1, device: str = "auto", timeout_s: float = 600.0, n_experts: int = None) -> Layout:
+    """Join the process group torchrun prepared and build both meshes; without torchrun, a single process.
+
+    Every rank checks the sizes before any collective, so bad input fails on all ranks alike (no hang).
+    `timeout_s`: a collective that waits longer (a dead or stuck rank) raises instead of blocking forever."""
+    if not under_torchrun():
+        if ep > 1 or pp > 1:
+            raise ValueError(f"--ep {ep} --pp {pp} needs several processes: start with "
+                             f"torchrun --nproc_per_node N train.py ...")
+        return Layout.single(pick_device(device))
+    world, rank = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    dp = check_sizes(world, ep, pp, n_experts)
+    dev = pick_device(device, local_rank)
+    backend = "nccl" if dev.type == "cuda" else "gloo"
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    if not dist.is_initialized():
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s),
+                                device_id=dev if dev.type == "cuda" else None)
+    return Layout(rank, world, local_rank, pp, dp, ep, backend, dev, *build_meshes(dev.type, world, pp, dp, ep))
+
+
+def build_meshes(device_type: str, world: int, pp: int, dp: int, ep: int):
+    """Two views of the same ranks: dense (pp, dp) and sparse (pp, efsdp, ep), ep the fastest-varying."""
+    ranks = torch.arange(world)
+    dense = DeviceMesh(device_type, ranks.view(pp, dp), mesh_dim_names=("pp", "dp"))
+    sparse = DeviceMesh(device_type, ranks.view(pp, dp // ep, ep), mesh_dim_names=("pp", "efsdp", "ep"))
+    return dense, sparse
+
+
+def teardown() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def pick_device(name: str = "auto", local_rank: int = 0) -> torch.device:
+    """auto: cuda:LOCAL_RANK → mps → cpu; an explicit "cuda" under torchrun also means this rank's GPU."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            name = "cuda"
+        else:
+            mps = getattr(torch.backends, "mps", None)
+            name = "mps" if mps is not None and mps.is_available() else "cpu"
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name}: not a device (use auto, cpu, cuda, cuda:N or mps)") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {name}: CUDA is not available on this machine")
+        if dev.index is None:
+            dev = torch.device("cuda", local_rank)
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {name}: MPS is not available on this machine")
+    return dev
+
+
+# -- seeding and data ---------------------------------------------------------------------------------------------
+def seed_all(seed: int) -> None:
+    """The same seed on every rank: identical initial weights everywhere (FSDP2 does not broadcast them)."""
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
+
+
+def dp_slice(batch: torch.Tensor, layout: Layout) -> torch.Tensor:
+    """This rank's rows of a global batch (B·dp, ...) that every rank drew alike → (B, ...)."""
+    if batch.shape[0] % layout.dp != 0:
+        raise ValueError(f"global batch of {batch.shape[0]} rows does not split over dp = {layout.dp}")
+    B = batch.shape[0] // layout.dp
+    return batch[layout.dp_rank * B:(layout.dp_rank + 1) * B]
+
+
+def get_batch(corpus, split: str, batch_size: int, block_size: int, gen: torch.Generator, layout: Layout,
+              device="cpu"):
+    """Draw the global batch (batch_size·dp sequences) from the shared generator, keep this rank's slice."""
+    x, y = corpus.get_batch(split, batch_size * layout.dp, block_size, gen, "cpu")  # (B·dp, T) each
+    x, y = dp_slice(x, layout), dp_slice(y, layout)  # (B, T) each
+    if torch.device(device).type == "cuda":
+        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+    return x.to(device), y.to(device)
+
+
+# -- rank-0 output ------------------------------------------------------------------------------------------------
+def quiet_other_ranks(layout: Layout) -> None:
+    """Ranks other than 0 print nothing but errors: their stdout goes to /dev/null (stderr stays)."""
+    if not layout.is_main:
+        sys.stdout = open(os.devnull, "w")
+
+
+def print0(*args, layout: Layout = None, **kw) -> None:
+    if layout is None or layout.is_main:
+        print(*args, **kw)
+
+
+def all_ranks_agree(ok: bool, layout: Layout) -> bool:
+    """True iff `ok` holds on every rank (one all-reduce): lets all ranks stop together after a local failure."""
+    if not layout.distributed:
+        return ok
+    flag = torch.tensor([0 if ok else 1], device=layout.device)
+    dist.all_reduce(flag)
+    return flag.item() == 0
+
+
+# -- pipeline stages ----------------------------------------------------------------------------------------------
