@@ -82,8 +82,8 @@ def run_workers(fn, world: int, *args, init: bool = True, timeout_s: float = 120
         return [(codes[r], payload.get(r, (None, None))[1]) for r in range(world)]
     if hung:
         raise AssertionError(f"ranks {hung} still running after {timeout_s} s (killed)")
-    for r in range(world):
-        ok, value = payload.get(r, (False, f"rank {r} exited with code {codes[r]} and no result"))
-        if not ok:
-            raise AssertionError(f"rank {r} failed:\n{value}")
+    failed = {r: payload.get(r, (False, f"exited with code {codes[r]} and no result")) for r in range(world)}
+    failed = {r: text for r, (ok, text) in failed.items() if not ok}
+    if failed:  # every failed rank's traceback: the first one in rank order is not always the cause
+        raise AssertionError("\n".join(f"rank {r} failed:\n{text}" for r, text in failed.items()))
     return [payload[r][1] for r in range(world)]

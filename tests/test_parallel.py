@@ -53,3 +53,91 @@ def test_dp_slices_cover_the_global_batch():
     batch = torch.arange(12).view(6, 2)
     lays = [parallel.Layout(rank=r, world=3, dp=3) for r in range(3)]
     assert torch.equal(torch.cat([parallel.dp_slice(batch, lay) for lay in lays]), batch)
+
+
+# -- expert parallelism: dispatch_ep == dispatch_grouped ---------------------------------------------------------
+def _moe_cfg(**kw):
+    from config import ModelConfig
+    base = dict(dim=16, moe_inter_dim=8, n_routed_experts=8, n_shared_experts=1, n_activated_experts=3,
+                n_expert_groups=4, n_limited_groups=2, score_func="sigmoid", route_scale=2.5, init_std=0.2)
+    return ModelConfig(**{**base, **kw})
+
+
+def _dispatch_ep_worker(rank, world, n_tokens):
+    import copy
+    from torch.distributed.device_mesh import init_device_mesh
+    import moe
+
+    torch.manual_seed(0)
+    cfg = _moe_cfg()
+    ref = moe.MoE(cfg).double()
+    ref.gate.bias.copy_(torch.randn(8, dtype=torch.float64) * 0.05)
+    m = copy.deepcopy(ref)
+    m.shard(init_device_mesh("cpu", (world,), mesh_dim_names=("ep",))["ep"])
+    X = torch.randn(world, n_tokens, cfg.dim, dtype=torch.float64, requires_grad=True)  # the global batch
+    G = torch.randn(world, n_tokens, cfg.dim, dtype=torch.float64)  # d loss / d output
+    x = X.detach()[rank:rank + 1].clone().requires_grad_()  # (1, n, dim): this rank's sequence
+    # expert-parallel run on this rank's tokens; the reference on all tokens in one process
+    y = m(x)
+    (y * G[rank:rank + 1]).sum().backward()
+    y_ref = ref(X)
+    (y_ref * G).sum().backward()
+    tol = dict(rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(y, y_ref[rank:rank + 1], **tol)
+    torch.testing.assert_close(x.grad, X.grad[rank:rank + 1], **tol)
+    E_local = cfg.n_routed_experts // world
+    for name in ("w1", "w2", "w3"):
+        got = getattr(m.experts, name).grad  # a DTensor: this rank's experts, gradients from every rank's tokens
+        assert got.placements[0].is_shard(0)
+        want = getattr(ref.experts, name).grad[rank * E_local:(rank + 1) * E_local]
+        torch.testing.assert_close(got.to_local(), want, **tol)
+    for p, p_ref in ((m.gate.weight, ref.gate.weight), (m.shared_experts.w1.weight, ref.shared_experts.w1.weight)):
+        g = p.grad.clone()
+        dist.all_reduce(g)  # replicated parameters: the gradient of the whole batch is the sum over ranks
+        torch.testing.assert_close(g, p_ref.grad, **tol)
+    # node-limited routing: expert groups live on ranks, so a token reaches at most n_limited_groups ranks
+    _, idx, _ = m.gate(x.detach().view(-1, cfg.dim))
+    owners = [len(set(row)) for row in (idx // E_local).tolist()]
+    assert max(owners) <= min(cfg.n_limited_groups, world)  # each rank holds n_expert_groups / ep whole groups
+    assert m.last_ranks_per_token == pytest.approx(sum(owners) / len(owners))
+    # aux-loss-free update: the loads of all ranks in one all-reduce, the same biases as the whole batch gives
+    m.update_bias(0.01)
+    ref.update_bias(0.01)
+    assert torch.equal(m.gate.bias, ref.gate.bias)
+    return rank
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_dispatch_ep_equals_grouped(world):
+    """Outputs, input gradients, expert and gate gradients, bias updates: ep ranks == one process, fp64."""
+    assert run_workers(_dispatch_ep_worker, world, 24) == list(range(world))
+
+
+def _skewed_worker(rank, world):
+    """Every token picks experts 0-2 (rank 0): rank 1 receives no rows, ranks send different amounts."""
+    import copy
+    from torch.distributed.device_mesh import init_device_mesh
+    import moe
+
+    torch.manual_seed(1)
+    ref = moe.MoE(_moe_cfg(n_expert_groups=1, n_limited_groups=1)).double()
+    ref.gate.bias.copy_(torch.tensor([9.0, 9, 9, 0, 0, 0, 0, 0], dtype=torch.float64))  # experts 0-2 always win
+    m = copy.deepcopy(ref)
+    m.shard(init_device_mesh("cpu", (world,), mesh_dim_names=("ep",))["ep"])
+    X = torch.randn(world, 5, 16, dtype=torch.float64)
+    n = [5, 2][rank % 2]  # tokens per rank
+    x = X[rank:rank + 1, :n].clone().requires_grad_()
+    y = m(x)
+    y.sum().backward()
+    parts = [X[r:r + 1, :[5, 2][r % 2]] for r in range(world)]
+    y_ref = [ref(p) for p in parts]
+    sum(t.sum() for t in y_ref).backward()
+    torch.testing.assert_close(y, y_ref[rank], rtol=1e-12, atol=1e-12)
+    E_local = 8 // world
+    want = ref.experts.w2.grad[rank * E_local:(rank + 1) * E_local]
+    torch.testing.assert_close(m.experts.w2.grad.to_local(), want, rtol=1e-12, atol=1e-12)
+    return rank
+
+
+def test_dispatch_ep_uneven_and_empty():
+    assert run_workers(_skewed_worker, 2) == [0, 1]
