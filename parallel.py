@@ -210,4 +210,85 @@ def all_ranks_agree(ok: bool, layout: Layout) -> bool:
     return flag.item() == 0
 
 
+# -- expert and data parallelism on the model ---------------------------------------------------------------------
+def parallelize(model, layout: Layout, reshard_after_forward: bool = True):
+    """Expert parallelism, then FSDP2 (ZeRO-3 style sharding of parameters, gradients and optimizer states).
+
+    - MoE layers: the routed experts are cut over the ep ranks (moe.MoE.shard) and FSDP-sharded over efsdp.
+      Their gradient already sums the tokens of all ep ranks (the combine all-to-all brought them back), and the
+      efsdp reduce-scatter sums the rest: divided by dp (not by efsdp) it is the mean over the dp ranks like
+      every other gradient. `segments` is called from outside `forward`, so FSDP must hook it to gather the
+      weights. With efsdp = 1 there is nothing to shard: a gradient hook divides by dp instead.
+    - One FSDP unit per block and per MTP module (gathered just before use, freed after), and the root for the
+      embedding, final norm and head. The gate biases b_i are buffers: FSDP leaves them replicated, and the
+      one-all-reduce bias update keeps them equal.
+    Parameters stay fp32 (the router reads them in fp32); bf16 compute comes from autocast, as in one process.
+    Gloo has no averaging reduce-scatter: there FSDP sums, then divides."""
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+    if not layout.distributed:
+        return model
+    on_gloo = layout.backend == "gloo"
+    for moe in model.moe_layers():
+        if layout.ep > 1:
+            moe.shard(layout.sparse["ep"])
+        if layout.efsdp > 1:
+            fully_shard(moe.experts, mesh=layout.sparse["efsdp"], reshard_after_forward=reshard_after_forward)
+            moe.experts.set_gradient_divide_factor(float(layout.dp))
+            moe.experts.set_force_sum_reduction_for_comms(on_gloo)
+            register_fsdp_forward_method(moe.experts, "segments")
+        elif layout.dp > 1:
+            for p in moe.experts.parameters():
+                p.register_hook(lambda g, dp=layout.dp: g / dp)
+    if layout.dp == 1:
+        return model
+    dp_mesh = layout.dense["dp"]
+    unsharded_experts = set() if layout.efsdp > 1 else {p for m in model.moe_layers() for p in m.experts.parameters()}
+    for unit in list(model.layers) + list(model.mtp) + [model]:
+        fully_shard(unit, mesh=dp_mesh, reshard_after_forward=reshard_after_forward,
+                    ignored_params=unsharded_experts or None)
+        unit.set_force_sum_reduction_for_comms(on_gloo)
+    return model
+
+
+def set_gradient_sync(model, sync: bool) -> None:
+    """Gradient accumulation: reduce-scatter only after the last micro-batch of a step (FSDP2 keeps the
+    unsharded gradients of the others), so grad_accum micro-batches cost one gradient sync, not grad_accum."""
+    if hasattr(model, "set_requires_gradient_sync"):
+        model.set_requires_gradient_sync(sync)
+
+
+def _mesh_of(t):
+    return getattr(t, "device_mesh", None)  # a DTensor's mesh; None for a plain tensor
+
+
+@torch.no_grad()
+def clip_grad_norm(params, max_norm: float, layout: Layout = None) -> torch.Tensor:
+    """Clip the global gradient norm when gradients live on different meshes (dense dp, sparse efsdp × ep).
+
+    torch's clip_grad_norm_ cannot mix meshes in one norm: compute ‖g‖ per mesh (a full norm over the ranks of
+    that mesh), combine √(Σ ‖g‖²), and with pipeline stages add the other stages' parts; then scale every
+    gradient by min(1, max_norm / ‖g‖). Returns ‖g‖ before clipping (a plain tensor, the same on all ranks)."""
+    by_mesh = {}
+    for p in params:
+        if p.grad is not None:
+            by_mesh.setdefault(_mesh_of(p.grad), []).append(p)
+    squares = []
+    for mesh, ps in by_mesh.items():
+        norm = torch.nn.utils.get_total_norm([p.grad for p in ps])
+        norm = norm.full_tensor() if mesh is not None else norm  # sum of the shards' squares over the mesh
+        squares.append(norm.double() ** 2)
+    total = torch.stack(squares).sum() if squares else torch.zeros((), dtype=torch.float64)
+    if layout is not None and layout.distributed and layout.pp > 1:
+        dist.all_reduce(total, group=layout.group("pp"))  # every stage holds different parameters
+    total = total.sqrt()
+    for ps in by_mesh.values():
+        torch.nn.utils.clip_grads_with_norm_(ps, max_norm, total.to(ps[0].grad.dtype))
+    return total
+
+
+def gather_full(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of a (possibly) sharded parameter, on every rank."""
+    return t.full_tensor() if _mesh_of(t) is not None else t
+
+
 # -- pipeline stages ----------------------------------------------------------------------------------------------

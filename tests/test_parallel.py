@@ -141,3 +141,68 @@ def _skewed_worker(rank, world):
 
 def test_dispatch_ep_uneven_and_empty():
     assert run_workers(_skewed_worker, 2) == [0, 1]
+
+
+# -- data parallelism (FSDP2) with and without expert parallelism == one process --------------------------------
+def tiny_cfg(**kw):
+    from config import ModelConfig
+    base = dict(vocab_size=64, dim=32, n_layers=3, n_dense_layers=1, inter_dim=48, n_heads=2, q_lora_rank=16,
+                kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, max_seq_len=16,
+                moe_inter_dim=16, n_routed_experts=8, n_shared_experts=1, n_activated_experts=2,
+                n_expert_groups=4, n_limited_groups=2, n_mtp=1, init_std=0.1)
+    return ModelConfig(**{**base, **kw})
+
+
+def _losses(model, x, y, accum):
+    _, losses = model(x, y)
+    return (losses["main"] + 0.3 * losses["mtp"] + 0.01 * losses["balance"]) / accum
+
+
+def _dp_worker(rank, world, ep, optimizer, steps, accum):
+    import copy
+    from model import Transformer
+
+    lay = parallel.init(ep=ep, device="cpu")
+    parallel.seed_all(0)
+    ref = Transformer(tiny_cfg()).double()  # the single process, run on every rank on the whole batch
+    model = parallel.parallelize(copy.deepcopy(ref), lay)
+    make = {"sgd": lambda ps: torch.optim.SGD(ps, lr=0.5),
+            "adamw": lambda ps: torch.optim.AdamW(ps, lr=3e-3, weight_decay=0.1)}[optimizer]
+    opt, opt_ref = make(model.parameters()), make(ref.parameters())
+    gen = torch.Generator().manual_seed(1)
+    B, T = 2, 12
+    for step in range(steps):
+        for micro in range(accum):
+            tokens = torch.randint(64, (B * lay.dp, T + 1), generator=gen)  # the global batch, alike everywhere
+            x, y = tokens[:, :-1], tokens[:, 1:]
+            parallel.set_gradient_sync(model, micro == accum - 1)
+            _losses(model, parallel.dp_slice(x, lay), parallel.dp_slice(y, lay), accum).backward()
+            _losses(ref, x, y, accum).backward()
+        norm = parallel.clip_grad_norm(list(model.parameters()), 0.5, lay)
+        norm_ref = torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.5)
+        assert norm_ref > 0.5  # clipping is active
+        torch.testing.assert_close(norm, norm_ref, rtol=1e-12, atol=0)
+        for o, m in ((opt, model), (opt_ref, None)):
+            o.step()
+            o.zero_grad(set_to_none=True)
+        model.update_moe_bias(0.01, lay.group("dp"))
+        for m in ref.moe_layers():  # the whole batch's loads: nothing to sum over ranks
+            m.apply_bias_update(0.01, m.load)
+    tol = 1e-12 if optimizer == "sgd" else 1e-10
+    ref_params = dict(ref.named_parameters())
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(parallel.gather_full(p.detach()), ref_params[name].detach(), rtol=tol, atol=tol)
+    moved = 0
+    for m, m_ref in zip(model.moe_layers(), ref.moe_layers()):
+        assert torch.equal(m.gate.bias, m_ref.gate.bias)  # bit-equal
+        moved += int(m.gate.bias.abs().sum() > 0)
+    assert moved > 0
+    parallel.teardown()
+    return rank
+
+
+@pytest.mark.parametrize("world,ep,optimizer,accum", [(2, 1, "sgd", 2), (2, 1, "adamw", 1), (2, 2, "adamw", 1),
+                                                      (4, 2, "sgd", 1)])
+def test_data_and_expert_parallel_equal_one_process(world, ep, optimizer, accum):
+    """dp = world/ep ranks (FSDP2), experts over ep: weights after 3 steps and gate biases == one process."""
+    assert run_workers(_dp_worker, world, ep, optimizer, 3, accum, init=False, timeout_s=300) == list(range(world))
