@@ -28,6 +28,7 @@ CPU, NCCL on CUDA. `python train.py` without torchrun uses no process group at a
 """
 import datetime
 import os
+import shutil
 import sys
 from dataclasses import dataclass
 
@@ -289,6 +290,77 @@ def clip_grad_norm(params, max_norm: float, layout: Layout = None) -> torch.Tens
 def gather_full(t: torch.Tensor) -> torch.Tensor:
     """The whole tensor of a (possibly) sharded parameter, on every rank."""
     return t.full_tensor() if _mesh_of(t) is not None else t
+
+
+# -- distributed checkpoints --------------------------------------------------------------------------------------
+DCP_META = "meta.pt"  # inside the checkpoint folder: step, RNG states, config, options (written by rank 0)
+
+
+def _dcp_state(model, opt) -> dict:
+    """Model and optimizer state keyed by parameter names, each tensor as this rank's shard (DTensors)."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+    model_sd, opt_sd = get_state_dict(model, opt)
+    return {"model": model_sd, "optimizer": opt_sd}
+
+
+def save_distributed(path: str, model, opt, meta: dict, layout: Layout) -> None:
+    """Every rank writes its shards with torch.distributed.checkpoint; atomic like a single file.
+
+    All ranks write into path.tmp; after a barrier rank 0 moves the finished folder into place (the old one is
+    renamed aside first and deleted last, so at every moment one complete checkpoint exists: `load_*` fall back
+    to path.old if a crash hit between the two renames). On several nodes `path` must be on a shared disk."""
+    import torch.distributed.checkpoint as dcp
+    tmp, old = f"{path}.tmp", f"{path}.old"
+    if layout.is_main and os.path.exists(tmp):
+        shutil.rmtree(tmp)
+    dist.barrier()
+    dcp.save(_dcp_state(model, opt), checkpoint_id=tmp)
+    if layout.is_main:
+        torch.save(meta, os.path.join(tmp, DCP_META))
+    dist.barrier()  # every shard and the metadata are on disk
+    if layout.is_main:
+        if os.path.exists(path):
+            os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()  # nobody reads or writes the folder before it is in place
+
+
+def _existing(path: str) -> str:
+    if os.path.isdir(path):
+        return path
+    if os.path.isdir(f"{path}.old"):  # a crash between the two renames of save_distributed
+        return f"{path}.old"
+    raise FileNotFoundError(f"no distributed checkpoint at {path}")
+
+
+def read_meta(path: str) -> dict:
+    return torch.load(os.path.join(_existing(path), DCP_META), map_location="cpu", weights_only=True)
+
+
+def load_distributed(path: str, model, opt) -> dict:
+    """Load a checkpoint saved by save_distributed into an already parallelized model and its optimizer; the
+    world size and layout may differ from the run that saved it (DCP re-slices every tensor). Returns meta."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_state_dict
+    path = _existing(path)
+    state = _dcp_state(model, opt)
+    dcp.load(state, checkpoint_id=path)
+    set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+    return read_meta(path)
+
+
+def load_distributed_full(path: str, keys=("model",)) -> dict:
+    """One process, no process group: the whole tensors of a distributed checkpoint as a plain state dict
+    ({"model": {name: tensor}} plus the meta entries), e.g. to sample or export on one device."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+    path = _existing(path)
+    state = {}  # filled from the checkpoint's own metadata, as format_utils.dcp_to_torch_save does
+    _load_state_dict(state, storage_reader=FileSystemReader(path),
+                     planner=_EmptyStateDictLoadPlanner(keys=set(keys)), no_dist=True)
+    return {**read_meta(path), **state}
 
 
 # -- pipeline stages ----------------------------------------------------------------------------------------------

@@ -206,3 +206,106 @@ def _dp_worker(rank, world, ep, optimizer, steps, accum):
 def test_data_and_expert_parallel_equal_one_process(world, ep, optimizer, accum):
     """dp = world/ep ranks (FSDP2), experts over ep: weights after 3 steps and gate biases == one process."""
     assert run_workers(_dp_worker, world, ep, optimizer, 3, accum, init=False, timeout_s=300) == list(range(world))
+
+
+# -- distributed checkpoints ---------------------------------------------------------------------------------------
+def _build(lay, seed):
+    from model import Transformer
+    parallel.seed_all(seed)
+    model = parallel.parallelize(Transformer(tiny_cfg()).double(), lay)
+    return model, torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.1)
+
+
+def _steps(model, opt, lay, gen, n, global_rows=None):
+    """n AdamW steps on global batches of global_rows (default 2 per dp rank), of which this rank keeps its slice."""
+    for _ in range(n):
+        tokens = torch.randint(64, (global_rows or 2 * lay.dp, 13), generator=gen)  # the global batch
+        x, y = parallel.dp_slice(tokens[:, :-1], lay), parallel.dp_slice(tokens[:, 1:], lay)
+        _losses(model, x, y, 1).backward()
+        parallel.clip_grad_norm(list(model.parameters()), 0.5, lay)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        model.update_moe_bias(0.01, lay.group("dp"))
+
+
+def _full_state(model):
+    sd = {name: parallel.gather_full(p.detach()).clone() for name, p in model.named_parameters()}
+    sd.update({name: b.clone() for name, b in model.named_buffers() if name.endswith("gate.bias")})
+    return sd
+
+
+def _resume_worker(rank, world, folder):
+    lay = parallel.init(ep=2, device="cpu")
+    model, opt = _build(lay, 0)
+    gen = torch.Generator().manual_seed(1)
+    _steps(model, opt, lay, gen, 2)
+    parallel.save_distributed(os.path.join(folder, "ckpt"), model, opt, {"step": 2, "data": gen.get_state()}, lay)
+    _steps(model, opt, lay, gen, 2)
+    straight = _full_state(model)
+    model, opt = _build(lay, 123)  # other weights: everything must come from the checkpoint
+    meta = parallel.load_distributed(os.path.join(folder, "ckpt"), model, opt)
+    gen = torch.Generator()
+    gen.set_state(meta["data"])
+    _steps(model, opt, lay, gen, 2)
+    resumed = _full_state(model)
+    assert meta["step"] == 2 and straight.keys() == resumed.keys()
+    for name in straight:
+        assert torch.equal(straight[name], resumed[name]), name
+    parallel.teardown()
+    return rank
+
+
+def test_distributed_resume_is_bit_identical(tmp_path):
+    """ep=2 on 2 ranks, AdamW: 2 steps, save, 2 steps == 2 steps, save, fresh model, load, 2 steps (bit-equal)."""
+    assert run_workers(_resume_worker, 2, str(tmp_path), init=False, timeout_s=300) == [0, 1]
+
+
+def _save_worker(rank, world, folder, load_from, save_to):
+    lay = parallel.init(ep=2, device="cpu")
+    model, opt = _build(lay, 0)
+    if load_from:
+        parallel.load_distributed(os.path.join(folder, load_from), model, opt)
+    loaded = _full_state(model)
+    _steps(model, opt, lay, torch.Generator().manual_seed(7), 1)
+    parallel.save_distributed(os.path.join(folder, save_to), model, opt, {"step": 1}, lay)
+    after = _full_state(model)  # a collective: every rank gathers
+    out = (loaded, after) if rank == 0 else None
+    parallel.teardown()
+    return out
+
+
+def _one_process(folder, name, dp):
+    """Load a distributed checkpoint in this process (no process group), then one step on the global batch of a
+    dp-rank run: returns (the loaded weights, the weights after the step)."""
+    from model import Transformer
+    from torch.distributed.checkpoint.state_dict import set_state_dict
+    state = parallel.load_distributed_full(os.path.join(folder, name), keys=("model", "optimizer"))
+    model = Transformer(tiny_cfg()).double()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.1)
+    set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+    loaded = _full_state(model)
+    _steps(model, opt, parallel.Layout(), torch.Generator().manual_seed(7), 1, global_rows=2 * dp)
+    return state, loaded, _full_state(model)
+
+
+def test_checkpoint_2_ranks_to_4_ranks_to_one_process(tmp_path):
+    """Save on 2 ranks (ep 2), load on 4 ranks (dp 4, ep 2), save, load in one process: every expert is there
+    and each step continues from exactly the saved model and optimizer state."""
+    folder = str(tmp_path)
+    _, after2 = run_workers(_save_worker, 2, folder, None, "a", init=False, timeout_s=300)[0]
+    loaded4, after4 = run_workers(_save_worker, 4, folder, "a", "b", init=False, timeout_s=300)[0]
+    for name in after2:
+        assert torch.equal(loaded4[name], after2[name]), name
+    # one process reads the 2-rank checkpoint: every expert of every layer, then the same step as the 4 ranks
+    state, loaded1, stepped1 = _one_process(folder, "a", dp=4)
+    assert state["step"] == 1
+    experts = [n for n in state["model"] if n.endswith("experts.w1")]
+    assert len(experts) == 3 and all(state["model"][n].shape[0] == 8 for n in experts)
+    for name in after2:
+        assert torch.equal(loaded1[name], after2[name]), name
+        torch.testing.assert_close(stepped1[name], after4[name], rtol=1e-10, atol=1e-12)
+    # and the 4-rank checkpoint
+    _, loaded1b, _ = _one_process(folder, "b", dp=4)
+    for name in after4:
+        assert torch.equal(loaded1b[name], after4[name]), name
+    assert not os.path.exists(os.path.join(folder, "b.tmp")) and not os.path.exists(os.path.join(folder, "b.old"))
