@@ -309,3 +309,31 @@ def test_checkpoint_2_ranks_to_4_ranks_to_one_process(tmp_path):
     for name in after4:
         assert torch.equal(loaded1b[name], after4[name]), name
     assert not os.path.exists(os.path.join(folder, "b.tmp")) and not os.path.exists(os.path.join(folder, "b.old"))
+
+
+# -- faults: a dead or stuck rank ends the job ----------------------------------------------------------------------
+def _fault_worker(rank, world, how):
+    import signal
+    import time
+    parallel.init(device="cpu", timeout_s=2)
+    x = torch.ones(4)
+    dist.all_reduce(x)  # every rank is up
+    if rank == 1:
+        if how == "dead":
+            os.kill(os.getpid(), signal.SIGKILL)
+        time.sleep(6)  # stuck for longer than the timeout
+    for _ in range(100):
+        dist.all_reduce(x)
+    return "finished"
+
+
+@pytest.mark.parametrize("how", ["dead", "stuck"])
+def test_dead_or_stuck_rank_ends_the_others(how):
+    """The other ranks fail with an error (not a hang): immediately for a dead peer, after the 2 s
+    process-group timeout for a stuck one."""
+    outcomes = run_workers(_fault_worker, 3, how, init=False, check=False, timeout_s=40)
+    codes = [code for code, _ in outcomes]
+    assert codes[0] == 1 and codes[2] == 1, outcomes
+    assert codes[1] == (-9 if how == "dead" else 1)  # killed itself, or woke up to find the others gone
+    error = outcomes[0][1].strip().splitlines()[-1]
+    assert ("Timed out" in error) if how == "stuck" else ("peer" in error), error
