@@ -202,13 +202,38 @@ def print0(*args, layout: Layout = None, **kw) -> None:
         print(*args, **kw)
 
 
-def all_ranks_agree(ok: bool, layout: Layout) -> bool:
-    """True iff `ok` holds on every rank (one all-reduce): lets all ranks stop together after a local failure."""
+def any_rank(flag: bool, layout: Layout) -> bool:
+    """True on every rank iff `flag` is true on at least one (one all-reduce): lets all ranks act together on
+    something only some of them saw (a signal, a local failure)."""
     if not layout.distributed:
-        return ok
-    flag = torch.tensor([0 if ok else 1], device=layout.device)
-    dist.all_reduce(flag)
-    return flag.item() == 0
+        return flag
+    t = torch.tensor([1 if flag else 0], device=layout.device)
+    dist.all_reduce(t)
+    return t.item() > 0
+
+
+class PeerFailed(RuntimeError):
+    """Another rank failed and has reported why; this rank only stops (and prints nothing)."""
+
+
+def rank0_first(fn, layout: Layout):
+    """Run fn() on rank 0, then, if it succeeded, on the others: e.g. build a cache once, then read it everywhere.
+    If rank 0 raises, it re-raises there and the other ranks raise PeerFailed: no rank waits forever."""
+    if not layout.distributed:
+        return fn()
+    result, error = None, None
+    if layout.is_main:
+        try:
+            result = fn()
+        except Exception as e:  # re-raised below, after the others know
+            error = e
+    failed = torch.tensor([1 if error is not None else 0], device=layout.device)
+    dist.broadcast(failed, src=0)
+    if error is not None:
+        raise error
+    if failed.item():
+        raise PeerFailed("rank 0 failed")
+    return result if layout.is_main else fn()
 
 
 # -- expert and data parallelism on the model ---------------------------------------------------------------------

@@ -337,3 +337,29 @@ def test_dead_or_stuck_rank_ends_the_others(how):
     assert codes[1] == (-9 if how == "dead" else 1)  # killed itself, or woke up to find the others gone
     error = outcomes[0][1].strip().splitlines()[-1]
     assert ("Timed out" in error) if how == "stuck" else ("peer" in error), error
+
+
+def _rank0_first_worker(rank, world, fail):
+    lay = parallel.init(device="cpu")
+    order = []
+
+    def build():
+        order.append(rank)
+        if fail:
+            raise ValueError("no such corpus")
+        return rank
+
+    try:
+        result = parallel.rank0_first(build, lay)
+    except (ValueError, parallel.PeerFailed) as e:
+        result = type(e).__name__
+    stop = parallel.any_rank(rank == world - 1, lay)  # only the last rank saw a signal
+    return result, order, stop
+
+
+def test_rank0_first_and_any_rank():
+    ok = run_workers(_rank0_first_worker, 3, False, init=False)
+    assert ok == [(0, [0], True), (1, [1], True), (2, [2], True)]
+    failed = run_workers(_rank0_first_worker, 3, True, init=False)
+    assert [r[0] for r in failed] == ["ValueError", "PeerFailed", "PeerFailed"]
+    assert [r[1] for r in failed] == [[0], [], []]  # the others never tried
