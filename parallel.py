@@ -106,7 +106,10 @@ class Layout:
         return (self.dense if name in ("pp", "dp") else self.sparse)[name].get_group()
 
     def describe(self) -> str:
-        return f"dp {self.dp} × ep {self.ep} × pp {self.pp} on {self.world} ranks, {self.backend}"
+        """E.g. "dp 4 (ep 2 × efsdp 2) × pp 1 on 4 ranks, gloo": dp × pp = ranks; the parenthesis says how
+        the dp ranks of a stage hold the experts (ep slices, each on efsdp ranks)."""
+        return (f"dp {self.dp} (ep {self.ep} × efsdp {self.efsdp}) × pp {self.pp} on {self.world} ranks, "
+                f"{self.backend}")
 
 
 # -- init and teardown --------------------------------------------------------------------------------------------
