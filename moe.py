@@ -37,14 +37,15 @@ moe_inter_dim ("fine-grained" experts: many narrow ones rather than a few wide o
 - V2-style configs (score_func="softmax"): s = softmax over experts, no bias, group score = max, no
   renormalisation of the top-k weights (still × route_scale).
 
-Two dispatch paths with identical results (tests/test_moe.py checks outputs and gradients):
+Three dispatch paths with identical results (tests/test_moe.py and tests/test_parallel.py check outputs and
+gradients):
 - "loop" (the reference, read it first): for each expert, gather its tokens, run it, add the weighted outputs.
 - "grouped" (the fast one, default): sort the N·K_r (token, expert) pairs by expert id with argsort so each expert
   owns one contiguous segment, run all experts with one grouped GEMM per projection (torch._grouped_mm, where
   this build supports it for the device and dtype; otherwise a loop over the segments), scatter-add back.
   With `--fp8` the grouped GEMM is fp8_experts.fp8_segment_mm instead (FP8Linear.experts_mm hands it over), and
   the SwiGLU with W2 is fp8_experts.fp8_swiglu_down, which recomputes the SwiGLU output in the backward pass.
-- "ep" (expert parallelism, when `shard_experts` has split the experts over the ranks of an ep group, report
+- "ep" (expert parallelism, once `MoE.shard` has split the experts over the ranks of an ep group, report
   §3.2.2): each rank holds N_r/ep consecutive experts (w1/w2/w3 are DTensors sharded on dim 0 over the ep mesh,
   so FSDP2, distributed checkpoints and gradient clipping all see the split). `dispatch_ep` sorts the pairs by
   expert as "grouped" does, sends each row to the rank holding its expert (all-to-all), runs the local experts
