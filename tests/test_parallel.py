@@ -407,6 +407,7 @@ def test_train_under_torchrun_equals_one_process(tmp_path, corpus_args):
     """dp 4 with the experts over ep 2, on 4 ranks (fp32, gloo) == one process on the same global batch: weights, gate biases, log.
     Then a one-process --resume continues the distributed checkpoint and generate.py reads it."""
     import generate
+    import hf_io
     import train
     common = [*corpus_args, *MODEL, *RUN, "--max_iters", "3", "--eval_interval", "3"]
     one, four = str(tmp_path / "one"), str(tmp_path / "four")
@@ -435,6 +436,9 @@ def test_train_under_torchrun_equals_one_process(tmp_path, corpus_args):
     assert checkpoint.load_checkpoint(os.path.join(four, "ckpt.pt"), "test")["step"] == 4
     model, _ = generate.load_model(four)
     assert model.layers[1].ffn.experts.w1.shape[0] == 4
+    hf_io.save_hf_checkpoint(model, str(tmp_path / "hf"))  # and on to the Hugging Face layout and back
+    back = hf_io.load_hf_checkpoint(str(tmp_path / "hf"))
+    assert torch.equal(back.layers[1].ffn.experts.w2, model.layers[1].ffn.experts.w2)
 
 
 @pytest.mark.parametrize("world,extra,message", [(3, ["--ep", "2"], "not divisible by ep × pp"),
