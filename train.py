@@ -25,6 +25,12 @@ checkpoint. Ctrl-C and SIGTERM (what `timeout` and cluster schedulers send) save
 with 128 + the signal number (130, 143); a non-finite loss, a full disk or an unwritable folder stop with one
 line and leave the last good checkpoint in place.
 
+Many processes: `torchrun --nproc_per_node N train.py --ep E ...` runs the same loop on N ranks (parallel.py:
+the experts of each MoE layer split over E ranks, FSDP2 over the N data-parallel ranks, each drawing the same
+global batch of N·batch_size sequences and keeping its slice). Rank 0 prints and logs; the checkpoint is the
+folder out_dir/ckpt.dcp, written by all ranks (checkpoint.py); Ctrl-C and SIGTERM stop all ranks after the same
+step. README, "Many processes".
+
 Precision: bf16 autocast on CUDA (fp32 master weights), fp32 on CPU and MPS; `--fp8` swaps the projections for
 fp8.FP8Linear (Hopper GPUs). `--bench` times a few steps and prints tokens/s and MFU (FLOPs per token:
 model.train_flops_per_token, whose counting rule is written beside it).
