@@ -349,7 +349,7 @@ def update_biases(moes: list, gamma: float, group=None) -> None:
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(load, group=group)
     for m, layer_load in zip(moes, load):
-        m.apply_bias_update(gamma, layer_load)
+        m.update_bias(gamma, load=layer_load)
 
 
 class MoE(nn.Module):
@@ -410,16 +410,16 @@ class MoE(nn.Module):
             self.balance_loss = scores.new_zeros(())
 
     @torch.no_grad()
-    def update_bias(self, gamma: float, group=None):
+    def update_bias(self, gamma: float, group=None, load: torch.Tensor = None):
         """After an optimizer step: b_i += γ·sign(mean load − load_i) from the accumulated `load`, then reset it.
 
         Under torch.distributed the load is summed over `group` (default: the world) first, so every rank applies
-        the same update. No-op (except the reset) for softmax routing, which has no bias."""
-        update_biases([self], gamma, group)
-
-    @torch.no_grad()
-    def apply_bias_update(self, gamma: float, load: torch.Tensor):
-        """b_i += γ·sign(mean load − load_i) for a load already summed over the ranks; resets `load`."""
+        the same update; `load` given: already summed (`update_biases` sums all layers in one all-reduce).
+        No-op (except the reset) for softmax routing, which has no bias."""
+        if load is None:
+            load = self.load.clone()
+            if dist.is_available() and dist.is_initialized():
+                dist.all_reduce(load, group=group)
         if self.gate.bias is not None:
             load = load.double()
             self.gate.bias += gamma * torch.sign(load.mean() - load).to(self.gate.bias.dtype)

@@ -103,7 +103,7 @@ def _dispatch_ep_worker(rank, world, n_tokens):
     assert m.last_ranks_per_token == pytest.approx(sum(owners) / len(owners))
     # aux-loss-free update: the loads of all ranks in one all-reduce, the same biases as the whole batch gives
     m.update_bias(0.01)
-    ref.update_bias(0.01)
+    ref.update_bias(0.01, load=ref.load.clone())  # the whole batch: nothing to sum
     assert torch.equal(m.gate.bias, ref.gate.bias)
     return rank
 
@@ -188,7 +188,7 @@ def _dp_worker(rank, world, ep, optimizer, steps, accum):
             o.zero_grad(set_to_none=True)
         model.update_moe_bias(0.01, lay.group("dp"))
         for m in ref.moe_layers():  # the whole batch's loads: nothing to sum over ranks
-            m.apply_bias_update(0.01, m.load)
+            m.update_bias(0.01, load=m.load.clone())
     tol = 1e-12 if optimizer == "sgd" else 1e-10
     ref_params = dict(ref.named_parameters())
     for name, p in model.named_parameters():
