@@ -315,8 +315,7 @@ def test_checkpoint_2_ranks_to_4_ranks_to_one_process(tmp_path):
     os.makedirs(os.path.join(folder, "b.tmp"))
     state = checkpoint.load_distributed_full(os.path.join(folder, "b"))
     for name in after4:
-        if name in state["model"]:
-            assert torch.equal(state["model"][name], after4[name]), name
+        assert torch.equal(state["model"][name], after4[name]), name
 
 
 # -- faults: a dead or stuck rank ends the job ----------------------------------------------------------------------
