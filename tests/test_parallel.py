@@ -507,3 +507,26 @@ def test_dead_rank_ends_the_training_job(tmp_path, corpus_args):
     out = run_workers(_train_worker, 2, argv, _die_at_step_2, init=False, check=False, timeout_s=120)
     assert out[1][0] == -9 and out[0][0] == 1  # the survivor raised (its traceback is its error report)
     assert "RuntimeError" in out[0][1]
+
+
+def test_resume_under_torchrun_at_another_world_size(tmp_path, corpus_args):
+    """2 ranks × 2 sequences for 2 steps, then --resume on 4 ranks × 1 sequence (the same global batch) for 2
+    more == 4 steps straight on 2 ranks (fp32: up to rounding; the gate biases exactly)."""
+    common = [*corpus_args, *MODEL, *RUN, "--ep", "2", "--eval_interval", "2"]
+    straight, split = str(tmp_path / "straight"), str(tmp_path / "split")
+    assert run_workers(_train_worker, 2, [*common, "--batch_size", "2", "--max_iters", "4", "--out_dir", straight],
+                       init=False, timeout_s=300) == [(0, ""), (0, "")]
+    assert run_workers(_train_worker, 2, [*common, "--batch_size", "2", "--max_iters", "2", "--out_dir", split],
+                       init=False, timeout_s=300) == [(0, ""), (0, "")]
+    out = run_workers(_train_worker, 4, [*common, "--batch_size", "1", "--max_iters", "4", "--out_dir", split,
+                                         "--resume"], init=False, timeout_s=300)
+    assert [code for code, _ in out] == [0] * 4
+    a = checkpoint.load_checkpoint(os.path.join(straight, "ckpt.pt"), "test")
+    b = checkpoint.load_checkpoint(os.path.join(split, "ckpt.pt"), "test")
+    assert a["step"] == b["step"] == 4
+    for name in a["model"]:
+        if name.endswith("gate.bias"):
+            assert torch.equal(a["model"][name], b["model"][name]), name
+        else:
+            torch.testing.assert_close(b["model"][name], a["model"][name], rtol=1e-4, atol=1e-6)
+    assert [r["step"] for r in _log(split)] == [r["step"] for r in _log(straight)]
