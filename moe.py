@@ -330,11 +330,12 @@ def dispatch_ep(x, weights, indices, experts: Experts, group, impl: str = "auto"
     return torch.zeros_like(x).index_add(0, token, out.to(x.dtype))  # (N, dim)
 
 
-def ranks_per_token(indices: torch.Tensor, n_experts: int, ep: int) -> float:
-    """Mean number of distinct ep ranks a token's K_r experts live on (what node-limited routing bounds)."""
+def ranks_per_token(indices: torch.Tensor, n_experts: int, ep: int) -> torch.Tensor:
+    """Mean number of distinct ep ranks a token's K_r experts live on (what node-limited routing bounds), as a
+    0-d tensor: reading it (.item()) would wait for the device, so the caller does that only when it reports."""
     owner = indices // (n_experts // ep)  # (N, K) rank holding each chosen expert
     hit = torch.zeros(indices.shape[0], ep, device=indices.device).scatter_(1, owner, 1.0)  # (N, ep)
-    return hit.sum(1).mean().item()
+    return hit.sum(1).mean()
 
 
 @torch.no_grad()
@@ -374,7 +375,7 @@ class MoE(nn.Module):
             self.shared_experts = None
         self.dispatch = "grouped"
         self.ep_group = None  # set by shard(): routed experts split over this process group (dispatch_ep)
-        self.last_ranks_per_token = 0.0
+        self.last_ranks_per_token = torch.zeros(())  # under ep: of the last forward (ranks_per_token)
         self.register_buffer("load", torch.zeros(cfg.n_routed_experts, dtype=torch.long), persistent=False)
         self.last_counts = torch.zeros(cfg.n_routed_experts, dtype=torch.long)
         self.balance_loss = torch.zeros(())

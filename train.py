@@ -436,10 +436,11 @@ def evaluate(run: Run) -> dict:
             _, losses = run.fwd(x, y)
         for k in sums:
             sums[k] += losses[k[4:]].item() / args.eval_iters
-        layer_counts = [m.last_counts.cpu() for m in run.model.moe_layers()]
-        counts = layer_counts if counts is None else [a + b for a, b in zip(counts, layer_counts)]
         moes = run.model.moe_layers()
-        ranks += sum(m.last_ranks_per_token for m in moes) / max(1, len(moes)) / args.eval_iters
+        layer_counts = [m.last_counts.cpu() for m in moes]
+        counts = layer_counts if counts is None else [a + b for a, b in zip(counts, layer_counts)]
+        if layout.ep > 1 and moes:
+            ranks += sum(float(m.last_ranks_per_token) for m in moes) / len(moes) / args.eval_iters
     run.model.train()
     if layout.distributed:  # every dp rank evaluated its slice of the same batches
         sums = {k: v.item() for k, v in parallel.mean_over_dp(sums, layout).items()}

@@ -100,7 +100,7 @@ def _dispatch_ep_worker(rank, world, n_tokens):
     _, idx, _ = m.gate(x.detach().view(-1, cfg.dim))
     owners = [len(set(row)) for row in (idx // E_local).tolist()]
     assert max(owners) <= min(cfg.n_limited_groups, world)  # each rank holds n_expert_groups / ep whole groups
-    assert m.last_ranks_per_token == pytest.approx(sum(owners) / len(owners))
+    assert float(m.last_ranks_per_token) == pytest.approx(sum(owners) / len(owners))
     # aux-loss-free update: the loads of all ranks in one all-reduce, the same biases as the whole batch gives
     m.update_bias(0.01)
     ref.update_bias(0.01, load=ref.load.clone())  # the whole batch: nothing to sum
