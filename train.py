@@ -534,7 +534,7 @@ def setup(ns: argparse.Namespace) -> Run:
 def build(args, cfg, device, linear, corpus, ckpt, ckpt_path, layout=None) -> Run:
     layout = layout or parallel.Layout.single(device)
     torch.manual_seed(args.seed)  # the same seed on every rank: identical weights (FSDP does not broadcast them)
-    model = Transformer(cfg, linear).to(device)
+    model = Transformer(cfg, linear, expert_kernels(args.fp8)).to(device)
     parallel.parallelize(model, layout)  # under torchrun: experts over ep, FSDP2 over dp (parallel.py)
     set_act_cache(model, args.fp8_act_cache)
     opt = make_optimizer(model, args, device)
@@ -668,6 +668,15 @@ def linear_class(fp8: bool, device: torch.device):
     if fp8.load_kernel() is None:  # builds fp8_gemm.cu now rather than failing (or crawling) mid-run
         raise ValueError(f"--fp8 is unavailable: {getattr(fp8, '_WHY_NOT', None) or 'the FP8 kernel did not load'}")
     return fp8.FP8Linear
+
+
+def expert_kernels(fp8: bool):
+    """The routed experts' kernels that go with linear_class(fp8): fp8_experts.FP8Experts, or None (high
+    precision). The model hands them to every MoE layer (model.Transformer's `experts`)."""
+    if not fp8:
+        return None
+    import fp8_experts
+    return fp8_experts.FP8Experts
 
 
 def make_optimizer(model: nn.Module, args, device: torch.device) -> torch.optim.Optimizer:

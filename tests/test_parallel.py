@@ -410,8 +410,9 @@ def _log(out_dir):
 
 
 def test_train_under_torchrun_equals_one_process(tmp_path, corpus_args):
-    """dp 4 with the experts over ep 2, on 4 ranks (fp32, gloo) == one process on the same global batch: weights, gate biases, log.
-    Then a one-process --resume continues the distributed checkpoint and generate.py reads it."""
+    """dp 4 with the experts over ep 2, on 4 ranks (fp32, gloo) == one process on the same global batch: weights,
+    gate biases, log. Then a one-process --resume continues the distributed checkpoint, generate.py reads it and
+    hf_io writes it in the Hugging Face layout."""
     import generate
     import hf_io
     import train
