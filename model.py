@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from config import ModelConfig, PRESETS, get_preset  # noqa: F401  (re-exported for users of model.py)
 from layers import RMSNorm, MLP, at_least_fp32
 from mla import MLA, precompute_freqs_cis
-from moe import MoE
+from moe import MoE, update_biases
 from mtp import MTPModule, mtp_hidden, mtp_loss, mtp_accuracy
 
 
@@ -161,9 +161,9 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def update_moe_bias(self, gamma: float, group=None):
-        """Aux-loss-free balancing: after each optimizer step, nudge every gate bias by ±γ (moe.MoE.update_bias)."""
-        for m in self.moe_layers():
-            m.update_bias(gamma, group)
+        """Aux-loss-free balancing: after each optimizer step, nudge every gate bias by ±γ (moe.MoE.update_bias);
+        the loads of all layers are summed over `group` (the data-parallel ranks) in one all-reduce."""
+        update_biases(self.moe_layers(), gamma, group)
 
 
 def count_params(cfg: ModelConfig) -> dict:

@@ -37,19 +37,28 @@ moe_inter_dim ("fine-grained" experts: many narrow ones rather than a few wide o
 - V2-style configs (score_func="softmax"): s = softmax over experts, no bias, group score = max, no
   renormalisation of the top-k weights (still × route_scale).
 
-Two dispatch paths with identical results (tests/test_moe.py checks outputs and gradients):
+Three dispatch paths with identical results (tests/test_moe.py and tests/test_parallel.py check outputs and
+gradients):
 - "loop" (the reference, read it first): for each expert, gather its tokens, run it, add the weighted outputs.
 - "grouped" (the fast one, default): sort the N·K_r (token, expert) pairs by expert id with argsort so each expert
   owns one contiguous segment, run all experts with one grouped GEMM per projection (torch._grouped_mm, where
   this build supports it for the device and dtype; otherwise a loop over the segments), scatter-add back.
   With `--fp8` the grouped GEMM is fp8_experts.fp8_segment_mm instead (MoE is handed fp8_experts.FP8Experts), and
   the SwiGLU with W2 is fp8_experts.fp8_swiglu_down, which recomputes the SwiGLU output in the backward pass.
-Expert parallelism (all-to-all over an expert process group) is not implemented here yet.
+- "ep" (expert parallelism, once `MoE.shard` has split the experts over the ranks of an ep group, report
+  §3.2.2): each rank holds N_r/ep consecutive experts (w1/w2/w3 are DTensors sharded on dim 0 over the ep mesh,
+  so FSDP2, distributed checkpoints and gradient clipping all see the split). `dispatch_ep` sorts the pairs by
+  expert as "grouped" does, sends each row to the rank holding its expert (all-to-all), runs the local experts
+  and sends the results back (all-to-all); the backward of sending is sending back. It equals "grouped" on the
+  whole batch (tests/test_parallel.py).
+  Node-limited routing becomes real here: expert group g lives on the ranks that hold its experts, so when
+  n_expert_groups is a multiple of ep a token reaches at most n_limited_groups ranks (`ranks_per_token`).
 """
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor, Shard
 
 from layers import MLP, at_least_fp32
 
@@ -193,7 +202,9 @@ def segment_mm(a: torch.Tensor, w: torch.Tensor, sizes, impl: str = "auto") -> t
     sizes = sizes.tolist() if torch.is_tensor(sizes) else sizes  # the loop needs them on the host
     # unbind, not w[i]: the backward of E separate w[i] would build E full-size (E, out, in) gradients
     parts = [F.linear(seg, wi) for seg, wi, n in zip(a.split(sizes), w.unbind(0), sizes) if n > 0]
-    return torch.cat(parts) if parts else a.new_zeros(0, w.shape[1])
+    # no rows at all: still an (0, out) result that depends on a and w, so that a backward pass runs through it
+    # (under expert parallelism the all-to-all behind it must run on every rank, even on one that got no rows)
+    return torch.cat(parts) if parts else F.linear(a, w[0])
 
 
 class Experts(nn.Module):
@@ -224,10 +235,11 @@ class Experts(nn.Module):
         if host and torch.is_tensor(sizes):
             sizes = sizes.tolist()  # fp8_segment_mm plans its tiles on the host, the loop splits by them: read once
         mm = self.mm or (lambda a, w, n: segment_mm(a, w, n, impl))
+        w1, w2, w3 = (local(w) for w in (self.w1, self.w2, self.w3))  # this rank's experts under ep
         if self.swiglu_down is not None:
-            return self.swiglu_down(mm(x, self.w1, sizes), mm(x, self.w3, sizes), self.w2, sizes, self.act_cache)
-        h = F.silu(mm(x, self.w1, sizes)) * mm(x, self.w3, sizes)  # (M, inter)
-        return mm(h, self.w2, sizes)  # (M, dim)
+            return self.swiglu_down(mm(x, w1, sizes), mm(x, w3, sizes), w2, sizes, self.act_cache)
+        h = F.silu(mm(x, w1, sizes)) * mm(x, w3, sizes)  # (M, inter)
+        return mm(h, w2, sizes)  # (M, dim)
 
 
 def dispatch_loop(x, weights, indices, experts: Experts) -> torch.Tensor:
@@ -262,6 +274,108 @@ def dispatch_grouped(x, weights, indices, experts: Experts, impl: str = "auto", 
     return torch.zeros_like(x).index_add(0, token, out.to(x.dtype))  # (N, dim) sum over the K slots
 
 
+# -- expert parallelism ------------------------------------------------------------------------------------------
+def local(w: torch.Tensor) -> torch.Tensor:
+    """This rank's slice of a (possibly) sharded weight; a plain tensor is returned as it is."""
+    return w.to_local() if isinstance(w, DTensor) else w
+
+
+def shard_experts(experts: Experts, ep_mesh) -> None:
+    """Keep only this rank's N_r/ep consecutive experts, as DTensors Shard(0) over the 1-D `ep_mesh`.
+
+    Every rank holds the same full weights beforehand (same seed), so each cuts out its own slice: no
+    communication. A DTensor, not a plain slice, so that whoever reads the parameters (FSDP2, distributed
+    checkpoints, norms for clipping) knows the other experts live on other ranks."""
+    ep, r = ep_mesh.size(), ep_mesh.get_local_rank()
+    for name in ("w1", "w2", "w3"):
+        w = getattr(experts, name)
+        if w.shape[0] % ep != 0:
+            raise ValueError(f"{w.shape[0]} routed experts do not split evenly over ep = {ep} ranks")
+        mine = w.detach().chunk(ep, dim=0)[r].clone()  # (E/ep, ..., ...)
+        setattr(experts, name, nn.Parameter(DTensor.from_local(mine, ep_mesh, [Shard(0)], run_check=False)))
+
+
+class _AllToAll(torch.autograd.Function):
+    """Rows to other ranks: send_splits[r] rows go to rank r, recv_splits[r] rows come from it.
+
+    The backward sends the gradients back the way the rows came (the splits swapped): the backward of the
+    dispatch all-to-all is a combine all-to-all, and vice versa."""
+
+    @staticmethod
+    def forward(ctx, x, send_splits, recv_splits, group):
+        ctx.splits, ctx.group = (send_splits, recv_splits), group
+        out = x.new_empty(sum(recv_splits), *x.shape[1:])
+        dist.all_to_all_single(out, x.contiguous(), recv_splits, send_splits, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        send_splits, recv_splits = ctx.splits
+        out = grad.new_empty(sum(send_splits), *grad.shape[1:])
+        dist.all_to_all_single(out, grad.contiguous(), send_splits, recv_splits, group=ctx.group)
+        return out, None, None, None
+
+
+def all_to_all(x, send_splits: list, recv_splits: list, group) -> torch.Tensor:
+    return _AllToAll.apply(x, send_splits, recv_splits, group)
+
+
+def dispatch_ep(x, weights, indices, experts: Experts, group, impl: str = "auto", counts=None) -> torch.Tensor:
+    """Expert parallelism over `group` (ep ranks, rank r holding experts [r·E/ep, (r+1)·E/ep)). (N, dim) → (N, dim)
+
+    The same sums as dispatch_grouped; only where each expert runs changes. counts: expert_counts(indices)."""
+    N, K = indices.shape
+    ep = dist.get_world_size(group)
+    E = experts.w1.shape[0]  # the global count: a DTensor's shape is the whole tensor's
+    E_local = E // ep
+    # 1. sort the (token, slot) pairs by expert: the rows for rank r are then one contiguous block
+    flat = indices.reshape(-1)  # (N·K,)
+    order = torch.argsort(flat, stable=True)  # (N·K,)
+    token = order // K  # (N·K,) token of each sorted pair
+    counts = expert_counts(flat, E) if counts is None else counts  # (E,) rows this rank sends to each expert
+    # 2. exchange the counts: recv[r, j] = rows rank r sends to my local expert j
+    recv = torch.empty_like(counts)
+    dist.all_to_all_single(recv, counts, group=group)  # E_local counts to and from every rank
+    recv = recv.view(ep, E_local)  # (ep, E_local)
+    send_splits = counts.view(ep, E_local).sum(1).tolist()  # rows to each rank
+    recv_splits = recv.sum(1).tolist()  # rows from each rank (the one host sync of the dispatch)
+    # 3. dispatch: the rows travel to their experts' ranks
+    rows = all_to_all(x[token], send_splits, recv_splits, group)  # (M, dim), rank-major: by source, then expert
+    # 4. regroup rank-major → expert-major, so each local expert owns one contiguous segment
+    chunk = torch.repeat_interleave(torch.arange(ep * E_local, device=x.device), recv.flatten())  # (M,)
+    regroup = torch.argsort(chunk % E_local, stable=True)  # (M,) local expert of each row, then source rank
+    out = experts.segments(rows[regroup], recv.sum(0).tolist(), impl)  # (M, dim)
+    # 5. undo the regrouping, then combine: the results travel back to the tokens' ranks
+    out = torch.empty_like(out).index_copy(0, regroup, out)  # (M, dim) rank-major again
+    out = all_to_all(out, recv_splits, send_splits, group)  # (N·K, dim) in this rank's sorted order
+    # 6. weight by the gates and sum each token's K slots
+    out = out * weights.reshape(-1)[order, None]  # (N·K, dim)
+    return torch.zeros_like(x).index_add(0, token, out.to(x.dtype))  # (N, dim)
+
+
+def ranks_per_token(indices: torch.Tensor, n_experts: int, ep: int) -> torch.Tensor:
+    """Mean number of distinct ep ranks a token's K_r experts live on (what node-limited routing bounds), as a
+    0-d tensor: reading it (.item()) would wait for the device, so the caller does that only when it reports."""
+    owner = indices // (n_experts // ep)  # (N, K) rank holding each chosen expert
+    hit = torch.zeros(indices.shape[0], ep, device=indices.device).scatter_(1, owner, 1.0)  # (N, ep)
+    return hit.sum(1).mean()
+
+
+@torch.no_grad()
+def update_biases(moes: list, gamma: float, group=None) -> None:
+    """Aux-loss-free update of several MoE layers with ONE all-reduce of all their loads over `group`.
+
+    `group` is the data-parallel group: its ranks hold the same layers and see different tokens (under
+    pipeline parallelism the world mixes stages, whose layers differ)."""
+    if not moes:
+        return
+    load = torch.stack([m.load for m in moes])  # (layers, E)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(load, group=group)
+    for m, layer_load in zip(moes, load):
+        m.update_bias(gamma, load=layer_load)
+
+
 class MoE(nn.Module):
     """DeepSeekMoE layer: shared experts (unweighted) + K_r of N_r routed experts (weighted by g_{i,t}).
 
@@ -284,6 +398,8 @@ class MoE(nn.Module):
         else:
             self.shared_experts = None
         self.dispatch = "grouped"
+        self.ep_group = None  # set by shard(): routed experts split over this process group (dispatch_ep)
+        self.last_ranks_per_token = torch.zeros(())  # under ep: of the last forward (ranks_per_token)
         self.register_buffer("load", torch.zeros(cfg.n_routed_experts, dtype=torch.long), persistent=False)
         self.last_counts = torch.zeros(cfg.n_routed_experts, dtype=torch.long)
         self.balance_loss = torch.zeros(())
@@ -297,7 +413,11 @@ class MoE(nn.Module):
         u = x.reshape(B * T, D)  # (N, dim), N = B·T tokens
         weights, indices, scores = self.gate(u)  # (N, K), (N, K), (N, E)
         counts = expert_counts(indices, self.n_routed)  # (E,)
-        if self.dispatch == "loop":
+        if self.ep_group is not None:
+            y = dispatch_ep(u, weights, indices, self.experts, self.ep_group, counts=counts)  # (N, dim)
+            ep = dist.get_world_size(self.ep_group)
+            self.last_ranks_per_token = ranks_per_token(indices, self.n_routed, ep)
+        elif self.dispatch == "loop":
             y = dispatch_loop(u, weights, indices, self.experts)  # (N, dim)
         else:
             y = dispatch_grouped(u, weights, indices, self.experts, counts=counts)  # (N, dim)
@@ -316,18 +436,25 @@ class MoE(nn.Module):
             self.balance_loss = scores.new_zeros(())
 
     @torch.no_grad()
-    def update_bias(self, gamma: float, group=None):
+    def update_bias(self, gamma: float, group=None, load: torch.Tensor = None):
         """After an optimizer step: b_i += γ·sign(mean load − load_i) from the accumulated `load`, then reset it.
 
         Under torch.distributed the load is summed over `group` (default: the world) first, so every rank applies
-        the same update. No-op (except the reset) for softmax routing, which has no bias."""
-        if self.gate.bias is not None:
+        the same update; `load` given: already summed (`update_biases` sums all layers in one all-reduce).
+        No-op (except the reset) for softmax routing, which has no bias."""
+        if load is None:
             load = self.load.clone()
             if dist.is_available() and dist.is_initialized():
                 dist.all_reduce(load, group=group)
+        if self.gate.bias is not None:
             load = load.double()
             self.gate.bias += gamma * torch.sign(load.mean() - load).to(self.gate.bias.dtype)
         self.reset_load()
+
+    def shard(self, ep_mesh) -> None:
+        """Expert parallelism: keep this rank's slice of the routed experts, dispatch over the ep group."""
+        shard_experts(self.experts, ep_mesh)
+        self.ep_group = ep_mesh.get_group()
 
     def reset_load(self):
         self.load.zero_()
