@@ -211,3 +211,202 @@ def all_ranks_agree(ok: bool, layout: Layout) -> bool:
 
 
 # -- pipeline stages ----------------------------------------------------------------------------------------------
+# (imported here, beside the code that uses them: the stages read model.py's blocks, MoE losses and MTP)
+import torch.nn as nn  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from layers import at_least_fp32  # noqa: E402
+from moe import MoE  # noqa: E402
+from mtp import mtp_hidden, mtp_loss, mtp_accuracy  # noqa: E402
+
+# Pipeline parallelism (PP) cuts the blocks into S stages and streams micro-batches through them
+# (torch.distributed.pipelining runs the schedule; dualpipe.py explains and simulates it).
+#   1F1B       S = pp stages, rank r holds stage r.
+#   DualPipeV  S = 2·pp stages in a V: rank r holds stage r and stage S-1-r, so rank 0 holds both the first
+#              stage (embedding) and the last (final norm, head, MTP): the MTP module reads the very embedding
+#              and head the main model trains (report §2.2, §3.2.1), with no copy to keep in sync.
+# Under 1F1B the last stage sits on the last rank, so it keeps its own copy of the embedding for MTP; the two
+# copies start equal (identical init on every rank) and stay equal because their gradients are summed between
+# the first and the last rank before each optimizer step (`tie_embedding_grads`), as Megatron-LM does.
+#
+# Losses and gradient scale. A stage's loss is the mean over its micro-batch; the step's loss is the mean over
+# the M micro-batches. torch's schedules divide each stage's gradients by M after the step (scale_grads), but a
+# parameter held by two stages of one rank (the embedding under DualPipeV) would be divided twice, so here the
+# schedule runs with scale_grads=False and every loss is divided by M where it is made:
+#   - the last stage returns (L_main + λ·L_MTP + α·Σ L_Bal of its MoE layers) / M, and the schedule seeds its
+#     backward with 1;
+#   - every other stage adds α·Σ L_Bal of its MoE layers / M through `InjectLoss`, which seeds that loss with
+#     the same 1 when the gradient of the stage output comes back.
+# Sum over micro-batches = the one-process loss of the whole batch (equal micro-batches), so the gradients are
+# the same as one process computes.
+class InjectLoss(torch.autograd.Function):
+    """y = h in the forward; in the backward, h gets its gradient and `aux` (a scalar loss made inside this stage)
+    gets 1, as if it had been added to the final loss. The output is a clone: a Function returning its input
+    itself makes y a view of h, and DualPipeV's split backward (input gradients first, weights later) cannot
+    detach a view in place."""
+
+    @staticmethod
+    def forward(ctx, h, aux):
+        ctx.aux_dtype = aux.dtype
+        return h.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, torch.ones((), dtype=ctx.aux_dtype, device=grad.device)
+
+
+def stage_layers(n_layers: int, n_stages: int, index: int) -> range:
+    """Blocks of stage `index` when n_layers blocks are cut into n_stages equal stages."""
+    if n_stages < 1 or n_layers % n_stages:
+        raise ValueError(f"pipeline: {n_layers} blocks cannot be cut into {n_stages} equal stages "
+                         f"(n_layers must be divisible by the stage count)")
+    per = n_layers // n_stages
+    return range(index * per, (index + 1) * per)
+
+
+def stage_indices(kind: str, pp: int, pp_rank: int) -> list:
+    """The stages rank `pp_rank` holds: [r] for 1F1B, [r, 2·pp-1-r] for DualPipeV (the V layout)."""
+    if kind == "1f1b":
+        return [pp_rank]
+    if kind == "dualpipev":
+        return [pp_rank, 2 * pp - 1 - pp_rank]
+    raise ValueError(f"pipeline schedule must be '1f1b' or 'dualpipev', got {kind!r}")
+
+
+class StageModule(nn.Module):
+    """One pipeline stage of a `model.Transformer`: a slice of its blocks, with the embedding on the first stage
+    and the final norm, head and MTP modules (and the embedding MTP reads) on the last.
+
+    The submodules are the model's own (by reference), under the model's names (`layers.5.attn...`), so that a
+    stage's state dict is a slice of the model's. forward(x, tokens, targets): x is the token ids on the first
+    stage and the hidden state (B, T, d) elsewhere; tokens and targets (B, T) reach every stage (the
+    schedule's keyword arguments). Returns the hidden state, or on the last stage the scaled loss."""
+
+    def __init__(self, model: nn.Module, index: int, n_stages: int, n_micro: int, lam: float, alpha: float):
+        super().__init__()
+        self.index, self.is_first, self.is_last = index, index == 0, index == n_stages - 1
+        self.n_micro, self.lam, self.alpha = n_micro, lam, alpha
+        blocks = stage_layers(model.cfg.n_layers, n_stages, index)
+        self.embed = model.embed if self.is_first or (self.is_last and len(model.mtp)) else None
+        self.layers = nn.ModuleDict({str(i): model.layers[i] for i in blocks})
+        if self.is_last:
+            self.norm, self.head, self.mtp = model.norm, model.head, model.mtp
+        self.register_buffer("freqs_cis", model.freqs_cis, persistent=False)
+        self.logged = []  # per micro-batch: detached loss parts of this stage, for logging
+
+    def balance(self, blocks) -> torch.Tensor:
+        """Σ L_Bal of the MoE layers among `blocks` in this forward (unweighted)."""
+        parts = [b.ffn.balance_loss for b in blocks if isinstance(b.ffn, MoE)]
+        return torch.stack(parts).sum() if parts else torch.zeros(())
+
+    def forward(self, x, tokens, targets):
+        T = tokens.shape[1]
+        freqs_cis = self.freqs_cis[:T]
+        h = self.embed(x) if self.is_first else x  # (B, T, d)
+        for block in self.layers.values():
+            h = block(h, freqs_cis)
+        if not self.is_last:
+            balance = self.balance(self.layers.values())
+            self.logged.append({"balance": balance.detach()})
+            if self.training and balance.requires_grad:
+                h = InjectLoss.apply(h, self.alpha * balance / self.n_micro)
+            return h
+        return self.last_stage_loss(h, tokens, targets, freqs_cis)
+
+    def last_stage_loss(self, h, tokens, targets, freqs_cis):
+        """(L_main + λ·L_MTP + α·Σ L_Bal) / M, the same objective as train.py, of one micro-batch."""
+        h = self.norm(h)
+        logits = self.head(h)  # (B, T, V)
+        V = logits.shape[-1]
+        main = F.cross_entropy(at_least_fp32(logits).reshape(-1, V), targets.reshape(-1))
+        blocks = list(self.layers.values())
+        zero = main.new_zeros(())
+        mtp, acc = zero, zero
+        if len(self.mtp) and tokens.shape[1] > len(self.mtp):
+            mtp_logits = [self.head(hk) for hk in mtp_hidden(self.mtp, h, tokens, self.embed, freqs_cis)]
+            mtp, acc = mtp_loss(mtp_logits, targets), mtp_accuracy(mtp_logits[0], targets)
+            blocks += [m.block for m in self.mtp]
+        balance = self.balance(blocks).to(main.dtype)
+        loss = main + self.lam * mtp + self.alpha * balance
+        self.logged.append({"loss": loss.detach(), "main": main.detach(), "mtp": mtp.detach(),
+                            "mtp_acc": acc.detach(), "balance": balance.detach()})
+        return loss / self.n_micro
+
+
+def _last_stage_loss(loss, target):
+    """The schedule's loss function: the last stage has already made the (scaled) loss."""
+    return loss
+
+
+def pipeline_step(schedule, x, y) -> list:
+    """One forward and backward of the whole batch (x, y (B, T)) through the pipeline; gradients accumulate
+    into the stage modules. Every rank of the pipeline passes the same x and y. Returns the per-micro-batch
+    scaled losses on the rank that holds the last stage ([] elsewhere); their sum is the batch loss."""
+    losses = []
+    # x feeds the first stage; tokens and targets (keyword arguments) reach every stage, the last uses them;
+    # target is what torch hands to the loss function, which has nothing left to do.
+    schedule.step(x, tokens=x, targets=y, target=y, losses=losses, return_outputs=False)
+    return losses
+
+
+def build_pipeline(model, kind: str, pp_rank: int, pp: int, n_micro: int, micro_shape: tuple, group=None,
+                   lam: float = 0.3, alpha: float = 1e-4):
+    """This rank's stage modules and the torch.distributed.pipelining schedule that runs them.
+
+    micro_shape = (micro-batch size, T). Run a step with `pipeline_step`. Raises ValueError on a bad layout."""
+    from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleDualPipeV
+    n_stages = pp * (2 if kind == "dualpipev" else 1)
+    check_pipeline(model.cfg.n_layers, kind, pp, n_micro)
+    device = model.embed.weight.device
+    dtype = model.embed.weight.dtype
+    mb, T = micro_shape
+    mods, stages = [], []
+    for s in stage_indices(kind, pp, pp_rank):
+        mod = StageModule(model, s, n_stages, n_micro, lam, alpha)
+        # Shapes given up front: no shape-inference forward that would count MoE loads twice.
+        # what flows between stages, a tensor with a gradient (meta: shapes only)
+        hidden = torch.empty(mb, T, model.cfg.dim, dtype=dtype, device="meta", requires_grad=True)
+        x = torch.empty(mb, T, dtype=torch.long, device="meta") if s == 0 else hidden
+        out = torch.empty((), dtype=dtype, device="meta") if s == n_stages - 1 else hidden
+        stages.append(PipelineStage(mod, s, n_stages, device, input_args=(x,), output_args=(out,), group=group))
+        mods.append(mod)
+    if kind == "1f1b":
+        sched = Schedule1F1B(stages[0], n_micro, loss_fn=_last_stage_loss, scale_grads=False)
+    else:
+        sched = ScheduleDualPipeV(stages, n_micro, loss_fn=_last_stage_loss, scale_grads=False)
+    return mods, sched
+
+
+def check_pipeline(n_layers: int, kind: str, pp: int, n_micro: int) -> None:
+    """The layout rules, as one-line ValueErrors: equal stages, and enough micro-batches for the schedule."""
+    if kind not in ("1f1b", "dualpipev"):
+        raise ValueError(f"--pp_schedule must be '1f1b' or 'dualpipev', got {kind!r}")
+    n_stages = pp * (2 if kind == "dualpipev" else 1)
+    stage_layers(n_layers, n_stages, 0)
+    if n_micro < n_stages:
+        raise ValueError(f"--microbatches ({n_micro}) must be >= the stage count ({n_stages}: "
+                         f"{'2 × pp for DualPipeV' if kind == 'dualpipev' else 'pp'})")
+
+
+def embedding_tie_group(layout: Layout):
+    """1F1B with MTP: the group of the two ranks that hold the first and the last stage of this rank's pipeline
+    (every rank must call this: groups are made collectively). None for ranks in the middle or when pp = 1."""
+    if layout.pp == 1:
+        return None
+    last = (layout.pp - 1) * layout.dp  # rank = pp_rank · dp + dp_rank (header)
+    mine, _ = dist.new_subgroups_by_enumeration([[d, d + last] for d in range(layout.dp)])
+    return mine
+
+
+def tie_embedding_grads(mods, kind: str, group) -> None:
+    """1F1B with MTP on pp > 1: sum the gradients of the first stage's embedding and of the last stage's copy
+    over `group`, the two ranks that hold them (call it on those two). Under DualPipeV both stages use the one
+    embedding of rank 0: nothing to do."""
+    if kind != "1f1b":
+        return
+    for m in mods:
+        if m.embed is not None and not (m.is_first and m.is_last):
+            w = m.embed.weight
+            if w.grad is None:
+                w.grad = torch.zeros_like(w)
+            dist.all_reduce(w.grad, group=group)

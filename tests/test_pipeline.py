@@ -1,0 +1,136 @@
+"""Pipeline parallelism (parallel.py's pipeline stages) against one process, on CPU with gloo.
+
+pp = 2 with torch's Schedule1F1B (2 stages) and ScheduleDualPipeV (4 stages in a V), and pp = 4 with 1F1B (middle
+ranks, the embedding tied between ranks 0 and 3 for MTP): the summed micro-batch
+losses equal the one-process loss of the whole batch, and every gradient (balance and MTP losses included, the
+embedding shared by the first and last stages) equals the one-process gradient, in fp64."""
+import pytest
+import torch
+
+import parallel
+from dist_utils import run_workers
+from model import ModelConfig, Transformer
+from parallel import (InjectLoss, StageModule, build_pipeline, check_pipeline, embedding_tie_group, pipeline_step,
+                      stage_indices, stage_layers, tie_embedding_grads)
+
+LAM, ALPHA = 0.3, 0.05  # a large α so that a missing or mis-scaled balance gradient shows
+B, T = 4, 8
+
+
+def tiny_cfg(**kw):
+    base = dict(vocab_size=64, dim=32, n_layers=4, n_dense_layers=1, inter_dim=48, n_heads=2, q_lora_rank=16,
+                kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8, max_seq_len=16,
+                moe_inter_dim=16, n_routed_experts=4, n_expert_groups=2, n_limited_groups=1,
+                n_activated_experts=2, n_mtp=1)
+    return ModelConfig(**{**base, **kw})
+
+
+def make_model(cfg):
+    torch.manual_seed(0)  # identical init on every rank
+    return Transformer(cfg).double().train()
+
+
+def batch(cfg):
+    g = torch.Generator().manual_seed(1)
+    tok = torch.randint(0, cfg.vocab_size, (B, T + 1), generator=g)
+    return tok[:, :-1], tok[:, 1:]  # x (B, T), y (B, T)
+
+
+def reference(cfg):
+    """One process, the whole batch: loss, gradients by name, MoE loads by layer."""
+    model = make_model(cfg)
+    x, y = batch(cfg)
+    _, losses = model(x, y)
+    loss = losses["main"] + LAM * losses["mtp"] + ALPHA * losses["balance"]
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    loads = {n: m.load.clone() for n, m in model.named_modules() if hasattr(m, "load")}
+    return loss.detach(), grads, loads
+
+
+def _worker(rank, world, kind, n_micro, cfg):
+    lay = parallel.init(pp=world, device="cpu")
+    model = make_model(cfg)
+    x, y = batch(cfg)
+    tie = embedding_tie_group(lay)
+    mods, sched = build_pipeline(model, kind, lay.pp_rank, lay.pp, n_micro, (B // n_micro, T),
+                                 group=lay.group("pp"), lam=LAM, alpha=ALPHA)
+    losses = pipeline_step(sched, x, y)
+    tie_embedding_grads(mods, kind, tie)
+    grads = {n: p.grad.clone() for m in mods for n, p in m.named_parameters()}
+    blocks = {f"layers.{n}": b for m in mods for n, b in m.layers.items()}
+    blocks.update({f"mtp.{i}.block": mm.block for m in mods if m.is_last for i, mm in enumerate(m.mtp)})
+    loads = {f"{n}.ffn": b.ffn.load.clone() for n, b in blocks.items() if hasattr(b.ffn, "load")}
+    early = sum(p["balance"] for m in mods if not m.is_last for p in m.logged)  # L_Bal outside the last stage
+    return {"losses": [l.detach() for l in losses], "grads": grads, "loads": loads, "early": early,
+            "stages": [m.index for m in mods], "embed_on": [m.index for m in mods if m.embed is not None]}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind,pp,n_micro", [("1f1b", 2, 2), ("dualpipev", 2, 4), ("1f1b", 4, 4)])
+def test_pipeline_equals_one_process(kind, pp, n_micro):
+    cfg = tiny_cfg()
+    ref_loss, ref_grads, ref_loads = reference(cfg)
+    got = run_workers(_worker, pp, kind, n_micro, cfg, init=False)
+    last = pp - 1 if kind == "1f1b" else 0  # the V puts the last stage (and the loss) on rank 0
+    assert all(r["losses"] == [] for i, r in enumerate(got) if i != last)
+    # the last stage's losses plus the balance losses injected on the way (each / M) make the batch loss
+    loss = torch.stack(got[last]["losses"]).sum() + ALPHA * sum(r["early"] for r in got) / n_micro
+    assert torch.allclose(loss, ref_loss, rtol=0, atol=1e-13)
+    seen = set()
+    for r in got:
+        for n, g in r["grads"].items():
+            assert torch.allclose(g, ref_grads[n], rtol=1e-10, atol=1e-13), (kind, n)
+            seen.add(n)
+        for n, load in r["loads"].items():
+            assert torch.equal(load, ref_loads[n]), n  # each token counted once (no extra forward)
+    assert seen == set(ref_grads)  # every parameter lives on some stage
+    if kind == "dualpipev":
+        assert got[0]["stages"] == [0, 3] and got[1]["stages"] == [1, 2]
+        assert got[0]["embed_on"] == [0, 3] and got[1]["embed_on"] == []  # embedding, head and MTP on rank 0
+
+
+# -- single-process pieces ----------------------------------------------------------------------------------
+def test_stage_layout():
+    assert [stage_layers(8, 4, i) for i in range(4)] == [range(0, 2), range(2, 4), range(4, 6), range(6, 8)]
+    assert stage_indices("1f1b", 4, 1) == [1] and stage_indices("dualpipev", 4, 1) == [1, 6]
+    with pytest.raises(ValueError, match="cannot be cut into 3 equal stages"):
+        stage_layers(4, 3, 0)
+
+
+@pytest.mark.parametrize("kind,pp,n_micro,match", [
+    ("1f1b", 3, 4, "4 blocks cannot be cut into 3"),
+    ("dualpipev", 4, 8, "4 blocks cannot be cut into 8"),
+    ("dualpipev", 2, 3, "--microbatches \\(3\\) must be >= the stage count \\(4"),
+    ("1f1b", 2, 1, "--microbatches \\(1\\) must be >= the stage count \\(2"),
+    ("gpipe", 2, 4, "'1f1b' or 'dualpipev'"),
+])
+def test_bad_layouts_are_refused(kind, pp, n_micro, match):
+    with pytest.raises(ValueError, match=match):
+        check_pipeline(4, kind, pp, n_micro)
+
+
+def test_stages_compose_to_the_model():
+    # The stage modules run back to back in one process give the model's loss, and keep its parameter names.
+    cfg = tiny_cfg()
+    model = make_model(cfg)
+    x, y = batch(cfg)
+    _, losses = model(x, y)
+    ref = losses["main"] + LAM * losses["mtp"] + ALPHA * losses["balance"]
+    stages = [StageModule(model, s, 4, 1, LAM, ALPHA) for s in range(4)]
+    h = x
+    for s in stages:
+        h = s(h, x, y)
+    early = sum(p["balance"] for s in stages[:-1] for p in s.logged)  # injected on the way, not in h
+    assert torch.allclose(h + ALPHA * early, ref, rtol=0, atol=1e-14)
+    names = {n for s in stages for n, _ in s.named_parameters()}
+    assert names == {n for n, _ in model.named_parameters()}
+
+
+def test_inject_loss_adds_the_gradient_of_its_loss():
+    h = torch.randn(3, 2, dtype=torch.float64, requires_grad=True)
+    w = torch.randn((), dtype=torch.float64, requires_grad=True)
+    y = InjectLoss.apply(h, 2 * w)
+    assert y.data_ptr() != h.data_ptr() and torch.equal(y, h)  # a clone, not h itself
+    (y * 3).sum().backward()
+    assert torch.equal(h.grad, torch.full_like(h, 3.0)) and w.grad.item() == 2.0
