@@ -250,12 +250,13 @@ def op_cost(op: tuple, costs: dict) -> float:
     return costs["B"] - costs["W"] if op[0] == "BI" else costs[op[0]]
 
 
-def simulate(sched: Schedule, costs: dict) -> Timeline:
+def simulate(sched: Schedule, costs: dict, cost_fn=None) -> Timeline:
     """Run every rank's op list in order; an op starts when its rank is free and its inputs exist.
 
     Communication takes zero time, so only data dependencies delay an op. Each op's start time depends only on
     its dependencies and its rank's previous op, so the sweep order does not change the result. A sweep that
-    makes no progress while ops remain is a deadlock (a schedule bug) and raises RuntimeError."""
+    makes no progress while ops remain is a deadlock (a schedule bug) and raises RuntimeError.
+    cost_fn(rank, op), if given, replaces `op_cost` (stages of different sizes: plan.py)."""
     for key in ("F", "B", "W", "FB"):
         if costs.get(key, -1) < 0:
             raise ValueError(f"costs[{key!r}] must be given and >= 0, got {costs.get(key)}")
@@ -274,7 +275,7 @@ def simulate(sched: Schedule, costs: dict) -> Timeline:
                 if any(d not in finish for d in deps):
                     break
                 start = max([clock[r]] + [finish[d] for d in deps])
-                clock[r] = start + op_cost(op, costs)
+                clock[r] = start + (cost_fn(r, op) if cost_fn else op_cost(op, costs))
                 for key in _done_keys(sched, r, op):
                     finish[key] = clock[r]
                 spans[r].append((start, clock[r], op))
