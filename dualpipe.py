@@ -256,11 +256,11 @@ def simulate(sched: Schedule, costs: dict, cost_fn=None) -> Timeline:
     Communication takes zero time, so only data dependencies delay an op. Each op's start time depends only on
     its dependencies and its rank's previous op, so the sweep order does not change the result. A sweep that
     makes no progress while ops remain is a deadlock (a schedule bug) and raises RuntimeError.
-    cost_fn(rank, op), if given, replaces `op_cost` (stages of different sizes: plan.py)."""
-    for key in ("F", "B", "W", "FB"):
+    cost_fn(rank, op), if given, replaces `op_cost` and `costs` (stages of different sizes: plan.py)."""
+    for key in ("F", "B", "W", "FB") if cost_fn is None else ():
         if costs.get(key, -1) < 0:
             raise ValueError(f"costs[{key!r}] must be given and >= 0, got {costs.get(key)}")
-    if costs["W"] > costs["B"]:
+    if cost_fn is None and costs["W"] > costs["B"]:
         raise ValueError(f"costs: W ({costs['W']}) is part of B ({costs['B']}) and cannot exceed it")
     N = sched.n_ranks
     finish, clock, ptr = {}, [0.0] * N, [0] * N

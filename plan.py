@@ -85,8 +85,9 @@ ZeRO-1 DP, no TP (report §3.2); 180K H800 GPU-hours per trillion tokens (report
 = 1543 tokens/s per GPU; 15360 sequences of 4096 tokens per step (report §4.2, after the batch-size ramp).
 """
 import argparse
+import functools
 import sys
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 
@@ -149,7 +150,13 @@ def rank_stages(kind: str, pp: int, rank: int) -> list:
 def param_table(cfg) -> dict:
     """Parameter counts by module, from the model on the meta device: {name: (dense, routed)} for "embed",
     "head" (final norm + head), "layers.i" and "mtp.k" (each MTP module, its block included)."""
-    from model import Transformer
+    return dict(_param_table(tuple(sorted(asdict(cfg).items()))))
+
+
+@functools.lru_cache(maxsize=4)
+def _param_table(fields: tuple) -> tuple:
+    from model import ModelConfig, Transformer
+    cfg = ModelConfig(**dict(fields))
     with torch.device("meta"):
         model = Transformer(cfg)
     table = {}
@@ -162,7 +169,7 @@ def param_table(cfg) -> dict:
         else:
             dense += p.numel()
         table[key] = (dense, routed)
-    return table
+    return tuple(table.items())
 
 
 def stage_modules(cfg, n_stages: int, stage: int) -> list:
@@ -390,7 +397,7 @@ def make_plan(cfg, gpus: int, gpus_per_node: int, ep: int, pp: int, kind: str, g
     worst = max(ranks, key=lambda x: x["total"])
     a2a = all_to_all_bytes(cfg, ep, gpus_per_node)
     times = [stage_times(cfg, n_stages, s, tokens, seq_len, a2a, A) for s in range(n_stages)]
-    tl = simulate(sched, {"F": 0, "B": 0, "W": 0, "FB": 0}, lambda r, op: op_seconds(kind, times, sched, r, op))
+    tl = simulate(sched, {}, lambda r, op: op_seconds(kind, times, sched, r, op))
     F, R, C = max(times)  # the busiest stage, for the README formula (which assumes equal stages)
     costs = {"F": F + C, "B": 2 * F + R + C, "W": F, "FB": max(3 * F + R, 2 * C), "compute_F": F, "comm": C,
              "recompute": R}
@@ -412,7 +419,11 @@ def make_plan(cfg, gpus: int, gpus_per_node: int, ep: int, pp: int, kind: str, g
 
 
 def _gb(x):
-    return f"{x / 1e9:8.2f} GB"
+    return f"{x / 1e9:8.2f} GB" if x >= 1e8 else f"{x / 1e6:8.2f} MB"
+
+
+def _s(x):
+    return f"{x:.2f} s" if x >= 0.1 else f"{x * 1e3:.3g} ms"
 
 
 def render(p: dict) -> str:
@@ -427,8 +438,8 @@ def render(p: dict) -> str:
            f"{A.sms} SMs for communication, NVLink {A.nvlink_gbs:g} GB/s, IB {A.ib_gbs:g} GB/s per GPU, "
            f"peak {A.peak_tflops:g} TFLOP/s (BF16), {A.gpu_mem_gb:g} GB a GPU",
            "",
-           f"per GPU, the most loaded rank (pp rank {w['rank']}): {w['dense'] / 1e9:.2f}B dense + "
-           f"{w['expert'] / 1e9:.2f}B expert parameters"]
+           f"per GPU, the most loaded rank (pp rank {w['rank']}): {w['dense'] / 1e6:,.1f}M dense + "
+           f"{w['expert'] / 1e6:,.1f}M expert parameters"]
     for k, v in w["states"].items():
         out.append(f"  {k:34s} {_gb(v)}")
     names = {"bf16": "BF16, no recomputation", "bf16_recompute": "BF16, report recomputation",
@@ -446,17 +457,16 @@ def render(p: dict) -> str:
             f"  NVLink  {a['nv_copies']:.2f} copies: {a['nvlink'] / 1e3:.1f} KB",
             ""]
     c = p["costs"]
-    out += [f"time of one micro-batch on the busiest stage: compute F {c['compute_F'] * 1e3:.1f} ms "
-            f"(B = 2F + recomputation {c['recompute'] * 1e3:.1f} ms, W = F), communication {c['comm'] * 1e3:.1f} ms; "
-            f"F&B pair {c['FB'] * 1e3:.1f} ms "
-            f"(lightest stage: F {min(p['times'])[0] * 1e3:.1f} ms)",
-            f"pipeline ({p['kind']}, simulated by dualpipe.simulate): {p['makespan']:.2f} s, bubble "
-            f"{p['bubble']:.2f} s ({100 * p['bubble'] / p['makespan']:.1f}%) beyond the busiest rank's "
-            f"{p['busy']:.2f} s of work; the README formula "
+    out += [f"time of one micro-batch on the busiest stage: compute F {_s(c['compute_F'])} (B = 2F + "
+            f"recomputation {_s(c['recompute'])}, W = F), communication {_s(c['comm'])}; F&B pair {_s(c['FB'])} "
+            f"(lightest stage: F {_s(min(p['times'])[0])})",
+            f"pipeline ({p['kind']}, simulated by dualpipe.simulate): {_s(p['makespan'])}, bubble "
+            f"{_s(p['bubble'])} ({100 * p['bubble'] / p['makespan']:.1f}%) beyond the busiest rank's "
+            f"{_s(p['busy'])} of work; the README formula "
             f"{'(PP-1)(F+B)' if p['kind'] == '1f1b' else '(PP/2-1)(F&B+B-3W)'} with the busiest stage's costs gives "
-            f"{p['formula_bubble']:.2f} s",
-            f"data-parallel gradient sync (not overlapped): {p['sync']:.2f} s",
-            f"step {p['step']:.2f} s -> {p['tokens_per_s_gpu']:.0f} tokens/s per GPU, MFU {100 * p['mfu']:.1f}% "
+            f"{_s(p['formula_bubble'])}",
+            f"data-parallel gradient sync (not overlapped): {_s(p['sync'])}",
+            f"step {_s(p['step'])} -> {p['tokens_per_s_gpu']:.0f} tokens/s per GPU, MFU {100 * p['mfu']:.1f}% "
             f"(forward {p['fwd_flops'] / 1e9:.1f} GFLOP a token, x3 for training)"]
     return "\n".join(out)
 
@@ -464,6 +474,8 @@ def render(p: dict) -> str:
 def report_comparison(p: dict, others: list) -> str:
     """The report's setup and throughput beside this plan, and the same layout under the other schedules."""
     r, A = REPORT, p["assumptions"]
+    if p["cfg"] != PRESETS["v3-671b"]:
+        return "\n\n(the report's setup is compared with --preset v3-671b only)"
     same = all(p[k] == r[k] for k in ("gpus", "gpus_per_node", "ep", "pp")) and p["kind"] == r["pp_schedule"]
     report_mfu = 3 * p["fwd_flops"] * r["tokens_per_s_gpu"] / (A.peak_tflops * 1e12)
     out = ["",
