@@ -290,8 +290,8 @@ def dispatch_ep(x, weights, indices, experts: Experts, group, impl: str = "auto"
     The same sums as dispatch_grouped; only where each expert runs changes."""
     N, K = indices.shape
     ep = dist.get_world_size(group)
-    E_local = local(experts.w1).shape[0]
-    E = E_local * ep
+    E = experts.w1.shape[0]  # the global count: a DTensor's shape is the whole tensor's
+    E_local = E // ep
     # 1. sort the (token, slot) pairs by expert: the rows for rank r are then one contiguous block
     flat = indices.reshape(-1)  # (N·K,)
     order = torch.argsort(flat, stable=True)  # (N·K,)

@@ -28,6 +28,7 @@ CPU, NCCL on CUDA. `python train.py` without torchrun uses no process group at a
 """
 import datetime
 import os
+import shutil
 import sys
 from dataclasses import dataclass
 
@@ -201,13 +202,190 @@ def print0(*args, layout: Layout = None, **kw) -> None:
         print(*args, **kw)
 
 
-def all_ranks_agree(ok: bool, layout: Layout) -> bool:
-    """True iff `ok` holds on every rank (one all-reduce): lets all ranks stop together after a local failure."""
+def any_rank(flag: bool, layout: Layout) -> bool:
+    """True on every rank iff `flag` is true on at least one (one all-reduce): lets all ranks act together on
+    something only some of them saw (a signal, a local failure)."""
     if not layout.distributed:
-        return ok
-    flag = torch.tensor([0 if ok else 1], device=layout.device)
-    dist.all_reduce(flag)
-    return flag.item() == 0
+        return flag
+    t = torch.tensor([1 if flag else 0], device=layout.device)
+    dist.all_reduce(t)
+    return t.item() > 0
+
+
+class PeerFailed(RuntimeError):
+    """Another rank failed and has reported why; this rank only stops (and prints nothing)."""
+
+
+def rank0_first(fn, layout: Layout):
+    """Run fn() on rank 0, then, if it succeeded, on the others: e.g. build a cache once, then read it everywhere.
+    If rank 0 raises, it re-raises there and the other ranks raise PeerFailed: no rank waits forever."""
+    if not layout.distributed:
+        return fn()
+    result, error = None, None
+    if layout.is_main:
+        try:
+            result = fn()
+        except Exception as e:  # re-raised below, after the others know
+            error = e
+    failed = torch.tensor([1 if error is not None else 0], device=layout.device)
+    dist.broadcast(failed, src=0)
+    if error is not None:
+        raise error
+    if failed.item():
+        raise PeerFailed("rank 0 failed")
+    return result if layout.is_main else fn()
+
+
+# -- expert and data parallelism on the model ---------------------------------------------------------------------
+def parallelize(model, layout: Layout, reshard_after_forward: bool = True):
+    """Expert parallelism, then FSDP2 (ZeRO-3 style sharding of parameters, gradients and optimizer states).
+
+    - MoE layers: the routed experts are cut over the ep ranks (moe.MoE.shard) and FSDP-sharded over efsdp.
+      Their gradient already sums the tokens of all ep ranks (the combine all-to-all brought them back), and the
+      efsdp reduce-scatter sums the rest: divided by dp (not by efsdp) it is the mean over the dp ranks like
+      every other gradient. `segments` is called from outside `forward`, so FSDP must hook it to gather the
+      weights. With efsdp = 1 there is nothing to shard: a gradient hook divides by dp instead.
+    - One FSDP unit per block and per MTP module (gathered just before use, freed after), and the root for the
+      embedding, final norm and head. The gate biases b_i are buffers: FSDP leaves them replicated, and the
+      one-all-reduce bias update keeps them equal.
+    Parameters stay fp32 (the router reads them in fp32); bf16 compute comes from autocast, as in one process.
+    Gloo has no averaging reduce-scatter: there FSDP sums, then divides."""
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+    if not layout.distributed:
+        return model
+    on_gloo = layout.backend == "gloo"
+    for moe in model.moe_layers():
+        if layout.ep > 1:
+            moe.shard(layout.sparse["ep"])
+        if layout.efsdp > 1:
+            fully_shard(moe.experts, mesh=layout.sparse["efsdp"], reshard_after_forward=reshard_after_forward)
+            moe.experts.set_gradient_divide_factor(float(layout.dp))
+            moe.experts.set_force_sum_reduction_for_comms(on_gloo)
+            register_fsdp_forward_method(moe.experts, "segments")
+        elif layout.dp > 1:
+            for p in moe.experts.parameters():
+                p.register_hook(lambda g, dp=layout.dp: g / dp)
+    if layout.dp == 1:
+        return model
+    dp_mesh = layout.dense["dp"]
+    unsharded_experts = set() if layout.efsdp > 1 else {p for m in model.moe_layers() for p in m.experts.parameters()}
+    for unit in list(model.layers) + list(model.mtp) + [model]:
+        fully_shard(unit, mesh=dp_mesh, reshard_after_forward=reshard_after_forward,
+                    ignored_params=unsharded_experts or None)
+        unit.set_force_sum_reduction_for_comms(on_gloo)
+    return model
+
+
+def set_gradient_sync(model, sync: bool) -> None:
+    """Gradient accumulation: reduce-scatter only after the last micro-batch of a step (FSDP2 keeps the
+    unsharded gradients of the others), so grad_accum micro-batches cost one gradient sync, not grad_accum."""
+    if hasattr(model, "set_requires_gradient_sync"):
+        model.set_requires_gradient_sync(sync)
+
+
+def _mesh_of(t):
+    return getattr(t, "device_mesh", None)  # a DTensor's mesh; None for a plain tensor
+
+
+@torch.no_grad()
+def clip_grad_norm(params, max_norm: float, layout: Layout = None) -> torch.Tensor:
+    """Clip the global gradient norm when gradients live on different meshes (dense dp, sparse efsdp × ep).
+
+    torch's clip_grad_norm_ cannot mix meshes in one norm: compute ‖g‖ per mesh (a full norm over the ranks of
+    that mesh), combine √(Σ ‖g‖²), and with pipeline stages add the other stages' parts; then scale every
+    gradient by min(1, max_norm / ‖g‖). Returns ‖g‖ before clipping (a plain tensor, the same on all ranks)."""
+    by_mesh = {}
+    for p in params:
+        if p.grad is not None:
+            by_mesh.setdefault(_mesh_of(p.grad), []).append(p)
+    squares = []
+    for mesh, ps in by_mesh.items():
+        norm = torch.nn.utils.get_total_norm([p.grad for p in ps])
+        norm = norm.full_tensor() if mesh is not None else norm  # sum of the shards' squares over the mesh
+        squares.append(norm.double() ** 2)
+    total = torch.stack(squares).sum() if squares else torch.zeros((), dtype=torch.float64)
+    if layout is not None and layout.distributed and layout.pp > 1:
+        dist.all_reduce(total, group=layout.group("pp"))  # every stage holds different parameters
+    total = total.sqrt()
+    for ps in by_mesh.values():
+        torch.nn.utils.clip_grads_with_norm_(ps, max_norm, total.to(ps[0].grad.dtype))
+    return total
+
+
+def gather_full(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of a (possibly) sharded parameter, on every rank."""
+    return t.full_tensor() if _mesh_of(t) is not None else t
+
+
+# -- distributed checkpoints --------------------------------------------------------------------------------------
+DCP_META = "meta.pt"  # inside the checkpoint folder: step, RNG states, config, options (written by rank 0)
+
+
+def _dcp_state(model, opt) -> dict:
+    """Model and optimizer state keyed by parameter names, each tensor as this rank's shard (DTensors)."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+    model_sd, opt_sd = get_state_dict(model, opt)
+    return {"model": model_sd, "optimizer": opt_sd}
+
+
+def save_distributed(path: str, model, opt, meta: dict, layout: Layout) -> None:
+    """Every rank writes its shards with torch.distributed.checkpoint; atomic like a single file.
+
+    All ranks write into path.tmp; after a barrier rank 0 moves the finished folder into place (the old one is
+    renamed aside first and deleted last, so at every moment one complete checkpoint exists: `load_*` fall back
+    to path.old if a crash hit between the two renames). On several nodes `path` must be on a shared disk."""
+    import torch.distributed.checkpoint as dcp
+    tmp, old = f"{path}.tmp", f"{path}.old"
+    if layout.is_main and os.path.exists(tmp):
+        shutil.rmtree(tmp)
+    dist.barrier()
+    dcp.save(_dcp_state(model, opt), checkpoint_id=tmp)
+    if layout.is_main:
+        torch.save(meta, os.path.join(tmp, DCP_META))
+    dist.barrier()  # every shard and the metadata are on disk
+    if layout.is_main:
+        if os.path.exists(path):
+            os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()  # nobody reads or writes the folder before it is in place
+
+
+def _existing(path: str) -> str:
+    if os.path.isdir(path):
+        return path
+    if os.path.isdir(f"{path}.old"):  # a crash between the two renames of save_distributed
+        return f"{path}.old"
+    raise FileNotFoundError(f"no distributed checkpoint at {path}")
+
+
+def read_meta(path: str) -> dict:
+    return torch.load(os.path.join(_existing(path), DCP_META), map_location="cpu", weights_only=True)
+
+
+def load_distributed(path: str, model, opt) -> dict:
+    """Load a checkpoint saved by save_distributed into an already parallelized model and its optimizer; the
+    world size and layout may differ from the run that saved it (DCP re-slices every tensor). Returns meta."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_state_dict
+    path = _existing(path)
+    state = _dcp_state(model, opt)
+    dcp.load(state, checkpoint_id=path)
+    set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+    return read_meta(path)
+
+
+def load_distributed_full(path: str, keys=("model",)) -> dict:
+    """One process, no process group: the whole tensors of a distributed checkpoint as a plain state dict
+    ({"model": {name: tensor}} plus the meta entries), e.g. to sample or export on one device."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+    path = _existing(path)
+    state = {}  # filled from the checkpoint's own metadata, as format_utils.dcp_to_torch_save does
+    _load_state_dict(state, storage_reader=FileSystemReader(path),
+                     planner=_EmptyStateDictLoadPlanner(keys=set(keys)), no_dist=True)
+    return {**read_meta(path), **state}
 
 
 # -- pipeline stages ----------------------------------------------------------------------------------------------

@@ -141,3 +141,225 @@ def _skewed_worker(rank, world):
 
 def test_dispatch_ep_uneven_and_empty():
     assert run_workers(_skewed_worker, 2) == [0, 1]
+
+
+# -- data parallelism (FSDP2) with and without expert parallelism == one process --------------------------------
+def tiny_cfg(**kw):
+    from config import ModelConfig
+    base = dict(vocab_size=64, dim=32, n_layers=3, n_dense_layers=1, inter_dim=48, n_heads=2, q_lora_rank=16,
+                kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, max_seq_len=16,
+                moe_inter_dim=16, n_routed_experts=8, n_shared_experts=1, n_activated_experts=2,
+                n_expert_groups=4, n_limited_groups=2, n_mtp=1, init_std=0.1)
+    return ModelConfig(**{**base, **kw})
+
+
+def _losses(model, x, y, accum):
+    _, losses = model(x, y)
+    return (losses["main"] + 0.3 * losses["mtp"] + 0.01 * losses["balance"]) / accum
+
+
+def _dp_worker(rank, world, ep, optimizer, steps, accum):
+    import copy
+    from model import Transformer
+
+    lay = parallel.init(ep=ep, device="cpu")
+    parallel.seed_all(0)
+    ref = Transformer(tiny_cfg()).double()  # the single process, run on every rank on the whole batch
+    model = parallel.parallelize(copy.deepcopy(ref), lay)
+    make = {"sgd": lambda ps: torch.optim.SGD(ps, lr=0.5),
+            "adamw": lambda ps: torch.optim.AdamW(ps, lr=3e-3, weight_decay=0.1)}[optimizer]
+    opt, opt_ref = make(model.parameters()), make(ref.parameters())
+    gen = torch.Generator().manual_seed(1)
+    B, T = 2, 12
+    for step in range(steps):
+        for micro in range(accum):
+            tokens = torch.randint(64, (B * lay.dp, T + 1), generator=gen)  # the global batch, alike everywhere
+            x, y = tokens[:, :-1], tokens[:, 1:]
+            parallel.set_gradient_sync(model, micro == accum - 1)
+            _losses(model, parallel.dp_slice(x, lay), parallel.dp_slice(y, lay), accum).backward()
+            _losses(ref, x, y, accum).backward()
+        norm = parallel.clip_grad_norm(list(model.parameters()), 0.5, lay)
+        norm_ref = torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.5)
+        assert norm_ref > 0.5  # clipping is active
+        torch.testing.assert_close(norm, norm_ref, rtol=1e-12, atol=0)
+        for o, m in ((opt, model), (opt_ref, None)):
+            o.step()
+            o.zero_grad(set_to_none=True)
+        model.update_moe_bias(0.01, lay.group("dp"))
+        for m in ref.moe_layers():  # the whole batch's loads: nothing to sum over ranks
+            m.apply_bias_update(0.01, m.load)
+    tol = 1e-12 if optimizer == "sgd" else 1e-10
+    ref_params = dict(ref.named_parameters())
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(parallel.gather_full(p.detach()), ref_params[name].detach(), rtol=tol, atol=tol)
+    moved = 0
+    for m, m_ref in zip(model.moe_layers(), ref.moe_layers()):
+        assert torch.equal(m.gate.bias, m_ref.gate.bias)  # bit-equal
+        moved += int(m.gate.bias.abs().sum() > 0)
+    assert moved > 0
+    parallel.teardown()
+    return rank
+
+
+@pytest.mark.parametrize("world,ep,optimizer,accum", [(2, 1, "sgd", 2), (2, 1, "adamw", 1), (2, 2, "adamw", 1),
+                                                      (4, 2, "sgd", 1)])
+def test_data_and_expert_parallel_equal_one_process(world, ep, optimizer, accum):
+    """dp = world/ep ranks (FSDP2), experts over ep: weights after 3 steps and gate biases == one process."""
+    assert run_workers(_dp_worker, world, ep, optimizer, 3, accum, init=False, timeout_s=300) == list(range(world))
+
+
+# -- distributed checkpoints ---------------------------------------------------------------------------------------
+def _build(lay, seed):
+    from model import Transformer
+    parallel.seed_all(seed)
+    model = parallel.parallelize(Transformer(tiny_cfg()).double(), lay)
+    return model, torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.1)
+
+
+def _steps(model, opt, lay, gen, n, global_rows=None):
+    """n AdamW steps on global batches of global_rows (default 2 per dp rank), of which this rank keeps its slice."""
+    for _ in range(n):
+        tokens = torch.randint(64, (global_rows or 2 * lay.dp, 13), generator=gen)  # the global batch
+        x, y = parallel.dp_slice(tokens[:, :-1], lay), parallel.dp_slice(tokens[:, 1:], lay)
+        _losses(model, x, y, 1).backward()
+        parallel.clip_grad_norm(list(model.parameters()), 0.5, lay)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        model.update_moe_bias(0.01, lay.group("dp"))
+
+
+def _full_state(model):
+    sd = {name: parallel.gather_full(p.detach()).clone() for name, p in model.named_parameters()}
+    sd.update({name: b.clone() for name, b in model.named_buffers() if name.endswith("gate.bias")})
+    return sd
+
+
+def _resume_worker(rank, world, folder):
+    lay = parallel.init(ep=2, device="cpu")
+    model, opt = _build(lay, 0)
+    gen = torch.Generator().manual_seed(1)
+    _steps(model, opt, lay, gen, 2)
+    parallel.save_distributed(os.path.join(folder, "ckpt"), model, opt, {"step": 2, "data": gen.get_state()}, lay)
+    _steps(model, opt, lay, gen, 2)
+    straight = _full_state(model)
+    model, opt = _build(lay, 123)  # other weights: everything must come from the checkpoint
+    meta = parallel.load_distributed(os.path.join(folder, "ckpt"), model, opt)
+    gen = torch.Generator()
+    gen.set_state(meta["data"])
+    _steps(model, opt, lay, gen, 2)
+    resumed = _full_state(model)
+    assert meta["step"] == 2 and straight.keys() == resumed.keys()
+    for name in straight:
+        assert torch.equal(straight[name], resumed[name]), name
+    parallel.teardown()
+    return rank
+
+
+def test_distributed_resume_is_bit_identical(tmp_path):
+    """ep=2 on 2 ranks, AdamW: 2 steps, save, 2 steps == 2 steps, save, fresh model, load, 2 steps (bit-equal)."""
+    assert run_workers(_resume_worker, 2, str(tmp_path), init=False, timeout_s=300) == [0, 1]
+
+
+def _save_worker(rank, world, folder, load_from, save_to):
+    lay = parallel.init(ep=2, device="cpu")
+    model, opt = _build(lay, 0)
+    if load_from:
+        parallel.load_distributed(os.path.join(folder, load_from), model, opt)
+    loaded = _full_state(model)
+    _steps(model, opt, lay, torch.Generator().manual_seed(7), 1)
+    parallel.save_distributed(os.path.join(folder, save_to), model, opt, {"step": 1}, lay)
+    after = _full_state(model)  # a collective: every rank gathers
+    out = (loaded, after) if rank == 0 else None
+    parallel.teardown()
+    return out
+
+
+def _one_process(folder, name, dp):
+    """Load a distributed checkpoint in this process (no process group), then one step on the global batch of a
+    dp-rank run: returns (the loaded weights, the weights after the step)."""
+    from model import Transformer
+    from torch.distributed.checkpoint.state_dict import set_state_dict
+    state = parallel.load_distributed_full(os.path.join(folder, name), keys=("model", "optimizer"))
+    model = Transformer(tiny_cfg()).double()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.1)
+    set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+    loaded = _full_state(model)
+    _steps(model, opt, parallel.Layout(), torch.Generator().manual_seed(7), 1, global_rows=2 * dp)
+    return state, loaded, _full_state(model)
+
+
+def test_checkpoint_2_ranks_to_4_ranks_to_one_process(tmp_path):
+    """Save on 2 ranks (ep 2), load on 4 ranks (dp 4, ep 2), save, load in one process: every expert is there
+    and each step continues from exactly the saved model and optimizer state."""
+    folder = str(tmp_path)
+    _, after2 = run_workers(_save_worker, 2, folder, None, "a", init=False, timeout_s=300)[0]
+    loaded4, after4 = run_workers(_save_worker, 4, folder, "a", "b", init=False, timeout_s=300)[0]
+    for name in after2:
+        assert torch.equal(loaded4[name], after2[name]), name
+    # one process reads the 2-rank checkpoint: every expert of every layer, then the same step as the 4 ranks
+    state, loaded1, stepped1 = _one_process(folder, "a", dp=4)
+    assert state["step"] == 1
+    experts = [n for n in state["model"] if n.endswith("experts.w1")]
+    assert len(experts) == 3 and all(state["model"][n].shape[0] == 8 for n in experts)
+    for name in after2:
+        assert torch.equal(loaded1[name], after2[name]), name
+        torch.testing.assert_close(stepped1[name], after4[name], rtol=1e-10, atol=1e-12)
+    # and the 4-rank checkpoint
+    _, loaded1b, _ = _one_process(folder, "b", dp=4)
+    for name in after4:
+        assert torch.equal(loaded1b[name], after4[name]), name
+    assert not os.path.exists(os.path.join(folder, "b.tmp")) and not os.path.exists(os.path.join(folder, "b.old"))
+
+
+# -- faults: a dead or stuck rank ends the job ----------------------------------------------------------------------
+def _fault_worker(rank, world, how):
+    import signal
+    import time
+    parallel.init(device="cpu", timeout_s=2)
+    x = torch.ones(4)
+    dist.all_reduce(x)  # every rank is up
+    if rank == 1:
+        if how == "dead":
+            os.kill(os.getpid(), signal.SIGKILL)
+        time.sleep(6)  # stuck for longer than the timeout
+    for _ in range(100):
+        dist.all_reduce(x)
+    return "finished"
+
+
+@pytest.mark.parametrize("how", ["dead", "stuck"])
+def test_dead_or_stuck_rank_ends_the_others(how):
+    """The other ranks fail with an error (not a hang): immediately for a dead peer, after the 2 s
+    process-group timeout for a stuck one."""
+    outcomes = run_workers(_fault_worker, 3, how, init=False, check=False, timeout_s=40)
+    codes = [code for code, _ in outcomes]
+    assert codes[0] == 1 and codes[2] == 1, outcomes
+    assert codes[1] == (-9 if how == "dead" else 1)  # killed itself, or woke up to find the others gone
+    error = outcomes[0][1].strip().splitlines()[-1]
+    assert ("Timed out" in error) if how == "stuck" else ("peer" in error), error
+
+
+def _rank0_first_worker(rank, world, fail):
+    lay = parallel.init(device="cpu")
+    order = []
+
+    def build():
+        order.append(rank)
+        if fail:
+            raise ValueError("no such corpus")
+        return rank
+
+    try:
+        result = parallel.rank0_first(build, lay)
+    except (ValueError, parallel.PeerFailed) as e:
+        result = type(e).__name__
+    stop = parallel.any_rank(rank == world - 1, lay)  # only the last rank saw a signal
+    return result, order, stop
+
+
+def test_rank0_first_and_any_rank():
+    ok = run_workers(_rank0_first_worker, 3, False, init=False)
+    assert ok == [(0, [0], True), (1, [1], True), (2, [2], True)]
+    failed = run_workers(_rank0_first_worker, 3, True, init=False)
+    assert [r[0] for r in failed] == ["ValueError", "PeerFailed", "PeerFailed"]
+    assert [r[1] for r in failed] == [[0], [], []]  # the others never tried
