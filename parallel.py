@@ -250,11 +250,27 @@ def parallelize(model, layout: Layout, reshard_after_forward: bool = True):
       one-all-reduce bias update keeps them equal.
     Parameters stay fp32 (the router reads them in fp32); bf16 compute comes from autocast, as in one process.
     Gloo has no averaging reduce-scatter: there FSDP sums, then divides."""
-    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+    from torch.distributed.fsdp import fully_shard
     if not layout.distributed:
         return model
     on_gloo = layout.backend == "gloo"
-    for moe in model.moe_layers():
+    shard_experts(model.moe_layers(), layout, reshard_after_forward)
+    if layout.dp == 1:
+        return model
+    dp_mesh = layout.dense["dp"]
+    unsharded_experts = set() if layout.efsdp > 1 else {p for m in model.moe_layers() for p in m.experts.parameters()}
+    for unit in list(model.layers) + list(model.mtp) + [model]:
+        fully_shard(unit, mesh=dp_mesh, reshard_after_forward=reshard_after_forward,
+                    ignored_params=unsharded_experts or None)
+        unit.set_force_sum_reduction_for_comms(on_gloo)
+    return model
+
+
+def shard_experts(moe_layers, layout: Layout, reshard_after_forward: bool = True) -> None:
+    """The expert half of `parallelize`: routed experts cut over ep, FSDP-sharded over efsdp."""
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+    on_gloo = layout.backend == "gloo"
+    for moe in moe_layers:
         if layout.ep > 1:
             moe.shard(layout.sparse["ep"])
         if layout.efsdp > 1:
@@ -265,15 +281,6 @@ def parallelize(model, layout: Layout, reshard_after_forward: bool = True):
         elif layout.dp > 1:
             for p in moe.experts.parameters():
                 p.register_hook(lambda g, dp=layout.dp: g / dp)
-    if layout.dp == 1:
-        return model
-    dp_mesh = layout.dense["dp"]
-    unsharded_experts = set() if layout.efsdp > 1 else {p for m in model.moe_layers() for p in m.experts.parameters()}
-    for unit in list(model.layers) + list(model.mtp) + [model]:
-        fully_shard(unit, mesh=dp_mesh, reshard_after_forward=reshard_after_forward,
-                    ignored_params=unsharded_experts or None)
-        unit.set_force_sum_reduction_for_comms(on_gloo)
-    return model
 
 
 def set_gradient_sync(model, sync: bool) -> None:
@@ -566,6 +573,43 @@ def check_pipeline(n_layers: int, kind: str, pp: int, n_micro: int) -> None:
                          f"{'2 × pp for DualPipeV' if kind == 'dualpipev' else 'pp'})")
 
 
+def parallelize_stages(mods, layout: Layout, reshard_after_forward: bool = None):
+    """Expert parallelism and FSDP2 for this rank's pipeline stages, as `parallelize` does for a whole model:
+    experts by `shard_experts`, one FSDP unit per block and MTP module held, the embedding a unit of its own,
+    and each stage module the root of what is left (the final norm and the head). The schedule defers the
+    gradient reduce-scatter to the end of the step (its REDUCE_GRAD action).
+    Under DualPipeV (two stages a rank):
+    - the one embedding that two stages of rank 0 (two FSDP roots) use cannot be nested in both: it stays
+      replicated, outside FSDP, and `sync_embedding_grads` averages its gradient over dp;
+    - the weights stay gathered from forward to backward (reshard_after_forward=False by default): with
+      resharding, the deferred weight gradients of the loss stage's split backward came out wrong on torch
+      2.13 (tests/test_pipeline.py compares every gradient with one process)."""
+    from torch.distributed.fsdp import fully_shard
+    if reshard_after_forward is None:
+        reshard_after_forward = len(mods) == 1
+    if not layout.distributed:
+        return mods
+    moes = [x for m in mods for b in held_blocks(m) for x in b.modules() if isinstance(x, MoE)]
+    shard_experts(moes, layout, reshard_after_forward)
+    if layout.dp == 1:
+        return mods
+    ignored = set() if layout.efsdp > 1 else {p for m in moes for p in m.experts.parameters()}
+    embeds = [m.embed for m in mods if m.embed is not None]
+    if len(embeds) > 1:  # shared by two stages of this rank
+        ignored.add(embeds[0].weight)
+        embeds = []
+    for unit in embeds + [b for m in mods for b in held_blocks(m)] + list(mods):
+        fully_shard(unit, mesh=layout.dense["dp"], reshard_after_forward=reshard_after_forward,
+                    ignored_params=ignored or None)
+        unit.set_force_sum_reduction_for_comms(layout.backend == "gloo")
+    return mods
+
+
+def held_blocks(stage) -> list:
+    """A stage module's blocks, and its MTP modules on the last stage (each an FSDP unit)."""
+    return list(stage.layers.values()) + (list(stage.mtp) if stage.is_last else [])
+
+
 def embedding_tie_group(layout: Layout):
     """1F1B with MTP: the group of the two ranks that hold the first and the last stage of this rank's pipeline
     (every rank must call this: groups are made collectively). None for ranks in the middle or when pp = 1."""
@@ -576,15 +620,21 @@ def embedding_tie_group(layout: Layout):
     return mine
 
 
-def tie_embedding_grads(mods, kind: str, group) -> None:
-    """1F1B with MTP on pp > 1: sum the gradients of the first stage's embedding and of the last stage's copy
-    over `group`, the two ranks that hold them (call it on those two). Under DualPipeV both stages use the one
-    embedding of rank 0: nothing to do."""
-    if kind != "1f1b":
+def sync_embedding_grads(mods, kind: str, layout: Layout, tie_group) -> None:
+    """After a pipeline step, before clipping: the embedding gradients that FSDP does not handle.
+    - 1F1B with MTP on pp > 1: sum the first stage's embedding gradient and the last stage's copy's over
+      `tie_group` (`embedding_tie_group`: the two ranks that hold them, which call this together).
+    - DualPipeV with dp > 1: the embedding rank 0's two stages share stays replicated (`parallelize_stages`):
+      average its gradient over the dp ranks."""
+    embeds = [m for m in mods if m.embed is not None]
+    if not embeds:
         return
-    for m in mods:
-        if m.embed is not None and not (m.is_first and m.is_last):
-            w = m.embed.weight
-            if w.grad is None:
-                w.grad = torch.zeros_like(w)
-            dist.all_reduce(w.grad, group=group)
+    w = embeds[0].embed.weight
+    if w.grad is None:
+        w.grad = torch.zeros_like(w)
+    g = w.grad.to_local() if hasattr(w.grad, "to_local") else w.grad  # under FSDP: this rank's shard
+    if kind == "1f1b" and tie_group is not None:
+        dist.all_reduce(g, group=tie_group)  # ranks d and d + (pp-1)·dp hold the same shard
+    if kind == "dualpipev" and layout.distributed and layout.dp > 1 and len(embeds) > 1:
+        dist.all_reduce(g, group=layout.group("dp"))  # SUM then divide: gloo has no AVG
+        g.div_(layout.dp)

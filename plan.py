@@ -407,13 +407,14 @@ def make_plan(cfg, gpus: int, gpus_per_node: int, ep: int, pp: int, kind: str, g
     step_tokens = global_batch * seq_len
     fwd = forward_flops_per_token(cfg, seq_len)
     pp_stages = 2 * pp if kind == "dualpipev" else pp  # the README formula's PP
-    return {"formula_bubble": formula_bubble("1f1b" if kind == "1f1b" else "dualpipe", pp_stages, costs),
-            "times": times,
-            "cfg": cfg, "gpus": gpus, "gpus_per_node": gpus_per_node, "ep": ep, "pp": pp, "dp": dp,
+    return {"cfg": cfg, "gpus": gpus, "gpus_per_node": gpus_per_node, "ep": ep, "pp": pp, "dp": dp,
             "efsdp": efsdp, "kind": kind, "n_stages": n_stages, "n_micro": n_micro, "micro_batch": micro_batch,
             "seq_len": seq_len, "global_batch": global_batch, "sizes": stage_sizes(cfg.n_layers, n_stages),
-            "ranks": ranks, "worst": worst, "per_micro": {sc: max(v) for sc, v in per_micro.items()}, "a2a": a2a, "costs": costs, "makespan": tl.makespan,
-            "bubble": bubble, "busy": max(tl.busy), "sync": sync, "step": step, "tokens_per_s_gpu": step_tokens / step / gpus,
+            "ranks": ranks, "worst": worst, "per_micro": {sc: max(v) for sc, v in per_micro.items()},
+            "a2a": a2a, "costs": costs, "times": times, "makespan": tl.makespan, "bubble": bubble,
+            "busy": max(tl.busy), "formula_bubble": formula_bubble("1f1b" if kind == "1f1b" else "dualpipe",
+                                                                  pp_stages, costs),
+            "sync": sync, "step": step, "tokens_per_s_gpu": step_tokens / step / gpus,
             "mfu": 3 * fwd * step_tokens / (step * gpus * A.peak_tflops * 1e12), "fwd_flops": fwd,
             "assumptions": A, "fits": worst["total"] <= A.gpu_mem_gb * 1e9}
 
@@ -429,7 +430,8 @@ def _s(x):
 def render(p: dict) -> str:
     A, w, a = p["assumptions"], p["worst"], p["a2a"]
     sizes = p["sizes"]
-    out = [f"Plan: {p['cfg'].n_layers} blocks + {p['cfg'].n_mtp} MTP on {p['gpus']} GPUs ({p['gpus_per_node']} a node): "
+    out = [f"Plan: {p['cfg'].n_layers} blocks + {p['cfg'].n_mtp} MTP on {p['gpus']} GPUs "
+           f"({p['gpus_per_node']} a node): "
            f"pp {p['pp']} ({p['kind']}, {p['n_stages']} stages of {min(sizes)}-{max(sizes)} blocks) x dp {p['dp']} "
            f"(ep {p['ep']} x efsdp {p['efsdp']}), no TP",
            f"batch {p['global_batch']} x {p['seq_len']} tokens = {p['n_micro']} micro-batches of {p['micro_batch']} "

@@ -1,7 +1,7 @@
 """Pipeline parallelism (parallel.py's pipeline stages) against one process, on CPU with gloo.
 
-pp = 2 with torch's Schedule1F1B (2 stages) and ScheduleDualPipeV (4 stages in a V), and pp = 4 with 1F1B (middle
-ranks, the embedding tied between ranks 0 and 3 for MTP): the summed micro-batch
+pp = 2 with torch's Schedule1F1B (2 stages) and ScheduleDualPipeV (4 stages in a V), pp = 4 with 1F1B (middle
+ranks, the embedding tied between ranks 0 and 3 for MTP), and pp 2 × dp 2 with FSDP2 (and ep 2): the summed micro-batch
 losses equal the one-process loss of the whole batch, and every gradient (balance and MTP losses included, the
 embedding shared by the first and last stages) equals the one-process gradient, in fp64."""
 import pytest
@@ -11,7 +11,7 @@ import parallel
 from dist_utils import run_workers
 from model import ModelConfig, Transformer
 from parallel import (InjectLoss, StageModule, build_pipeline, check_pipeline, embedding_tie_group, pipeline_step,
-                      stage_indices, stage_layers, tie_embedding_grads)
+                      stage_indices, stage_layers, sync_embedding_grads)
 
 LAM, ALPHA = 0.3, 0.05  # a large α so that a missing or mis-scaled balance gradient shows
 B, T = 4, 8
@@ -30,16 +30,16 @@ def make_model(cfg):
     return Transformer(cfg).double().train()
 
 
-def batch(cfg):
+def batch(cfg, rows=B):
     g = torch.Generator().manual_seed(1)
-    tok = torch.randint(0, cfg.vocab_size, (B, T + 1), generator=g)
+    tok = torch.randint(0, cfg.vocab_size, (rows, T + 1), generator=g)
     return tok[:, :-1], tok[:, 1:]  # x (B, T), y (B, T)
 
 
-def reference(cfg):
+def reference(cfg, rows=B):
     """One process, the whole batch: loss, gradients by name, MoE loads by layer."""
     model = make_model(cfg)
-    x, y = batch(cfg)
+    x, y = batch(cfg, rows)
     _, losses = model(x, y)
     loss = losses["main"] + LAM * losses["mtp"] + ALPHA * losses["balance"]
     loss.backward()
@@ -56,7 +56,7 @@ def _worker(rank, world, kind, n_micro, cfg):
     mods, sched = build_pipeline(model, kind, lay.pp_rank, lay.pp, n_micro, (B // n_micro, T),
                                  group=lay.group("pp"), lam=LAM, alpha=ALPHA)
     losses = pipeline_step(sched, x, y)
-    tie_embedding_grads(mods, kind, tie)
+    sync_embedding_grads(mods, kind, lay, tie)
     grads = {n: p.grad.clone() for m in mods for n, p in m.named_parameters()}
     blocks = {f"layers.{n}": b for m in mods for n, b in m.layers.items()}
     blocks.update({f"mtp.{i}.block": mm.block for m in mods if m.is_last for i, mm in enumerate(m.mtp)})
@@ -88,6 +88,35 @@ def test_pipeline_equals_one_process(kind, pp, n_micro):
     if kind == "dualpipev":
         assert got[0]["stages"] == [0, 3] and got[1]["stages"] == [1, 2]
         assert got[0]["embed_on"] == [0, 3] and got[1]["embed_on"] == []  # embedding, head and MTP on rank 0
+
+
+def _pp_dp_worker(rank, world, kind, n_micro, cfg, ep):
+    """pp 2 × dp 2 (× ep): each pipeline runs its dp slice of the batch; FSDP2 averages the gradients over dp."""
+    lay = parallel.init(ep=ep, pp=2, device="cpu")
+    model = make_model(cfg)
+    x, y = batch(cfg, 2 * B)
+    x, y = parallel.dp_slice(x, lay), parallel.dp_slice(y, lay)  # (B, T) each
+    tie = embedding_tie_group(lay)
+    mods, sched = build_pipeline(model, kind, lay.pp_rank, lay.pp, n_micro, (B // n_micro, T),
+                                 group=lay.group("pp"), lam=LAM, alpha=ALPHA)
+    parallel.parallelize_stages(mods, lay)
+    pipeline_step(sched, x, y)
+    sync_embedding_grads(mods, kind, lay, tie)
+    return {n: parallel.gather_full(p.grad) for m in mods for n, p in m.named_parameters()}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind,ep", [("1f1b", 1), ("dualpipev", 1), ("dualpipev", 2)])
+def test_pipeline_with_fsdp_equals_one_process(kind, ep):
+    cfg = tiny_cfg()
+    _, ref_grads, _ = reference(cfg, 2 * B)
+    got = run_workers(_pp_dp_worker, 4, kind, 4, cfg, ep, init=False)
+    seen = set()
+    for grads in got:
+        for n, g in grads.items():
+            assert torch.allclose(g, ref_grads[n], rtol=1e-10, atol=1e-13), (kind, n)
+            seen.add(n)
+    assert seen == set(ref_grads)
 
 
 # -- single-process pieces ----------------------------------------------------------------------------------
