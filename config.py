@@ -29,14 +29,14 @@ class ModelConfig:
     rope_factor: float = 40.0
     beta_fast: int = 32
     beta_slow: int = 1
-    mscale: float = 1.0
+    mscale: float = 1.0  # YaRN: softmax scale × m², m = 0.1·mscale·ln(rope_factor) + 1 (mla.softmax_scale)
     # DeepSeekMoE (moe.py)
     moe_inter_dim: int = 64  # width of one routed expert (and of one shared expert)
     n_routed_experts: int = 8  # N_r
     n_shared_experts: int = 1  # N_s
     n_activated_experts: int = 2  # K_r
-    n_expert_groups: int = 4
-    n_limited_groups: int = 2
+    n_expert_groups: int = 4  # node-limited routing in code form (moe.limit_groups): V3 has 8, one per node
+    n_limited_groups: int = 2  # groups a token may reach: M, the node limit (4 in V3)
     score_func: str = "sigmoid"  # "sigmoid" (V3: bias, top-2 group score, renormalised) or "softmax" (V2)
     route_scale: float = 1.0
     # Multi-Token Prediction (mtp.py)

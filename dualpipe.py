@@ -44,15 +44,16 @@ What is here:
   for DualPipe it equals the direction, for DualPipeV phase 0 is stage r and phase 1 is stage 2N-1-r.
 - A timeline simulator `simulate` (zero communication time, data dependencies only) and `render_timeline`.
   `python dualpipe.py --ranks 8 --chunks 20` prints the timelines and a bubble table. With F&B = F+B and W = F
-  (the README's example costs) every rank's simulated bubble equals the formula exactly; with other costs the
-  formula is an upper bound on the worst rank's (tests/test_dualpipe.py checks both).
+  (the example costs under the bubble table above: F=1, B=2, W=1, F&B=3) every rank's simulated bubble equals
+  the formula exactly; with other costs the formula is an upper bound on the worst rank's (tests/test_dualpipe.py
+  checks both).
 - `torch_dualpipev_order`: torch.distributed.pipelining's ScheduleDualPipeV action lists in these op tuples.
   Training runs torch's schedule (parallel.py's pipeline stages); tests/test_dualpipe.py checks that its order
   is `schedule_dualpipev`'s, op for op, so what this file draws and simulates is what training runs.
 - `run_dualpipe`: an executor on torch.distributed (gloo on CPU works) that runs a DualPipe schedule over real
   stage modules with isend/recv; tested against a sequential model (losses bit-exact, summed mirrored grads
-  within cal_diff 1e-13). BI/W are two autograd.backward calls (inputs=[x] with the graph kept, then
-  inputs=params) instead of DeepSeek's WeightGradStore closures.
+  within calc_diff 1e-13, calc_diff = 1 − 2Σxy / Σ(x² + y²) as in fp8.py). BI/W are two autograd.backward
+  calls (inputs=[x] with the graph kept, then inputs=params) instead of DeepSeek's WeightGradStore closures.
   Why it stays although training uses torch's DualPipeV: torch ships DualPipeV only, not the bidirectional
   DualPipe of the report, and its input/weight split is graph surgery inside `stage_backward_input`. This
   executor is the one place where the report's schedule runs: two directions, each stage held twice, the
@@ -291,7 +292,8 @@ def simulate(sched: Schedule, costs: dict, cost_fn=None) -> Timeline:
 
 
 def formula_bubble(kind: str, pp: int, costs: dict) -> float:
-    """The README's per-device bubble with PP stages (DualPipeV: PP = 2 × its rank count)."""
+    """The per-device bubble of the table in this file's header (from deepseek-ai/DualPipe's README) with PP
+    stages (DualPipeV: PP = 2 × its rank count)."""
     F, B, W, FB = costs["F"], costs["B"], costs["W"], costs["FB"]
     return (pp - 1) * (F + B) if kind == "1f1b" else (pp // 2 - 1) * (FB + B - 3 * W)
 

@@ -21,9 +21,9 @@ import time
 
 import torch
 
+from checkpoint import load_checkpoint, pick_device
 from config import config_from_dict
 from model import Transformer
-from train import load_checkpoint, pick_device
 
 
 # -- sampling ----------------------------------------------------------------------------------------------
@@ -132,7 +132,7 @@ def load_model(out_dir=None, hf_dir=None, device="cpu"):
                              f"cl100k_base or a prefix of it (at most {FULL_VOCAB} tokens)")
         return model.eval(), get_tokenizer(model.cfg.vocab_size)
     path = os.path.join(out_dir, "ckpt.pt")
-    ckpt = load_checkpoint(path, "generate", f" (train one first: python train.py --out_dir {out_dir})")
+    ckpt = load_checkpoint(path, "generate", hint=f" (train one first: python train.py --out_dir {out_dir})")
     try:
         cfg = config_from_dict(ckpt["config"])
         state = ckpt["model"]

@@ -48,6 +48,7 @@ from safetensors.torch import save_file
 
 from config import ModelConfig
 from fp8 import dequantize_weight
+from model import Transformer
 
 CONFIG, SINGLE, INDEX = "config.json", "model.safetensors", "model.safetensors.index.json"
 
@@ -344,8 +345,6 @@ def _mtp_layers_present(keys, n_layers: int, declared: int) -> int:
 
 def load_hf_checkpoint(path, dtype=torch.float32, device="cpu"):
     """A Transformer with the config and weights of a hub-layout checkpoint directory."""
-    from model import Transformer  # here, not at the top: model.py re-exports this module's functions
-
     path = os.fspath(path)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"checkpoint directory {path} does not exist")

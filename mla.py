@@ -21,6 +21,8 @@ Weights, named as in the released checkpoints: `wkv_a` = [W^DKV ; W^KR] (dim →
 [W^UK ; W^UV] (d_c → H·(d_h + d_v), viewed (H, d_h + d_v, d_c): per head the first d_h rows are W^UK, the
 last d_v rows W^UV), `wq_a` = W^DQ, `wq_b` = [W^UQ ; W^QR] per head, `wo` = W^O. In code dn = d_h
 (`qk_nope_head_dim`), dr = d^R_h (`qk_rope_head_dim`), dv = `v_head_dim` (may differ from dn), c = d_c.
+"pe" (positional embedding) names the rotary part, as in the released code: q_pe = q^R, k_pe = k^R, and
+`pe_cache` holds the roped k^R; "nope" (no positional embedding) names the content part q^C, k^C.
 
 Two attention paths, equal up to rounding (tests/test_mla.py):
 - naive (the reference; training and prefill): expand c^KV to per-head K and V with W^UK, W^UV and call
@@ -33,7 +35,11 @@ Two attention paths, equal up to rounding (tests/test_mla.py):
 RoPE rotates interleaved pairs (x[2i], x[2i+1]), the layout of the released weights. YaRN extends the
 context when max_seq_len > original_seq_len: low-frequency pairs are slowed by rope_factor, high-frequency
 ones kept, a linear ramp in between; the softmax scale is multiplied by m², m = 0.1·mscale·ln(rope_factor)+1
-(the cos/sin themselves are not scaled).
+(the cos/sin themselves are not scaled). Why m²: over a longer context the softmax spreads its weight over
+more keys, and YaRN sharpens it again with a lower temperature (logits × 1/t, fitted as √(1/t) = 0.1·ln s + 1
+for a stretch s). YaRN applies √(1/t) = m to q and to k alike (through their cos/sin), so their dot product
+carries m²; DeepSeek's code puts the whole m² into the softmax scale instead, which sharpens the content dims
+as well as the rotary ones, and this file does the same.
 """
 import math
 
@@ -96,7 +102,10 @@ def apply_rotary_emb(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
 
 
 def softmax_scale(cfg) -> float:
-    """1/sqrt(dn + dr), times m² with m = 0.1·mscale·ln(rope_factor) + 1 when YaRN is active."""
+    """1/sqrt(dn + dr), times m² with m = 0.1·mscale·ln(rope_factor) + 1 when YaRN is active.
+
+    m is the factor YaRN puts on q and on k each (a lower softmax temperature for the longer context), hence
+    squared in the score q·k."""
     scale = cfg.qk_head_dim ** -0.5
     if cfg.yarn_active:
         m = 0.1 * cfg.mscale * math.log(cfg.rope_factor) + 1.0

@@ -167,3 +167,43 @@ def count_params(cfg: ModelConfig) -> dict:
     idle = (cfg.n_routed_experts - cfg.n_activated_experts) * per_expert
     return {"total": main, "active": main - cfg.n_moe_layers * idle, "mtp": mtp,
             "mtp_active": mtp - cfg.n_mtp * idle}
+
+
+# -- FLOPs per token ----------------------------------------------------------------------------------------------
+# The counting rule (used for tokens/s → FLOP/s → MFU in `train.py --bench`):
+#   * a multiply-add is 2 FLOPs; a token passing through a weight matrix of shape (out, in) costs 2·out·in forward;
+#   * training costs 3× the forward (the backward computes two products per forward product: the gradient of the
+#     input and the gradient of the weight), so a weight costs 6·out·in per trained token;
+#   * the weights a token passes through are: in MLA W^DQ, W^UQ/W^QR (or one W^Q), W^DKV/W^KR, W^UK/W^UV, W^O; the
+#     three matrices of a dense FFN; in an MoE layer the gate, the shared experts and only the K_r *activated*
+#     routed experts; the output head; in each MTP module its projection M_k (2d → d), its block and the shared
+#     head once more. The embedding is a lookup, not a matmul: 0 FLOPs. Norms, RoPE, softmax and SwiGLU's
+#     elementwise product are left out (a few FLOPs per element, small beside the matmuls);
+#   * the attention core (q·k scores and the weighted sum of v) has no weights: per layer and token it costs
+#     2·H·(d_h + d^R_h)·t + 2·H·d_h·t forward over the t keys the token attends to. Causal attention over a
+#     sequence of T sees on average T/2 keys, so per layer H·T·(d_h + d^R_h + d_h) forward and 3× that to train.
+#     (nanoGPT counts all T keys instead; this file counts T/2.)
+# Check: for the v3-671b preset the activated matmul weights of the main model come to about 37B, as the report's
+# "37B activated parameters per token" (tests/test_train.py::test_matmul_params_match_the_model).
+def matmul_params(cfg: ModelConfig) -> dict:
+    """Weights a token multiplies with, main model and MTP modules (activated experts only, no embedding)."""
+    d, H = cfg.dim, cfg.n_heads
+    dn, dr, dv = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+    q = d * cfg.q_lora_rank + cfg.q_lora_rank * H * (dn + dr) if cfg.q_lora_rank else d * H * (dn + dr)
+    attn = q + d * (cfg.kv_lora_rank + dr) + cfg.kv_lora_rank * H * (dn + dv) + H * dv * d
+    dense = 3 * d * cfg.inter_dim
+    moe = d * cfg.n_routed_experts + 3 * d * cfg.moe_inter_dim * (cfg.n_shared_experts + cfg.n_activated_experts)
+    head = d * cfg.vocab_size
+    main = cfg.n_layers * attn + cfg.n_dense_layers * dense + cfg.n_moe_layers * moe + head
+    mtp = cfg.n_mtp * (2 * d * d + attn + moe + head)  # M_k, an MoE block, the shared head again
+    return {"main": main, "mtp": mtp}
+
+
+def train_flops_per_token(cfg: ModelConfig, T: int, with_mtp: bool = True) -> float:
+    """Training FLOPs per token at sequence length T, by the rule above: 6·N_matmul + 3·L·H·T·(d_h + d^R_h + d_h),
+    where L counts the MTP modules' attention too (counted over all T positions; they run on T − k)."""
+    n = matmul_params(cfg)
+    N = n["main"] + (n["mtp"] if with_mtp else 0)
+    L = cfg.n_layers + (cfg.n_mtp if with_mtp else 0)
+    head_dims = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim + cfg.v_head_dim
+    return 6 * N + 3 * L * cfg.n_heads * T * head_dims

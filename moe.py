@@ -15,6 +15,11 @@ moe_inter_dim ("fine-grained" experts: many narrow ones rather than a few wide o
 - Auxiliary-Loss-Free Load Balancing: b_i is not trained by gradient. After each optimizer step it moves by γ
   against the load of that step: b_i -= γ for overloaded experts, b_i += γ for underloaded ones (γ = 0.001 in the
   report). `MoE.load` accumulates the token counts of all micro-batches of a step; `update_bias` applies and resets.
+  Why balance: a router left alone sends most tokens to a few experts (the others stop learning), and under
+  expert parallelism the GPUs holding the busy experts hold up every step. Why not with a loss: an auxiliary
+  balance loss strong enough to balance pulls the gate against the language-modelling loss and costs model
+  quality (report §2.1.2); the bias changes only which experts are chosen, gets no gradient, and leaves the gate
+  values g to the language-modelling loss.
 - Complementary Sequence-Wise Auxiliary Loss: to stop single sequences from being extremely unbalanced, a tiny
   L_Bal = α Σ_i f_i P_i per sequence (α = 1e-4, applied by train.py), with T the sequence length,
       f_i = N_r/(K_r·T) · Σ_t 1[token t is routed to i]       (a count: carries no gradient)
@@ -23,7 +28,11 @@ moe_inter_dim ("fine-grained" experts: many narrow ones rather than a few wide o
 - Node-Limited Routing: a token may reach at most M nodes, ranked by the sum of the K_r/M highest affinities of
   the experts they hold. The code form is group-limited routing: N_r experts in n_expert_groups groups, group
   score = sum of the top-2 biased affinities (K_r/M = 8/4 = 2 in V3), keep the best n_limited_groups groups and
-  exclude the rest with -inf (not 0: biased scores can be negative).
+  exclude the rest with -inf (not 0: biased scores can be negative). Why: under expert parallelism the experts
+  are spread over nodes (V3: 8 nodes, one group each), and a token's hidden state crosses the slower
+  inter-node network (InfiniBand, 50 GB/s against NVLink's 160 GB/s in the report's cluster) once for every
+  node it reaches, before NVLink carries it to the experts inside the node; at most M = 4 nodes bounds each
+  token's cross-node traffic, so the dispatch can stay hidden under computation.
 - No token dropping, no capacity factor: every token is processed by all of its K_r experts.
 - V2-style configs (score_func="softmax"): s = softmax over experts, no bias, group score = max, no
   renormalisation of the top-k weights (still × route_scale).

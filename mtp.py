@@ -1,7 +1,10 @@
 """Multi-Token Prediction (MTP), DeepSeek-V3 report §2.2.
 
 Besides the next token, the model learns to predict D further tokens with D small *sequential* modules
-(unlike parallel heads, each depth keeps the full causal chain). Module k (k = 1..D) at position i combines
+(unlike parallel heads, each depth keeps the full causal chain). Why: every position then gives D more training
+signals, and the hidden state is pushed to carry what the tokens after the next one need (the report's
+"pre-plan"); at inference the modules cost nothing unless used as a drafter.
+Module k (k = 1..D) at position i combines
 
     h'^k_i = M_k [ RMSNorm(Emb(t_{i+k})) ; RMSNorm(h^{k-1}_i) ]        (M_k ∈ R^{d×2d}: `eh_proj`)
     h^k_{1:T-k} = TRM_k(h'^k_{1:T-k})                                   (one transformer block)

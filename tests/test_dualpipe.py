@@ -1,4 +1,5 @@
-"""Tests for dualpipe.py: schedule structure against the fact sheet, the simulator against the README formulas."""
+"""Tests for dualpipe.py: schedule structure against the step table of its header, the simulator against the bubble
+formulas there (the table and formulas of deepseek-ai/DualPipe's README)."""
 from collections import Counter
 
 import pytest
@@ -6,7 +7,7 @@ import pytest
 from dualpipe import (Schedule, bubble_table, formula_bubble, make_schedule, render_timeline, schedule_1f1b,
                       schedule_dualpipe, schedule_dualpipev, simulate, step_counts)
 
-README_COSTS = dict(F=1, B=2, W=1, FB=3)
+README_COSTS = dict(F=1, B=2, W=1, FB=3)  # the example costs under dualpipe.py's bubble table
 CONFIGS = [(2, 4), (2, 10), (4, 8), (4, 12), (6, 12), (8, 16), (8, 20), (10, 30)]
 
 
@@ -17,7 +18,7 @@ def flat(ops):
 
 
 # -- step counts --------------------------------------------------------------------------------------------
-def test_step_counts_match_readme_figure():
+def test_step_counts_match_the_step_table():  # dualpipe.py's header: h = min(r, N-1-r), H = N/2
     assert step_counts(8, 20, 0) == step_counts(8, 20, 7) == [6, 1, 3, 3, 3, 1, 3, 1]
     assert step_counts(8, 20, 3) == step_counts(8, 20, 4) == [0, 4, 0, 6, 0, 4, 0, 4]
 
@@ -133,7 +134,7 @@ def test_dualpipe_bubble_with_readme_costs_is_exactly_the_formula(n_ranks, n_chu
                                    dict(F=1, B=2, W=1, FB=2), dict(F=1, B=2, W=0, FB=3)])
 @pytest.mark.parametrize("n_ranks,n_chunks", CONFIGS)
 def test_dualpipe_bubble_never_exceeds_the_formula(costs, n_ranks, n_chunks):
-    # With zero communication the README formula is the worst rank's bubble or an upper bound on it.
+    # With zero communication the bubble formula is the worst rank's bubble or an upper bound on it.
     dp = simulate(schedule_dualpipe(n_ranks, n_chunks), costs)
     assert max(dp.bubble) <= formula_bubble("dualpipe", n_ranks, costs)
 
@@ -255,5 +256,5 @@ def test_dualpipe_executor_matches_sequential(n_pp, n_chunks):
     for s in range(n_pp):  # model stage s: module 0 of rank s + module 1 of rank N-1-s
         for g0, g1, p in zip(got[s]["grads"][0], got[n_pp - 1 - s]["grads"][1], ref[s].parameters()):
             g, r = g0 + g1, p.grad
-            diff = 1 - 2 * (g * r).sum() / (g * g + r * r).sum()  # DualPipe examples' cal_diff
+            diff = 1 - 2 * (g * r).sum() / (g * g + r * r).sum()  # calc_diff, as in fp8.py
             assert diff < 1e-13

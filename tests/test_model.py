@@ -19,8 +19,8 @@ def tiny(**kw):
 
 def test_v3_671b_counts_match_the_report():
     c = count_params(PRESETS["v3-671b"])
-    # Report / README_WEIGHTS: 671B total, 37B activated per token, MTP module 11.5B unique parameters
-    # (its 14B on disk include copies of the 0.9B embedding and the 0.9B head).
+    # Report and DeepSeek-V3's README_WEIGHTS.md: 671B total, 37B activated per token, MTP module 11.5B unique
+    # parameters (its 14B on disk include copies of the 0.9B embedding and the 0.9B head).
     assert abs(c["total"] / 1e9 - 671) < 1.0, c
     assert abs(c["active"] / 1e9 - 37) < 1.0, c
     assert abs(c["mtp"] / 1e9 - 11.5) < 0.2, c

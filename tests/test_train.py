@@ -12,7 +12,7 @@ import torch
 import data
 import train
 from config import get_preset
-from model import Transformer, count_params
+from model import Transformer, count_params, matmul_params
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL = ["--vocab_size", "512", "--dim", "32", "--n_layers", "2", "--n_dense_layers", "1", "--inter_dim", "64",
@@ -118,24 +118,6 @@ def test_non_finite_loss_keeps_last_checkpoint(tmp_path, corpus_args, monkeypatc
     assert ckpt["step"] == 4 and all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
 
 
-def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
-    path = str(tmp_path / "ckpt.pt")
-    train.save_checkpoint({"step": 1, "w": torch.arange(5)}, path)
-
-    def broken_save(obj, f):  # dies half-way through writing
-        with open(f, "wb") as fh:
-            fh.write(b"PK\x03\x04partial")
-        raise OSError("disk full")
-
-    monkeypatch.setattr(torch, "save", broken_save)
-    with pytest.raises(OSError):
-        train.save_checkpoint({"step": 2, "w": torch.zeros(5)}, path)
-    monkeypatch.undo()
-    old = torch.load(path, weights_only=True)
-    assert old["step"] == 1 and torch.equal(old["w"], torch.arange(5))
-    assert os.listdir(tmp_path) == ["ckpt.pt"]  # no temporary file left behind
-
-
 def test_lr_schedule():
     a = argparse.Namespace(lr=1e-3, min_lr=1e-4, warmup_iters=10, lr_decay_iters=110)
     assert train.lr_at(0, a) == pytest.approx(1e-4)  # (0+1)/10 of the peak
@@ -151,13 +133,13 @@ def test_matmul_params_match_the_model(preset):
     """matmul_params = activated parameters minus the embedding and the norm gains (no matmul), plus the shared
     head once more for each MTP depth."""
     cfg = get_preset(preset)
-    n, ref = train.matmul_params(cfg), count_params(cfg)
+    n, ref = matmul_params(cfg), count_params(cfg)
     d = cfg.dim
     norms = cfg.n_layers * (2 * d + cfg.q_lora_rank + cfg.kv_lora_rank) + d
     assert n["main"] == ref["active"] - cfg.vocab_size * d - norms
     mtp_norms = cfg.n_mtp * (3 * d + 2 * d + cfg.q_lora_rank + cfg.kv_lora_rank)
     assert n["mtp"] == ref["mtp_active"] - mtp_norms + cfg.n_mtp * cfg.vocab_size * d
-    if preset == "v3-671b":  # flops.md: about 37B activated
+    if preset == "v3-671b":  # the report's 37B activated parameters
         assert 36e9 < n["main"] < 39e9
 
 
@@ -198,6 +180,7 @@ def test_resume_mismatch_is_refused(tmp_path, corpus_args, capsys):
     assert capsys.readouterr().err.startswith("error: --resume: cannot read checkpoint")
 
 
+@pytest.mark.slow
 def test_cli_errors_are_one_line(tmp_path):
     """As a command: exit 2, one line on stderr, no traceback (two cases; the rest run in-process below)."""
     cases = [["--data", str(tmp_path / "missing.txt")], ["--resume", "--out_dir", str(tmp_path / "empty")]]
@@ -272,3 +255,216 @@ def test_grad_accum_equals_one_big_batch(tmp_path, corpus_args):
     for k in sa:
         assert torch.allclose(sa[k], sb[k], rtol=1e-4, atol=1e-6), k
     assert any("gate.bias" in k and sa[k].abs().sum() > 0 for k in sa)
+
+
+# -- never lose a run ---------------------------------------------------------------------------------------------
+def folder_hashes(folder) -> dict:
+    import hashlib
+    return {name: hashlib.sha256((folder / name).read_bytes()).hexdigest() for name in sorted(os.listdir(folder))}
+
+
+def read_log(out_dir) -> list:
+    import json
+    with open(os.path.join(out_dir, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def without_speed(records) -> list:
+    return [{k: v for k, v in r.items() if k != "tok_per_s"} for r in records]
+
+
+def test_fresh_run_refuses_a_folder_holding_a_run(tmp_path, corpus_args, capsys):
+    assert run(tmp_path, corpus_args, "--max_iters", "3") == 0
+    before = folder_hashes(tmp_path)
+    assert {"ckpt.pt", "log.jsonl"} <= set(before)
+    capsys.readouterr()
+    assert run(tmp_path, corpus_args, "--max_iters", "5") == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --out_dir {tmp_path} holds a run") and err.count("\n") == 1
+    assert "--resume continues it" in err and "--overwrite replaces it" in err
+    assert run(tmp_path, corpus_args, "--resume", "--overwrite") == 2
+    assert "give one of them" in capsys.readouterr().err
+    assert folder_hashes(tmp_path) == before  # nothing written, nothing removed
+
+
+def test_overwrite_keeps_the_old_run_until_the_first_checkpoint(tmp_path, corpus_args, monkeypatch, capsys):
+    assert run(tmp_path, corpus_args, "--max_iters", "4") == 0
+    old = folder_hashes(tmp_path)
+    # The new run diverges at its 2nd step, before its first checkpoint (step 3): the old run is untouched.
+    real, calls = train.total_loss, []
+    monkeypatch.setattr(train, "total_loss", lambda losses, args: calls.append(1) or
+                        (real(losses, args) * (float("nan") if len(calls) == 2 else 1.0)))
+    assert run(tmp_path, corpus_args, "--overwrite", "--max_iters", "6", "--ckpt_interval", "3") == 1
+    assert {k: v for k, v in folder_hashes(tmp_path).items() if k in old} == old
+    monkeypatch.undo()
+    # At the moment the first checkpoint is written the old files are still there; after it, the new run's.
+    seen = []
+    real_save = train.save_checkpoint
+    monkeypatch.setattr(train, "save_checkpoint", lambda obj, path: seen.append(folder_hashes(tmp_path))
+                        or real_save(obj, path))
+    assert run(tmp_path, corpus_args, "--overwrite", "--max_iters", "6", "--ckpt_interval", "3") == 0
+    assert {k: v for k, v in seen[0].items() if k in old} == old
+    assert load(tmp_path)["step"] == 6 and [r["step"] for r in read_log(tmp_path) if "loss" in r] == list(range(1, 7))
+    assert sorted(os.listdir(tmp_path)) == [".lock", "ckpt.pt", "log.jsonl"]
+
+
+def test_a_locked_folder_is_refused(tmp_path, corpus_args, capsys):
+    import checkpoint
+    lock = checkpoint.lock_out_dir(str(tmp_path))  # another open file description: as another process would hold it
+    try:
+        assert run(tmp_path, corpus_args, "--max_iters", "2") == 2
+        err = capsys.readouterr().err
+        assert f"another run (pid {os.getpid()}) is using this folder" in err and err.count("\n") == 1
+    finally:
+        lock.close()
+    assert run(tmp_path, corpus_args, "--max_iters", "2") == 0  # the lock went with its holder
+
+
+class Killed(BaseException):
+    """Stands for kill -9: nothing in train.py catches it, so nothing is saved on the way out."""
+
+
+def test_log_after_interruptions_equals_a_straight_run(tmp_path, corpus_args, monkeypatch, capsys):
+    """Ctrl-C in a step, Ctrl-C in an evaluation and a kill, each followed by --resume: the log holds one record per
+    logged step, each equal to the straight run's (tok_per_s aside), and the weights are the straight run's."""
+    opts = ["--max_iters", "14", "--log_interval", "3", "--eval_interval", "4", "--ckpt_interval", "5"]
+    straight_dir, dir_ = tmp_path / "straight", tmp_path / "interrupted"
+    assert run(straight_dir, corpus_args, *opts) == 0
+    lines = capsys.readouterr().out
+    assert "step 3/14: loss " in lines and "step 14/14: loss " in lines  # not a terminal: plain progress lines
+    real, calls = data.Corpus.get_batch, {"train": 0, "val": 0}
+
+    def stop_at(split, n, exc):
+        def get_batch(self, s, *a, **kw):
+            calls[s] += 1
+            if s == split and calls[s] == n:
+                raise exc
+            return real(self, s, *a, **kw)
+        calls.update(train=0, val=0)
+        monkeypatch.setattr(data.Corpus, "get_batch", get_batch)
+
+    resume = ["--out_dir", str(dir_), "--resume", "--device", "cpu"]
+    stop_at("train", 7, KeyboardInterrupt)  # in step 7: saves step 6 (mid log interval: 1 step not yet logged)
+    assert run(dir_, corpus_args, *opts) == 130 and load(dir_)["step"] == 6
+    stop_at("val", 1, KeyboardInterrupt)  # in the evaluation of step 8: saves step 8, its evaluation not logged
+    assert train.main(resume) == 130 and load(dir_)["step"] == 8
+    stop_at("train", 5, Killed())  # killed in step 13: the log holds step 12, the checkpoint step 10
+    with pytest.raises(Killed):
+        train.main(resume)
+    assert load(dir_)["step"] == 10 and read_log(dir_)[-1]["step"] == 12
+    monkeypatch.setattr(data.Corpus, "get_batch", real)
+    assert train.main(resume) == 0
+    got, want = read_log(dir_), read_log(straight_dir)
+    assert [r["step"] for r in got] == [r["step"] for r in want]
+    assert without_speed(got) == without_speed(want)
+    assert_same_state(load(dir_)["model"], load(straight_dir)["model"])
+
+
+def test_full_disk_during_a_save_keeps_the_old_checkpoint(tmp_path, corpus_args, monkeypatch, capsys):
+    real, calls = torch.save, []
+
+    def save(obj, f):  # the second checkpoint hits a full disk half-way (torch reports it as a RuntimeError)
+        calls.append(1)
+        if len(calls) == 2:
+            with open(f, "wb") as fh:
+                fh.write(b"PK\x03\x04partial")
+            raise RuntimeError("basic_ios::clear: iostream error")
+        return real(obj, f)
+
+    monkeypatch.setattr(torch, "save", save)
+    assert run(tmp_path, corpus_args, "--max_iters", "8", "--ckpt_interval", "4") == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: cannot write ") and "is the disk full?" in err and err.count("\n") == 1
+    assert f"ckpt.pt holds step 4" in err
+    monkeypatch.undo()
+    assert load(tmp_path)["step"] == 4 and "ckpt.pt.tmp" not in os.listdir(tmp_path)
+
+
+def test_unusable_out_dir_is_one_line(tmp_path, corpus_args, monkeypatch, capsys):
+    (tmp_path / "file").write_text("x")
+    assert run(tmp_path / "file", corpus_args, "--max_iters", "1") == 2
+    assert capsys.readouterr().err == f"error: --out_dir {tmp_path / 'file'}: this is a file, not a folder\n"
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    if os.geteuid() == 0:  # root writes anywhere: make the folder refuse the lock file as a read-only one would
+        real = os.open
+        monkeypatch.setattr(os, "open", lambda p, *a, **kw: (_ for _ in ()).throw(PermissionError(13, "Permission "
+                            "denied")) if str(p).startswith(str(ro)) else real(p, *a, **kw))
+    assert run(ro, corpus_args, "--max_iters", "1") == 2
+    assert capsys.readouterr().err == f"error: --out_dir {ro}: cannot write there (Permission denied)\n"
+
+
+def test_compile_failure_is_one_line(tmp_path, corpus_args, monkeypatch, capsys):
+    def broken(*a, **kw):  # as when the backend cannot build (no C compiler): the failure comes at the first call
+        raise RuntimeError("InductorError: no working C++ compiler found\nmore lines")
+    monkeypatch.setattr(torch, "compile", lambda model: broken)
+    assert run(tmp_path, corpus_args, "--compile", "--max_iters", "2") == 2
+    err = capsys.readouterr().err
+    assert err == ("error: --compile failed at the first step (RuntimeError: InductorError: no working C++ compiler "
+                   "found); run without --compile\n")
+    monkeypatch.setattr(torch, "compile", broken)  # or torch.compile refuses at once (an unsupported Python)
+    assert run(tmp_path / "b", corpus_args, "--compile", "--max_iters", "2") == 2
+    assert capsys.readouterr().err.startswith("error: --compile is unavailable here (RuntimeError: ")
+
+
+def test_a_model_that_cannot_fit_is_refused_before_allocating(tmp_path, corpus_args, monkeypatch, capsys):
+    out = tmp_path / "big"
+    assert train.main(["--preset", "v3-671b", "--device", "cpu", "--out_dir", str(out)]) == 2
+    err = capsys.readouterr().err
+    n = count_params(get_preset("v3-671b"))
+    need = (n["total"] + n["mtp"]) * 16 / 1e9
+    assert err.startswith(f"error: the model (v3-671b preset) has {(n['total'] + n['mtp']) / 1e9:.2f}B parameters")
+    assert f"need {need:,.1f} GB (16 bytes each)" in err and err.count("\n") == 1 and not out.exists()
+    monkeypatch.setattr(train, "free_memory", lambda device: 100_000)  # 100 kB free: even the test model is refused
+    assert run(tmp_path / "small", corpus_args, "--bf16_moments", "--max_iters", "1") == 2
+    assert "(12 bytes each)" in capsys.readouterr().err
+
+
+def test_lr_schedule_follows_max_iters_unless_given(tmp_path, corpus_args):
+    def resolved(*argv):
+        a = train.resolve_args(train.build_parser().parse_args(list(argv)))
+        return a.warmup_iters, a.lr_decay_iters
+    assert resolved() == (100, 1000)  # the default run: warmup 100, cosine to step 1000
+    assert resolved("--max_iters", "30") == (3, 30)
+    assert resolved("--max_iters", "30", "--warmup_iters", "5") == (5, 30)
+    assert resolved("--preset", "small", "--max_iters", "300", "--lr_decay_iters", "5000") == (30, 5000)
+    # The resolved schedule is saved: resuming with a larger --max_iters keeps it.
+    common = [a for a in RUN if a not in ("--warmup_iters", "3", "--lr_decay_iters", "20")]
+    assert train.main(["--out_dir", str(tmp_path), *corpus_args, *MODEL, *common, "--max_iters", "20"]) == 0
+    assert train.main(["--out_dir", str(tmp_path), "--resume", "--max_iters", "40", "--device", "cpu"]) == 0
+    args = load(tmp_path)["args"]
+    assert (args["warmup_iters"], args["lr_decay_iters"], args["max_iters"]) == (2, 20, 40)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGKILL"])
+def test_a_real_signal_to_a_training_process(tmp_path, corpus_args, sig):
+    """SIGTERM saves the last finished step and exits 143; after either signal --resume continues exactly: the log
+    and the weights equal a straight run's."""
+    import signal
+    import time
+    opts = ["--log_interval", "2", "--eval_interval", "50", "--ckpt_interval", "7"]
+    out = tmp_path / "run"
+    p = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), "--out_dir", str(out), *corpus_args, *MODEL,
+                          *RUN, *opts, "--max_iters", "100000"], cwd=tmp_path, text=True,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 300
+    while not ((out / "ckpt.pt").exists() and len(read_log(out)) >= 10):
+        assert p.poll() is None and time.time() < deadline, p.stderr.read() if p.poll() is not None else "too slow"
+        time.sleep(0.2)
+    p.send_signal(getattr(signal, sig))
+    _, err = p.communicate(timeout=120)
+    step = load(out)["step"]
+    if sig == "SIGTERM":
+        assert p.returncode == 143 and "Traceback" not in err, err
+        assert err.endswith(f"stopped by SIGTERM: saved step {step} to {out / 'ckpt.pt'} (continue with --resume)\n")
+        assert step >= 10
+    else:
+        assert p.returncode == -9 and step % 7 == 0
+    end = str(step + 5)
+    assert train.main(["--out_dir", str(out), "--resume", "--max_iters", end, "--device", "cpu"]) == 0
+    assert run(tmp_path / "straight", corpus_args, *opts, "--max_iters", end) == 0
+    got, want = read_log(out), read_log(tmp_path / "straight")
+    assert [r["step"] for r in got] == [r["step"] for r in want] and without_speed(got) == without_speed(want)
+    assert_same_state(load(out)["model"], load(tmp_path / "straight")["model"])

@@ -1,0 +1,154 @@
+"""Grading tests for mla.py (exercises.py): RoPE + YaRN, and the absorbed attention path.
+
+Each test calls one function and compares it with a plain formula written here from the module docstring's equations
+(report §2.1.1). Other exercise functions that the graded one calls are replaced by the plain versions below."""
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import mla
+
+
+# -- plain references ----------------------------------------------------------------------------------------
+def turns(j: float, d: int, theta: float, original_seq_len: int) -> float:
+    """Rotations that pair j (θ_j = θ^(-2j/d)) makes over the original context."""
+    return original_seq_len * theta ** (-2 * j / d) / (2 * math.pi)
+
+
+def pair_at(beta: float, d: int, theta: float, original_seq_len: int) -> float:
+    """The (fractional) pair index j with turns(j) = beta, by bisection (turns falls as j grows)."""
+    lo, hi = -4.0 * d, 4.0 * d
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if turns(mid, d, theta, original_seq_len) > beta else (lo, mid)
+    return (lo + hi) / 2
+
+
+def yarn_range_plain(d, theta, original_seq_len, beta_fast, beta_slow):
+    low = max(math.floor(pair_at(beta_fast, d, theta, original_seq_len)), 0)
+    high = min(math.ceil(pair_at(beta_slow, d, theta, original_seq_len)), d - 1)
+    return low, high
+
+
+def rope_cfg(yarn: bool, d=16, factor=40.0, mscale=1.0):
+    return SimpleNamespace(qk_rope_head_dim=d, rope_theta=10000.0, yarn_active=yarn, original_seq_len=4096,
+                           beta_fast=32, beta_slow=1, rope_factor=factor, mscale=mscale, qk_head_dim=48,
+                           max_seq_len=64)
+
+
+# -- RoPE and YaRN -------------------------------------------------------------------------------------------
+@pytest.mark.grades("mla.yarn_correction_range")
+@pytest.mark.parametrize("d, theta, L, fast, slow", [(64, 10000.0, 4096, 32, 1), (16, 10000.0, 4096, 32, 1),
+                                                     (128, 500000.0, 8192, 16, 2), (8, 10.0, 64, 32, 1)])
+def test_yarn_correction_range(d, theta, L, fast, slow):
+    assert tuple(mla.yarn_correction_range(d, theta, L, fast, slow)) == yarn_range_plain(d, theta, L, fast, slow)
+
+
+@pytest.mark.grades("mla.rope_frequencies")
+@pytest.mark.parametrize("yarn", [False, True])
+def test_rope_frequencies(monkeypatch, yarn):
+    monkeypatch.setattr(mla, "yarn_correction_range", yarn_range_plain)
+    cfg = rope_cfg(yarn)
+    d = cfg.qk_rope_head_dim
+    low, high = yarn_range_plain(d, cfg.rope_theta, cfg.original_seq_len, cfg.beta_fast, cfg.beta_slow)
+    want = []
+    for j in range(d // 2):
+        base = cfg.rope_theta ** (-2 * j / d)
+        if not yarn:
+            want.append(base)
+            continue
+        ramp = min(max((j - low) / max(high - low, 0.001), 0.0), 1.0)  # 0 keeps the frequency, 1 divides it
+        want.append(base * (1 - ramp) + base / cfg.rope_factor * ramp)
+    got = mla.rope_frequencies(cfg)
+    assert got.shape == (d // 2,) and got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), torch.tensor(want, dtype=torch.float64), rtol=1e-6, atol=0)
+
+
+@pytest.mark.grades("mla.apply_rotary_emb")
+@pytest.mark.parametrize("heads", [True, False])
+def test_apply_rotary_emb(heads):
+    gen = torch.Generator().manual_seed(0)
+    B, T, H, dr = 2, 5, 3, 8
+    x = torch.randn((B, T, H, dr) if heads else (B, T, dr), generator=gen, dtype=torch.float64)
+    angles = torch.rand(T, dr // 2, generator=gen, dtype=torch.float64) * 6  # p·θ_i, any values
+    freqs_cis = torch.polar(torch.ones_like(angles), angles)
+    got = mla.apply_rotary_emb(x, freqs_cis)
+    want = x.clone()
+    for t in range(T):
+        for i in range(dr // 2):
+            c, s = math.cos(angles[t, i]), math.sin(angles[t, i])
+            a, b = x[:, t, ..., 2 * i], x[:, t, ..., 2 * i + 1]  # the pair (x[2i], x[2i+1]), every head
+            want[:, t, ..., 2 * i] = a * c - b * s
+            want[:, t, ..., 2 * i + 1] = a * s + b * c
+    assert got.shape == x.shape and got.dtype == x.dtype
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.grades("mla.apply_rotary_emb")
+def test_apply_rotary_emb_keeps_dtype():
+    x = torch.randn(1, 4, 2, 8).bfloat16()
+    angles = torch.rand(4, 4)
+    out = mla.apply_rotary_emb(x, torch.polar(torch.ones_like(angles), angles))
+    assert out.dtype == torch.bfloat16
+    norms = lambda t: t.float().unflatten(-1, (-1, 2)).norm(dim=-1)  # noqa: E731  a rotation keeps each pair's length
+    torch.testing.assert_close(norms(out), norms(x), rtol=2e-2, atol=1e-2)
+
+
+@pytest.mark.grades("mla.softmax_scale")
+@pytest.mark.parametrize("yarn, factor, mscale", [(False, 40.0, 1.0), (True, 40.0, 1.0), (True, 4.0, 0.707)])
+def test_softmax_scale(yarn, factor, mscale):
+    cfg = rope_cfg(yarn, factor=factor, mscale=mscale)
+    want = 1 / math.sqrt(cfg.qk_head_dim)
+    if yarn:
+        m = 0.1 * mscale * math.log(factor) + 1
+        want *= m * m
+    assert mla.softmax_scale(cfg) == pytest.approx(want, rel=1e-12)
+
+
+# -- absorbed attention ----------------------------------------------------------------------------------------
+def attention_plain(q_nope, q_pe, latent, k_pe, wkv_b, dn, dv, scale, start):
+    """o_t,i = Σ_s softmax_s(q_t,i · k_s,i · scale) v_s,i with k_s,i = [W^UK_i c_s ; k^R_s], v_s,i = W^UV_i c_s,
+    over the keys s <= start + t; one batch row, head and query at a time."""
+    B, T, H, _ = q_nope.shape
+    S = latent.shape[1]
+    w = wkv_b.view(H, dn + dv, -1)  # per head: the first dn rows are W^UK, the last dv rows W^UV
+    out = torch.zeros(B, T, H, dv, dtype=torch.float64)
+    for b in range(B):
+        for h in range(H):
+            w_uk, w_uv = w[h, :dn].double(), w[h, dn:].double()
+            for t in range(T):
+                q = torch.cat([q_nope[b, t, h], q_pe[b, t, h]]).double()
+                keys = range(min(start + t + 1, S))
+                logits = torch.stack([q @ torch.cat([w_uk @ latent[b, s].double(), k_pe[b, s].double()])
+                                      for s in keys]) * scale
+                p = torch.exp(logits - logits.max())
+                p = p / p.sum()
+                out[b, t, h] = sum(p[j] * (w_uv @ latent[b, s].double()) for j, s in enumerate(keys))
+    return out
+
+
+def small_mla(monkeypatch):
+    scale = 0.37  # a free number: the layer's softmax scale is an exercise of its own (softmax_scale)
+    monkeypatch.setattr(mla, "softmax_scale", lambda cfg: scale)
+    cfg = SimpleNamespace(dim=16, n_heads=3, q_lora_rank=0, kv_lora_rank=6, qk_nope_head_dim=4, qk_rope_head_dim=2,
+                          v_head_dim=5)
+    torch.manual_seed(0)
+    return mla.MLA(cfg).double(), scale
+
+
+@pytest.mark.grades("mla.MLA._attend_absorb")
+@pytest.mark.parametrize("T, S, start", [(4, 4, 0), (3, 7, 4), (1, 6, 5), (2, 5, 1)])
+def test_attend_absorb(monkeypatch, T, S, start):
+    layer, scale = small_mla(monkeypatch)
+    gen = torch.Generator().manual_seed(T * 10 + S)
+    B, H, dn, dr, dv, c = 2, 3, 4, 2, 5, 6
+    q_nope = torch.randn(B, T, H, dn, generator=gen, dtype=torch.float64)
+    q_pe = torch.randn(B, T, H, dr, generator=gen, dtype=torch.float64)
+    latent = torch.randn(B, S, c, generator=gen, dtype=torch.float64)
+    k_pe = torch.randn(B, S, dr, generator=gen, dtype=torch.float64)
+    got = layer._attend_absorb(q_nope, q_pe, latent, k_pe, start, torch.float64)
+    want = attention_plain(q_nope, q_pe, latent, k_pe, layer.wkv_b.weight.detach(), dn, dv, scale, start)
+    assert got.shape == (B, T, H, dv)
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10)

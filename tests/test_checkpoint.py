@@ -1,0 +1,72 @@
+"""checkpoint.py: the write is atomic (a failed save keeps the old file, leaves no temporary file), loading refuses
+missing, truncated and foreign files in one line, RNG states round-trip, signals wait for a critical section."""
+import os
+import signal
+
+import pytest
+import torch
+
+import checkpoint
+
+
+def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+    path = str(tmp_path / "ckpt.pt")
+    checkpoint.save_checkpoint({"step": 1, "w": torch.arange(5)}, path)
+
+    def broken_save(obj, f):  # dies half-way through writing
+        with open(f, "wb") as fh:
+            fh.write(b"PK\x03\x04partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(OSError):
+        checkpoint.save_checkpoint({"step": 2, "w": torch.zeros(5)}, path)
+    monkeypatch.undo()
+    old = torch.load(path, weights_only=True)
+    assert old["step"] == 1 and torch.equal(old["w"], torch.arange(5))
+    assert os.listdir(tmp_path) == ["ckpt.pt"]  # no temporary file left behind
+
+
+def test_load_errors_are_one_line(tmp_path):
+    path = str(tmp_path / "ckpt.pt")
+    with pytest.raises(FileNotFoundError, match=r"^gen: no checkpoint at .*ckpt.pt \(hint\)$"):
+        checkpoint.load_checkpoint(path, "gen", hint=" (hint)")
+    torch.save({"model": {"w": torch.ones(3)}, "config": {}, "step": 4}, path)
+    assert checkpoint.load_checkpoint(path, "gen")["step"] == 4
+    with pytest.raises(ValueError, match=r"is not a train.py checkpoint \(no optimizer, rng\)$"):
+        checkpoint.load_checkpoint(path, "--resume", need=("model", "optimizer", "step", "rng"))
+    whole = open(path, "rb").read()
+    for damaged in (whole[: len(whole) // 2], b"not a checkpoint"):  # truncated, foreign
+        open(path, "wb").write(damaged)
+        with pytest.raises(ValueError, match="^--resume: cannot read checkpoint ") as e:
+            checkpoint.load_checkpoint(path, "--resume")
+        assert "\n" not in str(e.value)
+
+
+def test_rng_state_round_trip():
+    gen = torch.Generator().manual_seed(5)
+    torch.manual_seed(7)
+    state = checkpoint.rng_state(gen)
+    first = (torch.rand(3), torch.rand(3, generator=gen))
+    torch.manual_seed(0)
+    gen.manual_seed(0)
+    checkpoint.set_rng_state(state, gen)
+    again = (torch.rand(3), torch.rand(3, generator=gen))
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_signals_wait_for_the_critical_section(signum):
+    done = []
+    with pytest.raises(KeyboardInterrupt) as e:
+        with checkpoint.signals_deferred():
+            os.kill(os.getpid(), signum)  # delivered at once to this (main) thread, held by the handler
+            done.append("the rest of the block ran")
+    assert done and isinstance(e.value, checkpoint.Interrupted) and e.value.signum == signum
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+    with checkpoint.stop_on_sigterm():
+        with pytest.raises(checkpoint.Interrupted):
+            os.kill(os.getpid(), signal.SIGTERM)
+            for _ in range(1000):  # the handler runs between bytecodes
+                pass
+    assert signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None)
