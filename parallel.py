@@ -26,15 +26,19 @@ one data state to checkpoint, and exact equality with one process on the whole b
 Processes are started by torchrun (which sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT); gloo on
 CPU, NCCL on CUDA. `python train.py` without torchrun uses no process group at all (`Layout.single()`).
 """
+import contextlib
 import datetime
 import os
-import shutil
+import signal
 import sys
+import threading
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
+
+import checkpoint
 
 
 def under_torchrun() -> bool:
@@ -115,7 +119,7 @@ def init(ep: int = 1, pp: int = 1, device: str = "auto", timeout_s: float = 600.
         if ep > 1 or pp > 1:
             raise ValueError(f"--ep {ep} --pp {pp} needs several processes: start with "
                              f"torchrun --nproc_per_node N train.py ...")
-        return Layout.single(pick_device(device))
+        return Layout.single(checkpoint.pick_device(device))
     world, rank = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     dp = check_sizes(world, ep, pp, n_experts)
@@ -143,25 +147,9 @@ def teardown() -> None:
 
 
 def pick_device(name: str = "auto", local_rank: int = 0) -> torch.device:
-    """auto: cuda:LOCAL_RANK → mps → cpu; an explicit "cuda" under torchrun also means this rank's GPU."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            name = "cuda"
-        else:
-            mps = getattr(torch.backends, "mps", None)
-            name = "mps" if mps is not None and mps.is_available() else "cpu"
-    try:
-        dev = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"--device {name}: not a device (use auto, cpu, cuda, cuda:N or mps)") from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"--device {name}: CUDA is not available on this machine")
-        if dev.index is None:
-            dev = torch.device("cuda", local_rank)
-    if dev.type == "mps" and not torch.backends.mps.is_available():
-        raise ValueError(f"--device {name}: MPS is not available on this machine")
-    return dev
+    """checkpoint.pick_device, except that a plain "cuda" (or auto) under torchrun means this rank's own GPU."""
+    dev = checkpoint.pick_device(name)
+    return torch.device("cuda", local_rank) if dev.type == "cuda" and dev.index is None else dev
 
 
 # -- seeding and data ---------------------------------------------------------------------------------------------
@@ -210,6 +198,32 @@ def any_rank(flag: bool, layout: Layout) -> bool:
     t = torch.tensor([1 if flag else 0], device=layout.device)
     dist.all_reduce(t)
     return t.item() > 0
+
+
+class StopRequest:
+    """The first SIGINT or SIGTERM this process received inside `signals_as_flag` (None: none)."""
+    signum = None
+
+
+@contextlib.contextmanager
+def signals_as_flag():
+    """Inside the block Ctrl-C and SIGTERM (torchrun forwards both to every rank) only note the signal. A rank must
+    not leave the step on its own: the others would wait for it in the next collective. The training loop asks
+    `any_rank(stop.signum is not None)` once per step, and all ranks save and stop together."""
+    stop = StopRequest()
+    if threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+
+    def note(signum, _frame):
+        stop.signum = stop.signum or signum
+
+    old = {s: signal.signal(s, note) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield stop
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler if handler is not None else signal.SIG_DFL)
 
 
 class PeerFailed(RuntimeError):
@@ -322,77 +336,6 @@ def clip_grad_norm(params, max_norm: float, layout: Layout = None) -> torch.Tens
 def gather_full(t: torch.Tensor) -> torch.Tensor:
     """The whole tensor of a (possibly) sharded parameter, on every rank."""
     return t.full_tensor() if _mesh_of(t) is not None else t
-
-
-# -- distributed checkpoints --------------------------------------------------------------------------------------
-DCP_META = "meta.pt"  # inside the checkpoint folder: step, RNG states, config, options (written by rank 0)
-
-
-def _dcp_state(model, opt) -> dict:
-    """Model and optimizer state keyed by parameter names, each tensor as this rank's shard (DTensors)."""
-    from torch.distributed.checkpoint.state_dict import get_state_dict
-    model_sd, opt_sd = get_state_dict(model, opt)
-    return {"model": model_sd, "optimizer": opt_sd}
-
-
-def save_distributed(path: str, model, opt, meta: dict, layout: Layout) -> None:
-    """Every rank writes its shards with torch.distributed.checkpoint; atomic like a single file.
-
-    All ranks write into path.tmp; after a barrier rank 0 moves the finished folder into place (the old one is
-    renamed aside first and deleted last, so at every moment one complete checkpoint exists: `load_*` fall back
-    to path.old if a crash hit between the two renames). On several nodes `path` must be on a shared disk."""
-    import torch.distributed.checkpoint as dcp
-    tmp, old = f"{path}.tmp", f"{path}.old"
-    if layout.is_main and os.path.exists(tmp):
-        shutil.rmtree(tmp)
-    dist.barrier()
-    dcp.save(_dcp_state(model, opt), checkpoint_id=tmp)
-    if layout.is_main:
-        torch.save(meta, os.path.join(tmp, DCP_META))
-    dist.barrier()  # every shard and the metadata are on disk
-    if layout.is_main:
-        if os.path.exists(path):
-            os.replace(path, old)
-        os.replace(tmp, path)
-        shutil.rmtree(old, ignore_errors=True)
-    dist.barrier()  # nobody reads or writes the folder before it is in place
-
-
-def _existing(path: str) -> str:
-    if os.path.isdir(path):
-        return path
-    if os.path.isdir(f"{path}.old"):  # a crash between the two renames of save_distributed
-        return f"{path}.old"
-    raise FileNotFoundError(f"no distributed checkpoint at {path}")
-
-
-def read_meta(path: str) -> dict:
-    return torch.load(os.path.join(_existing(path), DCP_META), map_location="cpu", weights_only=True)
-
-
-def load_distributed(path: str, model, opt) -> dict:
-    """Load a checkpoint saved by save_distributed into an already parallelized model and its optimizer; the
-    world size and layout may differ from the run that saved it (DCP re-slices every tensor). Returns meta."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import set_state_dict
-    path = _existing(path)
-    state = _dcp_state(model, opt)
-    dcp.load(state, checkpoint_id=path)
-    set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
-    return read_meta(path)
-
-
-def load_distributed_full(path: str, keys=("model",)) -> dict:
-    """One process, no process group: the whole tensors of a distributed checkpoint as a plain state dict
-    ({"model": {name: tensor}} plus the meta entries), e.g. to sample or export on one device."""
-    from torch.distributed.checkpoint import FileSystemReader
-    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
-    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
-    path = _existing(path)
-    state = {}  # filled from the checkpoint's own metadata, as format_utils.dcp_to_torch_save does
-    _load_state_dict(state, storage_reader=FileSystemReader(path),
-                     planner=_EmptyStateDictLoadPlanner(keys=set(keys)), no_dist=True)
-    return {**read_meta(path), **state}
 
 
 # -- pipeline stages ----------------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
+import checkpoint
 import parallel
 from dist_utils import run_workers
 
@@ -239,11 +240,11 @@ def _resume_worker(rank, world, folder):
     model, opt = _build(lay, 0)
     gen = torch.Generator().manual_seed(1)
     _steps(model, opt, lay, gen, 2)
-    parallel.save_distributed(os.path.join(folder, "ckpt"), model, opt, {"step": 2, "data": gen.get_state()}, lay)
+    checkpoint.save_distributed(os.path.join(folder, "ckpt"), model, opt, {"step": 2, "data": gen.get_state()})
     _steps(model, opt, lay, gen, 2)
     straight = _full_state(model)
     model, opt = _build(lay, 123)  # other weights: everything must come from the checkpoint
-    meta = parallel.load_distributed(os.path.join(folder, "ckpt"), model, opt)
+    meta = checkpoint.load_distributed(os.path.join(folder, "ckpt"), model, opt)
     gen = torch.Generator()
     gen.set_state(meta["data"])
     _steps(model, opt, lay, gen, 2)
@@ -264,10 +265,10 @@ def _save_worker(rank, world, folder, load_from, save_to):
     lay = parallel.init(ep=2, device="cpu")
     model, opt = _build(lay, 0)
     if load_from:
-        parallel.load_distributed(os.path.join(folder, load_from), model, opt)
+        checkpoint.load_distributed(os.path.join(folder, load_from), model, opt)
     loaded = _full_state(model)
     _steps(model, opt, lay, torch.Generator().manual_seed(7), 1)
-    parallel.save_distributed(os.path.join(folder, save_to), model, opt, {"step": 1}, lay)
+    checkpoint.save_distributed(os.path.join(folder, save_to), model, opt, {"step": 1})
     after = _full_state(model)  # a collective: every rank gathers
     out = (loaded, after) if rank == 0 else None
     parallel.teardown()
@@ -279,7 +280,7 @@ def _one_process(folder, name, dp):
     dp-rank run: returns (the loaded weights, the weights after the step)."""
     from model import Transformer
     from torch.distributed.checkpoint.state_dict import set_state_dict
-    state = parallel.load_distributed_full(os.path.join(folder, name), keys=("model", "optimizer"))
+    state = checkpoint.load_distributed_full(os.path.join(folder, name), keys=("model", "optimizer"))
     model = Transformer(tiny_cfg()).double()
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.1)
     set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
