@@ -420,6 +420,7 @@ class StageModule(nn.Module):
         if self.is_last:
             self.norm, self.head, self.mtp = model.norm, model.head, model.mtp
         self.register_buffer("freqs_cis", model.freqs_cis, persistent=False)
+        self.dim, self.hidden_dtype = model.cfg.dim, model.embed.weight.dtype  # what flows between stages
         self.logged = []  # per micro-batch: detached loss parts of this stage, for logging
 
     def balance(self, blocks) -> torch.Tensor:
@@ -456,8 +457,8 @@ class StageModule(nn.Module):
             blocks += [m.block for m in self.mtp]
         balance = self.balance(blocks).to(main.dtype)
         loss = main + self.lam * mtp + self.alpha * balance
-        self.logged.append({"loss": loss.detach(), "main": main.detach(), "mtp": mtp.detach(),
-                            "mtp_acc": acc.detach(), "balance": balance.detach()})
+        self.logged.append({"main": main.detach(), "mtp": mtp.detach(), "mtp_acc": acc.detach(),
+                            "balance": balance.detach()})
         return loss / self.n_micro
 
 
@@ -466,15 +467,55 @@ def _last_stage_loss(loss, target):
     return loss
 
 
-def pipeline_step(schedule, x, y) -> list:
-    """One forward and backward of the whole batch (x, y (B, T)) through the pipeline; gradients accumulate
-    into the stage modules. Every rank of the pipeline passes the same x and y. Returns the per-micro-batch
-    scaled losses on the rank that holds the last stage ([] elsewhere); their sum is the batch loss."""
+def pipeline_step(schedule, mods, x, y) -> list:
+    """One forward and backward of the whole batch x, y (B, T) through the pipeline; gradients accumulate into
+    the stage modules. Every rank of the pipeline passes the same x and y. Returns the per-micro-batch scaled
+    losses on the rank that holds the last stage ([] elsewhere); `pipeline_metrics` reads the loss parts."""
+    for m in mods:
+        m.logged.clear()
     losses = []
     # x feeds the first stage; tokens and targets (keyword arguments) reach every stage, the last uses them;
     # target is what torch hands to the loss function, which has nothing left to do.
     schedule.step(x, tokens=x, targets=y, target=y, losses=losses, return_outputs=False)
     return losses
+
+
+@torch.no_grad()
+def pipeline_forward(mods, kind: str, layout: Layout, x, y, n_micro: int) -> None:
+    """Forward only (evaluation; put the stage modules in eval mode first): micro-batch after micro-batch,
+    stage after stage, with plain send/recv and no schedule (torch 2.13's DualPipeV cannot run forward-only).
+    `pipeline_metrics` then reads the loss parts."""
+    n_stages = layout.pp * (2 if kind == "dualpipev" else 1)
+    holder = [s if s < layout.pp else n_stages - 1 - s for s in range(n_stages)]  # the pp rank of each stage
+    mine, group, me = {m.index: m for m in mods}, layout.group("pp"), layout.pp_rank
+    for m in mods:
+        m.logged.clear()
+    for xm, ym in zip(x.tensor_split(n_micro), y.tensor_split(n_micro)):  # (B/M, T) each
+        h = xm
+        for s in (s for s in range(n_stages) if holder[s] == me):
+            if s > 0 and holder[s - 1] != me:  # the hidden state (B/M, T, d) from the previous stage's rank
+                h = torch.empty(*xm.shape, mine[s].dim, dtype=mine[s].hidden_dtype, device=xm.device)
+                dist.recv(h, group=group, group_src=holder[s - 1])
+            h = mine[s](h, xm, ym)
+            if s < n_stages - 1 and holder[s + 1] != me:
+                dist.send(h.contiguous(), group=group, group_dst=holder[s + 1])
+
+
+PIPELINE_METRICS = ("main", "mtp", "mtp_acc", "balance")
+
+
+def pipeline_metrics(mods, layout: Layout = None) -> dict:
+    """The last step's loss parts, as one process's `Transformer.forward` reports them for the whole batch:
+    the mean over micro-batches of main, mtp and mtp_acc (last stage), and of balance summed over every MoE
+    layer of every stage. Sums over the pp group: every rank of a pipeline gets the same values."""
+    local = torch.zeros(len(PIPELINE_METRICS), dtype=torch.float64)
+    for m in mods:
+        for rec in m.logged:
+            for i, k in enumerate(PIPELINE_METRICS):
+                local[i] += float(rec.get(k, 0.0))
+    if layout is not None and layout.distributed and layout.pp > 1:
+        dist.all_reduce(local, group=layout.group("pp"))
+    return dict(zip(PIPELINE_METRICS, (local / mods[0].n_micro).tolist()))
 
 
 def build_pipeline(model, kind: str, pp_rank: int, pp: int, n_micro: int, micro_shape: tuple, group=None,

@@ -10,7 +10,7 @@ import torch
 import parallel
 from dist_utils import run_workers
 from model import ModelConfig, Transformer
-from parallel import (InjectLoss, StageModule, build_pipeline, check_pipeline, embedding_tie_group, pipeline_step,
+from parallel import (InjectLoss, StageModule, build_pipeline, check_pipeline, embedding_tie_group, pipeline_metrics, pipeline_step,
                       stage_indices, stage_layers, sync_embedding_grads)
 
 LAM, ALPHA = 0.3, 0.05  # a large α so that a missing or mis-scaled balance gradient shows
@@ -45,7 +45,7 @@ def reference(cfg, rows=B):
     loss.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters()}
     loads = {n: m.load.clone() for n, m in model.named_modules() if hasattr(m, "load")}
-    return loss.detach(), grads, loads
+    return loss.detach(), grads, loads, {k: v.item() for k, v in losses.items()}
 
 
 def _worker(rank, world, kind, n_micro, cfg):
@@ -55,14 +55,19 @@ def _worker(rank, world, kind, n_micro, cfg):
     tie = embedding_tie_group(lay)
     mods, sched = build_pipeline(model, kind, lay.pp_rank, lay.pp, n_micro, (B // n_micro, T),
                                  group=lay.group("pp"), lam=LAM, alpha=ALPHA)
-    losses = pipeline_step(sched, x, y)
+    losses = pipeline_step(sched, mods, x, y)
     sync_embedding_grads(mods, kind, lay, tie)
+    metrics = pipeline_metrics(mods, lay)
     grads = {n: p.grad.clone() for m in mods for n, p in m.named_parameters()}
     blocks = {f"layers.{n}": b for m in mods for n, b in m.layers.items()}
     blocks.update({f"mtp.{i}.block": mm.block for m in mods if m.is_last for i, mm in enumerate(m.mtp)})
     loads = {f"{n}.ffn": b.ffn.load.clone() for n, b in blocks.items() if hasattr(b.ffn, "load")}
     early = sum(p["balance"] for m in mods if not m.is_last for p in m.logged)  # L_Bal outside the last stage
+    for m in mods:  # evaluation: forward only
+        m.eval()
+    parallel.pipeline_forward(mods, kind, lay, x, y, n_micro)
     return {"losses": [l.detach() for l in losses], "grads": grads, "loads": loads, "early": early,
+            "metrics": metrics, "eval": pipeline_metrics(mods, lay),
             "stages": [m.index for m in mods], "embed_on": [m.index for m in mods if m.embed is not None]}
 
 
@@ -70,13 +75,19 @@ def _worker(rank, world, kind, n_micro, cfg):
 @pytest.mark.parametrize("kind,pp,n_micro", [("1f1b", 2, 2), ("dualpipev", 2, 4), ("1f1b", 4, 4)])
 def test_pipeline_equals_one_process(kind, pp, n_micro):
     cfg = tiny_cfg()
-    ref_loss, ref_grads, ref_loads = reference(cfg)
+    ref_loss, ref_grads, ref_loads, ref_parts = reference(cfg)
     got = run_workers(_worker, pp, kind, n_micro, cfg, init=False)
     last = pp - 1 if kind == "1f1b" else 0  # the V puts the last stage (and the loss) on rank 0
     assert all(r["losses"] == [] for i, r in enumerate(got) if i != last)
     # the last stage's losses plus the balance losses injected on the way (each / M) make the batch loss
     loss = torch.stack(got[last]["losses"]).sum() + ALPHA * sum(r["early"] for r in got) / n_micro
     assert torch.allclose(loss, ref_loss, rtol=0, atol=1e-13)
+    model = make_model(cfg).eval()
+    with torch.no_grad():
+        ref_eval = {k: v.item() for k, v in model(*batch(cfg))[1].items()}
+    for r in got:  # every rank reports the batch's loss parts (summed over the pipeline)
+        assert r["metrics"] == pytest.approx({k: ref_parts[k] for k in r["metrics"]}, rel=1e-12, abs=1e-14)
+        assert r["eval"] == pytest.approx({k: ref_eval[k] for k in r["eval"]}, rel=1e-12, abs=1e-14)
     seen = set()
     for r in got:
         for n, g in r["grads"].items():
@@ -100,7 +111,7 @@ def _pp_dp_worker(rank, world, kind, n_micro, cfg, ep):
     mods, sched = build_pipeline(model, kind, lay.pp_rank, lay.pp, n_micro, (B // n_micro, T),
                                  group=lay.group("pp"), lam=LAM, alpha=ALPHA)
     parallel.parallelize_stages(mods, lay)
-    pipeline_step(sched, x, y)
+    pipeline_step(sched, mods, x, y)
     sync_embedding_grads(mods, kind, lay, tie)
     return {n: parallel.gather_full(p.grad) for m in mods for n, p in m.named_parameters()}
 
@@ -109,7 +120,7 @@ def _pp_dp_worker(rank, world, kind, n_micro, cfg, ep):
 @pytest.mark.parametrize("kind,ep", [("1f1b", 1), ("dualpipev", 1), ("dualpipev", 2)])
 def test_pipeline_with_fsdp_equals_one_process(kind, ep):
     cfg = tiny_cfg()
-    _, ref_grads, _ = reference(cfg, 2 * B)
+    _, ref_grads, _, _ = reference(cfg, 2 * B)
     got = run_workers(_pp_dp_worker, 4, kind, 4, cfg, ep, init=False)
     seen = set()
     for grads in got:
