@@ -355,7 +355,7 @@ from mtp import mtp_hidden, mtp_loss, mtp_accuracy  # noqa: E402
 #              and head the main model trains (report §2.2, §3.2.1), with no copy to keep in sync.
 # Under 1F1B the last stage sits on the last rank, so it keeps its own copy of the embedding for MTP; the two
 # copies start equal (identical init on every rank) and stay equal because their gradients are summed between
-# the first and the last rank before each optimizer step (`tie_embedding_grads`), as Megatron-LM does.
+# the first and the last rank before each optimizer step (`sync_embedding_grads`), as Megatron-LM does.
 #
 # Losses and gradient scale. A stage's loss is the mean over its micro-batch; the step's loss is the mean over
 # the M micro-batches. torch's schedules divide each stage's gradients by M after the step (scale_grads), but a
@@ -413,6 +413,7 @@ class StageModule(nn.Module):
     def __init__(self, model: nn.Module, index: int, n_stages: int, n_micro: int, lam: float, alpha: float):
         super().__init__()
         self.index, self.is_first, self.is_last = index, index == 0, index == n_stages - 1
+        self.has_mtp = len(model.mtp) > 0
         self.n_micro, self.lam, self.alpha = n_micro, lam, alpha
         blocks = stage_layers(model.cfg.n_layers, n_stages, index)
         self.embed = model.embed if self.is_first or (self.is_last and len(model.mtp)) else None
@@ -532,8 +533,8 @@ def build_pipeline(model, kind: str, pp_rank: int, pp: int, n_micro: int, micro_
     mods, stages = [], []
     for s in stage_indices(kind, pp, pp_rank):
         mod = StageModule(model, s, n_stages, n_micro, lam, alpha)
-        # Shapes given up front: no shape-inference forward that would count MoE loads twice.
-        # what flows between stages, a tensor with a gradient (meta: shapes only)
+        # Shapes given up front (meta tensors): no shape-inference forward that would count MoE loads twice.
+        # Between stages flows the hidden state (mb, T, d), a tensor with a gradient.
         hidden = torch.empty(mb, T, model.cfg.dim, dtype=dtype, device="meta", requires_grad=True)
         x = torch.empty(mb, T, dtype=torch.long, device="meta") if s == 0 else hidden
         out = torch.empty((), dtype=dtype, device="meta") if s == n_stages - 1 else hidden
@@ -617,7 +618,7 @@ def sync_embedding_grads(mods, kind: str, layout: Layout, tie_group) -> None:
     if w.grad is None:
         w.grad = torch.zeros_like(w)
     g = w.grad.to_local() if hasattr(w.grad, "to_local") else w.grad  # under FSDP: this rank's shard
-    if kind == "1f1b" and tie_group is not None:
+    if kind == "1f1b" and tie_group is not None and embeds[0].has_mtp:
         dist.all_reduce(g, group=tie_group)  # ranks d and d + (pp-1)·dp hold the same shard
     if kind == "dualpipev" and layout.distributed and layout.dp > 1 and len(embeds) > 1:
         dist.all_reduce(g, group=layout.group("dp"))  # SUM then divide: gloo has no AVG

@@ -72,9 +72,10 @@ def _worker(rank, world, kind, n_micro, cfg):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind,pp,n_micro", [("1f1b", 2, 2), ("dualpipev", 2, 4), ("1f1b", 4, 4)])
-def test_pipeline_equals_one_process(kind, pp, n_micro):
-    cfg = tiny_cfg()
+@pytest.mark.parametrize("kind,pp,n_micro,n_mtp", [("1f1b", 2, 2, 1), ("dualpipev", 2, 4, 1), ("1f1b", 4, 4, 1),
+                                                  ("1f1b", 2, 2, 0)])
+def test_pipeline_equals_one_process(kind, pp, n_micro, n_mtp):
+    cfg = tiny_cfg(n_mtp=n_mtp)
     ref_loss, ref_grads, ref_loads, ref_parts = reference(cfg)
     got = run_workers(_worker, pp, kind, n_micro, cfg, init=False)
     last = pp - 1 if kind == "1f1b" else 0  # the V puts the last stage (and the loss) on rank 0
