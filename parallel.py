@@ -200,6 +200,21 @@ def any_rank(flag: bool, layout: Layout) -> bool:
     return t.item() > 0
 
 
+def mean_over_dp(values: dict, layout: Layout) -> dict:
+    """{name: number or 0-d tensor} → the same names, each the mean over the data-parallel ranks (one all-reduce)."""
+    names = list(values)
+    t = torch.stack([torch.as_tensor(values[k], dtype=torch.float64).to(layout.device) for k in names])
+    dist.all_reduce(t, group=layout.group("dp"))
+    return {k: v / layout.dp for k, v in zip(names, t)}
+
+
+def sum_over_dp(tensors: list, layout: Layout) -> list:
+    """Equal-shaped tensors (e.g. each MoE layer's token counts) summed over the data-parallel ranks."""
+    t = torch.stack(tensors).to(layout.device)
+    dist.all_reduce(t, group=layout.group("dp"))
+    return list(t.cpu())
+
+
 class StopRequest:
     """The first SIGINT or SIGTERM this process received inside `signals_as_flag` (None: none)."""
     signum = None

@@ -47,9 +47,10 @@ import torch.nn as nn
 from tqdm import tqdm
 
 import data
+import parallel
 from adamw_bf16 import AdamWBF16
-from checkpoint import (load_checkpoint, lock_out_dir, pick_device, rng_state, save_checkpoint, set_rng_state,
-                        signals_deferred, stop_on_sigterm)
+from checkpoint import (Interrupted, dcp_path, load_checkpoint, load_distributed, lock_out_dir, read_meta, rng_state,
+                        save_checkpoint, save_distributed, set_rng_state, signals_deferred, stop_on_sigterm)
 from config import ModelConfig, PRESETS, get_preset, config_to_dict, config_from_dict
 from model import Transformer, count_params, train_flops_per_token
 from moe import max_violation
@@ -72,7 +73,8 @@ PRESET_TRAIN = {
                   eval_interval=250, eval_iters=20),
 }
 CKPT_KEYS = ("model", "optimizer", "step", "rng", "config", "args", "tokenizer")  # what --resume needs
-RUN_ONLY = ("resume", "overwrite", "device", "compile", "bench", "out_dir")  # never taken from a checkpoint
+RUN_ONLY = ("resume", "overwrite", "device", "compile", "bench", "out_dir",  # never taken from a checkpoint
+            "ep", "pp", "dist_timeout")
 LOG, LOG_NEW = "log.jsonl", "log.jsonl.new"  # the log, and its name while an --overwrite run has no checkpoint
 PEAK_BF16 = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "A800": 312e12}
 
@@ -101,6 +103,8 @@ class Run:
     log_name: str = LOG                           # LOG_NEW while an --overwrite run has no checkpoint yet
     saved_step: int = None                        # step of the checkpoint on disk (None: none from this run)
     lock: object = None                           # the open lock file of out_dir (checkpoint.lock_out_dir)
+    layout: parallel.Layout = field(default_factory=parallel.Layout)  # this rank's place (one process: 0 of 1)
+    stop: parallel.StopRequest = None             # under torchrun: a signal noted, acted on by all ranks together
 
     @property
     def autocast(self):
@@ -108,7 +112,8 @@ class Run:
 
     @property
     def tokens_per_step(self) -> int:
-        return self.args.batch_size * self.args.block_size * self.args.grad_accum
+        """Tokens of one optimizer step over all ranks (batch_size sequences per data-parallel rank)."""
+        return self.args.batch_size * self.args.block_size * self.args.grad_accum * self.layout.dp
 
     def path(self, name: str) -> str:
         return os.path.join(self.args.out_dir, name)
@@ -117,10 +122,21 @@ class Run:
         """What a checkpoint at `step` holds; taken only between optimizer steps. The tensors are the live ones
         (no copy): they do not change until the next optimizer step, and a checkpoint is written before it."""
         saved = {k: v for k, v in vars(self.args).items() if k not in RUN_ONLY + ("typed", "model_overrides")}
-        return {"model": self.model.state_dict(), "optimizer": self.opt.state_dict(), "step": self.step,
-                "rng": rng_state(self.gen), "config": config_to_dict(self.cfg), "args": saved,
+        meta = {"step": self.step, "rng": rng_state(self.gen), "config": config_to_dict(self.cfg), "args": saved,
                 "tokenizer": self.corpus.tokenizer.name, "data": self.corpus.key,
                 "log_sums": dict(self.log_sums), "log_count": self.log_count, "log_file": self.log_name}
+        if self.layout.distributed:  # the model and optimizer shards are written by every rank (save)
+            return meta
+        return {"model": self.model.state_dict(), "optimizer": self.opt.state_dict(), **meta}
+
+    def batch(self, split: str, gen: torch.Generator):
+        """(x, y), each (B, T): one process draws B sequences; under torchrun every rank draws the same global
+        batch of B·dp and keeps its slice (parallel.get_batch)."""
+        args = self.args
+        if self.layout.distributed:
+            return parallel.get_batch(self.corpus, split, args.batch_size, args.block_size, gen, self.layout,
+                                      self.device)
+        return self.corpus.get_batch(split, args.batch_size, args.block_size, gen, self.device)
 
     def is_eval_step(self) -> bool:
         return self.step % self.args.eval_interval == 0 or self.step == self.args.max_iters
@@ -142,6 +158,8 @@ def train(run: Run) -> int:
           f"{'bf16 autocast' if run.device.type == 'cuda' else 'fp32'}{', fp8' if args.fp8 else ''} | "
           f"{run.tokens_per_step:,} tokens/step | {corpus.tokenizer.name}")
     print(f"unigram baseline on val: {baseline:.4f} nats/token")
+    if run.layout.distributed:
+        print(f"layout: {run.layout.describe()}")
     if args.bench:
         return bench(run)
     log = open_log(run)
@@ -151,7 +169,7 @@ def train(run: Run) -> int:
     bar = tqdm(total=args.max_iters, initial=run.step, unit="step", dynamic_ncols=True, disable=not interactive)
     boundary, ev, start = run.snapshot(), None, run.step
     try:
-        with stop_on_sigterm():
+        with loop_signals(run):
             if run.resumed and run.is_eval_step() and not logged_eval(run):  # stopped between the step and its eval
                 ev = evaluate_and_log(run, log)
             if run.step >= args.max_iters:
@@ -160,7 +178,7 @@ def train(run: Run) -> int:
             t_last, timed = time.time(), 0  # throughput: steps run since t_last
             while run.step < args.max_iters:
                 metrics = forward_backward(run)
-                with signals_deferred():  # the step, its log record and the snapshot move together
+                with step_signals(run):  # the step, its log record and the snapshot move together
                     optimizer_step(run)
                     run.step += 1
                     timed += 1
@@ -177,6 +195,8 @@ def train(run: Run) -> int:
                         run.log_sums, run.log_count, timed = {}, 0, 0
                     boundary = run.snapshot()
                 bar.update(1)
+                if run.stop is not None and parallel.any_rank(run.stop.signum is not None, run.layout):
+                    raise Interrupted(run.stop.signum or signal.SIGTERM)  # every rank, after the same step
                 if run.is_eval_step():
                     ev = evaluate_and_log(run, log)
                 if run.step % args.ckpt_interval == 0 or run.step == args.max_iters:
@@ -192,11 +212,11 @@ def train(run: Run) -> int:
             print(f"error: {err}", file=sys.stderr)
             return 1
         what = "interrupted" if signum == signal.SIGINT else f"stopped by {signal.Signals(signum).name}"
-        print(f"{what}: saved step {boundary['step']} to {run.ckpt_path} (continue with --resume)", file=sys.stderr)
+        report(run, f"{what}: saved step {boundary['step']} to {run.ckpt_path} (continue with --resume)")
         return 128 + signum
     except (Diverged, SaveFailed) as e:
         bar.close()
-        print(f"error: {e}; {kept(run)}", file=sys.stderr)
+        report(run, f"error: {e}; {kept(run)}")
         return 1
     except OSError as e:  # writing the log: the folder vanished, the disk is full
         bar.close()
@@ -218,13 +238,18 @@ def train(run: Run) -> int:
 
 
 def save(run: Run, snapshot: dict) -> None:
-    """Write the checkpoint; the first one of an --overwrite run then puts its log in place of the old one."""
+    """Write the checkpoint; the first one of an --overwrite run then puts its log in place of the old one.
+    Under torchrun every rank writes its shards of the live model and optimizer (they have not changed since
+    the snapshot was taken: both happen between the same two optimizer steps)."""
     try:
-        save_checkpoint(snapshot, run.ckpt_path)
+        if run.layout.distributed:
+            save_distributed(run.ckpt_path, run.model, run.opt, snapshot)
+        else:
+            save_checkpoint(snapshot, run.ckpt_path)
     except OSError as e:
         raise SaveFailed(str(e)) from None
     run.saved_step = snapshot["step"]
-    if run.log_name != LOG:
+    if run.log_name != LOG and run.layout.is_main:
         os.replace(run.path(run.log_name), run.path(LOG))  # the open log file follows the rename
         run.log_name = LOG
 
@@ -233,6 +258,30 @@ def kept(run: Run) -> str:
     if run.saved_step is not None:
         return f"{run.ckpt_path} holds step {run.saved_step}"
     return f"{run.ckpt_path} is unchanged" if os.path.exists(run.ckpt_path) else "no checkpoint written"
+
+
+def report(run: Run, text: str) -> None:
+    """An outcome every rank meets alike (divergence, a save, a signal) is told once, by rank 0."""
+    if run.layout.is_main:
+        print(text, file=sys.stderr)
+
+
+def loop_signals(run: Run):
+    """One process: SIGTERM raises Interrupted like Ctrl-C. Under torchrun: both only note the signal in
+    run.stop, and all ranks act on it together after the step (parallel.signals_as_flag)."""
+    if not run.layout.distributed:
+        return stop_on_sigterm()
+
+    @contextlib.contextmanager
+    def noted():
+        with parallel.signals_as_flag() as run.stop:
+            yield
+    return noted()
+
+
+def step_signals(run: Run):
+    """Hold signals during the step and its snapshot (under torchrun they are only noted anyway)."""
+    return contextlib.nullcontext() if run.layout.distributed else signals_deferred()
 
 
 def first_line(e: BaseException) -> str:
@@ -255,6 +304,8 @@ def show_progress(bar, interactive: bool, rec: dict, max_iters: int) -> None:
 # not yet logged, and a resumed run first cuts the log back to the checkpoint's step (a run killed after its last
 # checkpoint logged steps that it will run again).
 def open_log(run: Run):
+    if not run.layout.is_main:  # one log per run, written by rank 0
+        return open(os.devnull, "w")
     if not run.resumed:
         return open(run.path(run.log_name), "w")
     truncate_log(run.path(LOG), run.step)
@@ -298,7 +349,8 @@ def evaluate_and_log(run: Run, log) -> dict:
     ev = evaluate(run)
     write_record(log, {"step": run.step, **ev})
     tqdm.write(f"step {run.step}: val loss {ev['val_main']:.4f}, mtp {ev['val_mtp']:.4f}, mtp acc "
-               f"{ev['val_mtp_acc']:.3f}, max violation {ev['max_violation']:.2f}")
+               f"{ev['val_mtp_acc']:.3f}, max violation {ev['max_violation']:.2f}"
+               + (f", ranks per token {ev['ranks_per_token']:.2f}" if "ranks_per_token" in ev else ""))
     return ev
 
 
@@ -310,8 +362,9 @@ def forward_backward(run: Run) -> dict:
     for group in run.opt.param_groups:
         group["lr"] = lr
     sums = {k: torch.zeros((), device=run.device) for k in ("loss", "main", "mtp", "balance")}
-    for _ in range(args.grad_accum):
-        x, y = run.corpus.get_batch("train", args.batch_size, args.block_size, run.gen, run.device)  # (B, T) each
+    for micro in range(args.grad_accum):
+        x, y = run.batch("train", run.gen)  # (B, T) each
+        parallel.set_gradient_sync(run.model, micro == args.grad_accum - 1)  # under FSDP: one sync per step
         with run.autocast:
             _, losses = run.fwd(x, y)
         loss = total_loss(losses, args)
@@ -320,7 +373,11 @@ def forward_backward(run: Run) -> dict:
         for k in sums:
             sums[k] += losses[k].detach().float() / args.grad_accum
     clip = args.grad_clip if args.grad_clip > 0 else float("inf")  # inf: measure the norm, never clip
-    sums["grad_norm"] = nn.utils.clip_grad_norm_(run.model.parameters(), clip)
+    if run.layout.distributed:  # losses: means over the dp ranks; the norm over every rank's gradient shards
+        sums = parallel.mean_over_dp(sums, run.layout)
+        sums["grad_norm"] = parallel.clip_grad_norm(list(run.model.parameters()), clip, run.layout)
+    else:
+        sums["grad_norm"] = nn.utils.clip_grad_norm_(run.model.parameters(), clip)
     out = {k: v.item() for k, v in sums.items()}
     if not all(math.isfinite(v) for v in out.values()):
         run.opt.zero_grad(set_to_none=True)
@@ -332,7 +389,8 @@ def forward_backward(run: Run) -> dict:
 def optimizer_step(run: Run) -> None:
     run.opt.step()
     run.opt.zero_grad(set_to_none=True)
-    run.model.update_moe_bias(run.args.bias_gamma)  # b_i += γ·sign(mean load − load_i), load over this step's tokens
+    # b_i += γ·sign(mean load − load_i), the load over this step's tokens of all data-parallel ranks
+    run.model.update_moe_bias(run.args.bias_gamma, run.layout.group("dp"))
 
 
 def lr_at(step: int, args) -> float:
@@ -354,21 +412,28 @@ def evaluate(run: Run) -> dict:
     """Validation main/MTP loss, MTP depth-1 acceptance, and the max over MoE layers of each layer's
     max_violation (max load / mean load − 1) over all the evaluation tokens. Uses its own generator with a
     fixed seed: the same batches every time, and the training RNG is untouched."""
-    args = run.args
+    args, layout = run.args, run.layout
     gen = torch.Generator().manual_seed(args.seed + 1)
     run.model.eval()
     sums = {"val_main": 0.0, "val_mtp": 0.0, "val_mtp_acc": 0.0}
-    counts = None
+    counts, ranks = None, 0.0
     for _ in range(args.eval_iters):
-        x, y = run.corpus.get_batch("val", args.batch_size, args.block_size, gen, run.device)
+        x, y = run.batch("val", gen)
         with run.autocast:
             _, losses = run.fwd(x, y)
         for k in sums:
             sums[k] += losses[k[4:]].item() / args.eval_iters
         layer_counts = [m.last_counts.cpu() for m in run.model.moe_layers()]
         counts = layer_counts if counts is None else [a + b for a, b in zip(counts, layer_counts)]
+        moes = run.model.moe_layers()
+        ranks += sum(m.last_ranks_per_token for m in moes) / max(1, len(moes)) / args.eval_iters
     run.model.train()
+    if layout.distributed:  # every dp rank evaluated its slice of the same batches
+        sums = {k: v.item() for k, v in parallel.mean_over_dp(sums, layout).items()}
+        counts = parallel.sum_over_dp(counts, layout) if counts else counts
     sums["max_violation"] = max((max_violation(c) for c in counts), default=0.0) if counts else 0.0
+    if layout.ep > 1:  # node-limited routing: how many ep ranks a token's experts live on, on average
+        sums["ranks_per_token"] = parallel.mean_over_dp({"r": ranks}, layout)["r"].item()
     return sums
 
 
@@ -413,25 +478,38 @@ def setup(ns: argparse.Namespace) -> Run:
     if not ns.bench:
         check_out_dir(out_dir, ns.resume, ns.overwrite)
     ckpt_path = os.path.join(out_dir, "ckpt.pt")
-    ckpt = load_checkpoint(ckpt_path, "--resume", need=CKPT_KEYS) if ns.resume else None
+    if parallel.under_torchrun():  # every rank writes its shards into one folder (checkpoint.save_distributed)
+        ckpt_path = dcp_path(ckpt_path)
+        ckpt = resume_meta(ckpt_path) if ns.resume else None
+    else:  # a file, or on --resume the folder of a distributed run if that is newer
+        ckpt = load_checkpoint(ckpt_path, "--resume", need=CKPT_KEYS) if ns.resume else None
     args = resolve_args(ns, ckpt)
     cfg = resolve_config(args, ckpt)
     check_args(args, cfg)
-    device = pick_device(args.device)
-    check_memory(cfg, args, device)
+    # the process group (under torchrun; checks the sizes first, alike on every rank) and the device
+    layout = parallel.init(args.ep, args.pp, args.device, args.dist_timeout, cfg.n_routed_experts)
+    parallel.quiet_other_ranks(layout)
+    device = layout.device
+    if not layout.distributed:  # under torchrun each rank holds a share that depends on the layout
+        check_memory(cfg, args, device)
     linear = linear_class(args.fp8, device)
-    corpus = data.load_corpus(args.data, cfg.vocab_size, args.cache_dir, log=print)
+    # rank 0 tokenizes (and caches) the corpus and locks out_dir before the others read the cache
+    corpus = parallel.rank0_first(lambda: data.load_corpus(args.data, cfg.vocab_size, args.cache_dir, log=print),
+                                  layout)
     if ckpt and ckpt.get("tokenizer") != corpus.tokenizer.name:
         raise ValueError(f"--resume: the checkpoint's tokenizer {ckpt.get('tokenizer')!r} is not "
                          f"{corpus.tokenizer.name!r}")
     corpus.check_block(args.block_size)
-    lock = None if args.bench else lock_out_dir(out_dir)
+    lock = parallel.rank0_first(lambda: None if args.bench or not layout.is_main else lock_out_dir(out_dir), layout)
     try:
-        run = build(args, cfg, device, linear, corpus, ckpt, ckpt_path)
+        run = build(args, cfg, device, linear, corpus, ckpt, ckpt_path, layout)
         run.lock = lock
-        if not args.bench:
-            check_out_dir(out_dir, ns.resume, ns.overwrite)  # again, now that we hold the lock
-            prepare_log(run, ckpt)
+
+        def prepare():  # the folder's files are rank 0's; the other ranks stop if it refuses
+            if not args.bench and layout.is_main:
+                check_out_dir(out_dir, ns.resume, ns.overwrite)  # again, now that we hold the lock
+                prepare_log(run, ckpt)
+        parallel.rank0_first(prepare, layout)
     except BaseException:
         if lock is not None:
             lock.close()
@@ -439,17 +517,22 @@ def setup(ns: argparse.Namespace) -> Run:
     return run
 
 
-def build(args, cfg, device, linear, corpus, ckpt, ckpt_path) -> Run:
-    torch.manual_seed(args.seed)
+def build(args, cfg, device, linear, corpus, ckpt, ckpt_path, layout=None) -> Run:
+    layout = layout or parallel.Layout.single(device)
+    torch.manual_seed(args.seed)  # the same seed on every rank: identical weights (FSDP does not broadcast them)
     model = Transformer(cfg, linear).to(device)
+    parallel.parallelize(model, layout)  # under torchrun: experts over ep, FSDP2 over dp (parallel.py)
     set_act_cache(model, args.fp8_act_cache)
     opt = make_optimizer(model, args, device)
     gen = torch.Generator().manual_seed(args.seed)
-    run = Run(args, cfg, device, corpus, model, model, opt, gen, 0, ckpt_path, resumed=ckpt is not None)
+    run = Run(args, cfg, device, corpus, model, model, opt, gen, 0, ckpt_path, resumed=ckpt is not None,
+              layout=layout)
     if ckpt:
         try:
-            model.load_state_dict(ckpt["model"])
-            opt.load_state_dict(ckpt["optimizer"])
+            if layout.distributed:  # every rank reads its shards, whatever layout wrote them
+                load_distributed(ckpt_path, model, opt)
+            else:
+                load_full_state(model, opt, ckpt)
         except (RuntimeError, ValueError, KeyError) as e:
             raise ValueError(f"--resume: the checkpoint does not fit the model ({first_line(e)})") from None
         set_rng_state(ckpt["rng"], gen)
@@ -463,13 +546,43 @@ def build(args, cfg, device, linear, corpus, ckpt, ckpt_path) -> Run:
     return run
 
 
+def resume_meta(path: str) -> dict:
+    """Under torchrun, --resume reads the folder's small meta file first (options, config, step, RNG); the
+    shards follow once the model is built and parallelized."""
+    if not os.path.isdir(path) and not os.path.isdir(f"{path}.old"):
+        single = os.path.join(os.path.dirname(path), "ckpt.pt")
+        hint = f" ({single} is a one-process run: continue it with python train.py --resume)" \
+            if os.path.exists(single) else ""
+        raise FileNotFoundError(f"--resume: no distributed checkpoint at {path}{hint}")
+    try:
+        meta = read_meta(path)
+    except Exception as e:
+        raise ValueError(f"--resume: cannot read {path} ({type(e).__name__}: {first_line(e)})") from None
+    missing = [k for k in CKPT_KEYS if k not in ("model", "optimizer") and k not in meta]
+    if missing:
+        raise ValueError(f"--resume: {path} is not a train.py checkpoint (no {', '.join(missing)})")
+    return meta
+
+
+def load_full_state(model: nn.Module, opt: torch.optim.Optimizer, ckpt: dict) -> None:
+    """Whole-tensor state into one process: from ckpt.pt, or from a distributed run's folder, whose optimizer
+    state is keyed by parameter names (torch.distributed.checkpoint's form) rather than by position."""
+    model.load_state_dict(ckpt["model"])
+    groups = ckpt["optimizer"].get("param_groups", [])
+    if groups and groups[0]["params"] and isinstance(groups[0]["params"][0], str):
+        from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+        set_optimizer_state_dict(model, opt, ckpt["optimizer"])
+    else:
+        opt.load_state_dict(ckpt["optimizer"])
+
+
 def check_out_dir(out_dir: str, resume: bool, overwrite: bool) -> None:
     """A fresh run never writes into a folder that holds a run unless told to (--overwrite)."""
     if resume and overwrite:
         raise ValueError("--resume continues the run in out_dir and --overwrite replaces it: give one of them")
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise ValueError(f"--out_dir {out_dir}: this is a file, not a folder")
-    held = [name for name in ("ckpt.pt", LOG) if os.path.exists(os.path.join(out_dir, name))]
+    held = [name for name in ("ckpt.pt", "ckpt.dcp", LOG) if os.path.exists(os.path.join(out_dir, name))]
     if held and not resume and not overwrite:
         raise ValueError(f"--out_dir {out_dir} holds a run ({', '.join(held)}): --resume continues it, "
                          f"--overwrite replaces it (the old files stay until the new run's first checkpoint)")
@@ -582,6 +695,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="AdamW moments stored in bf16, as the report trains (adamw_bf16.py; default: fp32)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, help="torch.compile the model")
     p.add_argument("--bench", action="store_true", default=None, help="time a short run: tokens/s and MFU, no ckpt")
+    t = p.add_argument_group("many processes (start with torchrun --nproc_per_node N train.py ...; README)")
+    t.add_argument("--ep", type=int, help="expert parallelism: the routed experts split over ep ranks; data "
+                                          "parallelism over dp = N / (ep·pp) ranks is implied (default: 1)")
+    t.add_argument("--pp", type=int, help="pipeline stages (default: 1)")
+    t.add_argument("--dist_timeout", type=float,
+                   help="seconds a rank waits for the others in a collective before the job ends with an error "
+                        "(a dead or stuck rank; default: 600)")
     g = p.add_argument_group("training (defaults for tiny; `small` overrides: "
                              + ", ".join(f"{k}={v}" for k, v in PRESET_TRAIN["small"].items()) + ")")
     helps = dict(batch_size="sequences per micro-batch", block_size="tokens per sequence (<= max_seq_len)",
@@ -611,7 +731,7 @@ def resolve_args(ns: argparse.Namespace, ckpt: dict = None) -> argparse.Namespac
     saved = ckpt["args"] if ckpt else {}
     preset = given.get("preset", saved.get("preset", TRAIN_DEFAULTS["preset"]))
     args = {**TRAIN_DEFAULTS, **PRESET_TRAIN.get(preset, {}), "out_dir": "out", "device": "auto", "resume": False,
-            "overwrite": False, "compile": False, "bench": False}
+            "overwrite": False, "compile": False, "bench": False, "ep": 1, "pp": 1, "dist_timeout": 600.0}
     args.update({k: v for k, v in saved.items() if k not in RUN_ONLY})
     model_fields = {f.name for f in fields(ModelConfig)}
     args.update({k: v for k, v in given.items() if k not in model_fields})
@@ -661,23 +781,35 @@ def check_args(args, cfg: ModelConfig) -> None:
     need(args.block_size <= cfg.max_seq_len, "block_size", f"must be <= max_seq_len ({cfg.max_seq_len})")
     need(args.block_size > cfg.n_mtp, "block_size", f"must be > n_mtp ({cfg.n_mtp}): MTP predicts further ahead")
     need(args.fp8 or args.fp8_act_cache == "bf16", "fp8_act_cache", "needs --fp8")
+    need(args.ep >= 1, "ep", "must be >= 1")
+    need(args.pp == 1, "pp", "pipeline stages are not wired into train.py yet (1 only)")
+    need(args.dist_timeout > 0, "dist_timeout", "must be > 0")
+    need(not (args.compile and parallel.under_torchrun()), "compile", "is not supported under torchrun yet")
 
 
 def main(argv=None) -> int:
     ns = build_parser().parse_args(argv)
+    rank0 = int(os.environ.get("RANK", "0")) == 0  # under torchrun the same error comes from every rank: say it once
     try:
         run = setup(ns)
     except (ValueError, FileNotFoundError, ImportError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        if rank0:
+            print(f"error: {e}", file=sys.stderr)
+        parallel.teardown()
+        return 2
+    except parallel.PeerFailed:  # rank 0 has said why
+        parallel.teardown()
         return 2
     except KeyboardInterrupt:  # during setup there is nothing to save yet
         print("interrupted before training started", file=sys.stderr)
+        parallel.teardown()
         return 130
     try:
         return train(run)
     finally:
         if run.lock is not None:  # the process may go on (a test, a notebook): let the folder go now
             run.lock.close()
+        parallel.teardown()
 
 
 if __name__ == "__main__":
