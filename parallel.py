@@ -531,7 +531,7 @@ def pipeline_metrics(mods, layout: Layout = None) -> dict:
                 local[i] += float(rec.get(k, 0.0))
     if layout is not None and layout.distributed and layout.pp > 1:
         dist.all_reduce(local, group=layout.group("pp"))
-    return dict(zip(PIPELINE_METRICS, (local / mods[0].n_micro).tolist()))
+    return dict(zip(PIPELINE_METRICS, (local / max(1, len(mods[0].logged))).tolist()))  # per micro-batch
 
 
 def build_pipeline(model, kind: str, pp_rank: int, pp: int, n_micro: int, micro_shape: tuple, group=None,
@@ -638,3 +638,76 @@ def sync_embedding_grads(mods, kind: str, layout: Layout, tie_group) -> None:
     if kind == "dualpipev" and layout.distributed and layout.dp > 1 and len(embeds) > 1:
         dist.all_reduce(g, group=layout.group("dp"))  # SUM then divide: gloo has no AVG
         g.div_(layout.dp)
+
+
+def max_over_pp(value: float, layout: Layout) -> float:
+    """The largest value over the ranks of this rank's pipeline (each stage reports on its own layers)."""
+    if not (layout.distributed and layout.pp > 1):
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=layout.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=layout.group("pp"))
+    return t.item()
+
+
+class Pipeline(nn.Module):
+    """This rank's share of a pipelined Transformer, as train.py drives it.
+
+    Its modules are the ones the rank's stages hold, under the model's names (embed, layers.<i>, norm, head,
+    mtp), so its state dict is a slice of the model's and a distributed checkpoint loads at any layout or in
+    one process. It answers what the training loop asks of a model (moe_layers, update_moe_bias, train/eval)
+    and runs the schedule: `train_step` (forward and backward of every micro-batch, the embedding gradients
+    synced, the loss parts summed over the pipeline), `evaluate` (forward only) and `clip_grad_norm`."""
+
+    def __init__(self, model: nn.Module, kind: str, layout: Layout, n_micro: int, micro_shape: tuple,
+                 lam: float, alpha: float):
+        super().__init__()
+        self.cfg, self.kind, self.layout, self.micro_batch = model.cfg, kind, layout, micro_shape[0]
+        stages, self._schedule = build_pipeline(model, kind, layout.pp_rank, layout.pp, n_micro, micro_shape,
+                                                group=layout.group("pp"), lam=lam, alpha=alpha)
+        self._stages = stages  # a plain list: the stages' modules are registered below, once, by their names
+        if any(m.embed is not None for m in stages):
+            self.embed = model.embed
+        self.layers = nn.ModuleDict({k: b for m in stages for k, b in m.layers.items()})
+        if any(m.is_last for m in stages):
+            self.norm, self.head, self.mtp = model.norm, model.head, model.mtp
+        self._tie = embedding_tie_group(layout)  # every rank takes part in making the groups
+        parallelize_stages(stages, layout)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        for m in self._stages:
+            m.train(mode)
+        return self
+
+    def moe_layers(self):
+        return [m for m in self.modules() if isinstance(m, MoE)]
+
+    @torch.no_grad()
+    def update_moe_bias(self, gamma: float, group=None):
+        for m in self.moe_layers():
+            m.update_bias(gamma, group)
+
+    def _parts(self) -> dict:
+        return {k: torch.tensor(v) for k, v in pipeline_metrics(self._stages, self.layout).items()}
+
+    def train_step(self, x, y) -> dict:
+        """x, y (M·B, T): the step's M micro-batches. Returns the loss parts (main, mtp, mtp_acc, balance)."""
+        pipeline_step(self._schedule, self._stages, x, y)
+        sync_embedding_grads(self._stages, self.kind, self.layout, self._tie)
+        return self._parts()
+
+    def evaluate(self, x, y) -> dict:
+        """x, y (B', T): micro-batches of the training micro-batch size (or one smaller)."""
+        pipeline_forward(self._stages, self.kind, self.layout, x, y, -(-x.shape[0] // self.micro_batch))
+        return self._parts()
+
+    def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
+        """`clip_grad_norm` over the pipeline, the last stage's embedding copy (1F1B with MTP) counted once but
+        clipped alike, so that both copies take the same step."""
+        copy = self.kind == "1f1b" and self.layout.pp > 1 and self.layout.pp_rank == self.layout.pp - 1
+        copies = [self.embed.weight] if copy and hasattr(self, "embed") else []
+        counted = [p for p in self.parameters() if all(p is not c for c in copies)]
+        total = clip_grad_norm(counted, max_norm, self.layout)
+        if copies and copies[0].grad is not None:
+            torch.nn.utils.clip_grads_with_norm_(copies, max_norm, total.to(copies[0].grad.dtype))
+        return total

@@ -74,7 +74,7 @@ PRESET_TRAIN = {
 }
 CKPT_KEYS = ("model", "optimizer", "step", "rng", "config", "args", "tokenizer")  # what --resume needs
 RUN_ONLY = ("resume", "overwrite", "device", "compile", "bench", "out_dir",  # never taken from a checkpoint
-            "ep", "pp", "dist_timeout")
+            "ep", "pp", "dist_timeout", "pp_schedule", "microbatches", "plan", "gpus", "gpus_per_node")
 LOG, LOG_NEW = "log.jsonl", "log.jsonl.new"  # the log, and its name while an --overwrite run has no checkpoint
 PEAK_BF16 = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "A800": 312e12}
 
@@ -113,7 +113,8 @@ class Run:
     @property
     def tokens_per_step(self) -> int:
         """Tokens of one optimizer step over all ranks (batch_size sequences per data-parallel rank)."""
-        return self.args.batch_size * self.args.block_size * self.args.grad_accum * self.layout.dp
+        return (self.args.batch_size * self.args.block_size * self.args.grad_accum * self.args.microbatches
+                * self.layout.dp)
 
     def path(self, name: str) -> str:
         return os.path.join(self.args.out_dir, name)
@@ -362,7 +363,13 @@ def forward_backward(run: Run) -> dict:
     for group in run.opt.param_groups:
         group["lr"] = lr
     sums = {k: torch.zeros((), device=run.device) for k in ("loss", "main", "mtp", "balance")}
-    for micro in range(args.grad_accum):
+    if run.layout.pp > 1:  # one schedule step runs all --microbatches forward and backward (parallel.Pipeline)
+        xs, ys = zip(*(run.batch("train", run.gen) for _ in range(args.microbatches)))  # M × (B, T), as
+        with run.autocast:  # one process draws them for --grad_accum M
+            losses = run.model.train_step(torch.cat(xs), torch.cat(ys))
+        losses["loss"] = total_loss(losses, args)
+        sums = {k: losses[k].float().to(run.device) for k in sums}
+    for micro in range(args.grad_accum if run.layout.pp == 1 else 0):
         x, y = run.batch("train", run.gen)  # (B, T) each
         parallel.set_gradient_sync(run.model, micro == args.grad_accum - 1)  # under FSDP: one sync per step
         with run.autocast:
@@ -373,7 +380,10 @@ def forward_backward(run: Run) -> dict:
         for k in sums:
             sums[k] += losses[k].detach().float() / args.grad_accum
     clip = args.grad_clip if args.grad_clip > 0 else float("inf")  # inf: measure the norm, never clip
-    if run.layout.distributed:  # losses: means over the dp ranks; the norm over every rank's gradient shards
+    if run.layout.pp > 1:
+        sums = parallel.mean_over_dp(sums, run.layout)
+        sums["grad_norm"] = run.model.clip_grad_norm(clip)
+    elif run.layout.distributed:  # losses: means over the dp ranks; the norm over every rank's gradient shards
         sums = parallel.mean_over_dp(sums, run.layout)
         sums["grad_norm"] = parallel.clip_grad_norm(list(run.model.parameters()), clip, run.layout)
     else:
@@ -420,7 +430,7 @@ def evaluate(run: Run) -> dict:
     for _ in range(args.eval_iters):
         x, y = run.batch("val", gen)
         with run.autocast:
-            _, losses = run.fwd(x, y)
+            losses = run.model.evaluate(x, y) if layout.pp > 1 else run.fwd(x, y)[1]
         for k in sums:
             sums[k] += losses[k[4:]].item() / args.eval_iters
         layer_counts = [m.last_counts.cpu() for m in run.model.moe_layers()]
@@ -432,6 +442,7 @@ def evaluate(run: Run) -> dict:
         sums = {k: v.item() for k, v in parallel.mean_over_dp(sums, layout).items()}
         counts = parallel.sum_over_dp(counts, layout) if counts else counts
     sums["max_violation"] = max((max_violation(c) for c in counts), default=0.0) if counts else 0.0
+    sums["max_violation"] = parallel.max_over_pp(sums["max_violation"], layout)  # each stage: its own layers
     if layout.ep > 1:  # node-limited routing: how many ep ranks a token's experts live on, on average
         sums["ranks_per_token"] = parallel.mean_over_dp({"r": ranks}, layout)["r"].item()
     return sums
@@ -521,7 +532,11 @@ def build(args, cfg, device, linear, corpus, ckpt, ckpt_path, layout=None) -> Ru
     layout = layout or parallel.Layout.single(device)
     torch.manual_seed(args.seed)  # the same seed on every rank: identical weights (FSDP does not broadcast them)
     model = Transformer(cfg, linear).to(device)
-    parallel.parallelize(model, layout)  # under torchrun: experts over ep, FSDP2 over dp (parallel.py)
+    if args.pp > 1:  # this rank's pipeline stages, and on them experts over ep, FSDP2 over dp (parallel.py)
+        model = parallel.Pipeline(model, args.pp_schedule, layout, args.microbatches,
+                                  (args.batch_size, args.block_size), args.mtp_lambda, args.balance_alpha)
+    else:
+        parallel.parallelize(model, layout)  # under torchrun: experts over ep, FSDP2 over dp (parallel.py)
     set_act_cache(model, args.fp8_act_cache)
     opt = make_optimizer(model, args, device)
     gen = torch.Generator().manual_seed(args.seed)
@@ -698,7 +713,17 @@ def build_parser() -> argparse.ArgumentParser:
     t = p.add_argument_group("many processes (start with torchrun --nproc_per_node N train.py ...; README)")
     t.add_argument("--ep", type=int, help="expert parallelism: the routed experts split over ep ranks; data "
                                           "parallelism over dp = N / (ep·pp) ranks is implied (default: 1)")
-    t.add_argument("--pp", type=int, help="pipeline stages (default: 1)")
+    t.add_argument("--pp", type=int, help="pipeline parallelism: ranks a micro-batch flows through (default: 1)")
+    t.add_argument("--pp_schedule", choices=("1f1b", "dualpipev"),
+                   help="with --pp: 1f1b (pp stages) or dualpipev (2·pp stages in a V, embedding and head on rank 0; "
+                        "dualpipe.py) (default: 1f1b)")
+    t.add_argument("--microbatches", type=int, help="with --pp: micro-batches of --batch_size sequences per step, "
+                                                    "in place of --grad_accum (default: the stage count)")
+    t.add_argument("--plan", action="store_true", default=None,
+                   help="print the on-paper plan of --preset on --gpus GPUs with --ep, --pp, --pp_schedule and exit "
+                        "(plan.py: memory, all-to-all, bubble, step time, MFU; the report's batch)")
+    t.add_argument("--gpus", type=int, help="with --plan: GPUs in all (default: 2048)")
+    t.add_argument("--gpus_per_node", type=int, help="with --plan: GPUs a node (default: 8)")
     t.add_argument("--dist_timeout", type=float,
                    help="seconds a rank waits for the others in a collective before the job ends with an error "
                         "(a dead or stuck rank; default: 600)")
@@ -731,7 +756,8 @@ def resolve_args(ns: argparse.Namespace, ckpt: dict = None) -> argparse.Namespac
     saved = ckpt["args"] if ckpt else {}
     preset = given.get("preset", saved.get("preset", TRAIN_DEFAULTS["preset"]))
     args = {**TRAIN_DEFAULTS, **PRESET_TRAIN.get(preset, {}), "out_dir": "out", "device": "auto", "resume": False,
-            "overwrite": False, "compile": False, "bench": False, "ep": 1, "pp": 1, "dist_timeout": 600.0}
+            "overwrite": False, "compile": False, "bench": False, "ep": 1, "pp": 1, "dist_timeout": 600.0,
+            "pp_schedule": "1f1b", "microbatches": None, "plan": False, "gpus": None, "gpus_per_node": None}
     args.update({k: v for k, v in saved.items() if k not in RUN_ONLY})
     model_fields = {f.name for f in fields(ModelConfig)}
     args.update({k: v for k, v in given.items() if k not in model_fields})
@@ -746,6 +772,8 @@ def resolve_args(ns: argparse.Namespace, ckpt: dict = None) -> argparse.Namespac
         args["lr_decay_iters"] = args["max_iters"]
     if args["ckpt_interval"] is None:
         args["ckpt_interval"] = args["eval_interval"]
+    if args["microbatches"] is None:  # with --pp: the fewest the schedule takes, one per stage
+        args["microbatches"] = args["pp"] * (2 if args["pp_schedule"] == "dualpipev" else 1) if args["pp"] > 1 else 1
     args["model_overrides"] = {k: v for k, v in given.items() if k in model_fields}
     args["typed"] = set(given)
     return argparse.Namespace(**args)
@@ -782,7 +810,13 @@ def check_args(args, cfg: ModelConfig) -> None:
     need(args.block_size > cfg.n_mtp, "block_size", f"must be > n_mtp ({cfg.n_mtp}): MTP predicts further ahead")
     need(args.fp8 or args.fp8_act_cache == "bf16", "fp8_act_cache", "needs --fp8")
     need(args.ep >= 1, "ep", "must be >= 1")
-    need(args.pp == 1, "pp", "pipeline stages are not wired into train.py yet (1 only)")
+    need(args.pp >= 1, "pp", "must be >= 1")
+    if args.pp > 1:  # equal stages, enough micro-batches for the schedule (parallel.check_pipeline)
+        need(args.grad_accum == 1, "grad_accum", "with --pp the pipeline's --microbatches take its place")
+        parallel.check_pipeline(cfg.n_layers, args.pp_schedule, args.pp, args.microbatches)
+    else:
+        need(args.microbatches == 1, "microbatches", "needs --pp > 1 (one process: --grad_accum)")
+    need(args.gpus is None and args.gpus_per_node is None, "gpus", "--gpus and --gpus_per_node go with --plan")
     need(args.dist_timeout > 0, "dist_timeout", "must be > 0")
     need(not (args.compile and parallel.under_torchrun()), "compile", "is not supported under torchrun yet")
 
@@ -790,6 +824,8 @@ def check_args(args, cfg: ModelConfig) -> None:
 def main(argv=None) -> int:
     ns = build_parser().parse_args(argv)
     rank0 = int(os.environ.get("RANK", "0")) == 0  # under torchrun the same error comes from every rank: say it once
+    if ns.plan:  # on paper only: nothing is allocated, no process group
+        return plan_run(ns)
     try:
         run = setup(ns)
     except (ValueError, FileNotFoundError, ImportError) as e:
@@ -810,6 +846,18 @@ def main(argv=None) -> int:
         if run.lock is not None:  # the process may go on (a test, a notebook): let the folder go now
             run.lock.close()
         parallel.teardown()
+
+
+def plan_run(ns: argparse.Namespace) -> int:
+    """--plan: plan.py's estimate for the layout given (the report's batch: 15360 sequences of 4096 tokens)."""
+    import plan
+    preset = ns.preset or "v3-671b"
+    overrides = {f.name: getattr(ns, f.name) for f in fields(ModelConfig) if getattr(ns, f.name) is not None}
+    if overrides:
+        print("error: --plan plans a preset as it is (give --preset only, no model fields)", file=sys.stderr)
+        return 2
+    return plan.run(preset, ns.gpus or plan.REPORT["gpus"], ns.gpus_per_node or plan.REPORT["gpus_per_node"],
+                    ns.ep or 1, ns.pp or 1, ns.pp_schedule or "1f1b", 15360, 4096, 1, plan.Assumptions())
 
 
 if __name__ == "__main__":

@@ -4,6 +4,9 @@ pp = 2 with torch's Schedule1F1B (2 stages) and ScheduleDualPipeV (4 stages in a
 ranks, the embedding tied between ranks 0 and 3 for MTP), and pp 2 × dp 2 with FSDP2 (and ep 2): the summed micro-batch
 losses equal the one-process loss of the whole batch, and every gradient (balance and MTP losses included, the
 embedding shared by the first and last stages) equals the one-process gradient, in fp64."""
+import os
+import re
+
 import pytest
 import torch
 
@@ -175,3 +178,71 @@ def test_inject_loss_adds_the_gradient_of_its_loss():
     assert y.data_ptr() != h.data_ptr() and torch.equal(y, h)  # a clone, not h itself
     (y * 3).sum().backward()
     assert torch.equal(h.grad, torch.full_like(h, 3.0)) and w.grad.item() == 2.0
+
+
+# -- train.py --pp under torchrun (forked workers with torchrun's environment) --------------------------------
+from test_parallel import MODEL, RUN, _log, _train_worker, corpus_args  # noqa: E402,F401  (corpus_args: fixture)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind,n_layers,micro,dp", [("1f1b", 2, 2, 1), ("dualpipev", 4, 4, 1), ("dualpipev", 4, 4, 2)])
+def test_train_with_pp_equals_one_process(tmp_path, corpus_args, kind, n_layers, micro, dp):
+    """train.py --pp 2 on 2·dp ranks == one process with --grad_accum M on the same micro-batches: weights,
+    gate biases and log after 3 steps; the distributed checkpoint loads in one process under the model's names."""
+    import checkpoint
+    import train
+    common = [*corpus_args, *MODEL, *RUN, "--n_layers", str(n_layers), "--max_iters", "3", "--eval_interval", "3"]
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    assert train.main([*common, "--batch_size", str(2 * dp), "--grad_accum", str(micro), "--out_dir", one]) == 0
+    out = run_workers(_train_worker, 2 * dp, [*common, "--batch_size", "2", "--pp", "2", "--pp_schedule", kind,
+                                              "--microbatches", str(micro), "--out_dir", two],
+                      init=False, timeout_s=300)
+    assert all(code == 0 for code, _ in out) and all(err == "" for _, err in out[1:])
+    a = checkpoint.load_checkpoint(os.path.join(one, "ckpt.pt"), "test")
+    b = checkpoint.load_checkpoint(os.path.join(two, "ckpt.pt"), "test")  # finds two/ckpt.dcp
+    assert a["step"] == b["step"] == 3 and a["model"].keys() == b["model"].keys()
+    for name in a["model"]:
+        if name.endswith("gate.bias"):
+            assert torch.equal(a["model"][name], b["model"][name]), name
+        else:
+            torch.testing.assert_close(b["model"][name], a["model"][name], rtol=1e-4, atol=1e-6)
+    log_one, log_two = _log(one), _log(two)
+    assert [r["step"] for r in log_one] == [r["step"] for r in log_two]
+    for r1, r2 in zip(log_one, log_two):
+        for k in ("loss", "main", "mtp", "balance", "grad_norm", "val_main", "val_mtp", "max_violation"):
+            if k in r1:
+                assert r2[k] == pytest.approx(r1[k], rel=1e-4), (k, r1, r2)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("extra,match", [
+    (["--pp", "2", "--n_layers", "3"], "3 blocks cannot be cut into 2 equal stages"),
+    (["--pp", "2", "--pp_schedule", "dualpipev"], "2 blocks cannot be cut into 4 equal stages"),
+    (["--pp", "2", "--pp_schedule", "dualpipev", "--n_layers", "4", "--microbatches", "3"],
+     "--microbatches \\(3\\) must be >= the stage count \\(4"),
+    (["--pp", "2", "--grad_accum", "2"], "--grad_accum=2: with --pp"),
+])
+def test_train_refuses_bad_pipelines_once(tmp_path, corpus_args, extra, match):
+    """One line from rank 0, nothing from rank 1, exit 2 on both: never a hang."""
+    out = run_workers(_train_worker, 2, [*corpus_args, *MODEL, *RUN, "--out_dir", str(tmp_path), *extra],
+                      init=False, timeout_s=120)
+    assert [code for code, _ in out] == [2, 2] and out[1][1] == ""
+    assert re.search(match, out[0][1]) and out[0][1].count("\n") == 1, out[0][1]
+
+
+def test_train_refuses_pipeline_options_alone(tmp_path, corpus_args, capsys):
+    import train
+    assert train.main([*corpus_args, *MODEL, *RUN, "--out_dir", str(tmp_path), "--microbatches", "2"]) == 2
+    assert capsys.readouterr().err == "error: --microbatches=2: needs --pp > 1 (one process: --grad_accum)\n"
+    assert train.main([*corpus_args, *MODEL, *RUN, "--out_dir", str(tmp_path), "--pp", "2"]) == 2
+    assert "needs several processes" in capsys.readouterr().err
+
+
+def test_train_plan(capsys):
+    import train
+    argv = ["--preset", "v3-671b", "--plan", "--gpus", "2048", "--gpus_per_node", "8", "--ep", "64", "--pp", "16"]
+    assert train.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "pp 16 (1f1b, 16 stages of 3-4 blocks) x dp 128 (ep 64 x efsdp 2)" in out and "report: 2048 H800" in out
+    assert train.main(argv + ["--gpus", "128", "--ep", "8"]) == 2  # 32 experts of a layer on each GPU
+    assert capsys.readouterr().err.startswith("error: does not fit: pp rank")
