@@ -1,7 +1,8 @@
 """The full-scale run on paper: memory, all-to-all traffic, pipeline bubble, step time and MFU of a layout.
 
     python plan.py --preset v3-671b --gpus 2048 --gpus_per_node 8 --ep 64 --pp 16
-    python train.py --preset v3-671b --plan --gpus 2048 --gpus_per_node 8 --ep 64 --pp 16     (the same)
+    python train.py --preset v3-671b --plan --gpus 2048 --gpus_per_node 8 --ep 64 --pp 16
+(the same plan, except that train.py's --pp_schedule defaults to 1f1b and plan.py's to the report's dualpipe)
 
 Nothing is allocated: parameter counts come from the model built on the meta device, everything else from the
 formulas below. Every number printed is an estimate from these formulas and the printed assumptions; none is a
