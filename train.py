@@ -49,8 +49,9 @@ from tqdm import tqdm
 import data
 import parallel
 from adamw_bf16 import AdamWBF16
-from checkpoint import (Interrupted, dcp_path, load_checkpoint, load_distributed, lock_out_dir, read_meta, rng_state,
-                        save_checkpoint, save_distributed, set_rng_state, signals_deferred, stop_on_sigterm)
+from checkpoint import (Interrupted, dcp_path, load_checkpoint, load_distributed, load_optimizer_state, lock_out_dir,
+                        read_meta, rng_state, save_checkpoint, save_distributed, set_rng_state, signals_deferred,
+                        stop_on_sigterm)
 from config import ModelConfig, PRESETS, get_preset, config_to_dict, config_from_dict
 from model import Transformer, count_params, train_flops_per_token
 from moe import max_violation
@@ -364,21 +365,23 @@ def forward_backward(run: Run) -> dict:
         group["lr"] = lr
     sums = {k: torch.zeros((), device=run.device) for k in ("loss", "main", "mtp", "balance")}
     if run.layout.pp > 1:  # one schedule step runs all --microbatches forward and backward (parallel.Pipeline)
-        xs, ys = zip(*(run.batch("train", run.gen) for _ in range(args.microbatches)))  # M × (B, T), as
-        with run.autocast:  # one process draws them for --grad_accum M
+        # M × (B, T), drawn as one process draws them for --grad_accum M
+        xs, ys = zip(*(run.batch("train", run.gen) for _ in range(args.microbatches)))
+        with run.autocast:
             losses = run.model.train_step(torch.cat(xs), torch.cat(ys))
         losses["loss"] = total_loss(losses, args)
         sums = {k: losses[k].float().to(run.device) for k in sums}
-    for micro in range(args.grad_accum if run.layout.pp == 1 else 0):
-        x, y = run.batch("train", run.gen)  # (B, T) each
-        parallel.set_gradient_sync(run.model, micro == args.grad_accum - 1)  # under FSDP: one sync per step
-        with run.autocast:
-            _, losses = run.fwd(x, y)
-        loss = total_loss(losses, args)
-        (loss / args.grad_accum).backward()
-        losses["loss"] = loss
-        for k in sums:
-            sums[k] += losses[k].detach().float() / args.grad_accum
+    else:
+        for micro in range(args.grad_accum):
+            x, y = run.batch("train", run.gen)  # (B, T) each
+            parallel.set_gradient_sync(run.model, micro == args.grad_accum - 1)  # under FSDP: one sync per step
+            with run.autocast:
+                _, losses = run.fwd(x, y)
+            loss = total_loss(losses, args)
+            (loss / args.grad_accum).backward()
+            losses["loss"] = loss
+            for k in sums:
+                sums[k] += losses[k].detach().float() / args.grad_accum
     clip = args.grad_clip if args.grad_clip > 0 else float("inf")  # inf: measure the norm, never clip
     if run.layout.pp > 1:
         sums = parallel.mean_over_dp(sums, run.layout)
@@ -583,10 +586,8 @@ def load_full_state(model: nn.Module, opt: torch.optim.Optimizer, ckpt: dict) ->
     """Whole-tensor state into one process: from ckpt.pt, or from a distributed run's folder, whose optimizer
     state is keyed by parameter names (torch.distributed.checkpoint's form) rather than by position."""
     model.load_state_dict(ckpt["model"])
-    groups = ckpt["optimizer"].get("param_groups", [])
-    if groups and groups[0]["params"] and isinstance(groups[0]["params"][0], str):
-        from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
-        set_optimizer_state_dict(model, opt, ckpt["optimizer"])
+    if any(k.startswith("param_groups.") for k in ckpt["optimizer"]):  # a distributed run's (flattened) state
+        load_optimizer_state(model, opt, ckpt["optimizer"])
     else:
         opt.load_state_dict(ckpt["optimizer"])
 
@@ -816,7 +817,9 @@ def check_args(args, cfg: ModelConfig) -> None:
         parallel.check_pipeline(cfg.n_layers, args.pp_schedule, args.pp, args.microbatches)
     else:
         need(args.microbatches == 1, "microbatches", "needs --pp > 1 (one process: --grad_accum)")
-    need(args.gpus is None and args.gpus_per_node is None, "gpus", "--gpus and --gpus_per_node go with --plan")
+    need(args.pp > 1 or "pp_schedule" not in args.typed, "pp_schedule", "needs --pp > 1")
+    for name in ("gpus", "gpus_per_node"):
+        need(getattr(args, name) is None, name, "goes with --plan")
     need(args.dist_timeout > 0, "dist_timeout", "must be > 0")
     need(not (args.compile and parallel.under_torchrun()), "compile", "is not supported under torchrun yet")
 

@@ -212,6 +212,17 @@ def test_train_with_pp_equals_one_process(tmp_path, corpus_args, kind, n_layers,
         for k in ("loss", "main", "mtp", "balance", "grad_norm", "val_main", "val_mtp", "max_violation"):
             if k in r1:
                 assert r2[k] == pytest.approx(r1[k], rel=1e-4), (k, r1, r2)
+    if dp == 1 and kind == "dualpipev":  # resumed in the pipeline, one more step: still the one-process run
+        assert train.main([*common, "--batch_size", "2", "--grad_accum", str(micro), "--out_dir", one, "--resume",
+                           "--max_iters", "4"]) == 0
+        out = run_workers(_train_worker, 2, [*common, "--batch_size", "2", "--pp", "2", "--pp_schedule", kind,
+                                             "--microbatches", str(micro), "--out_dir", two, "--resume",
+                                             "--max_iters", "4"], init=False, timeout_s=300)
+        assert all(code == 0 for code, _ in out)
+        a = checkpoint.load_checkpoint(os.path.join(one, "ckpt.pt"), "test")["model"]
+        b = checkpoint.load_checkpoint(os.path.join(two, "ckpt.pt"), "test")["model"]
+        for name in a:
+            torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.slow
@@ -232,8 +243,13 @@ def test_train_refuses_bad_pipelines_once(tmp_path, corpus_args, extra, match):
 
 def test_train_refuses_pipeline_options_alone(tmp_path, corpus_args, capsys):
     import train
-    assert train.main([*corpus_args, *MODEL, *RUN, "--out_dir", str(tmp_path), "--microbatches", "2"]) == 2
+    base = [*corpus_args, *MODEL, *RUN, "--out_dir", str(tmp_path)]
+    assert train.main([*base, "--microbatches", "2"]) == 2
     assert capsys.readouterr().err == "error: --microbatches=2: needs --pp > 1 (one process: --grad_accum)\n"
+    assert train.main([*base, "--pp_schedule", "dualpipev"]) == 2
+    assert capsys.readouterr().err == "error: --pp_schedule='dualpipev': needs --pp > 1\n"
+    assert train.main([*base, "--gpus", "8"]) == 2
+    assert capsys.readouterr().err == "error: --gpus=8: goes with --plan\n"
     assert train.main([*corpus_args, *MODEL, *RUN, "--out_dir", str(tmp_path), "--pp", "2"]) == 2
     assert "needs several processes" in capsys.readouterr().err
 
