@@ -1,8 +1,8 @@
 """Checkpoints: one file that a crash, Ctrl-C, SIGTERM or a full disk never leaves half-written.
 
-    save_checkpoint   torch.save to a temporary file in the same folder, then os.replace: on every POSIX and
-                      Windows file system a rename within a folder is atomic, so `path` is always either the old
-                      complete file or the new complete file. The temporary file is removed if anything fails.
+    save_checkpoint   torch.save to a temporary file in the same folder, then os.replace: on POSIX a rename within
+                      a folder is atomic, so `path` is always either the old complete file or the new complete
+                      file. The temporary file is removed if anything fails.
     load_checkpoint   torch.load (weights_only: a checkpoint cannot run code); a missing, truncated or foreign file
                       raises one line (FileNotFoundError / ValueError) naming what was being loaded.
     rng_state         every random-number state a run depends on (torch CPU, CUDA, the data generator), and

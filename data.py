@@ -21,6 +21,8 @@ the tokens (a single file, a few files), the last 10% of the token stream is val
 Cache. The token streams are written once as flat uint16 (uint32 for vocabularies over 65536) .bin files and
 memory-mapped afterwards. The cache folder's key hashes the tokenizer name and the corpus identity (source,
 file list with sizes and mtimes, Python version, split rule), so a changed file, tokenizer or interpreter re-tokenizes.
+Its header, meta.json (written last), holds each split's length in tokens and the SHA-256 of its .bin file; every
+load checks both, so a truncated or altered cache is noticed and tokenized again rather than trained on.
 """
 import argparse
 import hashlib
@@ -224,6 +226,38 @@ class Corpus:
         return x.to(device), y.to(device)
 
 
+def file_sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def cache_damage(folder: str):
+    """None when the cache entry is whole; otherwise what is wrong with it (missing, truncated, altered)."""
+    try:
+        with open(os.path.join(folder, "meta.json")) as f:
+            meta = json.load(f)
+        itemsize = np.dtype(meta["dtype"]).itemsize
+        for name in ("train", "val"):
+            path = os.path.join(folder, f"{name}.bin")
+            if not os.path.exists(path):
+                return f"{name}.bin is missing"
+            size, want = os.path.getsize(path), meta[f"{name}_tokens"] * itemsize
+            if size != want:
+                return f"{name}.bin holds {size:,} bytes, its header says {want:,}"
+            if f"{name}_sha256" not in meta:
+                return "its header holds no checksum (written by an older data.py)"
+            if file_sha256(path) != meta[f"{name}_sha256"]:
+                return f"{name}.bin does not match the checksum in its header"
+    except FileNotFoundError:
+        return "no cache"
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"meta.json is unreadable ({type(e).__name__})"
+    return None
+
+
 def load_corpus(data: str = None, vocab_size: int = 8192, cache_dir: str = None, log=None) -> Corpus:
     """Tokenize (first time) or memory-map (later) the stdlib corpus, or the text at `data`."""
     tokenizer = get_tokenizer(vocab_size)
@@ -239,7 +273,12 @@ def load_corpus(data: str = None, vocab_size: int = 8192, cache_dir: str = None,
     label = f"stdlib-py{sys.version_info[0]}.{sys.version_info[1]}" if data is None else "data"
     folder = os.path.join(cache_dir or DEFAULT_CACHE_DIR, f"{label}-v{tokenizer.n_vocab}-{key}")
     meta_path = os.path.join(folder, "meta.json")
-    if not os.path.exists(meta_path):
+    damage = cache_damage(folder)
+    if damage and os.path.exists(meta_path) and log:
+        log(f"the cached corpus in {folder} is damaged ({damage}): tokenizing again")
+    if damage:
+        if os.path.exists(meta_path):
+            os.remove(meta_path)  # until it is written again, the entry is incomplete
         t0 = time.time()
         splits = build_splits(root, rels, tokenizer, describe)
         os.makedirs(folder, exist_ok=True)
@@ -248,8 +287,10 @@ def load_corpus(data: str = None, vocab_size: int = 8192, cache_dir: str = None,
         meta = {"tokenizer": tokenizer.name, "source": source, "dtype": splits["train"].dtype.name,
                 "n_files": splits["n_files"], "n_chars": splits["n_chars"],
                 "train_tokens": len(splits["train"]), "val_tokens": len(splits["val"]),
+                "train_sha256": file_sha256(os.path.join(folder, "train.bin")),
+                "val_sha256": file_sha256(os.path.join(folder, "val.bin")),
                 "tokenize_seconds": round(time.time() - t0, 2)}
-        # meta.json is written last: its presence marks a complete cache entry.
+        # meta.json is written last, with the lengths and checksums of the files written before it.
         _write_atomic(meta_path, lambda p: _write_json(p, meta))
         if log:
             log(f"tokenized {describe}: {meta['n_files']} files, {meta['train_tokens']:,} train + "

@@ -434,6 +434,44 @@ def bubble_table(n_ranks: int, n_chunks: int, costs: dict) -> list:
     return rows
 
 
+def fold_timeline(text: str, width: int = 100, scale: int = 2) -> str:
+    """Cut render_timeline's rows into panels of at most `width` characters, stacked one under the other, each
+    headed by the time span it shows; the bubble column goes after the last panel."""
+    rows = [(line[: line.index("|")], line[line.index("|") + 1: line.rindex("|")], line[line.rindex("|") + 1:])
+            for line in text.splitlines()]
+    label = len(rows[0][0])
+    room = width - label - 2 - max(len(tail) for _, _, tail in rows)  # body characters per panel
+    room -= room % scale  # cut between time units
+    if room < 4 * scale:
+        raise ValueError(f"width {width} leaves no room for the timeline")
+    body = len(rows[0][1])
+    n = -(-body // room)  # panels needed; share the body evenly between them
+    room = -(-body // n // scale) * scale if n > 1 else room
+    panels = []
+    for a in range(0, body, room):
+        b = min(body, a + room)
+        lines = [f"{'':{label}s} t = {a / scale:g} .. {b / scale:g}"]
+        lines += [f"{head}|{mid[a:b]}|" + (tail if b == body else "") for head, mid, tail in rows]
+        panels.append("\n".join(lines))
+    return "\n".join(panels)
+
+
+def gantt_rows(tl: Timeline) -> list:
+    """rows[r] = [(start, end, kind, label)] for plots.png_gantt; an overlapped pair is drawn as its two halves,
+    forward on top and backward below, sharing the pair's time."""
+    kind = {"F": "F", "B": "B", "BI": "I", "W": "W"}
+    rows = []
+    for spans in tl.spans:
+        row = []
+        for start, end, op in spans:
+            if op[0] == "FB":
+                row += [(start, end, "F^", _label(op[1])), (start, end, kind[op[2][0]] + "_", _label(op[2]))]
+            else:
+                row.append((start, end, kind[op[0]], _label(op)))
+        rows.append(row)
+    return rows
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description="Print 1F1B / DualPipe / DualPipeV timelines and bubbles.")
     p.add_argument("--ranks", type=int, default=8, help="PP stages (DualPipeV runs them on ranks/2 devices)")
@@ -442,22 +480,35 @@ def main(argv=None) -> None:
     p.add_argument("--B", type=float, default=2.0, help="cost of one full backward chunk")
     p.add_argument("--W", type=float, default=1.0, help="cost of the weight-grad part of B")
     p.add_argument("--FB", type=float, default=3.0, help="cost of an overlapped F&B pair (F+B = no overlap)")
+    p.add_argument("--width", type=int, default=100, help="fold the text timelines into this many columns")
+    p.add_argument("--png", metavar="PATH", help="also draw the timelines as a PNG (needs matplotlib)")
     a = p.parse_args(argv)
     costs = dict(F=a.F, B=a.B, W=a.W, FB=a.FB)
     try:
         if a.ranks % 2:
             raise ValueError(f"--ranks ({a.ranks}) must be even so DualPipe and DualPipeV share PP stages")
         rows = bubble_table(a.ranks, a.chunks, costs)
+        pictures = [fold_timeline(render_timeline(tl), a.width) for *_, tl in rows]
     except ValueError as e:
         raise SystemExit(f"error: {e}")
-    for kind, devices, _, _, _, tl in rows:
-        print(f"\n{kind}: {devices} ranks, {a.chunks} chunks (F/B/I/W = forward/full backward/input-grad/"
-              f"weight-grad, upper case = phase 0, digit = chunk mod 10)")
-        print(render_timeline(tl))
+    print("F/B/I/W = forward / full backward / input-grad backward / weight-grad; upper case = phase 0, lower")
+    print("case = phase 1, digit = chunk mod 10; two letters = an overlapped F&B pair; '.' = idle")
+    for (kind, devices, *_), picture in zip(rows, pictures):
+        print(f"\n{kind}: {devices} ranks, {a.chunks} chunks")
+        print(picture)
     print(f"\nPP = {a.ranks}, costs {costs}")
     print(f"{'method':10s} {'devices':>7s} {'formula':>8s} {'simulated':>9s} {'makespan':>8s}")
     for kind, devices, formula, sim, makespan, _ in rows:
         print(f"{kind:10s} {devices:7d} {formula:8g} {sim:9g} {makespan:8g}")
+    if a.png:
+        import plots
+        panels = [(f"{kind}: {devices} ranks, {a.chunks} chunks, bubble per rank up to {sim:g}", gantt_rows(tl))
+                  for kind, devices, _, sim, _, tl in rows]
+        try:
+            plots.png_gantt(a.png, panels)
+        except ValueError as e:
+            raise SystemExit(f"error: {e}")
+        print(f"wrote {a.png}")
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ The report quotes 85–90% acceptance for DeepSeek-V3; a tiny model trained for 
     python generate.py --out_dir out --prompt "def " --max_new_tokens 200 [--speculative]
 """
 import argparse
+import math
 import os
 import sys
 import time
@@ -153,49 +154,93 @@ def load_model(out_dir=None, hf_dir=None, device="cpu"):
     return model.to(device).eval(), tok
 
 
-def main(argv=None):
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out_dir", default="out", help="directory holding train.py's ckpt.pt")
     p.add_argument("--hf_dir", default=None, help="load a Hugging Face DeepSeek-V3 layout directory instead")
-    p.add_argument("--prompt", default=None, help="prompt text (read from stdin when absent)")
-    p.add_argument("--max_new_tokens", type=int, default=200)
-    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    p.add_argument("--top_k", type=int, default=50)
-    p.add_argument("--seed", type=int, default=1337)
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
+    p.add_argument("--prompt", default=None, help="prompt text; without it the prompt is read from stdin")
+    p.add_argument("--max_new_tokens", type=int, default=200,
+                   help="tokens to generate at most (cut, with a note, to the room left in the model's context)")
+    p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature; 0 = greedy")
+    p.add_argument("--top_k", type=int, default=50, help="sample among the k most likely tokens; 0 = among all")
+    p.add_argument("--seed", type=int, default=1337, help="seed of the sampling")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument("--speculative", action="store_true", help="MTP self-speculative decoding")
-    args = p.parse_args(argv)
+    return p
+
+
+def check_args(args) -> None:
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max_new_tokens {args.max_new_tokens}: must be >= 1")
+    if not (math.isfinite(args.temperature) and args.temperature >= 0):
+        raise ValueError(f"--temperature {args.temperature}: must be a finite number >= 0 (0 = greedy)")
+    if args.top_k < 0:
+        raise ValueError(f"--top_k {args.top_k}: must be >= 0 (0 = no top-k cut)")
+
+
+def main(argv=None):
+    """The command line. Exit status: 0 done (also when the reader of stdout goes away, as `| head` does), 2 a bad
+    option or file (one line on stderr, nothing on stdout), 130 Ctrl-C."""
+    args = build_parser().parse_args(argv)
+    printed = []  # the text written to stdout so far: nothing until the first token, so errors come alone
     try:
-        if args.max_new_tokens < 1 or args.temperature < 0 or args.top_k < 1:
-            raise ValueError("need --max_new_tokens >= 1, --temperature >= 0 and --top_k >= 1")
+        check_args(args)
         device = pick_device(args.device)
         model, tok = load_model(args.out_dir, args.hf_dir, device)
+        if args.prompt is None and sys.stdin.isatty():
+            print("reading the prompt from stdin until end of file (Ctrl-D); --prompt TEXT gives it directly",
+                  file=sys.stderr)
         text = args.prompt if args.prompt is not None else sys.stdin.read()
         prompt = tok.encode(text)
+        room = model.cfg.max_seq_len - len(prompt)
+        max_new = args.max_new_tokens
+        if 0 < room < max_new:
+            print(f"note: --max_new_tokens {max_new} cut to {room}: the model's context holds "
+                  f"{model.cfg.max_seq_len} tokens and the prompt takes {len(prompt)}", file=sys.stderr)
+            max_new = room
         gen = torch.Generator(device=device).manual_seed(args.seed)
-        printed = [text]
-        sys.stdout.write(text)
+        new_ids = []
 
-        def on_token(t):  # stream: print the newly decodable part of the text
+        def on_token(t):  # stream: the prompt first, then the newly decodable part of the text
+            if not printed:
+                sys.stdout.write(text)
+                printed.append(text)
             if t == tok.eot:
                 return
             full = text + tok.decode(new_ids + [t])
             new_ids.append(t)
-            if full.startswith(printed[0]) and not full.endswith("\ufffd"):
-                sys.stdout.write(full[len(printed[0]):])
+            if full.startswith(printed[-1]) and not full.endswith("\ufffd"):
+                sys.stdout.write(full[len(printed[-1]):])
                 sys.stdout.flush()
-                printed[0] = full
+                printed.append(full)
 
-        new_ids = []
         t0 = time.perf_counter()
-        out, stats = generate(model, prompt, args.max_new_tokens, args.temperature, args.top_k, tok.eot, gen,
-                              args.speculative, on_token)
+        try:
+            out, stats = generate(model, prompt, max_new, args.temperature, args.top_k or None, tok.eot, gen,
+                                  args.speculative, on_token)
+        except RuntimeError as e:  # torch.multinomial refuses probabilities that are not finite
+            if "probability tensor" not in str(e):
+                raise
+            raise ValueError(f"--temperature {args.temperature}: too small, the logits divided by it overflow "
+                             f"(0 gives greedy decoding)" if args.temperature < 1e-30 else
+                             "the model's next-token probabilities are not finite (a damaged checkpoint?)") from None
         dt = time.perf_counter() - t0
+        if not printed:
+            sys.stdout.write(text)
+        sys.stdout.write("\n")
+        sys.stdout.flush()
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    sys.stdout.write("\n")
+    except KeyboardInterrupt:
+        if printed:
+            sys.stdout.write("\n")
+        print("interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # the reader is gone (`| head`): stop quietly; stdout must not be flushed at exit
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     msg = f"{len(out)} tokens in {dt:.2f} s ({len(out) / dt:.1f} tokens/s, {stats['main_forwards']} main forwards)"
     if args.speculative:
         rate = stats["accepted"] / max(stats["drafted"], 1)

@@ -37,14 +37,15 @@ moe_inter_dim ("fine-grained" experts: many narrow ones rather than a few wide o
 - V2-style configs (score_func="softmax"): s = softmax over experts, no bias, group score = max, no
   renormalisation of the top-k weights (still × route_scale).
 
-Two dispatch paths with identical results (tests/test_moe.py checks outputs and gradients):
+Three dispatch paths with identical results (tests/test_moe.py and tests/test_parallel.py check outputs and
+gradients):
 - "loop" (the reference, read it first): for each expert, gather its tokens, run it, add the weighted outputs.
 - "grouped" (the fast one, default): sort the N·K_r (token, expert) pairs by expert id with argsort so each expert
   owns one contiguous segment, run all experts with one grouped GEMM per projection (torch._grouped_mm, where
   this build supports it for the device and dtype; otherwise a loop over the segments), scatter-add back.
   With `--fp8` the grouped GEMM is fp8_experts.fp8_segment_mm instead (FP8Linear.experts_mm hands it over), and
   the SwiGLU with W2 is fp8_experts.fp8_swiglu_down, which recomputes the SwiGLU output in the backward pass.
-- "ep" (expert parallelism, when `shard_experts` has split the experts over the ranks of an ep group, report
+- "ep" (expert parallelism, once `MoE.shard` has split the experts over the ranks of an ep group, report
   §3.2.2): each rank holds N_r/ep consecutive experts (w1/w2/w3 are DTensors sharded on dim 0 over the ep mesh,
   so FSDP2, distributed checkpoints and gradient clipping all see the split). `dispatch_ep` sorts the pairs by
   expert as "grouped" does, sends each row to the rank holding its expert (all-to-all), runs the local experts
@@ -77,16 +78,20 @@ def limit_groups(scores: torch.Tensor, n_groups: int, n_keep: int, top2: bool) -
     return grouped.masked_fill(drop.unsqueeze(-1), float("-inf")).view(N, E)  # (N, E)
 
 
-def route(scores, bias, k, n_groups, n_keep, renormalize, route_scale):
+def route(scores, bias, k, n_groups, n_keep, score_func, route_scale):
     """scores s (N, E) unbiased affinities → (weights g (N, K), indices (N, K)).
 
-    Selection uses s + b (and the group limit); the weights gather the *unbiased* s of the chosen experts."""
+    Selection uses s + b (and the group limit); the weights gather the *unbiased* s of the chosen experts.
+    score_func says which routing the scores came from: "sigmoid" (V3: group score = top-2 sum, weights
+    renormalised to sum to 1) or "softmax" (V2: group score = max, no renormalisation). bias may be None."""
+    if score_func not in ("sigmoid", "softmax"):
+        raise ValueError(f"route: score_func must be 'sigmoid' or 'softmax', got {score_func!r}")
     choice = scores if bias is None else scores + bias
     if n_groups > 1:
-        choice = limit_groups(choice, n_groups, n_keep, top2=bias is not None)
+        choice = limit_groups(choice, n_groups, n_keep, top2=score_func == "sigmoid")
     indices = choice.topk(k, dim=-1).indices  # (N, K)
     weights = scores.gather(1, indices)  # (N, K)
-    if renormalize:
+    if score_func == "sigmoid":
         weights = weights / weights.sum(-1, keepdim=True)
     return weights * route_scale, indices
 
@@ -137,8 +142,7 @@ class Gate(nn.Module):
 
     def forward(self, x: torch.Tensor):
         s = self.scores(x)
-        w, idx = route(s, self.bias, self.topk, self.n_groups, self.n_keep,
-                       renormalize=self.score_func == "sigmoid", route_scale=self.route_scale)
+        w, idx = route(s, self.bias, self.topk, self.n_groups, self.n_keep, self.score_func, self.route_scale)
         return w.type_as(x), idx, s
 
 
@@ -428,3 +432,86 @@ class MoE(nn.Module):
 
     def reset_load(self):
         self.load.zero_()
+
+
+# -- demo: `python moe.py` balances a skewed router with the bias alone, and shows the group limit -----------------
+def demo_balancing(steps: int = 40, gamma: float = 0.01, update: bool = True, seed: int = 0) -> dict:
+    """A router whose gate rows 0 and 1 lean along the inputs' common direction, so experts 0 and 1 take most
+    tokens. No optimizer runs: only b_i moves (update_bias after each step, or never). Returns the max violation
+    and the load/mean of every expert at each step, and the final bias."""
+    from config import ModelConfig
+    cfg = ModelConfig(dim=32, moe_inter_dim=8, n_routed_experts=16, n_shared_experts=0, n_activated_experts=2,
+                      n_expert_groups=1, n_limited_groups=1, init_std=0.1)
+    torch.manual_seed(seed)
+    m = MoE(cfg).train()
+    c = F.normalize(torch.randn(cfg.dim), dim=0)
+    with torch.no_grad():
+        m.gate.weight[:2] += 2.0 * c
+    gen = torch.Generator().manual_seed(seed + 1)
+    violation, load = [], []
+    for _ in range(steps):
+        x = torch.randn(8, 32, cfg.dim, generator=gen) * 0.5 + c  # one step: 256 tokens
+        with torch.no_grad():
+            m(x)
+        counts = m.last_counts.double()
+        violation.append(max_violation(counts))
+        load.append((counts / counts.mean()).tolist())
+        if update:
+            m.update_bias(gamma)
+        else:
+            m.reset_load()
+    return dict(violation=violation, load=load, bias=m.gate.bias.clone())
+
+
+def demo_group_limit(n_tokens: int = 4096, seed: int = 0) -> dict:
+    """V3's routing shape (256 experts in 8 groups, top-8, best 4 groups) on random affinities: how many groups
+    (nodes, when each node holds one group) a token's experts span with and without the limit, and how much of
+    the unrestricted top-8's affinity the limited choice keeps."""
+    gen = torch.Generator().manual_seed(seed)
+    s = torch.rand(n_tokens, 256, generator=gen).pow(4)  # skewed affinities in [0, 1), like sigmoid outputs
+    out = {}
+    for name, keep in (("unlimited", 8), ("limited", 4)):
+        _, idx = route(s, torch.zeros(256), 8, 8, keep, "sigmoid", 1.0)
+        groups = F.one_hot(idx // 32, 8).amax(1).sum(-1).double()  # (N,) distinct groups per token
+        out[name] = dict(mean=groups.mean().item(), max=int(groups.max()), mass=s.gather(1, idx).sum().item())
+    out["kept"] = out["limited"]["mass"] / out["unlimited"]["mass"]
+    return out
+
+
+def _demo_main(argv=None):
+    import argparse
+    import plots
+    p = argparse.ArgumentParser(description="Aux-loss-free balancing and group-limited routing, in numbers.")
+    p.add_argument("--png", metavar="PATH", help="also write the expert load over the steps as a PNG")
+    a = p.parse_args(argv)
+    runs = {u: demo_balancing(update=u) for u in (False, True)}
+    print("A skewed router (16 experts, top-2, experts 0 and 1 favoured), 256 tokens a step, fixed gate.")
+    print("Max violation = max load / mean load - 1 (0 is perfect balance) of each step's tokens:")
+    print(f"  {'step':>4s} {'no bias':>8s} {'bias, gamma=0.01':>17s}   (the report's 0.001 needs more steps)")
+    for t in list(range(0, 40, 5)) + [39]:
+        print(f"  {t + 1:4d} {runs[False]['violation'][t]:8.2f} {runs[True]['violation'][t]:17.2f}")
+    b = runs[True]["bias"]
+    print(f"  after 40 steps b_0 = {b[0]:+.2f}, b_1 = {b[1]:+.2f}, the others {b[2:].min():+.2f}..{b[2:].max():+.2f}")
+    load = runs[True]["load"]
+    print("\nLoad of each expert (load / mean) over the 40 steps with the bias update, one column a step:")
+    rows = [[step[e] for step in load] for e in range(16)]
+    print("\n".join(plots.text_heatmap(rows, [f"  expert {e:2d}" for e in range(16)], top=4.5)))
+    print("  shade by half a mean: ' ' 0, '.' to 0.5, ':' to 1, '-' to 1.5, '=' to 2, '+' to 2.5,")
+    print("  '*' to 3, '#' to 3.5, '%' to 4, '@' more (perfect balance: all ':')")
+    g = demo_group_limit()
+    print("\nGroup-limited routing at V3's shape (256 experts in 8 groups, top-8), random affinities:")
+    print(f"  groups (nodes) a token's experts sit in: unlimited mean {g['unlimited']['mean']:.2f}, max "
+          f"{g['unlimited']['max']}")
+    print(f"  {'':39s} best 4 groups only: mean {g['limited']['mean']:.2f}, max {g['limited']['max']}")
+    print(f"  the limited top-8 keeps {100 * g['kept']:.1f}% of the unrestricted top-8's affinity")
+    if a.png:
+        try:
+            plots.png_heatmap(a.png, rows, "expert load with the bias update (load / mean)", "step", "expert",
+                              "load / mean")
+        except ValueError as e:
+            raise SystemExit(f"error: {e}")
+        print(f"wrote {a.png}")
+
+
+if __name__ == "__main__":
+    _demo_main()

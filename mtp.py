@@ -84,3 +84,57 @@ def mtp_loss(logits: list, targets: torch.Tensor, lam: float = 1.0) -> torch.Ten
 def mtp_accuracy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Share of positions where depth 1's argmax equals the true token two ahead (its acceptance proxy)."""
     return (logits.argmax(-1) == targets[:, 1:]).float().mean()
+
+
+# -- demo: `python mtp.py [--depths D] [WORD ...]` prints which token each depth reads and predicts ------------------
+def demo_targets(words: list, depths: int = 2) -> list:
+    """One row per input position i: (i, input word, main target, [(read, predicted) or None for each depth]).
+
+    What depth k reads comes from mtp_hidden itself, run with an "embedding" that returns the token id and
+    modules that pass it through; what it predicts is targets[:, k:], as mtp_loss slices them."""
+    if depths < 1:
+        raise ValueError(f"--depths must be at least 1, got {depths}")
+    if len(words) < depths + 2:
+        raise ValueError(f"{depths} MTP depth(s) need at least {depths + 2} words, got {len(words)}")
+    ids = torch.arange(len(words))[None]  # (1, T+1): token i is words[i]
+    idx, targets = ids[:, :-1], ids[:, 1:]  # inputs and next-token targets, (1, T) each
+    T = idx.shape[1]
+    read = mtp_hidden([lambda h, emb, fc: emb] * depths, torch.zeros(1, T, 1), idx,
+                      lambda x: x[..., None].float(), torch.zeros(T, 1))  # depth k: (1, T-k, 1) token ids read
+    rows = []
+    for i in range(T):
+        cells = [(words[int(read[k - 1][0, i, 0])], words[targets[0, k:][i]]) if i < T - k else None
+                 for k in range(1, depths + 1)]
+        rows.append((i, words[idx[0, i]], words[targets[0, i]], cells))
+    return rows
+
+
+def _demo_main(argv=None):
+    import argparse
+    p = argparse.ArgumentParser(description="Which token each MTP depth reads and predicts, position by position.")
+    p.add_argument("words", nargs="*", default="the cat sat on the mat and purred softly".split(),
+                   help="the sequence, one token per word (default: a short sentence)")
+    p.add_argument("--depths", type=int, default=2, help="number of MTP depths D (default 2; V3 uses 1)")
+    a = p.parse_args(argv)
+    try:
+        rows = demo_targets(a.words, a.depths)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}")
+    w = max(6, *(len(x) for x in a.words)) + 1  # one word column
+    cw = max(2 * w + 4, 27)  # one depth column: "reads -> predicts"
+    T = len(rows)
+    print(f"inputs t_0..t_{T - 1} = {' '.join(a.words[:-1])}; the main model predicts t_(i+1) at position i")
+    print("depth k at position i reads Emb(t_(i+k)) beside depth k-1's h_i and predicts t_(i+k+1):")
+    head = f"  {'i':>2s}  {'input':{w}s}{'main':{w}s}" + "".join(
+        f"{f'depth {k}: reads -> predicts':{cw}s}" for k in range(1, a.depths + 1))
+    print(head.rstrip())
+    for i, word, main, cells in rows:
+        line = f"  {i:2d}  {word:{w}s}{main:{w}s}"
+        line += "".join(f"{f'{c[0]:{w}s}-> {c[1]}':{cw}s}" if c else f"{'-':{cw}s}" for c in cells)
+        print(line.rstrip())
+    counts = ", ".join(f"depth {k}: {T - k}" for k in range(1, a.depths + 1))
+    print(f"positions with a target (each CE_k averages over its own): main {T}, {counts}")
+
+
+if __name__ == "__main__":
+    _demo_main()

@@ -25,6 +25,15 @@ one data state to checkpoint, and exact equality with one process on the whole b
 
 Processes are started by torchrun (which sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT); gloo on
 CPU, NCCL on CUDA. `python train.py` without torchrun uses no process group at all (`Layout.single()`).
+
+No rank may leave the others waiting: sizes are checked on every rank before the process group exists (the same
+error everywhere); a step that only rank 0 does (building the data cache, locking the run folder) tells the
+others whether it failed (`rank0_first`); a signal one rank received is acted on by all after the same step
+(`signals_as_flag`, `any_rank`); and any collective gives up after the process group's timeout. Checkpoints of
+a distributed run: checkpoint.py, distributed section.
+
+Sections: layout and init; seeding and data; rank-0 output and agreement; expert and data parallelism on the
+model (FSDP2, clipping); pipeline stages.
 """
 import contextlib
 import datetime
@@ -106,7 +115,10 @@ class Layout:
         return (self.dense if name in ("pp", "dp") else self.sparse)[name].get_group()
 
     def describe(self) -> str:
-        return f"dp {self.dp} × ep {self.ep} × pp {self.pp} on {self.world} ranks, {self.backend}"
+        """E.g. "dp 4 (ep 2 × efsdp 2) × pp 1 on 4 ranks, gloo": dp × pp = ranks; the parenthesis says how
+        the dp ranks of a stage hold the experts (ep slices, each on efsdp ranks)."""
+        return (f"dp {self.dp} (ep {self.ep} × efsdp {self.efsdp}) × pp {self.pp} on {self.world} ranks, "
+                f"{self.backend}")
 
 
 # -- init and teardown --------------------------------------------------------------------------------------------

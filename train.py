@@ -12,25 +12,32 @@ given, both follow --max_iters: warmup over the first tenth of the steps, decay 
 default 1000 steps warm up for 100). The resolved values are saved in the checkpoint: a resumed run keeps its
 schedule even when it is given a larger --max_iters.
 
-The run folder (--out_dir, default out/) holds ckpt.pt, log.jsonl (format: see "the log" below) and a lock file:
-a second run on the same folder refuses to start, and so does a fresh run into a folder that holds a run, unless
-given --resume (continue it) or --overwrite (replace it; the old files stay intact until the new run's first
-checkpoint is complete). Checkpoints (checkpoint.py: written to a temporary file and then renamed, so a crash
-never leaves half a file; every --ckpt_interval steps and at the end) hold the model (MoE bias buffers
-included), the optimizer, the step, every RNG state (the data position is the state of the data generator), the
-config, the training options, the tokenizer name and the sums of the steps not yet logged. A run of 12 steps
-stopped after 6 (by a signal, or by --max_iters 6 with the schedule given explicitly) and resumed with
-`--resume --max_iters 12` ends with bit-identical weights and log records, given the same thread count; on resume, options not given on the command line come from the
-checkpoint. Ctrl-C and SIGTERM (what `timeout` and cluster schedulers send) save the last finished step and exit
-with 128 + the signal number (130, 143); a non-finite loss, a full disk or an unwritable folder stop with one
-line and leave the last good checkpoint in place.
+The run folder (--out_dir, default out/) holds ckpt.pt, log.jsonl (format: see "the log" below) and a lock file: a
+second run on the same folder refuses to start, and so does a fresh run into a folder that holds a run, unless given
+--resume (continue it) or --overwrite (replace it; the old files stay intact until the new run's first checkpoint is
+complete). Checkpoints (checkpoint.py: written to a temporary file and then renamed, so a crash never leaves half a
+file; every --ckpt_interval steps and at the end) hold the model (MoE bias buffers included), the optimizer, the
+step, every RNG state (the data position is the state of the data generator), the config, the training options, the
+tokenizer name and the sums of the steps not yet logged. A run stopped part way (by Ctrl-C, SIGTERM or kill -9, or
+by a smaller --max_iters with the schedule given explicitly) and continued with `--resume` ends with the weights and
+log records of a straight run, bit for bit, given the same thread count; on resume, options not given on the command
+line come from the checkpoint. Ctrl-C and SIGTERM (what `timeout` and cluster schedulers send) save the last
+finished step and exit with 128 + the signal number (130, 143); a non-finite loss, a full disk or an unwritable
+folder stop with one line and leave the last good checkpoint in place.
+
+Many processes: `torchrun --nproc_per_node N train.py --ep E ...` runs the same loop on N ranks (parallel.py:
+the experts of each MoE layer split over E ranks, FSDP2 over the N data-parallel ranks, each drawing the same
+global batch of N·batch_size sequences and keeping its slice). Rank 0 prints and logs; the checkpoint is the
+folder out_dir/ckpt.dcp, written by all ranks (checkpoint.py); Ctrl-C and SIGTERM stop all ranks after the same
+step. README, "Many processes".
 
 Precision: bf16 autocast on CUDA (fp32 master weights), fp32 on CPU and MPS; `--fp8` swaps the projections for
 fp8.FP8Linear (Hopper GPUs). `--bench` times a few steps and prints tokens/s and MFU (FLOPs per token:
 model.train_flops_per_token, whose counting rule is written beside it).
 
-The file reads top to bottom: defaults, the run's state, the training loop and its step, evaluation, the
-benchmark, then setup (everything that can fail because of user input, done before training starts) and options.
+The file reads top to bottom: defaults, the run's state, the training loop, its log, one optimizer step and
+evaluation, the benchmark, then setup (everything that can fail because of user input, done before training
+starts: the run folder, memory, device, corpus, model) and options.
 """
 import argparse
 import contextlib
@@ -66,7 +73,8 @@ TRAIN_DEFAULTS = dict(
     lr=3e-3, min_lr=3e-4, warmup_iters=None, lr_decay_iters=None,  # None: from max_iters (resolve_args)
     weight_decay=0.1, beta1=0.9, beta2=0.95, grad_clip=1.0,
     mtp_lambda=0.3, balance_alpha=1e-4, bias_gamma=0.01,
-    eval_interval=200, ckpt_interval=None, eval_iters=20, log_interval=10, fp8=False, fp8_act_cache="bf16", bf16_moments=False,
+    eval_interval=200, ckpt_interval=None, eval_iters=20, log_interval=10,  # ckpt_interval None: eval_interval
+    fp8=False, fp8_act_cache="bf16", bf16_moments=False,
 )
 # Other presets change only these (the rest as above).
 PRESET_TRAIN = {
@@ -188,13 +196,10 @@ def train(run: Run) -> int:
                         run.log_sums[k] = run.log_sums.get(k, 0.0) + v
                     run.log_count += 1
                     if run.step % args.log_interval == 0 or run.step == args.max_iters:
-                        dt, t_last = time.time() - t_last, time.time()
-                        rec = {"step": run.step, "lr": lr_at(run.step - 1, args),
-                               **{k: v / run.log_count for k, v in run.log_sums.items()},
-                               "tok_per_s": timed * run.tokens_per_step / dt}
+                        rec = train_record(run, timed * run.tokens_per_step / (time.time() - t_last))
                         write_record(log, rec)
                         show_progress(bar, interactive, rec, args.max_iters)
-                        run.log_sums, run.log_count, timed = {}, 0, 0
+                        t_last, timed = time.time(), 0
                     boundary = run.snapshot()
                 bar.update(1)
                 if run.stop is not None and parallel.any_rank(run.stop.signum is not None, run.layout):
@@ -340,6 +345,14 @@ def logged_eval(run: Run) -> bool:
         return False
     with open(run.path(LOG)) as f:
         return any('"val_main"' in line and json.loads(line)["step"] == run.step for line in f)
+
+
+def train_record(run: Run, tok_per_s: float) -> dict:
+    """The record of the steps since the last one (their mean metrics); starts the sums afresh."""
+    rec = {"step": run.step, "lr": lr_at(run.step - 1, run.args),
+           **{k: v / run.log_count for k, v in run.log_sums.items()}, "tok_per_s": tok_per_s}
+    run.log_sums, run.log_count = {}, 0
+    return rec
 
 
 def write_record(log, rec: dict) -> None:

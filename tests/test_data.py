@@ -170,8 +170,48 @@ def test_library_errors(tmp_path):
         data.load_corpus(str(tmp_path / "bin"), 512, str(tmp_path / "c"))
 
 
+@pytest.mark.slow
 def test_cli_error_is_one_line(tmp_path):
     r = subprocess.run([sys.executable, os.path.join(ROOT, "data.py"), "--data", str(tmp_path / "nope"),
                         "--cache_dir", str(tmp_path / "c")], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 2
     assert r.stderr.startswith("error: ") and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
+
+
+def test_damaged_cache_is_detected_and_rebuilt(tmp_path):
+    """A truncated or altered .bin, or a broken header, is noticed on load and tokenized again."""
+    root = str(tmp_path / "corpus")
+    make_folder(root, 30)
+    cache = str(tmp_path / "cache")
+    first = data.load_corpus(root, 512, cache)
+    want = {k: np.array(v) for k, v in first.splits.items()}
+    folder = first.meta["cache_dir"]
+    train_bin = os.path.join(folder, "train.bin")
+    n_bytes = os.path.getsize(train_bin)
+
+    def truncate():
+        with open(train_bin, "r+b") as f:
+            f.truncate(100)
+
+    def flip_a_byte():
+        with open(train_bin, "r+b") as f:
+            f.seek(n_bytes // 2)
+            b = f.read(1)
+            f.seek(n_bytes // 2)
+            f.write(bytes([b[0] ^ 1]))
+
+    def break_header():
+        with open(os.path.join(folder, "meta.json"), "w") as f:
+            f.write("{")
+
+    for damage, message in [(truncate, f"train.bin holds 100 bytes, its header says {n_bytes:,}"),
+                            (flip_a_byte, "train.bin does not match the checksum in its header"),
+                            (break_header, "meta.json is unreadable (JSONDecodeError)")]:
+        del first
+        damage()
+        assert data.cache_damage(folder) == message
+        logged = []
+        first = data.load_corpus(root, 512, cache, log=logged.append)
+        assert logged[0] == f"the cached corpus in {folder} is damaged ({message}): tokenizing again"
+        assert all(np.array_equal(first.splits[k], want[k]) for k in want)
+        assert data.cache_damage(folder) is None

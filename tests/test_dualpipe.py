@@ -234,6 +234,7 @@ def _worker(rank, n_pp, n_chunks):
     return {"losses": losses, "grads": [[p.grad for p in m.parameters()] for m in modules]}
 
 
+@pytest.mark.slow  # starts one process per pipeline rank
 @pytest.mark.parametrize("n_pp,n_chunks", [(2, 4), (4, 8)])  # N=4 also runs BI/W on non-first stages
 @pytest.mark.slow
 def test_dualpipe_executor_matches_sequential(n_pp, n_chunks):
@@ -258,3 +259,58 @@ def test_dualpipe_executor_matches_sequential(n_pp, n_chunks):
             g, r = g0 + g1, p.grad
             diff = 1 - 2 * (g * r).sum() / (g * g + r * r).sum()  # calc_diff, as in fp8.py
             assert diff < 1e-13
+
+
+# -- the pictures of `python dualpipe.py` -------------------------------------------------------------------------
+@pytest.mark.parametrize("width", [100, 60])
+def test_fold_timeline_keeps_every_column_within_the_width(width):
+    import dualpipe
+    tl = simulate(schedule_dualpipe(8, 20), README_COSTS)
+    text = render_timeline(tl)
+    folded = dualpipe.fold_timeline(text, width)
+    assert max(len(line) for line in folded.splitlines()) <= width
+    bodies = [line.split("|")[1] for line in text.splitlines()]
+    got = ["" for _ in bodies]
+    spans = []
+    for line in folded.splitlines():
+        if line.lstrip().startswith("t = "):
+            spans.append(line.split("= ")[1])
+        else:
+            r = int(line.split("|")[0].split()[1])
+            got[r] += line.split("|")[1]
+    assert got == bodies and len(spans) >= 2
+    assert spans[0].startswith("0 ..") and spans[-1].endswith(f".. {tl.makespan:g}")
+    assert folded.splitlines()[-1].endswith(f"| bubble {tl.bubble[-1]:g}")
+
+
+def test_cli_prints_narrow_timelines_and_the_bubble_table(capsys):
+    import re
+
+    import dualpipe
+    dualpipe.main([])
+    out = capsys.readouterr().out
+    assert max(len(line) for line in out.splitlines()) <= 100
+    table = dict((k, tuple(map(float, v))) for k, *v in
+                 re.findall(r"^(1f1b|dualpipe|dualpipev)\s+(\d+)\s+(\S+)\s+(\S+)\s+(\S+)$", out, re.M))
+    assert table == {"1f1b": (8, 21, 21, 81), "dualpipe": (8, 6, 6, 66), "dualpipev": (4, 6, 6, 126)}
+    assert out.count("rank  0 |") == len(re.findall(r"^\s+t = ", out, re.M)) > 3
+
+
+def test_cli_png_without_matplotlib_is_one_line_error(tmp_path, monkeypatch):
+    import dualpipe
+    import plots
+    monkeypatch.setattr(plots, "pyplot", lambda: None)
+    with pytest.raises(SystemExit, match="needs matplotlib"):
+        dualpipe.main(["--ranks", "4", "--chunks", "8", "--png", str(tmp_path / "t.png")])
+    assert not (tmp_path / "t.png").exists()
+
+
+def test_cli_png_draws_every_span(tmp_path):
+    pytest.importorskip("matplotlib")
+    import dualpipe
+    tl = simulate(schedule_dualpipe(4, 8), README_COSTS)
+    rows = dualpipe.gantt_rows(tl)
+    pairs = sum(op[0] == "FB" for spans in tl.spans for _, _, op in spans)
+    assert sum(map(len, rows)) == sum(map(len, tl.spans)) + pairs  # a pair is drawn as two halves
+    dualpipe.main(["--ranks", "4", "--chunks", "8", "--png", str(tmp_path / "t.png")])
+    assert (tmp_path / "t.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -249,15 +249,14 @@ def test_bench_take_turns_rotates_the_order():
 
 
 @pytest.mark.parametrize("tiers", ["0", "10", "4,x", ""])
-def test_bench_cli_refuses_bad_tiers(tiers):
-    """`fp8.py --bench --tiers` outside 1-9: a one-line usage error and exit code 2, on any machine."""
-    import subprocess
-    import sys
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    r = subprocess.run([sys.executable, "fp8.py", "--bench", "--tiers", tiers], cwd=root, capture_output=True,
-                       text=True, timeout=120)
-    assert r.returncode == 2 and "Traceback" not in r.stderr
-    assert "not a comma-separated list of tiers 1-9" in r.stderr.strip().splitlines()[-1]
+def test_bench_cli_refuses_bad_tiers(tiers, capsys):
+    """The benchmark's `--tiers` outside 1-9: a one-line usage error and exit code 2, on any machine."""
+    import fp8_bench
+    with pytest.raises(SystemExit) as e:
+        fp8_bench.main(["--bench", "--tiers", tiers])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "Traceback" not in err
+    assert "not a comma-separated list of tiers 1-9" in err.strip().splitlines()[-1]
 
 
 # ------------------------------------------------------------------ GPU: the CUDA kernel
@@ -438,3 +437,31 @@ def test_fused_quantization_is_bit_identical(dtype, R, C):
     qt_ref, st_ref = fp8.quantize_act_ref(torch.nn.functional.pad(x.t(), (0, -R % 128)))
     assert qt.shape == (C, R + (-R % 128)) and torch.equal(st, st_ref), f"seed {seed}"
     assert torch.equal(qt.view(torch.uint8), qt_ref.view(torch.uint8)), f"seed {seed}"
+
+
+# ---------------------------------------------------------------- the demo (`python fp8.py`, CPU)
+def test_demo_tiles_beat_per_tensor_and_promotion_beats_none(capsys):
+    """The printed numbers say what the recipe claims: with a large outlier one scale per tensor loses the small
+    values (error and zeros grow with the outlier) while 1×128 tiles do not notice; without promotion the GEMM
+    error grows with K and stays far above the promoted one."""
+    import re
+    fp8._demo_main([])
+    out = capsys.readouterr().out
+    assert max(len(line) for line in out.splitlines()) <= 100
+    quant = [tuple(float(v) for v in r) for r in
+             re.findall(r"^\s+(\S+e\+\d+)\s+([\d.]+)%\s+([\d.]+)% zeros\s+([\d.]+)%\s+([\d.]+)% zeros$", out, re.M)]
+    assert [q[0] for q in quant] == [1e2, 1e3, 1e4, 1e5]
+    tiles = {q[3] for q in quant}
+    assert len(tiles) == 1 and all(q[4] == 0 for q in quant)  # tiles: the same error whatever the outlier
+    assert quant[-1][1] > 5 * quant[-1][3] and quant[-1][2] > 5  # per tensor at 1e5: > 5x the error, > 5% zeros
+    assert [q[1] for q in quant] == sorted(q[1] for q in quant)
+    gemm = [tuple(map(float, r)) for r in re.findall(r"^\s+(\d+)\s+(\S+e-\d+)\s+(\S+e-\d+)$", out, re.M)]
+    assert [int(g[0]) for g in gemm] == [512, 1024, 2048, 4096, 8192]
+    assert all(p < 1e-6 and n > 100 * p for _, p, n in gemm)
+    assert gemm[-1][2] > 4 * gemm[0][2]  # no promotion: the error grows with K
+
+
+def test_fp8_py_points_to_the_benchmark(capsys):
+    with pytest.raises(SystemExit) as e:
+        fp8._demo_main(["--bench"])
+    assert e.value.code == 2 and "python fp8_bench.py" in capsys.readouterr().err

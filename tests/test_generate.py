@@ -135,6 +135,7 @@ def run_cli(*args, stdin=""):
                           capture_output=True, text=True, cwd=ROOT, timeout=120)
 
 
+@pytest.mark.slow
 def test_cli_missing_and_corrupt_checkpoint(tmp_path):
     r = run_cli("--out_dir", str(tmp_path), "--prompt", "x")
     assert r.returncode == 2 and r.stderr.startswith("error: generate: no checkpoint") and "Traceback" not in r.stderr
@@ -151,6 +152,7 @@ def save_ckpt(path, model, tokenizer_name):
                 "step": 0}, path)
 
 
+@pytest.mark.slow
 def test_cli_samples_from_a_checkpoint(tmp_path):
     import data
     model = tiny_model(5, vocab_size=300).float()
@@ -166,6 +168,7 @@ def test_cli_samples_from_a_checkpoint(tmp_path):
     assert r3.returncode == 0 and r3.stdout.startswith("import os\n")
 
 
+@pytest.mark.slow
 def test_cli_rejects_mismatched_checkpoint_and_long_prompt(tmp_path):
     import data
     from config import config_to_dict
@@ -180,6 +183,7 @@ def test_cli_rejects_mismatched_checkpoint_and_long_prompt(tmp_path):
     assert r.returncode == 2 and "does not match" in r.stderr and "Traceback" not in r.stderr
 
 
+@pytest.mark.slow
 def test_cli_hf_dir_round_trip_and_foreign_vocabulary(tmp_path):
     from hf_io import save_hf_checkpoint
     model = tiny_model(7, vocab_size=300).float()
@@ -192,3 +196,80 @@ def test_cli_hf_dir_round_trip_and_foreign_vocabulary(tmp_path):
     save_hf_checkpoint(big, tmp_path / "v3vocab")
     r = run_cli("--hf_dir", str(tmp_path / "v3vocab"), *args)
     assert r.returncode == 2 and "vocabulary of 129280" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.fixture
+def ckpt_dir(tmp_path):
+    import data
+    save_ckpt(tmp_path / "ckpt.pt", tiny_model(5, vocab_size=300).float(), data.get_tokenizer(300).name)
+    return str(tmp_path)
+
+
+def test_cli_help_shows_every_default(capsys):
+    with pytest.raises(SystemExit):
+        G.main(["--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    for flag, default in [("--max_new_tokens", 200), ("--temperature", 0.8), ("--top_k", 50), ("--seed", 1337),
+                          ("--out_dir", "out"), ("--device", "auto")]:
+        described = out.rsplit(f"{flag} ", 1)[1]  # the option's own line in the help, not the usage line
+        assert described.split("(default: ", 1)[1].split(")")[0] == str(default), flag
+    assert out.count("(default: ") == 9
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--temperature", "nan"], "--temperature nan: must be a finite number >= 0 (0 = greedy)"),
+    (["--temperature", "inf"], "--temperature inf: must be a finite number >= 0 (0 = greedy)"),
+    (["--temperature", "-1"], "--temperature -1.0: must be a finite number >= 0"),
+    (["--temperature", "1e-40"], "--temperature 1e-40: too small, the logits divided by it overflow"),
+    (["--top_k", "-1"], "--top_k -1: must be >= 0 (0 = no top-k cut)"),
+    (["--max_new_tokens", "0"], "--max_new_tokens 0: must be >= 1"),
+    (["--prompt", "x " * 100], "the prompt has 200 tokens; the model's context is 40"),
+])
+def test_cli_errors_name_the_flag_and_print_no_prompt(ckpt_dir, capsys, argv, message):
+    assert G.main(["--out_dir", ckpt_dir, "--prompt", "def f(x):", "--max_new_tokens", "5", *argv]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.startswith("error: ") and message in err and err.count("\n") == 1
+
+
+def test_cli_top_k_0_is_off_and_max_new_tokens_is_cut(ckpt_dir, capsys, monkeypatch):
+    seen = []
+    real = G.probs_from_logits
+    monkeypatch.setattr(G, "probs_from_logits", lambda logits, t, k=None: seen.append(k) or real(logits, t, k))
+    assert G.main(["--out_dir", ckpt_dir, "--prompt", "def f(x):", "--top_k", "0", "--max_new_tokens", "1000"]) == 0
+    out, err = capsys.readouterr()
+    n = len(G.load_model(ckpt_dir)[1].encode("def f(x):"))
+    assert f"note: --max_new_tokens 1000 cut to {40 - n}: the model's context holds 40 tokens and the prompt " \
+           f"takes {n}" in err
+    assert f"{40 - n} tokens in " in err and out.startswith("def f(x):")
+    assert seen and set(seen) == {None}  # no top-k cut
+
+
+def test_cli_ctrl_c_and_a_prompt_from_a_terminal(ckpt_dir, capsys, monkeypatch):
+    import io
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    def interrupted(model, prompt, n, *a):
+        a[-1](prompt[0])  # one token streamed, then Ctrl-C
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(G, "generate", interrupted)
+    monkeypatch.setattr("sys.stdin", Terminal("import os"))
+    assert G.main(["--out_dir", ckpt_dir, "--max_new_tokens", "5"]) == 130
+    out, err = capsys.readouterr()
+    assert err == ("reading the prompt from stdin until end of file (Ctrl-D); --prompt TEXT gives it directly\n"
+                   "interrupted\n")
+    assert out.startswith("import os") and out.endswith("\n")
+
+
+@pytest.mark.slow
+def test_cli_into_a_closed_pipe_exits_quietly(ckpt_dir):
+    """`generate.py | head`: once the reader is gone, stop without a traceback or a message."""
+    p = subprocess.Popen([sys.executable, os.path.join(ROOT, "generate.py"), "--out_dir", ckpt_dir, "--prompt",
+                          "def f(x):", "--max_new_tokens", "20"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, cwd=ROOT)
+    p.stdout.close()  # the reader goes away before the first token
+    err = p.stderr.read()
+    assert p.wait(timeout=120) == 0 and err == ""

@@ -2,6 +2,7 @@
 
 Everything runs on CPU with tiny dimensions; modules are cast to fp64 where a comparison must be tight.
 """
+import copy
 import math
 
 import pytest
@@ -310,3 +311,100 @@ def test_bad_use_raises():
     m.free_cache()
     with pytest.raises(ValueError, match="setup_cache"):
         m(x, fc[:4], start_pos=0)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Mistakes that the tests above alone would let through
+# ---------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("impl", ["naive", "absorb"])
+def test_positions_enter_only_through_relative_rotary_dims(impl):
+    """Shifting every position by the same offset leaves the output unchanged (RoPE is relative), and with
+    W^QR and W^KR zeroed (the last dr rows of each head of wq_b, the last dr rows of wkv_a) no rotary phase
+    reaches the output at all. RoPE on the content half of q, or the halves of q split the other way
+    round, breaks one of the two."""
+    cfg = make_cfg(v_head_dim=6, yarn=True)
+    fc, T = precompute_freqs_cis(cfg), 9
+    m, x = make_mla(cfg, 0), rand_x(2, T, cfg.dim, 0)
+    m.attn_impl = impl
+    base = m(x, fc[:T])
+    for shift in (3, 20):
+        torch.testing.assert_close(m(x, fc[shift:shift + T]), base, rtol=1e-5, atol=1e-6)  # complex64 phases
+    g = torch.Generator().manual_seed(5)
+    angles = torch.rand(T, cfg.qk_rope_head_dim // 2, generator=g) * 100  # arbitrary phases per position
+    random_fc = torch.polar(torch.ones_like(angles), angles)
+    assert not torch.allclose(m(x, random_fc), base)  # the phases matter while W^QR, W^KR are not zero
+    dn, dr, c = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.kv_lora_rank
+    for zero in ("W^QR", "W^KR"):  # either one alone removes every rotary phase from the scores
+        z = copy.deepcopy(m)
+        with torch.no_grad():
+            if zero == "W^QR":
+                z.wq_b.weight.view(cfg.n_heads, dn + dr, -1)[:, dn:] = 0  # q^R = 0 for every head
+            else:
+                z.wkv_a.weight[c:] = 0  # k^R = 0
+        torch.testing.assert_close(z(x, random_fc), z(x, fc[:T]), rtol=1e-12, atol=1e-12, msg=zero)
+
+
+def test_yarn_keeps_fast_pairs_and_slows_slow_ones():
+    """YaRN from its definition: a pair that turns more than β_fast times over the original context keeps its
+    frequency, one that turns fewer than β_slow times is divided by the factor, the ones between fall
+    strictly between (a config other than V3's)."""
+    cfg = ModelConfig(qk_rope_head_dim=32, rope_theta=50000.0, max_seq_len=1024, original_seq_len=512,
+                      rope_factor=8.0, beta_fast=32, beta_slow=1)
+    base = 50000.0 ** (-torch.arange(0, 32, 2, dtype=torch.float64) / 32)  # θ_j
+    turns = 512 * base / (2 * math.pi)  # rotations of pair j over the original context
+    f = rope_frequencies(cfg).double()
+    fast, slow = turns > 32, turns < 1
+    assert fast.sum() >= 2 and slow.sum() >= 2 and (~fast & ~slow).sum() >= 2
+    torch.testing.assert_close(f[fast], base[fast], rtol=1e-6, atol=0)
+    torch.testing.assert_close(f[slow], base[slow] / 8, rtol=1e-6, atol=0)
+    ratio = f[~fast & ~slow] / base[~fast & ~slow]
+    assert bool(((ratio <= 1) & (ratio >= 1 / 8)).all())
+
+
+def test_softmax_of_the_absorbed_path_runs_in_fp32(monkeypatch):
+    """DESIGN: softmax runs in fp32. CPU's bf16 softmax kernel accumulates in fp32 itself, so a softmax on bf16
+    scores would give the same numbers here; what is pinned is the dtype softmax receives, with a bf16 model
+    and under bf16 autocast, and the bf16 output stays near the fp64 reference."""
+    cfg = make_cfg(v_head_dim=6)
+    fc = precompute_freqs_cis(cfg)
+    m, x = make_mla(cfg, 0), rand_x(2, 9, cfg.dim, 0)
+    m.attn_impl = "absorb"
+    ref = m(x, fc[:9])
+    seen, real_softmax = [], torch.nn.functional.softmax
+
+    def spy(t, *args, **kw):
+        seen.append(t.dtype)
+        return real_softmax(t, *args, **kw)
+
+    monkeypatch.setattr(torch.nn.functional, "softmax", spy)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        m.float()(x.float(), fc[:9])
+    low = m.bfloat16()(x.bfloat16(), fc[:9])
+    assert seen == [torch.float32, torch.float32]
+    assert (low.double() - ref).abs().max() < 0.05 * ref.abs().max()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The demo (`python mla.py`) prints true numbers
+# ---------------------------------------------------------------------------------------------------------
+def test_demo_prints_the_cache_saving_and_the_agreement(capsys):
+    import re
+
+    import mla
+    mla._demo_main()
+    out = capsys.readouterr().out
+    assert max(len(line) for line in out.splitlines()) <= 100
+
+    def row(name):  # values/token/layer and bytes of one table row
+        m = re.search(rf"^  {re.escape(name)}\s+([\d,]+)\s+([\d,]+)\s+([\d,.]+)$", out, re.M)
+        return [float(g.replace(",", "")) for g in m.groups()]
+
+    mha, gqa, lat = row("MHA, 128 heads"), row("GQA, 8 groups"), row("MLA, c^KV + k^R")
+    assert (mha[0], gqa[0], lat[0]) == (128 * (192 + 128), 8 * (192 + 128), 512 + 64)
+    assert (mha[1], lat[1]) == (2 * mha[0], 2 * lat[0])
+    assert mha[2] == pytest.approx(mha[1] * 61 * 131072 / 2**30, abs=0.05)
+    ratio = float(re.search(r"MLA caches ([\d.]+)x less than MHA", out).group(1))
+    assert ratio == pytest.approx(40960 / 576, abs=0.05)
+    fp64, fp32 = map(float, re.search(r"fp64 (\S+)\s+fp32 (\S+)", out).groups())
+    decode = float(re.search(r"naive full pass: (\S+)", out).group(1))
+    assert fp64 < 1e-12 and fp32 < 1e-5 and decode < 1e-5

@@ -343,3 +343,146 @@ def test_max_violation_and_errors():
     m.dispatch = "grouped"
     with pytest.raises(ValueError, match="MoE input"):
         m(torch.randn(2, 16))
+
+
+# -- mistakes that the tests above alone would let through ------------------------------------------------------
+def test_route_takes_the_score_function_explicitly():
+    """The group score and the renormalisation follow score_func, not whether a bias was passed."""
+    s = torch.tensor([[0.9, 0.1, 0.1, 0.1,  # group 0: best by max
+                       0.6, 0.6, 0.05, 0.05]])  # group 1: best by top-2 sum
+    for bias in (None, torch.zeros(8)):
+        w, idx = moe.route(s, bias, 2, 2, 1, "sigmoid", 2.0)
+        assert sorted(idx[0].tolist()) == [4, 5]
+        torch.testing.assert_close(w, torch.tensor([[1.0, 1.0]]))  # renormalised, × route_scale
+    for bias in (None, torch.zeros(8)):
+        w, idx = moe.route(s, bias, 2, 2, 1, "softmax", 2.0)
+        assert sorted(idx[0].tolist()) == [0, 1]
+        torch.testing.assert_close(w.sort(-1).values, torch.tensor([[0.2, 1.8]]))  # not renormalised
+    with pytest.raises(ValueError, match="score_func"):
+        moe.route(s, None, 2, 2, 1, "relu", 2.0)
+
+
+def test_limit_groups_sets_dropped_groups_to_minus_inf():
+    """Dropped groups become -inf, not 0: with negative (biased) scores a 0 would outrank every kept expert."""
+    s = -torch.tensor([[1.0, 2.0, 9.0, 9.0, 3.0, 4.0, 0.5, 8.0]])  # groups of 2: top-2 sums -3, -18, -7, -8.5
+    out = moe.limit_groups(s, 4, 2, top2=True)
+    inf = float("-inf")
+    assert out.tolist() == [[-1.0, -2.0, inf, inf, -3.0, -4.0, inf, inf]]
+    w, idx = moe.route(s, torch.zeros(8), 3, 4, 2, "sigmoid", 1.0)
+    assert sorted(idx[0].tolist()) == [0, 1, 4]
+
+
+def test_router_runs_in_fp32_under_bf16_autocast():
+    """The gate's affinities and choices under CPU bf16 autocast equal the fp32 ones (the linear is not cast)."""
+    torch.manual_seed(0)
+    m = MoE(cfg_(n_routed_experts=16, n_activated_experts=4, init_std=0.5))
+    m.gate.bias.copy_(torch.randn(16) * 0.05)
+    x = torch.randn(64, 16)
+    w, idx, s = m.gate(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        w_ac, idx_ac, s_ac = m.gate(x)
+    assert s_ac.dtype == torch.float32
+    torch.testing.assert_close(s_ac, s, rtol=1e-6, atol=1e-7)
+    assert torch.equal(idx_ac, idx)
+    m.bfloat16()  # a bf16 model: the bf16 weights and inputs are upcast, the product taken in fp32
+    xb = x.bfloat16()
+    _, idx_b, s_b = m.gate(xb)
+    want = torch.sigmoid(xb.double() @ m.gate.weight.double().T)
+    assert s_b.dtype == torch.float32
+    torch.testing.assert_close(s_b.double(), want, rtol=1e-6, atol=1e-7)
+
+
+def test_balance_loss_uses_unbiased_scores():
+    """L_Bal's P_i is built from s_{i,t}, never from s + b (the bias only selects); a large bias shows the
+    difference."""
+    torch.manual_seed(0)
+    B, T, E, K = 2, 6, 8, 2
+    m = MoE(cfg_(init_std=0.5)).train()
+    m.gate.bias.copy_(torch.linspace(-0.4, 0.4, E))
+    x = torch.randn(B, T, 16)
+    m(x)
+    s = torch.sigmoid(x.view(B * T, 16) @ m.gate.weight.T).view(B, T, E)  # s_{i,t}, unbiased
+    idx = m.gate(x.view(B * T, 16))[1].view(B, T, K)
+    f = torch.nn.functional.one_hot(idx, E).sum((1, 2)).float() * E / (K * T)  # (B, E)
+    want = (f * (s / s.sum(-1, keepdim=True)).mean(1)).sum(-1).mean()
+    torch.testing.assert_close(m.balance_loss, want)
+    biased = s + m.gate.bias
+    assert not torch.allclose(want, (f * (biased / biased.sum(-1, keepdim=True)).mean(1)).sum(-1).mean())
+
+
+@pytest.mark.parametrize("dispatch", ["loop", "grouped"])
+def test_moe_output_matches_a_per_token_reference(dispatch):
+    """u_t ↦ Σ shared SwiGLU(u_t) + Σ_k g_k FFN_k(u_t), written per token from the report's formula with
+    route_scale 2.5, a bias and a group limit: shared experts are added unweighted, routed ones × g."""
+    torch.manual_seed(1)
+    cfg = cfg_(n_routed_experts=8, n_shared_experts=2, n_activated_experts=2, route_scale=2.5, init_std=0.3)
+    m = MoE(cfg).double()
+    m.dispatch = dispatch
+    m.gate.bias.copy_(torch.randn(8, dtype=torch.float64) * 0.2)
+    x = torch.randn(1, 7, 16, dtype=torch.float64)
+    s = torch.sigmoid(x[0] @ m.gate.weight.T)
+
+    def swiglu(u, w1, w2, w3):
+        return w2 @ (torch.nn.functional.silu(w1 @ u) * (w3 @ u))
+
+    se = m.shared_experts
+    want = []
+    for t, (chosen, g) in enumerate(hand_gate(s, m.gate.bias, 2, 4, 2, "sigmoid", 2.5)):
+        u = x[0, t]
+        y = swiglu(u, se.w1.weight, se.w2.weight, se.w3.weight)
+        for i, gi in zip(chosen, g):
+            y = y + gi * swiglu(u, m.experts.w1[i], m.experts.w2[i], m.experts.w3[i])
+        want.append(y)
+    with torch.no_grad():
+        torch.testing.assert_close(m(x)[0], torch.stack(want), rtol=1e-10, atol=1e-12)
+
+
+def _all_reduce_worker(rank, port, loads, gamma, out_dir):
+    import torch.distributed as dist
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        m = MoE(cfg_())
+        m.load.copy_(torch.tensor(loads[rank]))
+        m.update_bias(gamma)
+        torch.save({"bias": m.gate.bias.clone(), "load": m.load.clone()}, f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_update_bias_sums_the_load_over_ranks(tmp_path):
+    """Two gloo ranks with different local loads: both apply the update of the summed load, so their biases
+    stay equal (a rank that used its own load would move differently)."""
+    import socket
+    import torch.multiprocessing as mp
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    loads = [[9, 0, 1, 1, 1, 1, 1, 2], [0, 9, 1, 1, 1, 1, 1, 2]]  # summed: [9, 9, 2, 2, 2, 2, 2, 4], mean 4
+    mp.start_processes(_all_reduce_worker, args=(port, loads, 0.5, str(tmp_path)), nprocs=2, start_method="fork")
+    got = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    want = torch.tensor([-0.5, -0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.0])
+    for r in range(2):
+        assert torch.equal(got[r]["bias"], want), r
+        assert got[r]["load"].sum() == 0
+
+
+# -- the demo (`python moe.py`) prints true numbers ----------------------------------------------------------------
+def test_demo_bias_balances_and_group_limit_bounds_the_groups(capsys):
+    import re
+    moe._demo_main([])
+    out = capsys.readouterr().out
+    assert max(len(line) for line in out.splitlines()) <= 100
+    table = [tuple(map(float, r)) for r in re.findall(r"^\s+(\d+)\s+([\d.]+)\s+([\d.]+)$", out, re.M)]
+    assert [int(r[0]) for r in table] == [1, 6, 11, 16, 21, 26, 31, 36, 40]
+    first, last = table[0], table[-1]
+    assert first[1] == first[2] > 3  # the same skewed start
+    assert last[2] < 0.25 * last[1] and last[1] > 3  # the bias run balances, the other stays skewed
+    heat = re.findall(r"^  expert\s+(\d+) \|(.{40})\|$", out, re.M)
+    assert len(heat) == 16 and heat[0][1][:3] == "@@@" and set(heat[0][1][-5:]) <= set(".:-=+")
+    unl = re.search(r"unlimited mean ([\d.]+), max (\d+)", out).groups()
+    lim = re.search(r"best 4 groups only: mean ([\d.]+), max (\d+)", out).groups()
+    assert int(lim[1]) == 4 and float(lim[0]) <= 4 and int(unl[1]) > 4 and float(unl[0]) > float(lim[0])
+    kept = float(re.search(r"keeps ([\d.]+)%", out).group(1))
+    assert 50 < kept < 100

@@ -110,3 +110,42 @@ def test_mtp_loss_trains_shared_embedding_and_head():
     losses["mtp"].backward()
     for p in (model.embed.weight, model.head.weight, model.mtp[0].eh_proj.weight, model.layers[0].attn.wkv_a.weight):
         assert p.grad is not None and p.grad.abs().sum() > 0
+
+
+def test_demo_targets_are_what_mtp_loss_trains(capsys):
+    """The demo's table (`python mtp.py`): depth k at position i reads Emb(t_(i+k)) and its printed target is
+    the one mtp_loss scores: logits peaked on the printed targets give a loss of ~0, shifted by one they don't."""
+    import re
+
+    import mtp
+    words = "a b c d e f g h i".split()  # token id = position in this list
+    rows = mtp.demo_targets(words, depths=2)
+    T, V = 8, len(words)
+    for k in (1, 2):
+        cells = [r[3][k - 1] for r in rows]
+        assert all(c is None for c in cells[T - k:])
+        assert [c[0] for c in cells[:T - k]] == words[k:T]  # Emb(t_(i+k))
+    logits = [torch.full((1, T - k, V), -50.0) for k in (1, 2)]
+    for k, lk in zip((1, 2), logits):
+        for i in range(T - k):
+            lk[0, i, words.index(rows[i][3][k - 1][1])] = 50.0
+    targets = torch.arange(1, T + 1)[None]  # t_(i+1) at position i
+    assert mtp_loss(logits, targets).item() < 1e-6
+    assert mtp_loss([logits[0], logits[1].roll(1, dims=1)], targets).item() > 10
+    mtp._demo_main(words)
+    out = capsys.readouterr().out
+    printed = re.findall(r"^\s+(\d+)\s+(\w)\s+(\w)\s+(\w)\s+-> (\w)\s+(?:(\w)\s+-> (\w)|-)$", out, re.M)
+    assert len(printed) == T - 1  # the last position has no depth-1 target
+    for p, r in zip(printed, rows):
+        assert (p[1], p[2], p[3], p[4]) == (r[1], r[2], *r[3][0])
+    assert "main 8, depth 1: 7, depth 2: 6" in out
+
+
+def test_demo_bad_input_is_one_line():
+    import pytest
+
+    import mtp
+    with pytest.raises(SystemExit, match="error: 2 MTP depth.s. need at least 4 words, got 3"):
+        mtp._demo_main(["a", "b", "c"])
+    with pytest.raises(SystemExit, match="error: --depths must be at least 1"):
+        mtp._demo_main(["--depths", "0", "a", "b", "c"])

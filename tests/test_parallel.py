@@ -25,7 +25,7 @@ def test_layout_of_8_ranks():
     """The picture in parallel.py's header: pp 2 × dp 4 with ep 2 on 8 ranks."""
     out = run_workers(_layout_worker, 8, 2, 2, init=False)
     for rank, (text, pp_rank, dp_rank, ep_rank, groups) in enumerate(out):
-        assert text == "dp 4 × ep 2 × pp 2 on 8 ranks, gloo"
+        assert text == "dp 4 (ep 2 × efsdp 2) × pp 2 on 8 ranks, gloo"
         assert (pp_rank, dp_rank, ep_rank) == (rank // 4, rank % 4, rank % 2)
         stage = 4 * (rank // 4)
         assert groups["dp"] == [stage, stage + 1, stage + 2, stage + 3]
@@ -404,9 +404,10 @@ def _log(out_dir):
 
 
 def test_train_under_torchrun_equals_one_process(tmp_path, corpus_args):
-    """dp 2 × ep 2 on 4 ranks (fp32, gloo) == one process on the same global batch: weights, gate biases, log.
+    """dp 4 with the experts over ep 2, on 4 ranks (fp32, gloo) == one process on the same global batch: weights, gate biases, log.
     Then a one-process --resume continues the distributed checkpoint and generate.py reads it."""
     import generate
+    import hf_io
     import train
     common = [*corpus_args, *MODEL, *RUN, "--max_iters", "3", "--eval_interval", "3"]
     one, four = str(tmp_path / "one"), str(tmp_path / "four")
@@ -435,6 +436,9 @@ def test_train_under_torchrun_equals_one_process(tmp_path, corpus_args):
     assert checkpoint.load_checkpoint(os.path.join(four, "ckpt.pt"), "test")["step"] == 4
     model, _ = generate.load_model(four)
     assert model.layers[1].ffn.experts.w1.shape[0] == 4
+    hf_io.save_hf_checkpoint(model, str(tmp_path / "hf"))  # and on to the Hugging Face layout and back
+    back = hf_io.load_hf_checkpoint(str(tmp_path / "hf"))
+    assert torch.equal(back.layers[1].ffn.experts.w2, model.layers[1].ffn.experts.w2)
 
 
 @pytest.mark.parametrize("world,extra,message", [(3, ["--ep", "2"], "not divisible by ep × pp"),

@@ -1,5 +1,6 @@
-"""train.py: exact resume (also after Ctrl-C), atomic checkpoints, non-finite loss, LR schedule, FLOP count,
-one-line user errors. Every run uses a tiny model on a small generated text, so each takes about a second."""
+"""train.py: exact resume (also after Ctrl-C, SIGTERM and kill -9, weights and log), the run folder (refusal,
+--overwrite, lock), non-finite loss, full disk, LR schedule, FLOP count, one-line user errors. Every run uses a tiny
+model on a small generated text, so each takes about a second."""
 import argparse
 import math
 import os
@@ -20,6 +21,8 @@ MODEL = ["--vocab_size", "512", "--dim", "32", "--n_layers", "2", "--n_dense_lay
          "--qk_rope_head_dim", "8", "--v_head_dim", "8", "--max_seq_len", "32", "--moe_inter_dim", "16",
          "--n_routed_experts", "4", "--n_activated_experts", "2", "--n_expert_groups", "2",
          "--n_limited_groups", "1"]
+# The schedule is given explicitly, so that a 6-step run resumed to 12 steps has the schedule of a 12-step run (by
+# default warmup and decay follow the first run's --max_iters: test_lr_schedule_follows_max_iters_unless_given).
 RUN = ["--batch_size", "4", "--block_size", "16", "--lr", "2e-3", "--warmup_iters", "3", "--lr_decay_iters", "20",
        "--min_lr", "1e-4", "--eval_iters", "2", "--log_interval", "1", "--device", "cpu"]
 
@@ -306,6 +309,27 @@ def test_overwrite_keeps_the_old_run_until_the_first_checkpoint(tmp_path, corpus
     assert {k: v for k, v in seen[0].items() if k in old} == old
     assert load(tmp_path)["step"] == 6 and [r["step"] for r in read_log(tmp_path) if "loss" in r] == list(range(1, 7))
     assert sorted(os.listdir(tmp_path)) == [".lock", "ckpt.pt", "log.jsonl"]
+
+
+def test_overwrite_killed_between_its_first_checkpoint_and_the_log_rename(tmp_path, corpus_args, monkeypatch):
+    """The first checkpoint of an --overwrite run is complete but its log is still log.jsonl.new: --resume
+    finishes the rename, so the log belongs to the checkpoint's run."""
+    assert run(tmp_path, corpus_args, "--max_iters", "4") == 0
+    real = os.replace
+
+    def replace(src, dst):
+        if str(src).endswith("log.jsonl.new"):
+            raise Killed()
+        return real(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(Killed):
+        run(tmp_path, corpus_args, "--overwrite", "--max_iters", "6", "--ckpt_interval", "3")
+    monkeypatch.undo()
+    assert load(tmp_path)["step"] == 3 and os.path.exists(tmp_path / "log.jsonl.new")
+    assert train.main(["--out_dir", str(tmp_path), "--resume", "--device", "cpu"]) == 0
+    assert [r["step"] for r in read_log(tmp_path) if "loss" in r] == list(range(1, 7))
+    assert not os.path.exists(tmp_path / "log.jsonl.new")
 
 
 def test_a_locked_folder_is_refused(tmp_path, corpus_args, capsys):
