@@ -70,7 +70,7 @@ Time model, for one micro-batch of b sequences of T tokens (bT tokens) through s
     under dualpipe(v) an overlapped pair (F of s, B of s') costs max(F_s + 2F_s' + R_s', C_s + C_s') (one
     direction's all-to-all hidden behind the other's compute, report §3.2.1). 1F1B has no pairs.
     dualpipe.simulate runs every rank's op list with these per-stage costs (zero time for the sends themselves
-    beyond C_s); the bubble printed is makespan - the busiest rank's work. The README formula, which assumes
+    beyond C_s); the bubble printed is makespan - the busiest rank's work. DualPipe's README formula, which assumes
     equal stages, is printed beside it with the busiest stage's costs.
     Step = makespan, for global_batch / (dp·b) micro-batches, + the data-parallel gradient sync, not overlapped
     (an upper bound): reduce-scatter of FP32 gradients and all-gather of BF16 weights,
@@ -399,7 +399,7 @@ def make_plan(cfg, gpus: int, gpus_per_node: int, ep: int, pp: int, kind: str, g
     a2a = all_to_all_bytes(cfg, ep, gpus_per_node)
     times = [stage_times(cfg, n_stages, s, tokens, seq_len, a2a, A) for s in range(n_stages)]
     tl = simulate(sched, {}, lambda r, op: op_seconds(kind, times, sched, r, op))
-    F, R, C = max(times)  # the busiest stage, for the README formula (which assumes equal stages)
+    F, R, C = max(times)  # the busiest stage, for DualPipe's README formula (which assumes equal stages)
     costs = {"F": F + C, "B": 2 * F + R + C, "W": F, "FB": max(3 * F + R, 2 * C), "compute_F": F, "comm": C,
              "recompute": R}
     bubble = tl.makespan - max(tl.busy)  # beyond the busiest rank's own work
@@ -407,7 +407,7 @@ def make_plan(cfg, gpus: int, gpus_per_node: int, ep: int, pp: int, kind: str, g
     step = tl.makespan + sync
     step_tokens = global_batch * seq_len
     fwd = forward_flops_per_token(cfg, seq_len)
-    pp_stages = 2 * pp if kind == "dualpipev" else pp  # the README formula's PP
+    pp_stages = 2 * pp if kind == "dualpipev" else pp  # the PP of DualPipe's README formula
     return {"cfg": cfg, "gpus": gpus, "gpus_per_node": gpus_per_node, "ep": ep, "pp": pp, "dp": dp,
             "efsdp": efsdp, "kind": kind, "n_stages": n_stages, "n_micro": n_micro, "micro_batch": micro_batch,
             "seq_len": seq_len, "global_batch": global_batch, "sizes": stage_sizes(cfg.n_layers, n_stages),
@@ -465,7 +465,7 @@ def render(p: dict) -> str:
             f"(lightest stage: F {_s(min(p['times'])[0])})",
             f"pipeline ({p['kind']}, simulated by dualpipe.simulate): {_s(p['makespan'])}, bubble "
             f"{_s(p['bubble'])} ({100 * p['bubble'] / p['makespan']:.1f}%) beyond the busiest rank's "
-            f"{_s(p['busy'])} of work; the README formula "
+            f"{_s(p['busy'])} of work; DualPipe's README formula "
             f"{'(PP-1)(F+B)' if p['kind'] == '1f1b' else '(PP/2-1)(F&B+B-3W)'} with the busiest stage's costs gives "
             f"{_s(p['formula_bubble'])}",
             f"data-parallel gradient sync (not overlapped): {_s(p['sync'])}",

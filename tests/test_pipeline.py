@@ -1,9 +1,10 @@
 """Pipeline parallelism (parallel.py's pipeline stages) against one process, on CPU with gloo.
 
 pp = 2 with torch's Schedule1F1B (2 stages) and ScheduleDualPipeV (4 stages in a V), pp = 4 with 1F1B (middle
-ranks, the embedding tied between ranks 0 and 3 for MTP), and pp 2 × dp 2 with FSDP2 (and ep 2): the summed micro-batch
-losses equal the one-process loss of the whole batch, and every gradient (balance and MTP losses included, the
-embedding shared by the first and last stages) equals the one-process gradient, in fp64."""
+ranks, the embedding tied between ranks 0 and 3 for MTP), and pp 2 × dp 2 with FSDP2 (and ep 2): the summed
+micro-batch losses equal the one-process loss of the whole batch, and every gradient (balance and MTP losses
+included, the embedding shared by the first and last stages) equals the one-process gradient, in fp64. Then
+train.py --pp under torchrun's environment against one process with --grad_accum, its refusals, and --plan."""
 import os
 import re
 

@@ -59,8 +59,8 @@ def test_op_seconds_by_hand():
 
 @pytest.mark.parametrize("kind,pp", [("1f1b", 8), ("dualpipe", 8), ("dualpipev", 4)])
 def test_equal_stages_give_the_readme_bubble(kind, pp):
-    # Equal stages, no communication: F = 1, B = 2, W = 1, F&B = 3, the README's costs, under which the
-    # simulated bubble is exactly the README formula: 21 for 1F1B at PP 8, 6 for DualPipe(V).
+    # Equal stages, no communication: F = 1, B = 2, W = 1, F&B = 3, the costs of DualPipe's README, under which the
+    # simulated bubble is exactly its formula: 21 for 1F1B at PP 8, 6 for DualPipe(V).
     sched = make_schedule(kind, pp, 20)
     times = [(1.0, 0.0, 0.0)] * sched.n_stages
     tl = simulate(sched, {}, lambda r, op: plan.op_seconds(kind, times, sched, r, op))
@@ -69,7 +69,7 @@ def test_equal_stages_give_the_readme_bubble(kind, pp):
 
 
 def test_peak_activations_follow_the_schedules():
-    # In units of one stage's micro-batch: 1F1B holds pp - r on rank r, DualPipe pp + 1 everywhere (README).
+    # In units of one stage's micro-batch: 1F1B holds pp - r on rank r, DualPipe pp + 1 everywhere (DualPipe's README).
     one = lambda s: {i: 1.0 for i in range(s.n_stages)}  # noqa: E731
     s = make_schedule("1f1b", 8, 20)
     assert plan.peak_activations(s, one(s)) == [8, 7, 6, 5, 4, 3, 2, 1]
