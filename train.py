@@ -29,7 +29,9 @@ Many processes: `torchrun --nproc_per_node N train.py --ep E ...` runs the same 
 the experts of each MoE layer split over E ranks, FSDP2 over the N data-parallel ranks, each drawing the same
 global batch of N·batch_size sequences and keeping its slice). Rank 0 prints and logs; the checkpoint is the
 folder out_dir/ckpt.dcp, written by all ranks (checkpoint.py); Ctrl-C and SIGTERM stop all ranks after the same
-step. README, "Many processes".
+step. With --pp P the blocks are cut into pipeline stages (parallel.Pipeline: torch's 1F1B or DualPipeV schedule)
+and --microbatches take the place of --grad_accum. `--plan` prints plan.py's estimate of a full-scale layout and
+exits. README, "Many processes".
 
 Precision: bf16 autocast on CUDA (fp32 master weights), fp32 on CPU and MPS; `--fp8` swaps the projections for
 fp8.FP8Linear (Hopper GPUs). `--bench` times a few steps and prints tokens/s and MFU (FLOPs per token:
