@@ -186,7 +186,8 @@ from test_parallel import MODEL, RUN, _log, _train_worker, corpus_args  # noqa: 
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind,n_layers,micro,dp", [("1f1b", 2, 2, 1), ("dualpipev", 4, 4, 1), ("dualpipev", 4, 4, 2)])
+@pytest.mark.parametrize("kind,n_layers,micro,dp", [("1f1b", 2, 2, 1), ("dualpipev", 4, 4, 1), ("1f1b", 2, 2, 2),
+                                                  ("dualpipev", 4, 4, 2)])
 def test_train_with_pp_equals_one_process(tmp_path, corpus_args, kind, n_layers, micro, dp):
     """train.py --pp 2 on 2·dp ranks == one process with --grad_accum M on the same micro-batches: weights,
     gate biases and log after 3 steps; the distributed checkpoint loads in one process under the model's names."""
