@@ -63,7 +63,7 @@ def load_checkpoint(path: str, what: str, need=("model", "config"), hint: str = 
         raise FileNotFoundError(f"{what}: no checkpoint at {path}{hint}")
     try:
         if os.path.isdir(path):  # a distributed run's folder: gather its shards into whole tensors
-            ckpt = load_distributed_full(path, keys=("model", "optimizer"))
+            ckpt = load_distributed_full(path, keys=("model", "optimizer") if "optimizer" in need else ("model",))
         else:
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated, damaged or not a torch file: the first line of the reason is enough

@@ -55,7 +55,8 @@ def under_torchrun() -> bool:
 
 
 def check_sizes(world: int, ep: int, pp: int, n_experts: int = None) -> int:
-    """dp = world / (pp) data-parallel ranks per stage, of which ep share one expert slice; raises ValueError."""
+    """dp = world / pp data-parallel ranks per stage, split into groups of ep that share out the experts; raises
+    ValueError when the ranks or the experts do not divide."""
     for name, v in (("ep", ep), ("pp", pp)):
         if not isinstance(v, int) or v < 1:
             raise ValueError(f"--{name}={v!r}: must be a positive integer")

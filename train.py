@@ -451,10 +451,11 @@ def evaluate(run: Run) -> dict:
             losses = run.model.evaluate(x, y) if layout.pp > 1 else run.fwd(x, y)[1]
         for k in sums:
             sums[k] += losses[k[4:]].item() / args.eval_iters
-        layer_counts = [m.last_counts.cpu() for m in run.model.moe_layers()]
-        counts = layer_counts if counts is None else [a + b for a, b in zip(counts, layer_counts)]
         moes = run.model.moe_layers()
-        ranks += sum(m.last_ranks_per_token for m in moes) / max(1, len(moes)) / args.eval_iters
+        layer_counts = [m.last_counts.cpu() for m in moes]
+        counts = layer_counts if counts is None else [a + b for a, b in zip(counts, layer_counts)]
+        if layout.ep > 1 and moes:
+            ranks += sum(float(m.last_ranks_per_token) for m in moes) / len(moes) / args.eval_iters
     run.model.train()
     if layout.distributed:  # every dp rank evaluated its slice of the same batches
         sums = {k: v.item() for k, v in parallel.mean_over_dp(sums, layout).items()}
@@ -549,7 +550,7 @@ def setup(ns: argparse.Namespace) -> Run:
 def build(args, cfg, device, linear, corpus, ckpt, ckpt_path, layout=None) -> Run:
     layout = layout or parallel.Layout.single(device)
     torch.manual_seed(args.seed)  # the same seed on every rank: identical weights (FSDP does not broadcast them)
-    model = Transformer(cfg, linear).to(device)
+    model = Transformer(cfg, linear, expert_kernels(args.fp8)).to(device)
     if args.pp > 1:  # this rank's pipeline stages, and on them experts over ep, FSDP2 over dp (parallel.py)
         model = parallel.Pipeline(model, args.pp_schedule, layout, args.microbatches,
                                   (args.batch_size, args.block_size), args.mtp_lambda, args.balance_alpha)
@@ -685,6 +686,15 @@ def linear_class(fp8: bool, device: torch.device):
     if fp8.load_kernel() is None:  # builds fp8_gemm.cu now rather than failing (or crawling) mid-run
         raise ValueError(f"--fp8 is unavailable: {getattr(fp8, '_WHY_NOT', None) or 'the FP8 kernel did not load'}")
     return fp8.FP8Linear
+
+
+def expert_kernels(fp8: bool):
+    """The routed experts' kernels that go with linear_class(fp8): fp8_experts.FP8Experts, or None (high
+    precision). The model hands them to every MoE layer (model.Transformer's `experts`)."""
+    if not fp8:
+        return None
+    import fp8_experts
+    return fp8_experts.FP8Experts
 
 
 def make_optimizer(model: nn.Module, args, device: torch.device) -> torch.optim.Optimizer:
