@@ -208,10 +208,18 @@ def _existing(folder: str) -> str:
     return folder if os.path.isdir(folder) or not os.path.isdir(f"{folder}.old") else f"{folder}.old"
 
 
+def _dcp_options():
+    """The optimizer state flattened to one key per parameter and value ("state.<name>.exp_avg",
+    "param_groups.<name>.lr"): under pipeline parallelism each rank holds other parameters, and a nested
+    param_groups list, written once for all ranks, would keep only one rank's."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+    return StateDictOptions(flatten_optimizer_state_dict=True)
+
+
 def _dcp_state(model, opt) -> dict:
     """Model and optimizer state keyed by parameter names, each tensor as this rank's shard (DTensors)."""
     from torch.distributed.checkpoint.state_dict import get_state_dict
-    model_sd, opt_sd = get_state_dict(model, opt)
+    model_sd, opt_sd = get_state_dict(model, opt, options=_dcp_options())
     return {"model": model_sd, "optimizer": opt_sd}
 
 
@@ -256,15 +264,22 @@ def load_distributed(path: str, model, opt) -> dict:
     path = _existing(path)
     state = _dcp_state(model, opt)
     dcp.load(state, checkpoint_id=path)
-    set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+    set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
+                   options=_dcp_options())
     return read_meta(path)
+
+
+def load_optimizer_state(model, opt, state: dict) -> None:
+    """The optimizer part of `load_distributed_full` into `opt` (whose parameters are `model`'s)."""
+    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+    set_optimizer_state_dict(model, opt, state, options=_dcp_options())
 
 
 def load_distributed_full(path: str, keys=("model",)) -> dict:
     """One process, no process group: the whole tensors of a distributed checkpoint as a plain state dict
-    ({"model": {name: tensor}, "optimizer": {"state": {name: ...}, "param_groups": ...}} plus the meta entries).
-    The optimizer state is keyed by parameter names: load it with torch.distributed.checkpoint.state_dict's
-    set_state_dict (or set_optimizer_state_dict), which works without a process group too."""
+    ({"model": {name: tensor}, "optimizer": {"state.<name>.<key>": ..., "param_groups.<name>.<key>": ...}}
+    plus the meta entries). The optimizer state is keyed by parameter names (flattened, `_dcp_options`): load it
+    with `load_optimizer_state`, which works without a process group too."""
     from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
     from torch.distributed.checkpoint.state_dict_loader import _load_state_dict

@@ -29,7 +29,9 @@ Many processes: `torchrun --nproc_per_node N train.py --ep E ...` runs the same 
 the experts of each MoE layer split over E ranks, FSDP2 over the N data-parallel ranks, each drawing the same
 global batch of N·batch_size sequences and keeping its slice). Rank 0 prints and logs; the checkpoint is the
 folder out_dir/ckpt.dcp, written by all ranks (checkpoint.py); Ctrl-C and SIGTERM stop all ranks after the same
-step. README, "Many processes".
+step. With --pp P the blocks are cut into pipeline stages (parallel.Pipeline: torch's 1F1B or DualPipeV schedule)
+and --microbatches take the place of --grad_accum. `--plan` prints plan.py's estimate of a full-scale layout and
+exits. README, "Many processes".
 
 Precision: bf16 autocast on CUDA (fp32 master weights), fp32 on CPU and MPS; `--fp8` swaps the projections for
 fp8.FP8Linear (Hopper GPUs). `--bench` times a few steps and prints tokens/s and MFU (FLOPs per token:
@@ -56,8 +58,9 @@ from tqdm import tqdm
 import data
 import parallel
 from adamw_bf16 import AdamWBF16
-from checkpoint import (Interrupted, dcp_path, load_checkpoint, load_distributed, lock_out_dir, read_meta, rng_state,
-                        save_checkpoint, save_distributed, set_rng_state, signals_deferred, stop_on_sigterm)
+from checkpoint import (Interrupted, dcp_path, load_checkpoint, load_distributed, load_optimizer_state, lock_out_dir,
+                        read_meta, rng_state, save_checkpoint, save_distributed, set_rng_state, signals_deferred,
+                        stop_on_sigterm)
 from config import ModelConfig, PRESETS, get_preset, config_to_dict, config_from_dict
 from model import Transformer, count_params, train_flops_per_token
 from moe import max_violation
@@ -82,7 +85,7 @@ PRESET_TRAIN = {
 }
 CKPT_KEYS = ("model", "optimizer", "step", "rng", "config", "args", "tokenizer")  # what --resume needs
 RUN_ONLY = ("resume", "overwrite", "device", "compile", "bench", "out_dir",  # never taken from a checkpoint
-            "ep", "pp", "dist_timeout")
+            "ep", "pp", "dist_timeout", "pp_schedule", "microbatches", "plan", "gpus", "gpus_per_node")
 LOG, LOG_NEW = "log.jsonl", "log.jsonl.new"  # the log, and its name while an --overwrite run has no checkpoint
 PEAK_BF16 = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "A800": 312e12}
 
@@ -121,7 +124,8 @@ class Run:
     @property
     def tokens_per_step(self) -> int:
         """Tokens of one optimizer step over all ranks (batch_size sequences per data-parallel rank)."""
-        return self.args.batch_size * self.args.block_size * self.args.grad_accum * self.layout.dp
+        return (self.args.batch_size * self.args.block_size * self.args.grad_accum * self.args.microbatches
+                * self.layout.dp)
 
     def path(self, name: str) -> str:
         return os.path.join(self.args.out_dir, name)
@@ -375,18 +379,29 @@ def forward_backward(run: Run) -> dict:
     for group in run.opt.param_groups:
         group["lr"] = lr
     sums = {k: torch.zeros((), device=run.device) for k in ("loss", "main", "mtp", "balance")}
-    for micro in range(args.grad_accum):
-        x, y = run.batch("train", run.gen)  # (B, T) each
-        parallel.set_gradient_sync(run.model, micro == args.grad_accum - 1)  # under FSDP: one sync per step
+    if run.layout.pp > 1:  # one schedule step runs all --microbatches forward and backward (parallel.Pipeline)
+        # M × (B, T), drawn as one process draws them for --grad_accum M
+        xs, ys = zip(*(run.batch("train", run.gen) for _ in range(args.microbatches)))
         with run.autocast:
-            _, losses = run.fwd(x, y)
-        loss = total_loss(losses, args)
-        (loss / args.grad_accum).backward()
-        losses["loss"] = loss
-        for k in sums:
-            sums[k] += losses[k].detach().float() / args.grad_accum
+            losses = run.model.train_step(torch.cat(xs), torch.cat(ys))
+        losses["loss"] = total_loss(losses, args)
+        sums = {k: losses[k].float().to(run.device) for k in sums}
+    else:
+        for micro in range(args.grad_accum):
+            x, y = run.batch("train", run.gen)  # (B, T) each
+            parallel.set_gradient_sync(run.model, micro == args.grad_accum - 1)  # under FSDP: one sync per step
+            with run.autocast:
+                _, losses = run.fwd(x, y)
+            loss = total_loss(losses, args)
+            (loss / args.grad_accum).backward()
+            losses["loss"] = loss
+            for k in sums:
+                sums[k] += losses[k].detach().float() / args.grad_accum
     clip = args.grad_clip if args.grad_clip > 0 else float("inf")  # inf: measure the norm, never clip
-    if run.layout.distributed:  # losses: means over the dp ranks; the norm over every rank's gradient shards
+    if run.layout.pp > 1:
+        sums = parallel.mean_over_dp(sums, run.layout)
+        sums["grad_norm"] = run.model.clip_grad_norm(clip)
+    elif run.layout.distributed:  # losses: means over the dp ranks; the norm over every rank's gradient shards
         sums = parallel.mean_over_dp(sums, run.layout)
         sums["grad_norm"] = parallel.clip_grad_norm(list(run.model.parameters()), clip, run.layout)
     else:
@@ -433,7 +448,7 @@ def evaluate(run: Run) -> dict:
     for _ in range(args.eval_iters):
         x, y = run.batch("val", gen)
         with run.autocast:
-            _, losses = run.fwd(x, y)
+            losses = run.model.evaluate(x, y) if layout.pp > 1 else run.fwd(x, y)[1]
         for k in sums:
             sums[k] += losses[k[4:]].item() / args.eval_iters
         moes = run.model.moe_layers()
@@ -446,6 +461,7 @@ def evaluate(run: Run) -> dict:
         sums = {k: v.item() for k, v in parallel.mean_over_dp(sums, layout).items()}
         counts = parallel.sum_over_dp(counts, layout) if counts else counts
     sums["max_violation"] = max((max_violation(c) for c in counts), default=0.0) if counts else 0.0
+    sums["max_violation"] = parallel.max_over_pp(sums["max_violation"], layout)  # each stage: its own layers
     if layout.ep > 1:  # node-limited routing: how many ep ranks a token's experts live on, on average
         sums["ranks_per_token"] = parallel.mean_over_dp({"r": ranks}, layout)["r"].item()
     return sums
@@ -535,7 +551,11 @@ def build(args, cfg, device, linear, corpus, ckpt, ckpt_path, layout=None) -> Ru
     layout = layout or parallel.Layout.single(device)
     torch.manual_seed(args.seed)  # the same seed on every rank: identical weights (FSDP does not broadcast them)
     model = Transformer(cfg, linear, expert_kernels(args.fp8)).to(device)
-    parallel.parallelize(model, layout)  # under torchrun: experts over ep, FSDP2 over dp (parallel.py)
+    if args.pp > 1:  # this rank's pipeline stages, and on them experts over ep, FSDP2 over dp (parallel.py)
+        model = parallel.Pipeline(model, args.pp_schedule, layout, args.microbatches,
+                                  (args.batch_size, args.block_size), args.mtp_lambda, args.balance_alpha)
+    else:
+        parallel.parallelize(model, layout)  # under torchrun: experts over ep, FSDP2 over dp (parallel.py)
     set_act_cache(model, args.fp8_act_cache)
     opt = make_optimizer(model, args, device)
     gen = torch.Generator().manual_seed(args.seed)
@@ -582,10 +602,8 @@ def load_full_state(model: nn.Module, opt: torch.optim.Optimizer, ckpt: dict) ->
     """Whole-tensor state into one process: from ckpt.pt, or from a distributed run's folder, whose optimizer
     state is keyed by parameter names (torch.distributed.checkpoint's form) rather than by position."""
     model.load_state_dict(ckpt["model"])
-    groups = ckpt["optimizer"].get("param_groups", [])
-    if groups and groups[0]["params"] and isinstance(groups[0]["params"][0], str):
-        from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
-        set_optimizer_state_dict(model, opt, ckpt["optimizer"])
+    if any(k.startswith("param_groups.") for k in ckpt["optimizer"]):  # a distributed run's (flattened) state
+        load_optimizer_state(model, opt, ckpt["optimizer"])
     else:
         opt.load_state_dict(ckpt["optimizer"])
 
@@ -721,7 +739,17 @@ def build_parser() -> argparse.ArgumentParser:
     t = p.add_argument_group("many processes (start with torchrun --nproc_per_node N train.py ...; README)")
     t.add_argument("--ep", type=int, help="expert parallelism: the routed experts split over ep ranks; data "
                                           "parallelism over dp = N / (ep·pp) ranks is implied (default: 1)")
-    t.add_argument("--pp", type=int, help="pipeline stages (default: 1)")
+    t.add_argument("--pp", type=int, help="pipeline parallelism: ranks a micro-batch flows through (default: 1)")
+    t.add_argument("--pp_schedule", choices=("1f1b", "dualpipev"),
+                   help="with --pp: 1f1b (pp stages) or dualpipev (2·pp stages in a V, embedding and head on rank 0; "
+                        "dualpipe.py) (default: 1f1b)")
+    t.add_argument("--microbatches", type=int, help="with --pp: micro-batches of --batch_size sequences per step, "
+                                                    "in place of --grad_accum (default: the stage count)")
+    t.add_argument("--plan", action="store_true", default=None,
+                   help="print the on-paper plan of --preset on --gpus GPUs with --ep, --pp, --pp_schedule and exit "
+                        "(plan.py: memory, all-to-all, bubble, step time, MFU; the report's batch)")
+    t.add_argument("--gpus", type=int, help="with --plan: GPUs in all (default: 2048)")
+    t.add_argument("--gpus_per_node", type=int, help="with --plan: GPUs a node (default: 8)")
     t.add_argument("--dist_timeout", type=float,
                    help="seconds a rank waits for the others in a collective before the job ends with an error "
                         "(a dead or stuck rank; default: 600)")
@@ -754,7 +782,8 @@ def resolve_args(ns: argparse.Namespace, ckpt: dict = None) -> argparse.Namespac
     saved = ckpt["args"] if ckpt else {}
     preset = given.get("preset", saved.get("preset", TRAIN_DEFAULTS["preset"]))
     args = {**TRAIN_DEFAULTS, **PRESET_TRAIN.get(preset, {}), "out_dir": "out", "device": "auto", "resume": False,
-            "overwrite": False, "compile": False, "bench": False, "ep": 1, "pp": 1, "dist_timeout": 600.0}
+            "overwrite": False, "compile": False, "bench": False, "ep": 1, "pp": 1, "dist_timeout": 600.0,
+            "pp_schedule": "1f1b", "microbatches": None, "plan": False, "gpus": None, "gpus_per_node": None}
     args.update({k: v for k, v in saved.items() if k not in RUN_ONLY})
     model_fields = {f.name for f in fields(ModelConfig)}
     args.update({k: v for k, v in given.items() if k not in model_fields})
@@ -769,6 +798,8 @@ def resolve_args(ns: argparse.Namespace, ckpt: dict = None) -> argparse.Namespac
         args["lr_decay_iters"] = args["max_iters"]
     if args["ckpt_interval"] is None:
         args["ckpt_interval"] = args["eval_interval"]
+    if args["microbatches"] is None:  # with --pp: the fewest the schedule takes, one per stage
+        args["microbatches"] = args["pp"] * (2 if args["pp_schedule"] == "dualpipev" else 1) if args["pp"] > 1 else 1
     args["model_overrides"] = {k: v for k, v in given.items() if k in model_fields}
     args["typed"] = set(given)
     return argparse.Namespace(**args)
@@ -805,7 +836,15 @@ def check_args(args, cfg: ModelConfig) -> None:
     need(args.block_size > cfg.n_mtp, "block_size", f"must be > n_mtp ({cfg.n_mtp}): MTP predicts further ahead")
     need(args.fp8 or args.fp8_act_cache == "bf16", "fp8_act_cache", "needs --fp8")
     need(args.ep >= 1, "ep", "must be >= 1")
-    need(args.pp == 1, "pp", "pipeline stages are not wired into train.py yet (1 only)")
+    need(args.pp >= 1, "pp", "must be >= 1")
+    if args.pp > 1:  # equal stages, enough micro-batches for the schedule (parallel.check_pipeline)
+        need(args.grad_accum == 1, "grad_accum", "with --pp the pipeline's --microbatches take its place")
+        parallel.check_pipeline(cfg.n_layers, args.pp_schedule, args.pp, args.microbatches)
+    else:
+        need(args.microbatches == 1, "microbatches", "needs --pp > 1 (one process: --grad_accum)")
+    need(args.pp > 1 or "pp_schedule" not in args.typed, "pp_schedule", "needs --pp > 1")
+    for name in ("gpus", "gpus_per_node"):
+        need(getattr(args, name) is None, name, "goes with --plan")
     need(args.dist_timeout > 0, "dist_timeout", "must be > 0")
     need(not (args.compile and parallel.under_torchrun()), "compile", "is not supported under torchrun yet")
 
@@ -813,6 +852,8 @@ def check_args(args, cfg: ModelConfig) -> None:
 def main(argv=None) -> int:
     ns = build_parser().parse_args(argv)
     rank0 = int(os.environ.get("RANK", "0")) == 0  # under torchrun the same error comes from every rank: say it once
+    if ns.plan:  # on paper only: nothing is allocated, no process group
+        return plan_run(ns)
     try:
         run = setup(ns)
     except (ValueError, FileNotFoundError, ImportError) as e:
@@ -833,6 +874,18 @@ def main(argv=None) -> int:
         if run.lock is not None:  # the process may go on (a test, a notebook): let the folder go now
             run.lock.close()
         parallel.teardown()
+
+
+def plan_run(ns: argparse.Namespace) -> int:
+    """--plan: plan.py's estimate for the layout given (the report's batch: 15360 sequences of 4096 tokens)."""
+    import plan
+    preset = ns.preset or "v3-671b"
+    overrides = {f.name: getattr(ns, f.name) for f in fields(ModelConfig) if getattr(ns, f.name) is not None}
+    if overrides:
+        print("error: --plan plans a preset as it is (give --preset only, no model fields)", file=sys.stderr)
+        return 2
+    return plan.run(preset, ns.gpus or plan.REPORT["gpus"], ns.gpus_per_node or plan.REPORT["gpus_per_node"],
+                    ns.ep or 1, ns.pp or 1, ns.pp_schedule or "1f1b", 15360, 4096, 1, plan.Assumptions())
 
 
 if __name__ == "__main__":

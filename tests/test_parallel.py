@@ -279,11 +279,11 @@ def _one_process(folder, name, dp):
     """Load a distributed checkpoint in this process (no process group), then one step on the global batch of a
     dp-rank run: returns (the loaded weights, the weights after the step)."""
     from model import Transformer
-    from torch.distributed.checkpoint.state_dict import set_state_dict
     state = checkpoint.load_distributed_full(os.path.join(folder, name), keys=("model", "optimizer"))
     model = Transformer(tiny_cfg()).double()
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.1)
-    set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+    model.load_state_dict(state["model"])
+    checkpoint.load_optimizer_state(model, opt, state["optimizer"])
     loaded = _full_state(model)
     _steps(model, opt, parallel.Layout(), torch.Generator().manual_seed(7), 1, global_rows=2 * dp)
     return state, loaded, _full_state(model)
