@@ -193,6 +193,8 @@ def main(argv=None):
                   file=sys.stderr)
         text = args.prompt if args.prompt is not None else sys.stdin.read()
         prompt = tok.encode(text)
+        if not prompt:  # before the note on --max_new_tokens, so that the error comes alone
+            raise ValueError("the prompt is empty: give --prompt TEXT or the text on stdin")
         room = model.cfg.max_seq_len - len(prompt)
         max_new = args.max_new_tokens
         if 0 < room < max_new:

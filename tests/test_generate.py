@@ -224,6 +224,7 @@ def test_cli_help_shows_every_default(capsys):
     (["--top_k", "-1"], "--top_k -1: must be >= 0 (0 = no top-k cut)"),
     (["--max_new_tokens", "0"], "--max_new_tokens 0: must be >= 1"),
     (["--prompt", "x " * 100], "the prompt has 200 tokens; the model's context is 40"),
+    (["--prompt", ""], "the prompt is empty: give --prompt TEXT or the text on stdin"),
 ])
 def test_cli_errors_name_the_flag_and_print_no_prompt(ckpt_dir, capsys, argv, message):
     assert G.main(["--out_dir", ckpt_dir, "--prompt", "def f(x):", "--max_new_tokens", "5", *argv]) == 2
