@@ -176,7 +176,9 @@ def segment_mm(a: torch.Tensor, w: torch.Tensor, sizes: list, impl: str = "auto"
     dtype = torch.get_autocast_dtype(a.device.type) if torch.is_autocast_enabled(a.device.type) else a.dtype
     if impl == "auto":
         aligned = all(n * dtype.itemsize % 16 == 0 for n in w.shape[1:])  # kernel needs 16-byte rows
-        impl = "grouped_mm" if aligned and grouped_mm_supported(a.device, dtype) else "loop"
+        # Under torch.compile the grouped GEMM's shape rules accept bf16 only, whatever eager mode accepts.
+        compiled_ok = dtype == torch.bfloat16 or not torch.compiler.is_compiling()
+        impl = "grouped_mm" if aligned and compiled_ok and grouped_mm_supported(a.device, dtype) else "loop"
     if impl == "grouped_mm":
         offs = torch.tensor(sizes, device=a.device).cumsum(0).to(torch.int32)  # (E,) end row of each segment
         return torch._grouped_mm(a.to(dtype), w.to(dtype).transpose(-2, -1), offs=offs)  # (M, out)
