@@ -15,7 +15,7 @@ schedule even when it is given a larger --max_iters.
 The run folder (--out_dir, default out/) holds ckpt.pt, log.jsonl (format: see "the log" below) and a lock file: a
 second run on the same folder refuses to start, and so does a fresh run into a folder that holds a run, unless given
 --resume (continue it) or --overwrite (replace it; the old files stay intact until the new run's first checkpoint is
-complete). Checkpoints (checkpoint.py: written to a temporary file and then renamed, so a crash never leaves half a
+complete, and an --overwrite run stopped before that saves nothing). Checkpoints (checkpoint.py: written to a temporary file and then renamed, so a crash never leaves half a
 file; every --ckpt_interval steps and at the end) hold the model (MoE bias buffers included), the optimizer, the
 step, every RNG state (the data position is the state of the data generator), the config, the training options, the
 tokenizer name and the sums of the steps not yet logged. A run stopped part way (by Ctrl-C, SIGTERM or kill -9, or
@@ -185,12 +185,18 @@ def train(run: Run) -> int:
     except KeyboardInterrupt as e:
         bar.close()
         signum = getattr(e, "signum", signal.SIGINT)
+        what = "interrupted" if signum == signal.SIGINT else f"stopped by {signal.Signals(signum).name}"
+        if run.log_name != LOG:  # an --overwrite run before its first checkpoint: the old run is worth more
+            log.close()
+            os.remove(run.path(run.log_name))
+            print(f"{what} before the first checkpoint of this --overwrite run: nothing saved, {args.out_dir} "
+                  f"keeps the run it held", file=sys.stderr)
+            return 128 + signum
         try:
             save(run, boundary)
         except SaveFailed as err:
             print(f"error: {err}", file=sys.stderr)
             return 1
-        what = "interrupted" if signum == signal.SIGINT else f"stopped by {signal.Signals(signum).name}"
         print(f"{what}: saved step {boundary['step']} to {run.ckpt_path} (continue with --resume)", file=sys.stderr)
         return 128 + signum
     except (Diverged, SaveFailed) as e:

@@ -311,6 +311,28 @@ def test_overwrite_keeps_the_old_run_until_the_first_checkpoint(tmp_path, corpus
     assert sorted(os.listdir(tmp_path)) == [".lock", "ckpt.pt", "log.jsonl"]
 
 
+def test_overwrite_interrupted_before_its_first_checkpoint_keeps_the_old_run(tmp_path, corpus_args, monkeypatch,
+                                                                             capsys):
+    """Ctrl-C soon after starting an --overwrite run (the natural way to abort it) saves nothing: the old run,
+    possibly long, is worth more than the new run's first steps."""
+    assert run(tmp_path, corpus_args, "--max_iters", "4") == 0
+    old = folder_hashes(tmp_path)
+    real, calls = data.Corpus.get_batch, []
+
+    def get_batch(self, split, *a, **kw):
+        calls.append(split)
+        if len(calls) == 3:  # in step 3; the first checkpoint would come at step 5
+            raise KeyboardInterrupt
+        return real(self, split, *a, **kw)
+
+    monkeypatch.setattr(data.Corpus, "get_batch", get_batch)
+    capsys.readouterr()
+    assert run(tmp_path, corpus_args, "--overwrite", "--max_iters", "8", "--ckpt_interval", "5") == 130
+    assert capsys.readouterr().err == (f"interrupted before the first checkpoint of this --overwrite run: nothing "
+                                       f"saved, {tmp_path} keeps the run it held\n")
+    assert folder_hashes(tmp_path) == old  # log.jsonl.new gone too
+
+
 def test_overwrite_killed_between_its_first_checkpoint_and_the_log_rename(tmp_path, corpus_args, monkeypatch):
     """The first checkpoint of an --overwrite run is complete but its log is still log.jsonl.new: --resume
     finishes the rename, so the log belongs to the checkpoint's run."""
