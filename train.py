@@ -483,6 +483,9 @@ def check_out_dir(out_dir: str, resume: bool, overwrite: bool) -> None:
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise ValueError(f"--out_dir {out_dir}: this is a file, not a folder")
     held = [name for name in ("ckpt.pt", LOG) if os.path.exists(os.path.join(out_dir, name))]
+    if held == [LOG] and not overwrite:  # a run stopped (kill -9, a crash) before its first checkpoint
+        raise ValueError(f"--out_dir {out_dir} holds the log of a run that saved no checkpoint, so it cannot be "
+                         f"resumed: --overwrite replaces it")
     if held and not resume and not overwrite:
         raise ValueError(f"--out_dir {out_dir} holds a run ({', '.join(held)}): --resume continues it, "
                          f"--overwrite replaces it (the old files stay until the new run's first checkpoint)")

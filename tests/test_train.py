@@ -288,6 +288,13 @@ def test_fresh_run_refuses_a_folder_holding_a_run(tmp_path, corpus_args, capsys)
     assert run(tmp_path, corpus_args, "--resume", "--overwrite") == 2
     assert "give one of them" in capsys.readouterr().err
     assert folder_hashes(tmp_path) == before  # nothing written, nothing removed
+    os.remove(tmp_path / "ckpt.pt")  # a run killed before its first checkpoint leaves only its log
+    before = folder_hashes(tmp_path)
+    for resume in ([], ["--resume"]):  # --resume is not offered, nor accepted, where there is nothing to resume
+        assert run(tmp_path, corpus_args, "--max_iters", "5", *resume) == 2
+        assert capsys.readouterr().err == (f"error: --out_dir {tmp_path} holds the log of a run that saved no "
+                                           f"checkpoint, so it cannot be resumed: --overwrite replaces it\n")
+    assert folder_hashes(tmp_path) == before
 
 
 def test_overwrite_keeps_the_old_run_until_the_first_checkpoint(tmp_path, corpus_args, monkeypatch, capsys):
