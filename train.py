@@ -493,7 +493,7 @@ def check_out_dir(out_dir: str, resume: bool, overwrite: bool) -> None:
 
 def prepare_log(run: Run, ckpt: dict) -> None:
     """Name the log this run appends to. A fresh run into a folder that holds a run (--overwrite) writes
-    LOG_NEW, which replaces LOG at its first checkpoint (Run.save). A resumed run first finishes that rename if
+    LOG_NEW, which replaces LOG at its first checkpoint (save). A resumed run first finishes that rename if
     a crash came between the checkpoint and the rename, and drops the LOG_NEW of a run that never saved."""
     new = run.path(LOG_NEW)
     if ckpt and ckpt.get("log_file") == LOG_NEW and os.path.exists(new):
