@@ -27,7 +27,7 @@ tier 8: a 128×256 tile; tier 9: tier 4 with M-major A scales carried into share
 for short K and a split-K tail for a last, mostly empty round of tiles; and tier 4's 1D1D, M-grouped and K-grouped
 variants for training) plus the one-pass quantizers of ``fp8_quant.cu``, JIT-built on first use by
 ``torch.utils.cpp_extension.load``; the functions here pick them on Hopper GPUs and say once when they fall back.
-``python fp8.py --bench`` times the kernel against torch's bf16 matmul and cuBLAS's blockwise FP8 ``F.scaled_mm``;
+``python fp8_bench.py`` times the kernel against torch's bf16 matmul and cuBLAS's blockwise FP8 ``F.scaled_mm``;
 ``--interleave`` times them again taking turns, ``--training`` adds the training variants, ``--sustained`` the
 clock and power under a long run (the timing code and its command line are in fp8_bench.py).
 """

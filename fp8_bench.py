@@ -1,4 +1,4 @@
-"""Timing of fp8.py's kernels on a Hopper GPU, and its command line: `python fp8.py --bench [--tiers ...] ...` calls
+"""Timing of fp8.py's kernels on a Hopper GPU, and its command line: `python fp8_bench.py [--tiers ...] ...` calls
 `main`.
 
 `bench` prints TFLOP/s per shape for the kernel tiers of fp8_gemm.cu, torch's bf16 matmul and cuBLAS's blockwise
@@ -13,7 +13,6 @@ BENCHMARKS.md records the tables.
 import argparse
 import statistics
 import subprocess
-import sys
 import time
 
 import torch
@@ -32,7 +31,7 @@ def _tier_call(t, xq, xs, xs_m, wq, ws, out):
     return lambda: fp8._EXT.gemm(xq, xs_m if t == 9 else xs, wq, ws, out, t)
 
 
-FLUSH_L2 = False  # set by `fp8.py --bench --flush-l2`: every timed call starts with a cold L2, as DeepGEMM times
+FLUSH_L2 = False  # set by `fp8_bench.py --flush-l2`: every timed call starts with a cold L2, as DeepGEMM times
 _scratch = None
 
 
@@ -76,7 +75,7 @@ def _vendor_blockwise(xq, xs, wq, ws):
 
 def bench(tiers=(1, 2, 3, 4, 5, 6, 7, 8, 9)):
     if load_kernel() is None:
-        raise SystemExit(f"fp8.py --bench needs a Hopper GPU and the kernel: {fp8._WHY_NOT}")
+        raise SystemExit(f"fp8_bench.py needs a Hopper GPU and the kernel: {fp8._WHY_NOT}")
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, CUDA {torch.version.cuda}")
     print(f"# TFLOP/s = 2MNK / median time (CUDA events, 10 warm-ups, 50 reps, "
           f"{'L2 flushed before each call' if FLUSH_L2 else 'no L2 flush'}); "
@@ -223,7 +222,7 @@ def bench_sustained(tiers=(4,), seconds: float = 2.0):
                 query = ["--query-gpu=clocks.sm,power.draw", "--format=csv,noheader,nounits", "-lms", "50"]
                 smi = subprocess.Popen(["nvidia-smi", *query], stdout=subprocess.PIPE, text=True)
             except OSError as e:
-                raise SystemExit(f"fp8.py --sustained needs nvidia-smi on PATH ({e})")
+                raise SystemExit(f"fp8_bench.py --sustained needs nvidia-smi on PATH ({e})")
             t0, calls = time.perf_counter(), 0
             while time.perf_counter() - t0 < seconds:
                 for _ in range(20):
@@ -253,11 +252,11 @@ def _tier_list(text: str) -> tuple:
 
 
 def main(argv=None):
-    """The command line of `python fp8.py --bench ...`."""
+    """The command line of `python fp8_bench.py ...` (`--bench`, once needed, is still accepted)."""
     global FLUSH_L2
-    p = argparse.ArgumentParser(prog="fp8.py",
+    p = argparse.ArgumentParser(prog="fp8_bench.py",
                                 description="Fine-grained FP8 GEMM (DeepSeek-V3 §3.3): benchmark on a Hopper GPU")
-    p.add_argument("--bench", action="store_true", help="print TFLOP/s of the kernel tiers, bf16 mm, cuBLAS FP8")
+    p.add_argument("--bench", action="store_true", help="accepted for older commands; the benchmark runs without it")
     p.add_argument("--tiers", type=_tier_list, default=tuple(range(1, 10)),
                    help="kernel tiers to time, comma-separated (default all: 1,2,...,9)")
     p.add_argument("--training", action="store_true", help="also time the wgrad (1D1D) and grouped-expert variants")
@@ -267,9 +266,6 @@ def main(argv=None):
     p.add_argument("--interleave", action="store_true",
                    help="also time the tiers and cuBLAS taking turns, order rotated (clock drift hits all alike)")
     args = p.parse_args(argv)
-    if not args.bench:
-        p.print_help()
-        sys.exit(0)
     FLUSH_L2 = args.flush_l2
     bench(args.tiers)
     if args.interleave:
@@ -278,3 +274,7 @@ def main(argv=None):
         bench_training()
     if args.sustained:
         bench_sustained(args.tiers)
+
+
+if __name__ == "__main__":
+    main()
