@@ -38,6 +38,7 @@ import contextlib
 import json
 import math
 import os
+import shutil
 import signal
 import sys
 import time
@@ -576,7 +577,8 @@ def build_parser() -> argparse.ArgumentParser:
     """Every option defaults to None here so that we know which ones the user typed (they win over a checkpoint)."""
     d = TRAIN_DEFAULTS
     p = argparse.ArgumentParser(description="Train a DeepSeek-V3-style model (see the docstring of train.py).",
-                                formatter_class=argparse.RawTextHelpFormatter)
+                                formatter_class=lambda prog: argparse.HelpFormatter(prog, width=min(
+                                    100, shutil.get_terminal_size().columns - 2)))
     p.add_argument("--preset", help=f"model preset: {', '.join(PRESETS)} (default: {d['preset']})")
     p.add_argument("--data", help="text file or folder to train on (default: the Python standard library)")
     p.add_argument("--out_dir", help="checkpoint and log.jsonl folder (default: out)")
@@ -598,8 +600,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="AdamW moments stored in bf16, as the report trains (adamw_bf16.py; default: fp32)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, help="torch.compile the model")
     p.add_argument("--bench", action="store_true", default=None, help="time a short run: tokens/s and MFU, no ckpt")
-    g = p.add_argument_group("training (defaults for tiny; `small` overrides: "
-                             + ", ".join(f"{k}={v}" for k, v in PRESET_TRAIN["small"].items()) + ")")
+    g = p.add_argument_group("training (defaults for the tiny preset)", "--preset small changes these: "
+                             + ", ".join(f"{k}={v}" for k, v in PRESET_TRAIN["small"].items()))
     helps = dict(batch_size="sequences per micro-batch", block_size="tokens per sequence (<= max_seq_len)",
                  grad_accum="micro-batches per optimizer step", lr="peak learning rate", min_lr="final learning rate",
                  warmup_iters="linear warmup steps", lr_decay_iters="step where the cosine reaches min_lr",

@@ -213,6 +213,18 @@ def test_fp8_act_cache_modes():
     assert {m.act_cache for m in model.modules() if isinstance(m, fp8.FP8Linear)} == {"bf16"}
 
 
+def test_help_fits_a_terminal(monkeypatch, capsys):
+    """--help is wrapped (at most 100 columns, even on a wider terminal) and shows each training default."""
+    monkeypatch.setenv("COLUMNS", "200")
+    with pytest.raises(SystemExit):
+        train.main(["--help"])
+    out = capsys.readouterr().out
+    assert max(len(line) for line in out.splitlines()) <= 100
+    flat = " ".join(out.split())
+    assert "--preset small changes these: max_iters=5000," in flat and "(default: max_iters // 10)" in flat
+    assert all(f"--{k}" in flat for k in train.TRAIN_DEFAULTS)
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--preset", "huge"], "unknown preset 'huge'"),
     (["--block_size", "64"], "--block_size=64: must be <= max_seq_len (32)"),
