@@ -195,6 +195,8 @@ def train(run: Run) -> int:
             return 128 + signum
         try:
             save(run, boundary)
+        except KeyboardInterrupt:  # pressed again during the save: it waited, the checkpoint is complete
+            pass
         except SaveFailed as err:
             print(f"error: {err}", file=sys.stderr)
             return 1
@@ -224,15 +226,17 @@ def train(run: Run) -> int:
 
 
 def save(run: Run, snapshot: dict) -> None:
-    """Write the checkpoint; the first one of an --overwrite run then puts its log in place of the old one."""
-    try:
-        save_checkpoint(snapshot, run.ckpt_path)
-    except OSError as e:
-        raise SaveFailed(str(e)) from None
-    run.saved_step = snapshot["step"]
-    if run.log_name != LOG:
-        os.replace(run.path(run.log_name), run.path(LOG))  # the open log file follows the rename
-        run.log_name = LOG
+    """Write the checkpoint; the first one of an --overwrite run then puts its log in place of the old one.
+    Ctrl-C and SIGTERM wait until both are done."""
+    with signals_deferred():
+        try:
+            save_checkpoint(snapshot, run.ckpt_path)
+        except OSError as e:
+            raise SaveFailed(str(e)) from None
+        run.saved_step = snapshot["step"]
+        if run.log_name != LOG:
+            os.replace(run.path(run.log_name), run.path(LOG))  # the open log file follows the rename
+            run.log_name = LOG
 
 
 def kept(run: Run) -> str:

@@ -106,6 +106,33 @@ def test_ctrl_c_saves_and_resumes_exactly(tmp_path, corpus_args, straight, monke
     assert_same_state(load(tmp_path)["model"], straight["model"])
 
 
+def test_ctrl_c_pressed_again_during_the_save(tmp_path, corpus_args, monkeypatch, capsys):
+    """An impatient second Ctrl-C while the interrupted run writes its checkpoint: the write finishes, the run exits
+    130 with its one line, no traceback."""
+    import signal
+    real_batch, real_save, calls = data.Corpus.get_batch, torch.save, []
+
+    def get_batch(self, split, *a, **kw):
+        calls.append(split)
+        if len(calls) == 4:  # in step 4: saves step 3
+            raise KeyboardInterrupt
+        return real_batch(self, split, *a, **kw)
+
+    def save(obj, f):
+        os.kill(os.getpid(), signal.SIGINT)  # the second Ctrl-C, while the file is being written
+        return real_save(obj, f)
+
+    monkeypatch.setattr(data.Corpus, "get_batch", get_batch)
+    monkeypatch.setattr(torch, "save", save)
+    try:
+        rc = run(tmp_path, corpus_args, "--max_iters", "10")
+    except KeyboardInterrupt:  # caught here, or it would stop pytest itself
+        pytest.fail("the second Ctrl-C escaped train.main")
+    monkeypatch.undo()
+    assert rc == 130 and capsys.readouterr().err == f"interrupted: saved step 3 to {tmp_path / 'ckpt.pt'} (continue with --resume)\n"
+    assert load(tmp_path)["step"] == 3 and sorted(os.listdir(tmp_path)) == [".lock", "ckpt.pt", "log.jsonl"]
+
+
 def test_non_finite_loss_keeps_last_checkpoint(tmp_path, corpus_args, monkeypatch, capsys):
     real, calls = train.total_loss, []
 
