@@ -8,7 +8,7 @@
     rng_state         every random-number state a run depends on (torch CPU, CUDA, the data generator), and
     set_rng_state     its inverse: with them a resumed run draws exactly the numbers the uninterrupted one would.
     signals_deferred  holds Ctrl-C (SIGINT) and SIGTERM during a critical section (an optimizer step, a checkpoint
-                      write) and delivers them right after it, as an Interrupted exception.
+                      write) and delivers them right after it, as an Interrupted exception; sections nest.
     stop_on_sigterm   makes SIGTERM (what clusters and `timeout` send) raise Interrupted, as Ctrl-C does.
     lock_out_dir      an exclusive lock on a run folder, so that two runs never write the same files.
     pick_device       the device to load onto or train on: auto (cuda → mps → cpu) or a name, checked.
@@ -92,20 +92,24 @@ def set_rng_state(state: dict, gen: torch.Generator) -> None:
 
 # -- signals ------------------------------------------------------------------------------------------------------
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+_DEFERRING = []  # non-empty while a signals_deferred block runs
 
 
 @contextlib.contextmanager
 def signals_deferred():
     """Hold SIGINT and SIGTERM while the block runs; if one came, raise Interrupted(signum) right after it.
-    Signal handlers can only be set from the main thread; elsewhere the block runs unprotected."""
-    if threading.current_thread() is not threading.main_thread():
+    Blocks nest: an inner one holds nothing itself, the outermost delivers after its whole block. Signal handlers
+    can only be set from the main thread; elsewhere the block runs unprotected."""
+    if threading.current_thread() is not threading.main_thread() or _DEFERRING:
         yield
         return
     caught = []
     old = {s: signal.signal(s, lambda signum, _frame: caught.append(signum)) for s in STOP_SIGNALS}
+    _DEFERRING.append(True)
     try:
         yield
     finally:
+        _DEFERRING.pop()
         for s, handler in old.items():
             signal.signal(s, handler if handler is not None else signal.SIG_DFL)
     if caught:

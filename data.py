@@ -258,6 +258,21 @@ def cache_damage(folder: str):
     return None
 
 
+def write_cache(folder: str, splits: dict, tokenizer: Tokenizer, source: str, seconds: float) -> dict:
+    """Write the two token streams, then their header meta.json (lengths and checksums of the files before it)."""
+    os.makedirs(folder, exist_ok=True)
+    for name in ("train", "val"):
+        _write_atomic(os.path.join(folder, f"{name}.bin"), splits[name].tofile)
+    meta = {"tokenizer": tokenizer.name, "source": source, "dtype": splits["train"].dtype.name,
+            "n_files": splits["n_files"], "n_chars": splits["n_chars"],
+            "train_tokens": len(splits["train"]), "val_tokens": len(splits["val"]),
+            "train_sha256": file_sha256(os.path.join(folder, "train.bin")),
+            "val_sha256": file_sha256(os.path.join(folder, "val.bin")),
+            "tokenize_seconds": seconds}
+    _write_atomic(os.path.join(folder, "meta.json"), lambda p: _write_json(p, meta))
+    return meta
+
+
 def load_corpus(data: str = None, vocab_size: int = 8192, cache_dir: str = None, log=None) -> Corpus:
     """Tokenize (first time) or memory-map (later) the stdlib corpus, or the text at `data`."""
     tokenizer = get_tokenizer(vocab_size)
@@ -281,17 +296,11 @@ def load_corpus(data: str = None, vocab_size: int = 8192, cache_dir: str = None,
             os.remove(meta_path)  # until it is written again, the entry is incomplete
         t0 = time.time()
         splits = build_splits(root, rels, tokenizer, describe)
-        os.makedirs(folder, exist_ok=True)
-        for name in ("train", "val"):
-            _write_atomic(os.path.join(folder, f"{name}.bin"), splits[name].tofile)
-        meta = {"tokenizer": tokenizer.name, "source": source, "dtype": splits["train"].dtype.name,
-                "n_files": splits["n_files"], "n_chars": splits["n_chars"],
-                "train_tokens": len(splits["train"]), "val_tokens": len(splits["val"]),
-                "train_sha256": file_sha256(os.path.join(folder, "train.bin")),
-                "val_sha256": file_sha256(os.path.join(folder, "val.bin")),
-                "tokenize_seconds": round(time.time() - t0, 2)}
-        # meta.json is written last, with the lengths and checksums of the files written before it.
-        _write_atomic(meta_path, lambda p: _write_json(p, meta))
+        try:
+            meta = write_cache(folder, splits, tokenizer, source, round(time.time() - t0, 2))
+        except OSError as e:  # a file in the way, a read-only or full disk
+            raise ValueError(f"--cache_dir {cache_dir or DEFAULT_CACHE_DIR}: cannot write the tokenized corpus "
+                             f"there ({e.strerror or e})") from None
         if log:
             log(f"tokenized {describe}: {meta['n_files']} files, {meta['train_tokens']:,} train + "
                 f"{meta['val_tokens']:,} val tokens in {meta['tokenize_seconds']} s → {folder}")

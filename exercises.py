@@ -44,6 +44,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import textwrap
 import tokenize
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -490,7 +491,7 @@ def list_text(root: str = ROOT) -> str:
     tests = grading_tests(root)
     lines = ["Sets (in the suggested order of assignments):", ""]
     for name, (about, fns) in SETS.items():
-        lines.append(f"{name}: {about}")
+        lines += textwrap.wrap(f"{name}: {about}", 100, subsequent_indent="  ")  # a 100-column terminal
         lines += [f"    {fn}  (test functions: {len(tests.get(fn, []))})" for fn in fns]
     lines += ["", "Other functions with grading tests (--function NAME):"]
     listed = {fn for _, fns in SETS.values() for fn in fns}
@@ -530,6 +531,8 @@ def main(argv=None) -> int:
     except ExerciseError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the reader went away (`list | head`): stop quietly, also at Python's exit flush
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 0
 
 

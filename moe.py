@@ -184,7 +184,9 @@ def resolve_impl(a: torch.Tensor, w: torch.Tensor, impl: str = "auto") -> str:
         return impl
     dtype = torch.get_autocast_dtype(a.device.type) if torch.is_autocast_enabled(a.device.type) else a.dtype
     aligned = all(n * dtype.itemsize % 16 == 0 for n in w.shape[1:])  # kernel needs 16-byte rows
-    return "grouped_mm" if aligned and grouped_mm_supported(a.device, dtype) else "loop"
+    # Under torch.compile the grouped GEMM's shape rules accept bf16 only, whatever eager mode accepts.
+    compiled_ok = dtype == torch.bfloat16 or not torch.compiler.is_compiling()
+    return "grouped_mm" if aligned and compiled_ok and grouped_mm_supported(a.device, dtype) else "loop"
 
 
 def segment_mm(a: torch.Tensor, w: torch.Tensor, sizes, impl: str = "auto") -> torch.Tensor:

@@ -13,6 +13,7 @@ training run:
 "val_mtp", "val_mtp_acc", "max_violation"} every eval_interval steps.
 """
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -58,7 +59,7 @@ def text_chart(series, width: int = 72, height: int = 14, ylabel: str = "", xlab
                 grid[row][col] = mark if grid[row][col] in (" ", mark) else "&"  # & = points of several
     lines = [f"{ylabel}"] if ylabel else []
     for r, row in enumerate(grid):
-        label = f"{y1 - r * ys_span / (height - 1):8.3g}" if r in (0, height // 2, height - 1) else ""
+        label = f"{y1 - r * ys_span / (height - 1):8.4g}" if r in (0, height // 2, height - 1) else ""
         lines.append(f"{label:>8s} |{''.join(row)}".rstrip())
     lines.append(" " * 9 + "+" + "-" * width)
     left, right = f"{x0:g}", f"{x1:g}"
@@ -134,6 +135,8 @@ def png_gantt(path: str, panels) -> None:
 # -- loss curves of train.py's log.jsonl ---------------------------------------------------------------------------
 def read_log(path: str):
     """(training records, evaluation records) of a log.jsonl; a bad line raises ValueError with its number."""
+    if os.path.isdir(path) and os.path.isfile(os.path.join(path, "log.jsonl")):  # the run folder (--out_dir)
+        path = os.path.join(path, "log.jsonl")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no log file at {path} (train.py writes <out_dir>/log.jsonl)")
     train, evals = [], []
@@ -168,7 +171,7 @@ def loss_series(train, evals) -> list:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description="Loss curves of a train.py run (its log.jsonl), as text or PNG.")
-    p.add_argument("log", help="path of log.jsonl (train.py writes it into --out_dir)")
+    p.add_argument("log", help="path of log.jsonl, or the run folder that holds it (train.py's --out_dir)")
     p.add_argument("--png", metavar="PATH", help="also write the curves as a PNG (needs matplotlib)")
     a = p.parse_args(argv)
     try:
@@ -179,6 +182,9 @@ def main(argv=None) -> None:
         if a.png:
             png_curves(a.png, series, f"loss curves of {a.log}", "step", "loss (nats/token)")
             print(f"wrote {a.png}")
+    except BrokenPipeError:  # the reader went away (`| head`): stop quietly, and keep Python's exit flush quiet too
+        with contextlib.suppress(OSError, ValueError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     except (ValueError, FileNotFoundError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2)

@@ -15,7 +15,7 @@ schedule even when it is given a larger --max_iters.
 The run folder (--out_dir, default out/) holds ckpt.pt, log.jsonl (format: see "the log" below) and a lock file: a
 second run on the same folder refuses to start, and so does a fresh run into a folder that holds a run, unless given
 --resume (continue it) or --overwrite (replace it; the old files stay intact until the new run's first checkpoint is
-complete). Checkpoints (checkpoint.py: written to a temporary file and then renamed, so a crash never leaves half a
+complete, and an --overwrite run stopped before that saves nothing). Checkpoints (checkpoint.py: written to a temporary file and then renamed, so a crash never leaves half a
 file; every --ckpt_interval steps and at the end) hold the model (MoE bias buffers included), the optimizer, the
 step, every RNG state (the data position is the state of the data generator), the config, the training options, the
 tokenizer name and the sums of the steps not yet logged. A run stopped part way (by Ctrl-C, SIGTERM or kill -9, or
@@ -46,6 +46,7 @@ import contextlib
 import json
 import math
 import os
+import shutil
 import signal
 import sys
 import time
@@ -215,12 +216,23 @@ def train(run: Run) -> int:
     except KeyboardInterrupt as e:
         bar.close()
         signum = getattr(e, "signum", signal.SIGINT)
+        what = "interrupted" if signum == signal.SIGINT else f"stopped by {signal.Signals(signum).name}"
+        # an --overwrite run before its first checkpoint: the old run is worth more (rank 0 holds the log's name;
+        # all ranks decide together, since a distributed save needs every rank)
+        if parallel.any_rank(run.log_name != LOG, run.layout):
+            log.close()
+            if run.layout.is_main:
+                os.remove(run.path(run.log_name))
+            print(f"{what} before the first checkpoint of this --overwrite run: nothing saved, {args.out_dir} "
+                  f"keeps the run it held", file=sys.stderr)
+            return 128 + signum
         try:
             save(run, boundary)
+        except KeyboardInterrupt:  # pressed again during the save: it waited, the checkpoint is complete
+            pass
         except SaveFailed as err:
             print(f"error: {err}", file=sys.stderr)
             return 1
-        what = "interrupted" if signum == signal.SIGINT else f"stopped by {signal.Signals(signum).name}"
         report(run, f"{what}: saved step {boundary['step']} to {run.ckpt_path} (continue with --resume)")
         return 128 + signum
     except (Diverged, SaveFailed) as e:
@@ -249,18 +261,20 @@ def train(run: Run) -> int:
 def save(run: Run, snapshot: dict) -> None:
     """Write the checkpoint; the first one of an --overwrite run then puts its log in place of the old one.
     Under torchrun every rank writes its shards of the live model and optimizer (they have not changed since
-    the snapshot was taken: both happen between the same two optimizer steps)."""
-    try:
-        if run.layout.distributed:
-            save_distributed(run.ckpt_path, run.model, run.opt, snapshot)
-        else:
-            save_checkpoint(snapshot, run.ckpt_path)
-    except OSError as e:
-        raise SaveFailed(str(e)) from None
-    run.saved_step = snapshot["step"]
-    if run.log_name != LOG and run.layout.is_main:
-        os.replace(run.path(run.log_name), run.path(LOG))  # the open log file follows the rename
-        run.log_name = LOG
+    the snapshot was taken: both happen between the same two optimizer steps). Ctrl-C and SIGTERM wait until the
+    checkpoint and the log rename are both done."""
+    with signals_deferred():
+        try:
+            if run.layout.distributed:
+                save_distributed(run.ckpt_path, run.model, run.opt, snapshot)
+            else:
+                save_checkpoint(snapshot, run.ckpt_path)
+        except OSError as e:
+            raise SaveFailed(str(e)) from None
+        run.saved_step = snapshot["step"]
+        if run.log_name != LOG and run.layout.is_main:
+            os.replace(run.path(run.log_name), run.path(LOG))  # the open log file follows the rename
+            run.log_name = LOG
 
 
 def kept(run: Run) -> str:
@@ -615,6 +629,9 @@ def check_out_dir(out_dir: str, resume: bool, overwrite: bool) -> None:
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise ValueError(f"--out_dir {out_dir}: this is a file, not a folder")
     held = [name for name in ("ckpt.pt", "ckpt.dcp", LOG) if os.path.exists(os.path.join(out_dir, name))]
+    if held == [LOG] and not overwrite:  # a run stopped (kill -9, a crash) before its first checkpoint
+        raise ValueError(f"--out_dir {out_dir} holds the log of a run that saved no checkpoint, so it cannot be "
+                         f"resumed: --overwrite replaces it")
     if held and not resume and not overwrite:
         raise ValueError(f"--out_dir {out_dir} holds a run ({', '.join(held)}): --resume continues it, "
                          f"--overwrite replaces it (the old files stay until the new run's first checkpoint)")
@@ -622,7 +639,7 @@ def check_out_dir(out_dir: str, resume: bool, overwrite: bool) -> None:
 
 def prepare_log(run: Run, ckpt: dict) -> None:
     """Name the log this run appends to. A fresh run into a folder that holds a run (--overwrite) writes
-    LOG_NEW, which replaces LOG at its first checkpoint (Run.save). A resumed run first finishes that rename if
+    LOG_NEW, which replaces LOG at its first checkpoint (save). A resumed run first finishes that rename if
     a crash came between the checkpoint and the rename, and drops the LOG_NEW of a run that never saved."""
     new = run.path(LOG_NEW)
     if ckpt and ckpt.get("log_file") == LOG_NEW and os.path.exists(new):
@@ -714,7 +731,8 @@ def build_parser() -> argparse.ArgumentParser:
     """Every option defaults to None here so that we know which ones the user typed (they win over a checkpoint)."""
     d = TRAIN_DEFAULTS
     p = argparse.ArgumentParser(description="Train a DeepSeek-V3-style model (see the docstring of train.py).",
-                                formatter_class=argparse.RawTextHelpFormatter)
+                                formatter_class=lambda prog: argparse.HelpFormatter(prog, width=min(
+                                    100, shutil.get_terminal_size().columns - 2)))
     p.add_argument("--preset", help=f"model preset: {', '.join(PRESETS)} (default: {d['preset']})")
     p.add_argument("--data", help="text file or folder to train on (default: the Python standard library)")
     p.add_argument("--out_dir", help="checkpoint and log.jsonl folder (default: out)")
@@ -753,8 +771,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--dist_timeout", type=float,
                    help="seconds a rank waits for the others in a collective before the job ends with an error "
                         "(a dead or stuck rank; default: 600)")
-    g = p.add_argument_group("training (defaults for tiny; `small` overrides: "
-                             + ", ".join(f"{k}={v}" for k, v in PRESET_TRAIN["small"].items()) + ")")
+    g = p.add_argument_group("training (defaults for the tiny preset)", "--preset small changes these: "
+                             + ", ".join(f"{k}={v}" for k, v in PRESET_TRAIN["small"].items()))
     helps = dict(batch_size="sequences per micro-batch", block_size="tokens per sequence (<= max_seq_len)",
                  grad_accum="micro-batches per optimizer step", lr="peak learning rate", min_lr="final learning rate",
                  warmup_iters="linear warmup steps", lr_decay_iters="step where the cosine reaches min_lr",

@@ -70,3 +70,16 @@ def test_signals_wait_for_the_critical_section(signum):
             for _ in range(1000):  # the handler runs between bytecodes
                 pass
     assert signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None)
+
+
+def test_nested_deferral_delivers_after_the_outer_block():
+    """A checkpoint write (deferring on its own) inside a larger deferred section (the write plus the log rename):
+    the signal waits for the whole section, not only for the inner block."""
+    done = []
+    with pytest.raises(checkpoint.Interrupted):
+        with checkpoint.signals_deferred():
+            with checkpoint.signals_deferred():
+                os.kill(os.getpid(), signal.SIGINT)
+                done.append("inner")
+            done.append("outer")  # the inner block did not raise
+    assert done == ["inner", "outer"] and signal.getsignal(signal.SIGINT) is signal.default_int_handler

@@ -170,6 +170,30 @@ def test_library_errors(tmp_path):
         data.load_corpus(str(tmp_path / "bin"), 512, str(tmp_path / "c"))
 
 
+def test_unwritable_cache_dir_is_one_line(tmp_path, monkeypatch):
+    """A --cache_dir that cannot be written (a file in the way; a full disk while writing) is a ValueError naming
+    the flag, not a traceback; nothing half-written is left to be trusted later."""
+    (tmp_path / "code.py").write_text("x = 1\n" * 200)
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(ValueError, match=r"^--cache_dir .*afile.sub: cannot write the tokenized corpus there \(Not "
+                       r"a directory\)$"):
+        data.load_corpus(str(tmp_path / "code.py"), 512, str(tmp_path / "afile" / "sub"))
+    real = data._write_atomic
+
+    def full_disk(path, write):
+        if os.path.basename(path) == "val.bin":
+            raise OSError(28, "No space left on device")
+        return real(path, write)
+
+    monkeypatch.setattr(data, "_write_atomic", full_disk)
+    with pytest.raises(ValueError, match=r"cannot write the tokenized corpus there \(No space left on device\)$"):
+        data.load_corpus(str(tmp_path / "code.py"), 512, str(tmp_path / "c"))
+    monkeypatch.undo()
+    (folder,) = os.listdir(tmp_path / "c")
+    assert "meta.json" not in os.listdir(tmp_path / "c" / folder)  # no header: the next load tokenizes again
+    assert len(data.load_corpus(str(tmp_path / "code.py"), 512, str(tmp_path / "c")).splits["val"]) > 0
+
+
 @pytest.mark.slow
 def test_cli_error_is_one_line(tmp_path):
     r = subprocess.run([sys.executable, os.path.join(ROOT, "data.py"), "--data", str(tmp_path / "nope"),

@@ -2,6 +2,8 @@
 import ast
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -142,6 +144,7 @@ def test_list_shows_every_set(capsys):
     assert E.main(["list"]) == 0
     text = capsys.readouterr().out
     assert all(name in text for name in E.SETS) and all(fn in text for fn in ALL)
+    assert max(len(line) for line in text.splitlines()) <= 100  # a 100-column terminal
 
 
 # -- grading a student copy ------------------------------------------------------------------------------------------
@@ -231,3 +234,13 @@ def test_grading_catches_a_planted_mistake_in_every_exercise(tmp_path):
     per = E.grade(str(copy))
     assert {n: s for n, (s, _) in per.items()} == {n: "failed" for n in ALL}, per
     assert not [n for n, (_, detail) in per.items() if "does not import" in detail or "needs " in detail], per
+
+
+@pytest.mark.slow
+def test_list_into_a_closed_pipe_is_quiet():
+    """`python exercises.py list | head`: once the reader is gone, no traceback and exit status 0."""
+    p = subprocess.Popen([sys.executable, os.path.join(ROOT, "exercises.py"), "list"], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    p.stdout.close()  # the reader goes away before the first line
+    err = p.stderr.read()
+    assert p.wait(timeout=120) == 0 and err == ""

@@ -265,6 +265,17 @@ def test_bench_cli_usage(capsys):
                                                          "--flush-l2"))
 
 
+def test_fp8_bench_runs_as_a_script(monkeypatch, capsys):
+    """`python fp8_bench.py ...` reaches its command line (an unknown option is refused by it, on any machine)."""
+    import runpy
+    monkeypatch.setattr("sys.argv", ["fp8_bench.py", "--no_such_option"])
+    with pytest.raises(SystemExit) as e:
+        runpy.run_path(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "fp8_bench.py"),
+                       run_name="__main__")
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("usage: fp8_bench.py") and "--no_such_option" in err
+
+
 # ------------------------------------------------------------------ GPU: the CUDA kernel
 hopper = pytest.mark.skipif(not (torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)),
                             reason="needs a Hopper (sm_90) GPU")

@@ -108,6 +108,21 @@ def test_init_norm_eps_and_untied_head():
     assert model.head.weight.data_ptr() != model.embed.weight.data_ptr()
 
 
+def test_rms_norm_statistics_in_fp32():
+    """A bf16 input is normalised with its statistics in fp32: the output is the exact (fp64) result rounded once
+    to bf16. Statistics taken in bf16 round every square and the product, and miss that for about a third of the
+    values."""
+    from layers import RMSNorm
+    torch.manual_seed(0)
+    x = (torch.randn(64, 1024) * 3).bfloat16()
+    exact = x.double() * torch.rsqrt(x.double().pow(2).mean(-1, keepdim=True) + 1e-6)
+    got = RMSNorm(1024)(x)
+    assert got.dtype == torch.bfloat16
+    assert (got != exact.bfloat16()).float().mean() < 0.001  # double rounding (fp32, then bf16) aside
+    in_bf16 = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)  # the mistake the test must catch
+    assert (in_bf16 != exact.bfloat16()).float().mean() > 0.1
+
+
 def test_short_sequence_skips_mtp_without_stale_balance_loss():
     torch.manual_seed(2)
     model = Transformer(tiny())

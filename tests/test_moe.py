@@ -270,6 +270,22 @@ def test_segment_impls_agree_with_reference_fp32(impl):
         torch.testing.assert_close(a, b)
 
 
+@pytest.mark.parametrize("dtype, grouped", [(torch.float32, False), (torch.bfloat16, True)])
+def test_segment_mm_under_torch_compile_uses_grouped_mm_for_bf16_only(monkeypatch, dtype, grouped):
+    """Compiled, torch._grouped_mm accepts bf16 only (eager CPU also takes fp32): `train.py --compile` on a CPU
+    would fail at its first step. The rule is checked with torch.compiler.is_compiling faked (compiling is slow)."""
+    monkeypatch.setattr(moe, "grouped_mm_supported", lambda device, dt: True)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    calls = []
+    monkeypatch.setattr(torch, "_grouped_mm", lambda a, b, offs: calls.append(a.dtype) or
+                        torch.cat([ai @ b[i] for i, ai in enumerate(a.split(offs.diff(prepend=offs.new_zeros(1))
+                                                                             .tolist()))]), raising=False)
+    a, w, sizes = torch.randn(8, 16, dtype=dtype), torch.randn(2, 32, 16, dtype=dtype), [3, 5]
+    got = moe.segment_mm(a, w, sizes)
+    torch.testing.assert_close(got, torch.cat([a[:3] @ w[0].T, a[3:] @ w[1].T]))
+    assert calls == ([dtype] if grouped else [])
+
+
 # -- sequence-wise balance loss ---------------------------------------------------------------------------------
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_balance_loss_matches_direct_formula_and_f_has_no_gradient(seed):

@@ -52,6 +52,28 @@ def test_cli_prints_curves_and_last_values(tmp_path, capsys):
     assert "last: train main 6.0000 (step 20), val main 6.2000 (step 20), val mtp 6.6000 (step 20)" in out
 
 
+def test_cli_takes_the_run_folder_too(tmp_path, capsys):
+    plots.main([str(write_log(tmp_path / "log.jsonl"))])
+    by_file = capsys.readouterr().out
+    plots.main([str(tmp_path)])
+    assert capsys.readouterr().out == by_file and "last: train main 6.0000" in by_file
+
+
+def test_cli_into_a_closed_pipe_is_quiet(tmp_path, capsys, monkeypatch):
+    """`plots.py log.jsonl | head`: once the reader is gone, no error line and exit status 0."""
+    import io
+
+    class ClosedPipe(io.StringIO):
+        def write(self, s):
+            raise BrokenPipeError(32, "Broken pipe")
+
+    log = write_log(tmp_path / "log.jsonl")
+    monkeypatch.setattr("sys.stdout", ClosedPipe())
+    plots.main([str(log)])  # returns: no SystemExit(2)
+    monkeypatch.undo()
+    assert capsys.readouterr().err == ""
+
+
 def test_cli_errors_are_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         plots.main([str(tmp_path / "missing.jsonl")])

@@ -106,6 +106,33 @@ def test_ctrl_c_saves_and_resumes_exactly(tmp_path, corpus_args, straight, monke
     assert_same_state(load(tmp_path)["model"], straight["model"])
 
 
+def test_ctrl_c_pressed_again_during_the_save(tmp_path, corpus_args, monkeypatch, capsys):
+    """An impatient second Ctrl-C while the interrupted run writes its checkpoint: the write finishes, the run exits
+    130 with its one line, no traceback."""
+    import signal
+    real_batch, real_save, calls = data.Corpus.get_batch, torch.save, []
+
+    def get_batch(self, split, *a, **kw):
+        calls.append(split)
+        if len(calls) == 4:  # in step 4: saves step 3
+            raise KeyboardInterrupt
+        return real_batch(self, split, *a, **kw)
+
+    def save(obj, f):
+        os.kill(os.getpid(), signal.SIGINT)  # the second Ctrl-C, while the file is being written
+        return real_save(obj, f)
+
+    monkeypatch.setattr(data.Corpus, "get_batch", get_batch)
+    monkeypatch.setattr(torch, "save", save)
+    try:
+        rc = run(tmp_path, corpus_args, "--max_iters", "10")
+    except KeyboardInterrupt:  # caught here, or it would stop pytest itself
+        pytest.fail("the second Ctrl-C escaped train.main")
+    monkeypatch.undo()
+    assert rc == 130 and capsys.readouterr().err == f"interrupted: saved step 3 to {tmp_path / 'ckpt.pt'} (continue with --resume)\n"
+    assert load(tmp_path)["step"] == 3 and sorted(os.listdir(tmp_path)) == [".lock", "ckpt.pt", "log.jsonl"]
+
+
 def test_non_finite_loss_keeps_last_checkpoint(tmp_path, corpus_args, monkeypatch, capsys):
     real, calls = train.total_loss, []
 
@@ -213,6 +240,18 @@ def test_fp8_act_cache_modes():
     assert {m.act_cache for m in model.modules() if isinstance(m, fp8.FP8Linear)} == {"bf16"}
 
 
+def test_help_fits_a_terminal(monkeypatch, capsys):
+    """--help is wrapped (at most 100 columns, even on a wider terminal) and shows each training default."""
+    monkeypatch.setenv("COLUMNS", "200")
+    with pytest.raises(SystemExit):
+        train.main(["--help"])
+    out = capsys.readouterr().out
+    assert max(len(line) for line in out.splitlines()) <= 100
+    flat = " ".join(out.split())
+    assert "--preset small changes these: max_iters=5000," in flat and "(default: max_iters // 10)" in flat
+    assert all(f"--{k}" in flat for k in train.TRAIN_DEFAULTS)
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--preset", "huge"], "unknown preset 'huge'"),
     (["--block_size", "64"], "--block_size=64: must be <= max_seq_len (32)"),
@@ -288,6 +327,13 @@ def test_fresh_run_refuses_a_folder_holding_a_run(tmp_path, corpus_args, capsys)
     assert run(tmp_path, corpus_args, "--resume", "--overwrite") == 2
     assert "give one of them" in capsys.readouterr().err
     assert folder_hashes(tmp_path) == before  # nothing written, nothing removed
+    os.remove(tmp_path / "ckpt.pt")  # a run killed before its first checkpoint leaves only its log
+    before = folder_hashes(tmp_path)
+    for resume in ([], ["--resume"]):  # --resume is not offered, nor accepted, where there is nothing to resume
+        assert run(tmp_path, corpus_args, "--max_iters", "5", *resume) == 2
+        assert capsys.readouterr().err == (f"error: --out_dir {tmp_path} holds the log of a run that saved no "
+                                           f"checkpoint, so it cannot be resumed: --overwrite replaces it\n")
+    assert folder_hashes(tmp_path) == before
 
 
 def test_overwrite_keeps_the_old_run_until_the_first_checkpoint(tmp_path, corpus_args, monkeypatch, capsys):
@@ -309,6 +355,28 @@ def test_overwrite_keeps_the_old_run_until_the_first_checkpoint(tmp_path, corpus
     assert {k: v for k, v in seen[0].items() if k in old} == old
     assert load(tmp_path)["step"] == 6 and [r["step"] for r in read_log(tmp_path) if "loss" in r] == list(range(1, 7))
     assert sorted(os.listdir(tmp_path)) == [".lock", "ckpt.pt", "log.jsonl"]
+
+
+def test_overwrite_interrupted_before_its_first_checkpoint_keeps_the_old_run(tmp_path, corpus_args, monkeypatch,
+                                                                             capsys):
+    """Ctrl-C soon after starting an --overwrite run (the natural way to abort it) saves nothing: the old run,
+    possibly long, is worth more than the new run's first steps."""
+    assert run(tmp_path, corpus_args, "--max_iters", "4") == 0
+    old = folder_hashes(tmp_path)
+    real, calls = data.Corpus.get_batch, []
+
+    def get_batch(self, split, *a, **kw):
+        calls.append(split)
+        if len(calls) == 3:  # in step 3; the first checkpoint would come at step 5
+            raise KeyboardInterrupt
+        return real(self, split, *a, **kw)
+
+    monkeypatch.setattr(data.Corpus, "get_batch", get_batch)
+    capsys.readouterr()
+    assert run(tmp_path, corpus_args, "--overwrite", "--max_iters", "8", "--ckpt_interval", "5") == 130
+    assert capsys.readouterr().err == (f"interrupted before the first checkpoint of this --overwrite run: nothing "
+                                       f"saved, {tmp_path} keeps the run it held\n")
+    assert folder_hashes(tmp_path) == old  # log.jsonl.new gone too
 
 
 def test_overwrite_killed_between_its_first_checkpoint_and_the_log_rename(tmp_path, corpus_args, monkeypatch):
