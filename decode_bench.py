@@ -73,7 +73,6 @@ def main(argv=None) -> int:
     p.add_argument("--max_new_tokens", type=int, default=256)
     p.add_argument("--prompt_tokens", type=int, default=64)
     p.add_argument("--no_reference", action="store_true", help="skip the (slow) reference generate() rows")
-    p.add_argument("--compile", action="store_true", help="also time StaticDecoder(compile=True), batch 1")
     p.add_argument("--random_preset", default=None, help="no checkpoint: this preset with random weights")
     p.add_argument("--device", default="cuda", help="cuda (timings) or cpu (a check that the script runs)")
     args = p.parse_args(argv)
@@ -165,13 +164,6 @@ def main(argv=None) -> int:
               f"{1e6 * sec:.1f} µs, {nbytes / 1e6:.1f} MB → {nbytes / sec / 1e12:.3f} TB/s "
               f"({100 * nbytes / sec / 4.8e12:.0f}% of 4.8 TB/s)", flush=True)
     del v3
-    if args.compile:
-        dec.close()
-        dec = G.StaticDecoder(model, max_batch=B, max_seq_len=dec.max_seq_len, compile=True)
-        (outc, _), sec = timed(lambda: dec.generate([prompt], N))
-        print(f"StaticDecoder(compile=True) first call (compiles, captures): {sec:.1f} s", flush=True)
-        (outc, _), sec = timed(lambda: dec.generate([prompt], N))
-        row("StaticDecoder bf16 compiled, batch 1", len(outc[0]), sec, f"same tokens as uncompiled: {outc == plain1}")
     dec.close()
     return 0
 

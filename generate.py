@@ -203,12 +203,10 @@ class StaticDecoder:
     """Greedy decoding of batches of prompts over a latent cache allocated once (max_batch × max_seq_len).
 
     graphs: capture each step as a CUDA graph (default: on CUDA). The graphs hold the cache's addresses: do not
-    call model.setup_cache / free_cache / generate() while a StaticDecoder is in use; close() frees the cache.
-    compile: torch.compile each step function first (static shapes), so that the graph replays fused kernels
-    instead of the eager step's many small ones; the first call of each step kind then takes long."""
+    call model.setup_cache / free_cache / generate() while a StaticDecoder is in use; close() frees the cache."""
 
-    def __init__(self, model, max_batch: int, max_seq_len: int = None, graphs: bool = None, compile: bool = False):
-        self.model, self.max_batch, self.compile = model, max_batch, compile
+    def __init__(self, model, max_batch: int, max_seq_len: int = None, graphs: bool = None):
+        self.model, self.max_batch = model, max_batch
         self.max_seq_len = max_seq_len or model.cfg.max_seq_len
         self.device = model.embed.weight.device
         self.graphs = self.device.type == "cuda" if graphs is None else graphs
@@ -228,8 +226,7 @@ class StaticDecoder:
         if (kind, B) not in self.steps:
             fn = _plain_step if kind == "plain" else _speculative_iteration
             step = (lambda *a: fn(self.model, *a))
-            self.steps[kind, B] = GraphedStep(torch.compile(step, dynamic=False) if self.compile else step,
-                                              self.graphs)
+            self.steps[kind, B] = GraphedStep(step, self.graphs)
         return self.steps[kind, B]
 
     def _check(self, prompts, max_new_tokens, speculative):
