@@ -13,14 +13,21 @@
     lock_out_dir      an exclusive lock on a run folder, so that two runs never write the same files.
     pick_device       the device to load onto or train on: auto (cuda → mps → cpu) or a name, checked.
 
+A run under torchrun writes a folder instead of a file (the distributed section at the end): every rank writes
+its own shards with torch.distributed.checkpoint (DCP), and the folder is put in place by one rename, as atomic
+as the file. `load_checkpoint` reads such a folder too (the whole tensors, in one process), so generate.py and
+a one-process --resume read a distributed run's output.
+
 Used by train.py (save, resume) and generate.py (load).
 """
 import contextlib
 import os
+import shutil
 import signal
 import threading
 
 import torch
+import torch.distributed as dist
 
 
 class Interrupted(KeyboardInterrupt):
@@ -51,10 +58,14 @@ def save_checkpoint(obj: dict, path: str) -> None:
 def load_checkpoint(path: str, what: str, need=("model", "config"), hint: str = "") -> dict:
     """The dict saved at `path`, on the CPU. `what` names the caller in errors (e.g. "--resume"); `need` lists
     the keys the caller reads, so a file from another program is refused in one line, not with a KeyError."""
+    path = newest_checkpoint(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"{what}: no checkpoint at {path}{hint}")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        if os.path.isdir(path):  # a distributed run's folder: gather its shards into whole tensors
+            ckpt = load_distributed_full(path, keys=("model", "optimizer") if "optimizer" in need else ("model",))
+        else:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated, damaged or not a torch file: the first line of the reason is enough
         reason = (str(e).strip().splitlines() or [""])[0]
         raise ValueError(f"{what}: cannot read checkpoint {path} ({type(e).__name__}: {reason})") from None
@@ -175,3 +186,109 @@ def lock_out_dir(out_dir: str):
     f.write(f"{os.getpid()}\n")
     f.flush()
     return f
+
+
+# -- distributed checkpoints (a run under torchrun) -------------------------------------------------------------
+DCP_META = "meta.pt"  # inside the folder: everything but the model and optimizer (step, RNG, config, options)
+
+
+def dcp_path(path: str) -> str:
+    """The folder a distributed run writes where a one-process run writes `path` (out/ckpt.pt → out/ckpt.dcp)."""
+    return os.path.splitext(path)[0] + ".dcp"
+
+
+def newest_checkpoint(path: str) -> str:
+    """`path` (a ckpt.pt), or the distributed folder beside it if that is the only one or the newer of the two."""
+    folder = dcp_path(path)
+    if path == folder or not os.path.isdir(_existing(folder)):
+        return path
+    if not os.path.exists(path) or os.path.getmtime(_existing(folder)) > os.path.getmtime(path):
+        return _existing(folder)
+    return path
+
+
+def _existing(folder: str) -> str:
+    """`folder`, or folder.old when a crash came between the two renames of save_distributed."""
+    return folder if os.path.isdir(folder) or not os.path.isdir(f"{folder}.old") else f"{folder}.old"
+
+
+def _dcp_options():
+    """The optimizer state flattened to one key per parameter and value ("state.<name>.exp_avg",
+    "param_groups.<name>.lr"): under pipeline parallelism each rank holds other parameters, and a nested
+    param_groups list, written once for all ranks, would keep only one rank's."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+    return StateDictOptions(flatten_optimizer_state_dict=True)
+
+
+def _dcp_state(model, opt) -> dict:
+    """Model and optimizer state keyed by parameter names, each tensor as this rank's shard (DTensors)."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+    model_sd, opt_sd = get_state_dict(model, opt, options=_dcp_options())
+    return {"model": model_sd, "optimizer": opt_sd}
+
+
+def save_distributed(path: str, model, opt, meta: dict) -> None:
+    """Every rank writes its shards of the model and optimizer; rank 0 writes `meta`; atomic like a file.
+
+    All ranks write into path.tmp; after a barrier rank 0 moves the finished folder into place (the old one is
+    renamed aside first and deleted last, so at every moment one complete checkpoint exists: loading falls back
+    to path.old if a crash came between the two renames). On several nodes `path` must be on a shared disk.
+    A failed write raises OSError on the rank that failed. Signals are the caller's to hold (train.py notes them
+    and lets all ranks stop together: a rank that left a collective alone would leave the others waiting)."""
+    import torch.distributed.checkpoint as dcp
+    main = dist.get_rank() == 0
+    tmp, old = f"{path}.tmp", f"{path}.old"
+    if main and os.path.exists(tmp):
+        shutil.rmtree(tmp)
+    dist.barrier()
+    try:
+        dcp.save(_dcp_state(model, opt), checkpoint_id=tmp)
+        if main:
+            torch.save(meta, os.path.join(tmp, DCP_META))
+    except RuntimeError as e:  # a full disk, as in save_checkpoint
+        raise OSError(f"cannot write {path} ({(str(e).strip().splitlines() or [''])[-1]})") from None
+    dist.barrier()  # every shard and the metadata are on disk
+    if main:
+        if os.path.exists(path):
+            os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()  # nobody reads or writes the folder before it is in place
+
+
+def read_meta(path: str) -> dict:
+    return torch.load(os.path.join(_existing(path), DCP_META), map_location="cpu", weights_only=True)
+
+
+def load_distributed(path: str, model, opt) -> dict:
+    """Load a folder of save_distributed into an already parallelized model and its optimizer, on every rank;
+    the world size and layout may differ from the run that saved it (DCP re-slices every tensor). Returns meta."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_state_dict
+    path = _existing(path)
+    state = _dcp_state(model, opt)
+    dcp.load(state, checkpoint_id=path)
+    set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
+                   options=_dcp_options())
+    return read_meta(path)
+
+
+def load_optimizer_state(model, opt, state: dict) -> None:
+    """The optimizer part of `load_distributed_full` into `opt` (whose parameters are `model`'s)."""
+    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+    set_optimizer_state_dict(model, opt, state, options=_dcp_options())
+
+
+def load_distributed_full(path: str, keys=("model",)) -> dict:
+    """One process, no process group: the whole tensors of a distributed checkpoint as a plain state dict
+    ({"model": {name: tensor}, "optimizer": {"state.<name>.<key>": ..., "param_groups.<name>.<key>": ...}}
+    plus the meta entries). The optimizer state is keyed by parameter names (flattened, `_dcp_options`): load it
+    with `load_optimizer_state`, which works without a process group too."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+    path = _existing(path)
+    state = {}  # filled from the checkpoint's own metadata, as format_utils.dcp_to_torch_save does
+    _load_state_dict(state, storage_reader=FileSystemReader(path),
+                     planner=_EmptyStateDictLoadPlanner(keys=set(keys)), no_dist=True)
+    return {**read_meta(path), **state}

@@ -111,6 +111,17 @@ PRESETS = {
                                moe_inter_dim=1408, n_routed_experts=64, n_shared_experts=2,
                                n_activated_experts=6, n_expert_groups=1, n_limited_groups=1,
                                score_func="softmax", route_scale=1.0, n_mtp=0),
+    # DeepSeek-V3's own layer shapes at a depth one GPU trains (H200, 141 GB: AdamW with fp32 master weights and
+    # moments is 16 bytes a parameter, 4.9B here including MTP, ~78 GB before activations): hidden 7168, V3's MLA
+    # (128 heads, ranks 1536/512, head dims 128+64/128), one dense layer of 18432 and three MoE layers of
+    # 16 routed experts of width 2048 (8 groups of 2, top-4 groups) with top-8 routing and one shared expert, one
+    # MTP module. The GEMMs are the ones one GPU runs in V3's training; only the expert count and the depth
+    # are cut to fit (V3: 256 experts, 61 layers). Vocabulary 32768 as `small` (the cl100k prefix of data.py).
+    "v3-layers": ModelConfig(vocab_size=32768, dim=7168, n_layers=4, n_dense_layers=1, inter_dim=18432,
+                             n_heads=128, q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128,
+                             qk_rope_head_dim=64, v_head_dim=128, max_seq_len=4096, moe_inter_dim=2048,
+                             n_routed_experts=16, n_shared_experts=1, n_activated_experts=8, n_expert_groups=8,
+                             n_limited_groups=4, score_func="sigmoid", route_scale=2.5, n_mtp=1),
     # DeepSeek-V3 (671B total, ~37B activated per token), plus one MTP module.
     "v3-671b": ModelConfig(vocab_size=129280, dim=7168, n_layers=61, n_dense_layers=3, inter_dim=18432,
                            n_heads=128, q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128,

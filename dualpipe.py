@@ -47,12 +47,20 @@ What is here:
   (the example costs under the bubble table above: F=1, B=2, W=1, F&B=3) every rank's simulated bubble equals
   the formula exactly; with other costs the formula is an upper bound on the worst rank's (tests/test_dualpipe.py
   checks both).
+- `torch_dualpipev_order`: torch.distributed.pipelining's ScheduleDualPipeV action lists in these op tuples.
+  Training runs torch's schedule (parallel.py's pipeline stages); tests/test_dualpipe.py checks that its order
+  is `schedule_dualpipev`'s, op for op, so what this file draws and simulates is what training runs.
 - `run_dualpipe`: an executor on torch.distributed (gloo on CPU works) that runs a DualPipe schedule over real
   stage modules with isend/recv; tested against a sequential model (losses bit-exact, summed mirrored grads
   within calc_diff 1e-13, calc_diff = 1 − 2Σxy / Σ(x² + y²) as in fp8.py). BI/W are two autograd.backward
   calls (inputs=[x] with the graph kept, then inputs=params) instead of DeepSeek's WeightGradStore closures.
-Not implemented: a DualPipeV executor, overlap of communication with compute (sends are isend, receives block,
-F&B pairs run serially), forward-only (inference) steps, and freeing sent activations early.
+  Why it stays although training uses torch's DualPipeV: torch ships DualPipeV only, not the bidirectional
+  DualPipe of the report, and its input/weight split is graph surgery inside `stage_backward_input`. This
+  executor is the one place where the report's schedule runs: two directions, each stage held twice, the
+  mirrored copies' gradients summed after the step, and the B/W split as two plain backward calls. It is not
+  used for training (no DualPipe option in train.py: DualPipeV has the same bubble without the second copy).
+Not implemented: a DualPipeV executor (torch's is used), overlap of communication with compute (sends are isend,
+receives block, F&B pairs run serially), forward-only (inference) steps, and freeing sent activations early.
 """
 import argparse
 from collections import deque
@@ -243,16 +251,17 @@ def op_cost(op: tuple, costs: dict) -> float:
     return costs["B"] - costs["W"] if op[0] == "BI" else costs[op[0]]
 
 
-def simulate(sched: Schedule, costs: dict) -> Timeline:
+def simulate(sched: Schedule, costs: dict, cost_fn=None) -> Timeline:
     """Run every rank's op list in order; an op starts when its rank is free and its inputs exist.
 
     Communication takes zero time, so only data dependencies delay an op. Each op's start time depends only on
     its dependencies and its rank's previous op, so the sweep order does not change the result. A sweep that
-    makes no progress while ops remain is a deadlock (a schedule bug) and raises RuntimeError."""
-    for key in ("F", "B", "W", "FB"):
+    makes no progress while ops remain is a deadlock (a schedule bug) and raises RuntimeError.
+    cost_fn(rank, op), if given, replaces `op_cost` and `costs` (stages of different sizes: plan.py)."""
+    for key in ("F", "B", "W", "FB") if cost_fn is None else ():
         if costs.get(key, -1) < 0:
             raise ValueError(f"costs[{key!r}] must be given and >= 0, got {costs.get(key)}")
-    if costs["W"] > costs["B"]:
+    if cost_fn is None and costs["W"] > costs["B"]:
         raise ValueError(f"costs: W ({costs['W']}) is part of B ({costs['B']}) and cannot exceed it")
     N = sched.n_ranks
     finish, clock, ptr = {}, [0.0] * N, [0] * N
@@ -267,7 +276,7 @@ def simulate(sched: Schedule, costs: dict) -> Timeline:
                 if any(d not in finish for d in deps):
                     break
                 start = max([clock[r]] + [finish[d] for d in deps])
-                clock[r] = start + op_cost(op, costs)
+                clock[r] = start + (cost_fn(r, op) if cost_fn else op_cost(op, costs))
                 for key in _done_keys(sched, r, op):
                     finish[key] = clock[r]
                 spans[r].append((start, clock[r], op))
@@ -287,6 +296,27 @@ def formula_bubble(kind: str, pp: int, costs: dict) -> float:
     stages (DualPipeV: PP = 2 × its rank count)."""
     F, B, W, FB = costs["F"], costs["B"], costs["W"], costs["FB"]
     return (pp - 1) * (F + B) if kind == "1f1b" else (pp // 2 - 1) * (FB + B - 3 * W)
+
+
+# -- cross-check against torch.distributed.pipelining ---------------------------------------------------------
+def torch_dualpipev_order(n_ranks: int, n_chunks: int) -> list:
+    """torch's ScheduleDualPipeV per-rank action lists (the schedule that parallel.py trains with), in this
+    file's op tuples: stage r → phase 0, stage 2N-1-r → phase 1; F, B (full), I → "BI", W, OVERLAP_F_B → "FB".
+
+    The lists come from the schedule object's `pipeline_order`, built by torch's own helper for its schedule
+    pictures (`get_schedule_ops`, a private module: it stands in mock stages, no process group needed)."""
+    from torch.distributed.pipelining import ScheduleDualPipeV
+    from torch.distributed.pipelining._schedule_visualizer import get_schedule_ops
+    kinds = {"F": "F", "B": "B", "I": "BI", "W": "W"}
+
+    def convert(rank, action):
+        if action.computation_type.value == "OVERLAP_F_B":
+            return ("FB",) + tuple(convert(rank, a) for a in action.sub_actions)
+        phase = 0 if action.stage_index == rank else 1
+        return (kinds[action.computation_type.value], phase, action.microbatch_index)
+
+    order = get_schedule_ops(ScheduleDualPipeV, n_ranks, n_chunks)
+    return [[convert(r, a) for a in actions if a is not None] for r, actions in enumerate(order)]
 
 
 # -- executor on torch.distributed ----------------------------------------------------------------------------

@@ -3,33 +3,30 @@
 The recipe, in the report's terms:
   * Format: every FP8 GEMM operand is E4M3 (``torch.float8_e4m3fn``, largest value 448); no E5M2 for gradients.
   * Granularity: activations (and activation gradients) are scaled per token per 128 channels, **1×128 tiles**;
-    weights per **128×128 block**. A scale is amax/448 of its tile, so x ≈ x_fp8 · scale: the ``weight_scale_inv``
-    convention of the released checkpoints. The amax is taken **online** from the current tensor (no delayed
-    scaling history) and clamped at 1e-4 so an all-zero tile gets a finite scale.
+    weights per **128×128 block**. Small groups keep outliers local: one large value only inflates the scale of
+    its own tile or block, so the rest of the tensor keeps its precision. A scale is amax/448 of its tile, so
+    x ≈ x_fp8 · scale: the ``weight_scale_inv`` convention of the released checkpoints. The amax is taken
+    **online** from the current tensor (no delayed scaling history) and clamped at 1e-4 so an all-zero tile gets
+    a finite scale.
   * Promotion: since the scales change along K they cannot leave the sum. The tensor cores sum one 128-wide
     K slice (N_C = 128, four WGMMA k32 steps); the CUDA cores then multiply that partial sum by its two scales
     and add it into an FP32 accumulator. Without this, H800 tensor cores keep only ~14 bits of the running sum
     (≈2% max relative error at K = 4096 in the report): ``fp8_gemm_no_promotion`` emulates that failure.
   * Fprop, Dgrad and Wgrad all run in FP8 (``FP8Linear``); master weights, their gradients and the bias stay
-    in FP32 (the wgrad kernels write FP32 too). Wgrad contracts over tokens, so both of its operands are
-    quantized in 1×128 tiles along the tokens
-    ("1D1D": a per-row scale on B too, not a 128×128 block).
+    in FP32 (the Wgrad kernels write FP32 too). Wgrad contracts over tokens, so both of its operands are
+    quantized in 1×128 tiles along the tokens ("1D1D": a per-row scale on B too, not a 128×128 block).
   * The routed experts run in FP8 as well: ``fp8_experts.py`` (M-grouped and K-grouped GEMMs over the experts'
     token segments) builds on this file.
-  * Low-precision storage (§3.3.3): ``FP8Linear.act_cache`` can keep a layer's input for Wgrad as its 1×128
-    E4M3 tiles, or in E5M6 with power-of-2 scales (``quantize_e5m6``), instead of the input itself.
+  * Low-precision storage (report §3.3.3): ``FP8Linear.act_cache`` can keep a layer's input for Wgrad as its
+    1×128 E4M3 tiles, or in E5M6 with power-of-2 scales (``quantize_e5m6``), instead of the input itself.
 
 Reference and fast path: ``fp8_gemm_ref`` (with ``quantize_act_ref``) is the reference, plain PyTorch run on CPU
-and wherever the kernels are unavailable. The fast path is the hand-written sm_90a kernel in ``fp8_gemm.cu`` (tier
-1: mma.sync; tiers 2-4: TMA + wgmma + warp specialization, then a TMA-store epilogue, then promotion overlapped
-with the next wgmma; tiers 5-7: tier 4 in thread-block clusters that share operand tiles through TMA multicast;
-tier 8: a 128×256 tile; tier 9: tier 4 with M-major A scales carried into shared memory with each stage, 6 stages
-for short K and a split-K tail for a last, mostly empty round of tiles; and tier 4's 1D1D, M-grouped and K-grouped
-variants for training) plus the one-pass quantizers of ``fp8_quant.cu``, JIT-built on first use by
-``torch.utils.cpp_extension.load``; the functions here pick them on Hopper GPUs and say once when they fall back.
-``python fp8_bench.py`` times the kernel against torch's bf16 matmul and cuBLAS's blockwise FP8 ``F.scaled_mm``;
-``--interleave`` times them again taking turns, ``--training`` adds the training variants, ``--sustained`` the
-clock and power under a long run (the timing code and its command line are in fp8_bench.py).
+and wherever the kernels are unavailable. The fast path is the hand-written sm_90a kernel of ``fp8_gemm.cu`` (TMA
+loads, WGMMA, promotion overlapped with the next K block's WGMMA, A scales carried into shared memory with each
+pipeline stage; its Wgrad, M-grouped and K-grouped variants) plus the one-pass quantizers of ``fp8_quant.cu``,
+JIT-built on first use by ``torch.utils.cpp_extension.load``; the functions here pick them on Hopper GPUs and
+say once when they fall back. ``python fp8_bench.py`` times the kernel against torch's bf16 matmul and cuBLAS's
+blockwise FP8; ``fp8_teaching/`` shows, step by step, how such a kernel is built.
 """
 import math
 import os
@@ -43,8 +40,6 @@ FP8 = torch.float8_e4m3fn
 E4M3_MAX = 448.0
 BLOCK = 128        # tile width along K, side of a weight block, and the promotion interval N_C
 AMAX_EPS = 1e-4    # amax floor (DeepGEMM's casts and kernel.py's act_quant)
-KERNEL_TIER = 4    # fp8_gemm's tier for row-major A scales; M-major ones (quantize_act(mmajor=True)) run tier 9
-LINEAR_MMAJOR = True  # FP8Linear's Fprop and Dgrad quantize X and dY with M-major scales, so they run tier 9
 
 
 def calc_diff(x: torch.Tensor, y: torch.Tensor) -> float:
@@ -150,7 +145,7 @@ E5M6_MAX = 65024.0  # (2 − 2⁻⁶)·2¹⁵: the largest E5M6 value (5 exponen
 
 
 def quantize_e5m6(x: torch.Tensor):
-    """1×128 tiles in E5M6 with power-of-2 scales (TR §3.3.3: the cached input of the Linear after attention):
+    """1×128 tiles in E5M6 with power-of-2 scales (report §3.3.3: the cached input of the Linear after attention):
     x (..., K) → (q (..., K), scale (..., K/128)), x ≈ q · scale. E5M6 has fp16's exponent range and 6 mantissa
     bits, so every E5M6 value is an fp16 value: q is stored as float16 (the numerics of the format, not its 12-bit
     storage). Rounding is to nearest, ties to even, in one step from fp32."""
@@ -178,8 +173,8 @@ def _is_mmajor(scale: torch.Tensor) -> bool:
 def mmajor_scales(scale: torch.Tensor) -> torch.Tensor:
     """The (M, K/128) activation scales laid out M-major: a view with strides (1, ld) of a zero-padded (K/128, ld)
     buffer, ld = M rounded up to 128. The values are the same; each K block's scales of 128 consecutive rows
-    are then 512 contiguous bytes, which the producer of kernel tier 9 copies into the pipeline stage with the
-    tiles (cuBLAS and DeepGEMM take A-scales M-major too)."""
+    are then 512 contiguous bytes, which the kernel's producer copies into the pipeline stage with the tiles
+    (cuBLAS and DeepGEMM take A-scales M-major too). fp8_gemm's kernel wants them so."""
     M, kb = scale.shape
     buf = torch.zeros(kb, -(-M // BLOCK) * BLOCK, dtype=scale.dtype, device=scale.device)
     buf[:, :M] = scale.t()
@@ -222,7 +217,7 @@ def dequantize_weight(w_fp8: torch.Tensor, scale: torch.Tensor, dtype: torch.dty
 
 
 # ---------------------------------------------------------------- GEMM: reference
-def _check_gemm(a, a_scale, b, b_scale) -> bool:
+def check_gemm_operands(a, a_scale, b, b_scale) -> bool:
     """Validate C = A·Bᵀ operands; returns True when b_scale is per row of B (1×128 tiles, used by wgrad)."""
     for name, t in (("a", a), ("b", b)):
         if not isinstance(t, torch.Tensor) or t.dtype != FP8 or t.dim() != 2:
@@ -253,7 +248,7 @@ def fp8_gemm_ref(a, a_scale, b, b_scale, out_dtype=torch.bfloat16) -> torch.Tens
     a (M, K) e4m3 with a_scale (M, K/128); b (N, K) e4m3 with b_scale (ceil(N/128), K/128) for 128×128 blocks
     or (N, K/128) for 1×128 tiles. Each 128-wide slice is summed unscaled (what the tensor cores do), then
     multiplied by its two scales and added into FP32 (what the CUDA cores do)."""
-    rowwise = _check_gemm(a, a_scale, b, b_scale)
+    rowwise = check_gemm_operands(a, a_scale, b, b_scale)
     (M, K), N = a.shape, b.shape[0]
     sb = b_scale if rowwise else b_scale.repeat_interleave(BLOCK, 0)[:N]   # (N, K/128)
     af, bt = a.float(), b.float().t().contiguous()                        # (M, K), (K, N): fp8 is exact in fp32
@@ -275,11 +270,11 @@ def _truncate_mantissa(x: torch.Tensor, bits: int) -> torch.Tensor:
 def fp8_gemm_no_promotion(a, a_scale, b, b_scale, acc_bits: int = 14, out_dtype=torch.float32) -> torch.Tensor:
     """What C = A·Bᵀ becomes when the whole K is summed inside the tensor core, with no promotion.
 
-    Emulates an accumulator that keeps `acc_bits` significant bits (≈14 on H800, TR §3.3) and truncates after
+    Emulates an accumulator that keeps `acc_bits` significant bits (≈14 on H800, report §3.3) and truncates after
     each k32 MMA step adds its (exact) partial sum, over the whole K. The scaled products a·s_a·b·s_b are what is
     summed, so the result differs from the promoted reference only through the accumulator; with power-of-2
     scales this equals summing unscaled products and scaling once (exact in binary)."""
-    rowwise = _check_gemm(a, a_scale, b, b_scale)
+    rowwise = check_gemm_operands(a, a_scale, b, b_scale)
     (M, K), N = a.shape, b.shape[0]
     sb = b_scale if rowwise else b_scale.repeat_interleave(BLOCK, 0)[:N]   # (N, K/128)
     A = (a.double().reshape(M, -1, BLOCK) * a_scale.double()[..., None]).reshape(M, K)  # exact in fp64
@@ -294,7 +289,8 @@ def fp8_gemm_no_promotion(a, a_scale, b, b_scale, acc_bits: int = 14, out_dtype=
 _EXT, _WHY_NOT, _SAID = None, None, set()
 
 
-def _notice(msg: str):
+def say_once(msg: str):
+    """One line on stderr, once per message and process (why a kernel falls back to the reference)."""
     if msg not in _SAID:            # one line, once per reason and process
         _SAID.add(msg)
         print(f"fp8: {msg}", file=sys.stderr)
@@ -320,54 +316,57 @@ def load_kernel():
     return _EXT
 
 
+def why_no_kernel() -> str:
+    """Why load_kernel() gave None ("" while it has not been tried or the kernel loaded)."""
+    return _WHY_NOT or ""
+
+
 def fp8_gemm(a, a_scale, b, b_scale, out_dtype=torch.bfloat16) -> torch.Tensor:
     """C = A·Bᵀ (see fp8_gemm_ref for the layouts): the CUDA kernel on Hopper, the reference elsewhere.
 
-    128×128 block scales on B run kernel tier 4 (bf16 output), or tier 9 when the A scales are M-major (from
-    quantize_act(..., mmajor=True) or mmajor_scales): tier 9 takes them into shared memory with each stage and
-    is the fastest tier in BENCHMARKS.md. 1×128 scales on B (wgrad) run tier 4's "1D1D" variant (fp32 output),
-    which wants the scales transposed to (K/128, N rounded up to 128) and N a multiple of 8."""
-    rowwise = _check_gemm(a, a_scale, b, b_scale)
+    128×128 block scales on B run the kernel with bf16 output; it takes the A scales M-major (as
+    quantize_act(..., mmajor=True) or mmajor_scales lay them out) and lays row-major ones out so first. 1×128
+    scales on B (Wgrad) run its "1D1D" variant (fp32 output), which wants them transposed to (K/128, N rounded up
+    to 128) and N a multiple of 8."""
+    rowwise = check_gemm_operands(a, a_scale, b, b_scale)
     N = b.shape[0]
     if a.is_cuda and load_kernel() is not None and not (rowwise and N % 8):
-        # the wgrad variant writes fp32 (Wgrad stays FP32 in the report), tier 4 bf16
+        # the Wgrad variant writes fp32 (Wgrad stays FP32 in the report), the other bf16
         out = torch.empty(a.shape[0], N, dtype=torch.float32 if rowwise else torch.bfloat16, device=a.device)
         with torch.cuda.device(a.device):   # the kernel launches on the current device's current stream
             if rowwise:
                 sbt = F.pad(b_scale.t(), (0, -N % BLOCK)).contiguous()            # (K/128, N'), N' = ⌈N/128⌉·128
-                _EXT.gemm_1d1d(a.contiguous(), a_scale.contiguous(), b.contiguous(), sbt, out)
+                _EXT.gemm_wgrad(a.contiguous(), a_scale.contiguous(), b.contiguous(), sbt, out)
             else:
-                mm = _is_mmajor(a_scale)
-                _EXT.gemm(a.contiguous(), a_scale if mm else a_scale.contiguous(), b.contiguous(),
-                          b_scale.contiguous(), out, 9 if mm else KERNEL_TIER)
+                sa = a_scale if _is_mmajor(a_scale) else mmajor_scales(a_scale)
+                _EXT.gemm(a.contiguous(), sa, b.contiguous(), b_scale.contiguous(), out)
         return out.to(out_dtype)
     why = (f"1×128 scales on B with N = {N} (not a multiple of 8) have no kernel" if a.is_cuda and _WHY_NOT is None
            else _WHY_NOT or f"tensors on {a.device.type}")
-    _notice(f"{why}; using the PyTorch reference GEMM (slow)")
+    say_once(f"{why}; using the PyTorch reference GEMM (slow)")
     return fp8_gemm_ref(a, a_scale, b, b_scale, out_dtype)
 
 
 # ---------------------------------------------------------------- FP8 training linear
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
     # Same output dtype as nn.Linear: the autocast dtype inside autocast, else the input's dtype.
     dev = x.device.type
     return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
 
 
 class _FP8LinearFn(torch.autograd.Function):
-    """Y = X·Wᵀ (+ b) with Fprop, Dgrad and Wgrad in FP8 (TR §3.3, Figure 6)."""
+    """Y = X·Wᵀ (+ b) with Fprop, Dgrad and Wgrad in FP8 (report §3.3, Figure 6)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, act_cache="bf16"):
-        out_dtype = _compute_dtype(x)
+        out_dtype = compute_dtype(x)
         x2 = x.reshape(-1, x.shape[-1])                            # (T, K)
-        # 1×128 tiles along K, scales M-major for tier 9 (LINEAR_MMAJOR; else row-major for tier 4)
-        xq, xs = quantize_act(x2, mmajor=LINEAR_MMAJOR)
+        xq, xs = quantize_act(x2, mmajor=True)                     # 1×128 tiles along K, scales as the kernel wants
         wq, ws = quantize_weight(weight)                           # 128×128 blocks
         y = fp8_gemm(xq, xs, wq, ws, out_dtype if bias is None else torch.float32)  # (T, N)
         if bias is not None:
             y = (y + bias.float()).to(out_dtype)
-        # What Wgrad will re-quantize along tokens (TR §3.3.3, low-precision storage): x itself ("bf16": the
+        # What Wgrad will re-quantize along tokens (report §3.3.3, low-precision storage): x itself ("bf16": the
         # compute dtype), the Fprop's own 1×128 E4M3 tiles ("fp8"), or 1×128 E5M6 tiles ("e5m6").
         if act_cache == "fp8":
             ctx.save_for_backward(xq, xs, wq, ws)
@@ -391,7 +390,7 @@ class _FP8LinearFn(torch.autograd.Function):
         # N is the contraction here: when it is not a multiple of 128, zero rows of W and zero columns of dY
         # fill the last tile (they add nothing; W's last block scale already covers the padded block).
         pad_n = -dy2.shape[1] % BLOCK
-        dyq, dys = quantize_act(F.pad(dy2, (0, pad_n)) if pad_n else dy2, mmajor=LINEAR_MMAJOR)  # (T, N'), N'=N↑128
+        dyq, dys = quantize_act(F.pad(dy2, (0, pad_n)) if pad_n else dy2, mmajor=True)  # (T, N'), N'=N↑128
         wq_t = (torch.cat([wq, wq.new_zeros(pad_n, wq.shape[1])]) if pad_n else wq).t().contiguous()  # (K, N')
         dx = fp8_gemm(dyq, dys, wq_t, ws.t().contiguous(), x_dtype)  # (T, K)
         # Wgrad dW = dYᵀ·X sums over tokens, so both are quantized in 1×128 tiles along T (rows of dYᵀ and Xᵀ);
@@ -452,23 +451,6 @@ class FP8Linear(nn.Module):
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"act_cache={self.act_cache}")
 
-    @staticmethod
-    def experts_mm(dim: int, inter_dim: int):
-        """The routed-expert GEMM that goes with this linear (moe.Experts asks its linear class for one):
-        fp8_experts.fp8_segment_mm, after checking that both expert dims are whole 128-blocks."""
-        if dim % BLOCK or inter_dim % BLOCK:
-            raise ValueError(f"FP8 routed experts need dim ({dim}) and moe_inter_dim ({inter_dim}) to be multiples "
-                             f"of {BLOCK}; choose such dims for FP8 runs")
-        from fp8_experts import fp8_segment_mm  # (imported here: fp8_experts builds on this module)
-        return fp8_segment_mm
-
-    @staticmethod
-    def experts_swiglu_down():
-        """The routed experts' SwiGLU fused with their down projection (moe.Experts): fp8_experts.fp8_swiglu_down,
-        which keeps only the SwiGLU inputs for the backward pass (as Experts.act_cache says) and recomputes
-        the rest."""
-        from fp8_experts import fp8_swiglu_down
-        return fp8_swiglu_down
 
 
 # ---------------------------------------------------------------- demo: `python fp8.py` (CPU, seconds)

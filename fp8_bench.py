@@ -1,14 +1,13 @@
-"""Timing of fp8.py's kernels on a Hopper GPU, and its command line: `python fp8_bench.py [--tiers ...] ...` calls
-`main`.
+"""Timing of fp8.py's kernels on a Hopper GPU: `python fp8_bench.py [--interleave] [--training] [--ladder]
+[--sustained] [--flush-l2]`.
 
-`bench` prints TFLOP/s per shape for the kernel tiers of fp8_gemm.cu, torch's bf16 matmul and cuBLAS's blockwise
+The main table prints TFLOP/s per shape for fp8_gemm.cu's Fprop kernel, torch's bf16 matmul and cuBLAS's blockwise
 FP8 (`F.scaled_mm`, BlockWise1x128 × BlockWise128x128), with each result's calc_diff against the bf16 product of
-the unquantized inputs; `bench_interleaved` (`--interleave`) times the tiers and cuBLAS again taking turns, so
-that clock drift hits all of them alike; `bench_training` times the variants FP8 training uses next to tier 4;
-`bench_sustained` runs the chosen tiers and cuBLAS for seconds each with the SM clock and board power sampled,
-because FP8 GEMMs at these sizes run into the H100's power limit and then the clock, not only the kernel, sets
-the rate.
-BENCHMARKS.md records the tables.
+the unquantized inputs. `--interleave` times the kernel and cuBLAS again taking turns, so that clock drift hits
+both alike; `--training` times the Wgrad and grouped-expert kernels next to the Fprop kernel; `--ladder` the
+teaching kernels of fp8_teaching/ beside it; `--sustained` runs the kernel and cuBLAS for seconds each with the SM
+clock and board power sampled, because FP8 GEMMs at these sizes run into the GPU's power limit and then the
+clock, not only the kernel, sets the rate. BENCHMARKS.md records the tables.
 """
 import argparse
 import statistics
@@ -18,20 +17,21 @@ import time
 import torch
 import torch.nn.functional as F
 
-import fp8
-from fp8 import BLOCK, calc_diff, load_kernel, quantize_act, quantize_weight
+from fp8 import BLOCK, calc_diff, load_kernel, mmajor_scales, quantize_act, quantize_weight, why_no_kernel
 from fp8_experts import fp8_gemm_kgrouped
 
 SHAPES_NK = [(2112, 7168), (24576, 1536), (32768, 512), (7168, 16384), (4096, 7168), (7168, 2048)]
 LARGE_SHAPES = [(4096, n, k) for n, k in SHAPES_NK] + [(8192, 8192, 8192)]  # the goal's shapes (M, N, K)
 
 
-def _tier_call(t, xq, xs, xs_m, wq, ws, out):
-    """One call of kernel tier t into out: tier 9 takes the M-major copy of the A scales, the others xs."""
-    return lambda: fp8._EXT.gemm(xq, xs_m if t == 9 else xs, wq, ws, out, t)
+def _kernel_call(xq, xs_m, wq, ws, out):
+    """One call of the Fprop kernel into out, the A scales already M-major (laid out outside the timing, as
+    cuBLAS's are below)."""
+    ext = load_kernel()
+    return lambda: ext.gemm(xq, xs_m, wq, ws, out)
 
 
-FLUSH_L2 = False  # set by `fp8_bench.py --flush-l2`: every timed call starts with a cold L2, as DeepGEMM times
+FLUSH_L2 = False  # set by --flush-l2: every timed call starts with a cold L2, as DeepGEMM times
 _scratch = None
 
 
@@ -73,16 +73,19 @@ def _vendor_blockwise(xq, xs, wq, ws):
     raise err
 
 
-def bench(tiers=(1, 2, 3, 4, 5, 6, 7, 8, 9)):
+def _need_kernel():
     if load_kernel() is None:
-        raise SystemExit(f"fp8_bench.py needs a Hopper GPU and the kernel: {fp8._WHY_NOT}")
+        raise SystemExit(f"fp8_bench.py needs a Hopper GPU and the kernel: {why_no_kernel()}")
+
+
+def bench():
+    """The main table: the M = 4096 shapes, 8192³ and the M = 128 shapes; each kernel's calls in one block."""
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, CUDA {torch.version.cuda}")
     print(f"# TFLOP/s = 2MNK / median time (CUDA events, 10 warm-ups, 50 reps, "
           f"{'L2 flushed before each call' if FLUSH_L2 else 'no L2 flush'}); "
           "(calc_diff vs bf16 x@w.T of the unquantized inputs)")
-    head = [f"tier{t}" for t in tiers] + ["bf16 mm", "vendor blockwise"]
-    print("| M | N | K | " + " | ".join(head) + " |")
-    print("|---" * (3 + len(head)) + "|")
+    print("| M | N | K | kernel | bf16 mm | vendor blockwise |")
+    print("|---" * 6 + "|")
     vendor_name = "n/a"
     shapes = LARGE_SHAPES + [(128, n, k) for n, k in SHAPES_NK]
     for M, N, K in shapes:
@@ -91,12 +94,9 @@ def bench(tiers=(1, 2, 3, 4, 5, 6, 7, 8, 9)):
         xq, xs = quantize_act(x)
         wq, ws = quantize_weight(w)
         ref = x @ w.T
-        cells = []
-        xs_m = fp8.mmajor_scales(xs) if 9 in tiers else None  # tier 9's layout, untimed like cuBLAS's below
-        for t in tiers:
-            out = torch.full((M, N), float("nan"), device="cuda", dtype=torch.bfloat16)
-            ms = _median_ms(_tier_call(t, xq, xs, xs_m, wq, ws, out))
-            cells.append(f"{2 * M * N * K / ms / 1e9:.0f} ({calc_diff(out, ref):.1e})")
+        out = torch.full((M, N), float("nan"), device="cuda", dtype=torch.bfloat16)
+        ms = _median_ms(_kernel_call(xq, mmajor_scales(xs), wq, ws, out))
+        cells = [f"{2 * M * N * K / ms / 1e9:.0f} ({calc_diff(out, ref):.1e})"]
         ms = _median_ms(lambda: x @ w.T)
         cells.append(f"{2 * M * N * K / ms / 1e9:.0f}")
         try:
@@ -122,27 +122,24 @@ def take_turns(kernels, rounds: int, time_one) -> list:
     return per
 
 
-def bench_interleaved(tiers=(9,), rounds: int = 8, reps: int = 20):
-    """The M = 4096 shapes and 8192³ again, with the kernels taking turns: `rounds` rounds in each of which every
-    kernel (the tiers, then cuBLAS blockwise) runs `reps` timed calls, the order rotated by one each round. In
-    `bench` each kernel runs all its calls in one block, in a fixed order (cuBLAS last, right after bf16 mm); at
-    the power limit the SM clock depends on what ran just before, so a fixed order can favour one kernel. Here
-    each kernel runs in every position. Prints the median over rounds of each round's median call, the spread of
-    the round medians, and tier / vendor."""
+def bench_interleaved(rounds: int = 8, reps: int = 20):
+    """The M = 4096 shapes and 8192³ again, with the kernel and cuBLAS blockwise taking turns: `rounds` rounds in
+    each of which each runs `reps` timed calls, the order rotated by one each round. In `bench` each kernel runs
+    all its calls in one block, in a fixed order (cuBLAS last, right after bf16 mm); at the power limit the SM
+    clock depends on what ran just before, so a fixed order can favour one kernel. Here each runs in every
+    position. Prints the median over rounds of each round's median call, the spread of the round medians, and
+    kernel / vendor."""
     print(f"\n# interleaved: {rounds} rounds × {reps} calls per kernel, order rotated each round; TFLOP/s as median "
           "of round medians [min–max]")
-    head = [f"tier{t}" for t in tiers] + ["vendor blockwise"] + [f"tier{t} / vendor" for t in tiers]
-    print("| M | N | K | " + " | ".join(head) + " |")
-    print("|---" * (3 + len(head)) + "|")
+    print("| M | N | K | kernel | vendor blockwise | kernel / vendor |")
+    print("|---" * 6 + "|")
     for M, N, K in LARGE_SHAPES:
         x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
         w = torch.randn(N, K, device="cuda", dtype=torch.bfloat16)
         xq, xs = quantize_act(x)
         wq, ws = quantize_weight(w)
-        xs_m = fp8.mmajor_scales(xs)
         out = torch.empty(M, N, device="cuda", dtype=torch.bfloat16)
-        kernels = [_tier_call(t, xq, xs, xs_m, wq, ws, out) for t in tiers]
-        kernels.append(_vendor_blockwise(xq, xs, wq, ws)[0])
+        kernels = [_kernel_call(xq, mmajor_scales(xs), wq, ws, out), _vendor_blockwise(xq, xs, wq, ws)[0]]
         for fn in kernels:
             _median_ms(fn, warmup=5, reps=5)
         per = take_turns(kernels, rounds, lambda fn: _median_ms(fn, warmup=2, reps=reps))
@@ -156,10 +153,12 @@ def bench_interleaved(tiers=(9,), rounds: int = 8, reps: int = 20):
 
 
 def bench_training(experts=32, rows=2048):
-    """Training GEMMs next to tier 4 on the same sizes: wgrad (1×128 scales on both operands) and the routed
-    experts' grouped GEMM (`experts` segments of `rows` tokens: `small` preset-like at 16K tokens × top-4)."""
-    print("\n# training variants vs tier 4 on the same M, N, K (TFLOP/s)")
-    print("| GEMM | M | N | K | variant | tier 4 (128×128 B scales, one weight) |\n|---|---|---|---|---|---|")
+    """The other training GEMMs next to the Fprop kernel on the same sizes: Wgrad (1×128 scales on both operands)
+    and the routed experts' grouped GEMMs (`experts` segments of `rows` tokens: `small` preset-like at 16K tokens
+    × top-4)."""
+    ext = load_kernel()
+    print("\n# training kernels vs the Fprop kernel on the same M, N, K (TFLOP/s)")
+    print("| GEMM | M | N | K | kernel | Fprop kernel (128×128 B scales, one weight) |\n|---|---|---|---|---|---|")
 
     def rate(M, N, K, fn):
         return f"{2 * M * N * K / _median_ms(fn) / 1e9:.0f}"
@@ -171,9 +170,10 @@ def bench_training(experts=32, rows=2048):
         sbt = F.pad(b_s.t(), (0, -N % BLOCK)).contiguous()
         out = torch.empty(M, N, device="cuda", dtype=torch.bfloat16)
         out32 = torch.empty(M, N, device="cuda", dtype=torch.float32)     # the wgrad variants write fp32
+        a_m = mmajor_scales(a_s)
         print(f"| wgrad 1D1D | {M} | {N} | {K} | "
-              f"{rate(M, N, K, lambda: fp8._EXT.gemm_1d1d(aq, a_s, bq, sbt, out32))} | "
-              f"{rate(M, N, K, lambda: fp8._EXT.gemm(aq, a_s, wq, ws, out, 4))} |", flush=True)
+              f"{rate(M, N, K, lambda: ext.gemm_wgrad(aq, a_s, bq, sbt, out32))} | "
+              f"{rate(M, N, K, lambda: ext.gemm(aq, a_m, wq, ws, out))} |", flush=True)
     for M, N in [(512, 1024), (1024, 512)]:  # expert wgrad: dW[e] = dY_eᵀ·X_e over each expert's own tokens
         K = experts * rows
         aq, a_s = quantize_act(torch.randn(M, K, device="cuda"))
@@ -182,7 +182,7 @@ def bench_training(experts=32, rows=2048):
         out = torch.empty(M, N, device="cuda", dtype=torch.float32)
         kgrouped = rate(M, N, K, lambda: fp8_gemm_kgrouped(aq, a_s, bq, b_s, [rows] * experts, torch.float32))
         print(f"| wgrad, {experts} experts × {rows} tokens (K-grouped) | {M} | {N} | {K} | {kgrouped} | "
-              f"{rate(M, N, K, lambda: fp8._EXT.gemm_1d1d(aq, a_s, bq, sbt, out))} (1D1D, one sum over all K) |",
+              f"{rate(M, N, K, lambda: ext.gemm_wgrad(aq, a_s, bq, sbt, out))} (1D1D, one sum over all K) |",
               flush=True)
     for N, K in [(512, 1024), (1024, 512), (2048, 7168), (7168, 2048)]:
         M = experts * rows
@@ -190,15 +190,36 @@ def bench_training(experts=32, rows=2048):
         wq, ws = quantize_weight(torch.randn(experts * N, K, device="cuda"))
         groups = torch.arange(experts, device="cuda", dtype=torch.int32).repeat_interleave(rows // BLOCK)
         out = torch.empty(M, N, device="cuda", dtype=torch.bfloat16)
-        grouped = rate(M, N, K, lambda: fp8._EXT.gemm_grouped(aq, a_s, wq, ws, groups, out, experts))
+        grouped = rate(M, N, K, lambda: ext.gemm_experts(aq, a_s, wq, ws, groups, out, experts))
+        a_m = mmajor_scales(a_s)
         print(f"| {experts} experts × {rows} rows | {M} | {N} | {K} | {grouped} | "
-              f"{rate(M, N, K, lambda: fp8._EXT.gemm(aq, a_s, wq[:N], ws[:N // BLOCK], out, 4))} |", flush=True)
+              f"{rate(M, N, K, lambda: ext.gemm(aq, a_m, wq[:N], ws[:N // BLOCK], out))} |", flush=True)
         del aq, wq
         torch.cuda.empty_cache()
 
 
-def bench_sustained(tiers=(4,), seconds: float = 2.0):
-    """The kernel tiers and cuBLAS blockwise, `seconds` each, with nvidia-smi sampling the SM clock and the board
+def bench_ladder():
+    """fp8_teaching's steps 1-4 beside the production kernel (and cuBLAS) on the M = 4096 shapes and 8192³, each
+    kernel's calls in one block, in the order of the columns."""
+    import fp8_teaching
+    steps = fp8_teaching.load()
+    print("\n# the teaching ladder (fp8_teaching/): TFLOP/s, each kernel's calls in one block")
+    print("| M | N | K | step 1 | step 2 | step 3 | step 4 | kernel | vendor blockwise |")
+    print("|---" * 9 + "|")
+    for M, N, K in LARGE_SHAPES:
+        xq, xs = quantize_act(torch.randn(M, K, device="cuda", dtype=torch.bfloat16))
+        wq, ws = quantize_weight(torch.randn(N, K, device="cuda", dtype=torch.bfloat16))
+        out = torch.empty(M, N, device="cuda", dtype=torch.bfloat16)
+        calls = [lambda i=i: steps.gemm(i, xq, xs, wq, ws, out) for i in range(1, 5)]
+        calls += [_kernel_call(xq, mmajor_scales(xs), wq, ws, out), _vendor_blockwise(xq, xs, wq, ws)[0]]
+        cells = [f"{2 * M * N * K / _median_ms(fn) / 1e9:.0f}" for fn in calls]
+        print(f"| {M} | {N} | {K} | " + " | ".join(cells) + " |", flush=True)
+        del xq, wq, out
+        torch.cuda.empty_cache()
+
+
+def bench_sustained(seconds: float = 2.0):
+    """The Fprop kernel and cuBLAS blockwise, `seconds` each, with nvidia-smi sampling the SM clock and the board
     power every 50 ms. At the power cap the GPU lowers its clock until the board draws its limit, so the rate
     depends on the energy a kernel spends per FLOP as well as on the work it does per clock cycle; TFLOP/s per GHz
     is the latter. nvidia-smi samples every GPU of the host: run it where the benchmark's GPU is the only one."""
@@ -211,9 +232,8 @@ def bench_sustained(tiers=(4,), seconds: float = 2.0):
         xq, xs = quantize_act(x)
         wq, ws = quantize_weight(w)
         out = torch.empty(M, N, device="cuda", dtype=torch.bfloat16)
-        xs_m = fp8.mmajor_scales(xs) if 9 in tiers else None
-        kernels = [(f"tier{t}", _tier_call(t, xq, xs, xs_m, wq, ws, out)) for t in tiers]
-        kernels.append(("vendor blockwise", _vendor_blockwise(xq, xs, wq, ws)[0]))
+        kernels = [("kernel", _kernel_call(xq, mmajor_scales(xs), wq, ws, out)),
+                   ("vendor blockwise", _vendor_blockwise(xq, xs, wq, ws)[0])]
         for name, fn in kernels:
             for _ in range(20):
                 fn()
@@ -240,40 +260,31 @@ def bench_sustained(tiers=(4,), seconds: float = 2.0):
                   flush=True)
 
 
-def _tier_list(text: str) -> tuple:
-    """--tiers: comma-separated kernel tiers, each 1-9."""
-    try:
-        tiers = tuple(int(t) for t in text.split(","))
-    except ValueError:
-        tiers = ()
-    if not tiers or any(not 1 <= t <= 9 for t in tiers):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of tiers 1-9")
-    return tiers
-
-
 def main(argv=None):
-    """The command line of `python fp8_bench.py ...` (`--bench`, once needed, is still accepted)."""
     global FLUSH_L2
-    p = argparse.ArgumentParser(prog="fp8_bench.py",
-                                description="Fine-grained FP8 GEMM (DeepSeek-V3 §3.3): benchmark on a Hopper GPU")
-    p.add_argument("--bench", action="store_true", help="accepted for older commands; the benchmark runs without it")
-    p.add_argument("--tiers", type=_tier_list, default=tuple(range(1, 10)),
-                   help="kernel tiers to time, comma-separated (default all: 1,2,...,9)")
-    p.add_argument("--training", action="store_true", help="also time the wgrad (1D1D) and grouped-expert variants")
-    p.add_argument("--sustained", action="store_true",
-                   help="also run the tiers and cuBLAS for 2 s each with the SM clock and power sampled (nvidia-smi)")
-    p.add_argument("--flush-l2", action="store_true", help="time every call with a cold L2 (write 256 MiB first)")
+    p = argparse.ArgumentParser(
+        prog="fp8_bench.py", description="Time fp8_gemm.cu's FP8 GEMM against bf16 matmul and cuBLAS's blockwise "
+        "FP8 on a Hopper GPU (report §3.3). Without flags: the main table only.")
     p.add_argument("--interleave", action="store_true",
-                   help="also time the tiers and cuBLAS taking turns, order rotated (clock drift hits all alike)")
+                   help="also time the kernel and cuBLAS taking turns, order rotated (clock drift hits both alike)")
+    p.add_argument("--training", action="store_true", help="also time the Wgrad (1D1D) and grouped-expert kernels")
+    p.add_argument("--sustained", action="store_true",
+                   help="also run the kernel and cuBLAS for 2 s each with the SM clock and power sampled (nvidia-smi)")
+    p.add_argument("--ladder", action="store_true",
+                   help="also time the teaching kernels of fp8_teaching/ (steps 1-4) beside the kernel")
+    p.add_argument("--flush-l2", action="store_true", help="time every call with a cold L2 (write 256 MiB first)")
     args = p.parse_args(argv)
+    _need_kernel()
     FLUSH_L2 = args.flush_l2
-    bench(args.tiers)
+    bench()
     if args.interleave:
-        bench_interleaved(args.tiers)
+        bench_interleaved()
     if args.training:
         bench_training()
+    if args.ladder:
+        bench_ladder()
     if args.sustained:
-        bench_sustained(args.tiers)
+        bench_sustained()
 
 
 if __name__ == "__main__":

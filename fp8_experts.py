@@ -11,22 +11,24 @@ count. Launching one GEMM per expert wastes the GPU on small problems, so all ex
   * Wgrad: one **K-grouped** GEMM (``fp8_gemm_kgrouped``). dW[e] = dY_segᵀ·X_seg contracts over the expert's own
     tokens, so both operands are quantized along the tokens (1×128 tiles on both, "1D1D") and each expert sums
     only its own K range. The output is FP32, as the report keeps Wgrad.
-  * ``fp8_segment_mm`` wraps the three in an autograd function: the FP8 twin of ``moe.segment_mm``, which
-    ``fp8.FP8Linear.experts_mm`` hands to the MoE layer when training runs with --fp8.
+  * ``fp8_segment_mm`` wraps the three in an autograd function: the FP8 twin of ``moe.segment_mm``.
   * Low-precision storage with recomputation (§3.3.3): ``fp8_swiglu_down`` runs the experts' SwiGLU and their
     down projection W2 as one autograd step. It keeps only the SwiGLU's inputs for the backward pass, in 1×128
     E4M3 tiles with ``act_cache="fp8"`` (the report's choice), and recomputes the SwiGLU output (W2's input)
     there.
 
+``FP8Experts`` gathers what the MoE layer takes (``moe.MoE(cfg, linear, experts=FP8Experts)``, handed down by
+``model.Transformer`` where train.py builds the model with --fp8).
+
 Each GEMM has its reference beside it (``fp8_gemm_grouped_ref``, ``fp8_gemm_kgrouped_ref``: fp8.fp8_gemm_ref per
-expert), used on CPU and wherever the kernels are unavailable. The kernels are variants of fp8_gemm.cu's tier 4.
+expert), used on CPU and wherever the kernels are unavailable. The kernels are fp8_gemm.cu's kExperts and
+kExpertsWgrad.
 """
 import torch
 import torch.nn.functional as F
 
-import fp8
-from fp8 import (ACT_CACHES, BLOCK, FP8, _check_gemm, _compute_dtype, _notice, dequantize_act, fp8_gemm_ref,
-                 load_kernel, quantize_act, quantize_act_t, quantize_e5m6, quantize_weight)
+from fp8 import (ACT_CACHES, BLOCK, FP8, check_gemm_operands, compute_dtype, dequantize_act, fp8_gemm_ref,
+                 load_kernel, quantize_act, quantize_act_t, quantize_e5m6, quantize_weight, say_once, why_no_kernel)
 
 
 # ---------------------------------------------------------------- grouped GEMM (routed experts)
@@ -44,7 +46,7 @@ def _check_grouped(a, a_scale, b, b_scale, groups):
         raise ValueError(f"fp8_gemm_grouped: b_scale must be {(E, N // BLOCK, K // BLOCK)}, got {tuple(b_scale.shape)}")
     if groups.dtype != torch.int32 or tuple(groups.shape) != (a.shape[0] // BLOCK,):
         raise ValueError(f"fp8_gemm_grouped: groups must be int32 of shape (M/128,) = ({a.shape[0] // BLOCK},)")
-    _check_gemm(a, a_scale, b[0], b_scale[0])                   # dtypes, K, a_scale, devices
+    check_gemm_operands(a, a_scale, b[0], b_scale[0])                   # dtypes, K, a_scale, devices
 
 
 def fp8_gemm_grouped_ref(a, a_scale, b, b_scale, groups, out_dtype=torch.bfloat16) -> torch.Tensor:
@@ -67,19 +69,20 @@ def fp8_gemm_grouped(a, a_scale, b, b_scale, groups, out_dtype=torch.bfloat16) -
     by expert, each expert's segment padded to whole 128-row tiles, groups (M/128,) int32 the expert of each tile;
     b (E, N, K) and b_scale (E, N/128, K/128) the stacked experts. One kernel launch on Hopper."""
     _check_grouped(a, a_scale, b, b_scale, groups)
-    if a.is_cuda and load_kernel() is not None:
+    ext = load_kernel() if a.is_cuda else None
+    if ext is not None:
         E, N, K = b.shape
         out = torch.empty(a.shape[0], N, dtype=torch.bfloat16, device=a.device)
         with torch.cuda.device(a.device):
-            fp8._EXT.gemm_grouped(a.contiguous(), a_scale.contiguous(), b.reshape(E * N, K).contiguous(),
-                              b_scale.reshape(E * N // BLOCK, K // BLOCK).contiguous(), groups.contiguous(), out, E)
+            ext.gemm_experts(a.contiguous(), a_scale.contiguous(), b.reshape(E * N, K).contiguous(),
+                             b_scale.reshape(E * N // BLOCK, K // BLOCK).contiguous(), groups.contiguous(), out, E)
         return out.to(out_dtype)
-    _notice(f"{fp8._WHY_NOT or f'tensors on {a.device.type}'}; using the PyTorch reference grouped GEMM (slow)")
+    say_once(f"{why_no_kernel() or f'tensors on {a.device.type}'}; using the PyTorch reference grouped GEMM (slow)")
     return fp8_gemm_grouped_ref(a, a_scale, b, b_scale, groups, out_dtype)
 
 
 def _check_kgrouped(a, a_scale, b, b_scale, sizes):
-    if not _check_gemm(a, a_scale, b, b_scale):
+    if not check_gemm_operands(a, a_scale, b, b_scale):
         raise ValueError("fp8_gemm_kgrouped: b_scale must hold 1×128 tiles along K, (N, K/128)")
     if any(n % BLOCK for n in sizes) or sum(sizes) != a.shape[1]:
         raise ValueError(f"fp8_gemm_kgrouped: segment sizes must be multiples of {BLOCK} summing to K = {a.shape[1]}")
@@ -104,9 +107,10 @@ def fp8_gemm_kgrouped_ref(a, a_scale, b, b_scale, sizes, out_dtype=torch.bfloat1
 def fp8_gemm_kgrouped(a, a_scale, b, b_scale, sizes, out_dtype=torch.bfloat16) -> torch.Tensor:
     """K-grouped GEMM (see the reference): one kernel launch on Hopper, with the segments read in place."""
     (M, K), N = a.shape, b.shape[0]
-    if not (a.is_cuda and load_kernel() is not None and M % BLOCK == 0 and N % 8 == 0 and M and K):
+    ext = load_kernel() if a.is_cuda else None
+    if not (ext is not None and M % BLOCK == 0 and N % 8 == 0 and M and K):
         if a.is_cuda and M and K:
-            _notice(f"{fp8._WHY_NOT or f'M = {M} (not a multiple of 128) or N = {N} (not of 8)'}; "
+            say_once(f"{why_no_kernel() or f'M = {M} (not a multiple of 128) or N = {N} (not of 8)'}; "
                     f"using the PyTorch reference K-grouped GEMM (slow)")
         return fp8_gemm_kgrouped_ref(a, a_scale, b, b_scale, sizes, out_dtype)
     _check_kgrouped(a, a_scale, b, b_scale, sizes)
@@ -116,8 +120,8 @@ def fp8_gemm_kgrouped(a, a_scale, b, b_scale, sizes, out_dtype=torch.bfloat16) -
     if kg:
         sbt = F.pad(b_scale.t(), (0, -N % BLOCK)).contiguous()                               # (K/128, N')
         with torch.cuda.device(a.device):
-            fp8._EXT.gemm_1d1d_kgrouped(a.contiguous(), a_scale.contiguous(), b.contiguous(), sbt,
-                                    torch.tensor(kg, dtype=torch.int32, device=a.device), out)
+            ext.gemm_experts_wgrad(a.contiguous(), a_scale.contiguous(), b.contiguous(), sbt,
+                                   torch.tensor(kg, dtype=torch.int32, device=a.device), out)
     return out.view(len(sizes), M, N).to(out_dtype)
 
 
@@ -154,7 +158,7 @@ def _padded(x, dst, padded):
 
 def _experts_forward(x, w, sizes):
     """Fprop of Y_seg = X_seg·W[e]ᵀ: y (M, N), the padded input xp, and what the backward needs besides it."""
-    out_dtype = _compute_dtype(x)
+    out_dtype = compute_dtype(x)
     E, N, K = w.shape
     dst, groups, padded = _tile_layout(sizes, x.device)
     xp = _padded(x, dst, padded)                                       # (M', K)
@@ -183,7 +187,7 @@ def _experts_backward(dy, xp, saved, meta):
 
 class _FP8ExpertsFn(torch.autograd.Function):
     """Y_seg = X_seg·W[e]ᵀ for every expert e at once, Fprop, Dgrad and Wgrad in FP8 (the routed experts of
-    TR §3.3). Rows arrive sorted by expert (`sizes` per expert); each segment is padded with zero rows to whole
+    report §3.3). Rows arrive sorted by expert (`sizes` per expert); each segment is padded with zero rows to whole
     128-row tiles, so that one grouped GEMM serves all experts and no 1×128 tile mixes two experts' tokens."""
 
     @staticmethod
@@ -201,7 +205,7 @@ class _FP8ExpertsFn(torch.autograd.Function):
 
 
 class _FP8SwiGLUDownFn(torch.autograd.Function):
-    """Y = (SiLU(A) ⊙ B)·W2[e]ᵀ per segment: the experts' SwiGLU fused with their down projection (TR §3.3.3).
+    """Y = (SiLU(A) ⊙ B)·W2[e]ᵀ per segment: the experts' SwiGLU fused with their down projection (report §3.3.3).
 
     A and B (the outputs of the gate and up projections) are kept for the backward pass, "cached" as
     `act_cache` says: as they are ("bf16"), in 1×128 E4M3 tiles ("fp8", the report's choice) or in E5M6 tiles
@@ -258,3 +262,20 @@ def fp8_segment_mm(x: torch.Tensor, w: torch.Tensor, sizes: list) -> torch.Tenso
         raise ValueError(f"fp8_segment_mm: x {tuple(x.shape)}, w {tuple(w.shape)} and {len(sizes)} segment sizes "
                          f"do not fit together")
     return _FP8ExpertsFn.apply(x, w, list(sizes))
+
+
+class FP8Experts:
+    """The routed experts' FP8 kernels, handed to the model where it is built:
+    ``Transformer(cfg, linear=fp8.FP8Linear, experts=FP8Experts)`` passes this class to every ``moe.MoE``, whose
+    ``Experts`` run their gate/up and down projections with ``mm`` (the FP8 twin of ``moe.segment_mm``) and the
+    SwiGLU with the down projection with ``swiglu_down``."""
+
+    mm = staticmethod(fp8_segment_mm)
+    swiglu_down = staticmethod(fp8_swiglu_down)
+
+    @staticmethod
+    def check_dims(dim: int, inter_dim: int):
+        """The experts' weights are quantized in whole 128×128 blocks: both dims must be multiples of 128."""
+        if dim % BLOCK or inter_dim % BLOCK:
+            raise ValueError(f"FP8 routed experts need dim ({dim}) and moe_inter_dim ({inter_dim}) to be multiples "
+                             f"of {BLOCK}; choose such dims for FP8 runs")

@@ -14,11 +14,9 @@
 #include <cuda_runtime.h>
 #include <stdint.h>
 
-#ifndef FP8_GEMM_NO_TORCH
 #include <ATen/core/Tensor.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/util/Exception.h>
-#endif
 
 namespace fp8q {
 
@@ -48,7 +46,7 @@ __device__ __forceinline__ uint32_t pack4(float a, float b, float c, float d, fl
 
 // One warp per 1x128 tile: each lane holds 4 consecutive values; the tile amax is a warp max.
 // ld == 0: scales row-major, tile t at s[t]. ld > 0: M-major, tile (row r, block kb) at s[kb * ld + r], the layout
-// kernel tier 9 reads (kb_row: scales per row, K/128).
+// fp8_gemm.cu's Fprop kernel reads (kb_row: scales per row, K/128).
 template <typename T>
 __global__ void __launch_bounds__(256) rows(const T* __restrict__ x, uint32_t* __restrict__ q,
                                             float* __restrict__ s, long long tiles, int kb_row, int ld) {
@@ -97,7 +95,6 @@ __global__ void __launch_bounds__(256) cols(const T* __restrict__ x, uint8_t* __
 }
 }  // namespace fp8q
 
-#ifndef FP8_GEMM_NO_TORCH
 // q, s preallocated by fp8.py: q uint8 view of the float8 output, s float32.
 // s: the (R, C/128) scales row-major (ld = 0), or a contiguous (C/128, ld) buffer, ld >= R, for M-major scales.
 void quant_rows(at::Tensor x, at::Tensor q, at::Tensor s, int64_t ld) {
@@ -141,4 +138,3 @@ void quant_cols(at::Tensor x, at::Tensor q, at::Tensor s) {
     TORCH_CHECK(false, "quant_cols: x must be bfloat16 or float32");
   TORCH_CHECK(cudaGetLastError() == cudaSuccess, "quant_cols: launch failed");
 }
-#endif

@@ -12,7 +12,18 @@ two tokens for one main forward. Acceptance rule:
   leaves the output distribution exactly that of the main model (Leviathan et al. 2023; Chen et al. 2023).
 The report quotes 85–90% acceptance for DeepSeek-V3; a tiny model trained for minutes reaches far less.
 
+`generate` is the reference (one sequence, a host round trip per token). `StaticDecoder` is the fast path for
+GPUs: a batch of prompts of any lengths, a latent cache of fixed size with one position per row kept on the
+device, each step captured once as a CUDA graph and replayed, greedy; its speculative iteration verifies with one
+main forward over two tokens and drafts for both outcomes with one MTP forward. tests/test_decode.py checks it
+against `generate`; decode_bench.py times both.
+
     python generate.py --out_dir out --prompt "def " --max_new_tokens 200 [--speculative]
+    python generate.py --out_dir out --static --temperature 0 --prompt "def " --prompt "class " [--speculative]
+
+The command line runs `generate` by default (streamed, sampling or greedy, one prompt after the other); --static
+runs StaticDecoder on all prompts as one batch (greedy; in bf16 on a GPU, where a near-tie between two logits can
+pick another token than the float32 reference does).
 """
 import argparse
 import math
@@ -25,6 +36,7 @@ import torch
 from checkpoint import load_checkpoint, pick_device
 from config import config_from_dict
 from model import Transformer
+from moe import grouped_mm_supported
 
 
 # -- sampling ----------------------------------------------------------------------------------------------
@@ -119,6 +131,193 @@ def generate(model, prompt, max_new_tokens, temperature=0.0, top_k=None, eot=Non
     return out, stats
 
 
+# -- static-cache decoding: batched prompts, no host sync per token, CUDA graphs ------------------------------
+# `generate` above is the reference: one sequence, Python ints for positions, a host round trip per token (the
+# pick, the acceptance test). StaticDecoder computes the same greedy tokens for a batch of prompts of any lengths:
+# every row keeps its own position in a (B,) tensor, the latent cache has a fixed size and each step attends over
+# all of it under a mask (mla.MLA._write_cache_at), so every step has the same shapes and reads nothing back to
+# the host. On a GPU one step is then captured once as a CUDA graph and replayed: one launch per token instead of
+# hundreds. Prompts are right-padded; a row's padding sits after its last token, so no real token attends to it,
+# and decoding overwrites it.
+#
+# Speculative decoding here costs one main forward per iteration, over two tokens [x_n, d] (d = the MTP draft of
+# x_{n+1}), and one MTP forward over the same two positions, which drafts for both outcomes at once: if d is
+# accepted the MTP entry of position n+1 drafts x_{n+3}, else the entry of position n drafts x_{n+2} (the entry
+# at n+1 is overwritten next time). Greedy only: the output equals plain greedy decoding.
+class GraphedStep:
+    """fn(*tensors) → tuple of tensors, run eagerly or replayed from a CUDA graph captured at the first call.
+
+    Replay copies the arguments into the captured input buffers; the returned tensors are the graph's own output
+    buffers, overwritten by the next replay (clone what must outlive it). fn must not read anything back to the
+    host. The first call runs fn once on a side stream before capture, so lazy set-up (library handles, the
+    grouped-GEMM probe) stays out of the graph."""
+
+    def __init__(self, fn, use_graph: bool):
+        self.fn, self.use_graph, self.graph = fn, use_graph, None
+
+    def __call__(self, *args):
+        if not self.use_graph:
+            return self.fn(*args)
+        if self.graph is None:
+            self.inputs = [a.clone() for a in args]
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                self.fn(*self.inputs)  # warm-up; the cache writes it makes are the ones the replay makes again
+            torch.cuda.current_stream().wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.outputs = self.fn(*self.inputs)
+        for buf, a in zip(self.inputs, args):
+            buf.copy_(a)
+        self.graph.replay()
+        return self.outputs
+
+
+def _plain_step(model, x, n):
+    """x (B,) the tokens at positions n (B,) → (logits (B, V) of the next tokens, greedy next tokens (B,))."""
+    logits, _ = model.forward_cached(x[:, None], n)  # (B, 1, V)
+    return logits[:, -1], logits[:, -1].argmax(-1)
+
+
+def _speculative_iteration(model, x, draft, n, active):
+    """One verify-and-draft iteration for every row (greedy). x (B,) tokens at positions n, draft (B,) the MTP
+    guess for n+1, active (B,) bool: rows still decoding (the others keep their state).
+
+    Returns p (B, 2) the main model's greedy tokens for n+1 and n+2, step (B,) how many of them row b emits
+    (2 if the draft was right, 1 if not, 0 if inactive), and the next x, draft and n."""
+    S = model.layers[0].attn.kv_cache.shape[1]
+    at = torch.where(active, n, n.clamp(max=S - 2))  # a finished row may have run past its cache: park it
+    logits, h = model.forward_cached(torch.stack([x, draft], 1), at)  # (B, 2, V): one forward, two positions
+    p = logits.argmax(-1)  # (B, 2)
+    ok = (p[:, 0] == draft) & active  # the draft is what the main model picks: p[:, 1] is valid too
+    q, _ = model.mtp_step(h, p, at)  # MTP entries (h_n, p_n), (h_n+1, p_n+1) → drafts for n+2 and n+3
+    d = q.argmax(-1)  # (B, 2)
+    step = active.long() * (1 + ok.long())  # (B,)
+    new_x = torch.where(ok, p[:, 1], torch.where(active, p[:, 0], x))
+    new_draft = torch.where(ok, d[:, 1], torch.where(active, d[:, 0], draft))
+    return p, step, new_x, new_draft, n + step
+
+
+class StaticDecoder:
+    """Greedy decoding of batches of prompts over a latent cache allocated once (max_batch × max_seq_len).
+
+    graphs: capture each step as a CUDA graph (default: on CUDA). The graphs hold the cache's addresses: do not
+    call model.setup_cache / free_cache / generate() while a StaticDecoder is in use; close() frees the cache.
+    compile: torch.compile each step function first (static shapes), so that the graph replays fused kernels
+    instead of the eager step's many small ones; the first call of each step kind then takes long."""
+
+    def __init__(self, model, max_batch: int, max_seq_len: int = None, graphs: bool = None, compile: bool = False):
+        self.model, self.max_batch, self.compile = model, max_batch, compile
+        self.max_seq_len = max_seq_len or model.cfg.max_seq_len
+        self.device = model.embed.weight.device
+        self.graphs = self.device.type == "cuda" if graphs is None else graphs
+        dtype = model.embed.weight.dtype
+        if self.graphs and model.moe_layers() and not grouped_mm_supported(self.device, dtype):
+            if graphs:  # the MoE would loop over experts, reading the segment sizes back on every step
+                raise ValueError(f"CUDA graphs need the grouped GEMM for {dtype} on {self.device} (use bf16)")
+            self.graphs = False
+        model.setup_cache(max_batch, self.max_seq_len, attn_impl="absorb")
+        self.steps = {}  # (kind, batch) → GraphedStep
+
+    def close(self):
+        self.model.free_cache()
+        self.steps = {}
+
+    def _step(self, kind, B):
+        if (kind, B) not in self.steps:
+            fn = _plain_step if kind == "plain" else _speculative_iteration
+            step = (lambda *a: fn(self.model, *a))
+            self.steps[kind, B] = GraphedStep(torch.compile(step, dynamic=False) if self.compile else step,
+                                              self.graphs)
+        return self.steps[kind, B]
+
+    def _check(self, prompts, max_new_tokens, speculative):
+        if not isinstance(prompts, (list, tuple)) or not prompts or any(len(p) == 0 for p in prompts):
+            raise ValueError("prompts must be a non-empty list of non-empty token lists")
+        if len(prompts) > self.max_batch:
+            raise ValueError(f"{len(prompts)} prompts exceed the decoder's max_batch {self.max_batch}")
+        longest = max(len(p) for p in prompts)
+        if longest + max_new_tokens > self.max_seq_len:
+            raise ValueError(f"a prompt of {longest} tokens plus {max_new_tokens} new ones exceeds the cache "
+                             f"length {self.max_seq_len}")
+        if max_new_tokens < 1:
+            raise ValueError("max_new_tokens must be >= 1")
+        if speculative and self.model.cfg.n_mtp == 0:
+            raise ValueError("speculative decoding needs a model with MTP modules (n_mtp >= 1)")
+
+    @torch.no_grad()
+    def prefill(self, prompts):
+        """All prompts in one forward from position 0 (right-padded) → (ids (B, T), hidden (B, T, d),
+        index of each last prompt token (B,), first new token x (B,), logits of x (B, V))."""
+        B, T = len(prompts), max(len(p) for p in prompts)
+        ids = torch.zeros(B, T, dtype=torch.long, device=self.device)
+        for b, p in enumerate(prompts):
+            ids[b, :len(p)] = torch.tensor(p, device=self.device)
+        logits, h = self.model.forward_cached(ids, torch.zeros(B, dtype=torch.long, device=self.device))
+        last = torch.tensor([len(p) - 1 for p in prompts], device=self.device)  # (B,)
+        rows = torch.arange(B, device=self.device)
+        return ids, h, last, logits[rows, last].argmax(-1), logits[rows, last]
+
+    @torch.no_grad()
+    def generate(self, prompts, max_new_tokens: int, speculative: bool = False, eot: int = None):
+        """prompts: B lists of token ids. Returns (B lists of up to max_new_tokens new ids, each cut after its
+        first eot, stats). Greedy; stats as generate()'s, summed over the rows."""
+        self._check(prompts, max_new_tokens, speculative)
+        B = len(prompts)
+        ids, h, last, x, _ = self.prefill(prompts)
+        n = last + 1  # (B,) position of x
+        if speculative and max_new_tokens > 1:
+            rows = self._speculative(ids, h, last, x, n, max_new_tokens)
+            stats = self.last_stats
+        else:
+            step, toks = self._step("plain", B), [x]
+            for _ in range(max_new_tokens - 1):
+                x = step(x, n)[1].clone()
+                n = n + 1
+                toks.append(x)
+            rows = torch.stack(toks, 1).tolist()  # the only read-back: once, at the end
+            stats = {"drafted": 0, "accepted": 0, "main_forwards": max_new_tokens * B}
+        outs = []
+        for r in rows:
+            r = r[:max_new_tokens]
+            outs.append(r[:r.index(eot) + 1] if eot is not None and eot in r else r)
+        return outs, stats
+
+    def _speculative(self, ids, h, last, x, n, max_new):
+        B = ids.shape[0]
+        rows = torch.arange(B, device=self.device)
+        nxt = torch.cat([ids[:, 1:], ids[:, :1]], 1)  # (B, T): the token one ahead of each position ...
+        nxt[rows, last] = x  # ... the last prompt position's being the first new token
+        q, _ = self.model.mtp_step(h, nxt, torch.zeros_like(n))  # MTP cache over the prompt
+        draft = q[rows, last].argmax(-1)  # (B,) guess for position n+1
+        it = self._step("spec", B)
+        emitted = torch.ones(B, dtype=torch.long, device=self.device)
+        first, record, iters = x, [], 0
+        while True:
+            behind = max_new - int(emitted.min())  # a host sync, a few times per call, not per token
+            if behind <= 0:
+                break
+            for _ in range(max(1, behind // 2)):  # at most 2 tokens an iteration: no row overshoots by much
+                active = emitted < max_new  # a row that is done stays where it is (its cache cannot overflow)
+                p, step, x, draft, n = (t.clone() for t in it(x, draft, n, active))
+                emitted += step
+                record.append((p, step))
+                iters += 1
+        P = torch.stack([p for p, _ in record]).tolist()  # (I, B, 2)
+        S = torch.stack([s for _, s in record]).tolist()  # (I, B)
+        out = []
+        for b, f in enumerate(first.tolist()):
+            toks = [f]
+            for i in range(iters):
+                toks += P[i][b][:S[i][b]]
+            out.append(toks)
+        drafted = sum(1 for i in range(iters) for b in range(B) if S[i][b] > 0)
+        accepted = sum(1 for i in range(iters) for b in range(B) if S[i][b] == 2)
+        self.last_stats = {"drafted": drafted, "accepted": accepted, "main_forwards": B + drafted}
+        return out
+
+
 # -- loading -----------------------------------------------------------------------------------------------
 def load_model(out_dir=None, hf_dir=None, device="cpu"):
     """Model + tokenizer from train.py's checkpoint (out_dir/ckpt.pt) or a Hugging Face layout directory."""
@@ -159,14 +358,24 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out_dir", default="out", help="directory holding train.py's ckpt.pt")
     p.add_argument("--hf_dir", default=None, help="load a Hugging Face DeepSeek-V3 layout directory instead")
-    p.add_argument("--prompt", default=None, help="prompt text; without it the prompt is read from stdin")
+    p.add_argument("--prompt", action="append", default=None,
+                   help="prompt text; repeat it for several prompts; without it (and without --prompts_file) the "
+                        "prompt is read from stdin")
+    p.add_argument("--prompts_file", default=None, help="a text file of prompts, one per non-empty line")
     p.add_argument("--max_new_tokens", type=int, default=200,
-                   help="tokens to generate at most (cut, with a note, to the room left in the model's context)")
+                   help="tokens to generate at most (cut, with a note, to the room the longest prompt leaves in the "
+                        "model's context)")
     p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature; 0 = greedy")
     p.add_argument("--top_k", type=int, default=50, help="sample among the k most likely tokens; 0 = among all")
     p.add_argument("--seed", type=int, default=1337, help="seed of the sampling")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument("--speculative", action="store_true", help="MTP self-speculative decoding")
+    p.add_argument("--static", action="store_true",
+                   help="the fast path (StaticDecoder): all prompts decoded as one batch over a fixed-size latent "
+                        "cache, each step a CUDA graph on a GPU; greedy only (temperature 0); the text is "
+                        "printed at the end, not streamed")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="weights' dtype; auto = bfloat16 for --static on CUDA (its CUDA graphs need it), else float32")
     return p
 
 
@@ -177,76 +386,153 @@ def check_args(args) -> None:
         raise ValueError(f"--temperature {args.temperature}: must be a finite number >= 0 (0 = greedy)")
     if args.top_k < 0:
         raise ValueError(f"--top_k {args.top_k}: must be >= 0 (0 = no top-k cut)")
+    if args.static and args.temperature > 0:
+        raise ValueError(f"--static decodes greedily only: add --temperature 0 (sampling with --temperature "
+                         f"{args.temperature} runs without --static)")
 
 
-def main(argv=None):
-    """The command line. Exit status: 0 done (also when the reader of stdout goes away, as `| head` does), 2 a bad
-    option or file (one line on stderr, nothing on stdout), 130 Ctrl-C."""
-    args = build_parser().parse_args(argv)
-    printed = []  # the text written to stdout so far: nothing until the first token, so errors come alone
-    try:
-        check_args(args)
-        device = pick_device(args.device)
-        model, tok = load_model(args.out_dir, args.hf_dir, device)
-        if args.prompt is None and sys.stdin.isatty():
-            print("reading the prompt from stdin until end of file (Ctrl-D); --prompt TEXT gives it directly",
-                  file=sys.stderr)
-        text = args.prompt if args.prompt is not None else sys.stdin.read()
-        prompt = tok.encode(text)
-        if not prompt:  # before the note on --max_new_tokens, so that the error comes alone
-            raise ValueError("the prompt is empty: give --prompt TEXT or the text on stdin")
-        room = model.cfg.max_seq_len - len(prompt)
-        max_new = args.max_new_tokens
-        if 0 < room < max_new:
-            print(f"note: --max_new_tokens {max_new} cut to {room}: the model's context holds "
-                  f"{model.cfg.max_seq_len} tokens and the prompt takes {len(prompt)}", file=sys.stderr)
-            max_new = room
-        gen = torch.Generator(device=device).manual_seed(args.seed)
-        new_ids = []
-
-        def on_token(t):  # stream: the prompt first, then the newly decodable part of the text
-            if not printed:
-                sys.stdout.write(text)
-                printed.append(text)
-            if t == tok.eot:
-                return
-            full = text + tok.decode(new_ids + [t])
-            new_ids.append(t)
-            if full.startswith(printed[-1]) and not full.endswith("\ufffd"):
-                sys.stdout.write(full[len(printed[-1]):])
-                sys.stdout.flush()
-                printed.append(full)
-
-        t0 = time.perf_counter()
+def read_prompts(args) -> list:
+    """The prompt texts: every --prompt, then the lines of --prompts_file; else stdin as one prompt."""
+    texts = list(args.prompt or [])
+    if args.prompts_file is not None:
         try:
-            out, stats = generate(model, prompt, max_new, args.temperature, args.top_k or None, tok.eot, gen,
-                                  args.speculative, on_token)
+            with open(args.prompts_file, encoding="utf-8") as f:
+                lines = [line.rstrip("\r\n") for line in f]
+        except (FileNotFoundError, IsADirectoryError):
+            raise FileNotFoundError(f"--prompts_file {args.prompts_file}: no such file") from None
+        except UnicodeDecodeError:
+            raise ValueError(f"--prompts_file {args.prompts_file}: not UTF-8 text") from None
+        file_prompts = [line for line in lines if line.strip()]
+        if not file_prompts:
+            raise ValueError(f"--prompts_file {args.prompts_file}: no prompt in it (one per non-empty line)")
+        texts += file_prompts
+    if texts:
+        return texts
+    if sys.stdin.isatty():
+        print("reading the prompt from stdin until end of file (Ctrl-D); --prompt TEXT gives it directly",
+              file=sys.stderr)
+    return [sys.stdin.read()]
+
+
+def check_prompts(prompts, context: int, max_new: int) -> int:
+    """Token lists against the model's context → max_new, cut (with a note) to the room the longest one leaves."""
+    for i, p in enumerate(prompts):
+        name = "the prompt" if len(prompts) == 1 else f"prompt {i + 1}"
+        if not p:
+            raise ValueError(f"{name} is empty: give at least one token")
+        if len(p) >= context:
+            raise ValueError(f"{name} has {len(p)} tokens; the model's context is {context}")
+    longest = max(map(len, prompts))
+    if context - longest < max_new:
+        print(f"note: --max_new_tokens {max_new} cut to {context - longest}: the model's context holds {context} "
+              f"tokens and the {'' if len(prompts) == 1 else 'longest '}prompt takes {longest}", file=sys.stderr)
+    return min(max_new, context - longest)
+
+
+class TextStream:
+    """Writes one prompt and its continuation to stdout: the prompt with the first new token (so that an error
+    before it comes alone), then each newly decodable piece of the text (a token may end inside a character)."""
+
+    def __init__(self, tok, text: str, header: str = ""):
+        self.tok, self.text, self.header = tok, text, header
+        self.ids, self.shown = [], None  # shown: the text written so far (None: nothing yet)
+
+    def __call__(self, t: int):
+        if self.shown is None:
+            self._start()
+        if t == self.tok.eot:
+            return
+        self.ids.append(t)
+        full = self.text + self.tok.decode(self.ids)
+        if full.startswith(self.shown) and not full.endswith("\ufffd"):
+            sys.stdout.write(full[len(self.shown):])
+            sys.stdout.flush()
+            self.shown = full
+
+    def _start(self):
+        sys.stdout.write(self.header + self.text)
+        self.shown = self.text
+
+    def finish(self):
+        if self.shown is None:
+            self._start()
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+
+
+def decode_reference(model, prompts, streams, max_new, args, eot):
+    """generate() on one prompt after the other, streaming each. Returns (new tokens, summed stats)."""
+    gen = torch.Generator(device=model.embed.weight.device).manual_seed(args.seed)
+    total, stats = 0, {"drafted": 0, "accepted": 0, "main_forwards": 0}
+    for prompt, stream in zip(prompts, streams):
+        try:
+            out, st = generate(model, prompt, max_new, args.temperature, args.top_k or None, eot, gen,
+                               args.speculative, stream)
         except RuntimeError as e:  # torch.multinomial refuses probabilities that are not finite
             if "probability tensor" not in str(e):
                 raise
             raise ValueError(f"--temperature {args.temperature}: too small, the logits divided by it overflow "
                              f"(0 gives greedy decoding)" if args.temperature < 1e-30 else
                              "the model's next-token probabilities are not finite (a damaged checkpoint?)") from None
+        stream.finish()
+        total += len(out)
+        stats = {k: stats[k] + st[k] for k in stats}
+    return total, stats
+
+
+def decode_static(model, prompts, streams, max_new, args, eot):
+    """StaticDecoder on all prompts as one batch (greedy); the text is written once decoding is done."""
+    dec = StaticDecoder(model, max_batch=len(prompts), max_seq_len=max(map(len, prompts)) + max_new)
+    try:
+        rows, stats = dec.generate(prompts, max_new, speculative=args.speculative, eot=eot)
+    finally:
+        dec.close()
+    for row, stream in zip(rows, streams):
+        for t in row:
+            stream(t)
+        stream.finish()
+    stats["path"] = f"static, batch {len(prompts)}, {'CUDA graphs' if dec.graphs else 'no CUDA graphs'}"
+    return sum(map(len, rows)), stats
+
+
+def main(argv=None):
+    """The command line. Exit status: 0 done (also when the reader of stdout goes away, as `| head` does), 2 a bad
+    option or file (one line on stderr, nothing on stdout), 130 Ctrl-C."""
+    args = build_parser().parse_args(argv)
+    streams = []  # one TextStream per prompt; nothing reaches stdout before the first token, so errors come alone
+    try:
+        check_args(args)
+        device = pick_device(args.device)
+        model, tok = load_model(args.out_dir, args.hf_dir, device)
+        texts = read_prompts(args)
+        dtype = args.dtype if args.dtype != "auto" else \
+            "bfloat16" if args.static and device.type == "cuda" else "float32"
+        model = model.bfloat16() if dtype == "bfloat16" else model.float()  # (.to(dtype) would cast RoPE's table)
+        prompts = [tok.encode(t) for t in texts]
+        max_new = check_prompts(prompts, model.cfg.max_seq_len, args.max_new_tokens)
+        streams = [TextStream(tok, t, f"==> prompt {i + 1} <==\n" if len(texts) > 1 else "")
+                   for i, t in enumerate(texts)]
+        decode = decode_static if args.static else decode_reference
+        t0 = time.perf_counter()
+        n_new, stats = decode(model, prompts, streams, max_new, args, tok.eot)
         dt = time.perf_counter() - t0
-        if not printed:
-            sys.stdout.write(text)
-        sys.stdout.write("\n")
-        sys.stdout.flush()
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        if printed:
+        if any(s.shown is not None for s in streams):
             sys.stdout.write("\n")
         print("interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:  # the reader is gone (`| head`): stop quietly; stdout must not be flushed at exit
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
-    msg = f"{len(out)} tokens in {dt:.2f} s ({len(out) / dt:.1f} tokens/s, {stats['main_forwards']} main forwards)"
+    msg = f"{n_new} tokens in {dt:.2f} s ({n_new / dt:.1f} tokens/s, {stats['main_forwards']} main forwards)"
     if args.speculative:
         rate = stats["accepted"] / max(stats["drafted"], 1)
         msg += f"; MTP drafts accepted {stats['accepted']}/{stats['drafted']} ({100 * rate:.1f}%)"
+    if "path" in stats:
+        msg += f"; {stats['path']}"
     print(msg, file=sys.stderr)
     return 0
 

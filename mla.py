@@ -86,15 +86,18 @@ def precompute_freqs_cis(cfg) -> torch.Tensor:
 
 
 def apply_rotary_emb(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
-    """Rotate each pair (x[2i], x[2i+1]) of x (B, T, H, dr) or (B, T, dr) by angle p·θ_i (freqs_cis (T, dr/2)).
+    """Rotate each pair (x[2i], x[2i+1]) of x (B, T, H, dr) or (B, T, dr) by angle p·θ_i (freqs_cis (T, dr/2),
+    or (B, T, dr/2) when each sequence sits at its own positions).
 
     Computed in fp32 (fp64 for fp64 input) with real arithmetic, returned in x's dtype."""
-    if x.dim() not in (3, 4) or freqs_cis.shape != (x.shape[1], x.shape[-1] // 2) or x.shape[-1] % 2:
+    want = (x.shape[1], x.shape[-1] // 2) if freqs_cis.dim() == 2 else (x.shape[0], x.shape[1], x.shape[-1] // 2)
+    if x.dim() not in (3, 4) or freqs_cis.shape != want or x.shape[-1] % 2:
         raise ValueError(f"apply_rotary_emb: x {tuple(x.shape)} (B, T, [H,] dr) does not match "
-                         f"freqs_cis {tuple(freqs_cis.shape)} (T, dr/2)")
+                         f"freqs_cis {tuple(freqs_cis.shape)} ([B,] T, dr/2)")
     pairs = at_least_fp32(x).unflatten(-1, (-1, 2))  # (B, T, [H,] dr/2, 2)
-    shape = (1, x.shape[1], 1, -1) if x.dim() == 4 else (1, x.shape[1], -1)  # broadcast over B (and H)
-    cos = freqs_cis.real.to(pairs.dtype).view(shape)  # (1, T, [1,] dr/2)
+    lead = (x.shape[0] if freqs_cis.dim() == 3 else 1, x.shape[1])  # broadcast over B unless per sequence
+    shape = (*lead, 1, -1) if x.dim() == 4 else (*lead, -1)  # ([B|1], T, [1,] dr/2): broadcast over H
+    cos = freqs_cis.real.to(pairs.dtype).view(shape)  # ([B|1], T, [1,] dr/2)
     sin = freqs_cis.imag.to(pairs.dtype).view(shape)
     a, b = pairs[..., 0], pairs[..., 1]  # (B, T, [H,] dr/2) each
     out = torch.stack([a * cos - b * sin, a * sin + b * cos], dim=-1)  # (B, T, [H,] dr/2, 2)
@@ -189,6 +192,20 @@ class MLA(nn.Module):
         self.pe_cache[:B, start_pos:end] = k_pe.detach()
         return self.kv_cache[:B, :end].to(latent.dtype), self.pe_cache[:B, :end].to(k_pe.dtype)  # (B, S, ·)
 
+    def _write_cache_at(self, latent, k_pe, pos):
+        """Static-cache form: row b's T new entries go to positions pos[b]..pos[b]+T-1 (pos a (B,) tensor, so
+        sequences of a batch may sit at different positions); returns the whole cache of rows [0, B), (B, S, ·),
+        and the mask (B, T, S) of the keys each query may see (s <= its own position). The shapes never depend
+        on the positions, and nothing is read back to the host: a CUDA graph can capture it. The caller checks
+        that pos[b] + T <= S (no check here would run without a host sync)."""
+        B, T, _ = latent.shape
+        S = self.kv_cache.shape[1]
+        at = pos[:, None] + torch.arange(T, device=pos.device)  # (B, T) absolute positions of the new entries
+        self.kv_cache[:B].scatter_(1, at[..., None].expand(B, T, self.kv_lora_rank), latent.detach())
+        self.pe_cache[:B].scatter_(1, at[..., None].expand(B, T, self.dr), k_pe.detach())
+        mask = torch.arange(S, device=pos.device)[None, None, :] <= at[..., None]  # (B, T, S)
+        return self.kv_cache[:B].to(latent.dtype), self.pe_cache[:B].to(k_pe.dtype), mask
+
     # -- projections ----------------------------------------------------------------------------------------
     def _query(self, x):
         B, T, _ = x.shape
@@ -199,13 +216,19 @@ class MLA(nn.Module):
         """x (B, T, dim), freqs_cis (T, dr/2) for positions [start_pos or 0, +T). Returns (B, T, dim).
 
         start_pos None: causal self-attention over x, no cache. start_pos int: write this chunk to the
-        cache, then attend over positions [0, start_pos + T)."""
+        cache, then attend over positions [0, start_pos + T). start_pos a (B,) integer tensor: row b's chunk
+        sits at positions start_pos[b].. (freqs_cis then (B, T, dr/2)); attend over the whole cache, masked
+        (_write_cache_at: static shapes, no host sync)."""
         if self.attn_impl not in ("naive", "absorb"):
             raise ValueError(f"MLA.attn_impl must be 'naive' or 'absorb', got {self.attn_impl!r}")
         B, T, _ = x.shape
-        if freqs_cis.shape[0] != T:
-            raise ValueError(f"MLA.forward: freqs_cis has {freqs_cis.shape[0]} positions for T={T} tokens")
-        if start_pos is not None:
+        if freqs_cis.shape[-2] != T:
+            raise ValueError(f"MLA.forward: freqs_cis has {freqs_cis.shape[-2]} positions for T={T} tokens")
+        static = torch.is_tensor(start_pos)
+        if static and (self.kv_cache is None or B > self.kv_cache.shape[0] or start_pos.shape != (B,)):
+            raise ValueError("MLA.forward: per-sequence positions need setup_cache(max_batch >= B) and a (B,) "
+                             "tensor of start positions")
+        if start_pos is not None and not static:
             self._check_cache_use(B, T, start_pos)
         q = self._query(x)  # (B, T, H, dn+dr)
         q_nope, q_pe = q.split([self.dn, self.dr], dim=-1)  # (B, T, H, dn), (B, T, H, dr)
@@ -214,16 +237,18 @@ class MLA(nn.Module):
         latent, k_pe = kv.split([self.kv_lora_rank, self.dr], dim=-1)  # (B, T, c), (B, T, dr)
         k_pe = apply_rotary_emb(k_pe, freqs_cis)  # k^R: one per token, shared by the heads, not normalised
         latent = self.kv_norm(latent)  # the norm covers only the c^KV part
-        start = 0
-        if start_pos is not None:
+        start, mask = 0, None
+        if static:
+            latent, k_pe, mask = self._write_cache_at(latent, k_pe, start_pos)  # (B, S, c), (B, S, dr), (B, T, S)
+        elif start_pos is not None:
             latent, k_pe = self._write_and_read_cache(latent, k_pe, start_pos)  # (B, S, c), (B, S, dr)
             start = start_pos
         attend = self._attend_naive if self.attn_impl == "naive" else self._attend_absorb
-        o = attend(q_nope, q_pe, latent, k_pe, start, x.dtype)  # (B, T, H, dv)
+        o = attend(q_nope, q_pe, latent, k_pe, start, x.dtype, mask)  # (B, T, H, dv)
         return self.wo(o.flatten(2))  # (B, T, H·dv) -> (B, T, dim)
 
     # -- the two attention paths ----------------------------------------------------------------------------
-    def _attend_naive(self, q_nope, q_pe, latent, k_pe, start, out_dtype):
+    def _attend_naive(self, q_nope, q_pe, latent, k_pe, start, out_dtype, mask=None):
         """Reference: expand c^KV to per-head k^C, v^C and run standard attention with k = [k^C ; k^R]."""
         B, T, H, _ = q_nope.shape
         S = latent.shape[1]
@@ -233,7 +258,9 @@ class MLA(nn.Module):
         k = torch.cat([k_nope, k_rope], dim=-1).transpose(1, 2)  # (B, H, S, dn+dr)
         q = torch.cat([q_nope, q_pe], dim=-1).transpose(1, 2)  # (B, H, T, dn+dr)
         v = v.transpose(1, 2)  # (B, H, S, dv)
-        if T == S:  # no cache or a prefill from position 0: the usual square causal mask
+        if mask is not None:  # per-sequence positions: (B, T, S), the same for every head
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], scale=self.softmax_scale)
+        elif T == S:  # no cache or a prefill from position 0: the usual square causal mask
             o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.softmax_scale)
         else:  # queries sit at positions start..start+T-1; is_causal would align them to 0 instead
             mask = causal_mask(T, S, start, device=q.device)  # (T, S)
@@ -241,7 +268,7 @@ class MLA(nn.Module):
         # SDPA accumulates the softmax in fp32 for low-precision inputs
         return o.transpose(1, 2).to(out_dtype)  # (B, T, H, dv)
 
-    def _attend_absorb(self, q_nope, q_pe, latent, k_pe, start, out_dtype):
+    def _attend_absorb(self, q_nope, q_pe, latent, k_pe, start, out_dtype, mask=None):
         """Fast: fold W^UK into the query and W^UV into the output; attend over the latents directly."""
         B, T, H, _ = q_nope.shape
         S = latent.shape[1]
@@ -251,7 +278,9 @@ class MLA(nn.Module):
         scores = (torch.einsum("bthc,bsc->bhts", q_lat, latent)  # (B, H, T, S): content part
                   + torch.einsum("bthr,bsr->bhts", q_pe, k_pe.to(q_pe.dtype)))  # + rotary part, k^R shared
         scores = scores * self.softmax_scale
-        if T > 1:  # a single query is the newest position and sees all S keys: nothing to mask
+        if mask is not None:  # per-sequence positions: (B, T, S), the same for every head
+            scores = scores.masked_fill(~mask[:, None], float("-inf"))
+        elif T > 1:  # a single query is the newest position and sees all S keys: nothing to mask
             scores = scores.masked_fill(~causal_mask(T, S, start, device=scores.device), float("-inf"))
         p = F.softmax(at_least_fp32(scores), dim=-1).to(out_dtype)  # softmax in (at least) fp32  # (B, H, T, S)
         o_lat = torch.einsum("bhts,bsc->bthc", p, latent.to(p.dtype))  # (B, T, H, c)

@@ -21,19 +21,19 @@ import torch.nn.functional as F
 from config import ModelConfig, PRESETS, get_preset  # noqa: F401  (re-exported for users of model.py)
 from layers import RMSNorm, MLP, at_least_fp32
 from mla import MLA, precompute_freqs_cis
-from moe import MoE
+from moe import MoE, update_biases
 from mtp import MTPModule, mtp_hidden, mtp_loss, mtp_accuracy
 
 
 class Block(nn.Module):
     """Pre-norm residual block: x + MLA(attn_norm(x)), then + FFN(ffn_norm(x)); FFN dense or MoE by depth."""
 
-    def __init__(self, layer_id: int, cfg: ModelConfig, linear=nn.Linear):
+    def __init__(self, layer_id: int, cfg: ModelConfig, linear=nn.Linear, experts=None):
         super().__init__()
         self.attn_norm = RMSNorm(cfg.dim)
         self.attn = MLA(cfg, linear)
         self.ffn_norm = RMSNorm(cfg.dim)
-        self.ffn = MLP(cfg.dim, cfg.inter_dim, linear) if layer_id < cfg.n_dense_layers else MoE(cfg, linear)
+        self.ffn = MLP(cfg.dim, cfg.inter_dim, linear) if layer_id < cfg.n_dense_layers else MoE(cfg, linear, experts)
 
     def forward(self, x, freqs_cis, start_pos=None):
         x = x + self.attn(self.attn_norm(x), freqs_cis, start_pos)
@@ -43,19 +43,20 @@ class Block(nn.Module):
 class Transformer(nn.Module):
     """DeepSeek-V3: embedding, dense then MoE blocks, final norm, untied head, D MTP modules.
 
-    `linear` is the class used for the projections inside attention and FFNs (nn.Linear, or fp8.FP8Linear).
+    `linear` is the class used for the projections inside attention and FFNs (nn.Linear, or fp8.FP8Linear);
+    `experts` the routed experts' kernels (None: high precision; fp8_experts.FP8Experts with fp8.FP8Linear).
     The embedding, the output head, the MoE gate and the norms always stay in high precision (report §3.3).
     """
 
-    def __init__(self, cfg: ModelConfig, linear=nn.Linear):
+    def __init__(self, cfg: ModelConfig, linear=nn.Linear, experts=None):
         super().__init__()
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
-        self.layers = nn.ModuleList(Block(i, cfg, linear) for i in range(cfg.n_layers))
+        self.layers = nn.ModuleList(Block(i, cfg, linear, experts) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim)
         self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         # MTP module k holds the block of "layer" n_layers + k (an MoE block, as in the released weights).
-        self.mtp = nn.ModuleList(MTPModule(cfg.dim, Block(cfg.n_layers + k, cfg, linear), linear)
+        self.mtp = nn.ModuleList(MTPModule(cfg.dim, Block(cfg.n_layers + k, cfg, linear, experts), linear)
                                  for k in range(cfg.n_mtp))
         self.register_buffer("freqs_cis", precompute_freqs_cis(cfg), persistent=False)
         self.reset_parameters()
@@ -122,11 +123,22 @@ class Transformer(nn.Module):
             attn.free_cache()
             attn.attn_impl = "naive"
 
+    def freqs_at(self, start_pos, T: int) -> torch.Tensor:
+        """RoPE factors of positions start_pos..start_pos+T-1: (T, dr/2) for an int start, (B, T, dr/2) for a
+        (B,) tensor of per-sequence starts (gathered on the device)."""
+        if not torch.is_tensor(start_pos):
+            return self.freqs_cis[start_pos:start_pos + T]
+        return self.freqs_cis[start_pos[:, None] + torch.arange(T, device=start_pos.device)]  # (B, T, dr/2)
+
     @torch.no_grad()
-    def forward_cached(self, idx: torch.Tensor, start_pos: int):
-        """Tokens idx (B, T) at absolute positions start_pos.. → (logits (B, T, V), final hidden (B, T, d))."""
+    def forward_cached(self, idx: torch.Tensor, start_pos):
+        """Tokens idx (B, T) at absolute positions start_pos.. → (logits (B, T, V), final hidden (B, T, d)).
+
+        start_pos: an int (every row at the same positions), or a (B,) integer tensor on the model's device,
+        row b at start_pos[b]..: the static-cache form (mla.MLA._write_cache_at) that a CUDA graph can capture;
+        the caller keeps start_pos[b] + T within the cache."""
         T = idx.shape[1]
-        freqs_cis = self.freqs_cis[start_pos:start_pos + T]
+        freqs_cis = self.freqs_at(start_pos, T)
         h = self.embed(idx)
         for layer in self.layers:
             h = layer(h, freqs_cis, start_pos)
@@ -136,9 +148,10 @@ class Transformer(nn.Module):
     @torch.no_grad()
     def mtp_step(self, h: torch.Tensor, next_idx: torch.Tensor, start_pos: int, depth: int = 0):
         """Cached MTP module `depth` at positions start_pos..: h (B, T, d) hidden of those positions,
-        next_idx (B, T) the tokens one ahead of them → (logits (B, T, V) for the tokens two ahead, h^k)."""
+        next_idx (B, T) the tokens one ahead of them → (logits (B, T, V) for the tokens two ahead, h^k).
+        start_pos: int or (B,) tensor, as in forward_cached."""
         T = next_idx.shape[1]
-        freqs_cis = self.freqs_cis[start_pos:start_pos + T]
+        freqs_cis = self.freqs_at(start_pos, T)
         hk = self.mtp[depth](h, self.embed(next_idx), freqs_cis, start_pos)
         return self.head(hk), hk
 
@@ -148,9 +161,9 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def update_moe_bias(self, gamma: float, group=None):
-        """Aux-loss-free balancing: after each optimizer step, nudge every gate bias by ±γ (moe.MoE.update_bias)."""
-        for m in self.moe_layers():
-            m.update_bias(gamma, group)
+        """Aux-loss-free balancing: after each optimizer step, nudge every gate bias by ±γ (moe.MoE.update_bias);
+        the loads of all layers are summed over `group` (the data-parallel ranks) in one all-reduce."""
+        update_biases(self.moe_layers(), gamma, group)
 
 
 def count_params(cfg: ModelConfig) -> dict:

@@ -37,19 +37,28 @@ moe_inter_dim ("fine-grained" experts: many narrow ones rather than a few wide o
 - V2-style configs (score_func="softmax"): s = softmax over experts, no bias, group score = max, no
   renormalisation of the top-k weights (still × route_scale).
 
-Two dispatch paths with identical results (tests/test_moe.py checks outputs and gradients):
+Three dispatch paths with identical results (tests/test_moe.py and tests/test_parallel.py check outputs and
+gradients):
 - "loop" (the reference, read it first): for each expert, gather its tokens, run it, add the weighted outputs.
 - "grouped" (the fast one, default): sort the N·K_r (token, expert) pairs by expert id with argsort so each expert
   owns one contiguous segment, run all experts with one grouped GEMM per projection (torch._grouped_mm, where
   this build supports it for the device and dtype; otherwise a loop over the segments), scatter-add back.
-  With `--fp8` the grouped GEMM is fp8_experts.fp8_segment_mm instead (FP8Linear.experts_mm hands it over), and
+  With `--fp8` the grouped GEMM is fp8_experts.fp8_segment_mm instead (MoE is handed fp8_experts.FP8Experts), and
   the SwiGLU with W2 is fp8_experts.fp8_swiglu_down, which recomputes the SwiGLU output in the backward pass.
-Expert parallelism (all-to-all over an expert process group) is not implemented here yet.
+- "ep" (expert parallelism, once `MoE.shard` has split the experts over the ranks of an ep group, report
+  §3.2.2): each rank holds N_r/ep consecutive experts (w1/w2/w3 are DTensors sharded on dim 0 over the ep mesh,
+  so FSDP2, distributed checkpoints and gradient clipping all see the split). `dispatch_ep` sorts the pairs by
+  expert as "grouped" does, sends each row to the rank holding its expert (all-to-all), runs the local experts
+  and sends the results back (all-to-all); the backward of sending is sending back. It equals "grouped" on the
+  whole batch (tests/test_parallel.py).
+  Node-limited routing becomes real here: expert group g lives on the ranks that hold its experts, so when
+  n_expert_groups is a multiple of ep a token reaches at most n_limited_groups ranks (`ranks_per_token`).
 """
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor, Shard
 
 from layers import MLP, at_least_fp32
 
@@ -169,22 +178,35 @@ def grouped_mm_supported(device: torch.device, dtype: torch.dtype) -> bool:
     return _GROUPED_MM_OK[key]
 
 
-def segment_mm(a: torch.Tensor, w: torch.Tensor, sizes: list, impl: str = "auto") -> torch.Tensor:
+def resolve_impl(a: torch.Tensor, w: torch.Tensor, impl: str = "auto") -> str:
+    """segment_mm's choice for "auto": the grouped GEMM where it runs (device, dtype, 16-byte rows), else the loop."""
+    if impl != "auto":
+        return impl
+    dtype = torch.get_autocast_dtype(a.device.type) if torch.is_autocast_enabled(a.device.type) else a.dtype
+    aligned = all(n * dtype.itemsize % 16 == 0 for n in w.shape[1:])  # kernel needs 16-byte rows
+    # Under torch.compile the grouped GEMM's shape rules accept bf16 only, whatever eager mode accepts.
+    compiled_ok = dtype == torch.bfloat16 or not torch.compiler.is_compiling()
+    return "grouped_mm" if aligned and compiled_ok and grouped_mm_supported(a.device, dtype) else "loop"
+
+
+def segment_mm(a: torch.Tensor, w: torch.Tensor, sizes, impl: str = "auto") -> torch.Tensor:
     """Rows of a (M, in), sorted into len(sizes) contiguous segments, times w (E, out, in)ᵀ per segment → (M, out)
 
+    sizes: a list of ints, or a 1-D integer tensor on a's device (then the grouped GEMM reads the segment ends
+    from the device and the host never waits for the GPU; the loop has to copy them to the host).
     impl: "grouped_mm" (one torch._grouped_mm call), "loop" (one F.linear per segment) or "auto"."""
     dtype = torch.get_autocast_dtype(a.device.type) if torch.is_autocast_enabled(a.device.type) else a.dtype
-    if impl == "auto":
-        aligned = all(n * dtype.itemsize % 16 == 0 for n in w.shape[1:])  # kernel needs 16-byte rows
-        # Under torch.compile the grouped GEMM's shape rules accept bf16 only, whatever eager mode accepts.
-        compiled_ok = dtype == torch.bfloat16 or not torch.compiler.is_compiling()
-        impl = "grouped_mm" if aligned and compiled_ok and grouped_mm_supported(a.device, dtype) else "loop"
+    impl = resolve_impl(a, w, impl)
     if impl == "grouped_mm":
-        offs = torch.tensor(sizes, device=a.device).cumsum(0).to(torch.int32)  # (E,) end row of each segment
+        sizes = sizes if torch.is_tensor(sizes) else torch.tensor(sizes, device=a.device)
+        offs = sizes.cumsum(0).to(torch.int32)  # (E,) end row of each segment
         return torch._grouped_mm(a.to(dtype), w.to(dtype).transpose(-2, -1), offs=offs)  # (M, out)
+    sizes = sizes.tolist() if torch.is_tensor(sizes) else sizes  # the loop needs them on the host
     # unbind, not w[i]: the backward of E separate w[i] would build E full-size (E, out, in) gradients
     parts = [F.linear(seg, wi) for seg, wi, n in zip(a.split(sizes), w.unbind(0), sizes) if n > 0]
-    return torch.cat(parts) if parts else a.new_zeros(0, w.shape[1])
+    # no rows at all: still an (0, out) result that depends on a and w, so that a backward pass runs through it
+    # (under expert parallelism the all-to-all behind it must run on every rank, even on one that got no rows)
+    return torch.cat(parts) if parts else F.linear(a, w[0])
 
 
 class Experts(nn.Module):
@@ -193,7 +215,7 @@ class Experts(nn.Module):
     `mm`: the grouped GEMM of the fast path, segment_mm's signature without `impl` (None: segment_mm itself);
     FP8 training passes fp8_experts.fp8_segment_mm. `swiglu_down` (FP8: fp8_experts.fp8_swiglu_down), if given,
     runs the SwiGLU and the down projection as one step that keeps only the SwiGLU's inputs for the backward
-    pass, as `act_cache` says (TR §3.3.3). The loop reference (`expert`) always runs in high precision."""
+    pass, as `act_cache` says (report §3.3.3). The loop reference (`expert`) always runs in high precision."""
 
     act_cache = "bf16"  # with swiglu_down: how the SwiGLU inputs are kept ("bf16", "fp8" or "e5m6")
 
@@ -208,13 +230,18 @@ class Experts(nn.Module):
         """FFN^(r)_i(x) for x (n, dim) → (n, dim); simple, not fast (each w[i] gets a full-size gradient)."""
         return F.linear(F.silu(F.linear(x, self.w1[i])) * F.linear(x, self.w3[i]), self.w2[i])
 
-    def segments(self, x: torch.Tensor, sizes: list, impl: str = "auto") -> torch.Tensor:
-        """All experts at once on rows sorted by expert (sizes[i] rows for expert i): (M, dim) → (M, dim)."""
+    def segments(self, x: torch.Tensor, sizes, impl: str = "auto") -> torch.Tensor:
+        """All experts at once on rows sorted by expert (sizes[i] rows for expert i): (M, dim) → (M, dim).
+        sizes: list or device tensor (segment_mm); a grouped GEMM passed in as `mm` gets a list."""
+        host = self.mm is not None or "loop" in (resolve_impl(x, self.w1, impl), resolve_impl(x, self.w2, impl))
+        if host and torch.is_tensor(sizes):
+            sizes = sizes.tolist()  # fp8_segment_mm plans its tiles on the host, the loop splits by them: read once
         mm = self.mm or (lambda a, w, n: segment_mm(a, w, n, impl))
+        w1, w2, w3 = (local(w) for w in (self.w1, self.w2, self.w3))  # this rank's experts under ep
         if self.swiglu_down is not None:
-            return self.swiglu_down(mm(x, self.w1, sizes), mm(x, self.w3, sizes), self.w2, sizes, self.act_cache)
-        h = F.silu(mm(x, self.w1, sizes)) * mm(x, self.w3, sizes)  # (M, inter)
-        return mm(h, self.w2, sizes)  # (M, dim)
+            return self.swiglu_down(mm(x, w1, sizes), mm(x, w3, sizes), w2, sizes, self.act_cache)
+        h = F.silu(mm(x, w1, sizes)) * mm(x, w3, sizes)  # (M, inter)
+        return mm(h, w2, sizes)  # (M, dim)
 
 
 def dispatch_loop(x, weights, indices, experts: Experts) -> torch.Tensor:
@@ -229,16 +256,126 @@ def dispatch_loop(x, weights, indices, experts: Experts) -> torch.Tensor:
     return y
 
 
-def dispatch_grouped(x, weights, indices, experts: Experts, impl: str = "auto") -> torch.Tensor:
-    """Fast path: sort (token, slot) pairs by expert, run contiguous segments, scatter-add. (N, dim) → (N, dim)."""
+def expert_counts(indices: torch.Tensor, n_experts: int) -> torch.Tensor:
+    """Tokens routed to each expert, (n_experts,) int64 on indices' device. Not torch.bincount: on CUDA that
+    reads max(indices) back to the host to size its output, a sync that stalls the launch queue."""
+    flat = indices.reshape(-1)
+    return torch.zeros(n_experts, dtype=torch.long, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
+
+
+def dispatch_grouped(x, weights, indices, experts: Experts, impl: str = "auto", counts=None) -> torch.Tensor:
+    """Fast path: sort (token, slot) pairs by expert, run contiguous segments, scatter-add. (N, dim) → (N, dim).
+    counts: expert_counts(indices) if the caller has them. The segment sizes stay on the device."""
     N, K = indices.shape
     flat = indices.reshape(-1)  # (N·K,) expert id of each (token, slot) pair
     order = torch.argsort(flat, stable=True)  # (N·K,) pairs sorted by expert id
     token = order // K  # (N·K,) the token of each sorted pair
-    sizes = torch.bincount(flat, minlength=experts.w1.shape[0]).tolist()  # rows of each expert's segment
+    sizes = expert_counts(flat, experts.w1.shape[0]) if counts is None else counts  # rows of each segment
     out = experts.segments(x[token], sizes, impl)  # (N·K, dim)
     out = out * weights.reshape(-1)[order, None]  # (N·K, dim) times g of the pair
     return torch.zeros_like(x).index_add(0, token, out.to(x.dtype))  # (N, dim) sum over the K slots
+
+
+# -- expert parallelism ------------------------------------------------------------------------------------------
+def local(w: torch.Tensor) -> torch.Tensor:
+    """This rank's slice of a (possibly) sharded weight; a plain tensor is returned as it is."""
+    return w.to_local() if isinstance(w, DTensor) else w
+
+
+def shard_experts(experts: Experts, ep_mesh) -> None:
+    """Keep only this rank's N_r/ep consecutive experts, as DTensors Shard(0) over the 1-D `ep_mesh`.
+
+    Every rank holds the same full weights beforehand (same seed), so each cuts out its own slice: no
+    communication. A DTensor, not a plain slice, so that whoever reads the parameters (FSDP2, distributed
+    checkpoints, norms for clipping) knows the other experts live on other ranks."""
+    ep, r = ep_mesh.size(), ep_mesh.get_local_rank()
+    for name in ("w1", "w2", "w3"):
+        w = getattr(experts, name)
+        if w.shape[0] % ep != 0:
+            raise ValueError(f"{w.shape[0]} routed experts do not split evenly over ep = {ep} ranks")
+        mine = w.detach().chunk(ep, dim=0)[r].clone()  # (E/ep, ..., ...)
+        setattr(experts, name, nn.Parameter(DTensor.from_local(mine, ep_mesh, [Shard(0)], run_check=False)))
+
+
+class _AllToAll(torch.autograd.Function):
+    """Rows to other ranks: send_splits[r] rows go to rank r, recv_splits[r] rows come from it.
+
+    The backward sends the gradients back the way the rows came (the splits swapped): the backward of the
+    dispatch all-to-all is a combine all-to-all, and vice versa."""
+
+    @staticmethod
+    def forward(ctx, x, send_splits, recv_splits, group):
+        ctx.splits, ctx.group = (send_splits, recv_splits), group
+        out = x.new_empty(sum(recv_splits), *x.shape[1:])
+        dist.all_to_all_single(out, x.contiguous(), recv_splits, send_splits, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        send_splits, recv_splits = ctx.splits
+        out = grad.new_empty(sum(send_splits), *grad.shape[1:])
+        dist.all_to_all_single(out, grad.contiguous(), send_splits, recv_splits, group=ctx.group)
+        return out, None, None, None
+
+
+def all_to_all(x, send_splits: list, recv_splits: list, group) -> torch.Tensor:
+    return _AllToAll.apply(x, send_splits, recv_splits, group)
+
+
+def dispatch_ep(x, weights, indices, experts: Experts, group, impl: str = "auto", counts=None) -> torch.Tensor:
+    """Expert parallelism over `group` (ep ranks, rank r holding experts [r·E/ep, (r+1)·E/ep)). (N, dim) → (N, dim)
+
+    The same sums as dispatch_grouped; only where each expert runs changes. counts: expert_counts(indices)."""
+    N, K = indices.shape
+    ep = dist.get_world_size(group)
+    E = experts.w1.shape[0]  # the global count: a DTensor's shape is the whole tensor's
+    E_local = E // ep
+    # 1. sort the (token, slot) pairs by expert: the rows for rank r are then one contiguous block
+    flat = indices.reshape(-1)  # (N·K,)
+    order = torch.argsort(flat, stable=True)  # (N·K,)
+    token = order // K  # (N·K,) token of each sorted pair
+    counts = expert_counts(flat, E) if counts is None else counts  # (E,) rows this rank sends to each expert
+    # 2. exchange the counts: recv[r, j] = rows rank r sends to my local expert j
+    recv = torch.empty_like(counts)
+    dist.all_to_all_single(recv, counts, group=group)  # E_local counts to and from every rank
+    recv = recv.view(ep, E_local)  # (ep, E_local)
+    send_splits = counts.view(ep, E_local).sum(1).tolist()  # rows to each rank
+    recv_splits = recv.sum(1).tolist()  # rows from each rank (the one host sync of the dispatch)
+    # 3. dispatch: the rows travel to their experts' ranks
+    rows = all_to_all(x[token], send_splits, recv_splits, group)  # (M, dim), rank-major: by source, then expert
+    # 4. regroup rank-major → expert-major, so each local expert owns one contiguous segment
+    chunk = torch.repeat_interleave(torch.arange(ep * E_local, device=x.device), recv.flatten())  # (M,)
+    regroup = torch.argsort(chunk % E_local, stable=True)  # (M,) local expert of each row, then source rank
+    out = experts.segments(rows[regroup], recv.sum(0).tolist(), impl)  # (M, dim)
+    # 5. undo the regrouping, then combine: the results travel back to the tokens' ranks
+    out = torch.empty_like(out).index_copy(0, regroup, out)  # (M, dim) rank-major again
+    out = all_to_all(out, recv_splits, send_splits, group)  # (N·K, dim) in this rank's sorted order
+    # 6. weight by the gates and sum each token's K slots
+    out = out * weights.reshape(-1)[order, None]  # (N·K, dim)
+    return torch.zeros_like(x).index_add(0, token, out.to(x.dtype))  # (N, dim)
+
+
+def ranks_per_token(indices: torch.Tensor, n_experts: int, ep: int) -> torch.Tensor:
+    """Mean number of distinct ep ranks a token's K_r experts live on (what node-limited routing bounds), as a
+    0-d tensor: reading it (.item()) would wait for the device, so the caller does that only when it reports."""
+    owner = indices // (n_experts // ep)  # (N, K) rank holding each chosen expert
+    hit = torch.zeros(indices.shape[0], ep, device=indices.device).scatter_(1, owner, 1.0)  # (N, ep)
+    return hit.sum(1).mean()
+
+
+@torch.no_grad()
+def update_biases(moes: list, gamma: float, group=None) -> None:
+    """Aux-loss-free update of several MoE layers with ONE all-reduce of all their loads over `group`.
+
+    `group` is the data-parallel group: its ranks hold the same layers and see different tokens (under
+    pipeline parallelism the world mixes stages, whose layers differ)."""
+    if not moes:
+        return
+    load = torch.stack([m.load for m in moes])  # (layers, E)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(load, group=group)
+    for m, layer_load in zip(moes, load):
+        m.update_bias(gamma, load=layer_load)
 
 
 class MoE(nn.Module):
@@ -247,21 +384,24 @@ class MoE(nn.Module):
     Keeps the per-expert token counts for aux-loss-free balancing (`load`, `update_bias`) and the complementary
     sequence-wise balance loss of the last training forward (`balance_loss`, unweighted)."""
 
-    def __init__(self, cfg, linear=nn.Linear):
+    def __init__(self, cfg, linear=nn.Linear, experts=None):
         super().__init__()
         self.dim, self.n_routed, self.topk = cfg.dim, cfg.n_routed_experts, cfg.n_activated_experts
         self.gate = Gate(cfg)
-        # Routed experts are stacked tensors (for the grouped GEMM), not `linear` modules; a linear class that has
-        # a grouped twin for them says so with `experts_mm(dim, inter_dim)`, and may hand over a fused SwiGLU and
-        # down projection with `experts_swiglu_down()` (fp8.FP8Linear does both).
-        mm = linear.experts_mm(cfg.dim, cfg.moe_inter_dim) if hasattr(linear, "experts_mm") else None
-        swiglu_down = linear.experts_swiglu_down() if hasattr(linear, "experts_swiglu_down") else None
+        # Routed experts are stacked tensors (for the grouped GEMM), not `linear` modules. `experts` brings their
+        # kernels (fp8_experts.FP8Experts: mm, swiglu_down, check_dims); None runs them with segment_mm.
+        mm = swiglu_down = None
+        if experts is not None:
+            experts.check_dims(cfg.dim, cfg.moe_inter_dim)
+            mm, swiglu_down = experts.mm, experts.swiglu_down
         self.experts = Experts(cfg.n_routed_experts, cfg.dim, cfg.moe_inter_dim, cfg.init_std, mm, swiglu_down)
         if cfg.n_shared_experts > 0:
             self.shared_experts = MLP(cfg.dim, cfg.n_shared_experts * cfg.moe_inter_dim, linear)
         else:
             self.shared_experts = None
         self.dispatch = "grouped"
+        self.ep_group = None  # set by shard(): routed experts split over this process group (dispatch_ep)
+        self.last_ranks_per_token = torch.zeros(())  # under ep: of the last forward (ranks_per_token)
         self.register_buffer("load", torch.zeros(cfg.n_routed_experts, dtype=torch.long), persistent=False)
         self.last_counts = torch.zeros(cfg.n_routed_experts, dtype=torch.long)
         self.balance_loss = torch.zeros(())
@@ -274,16 +414,22 @@ class MoE(nn.Module):
         B, T, D = x.shape
         u = x.reshape(B * T, D)  # (N, dim), N = B·T tokens
         weights, indices, scores = self.gate(u)  # (N, K), (N, K), (N, E)
-        run = dispatch_loop if self.dispatch == "loop" else dispatch_grouped
-        y = run(u, weights, indices, self.experts)  # (N, dim)
+        counts = expert_counts(indices, self.n_routed)  # (E,)
+        if self.ep_group is not None:
+            y = dispatch_ep(u, weights, indices, self.experts, self.ep_group, counts=counts)  # (N, dim)
+            ep = dist.get_world_size(self.ep_group)
+            self.last_ranks_per_token = ranks_per_token(indices, self.n_routed, ep)
+        elif self.dispatch == "loop":
+            y = dispatch_loop(u, weights, indices, self.experts)  # (N, dim)
+        else:
+            y = dispatch_grouped(u, weights, indices, self.experts, counts=counts)  # (N, dim)
         if self.shared_experts is not None:
             y = y + self.shared_experts(u)
-        self._record(indices, scores, B, T)
+        self._record(indices, scores, B, T, counts)
         return y.view(B, T, D)
 
-    def _record(self, indices, scores, B, T):
+    def _record(self, indices, scores, B, T, counts):
         """Token counts for logging and for the bias update; the balance loss in training."""
-        counts = torch.bincount(indices.flatten(), minlength=self.n_routed).detach()  # (E,)
         self.last_counts = counts
         if self.training:
             self.load += counts
@@ -292,18 +438,25 @@ class MoE(nn.Module):
             self.balance_loss = scores.new_zeros(())
 
     @torch.no_grad()
-    def update_bias(self, gamma: float, group=None):
+    def update_bias(self, gamma: float, group=None, load: torch.Tensor = None):
         """After an optimizer step: b_i += γ·sign(mean load − load_i) from the accumulated `load`, then reset it.
 
         Under torch.distributed the load is summed over `group` (default: the world) first, so every rank applies
-        the same update. No-op (except the reset) for softmax routing, which has no bias."""
-        if self.gate.bias is not None:
+        the same update; `load` given: already summed (`update_biases` sums all layers in one all-reduce).
+        No-op (except the reset) for softmax routing, which has no bias."""
+        if load is None:
             load = self.load.clone()
             if dist.is_available() and dist.is_initialized():
                 dist.all_reduce(load, group=group)
+        if self.gate.bias is not None:
             load = load.double()
             self.gate.bias += gamma * torch.sign(load.mean() - load).to(self.gate.bias.dtype)
         self.reset_load()
+
+    def shard(self, ep_mesh) -> None:
+        """Expert parallelism: keep this rank's slice of the routed experts, dispatch over the ep group."""
+        shard_experts(self.experts, ep_mesh)
+        self.ep_group = ep_mesh.get_group()
 
     def reset_load(self):
         self.load.zero_()

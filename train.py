@@ -15,7 +15,7 @@ schedule even when it is given a larger --max_iters.
 The run folder (--out_dir, default out/) holds ckpt.pt, log.jsonl (format: see "the log" below) and a lock file: a
 second run on the same folder refuses to start, and so does a fresh run into a folder that holds a run, unless given
 --resume (continue it) or --overwrite (replace it; the old files stay intact until the new run's first checkpoint is
-complete, and an --overwrite run stopped before that saves nothing). Checkpoints (checkpoint.py: written to a temporary file and then renamed, so a crash never leaves half a
+complete, and an --overwrite run in one process stopped before that saves nothing). Checkpoints (checkpoint.py: written to a temporary file and then renamed, so a crash never leaves half a
 file; every --ckpt_interval steps and at the end) hold the model (MoE bias buffers included), the optimizer, the
 step, every RNG state (the data position is the state of the data generator), the config, the training options, the
 tokenizer name and the sums of the steps not yet logged. A run stopped part way (by Ctrl-C, SIGTERM or kill -9, or
@@ -24,6 +24,14 @@ log records of a straight run, bit for bit, given the same thread count; on resu
 line come from the checkpoint. Ctrl-C and SIGTERM (what `timeout` and cluster schedulers send) save the last
 finished step and exit with 128 + the signal number (130, 143); a non-finite loss, a full disk or an unwritable
 folder stop with one line and leave the last good checkpoint in place.
+
+Many processes: `torchrun --nproc_per_node N train.py --ep E ...` runs the same loop on N ranks (parallel.py:
+the experts of each MoE layer split over E ranks, FSDP2 over the N data-parallel ranks, each drawing the same
+global batch of N·batch_size sequences and keeping its slice). Rank 0 prints and logs; the checkpoint is the
+folder out_dir/ckpt.dcp, written by all ranks (checkpoint.py); Ctrl-C and SIGTERM stop all ranks after the same
+step. With --pp P the blocks are cut into pipeline stages (parallel.Pipeline: torch's 1F1B or DualPipeV schedule)
+and --microbatches take the place of --grad_accum. `--plan` prints plan.py's estimate of a full-scale layout and
+exits. README, "Many processes".
 
 Precision: bf16 autocast on CUDA (fp32 master weights), fp32 on CPU and MPS; `--fp8` swaps the projections for
 fp8.FP8Linear (Hopper GPUs). `--bench` times a few steps and prints tokens/s and MFU (FLOPs per token:
@@ -49,9 +57,11 @@ import torch.nn as nn
 from tqdm import tqdm
 
 import data
+import parallel
 from adamw_bf16 import AdamWBF16
-from checkpoint import (load_checkpoint, lock_out_dir, pick_device, rng_state, save_checkpoint, set_rng_state,
-                        signals_deferred, stop_on_sigterm)
+from checkpoint import (Interrupted, dcp_path, load_checkpoint, load_distributed, load_optimizer_state, lock_out_dir,
+                        read_meta, rng_state, save_checkpoint, save_distributed, set_rng_state, signals_deferred,
+                        stop_on_sigterm)
 from config import ModelConfig, PRESETS, get_preset, config_to_dict, config_from_dict
 from model import Transformer, count_params, train_flops_per_token
 from moe import max_violation
@@ -75,7 +85,8 @@ PRESET_TRAIN = {
                   eval_interval=250, eval_iters=20),
 }
 CKPT_KEYS = ("model", "optimizer", "step", "rng", "config", "args", "tokenizer")  # what --resume needs
-RUN_ONLY = ("resume", "overwrite", "device", "compile", "bench", "out_dir")  # never taken from a checkpoint
+RUN_ONLY = ("resume", "overwrite", "device", "compile", "bench", "out_dir",  # never taken from a checkpoint
+            "ep", "pp", "dist_timeout", "pp_schedule", "microbatches", "plan", "gpus", "gpus_per_node")
 LOG, LOG_NEW = "log.jsonl", "log.jsonl.new"  # the log, and its name while an --overwrite run has no checkpoint
 PEAK_BF16 = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "A800": 312e12}
 
@@ -104,6 +115,8 @@ class Run:
     log_name: str = LOG                           # LOG_NEW while an --overwrite run has no checkpoint yet
     saved_step: int = None                        # step of the checkpoint on disk (None: none from this run)
     lock: object = None                           # the open lock file of out_dir (checkpoint.lock_out_dir)
+    layout: parallel.Layout = field(default_factory=parallel.Layout)  # this rank's place (one process: 0 of 1)
+    stop: parallel.StopRequest = None             # under torchrun: a signal noted, acted on by all ranks together
 
     @property
     def autocast(self):
@@ -111,7 +124,9 @@ class Run:
 
     @property
     def tokens_per_step(self) -> int:
-        return self.args.batch_size * self.args.block_size * self.args.grad_accum
+        """Tokens of one optimizer step over all ranks (batch_size sequences per data-parallel rank)."""
+        return (self.args.batch_size * self.args.block_size * self.args.grad_accum * self.args.microbatches
+                * self.layout.dp)
 
     def path(self, name: str) -> str:
         return os.path.join(self.args.out_dir, name)
@@ -120,10 +135,21 @@ class Run:
         """What a checkpoint at `step` holds; taken only between optimizer steps. The tensors are the live ones
         (no copy): they do not change until the next optimizer step, and a checkpoint is written before it."""
         saved = {k: v for k, v in vars(self.args).items() if k not in RUN_ONLY + ("typed", "model_overrides")}
-        return {"model": self.model.state_dict(), "optimizer": self.opt.state_dict(), "step": self.step,
-                "rng": rng_state(self.gen), "config": config_to_dict(self.cfg), "args": saved,
+        meta = {"step": self.step, "rng": rng_state(self.gen), "config": config_to_dict(self.cfg), "args": saved,
                 "tokenizer": self.corpus.tokenizer.name, "data": self.corpus.key,
                 "log_sums": dict(self.log_sums), "log_count": self.log_count, "log_file": self.log_name}
+        if self.layout.distributed:  # the model and optimizer shards are written by every rank (save)
+            return meta
+        return {"model": self.model.state_dict(), "optimizer": self.opt.state_dict(), **meta}
+
+    def batch(self, split: str, gen: torch.Generator):
+        """(x, y), each (B, T): one process draws B sequences; under torchrun every rank draws the same global
+        batch of B·dp and keeps its slice (parallel.get_batch)."""
+        args = self.args
+        if self.layout.distributed:
+            return parallel.get_batch(self.corpus, split, args.batch_size, args.block_size, gen, self.layout,
+                                      self.device)
+        return self.corpus.get_batch(split, args.batch_size, args.block_size, gen, self.device)
 
     def is_eval_step(self) -> bool:
         return self.step % self.args.eval_interval == 0 or self.step == self.args.max_iters
@@ -145,6 +171,8 @@ def train(run: Run) -> int:
           f"{'bf16 autocast' if run.device.type == 'cuda' else 'fp32'}{', fp8' if args.fp8 else ''} | "
           f"{run.tokens_per_step:,} tokens/step | {corpus.tokenizer.name}")
     print(f"unigram baseline on val: {baseline:.4f} nats/token")
+    if run.layout.distributed:
+        print(f"layout: {run.layout.describe()}")
     if args.bench:
         return bench(run)
     log = open_log(run)
@@ -154,7 +182,7 @@ def train(run: Run) -> int:
     bar = tqdm(total=args.max_iters, initial=run.step, unit="step", dynamic_ncols=True, disable=not interactive)
     boundary, ev, start = run.snapshot(), None, run.step
     try:
-        with stop_on_sigterm():
+        with loop_signals(run):
             if run.resumed and run.is_eval_step() and not logged_eval(run):  # stopped between the step and its eval
                 ev = evaluate_and_log(run, log)
             if run.step >= args.max_iters:
@@ -163,7 +191,7 @@ def train(run: Run) -> int:
             t_last, timed = time.time(), 0  # throughput: steps run since t_last
             while run.step < args.max_iters:
                 metrics = forward_backward(run)
-                with signals_deferred():  # the step, its log record and the snapshot move together
+                with step_signals(run):  # the step, its log record and the snapshot move together
                     optimizer_step(run)
                     run.step += 1
                     timed += 1
@@ -177,6 +205,8 @@ def train(run: Run) -> int:
                         t_last, timed = time.time(), 0
                     boundary = run.snapshot()
                 bar.update(1)
+                if run.stop is not None and parallel.any_rank(run.stop.signum is not None, run.layout):
+                    raise Interrupted(run.stop.signum or signal.SIGTERM)  # every rank, after the same step
                 if run.is_eval_step():
                     ev = evaluate_and_log(run, log)
                 if run.step % args.ckpt_interval == 0 or run.step == args.max_iters:
@@ -187,7 +217,9 @@ def train(run: Run) -> int:
         bar.close()
         signum = getattr(e, "signum", signal.SIGINT)
         what = "interrupted" if signum == signal.SIGINT else f"stopped by {signal.Signals(signum).name}"
-        if run.log_name != LOG:  # an --overwrite run before its first checkpoint: the old run is worth more
+        # An --overwrite run before its first checkpoint: the old run is worth more. (Under torchrun only rank 0
+        # knows the log's name, and the ranks must act alike: there the interrupted run is saved.)
+        if run.log_name != LOG and not run.layout.distributed:
             log.close()
             os.remove(run.path(run.log_name))
             print(f"{what} before the first checkpoint of this --overwrite run: nothing saved, {args.out_dir} "
@@ -200,11 +232,11 @@ def train(run: Run) -> int:
         except SaveFailed as err:
             print(f"error: {err}", file=sys.stderr)
             return 1
-        print(f"{what}: saved step {boundary['step']} to {run.ckpt_path} (continue with --resume)", file=sys.stderr)
+        report(run, f"{what}: saved step {boundary['step']} to {run.ckpt_path} (continue with --resume)")
         return 128 + signum
     except (Diverged, SaveFailed) as e:
         bar.close()
-        print(f"error: {e}; {kept(run)}", file=sys.stderr)
+        report(run, f"error: {e}; {kept(run)}")
         return 1
     except OSError as e:  # writing the log: the folder vanished, the disk is full
         bar.close()
@@ -227,14 +259,19 @@ def train(run: Run) -> int:
 
 def save(run: Run, snapshot: dict) -> None:
     """Write the checkpoint; the first one of an --overwrite run then puts its log in place of the old one.
-    Ctrl-C and SIGTERM wait until both are done."""
-    with signals_deferred():
+    Under torchrun every rank writes its shards of the live model and optimizer (they have not changed since
+    the snapshot was taken: both happen between the same two optimizer steps). Ctrl-C and SIGTERM wait until the
+    checkpoint and the log rename are both done."""
+    with step_signals(run):
         try:
-            save_checkpoint(snapshot, run.ckpt_path)
+            if run.layout.distributed:
+                save_distributed(run.ckpt_path, run.model, run.opt, snapshot)
+            else:
+                save_checkpoint(snapshot, run.ckpt_path)
         except OSError as e:
             raise SaveFailed(str(e)) from None
         run.saved_step = snapshot["step"]
-        if run.log_name != LOG:
+        if run.log_name != LOG and run.layout.is_main:
             os.replace(run.path(run.log_name), run.path(LOG))  # the open log file follows the rename
             run.log_name = LOG
 
@@ -243,6 +280,31 @@ def kept(run: Run) -> str:
     if run.saved_step is not None:
         return f"{run.ckpt_path} holds step {run.saved_step}"
     return f"{run.ckpt_path} is unchanged" if os.path.exists(run.ckpt_path) else "no checkpoint written"
+
+
+def report(run: Run, text: str) -> None:
+    """An outcome every rank meets alike (divergence, a save, a signal) is told once, by rank 0."""
+    if run.layout.is_main:
+        print(text, file=sys.stderr)
+
+
+def loop_signals(run: Run):
+    """One process: SIGTERM raises Interrupted like Ctrl-C. Under torchrun: both only note the signal in
+    run.stop, and all ranks act on it together after the step (parallel.signals_as_flag)."""
+    if not run.layout.distributed:
+        return stop_on_sigterm()
+
+    @contextlib.contextmanager
+    def noted():
+        with parallel.signals_as_flag() as run.stop:
+            yield
+    return noted()
+
+
+def step_signals(run: Run):
+    """Hold signals during the step and its snapshot, and during a save (under torchrun they are only noted
+    anyway)."""
+    return contextlib.nullcontext() if run.layout.distributed else signals_deferred()
 
 
 def first_line(e: BaseException) -> str:
@@ -265,6 +327,8 @@ def show_progress(bar, interactive: bool, rec: dict, max_iters: int) -> None:
 # not yet logged, and a resumed run first cuts the log back to the checkpoint's step (a run killed after its last
 # checkpoint logged steps that it will run again).
 def open_log(run: Run):
+    if not run.layout.is_main:  # one log per run, written by rank 0
+        return open(os.devnull, "w")
     if not run.resumed:
         return open(run.path(run.log_name), "w")
     truncate_log(run.path(LOG), run.step)
@@ -316,7 +380,8 @@ def evaluate_and_log(run: Run, log) -> dict:
     ev = evaluate(run)
     write_record(log, {"step": run.step, **ev})
     tqdm.write(f"step {run.step}: val loss {ev['val_main']:.4f}, mtp {ev['val_mtp']:.4f}, mtp acc "
-               f"{ev['val_mtp_acc']:.3f}, max violation {ev['max_violation']:.2f}")
+               f"{ev['val_mtp_acc']:.3f}, max violation {ev['max_violation']:.2f}"
+               + (f", ranks per token {ev['ranks_per_token']:.2f}" if "ranks_per_token" in ev else ""))
     return ev
 
 
@@ -328,17 +393,33 @@ def forward_backward(run: Run) -> dict:
     for group in run.opt.param_groups:
         group["lr"] = lr
     sums = {k: torch.zeros((), device=run.device) for k in ("loss", "main", "mtp", "balance")}
-    for _ in range(args.grad_accum):
-        x, y = run.corpus.get_batch("train", args.batch_size, args.block_size, run.gen, run.device)  # (B, T) each
+    if run.layout.pp > 1:  # one schedule step runs all --microbatches forward and backward (parallel.Pipeline)
+        # M × (B, T), drawn as one process draws them for --grad_accum M
+        xs, ys = zip(*(run.batch("train", run.gen) for _ in range(args.microbatches)))
         with run.autocast:
-            _, losses = run.fwd(x, y)
-        loss = total_loss(losses, args)
-        (loss / args.grad_accum).backward()
-        losses["loss"] = loss
-        for k in sums:
-            sums[k] += losses[k].detach().float() / args.grad_accum
+            losses = run.model.train_step(torch.cat(xs), torch.cat(ys))
+        losses["loss"] = total_loss(losses, args)
+        sums = {k: losses[k].float().to(run.device) for k in sums}
+    else:
+        for micro in range(args.grad_accum):
+            x, y = run.batch("train", run.gen)  # (B, T) each
+            parallel.set_gradient_sync(run.model, micro == args.grad_accum - 1)  # under FSDP: one sync per step
+            with run.autocast:
+                _, losses = run.fwd(x, y)
+            loss = total_loss(losses, args)
+            (loss / args.grad_accum).backward()
+            losses["loss"] = loss
+            for k in sums:
+                sums[k] += losses[k].detach().float() / args.grad_accum
     clip = args.grad_clip if args.grad_clip > 0 else float("inf")  # inf: measure the norm, never clip
-    sums["grad_norm"] = nn.utils.clip_grad_norm_(run.model.parameters(), clip)
+    if run.layout.pp > 1:
+        sums = parallel.mean_over_dp(sums, run.layout)
+        sums["grad_norm"] = run.model.clip_grad_norm(clip)
+    elif run.layout.distributed:  # losses: means over the dp ranks; the norm over every rank's gradient shards
+        sums = parallel.mean_over_dp(sums, run.layout)
+        sums["grad_norm"] = parallel.clip_grad_norm(list(run.model.parameters()), clip, run.layout)
+    else:
+        sums["grad_norm"] = nn.utils.clip_grad_norm_(run.model.parameters(), clip)
     out = {k: v.item() for k, v in sums.items()}
     if not all(math.isfinite(v) for v in out.values()):
         run.opt.zero_grad(set_to_none=True)
@@ -350,7 +431,8 @@ def forward_backward(run: Run) -> dict:
 def optimizer_step(run: Run) -> None:
     run.opt.step()
     run.opt.zero_grad(set_to_none=True)
-    run.model.update_moe_bias(run.args.bias_gamma)  # b_i += γ·sign(mean load − load_i), over this step's tokens
+    # b_i += γ·sign(mean load − load_i), the load over this step's tokens of all data-parallel ranks
+    run.model.update_moe_bias(run.args.bias_gamma, run.layout.group("dp"))
 
 
 def lr_at(step: int, args) -> float:
@@ -372,21 +454,30 @@ def evaluate(run: Run) -> dict:
     """Validation main/MTP loss, MTP depth-1 acceptance, and the max over MoE layers of each layer's
     max_violation (max load / mean load − 1) over all the evaluation tokens. Uses its own generator with a
     fixed seed: the same batches every time, and the training RNG is untouched."""
-    args = run.args
+    args, layout = run.args, run.layout
     gen = torch.Generator().manual_seed(args.seed + 1)
     run.model.eval()
     sums = {"val_main": 0.0, "val_mtp": 0.0, "val_mtp_acc": 0.0}
-    counts = None
+    counts, ranks = None, 0.0
     for _ in range(args.eval_iters):
-        x, y = run.corpus.get_batch("val", args.batch_size, args.block_size, gen, run.device)
+        x, y = run.batch("val", gen)
         with run.autocast:
-            _, losses = run.fwd(x, y)
+            losses = run.model.evaluate(x, y) if layout.pp > 1 else run.fwd(x, y)[1]
         for k in sums:
             sums[k] += losses[k[4:]].item() / args.eval_iters
-        layer_counts = [m.last_counts.cpu() for m in run.model.moe_layers()]
+        moes = run.model.moe_layers()
+        layer_counts = [m.last_counts.cpu() for m in moes]
         counts = layer_counts if counts is None else [a + b for a, b in zip(counts, layer_counts)]
+        if layout.ep > 1 and moes:
+            ranks += sum(float(m.last_ranks_per_token) for m in moes) / len(moes) / args.eval_iters
     run.model.train()
+    if layout.distributed:  # every dp rank evaluated its slice of the same batches
+        sums = {k: v.item() for k, v in parallel.mean_over_dp(sums, layout).items()}
+        counts = parallel.sum_over_dp(counts, layout) if counts else counts
     sums["max_violation"] = max((max_violation(c) for c in counts), default=0.0) if counts else 0.0
+    sums["max_violation"] = parallel.max_over_pp(sums["max_violation"], layout)  # each stage: its own layers
+    if layout.ep > 1:  # node-limited routing: how many ep ranks a token's experts live on, on average
+        sums["ranks_per_token"] = parallel.mean_over_dp({"r": ranks}, layout)["r"].item()
     return sums
 
 
@@ -431,25 +522,38 @@ def setup(ns: argparse.Namespace) -> Run:
     if not ns.bench:
         check_out_dir(out_dir, ns.resume, ns.overwrite)
     ckpt_path = os.path.join(out_dir, "ckpt.pt")
-    ckpt = load_checkpoint(ckpt_path, "--resume", need=CKPT_KEYS) if ns.resume else None
+    if parallel.under_torchrun():  # every rank writes its shards into one folder (checkpoint.save_distributed)
+        ckpt_path = dcp_path(ckpt_path)
+        ckpt = resume_meta(ckpt_path) if ns.resume else None
+    else:  # a file, or on --resume the folder of a distributed run if that is newer
+        ckpt = load_checkpoint(ckpt_path, "--resume", need=CKPT_KEYS) if ns.resume else None
     args = resolve_args(ns, ckpt)
     cfg = resolve_config(args, ckpt)
     check_args(args, cfg)
-    device = pick_device(args.device)
-    check_memory(cfg, args, device)
+    # the process group (under torchrun; checks the sizes first, alike on every rank) and the device
+    layout = parallel.init(args.ep, args.pp, args.device, args.dist_timeout, cfg.n_routed_experts)
+    parallel.quiet_other_ranks(layout)
+    device = layout.device
+    if not layout.distributed:  # under torchrun each rank holds a share that depends on the layout
+        check_memory(cfg, args, device)
     linear = linear_class(args.fp8, device)
-    corpus = data.load_corpus(args.data, cfg.vocab_size, args.cache_dir, log=print)
+    # rank 0 tokenizes (and caches) the corpus and locks out_dir before the others read the cache
+    corpus = parallel.rank0_first(lambda: data.load_corpus(args.data, cfg.vocab_size, args.cache_dir, log=print),
+                                  layout)
     if ckpt and ckpt.get("tokenizer") != corpus.tokenizer.name:
         raise ValueError(f"--resume: the checkpoint's tokenizer {ckpt.get('tokenizer')!r} is not "
                          f"{corpus.tokenizer.name!r}")
     corpus.check_block(args.block_size)
-    lock = None if args.bench else lock_out_dir(out_dir)
+    lock = parallel.rank0_first(lambda: None if args.bench or not layout.is_main else lock_out_dir(out_dir), layout)
     try:
-        run = build(args, cfg, device, linear, corpus, ckpt, ckpt_path)
+        run = build(args, cfg, device, linear, corpus, ckpt, ckpt_path, layout)
         run.lock = lock
-        if not args.bench:
-            check_out_dir(out_dir, ns.resume, ns.overwrite)  # again, now that we hold the lock
-            prepare_log(run, ckpt)
+
+        def prepare():  # the folder's files are rank 0's; the other ranks stop if it refuses
+            if not args.bench and layout.is_main:
+                check_out_dir(out_dir, ns.resume, ns.overwrite)  # again, now that we hold the lock
+                prepare_log(run, ckpt)
+        parallel.rank0_first(prepare, layout)
     except BaseException:
         if lock is not None:
             lock.close()
@@ -457,17 +561,26 @@ def setup(ns: argparse.Namespace) -> Run:
     return run
 
 
-def build(args, cfg, device, linear, corpus, ckpt, ckpt_path) -> Run:
-    torch.manual_seed(args.seed)
-    model = Transformer(cfg, linear).to(device)
+def build(args, cfg, device, linear, corpus, ckpt, ckpt_path, layout=None) -> Run:
+    layout = layout or parallel.Layout.single(device)
+    torch.manual_seed(args.seed)  # the same seed on every rank: identical weights (FSDP does not broadcast them)
+    model = Transformer(cfg, linear, expert_kernels(args.fp8)).to(device)
+    if args.pp > 1:  # this rank's pipeline stages, and on them experts over ep, FSDP2 over dp (parallel.py)
+        model = parallel.Pipeline(model, args.pp_schedule, layout, args.microbatches,
+                                  (args.batch_size, args.block_size), args.mtp_lambda, args.balance_alpha)
+    else:
+        parallel.parallelize(model, layout)  # under torchrun: experts over ep, FSDP2 over dp (parallel.py)
     set_act_cache(model, args.fp8_act_cache)
     opt = make_optimizer(model, args, device)
     gen = torch.Generator().manual_seed(args.seed)
-    run = Run(args, cfg, device, corpus, model, model, opt, gen, 0, ckpt_path, resumed=ckpt is not None)
+    run = Run(args, cfg, device, corpus, model, model, opt, gen, 0, ckpt_path, resumed=ckpt is not None,
+              layout=layout)
     if ckpt:
         try:
-            model.load_state_dict(ckpt["model"])
-            opt.load_state_dict(ckpt["optimizer"])
+            if layout.distributed:  # every rank reads its shards, whatever layout wrote them
+                load_distributed(ckpt_path, model, opt)
+            else:
+                load_full_state(model, opt, ckpt)
         except (RuntimeError, ValueError, KeyError) as e:
             raise ValueError(f"--resume: the checkpoint does not fit the model ({first_line(e)})") from None
         set_rng_state(ckpt["rng"], gen)
@@ -481,13 +594,41 @@ def build(args, cfg, device, linear, corpus, ckpt, ckpt_path) -> Run:
     return run
 
 
+def resume_meta(path: str) -> dict:
+    """Under torchrun, --resume reads the folder's small meta file first (options, config, step, RNG); the
+    shards follow once the model is built and parallelized."""
+    if not os.path.isdir(path) and not os.path.isdir(f"{path}.old"):
+        single = os.path.join(os.path.dirname(path), "ckpt.pt")
+        hint = f" ({single} is a one-process run: continue it with python train.py --resume)" \
+            if os.path.exists(single) else ""
+        raise FileNotFoundError(f"--resume: no distributed checkpoint at {path}{hint}")
+    try:
+        meta = read_meta(path)
+    except Exception as e:
+        raise ValueError(f"--resume: cannot read {path} ({type(e).__name__}: {first_line(e)})") from None
+    missing = [k for k in CKPT_KEYS if k not in ("model", "optimizer") and k not in meta]
+    if missing:
+        raise ValueError(f"--resume: {path} is not a train.py checkpoint (no {', '.join(missing)})")
+    return meta
+
+
+def load_full_state(model: nn.Module, opt: torch.optim.Optimizer, ckpt: dict) -> None:
+    """Whole-tensor state into one process: from ckpt.pt, or from a distributed run's folder, whose optimizer
+    state is keyed by parameter names (torch.distributed.checkpoint's form) rather than by position."""
+    model.load_state_dict(ckpt["model"])
+    if any(k.startswith("param_groups.") for k in ckpt["optimizer"]):  # a distributed run's (flattened) state
+        load_optimizer_state(model, opt, ckpt["optimizer"])
+    else:
+        opt.load_state_dict(ckpt["optimizer"])
+
+
 def check_out_dir(out_dir: str, resume: bool, overwrite: bool) -> None:
     """A fresh run never writes into a folder that holds a run unless told to (--overwrite)."""
     if resume and overwrite:
         raise ValueError("--resume continues the run in out_dir and --overwrite replaces it: give one of them")
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise ValueError(f"--out_dir {out_dir}: this is a file, not a folder")
-    held = [name for name in ("ckpt.pt", LOG) if os.path.exists(os.path.join(out_dir, name))]
+    held = [name for name in ("ckpt.pt", "ckpt.dcp", LOG) if os.path.exists(os.path.join(out_dir, name))]
     if held == [LOG] and not overwrite:  # a run stopped (kill -9, a crash) before its first checkpoint
         raise ValueError(f"--out_dir {out_dir} holds the log of a run that saved no checkpoint, so it cannot be "
                          f"resumed: --overwrite replaces it")
@@ -564,6 +705,15 @@ def linear_class(fp8: bool, device: torch.device):
     return fp8.FP8Linear
 
 
+def expert_kernels(fp8: bool):
+    """The routed experts' kernels that go with linear_class(fp8): fp8_experts.FP8Experts, or None (high
+    precision). The model hands them to every MoE layer (model.Transformer's `experts`)."""
+    if not fp8:
+        return None
+    import fp8_experts
+    return fp8_experts.FP8Experts
+
+
 def make_optimizer(model: nn.Module, args, device: torch.device) -> torch.optim.Optimizer:
     """AdamW; weight decay on matrices (ndim >= 2: projections, experts, embedding, head) only, not on norms.
     The gate biases b_i are buffers, so the optimizer never sees them. --bf16_moments keeps the two moments in
@@ -604,6 +754,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="AdamW moments stored in bf16, as the report trains (adamw_bf16.py; default: fp32)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, help="torch.compile the model")
     p.add_argument("--bench", action="store_true", default=None, help="time a short run: tokens/s and MFU, no ckpt")
+    t = p.add_argument_group("many processes (start with torchrun --nproc_per_node N train.py ...; README)")
+    t.add_argument("--ep", type=int, help="expert parallelism: the routed experts split over ep ranks; data "
+                                          "parallelism over dp = N / (ep·pp) ranks is implied (default: 1)")
+    t.add_argument("--pp", type=int, help="pipeline parallelism: ranks a micro-batch flows through (default: 1)")
+    t.add_argument("--pp_schedule", choices=("1f1b", "dualpipev"),
+                   help="with --pp: 1f1b (pp stages) or dualpipev (2·pp stages in a V, embedding and head on rank 0; "
+                        "dualpipe.py) (default: 1f1b)")
+    t.add_argument("--microbatches", type=int, help="with --pp: micro-batches of --batch_size sequences per step, "
+                                                    "in place of --grad_accum (default: the stage count)")
+    t.add_argument("--plan", action="store_true", default=None,
+                   help="print the on-paper plan of --preset on --gpus GPUs with --ep, --pp, --pp_schedule and exit "
+                        "(plan.py: memory, all-to-all, bubble, step time, MFU; the report's batch)")
+    t.add_argument("--gpus", type=int, help="with --plan: GPUs in all (default: 2048)")
+    t.add_argument("--gpus_per_node", type=int, help="with --plan: GPUs a node (default: 8)")
+    t.add_argument("--dist_timeout", type=float,
+                   help="seconds a rank waits for the others in a collective before the job ends with an error "
+                        "(a dead or stuck rank; default: 600)")
     g = p.add_argument_group("training (defaults for the tiny preset)", "--preset small changes these: "
                              + ", ".join(f"{k}={v}" for k, v in PRESET_TRAIN["small"].items()))
     helps = dict(batch_size="sequences per micro-batch", block_size="tokens per sequence (<= max_seq_len)",
@@ -633,7 +800,8 @@ def resolve_args(ns: argparse.Namespace, ckpt: dict = None) -> argparse.Namespac
     saved = ckpt["args"] if ckpt else {}
     preset = given.get("preset", saved.get("preset", TRAIN_DEFAULTS["preset"]))
     args = {**TRAIN_DEFAULTS, **PRESET_TRAIN.get(preset, {}), "out_dir": "out", "device": "auto", "resume": False,
-            "overwrite": False, "compile": False, "bench": False}
+            "overwrite": False, "compile": False, "bench": False, "ep": 1, "pp": 1, "dist_timeout": 600.0,
+            "pp_schedule": "1f1b", "microbatches": None, "plan": False, "gpus": None, "gpus_per_node": None}
     args.update({k: v for k, v in saved.items() if k not in RUN_ONLY})
     model_fields = {f.name for f in fields(ModelConfig)}
     args.update({k: v for k, v in given.items() if k not in model_fields})
@@ -648,6 +816,8 @@ def resolve_args(ns: argparse.Namespace, ckpt: dict = None) -> argparse.Namespac
         args["lr_decay_iters"] = args["max_iters"]
     if args["ckpt_interval"] is None:
         args["ckpt_interval"] = args["eval_interval"]
+    if args["microbatches"] is None:  # with --pp: the fewest the schedule takes, one per stage
+        args["microbatches"] = args["pp"] * (2 if args["pp_schedule"] == "dualpipev" else 1) if args["pp"] > 1 else 1
     args["model_overrides"] = {k: v for k, v in given.items() if k in model_fields}
     args["typed"] = set(given)
     return argparse.Namespace(**args)
@@ -683,23 +853,57 @@ def check_args(args, cfg: ModelConfig) -> None:
     need(args.block_size <= cfg.max_seq_len, "block_size", f"must be <= max_seq_len ({cfg.max_seq_len})")
     need(args.block_size > cfg.n_mtp, "block_size", f"must be > n_mtp ({cfg.n_mtp}): MTP predicts further ahead")
     need(args.fp8 or args.fp8_act_cache == "bf16", "fp8_act_cache", "needs --fp8")
+    need(args.ep >= 1, "ep", "must be >= 1")
+    need(args.pp >= 1, "pp", "must be >= 1")
+    if args.pp > 1:  # equal stages, enough micro-batches for the schedule (parallel.check_pipeline)
+        need(args.grad_accum == 1, "grad_accum", "with --pp the pipeline's --microbatches take its place")
+        parallel.check_pipeline(cfg.n_layers, args.pp_schedule, args.pp, args.microbatches)
+    else:
+        need(args.microbatches == 1, "microbatches", "needs --pp > 1 (one process: --grad_accum)")
+    need(args.pp > 1 or "pp_schedule" not in args.typed, "pp_schedule", "needs --pp > 1")
+    for name in ("gpus", "gpus_per_node"):
+        need(getattr(args, name) is None, name, "goes with --plan")
+    need(args.dist_timeout > 0, "dist_timeout", "must be > 0")
+    need(not (args.compile and parallel.under_torchrun()), "compile", "is not supported under torchrun yet")
 
 
 def main(argv=None) -> int:
     ns = build_parser().parse_args(argv)
+    rank0 = int(os.environ.get("RANK", "0")) == 0  # under torchrun the same error comes from every rank: say it once
+    if ns.plan:  # on paper only: nothing is allocated, no process group
+        return plan_run(ns)
     try:
         run = setup(ns)
     except (ValueError, FileNotFoundError, ImportError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        if rank0:
+            print(f"error: {e}", file=sys.stderr)
+        parallel.teardown()
+        return 2
+    except parallel.PeerFailed:  # rank 0 has said why
+        parallel.teardown()
         return 2
     except KeyboardInterrupt:  # during setup there is nothing to save yet
         print("interrupted before training started", file=sys.stderr)
+        parallel.teardown()
         return 130
     try:
         return train(run)
     finally:
         if run.lock is not None:  # the process may go on (a test, a notebook): let the folder go now
             run.lock.close()
+        parallel.teardown()
+
+
+def plan_run(ns: argparse.Namespace) -> int:
+    """--plan: plan.py's estimate for the layout given (the report's batch: 15360 sequences of 4096 tokens)."""
+    import plan
+    preset = ns.preset or "v3-671b"
+    overrides = {f.name: getattr(ns, f.name) for f in fields(ModelConfig) if getattr(ns, f.name) is not None}
+    if overrides:
+        print("error: --plan plans a preset as it is (give --preset only, no model fields)", file=sys.stderr)
+        return 2
+    return plan.run(preset, ns.gpus or plan.REPORT["gpus"], ns.gpus_per_node or plan.REPORT["gpus_per_node"],
+                    ns.ep or 1, ns.pp or 1, ns.pp_schedule or "1f1b", 15360, 4096, 1, plan.Assumptions())
 
 
 if __name__ == "__main__":

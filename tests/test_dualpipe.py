@@ -190,7 +190,15 @@ def test_costs_are_checked():
         simulate(schedule_dualpipev(1, 2), dict(F=1, B=1, W=0))
 
 
-# -- executor on torch.distributed (gloo, 2 processes) -----------------------------------------------------
+# -- torch's ScheduleDualPipeV runs the same order ----------------------------------------------------------
+@pytest.mark.parametrize("n_ranks,n_chunks", [(1, 2), (1, 5), (2, 4), (2, 5), (2, 10), (3, 6), (3, 9), (4, 8),
+                                              (4, 11), (4, 16)])
+def test_dualpipev_order_equals_torch(n_ranks, n_chunks):
+    from dualpipe import torch_dualpipev_order
+    assert torch_dualpipev_order(n_ranks, n_chunks) == schedule_dualpipev(n_ranks, n_chunks).ops
+
+
+# -- executor on torch.distributed (gloo, forked processes) ------------------------------------------------
 MB, DIM = 3, 8
 
 
@@ -213,11 +221,9 @@ def _criterion(out, y):
     return F.mse_loss(out, y)
 
 
-def _worker(rank, n_pp, n_chunks, store, outdir):
+def _worker(rank, n_pp, n_chunks):
     import torch
-    import torch.distributed as dist
     from dualpipe import run_dualpipe
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=n_pp)
     stages = _stages(n_pp)
     modules = (stages[rank], stages[n_pp - 1 - rank])  # stage r and the mirrored copy of stage N-1-r
     x, y = _batch(n_chunks)
@@ -225,18 +231,16 @@ def _worker(rank, n_pp, n_chunks, store, outdir):
     inputs = {0: x[:half], n_pp - 1: x[half:]}.get(rank)
     labels = {0: y[half:], n_pp - 1: y[:half]}.get(rank)
     losses = run_dualpipe(modules, inputs, labels, _criterion, n_chunks, shape=(MB, DIM), dtype=torch.float64)
-    torch.save({"losses": losses, "grads": [[p.grad for p in m.parameters()] for m in modules]},
-               f"{outdir}/rank{rank}.pt")
-    dist.destroy_process_group()
+    return {"losses": losses, "grads": [[p.grad for p in m.parameters()] for m in modules]}
 
 
 @pytest.mark.slow  # starts one process per pipeline rank
 @pytest.mark.parametrize("n_pp,n_chunks", [(2, 4), (4, 8)])  # N=4 also runs BI/W on non-first stages
-def test_dualpipe_executor_matches_sequential(tmp_path, n_pp, n_chunks):
+@pytest.mark.slow
+def test_dualpipe_executor_matches_sequential(n_pp, n_chunks):
     import torch
-    import torch.multiprocessing as mp
-    mp.spawn(_worker, args=(n_pp, n_chunks, str(tmp_path / "store"), str(tmp_path)), nprocs=n_pp, join=True)
-    got = [torch.load(tmp_path / f"rank{r}.pt") for r in range(n_pp)]
+    from dist_utils import run_workers
+    got = run_workers(_worker, n_pp, n_chunks)
     ref = _stages(n_pp)  # sequential reference: every micro-batch through all stages, one backward each
     x, y = _batch(n_chunks)
     ref_losses = []

@@ -89,7 +89,7 @@ def test_moe_routed_experts_run_in_fp8():
     cfg = ModelConfig(dim=256, moe_inter_dim=128, n_routed_experts=8, n_activated_experts=2, n_expert_groups=1,
                       n_limited_groups=1, n_shared_experts=1)
     torch.manual_seed(0)
-    m8, m32 = MoE(cfg, fp8.FP8Linear), MoE(cfg)
+    m8, m32 = MoE(cfg, fp8.FP8Linear, fp8_experts.FP8Experts), MoE(cfg)
     assert m8.experts.mm is fp8_experts.fp8_segment_mm and m32.experts.mm is None
     m32.load_state_dict(m8.state_dict())
     x = torch.randn(2, 256, 256)
@@ -104,7 +104,23 @@ def test_moe_routed_experts_run_in_fp8():
     for (n, p8), p32 in zip(m8.named_parameters(), m32.parameters()):
         assert fp8.calc_diff(p8.grad, p32.grad) < 3e-3, n
     with pytest.raises(ValueError, match="moe_inter_dim"):
-        MoE(ModelConfig(dim=256, moe_inter_dim=96, n_shared_experts=0), fp8.FP8Linear)
+        MoE(ModelConfig(dim=256, moe_inter_dim=96, n_shared_experts=0), fp8.FP8Linear, fp8_experts.FP8Experts)
+
+
+def test_transformer_hands_fp8_experts_to_every_moe():
+    """Transformer(cfg, linear, experts) gives every MoE layer, the MTP blocks' too, the experts' kernels it was
+    handed, and none without them: the hand-over is explicit, not found on the linear class."""
+    from config import ModelConfig
+    from model import Transformer
+    from moe import MoE
+    cfg = ModelConfig(dim=128, inter_dim=256, moe_inter_dim=128, n_layers=2, n_dense_layers=1, n_mtp=1,
+                      n_routed_experts=4, n_activated_experts=2, n_expert_groups=1, n_limited_groups=1,
+                      q_lora_rank=128, kv_lora_rank=128, n_heads=2, qk_nope_head_dim=64, qk_rope_head_dim=64,
+                      v_head_dim=64, vocab_size=512)
+    for experts, mm, fused in ((fp8_experts.FP8Experts, fp8_experts.fp8_segment_mm, fp8_experts.fp8_swiglu_down),
+                               (None, None, None)):
+        moes = [m for m in Transformer(cfg, fp8.FP8Linear, experts).modules() if isinstance(m, MoE)]
+        assert len(moes) == 2 and all(m.experts.mm is mm and m.experts.swiglu_down is fused for m in moes)
 
 
 
@@ -122,7 +138,7 @@ def _swiglu_down_run(fn, a, b, w2, g):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_swiglu_down_recomputes_and_caches_its_inputs(dtype):
-    """The experts' SwiGLU fused with W2 (TR §3.3.3). Kept as they are ("bf16"), A and B give the bits of SiLU, ⊙
+    """The experts' SwiGLU fused with W2 (report §3.3.3). Kept as they are ("bf16"), A and B give the bits of SiLU, ⊙
     and fp8_segment_mm composed by autograd while keeping less (H is recomputed, not kept); in E4M3 tiles ("fp8",
     the report's choice) they keep less again and the gradients move by about one E4M3 rounding."""
     sizes, inter, dim = [70, 0, 300, 1], 256, 128
@@ -166,7 +182,7 @@ def test_moe_experts_cache_follows_act_cache():
     outs = []
     for fused in (True, False):
         torch.manual_seed(1)
-        m = MoE(cfg, fp8.FP8Linear)
+        m = MoE(cfg, fp8.FP8Linear, fp8_experts.FP8Experts)
         if not fused:
             m.experts.swiglu_down = None                                  # SiLU, ⊙ and W2 composed by autograd
         with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -175,7 +191,7 @@ def test_moe_experts_cache_follows_act_cache():
         outs.append([y.detach()] + [p.grad for p in m.parameters()])
     assert all(torch.equal(f, u) for f, u in zip(*outs))
     torch.manual_seed(1)
-    m8, m32 = MoE(cfg, fp8.FP8Linear), MoE(cfg)
+    m8, m32 = MoE(cfg, fp8.FP8Linear, fp8_experts.FP8Experts), MoE(cfg)
     m32.load_state_dict(m8.state_dict())
     assert m8.experts.swiglu_down is fp8_experts.fp8_swiglu_down and m32.experts.swiglu_down is None
     train.set_act_cache(m8, "report")
@@ -196,7 +212,7 @@ def test_moe_experts_cache_follows_act_cache():
                                        ([700] * 3 + [0, 5] + [260] * 11, 1024, 640)])
 def test_kernel_grouped_matches_reference(sizes, N, K):
     ext = fp8.load_kernel()
-    assert ext is not None, fp8._WHY_NOT
+    assert ext is not None, fp8.why_no_kernel()
     seed = int.from_bytes(os.urandom(4), "little")
     x, w, xp, dst, groups = _grouped_operands(sizes, N, K, "cuda", seed)
     xq, xs = fp8.quantize_act(xp)
@@ -205,7 +221,7 @@ def test_kernel_grouped_matches_reference(sizes, N, K):
     wq, ws = wq.view(E, N, K), ws.view(E, N // 128, K // 128)
     ref = fp8_experts.fp8_gemm_grouped_ref(xq, xs, wq, ws, groups, torch.float32)
     out = torch.full((xp.shape[0], N), float("nan"), device="cuda", dtype=torch.bfloat16)
-    ext.gemm_grouped(xq, xs, wq.reshape(E * N, K), ws.reshape(-1, K // 128), groups, out, E)
+    ext.gemm_experts(xq, xs, wq.reshape(E * N, K), ws.reshape(-1, K // 128), groups, out, E)
     torch.cuda.synchronize()
     assert not out.isnan().any(), f"seed {seed}"
     torch.testing.assert_close(out.float(), ref, rtol=2 ** -7, atol=1e-3 * ref.abs().max().item(),
@@ -216,7 +232,7 @@ def test_kernel_grouped_matches_reference(sizes, N, K):
 @pytest.mark.gpu
 @hopper
 def test_fp8_experts_on_gpu_match_fp32():
-    assert fp8.load_kernel() is not None, fp8._WHY_NOT                # not the PyTorch fallback
+    assert fp8.load_kernel() is not None, fp8.why_no_kernel()                # not the PyTorch fallback
     sizes, N, K = [300, 0, 1, 1000, 129], 512, 1024
     x, w, *_ = _grouped_operands(sizes, N, K, "cuda", seed=3)
     x1, w1 = x.clone().requires_grad_(), w.clone().requires_grad_()
@@ -236,7 +252,7 @@ def test_fp8_experts_on_gpu_match_fp32():
 def test_swiglu_down_on_gpu():
     """The fused SwiGLU and W2 on the kernels: bf16 inputs, the same bits as the composition with the inputs kept,
     about one E4M3 rounding away with them cached in FP8."""
-    assert fp8.load_kernel() is not None, fp8._WHY_NOT
+    assert fp8.load_kernel() is not None, fp8.why_no_kernel()
     sizes, inter, dim = [300, 0, 1, 1000, 129], 512, 256
     a, b = (torch.randn(sum(sizes), inter, device="cuda", dtype=torch.bfloat16) for _ in range(2))
     w2 = torch.randn(len(sizes), dim, inter, device="cuda")
@@ -256,7 +272,7 @@ def test_swiglu_down_on_gpu():
 def test_kernel_kgrouped_matches_reference(sizes, M, N):
     """Routed-expert Wgrad in one launch: per expert, the 1D1D product over its own slice of tokens."""
     ext = fp8.load_kernel()
-    assert ext is not None, fp8._WHY_NOT
+    assert ext is not None, fp8.why_no_kernel()
     seed = int.from_bytes(os.urandom(4), "little")
     torch.manual_seed(seed)
     a = torch.randn(M, sum(sizes), device="cuda") * torch.rand(M, 1, device="cuda") * 4
@@ -272,7 +288,7 @@ def test_kernel_kgrouped_matches_reference(sizes, M, N):
     outs = []
     for _ in range(2):                                                 # poisoned, twice: races show
         out = torch.full((len(sizes) * M, N), float("nan"), device="cuda")
-        ext.gemm_1d1d_kgrouped(aq, a_s, bq, sbt, kg, out)
+        ext.gemm_experts_wgrad(aq, a_s, bq, sbt, kg, out)
         torch.cuda.synchronize()
         outs.append(out.view(len(sizes), M, N))
     out = outs[0]

@@ -210,10 +210,10 @@ def test_cli_help_shows_every_default(capsys):
         G.main(["--help"])
     out = " ".join(capsys.readouterr().out.split())
     for flag, default in [("--max_new_tokens", 200), ("--temperature", 0.8), ("--top_k", 50), ("--seed", 1337),
-                          ("--out_dir", "out"), ("--device", "auto")]:
+                          ("--out_dir", "out"), ("--device", "auto"), ("--dtype", "auto")]:
         described = out.rsplit(f"{flag} ", 1)[1]  # the option's own line in the help, not the usage line
         assert described.split("(default: ", 1)[1].split(")")[0] == str(default), flag
-    assert out.count("(default: ") == 9
+    assert out.count("(default: ") == 12
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -223,13 +223,50 @@ def test_cli_help_shows_every_default(capsys):
     (["--temperature", "1e-40"], "--temperature 1e-40: too small, the logits divided by it overflow"),
     (["--top_k", "-1"], "--top_k -1: must be >= 0 (0 = no top-k cut)"),
     (["--max_new_tokens", "0"], "--max_new_tokens 0: must be >= 1"),
-    (["--prompt", "x " * 100], "the prompt has 200 tokens; the model's context is 40"),
-    (["--prompt", ""], "the prompt is empty: give --prompt TEXT or the text on stdin"),
+    (["--prompt", "x " * 100], "prompt 2 has 200 tokens; the model's context is 40"),
+    (["--prompt", ""], "prompt 2 is empty: give at least one token"),
+    (["--static"], "--static decodes greedily only: add --temperature 0 (sampling with --temperature 0.8 runs "
+                   "without --static)"),
+    (["--prompts_file", "no/such/file"], "--prompts_file no/such/file: no such file"),
 ])
 def test_cli_errors_name_the_flag_and_print_no_prompt(ckpt_dir, capsys, argv, message):
     assert G.main(["--out_dir", ckpt_dir, "--prompt", "def f(x):", "--max_new_tokens", "5", *argv]) == 2
     out, err = capsys.readouterr()
     assert out == "" and err.startswith("error: ") and message in err and err.count("\n") == 1
+
+
+def cli_output(capsys, *argv):
+    assert G.main(list(argv)) == 0
+    return capsys.readouterr()
+
+
+@pytest.mark.parametrize("extra", [[], ["--speculative"]])
+def test_cli_static_path_prints_the_reference_text(ckpt_dir, capsys, extra):
+    """--static (StaticDecoder, all prompts in one batch) writes what the reference writes, prompt by prompt."""
+    base = ["--out_dir", ckpt_dir, "--temperature", "0", "--max_new_tokens", "12", *extra]
+    for prompts in (["def f(x):"], ["def f(x):", "import", "class A(object):\n    x ="]):
+        argv = base + [a for p in prompts for a in ("--prompt", p)]
+        ref = cli_output(capsys, *argv)
+        fast = cli_output(capsys, *argv, "--static")
+        assert fast.out == ref.out
+        assert ref.out.count("==> prompt ") == (len(prompts) if len(prompts) > 1 else 0)
+        for p in prompts:
+            assert p in ref.out
+        assert f"{12 * len(prompts)} tokens in " in ref.err and f"{12 * len(prompts)} tokens in " in fast.err
+        assert f"static, batch {len(prompts)}, no CUDA graphs" in fast.err and "static" not in ref.err
+
+
+def test_cli_prompts_file_equals_repeated_prompt(ckpt_dir, capsys, tmp_path):
+    path = tmp_path / "prompts.txt"
+    path.write_text("def f(x):\n\nimport os\n")  # one prompt per non-empty line
+    base = ["--out_dir", ckpt_dir, "--temperature", "0", "--max_new_tokens", "5"]
+    from_file = cli_output(capsys, *base, "--prompts_file", str(path))
+    from_flags = cli_output(capsys, *base, "--prompt", "def f(x):", "--prompt", "import os")
+    assert from_file.out == from_flags.out and from_file.out.startswith("==> prompt 1 <==\ndef f(x):")
+    path.write_text("\n  \n")
+    assert G.main([*base, "--prompts_file", str(path)]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err == f"error: --prompts_file {path}: no prompt in it (one per non-empty line)\n"
 
 
 def test_cli_top_k_0_is_off_and_max_new_tokens_is_cut(ckpt_dir, capsys, monkeypatch):

@@ -34,6 +34,18 @@ def test_v2_lite_counts():
     assert abs((c["active"] - cfg.vocab_size * cfg.dim) / 1e9 - 2.4) < 0.1, c
 
 
+def test_v3_layers_has_v3_layer_shapes_and_fits_one_h200():
+    v3, cfg = PRESETS["v3-671b"], PRESETS["v3-layers"]
+    same = ("dim", "inter_dim", "n_heads", "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim",
+            "v_head_dim", "moe_inter_dim", "n_shared_experts", "n_activated_experts", "n_expert_groups",
+            "n_limited_groups", "score_func", "route_scale")
+    assert {f: getattr(cfg, f) for f in same} == {f: getattr(v3, f) for f in same}
+    c = count_params(cfg)
+    # AdamW training state: fp32 weight, gradient and two moments = 16 bytes a parameter, under 100 GB so that
+    # the activations of 4096 tokens fit beside it in an H200's 141 GB
+    assert 4e9 < c["total"] + c["mtp"] < 100e9 / 16, c
+
+
 @pytest.mark.parametrize("field, value, words", [
     ("n_routed_experts", 9, "divisible by n_expert_groups"),
     ("n_activated_experts", 3, "allowed groups"),

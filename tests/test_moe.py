@@ -502,3 +502,18 @@ def test_demo_bias_balances_and_group_limit_bounds_the_groups(capsys):
     assert int(lim[1]) == 4 and float(lim[0]) <= 4 and int(unl[1]) > 4 and float(unl[0]) > float(lim[0])
     kept = float(re.search(r"keeps ([\d.]+)%", out).group(1))
     assert 50 < kept < 100
+
+
+def test_expert_counts_and_device_segment_sizes_match_the_host_list():
+    """expert_counts (no host sync) equals bincount; segment_mm gives the same rows with sizes as a device
+    tensor as with the host list, on both implementations."""
+    g = torch.Generator().manual_seed(0)
+    idx = torch.randint(0, 6, (13, 3), generator=g)
+    counts = moe.expert_counts(idx, 8)  # two experts never chosen: empty segments
+    assert counts.tolist() == torch.bincount(idx.flatten(), minlength=8).tolist()
+    a = torch.randn(39, 16, generator=g, dtype=torch.float64)
+    w = torch.randn(8, 24, 16, generator=g, dtype=torch.float64)
+    ref = torch.cat([seg @ wi.T for seg, wi in zip(a.split(counts.tolist()), w)])  # (39, 24)
+    for impl in ("loop", "auto"):
+        assert torch.allclose(moe.segment_mm(a, w, counts, impl), ref, atol=1e-12)
+        assert torch.allclose(moe.segment_mm(a, w, counts.tolist(), impl), ref, atol=1e-12)

@@ -48,9 +48,23 @@ def defined_names(path: str) -> set:
     return names | {n.rsplit(".", 1)[1] for n in names if "." in n}
 
 
+def module_path(name: str):
+    """The source file of a module or package of the repository (`mla`, `fp8_teaching`), or None."""
+    for path in (os.path.join(ROOT, name + ".py"), os.path.join(ROOT, name, "__init__.py")):
+        if os.path.exists(path):
+            return path
+    return None
+
+
+def defined_anywhere(name: str) -> bool:
+    """A bare name that the text does not tie to a file (`count_params` in a test cell): defined in some module."""
+    return any(name in defined_names(os.path.join(ROOT, f)) for f in os.listdir(ROOT) if f.endswith(".py"))
+
+
 def unresolved(text: str) -> list:
-    """The backticked references in `text` (one row or item) that point at nothing."""
-    missing, module, test_file = [], None, None
+    """The backticked references in `text` (one row or item) that point at nothing. After a .cu file, bare names
+    are its symbols (found in its text); after `folder/file.cu`, a bare `other.cu` is in the same folder."""
+    missing, module, test_file, cu_text, folder = [], None, None, None, ""
     for ref in re.findall(r"`([^`]+)`", text):
         ref = ref.strip()
         if "::" in ref:
@@ -65,16 +79,30 @@ def unresolved(text: str) -> list:
         elif re.fullmatch(r"test_\w+", ref):
             if test_file is None or ref not in defined_names(os.path.join(ROOT, "tests", test_file)):
                 missing.append(ref)
-        elif re.fullmatch(r"\w+\.(py|cu)", ref):
-            module = ref[:-3] if ref.endswith(".py") else None
-            if not os.path.exists(os.path.join(ROOT, ref)):
+        elif re.fullmatch(r"[\w/]+\.(py|cu|md)", ref):
+            if "/" in ref:
+                folder = os.path.dirname(ref)
+            path = next((p for p in (os.path.join(ROOT, ref), os.path.join(ROOT, folder, ref)) if os.path.exists(p)),
+                        None)
+            if path is None:
                 missing.append(ref)
+                continue
+            module, cu_text = (ref[:-3], None) if ref.endswith(".py") and "/" not in ref else (None, None)
+            if ref.endswith(".cu"):
+                with open(path) as f:
+                    cu_text = f.read()
         elif NAME.match(ref) and ref not in NOT_HERE:
             dotted = ref.split("(")[0]
             head, _, rest = dotted.partition(".")
-            if rest and os.path.exists(os.path.join(ROOT, head + ".py")):
-                module, dotted = head, rest
-            if module is None or dotted not in defined_names(os.path.join(ROOT, module + ".py")):
+            if rest and module_path(head):
+                module, cu_text, dotted = head, None, rest
+            if cu_text is not None and "." not in dotted:
+                found = re.search(rf"\b{re.escape(dotted)}\b", cu_text)
+            elif module is not None:
+                found = dotted in defined_names(module_path(module))
+            else:
+                found = "." not in dotted and defined_anywhere(dotted)
+            if not found:
                 missing.append(ref)
     return missing
 

@@ -1,0 +1,180 @@
+"""Decoding speed of a trained checkpoint: the reference generate() against generate.StaticDecoder (static latent
+cache, CUDA graphs), batch 1 plain and MTP-speculative, and a batch of prompts of different lengths; then the
+rate at which the absorbed attention reads the latent cache (bytes of c^KV and k^R per second).
+
+    python decode_bench.py --out_dir out [--batch 64] [--max_new_tokens 256] [--prompt_tokens 64]
+
+Greedy throughout. Prompts are windows of a standard-library source file (the training corpus's kind of text),
+batch row b taking prompt_tokens·(b+1)/B tokens, so the rows have different lengths. Each StaticDecoder
+timing is the second call (the first captures the graphs); the timings include the prefill.
+"""
+import argparse
+import os
+import sys
+import time
+
+import torch
+
+import generate as G
+from config import get_preset
+from mla import MLA
+
+
+def sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def timed(fn):
+    sync()
+    t0 = time.perf_counter()
+    out = fn()
+    sync()
+    return out, time.perf_counter() - t0
+
+
+def event_time(fn, reps=20) -> float:
+    """Median seconds of fn() over reps calls after two warm-up calls (CUDA events on a GPU)."""
+    for _ in range(2):
+        fn()
+    times = []
+    for _ in range(reps):
+        if not torch.cuda.is_available():
+            times.append(timed(fn)[1])
+            continue
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) / 1e3)
+    return sorted(times)[len(times) // 2]
+
+
+def attention_read_rate(attn, B: int, S: int, dtype=torch.bfloat16):
+    """One absorbed-attention call of layer `attn` for B one-token queries over S cached positions: (seconds,
+    bytes of latent cache it must read at least: B·S·(d_c + d^R_h) values)."""
+    dev = attn.kv_norm.weight.device
+    H, c, dr = attn.n_heads, attn.kv_lora_rank, attn.dr
+    q_nope = torch.randn(B, 1, H, attn.dn, device=dev, dtype=dtype)
+    q_pe = torch.randn(B, 1, H, dr, device=dev, dtype=dtype)
+    latent = torch.randn(B, S, c, device=dev, dtype=dtype)
+    k_pe = torch.randn(B, S, dr, device=dev, dtype=dtype)
+    mask = torch.ones(B, 1, S, dtype=torch.bool, device=dev)
+    step = G.GraphedStep(lambda *a: attn._attend_absorb(*a, 0, dtype, mask), dev.type == "cuda")
+    sec = event_time(lambda: step(q_nope, q_pe, latent, k_pe))  # replays: GPU time, no launch gaps
+    return sec, B * S * (c + dr) * latent.element_size()
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out_dir", default="out", help="directory holding train.py's ckpt.pt")
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--max_new_tokens", type=int, default=256)
+    p.add_argument("--prompt_tokens", type=int, default=64)
+    p.add_argument("--no_reference", action="store_true", help="skip the (slow) reference generate() rows")
+    p.add_argument("--compile", action="store_true", help="also time StaticDecoder(compile=True), batch 1")
+    p.add_argument("--random_preset", default=None, help="no checkpoint: this preset with random weights")
+    p.add_argument("--device", default="cuda", help="cuda (timings) or cpu (a check that the script runs)")
+    args = p.parse_args(argv)
+    try:
+        if args.device == "cuda" and not torch.cuda.is_available():
+            raise ValueError("decode_bench.py times CUDA; this machine has no CUDA device (--device cpu checks it)")
+        if args.random_preset:  # speed only: random weights decode as fast (but drafts are rarely accepted)
+            from data import get_tokenizer
+            torch.manual_seed(0)
+            with torch.device(args.device):
+                model = G.Transformer(get_preset(args.random_preset)).eval()
+            tok, source = get_tokenizer(model.cfg.vocab_size), f"{args.random_preset} (random weights)"
+        else:
+            model, tok = G.load_model(args.out_dir, device=args.device)
+            source = args.out_dir
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    text = open(os.path.join(os.path.dirname(os.__file__), "argparse.py")).read()
+    stream = tok.encode(text)
+    N, P, B = args.max_new_tokens, args.prompt_tokens, args.batch
+    starts = [(997 * b) % (len(stream) - P) for b in range(B)]
+    prompts = [stream[s:s + max(1, P * (b + 1) // B)] for b, s in enumerate(starts)]
+    prompt = stream[:P]
+    rows = []
+
+    def row(name, n_tok, sec, extra=""):
+        rows.append(f"| {name} | {n_tok} | {sec:.3f} | {n_tok / sec:,.1f} | {extra} |")
+        print(rows[-1], flush=True)
+
+    device_name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
+    print(f"{device_name} | torch {torch.__version__} CUDA {torch.version.cuda} | model {source}: dim "
+          f"{model.cfg.dim}, {model.cfg.n_layers} layers | prompt {P} tokens, {N} new, batch {B}")
+    print("| path | new tokens | s | tokens/s | notes |\n|---|---|---|---|---|")
+    if not args.no_reference:
+        for dtype in (torch.float32, torch.bfloat16):
+            m = model.float() if dtype == torch.float32 else model.bfloat16()
+            (plain, st), sec = timed(lambda: G.generate(m, prompt, N, temperature=0.0))
+            row(f"generate() {str(dtype)[6:]}, batch 1", len(plain), sec, f"{st['main_forwards']} main forwards")
+            (spec, st), sec = timed(lambda: G.generate(m, prompt, N, temperature=0.0, speculative=True))
+            row(f"generate(speculative) {str(dtype)[6:]}, batch 1", len(spec), sec,
+                f"accepted {st['accepted']}/{st['drafted']}, {st['main_forwards']} main forwards, "
+                f"same tokens as plain: {spec == plain}")
+    model = model.bfloat16()
+    dec = G.StaticDecoder(model, max_batch=B, max_seq_len=max(len(p) for p in prompts + [prompt]) + N)
+    for speculative in (False, True):
+        dec.generate([prompt], N, speculative=speculative)  # capture
+        (out1, st), sec = timed(lambda: dec.generate([prompt], N, speculative=speculative))
+        if not speculative:
+            plain1 = out1
+        note = (f"accepted {st['accepted']}/{st['drafted']}, {st['main_forwards']} main forwards, same tokens as "
+                f"plain: {out1 == plain1}") if speculative else f"graphs {dec.graphs}"
+        row(f"StaticDecoder bf16{' speculative' if speculative else ''}, batch 1", len(out1[0]), sec, note)
+    for speculative in (False, True):
+        dec.generate(prompts, N, speculative=speculative)
+        (outB, st), sec = timed(lambda: dec.generate(prompts, N, speculative=speculative))
+        if not speculative:
+            plainB = outB
+        note = (f"accepted {st['accepted']}/{st['drafted']}, same tokens as plain: "
+                f"{sum(a == b for a, b in zip(outB, plainB))}/{B} rows") if speculative else ""
+        row(f"StaticDecoder bf16{' speculative' if speculative else ''}, batch {B}", sum(map(len, outB)), sec, note)
+    # one graphed plain step at batch B over the whole cache: latent-cache bytes per second of the full step
+    x = torch.zeros(B, dtype=torch.long, device=args.device)
+    n = torch.full((B,), N // 2, dtype=torch.long, device=args.device)
+    step = dec._step("plain", B)
+    sec = event_time(lambda: step(x, n))
+    attn = model.layers[0].attn
+    S = attn.kv_cache.shape[1]
+    cache_bytes = len(model.layers) * B * S * (attn.kv_lora_rank + attn.dr) * 2
+    print(f"graphed decode step, batch {B}, cache {S} positions: {1e3 * sec:.3f} ms, latent cache "
+          f"{cache_bytes / 1e6:.1f} MB read → {cache_bytes / sec / 1e12:.3f} TB/s over the whole step")
+    if args.device == "cuda":  # what one step is made of: the kernels an eager step launches
+        from torch.profiler import profile, ProfilerActivity
+        for Bk in (1, B):
+            xk, nk = x[:Bk], n[:Bk]
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                G._plain_step(model, xk, nk)
+                torch.cuda.synchronize()
+            kern = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+            graphed = event_time(lambda: dec._step("plain", Bk)(xk, nk))
+            busy = sum(e.time_range.elapsed_us() for e in kern) / 1e3
+            print(f"decode step, batch {Bk}: {len(kern)} kernels, {busy:.3f} ms of kernel time (eager, profiled); "
+                  f"graphed step {1e3 * graphed:.3f} ms")
+    print("absorbed attention alone (one layer, one new token per row, bf16, CUDA-graph replays):")
+    v3 = MLA(get_preset("v3-layers")).to(args.device).bfloat16()  # V3's MLA: 128 heads, d_c 512, d^R_h 64
+    for a, Bq, Sq in ((attn, B, 1024), (attn, B, 4096), (v3, B, 4096), (v3, 128, 4096)):
+        sec, nbytes = attention_read_rate(a, Bq, Sq)
+        print(f"  {a.n_heads} heads, d_c {a.kv_lora_rank}: batch {Bq}, {Sq} positions: "
+              f"{1e6 * sec:.1f} µs, {nbytes / 1e6:.1f} MB → {nbytes / sec / 1e12:.3f} TB/s "
+              f"({100 * nbytes / sec / 4.8e12:.0f}% of 4.8 TB/s)", flush=True)
+    del v3
+    if args.compile:
+        dec.close()
+        dec = G.StaticDecoder(model, max_batch=B, max_seq_len=dec.max_seq_len, compile=True)
+        (outc, _), sec = timed(lambda: dec.generate([prompt], N))
+        print(f"StaticDecoder(compile=True) first call (compiles, captures): {sec:.1f} s", flush=True)
+        (outc, _), sec = timed(lambda: dec.generate([prompt], N))
+        row("StaticDecoder bf16 compiled, batch 1", len(outc[0]), sec, f"same tokens as uncompiled: {outc == plain1}")
+    dec.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,158 @@
+"""Static-cache decoding (generate.StaticDecoder) against the reference generate(): per-sequence positions give the
+same logits as shared ones, a batch of prompts of different lengths gives each row's own greedy tokens, the
+two-token speculative iteration gives the plain greedy tokens, and (GPU) the CUDA-graphed steps equal eager ones."""
+import pytest
+import torch
+
+import generate as G
+from model import ModelConfig, Transformer
+
+
+def tiny_model(seed=0, dtype=torch.float64, device="cpu", **kw):
+    torch.manual_seed(seed)
+    base = dict(vocab_size=61, dim=32, n_layers=2, n_dense_layers=1, inter_dim=48, n_heads=2, q_lora_rank=16,
+                kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8, max_seq_len=48,
+                moe_inter_dim=16, n_routed_experts=4, n_shared_experts=1, n_activated_experts=2,
+                n_expert_groups=2, n_limited_groups=1, n_mtp=1, init_std=0.3)
+    base.update(kw)
+    model = Transformer(ModelConfig(**base)).to(device)
+    # .double() / .bfloat16() / .float() cast the floating tensors only; .to(dtype) would also turn the complex
+    # RoPE table real
+    return {torch.float64: model.double, torch.bfloat16: model.bfloat16, torch.float32: model.float}[dtype]().eval()
+
+
+def prompts_of(lengths, seed=0, vocab=61):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, vocab, (n,), generator=g).tolist() for n in lengths]
+
+
+@pytest.mark.parametrize("impl", ["absorb", "naive"])
+def test_per_sequence_positions_give_the_same_logits_as_one_shared_position(impl):
+    model = tiny_model(1)
+    idx = torch.randint(0, 61, (3, 9))
+    model.setup_cache(3, 16, attn_impl=impl)
+    ref = [model.forward_cached(idx[:, :6], 0)[0], model.forward_cached(idx[:, 6:], 6)[0]]  # (3, ·, V)
+    model.setup_cache(3, 16, attn_impl=impl)
+    zero = torch.zeros(3, dtype=torch.long)
+    got = [model.forward_cached(idx[:, :6], zero)[0], model.forward_cached(idx[:, 6:], zero + 6)[0]]
+    model.free_cache()
+    for r, g in zip(ref, got):
+        assert torch.allclose(r, g, atol=1e-10, rtol=0)
+
+
+def test_rows_at_different_positions_match_each_row_alone():
+    model = tiny_model(2)
+    idx = torch.randint(0, 61, (2, 10))
+    starts = [3, 7]
+    model.setup_cache(2, 16)
+    model.forward_cached(idx[:, :8], torch.zeros(2, dtype=torch.long))  # prefill 8 positions of both rows
+    got = model.forward_cached(torch.stack([idx[0, 3:5], idx[1, 7:9]]), torch.tensor(starts))[0]  # (2, 2, V)
+    for b, s in enumerate(starts):
+        model.setup_cache(1, 16)
+        ref = model.forward_cached(idx[b:b + 1, :s + 2], 0)[0][0, s:s + 2]  # (2, V)
+        assert torch.allclose(got[b], ref, atol=1e-10, rtol=0)
+    model.free_cache()
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_static_greedy_equals_reference_for_a_batch_of_different_lengths(seed):
+    model = tiny_model(seed)
+    prompts = prompts_of([3, 9, 1, 6], seed)
+    ref = [G.generate(model, p, 14)[0] for p in prompts]
+    dec = G.StaticDecoder(model, max_batch=4, max_seq_len=9 + 14, graphs=False)
+    out, stats = dec.generate(prompts, 14)
+    assert out == ref
+    assert stats["main_forwards"] == 4 * 14
+    single, _ = dec.generate(prompts[1:2], 14)  # fewer rows than max_batch
+    dec.close()
+    assert single == ref[1:2]
+
+
+def test_static_decoder_cuts_at_eot_and_refuses_bad_input():
+    model = tiny_model(3)
+    prompts = prompts_of([4, 5], 3)
+    dec = G.StaticDecoder(model, max_batch=2, max_seq_len=20, graphs=False)
+    full, _ = dec.generate(prompts, 10)
+    eot = full[0][4]
+    cut, _ = dec.generate(prompts, 10, eot=eot)
+    assert cut[0] == full[0][:full[0].index(eot) + 1]
+    for bad, words in (([], "non-empty"), ([[1], []], "non-empty"), ([[1]] * 3, "max_batch"),
+                       ([[1] * 15], "cache length")):
+        with pytest.raises(ValueError, match=words):
+            dec.generate(bad, 10)
+    dec.close()
+    with pytest.raises(ValueError, match="MTP"):
+        G.StaticDecoder(tiny_model(3, n_mtp=0), 1, 20, graphs=False).generate([[1, 2]], 5, speculative=True)
+
+
+class StaticDraftOracle:
+    """Force the MTP drafts of the static path (right, wrong or mixed) while the real MTP module still runs:
+    entry t of row b at position start_pos[b] + t drafts the token of position start_pos[b] + t + 2."""
+
+    def __init__(self, model, streams, mode):
+        self.real, self.streams, self.mode, self.calls = model.mtp_step, streams, mode, 0
+
+    def __call__(self, h, next_idx, start_pos, depth=0):
+        logits, hk = self.real(h, next_idx, start_pos, depth)
+        forced = torch.full_like(logits, -1e9)
+        B, T = next_idx.shape
+        for b in range(B):
+            for t in range(T):
+                pos = int(start_pos[b]) + t + 2
+                right = self.streams[b][pos] if pos < len(self.streams[b]) else 0
+                self.calls += 1
+                good = self.mode == "right" or (self.mode == "mixed" and self.calls % 3 != 0)
+                forced[b, t, right if good else (right + 1) % logits.shape[-1]] = 0
+        return forced, hk
+
+
+@pytest.mark.parametrize("mode", ["real", "right", "wrong", "mixed"])
+def test_static_speculative_is_token_identical_to_plain(mode):
+    model = tiny_model(4)
+    prompts = prompts_of([4, 7, 2], 4)
+    dec = G.StaticDecoder(model, max_batch=3, max_seq_len=7 + 17, graphs=False)
+    plain, _ = dec.generate(prompts, 17)
+    if mode != "real":
+        model.mtp_step = StaticDraftOracle(model, [p + o for p, o in zip(prompts, plain)], mode)
+    spec, stats = dec.generate(prompts, 17, speculative=True)
+    dec.close()
+    assert spec == plain
+    assert 0 <= stats["accepted"] <= stats["drafted"]
+    if mode == "right":  # two tokens per main forward: 16 tokens after the first in 8 iterations per row
+        assert stats["accepted"] == stats["drafted"] == 3 * 8 and stats["main_forwards"] == 3 + 3 * 8
+    if mode == "wrong":
+        assert stats["accepted"] == 0 and stats["drafted"] == 3 * 16
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("speculative", [False, True])
+def test_cuda_graphs_give_the_eager_tokens_and_logits(speculative):
+    # bf16: the grouped GEMM that keeps the segment sizes on the device (the fp32 loop reads them back)
+    model = tiny_model(5, dtype=torch.bfloat16, device="cuda", dim=64, moe_inter_dim=64)
+    prompts = prompts_of([5, 12, 3, 8], 5)
+    eager = G.StaticDecoder(model, max_batch=4, max_seq_len=40, graphs=False)
+    want, _ = eager.generate(prompts, 20, speculative=speculative)
+    x, n = torch.tensor([p[-1] for p in prompts], device="cuda"), torch.tensor([len(p) - 1 for p in prompts],
+                                                                               device="cuda")
+    want_logits = G._plain_step(model, x, n)[0].clone()
+    eager.close()
+    graphed = G.StaticDecoder(model, max_batch=4, max_seq_len=40, graphs=True)
+    got, _ = graphed.generate(prompts, 20, speculative=speculative)
+    again, _ = graphed.generate(prompts, 20, speculative=speculative)  # replays the captured graphs
+    got_logits = graphed._step("plain", 4)(x, n)[0]
+    graphed.close()
+    assert got == want and again == want
+    assert torch.allclose(got_logits.float(), want_logits.float(), atol=1e-2, rtol=1e-2)
+
+
+@pytest.mark.gpu
+def test_compiled_graphed_steps_give_the_eager_tokens():
+    model = tiny_model(6, dtype=torch.bfloat16, device="cuda", dim=64, moe_inter_dim=64)
+    prompts = prompts_of([4, 9], 6)
+    eager = G.StaticDecoder(model, max_batch=2, max_seq_len=32, graphs=False)
+    want = [eager.generate(prompts, 16, speculative=s)[0] for s in (False, True)]
+    eager.close()
+    fast = G.StaticDecoder(model, max_batch=2, max_seq_len=32, graphs=True, compile=True)
+    got = [fast.generate(prompts, 16, speculative=s)[0] for s in (False, True)]
+    fast.close()
+    assert got == want
