@@ -15,10 +15,11 @@ schedule even when it is given a larger --max_iters.
 The run folder (--out_dir, default out/) holds ckpt.pt, log.jsonl (format: see "the log" below) and a lock file: a
 second run on the same folder refuses to start, and so does a fresh run into a folder that holds a run, unless given
 --resume (continue it) or --overwrite (replace it; the old files stay intact until the new run's first checkpoint is
-complete, and an --overwrite run in one process stopped before that saves nothing). Checkpoints (checkpoint.py: written to a temporary file and then renamed, so a crash never leaves half a
-file; every --ckpt_interval steps and at the end) hold the model (MoE bias buffers included), the optimizer, the
-step, every RNG state (the data position is the state of the data generator), the config, the training options, the
-tokenizer name and the sums of the steps not yet logged. A run stopped part way (by Ctrl-C, SIGTERM or kill -9, or
+complete, and an --overwrite run stopped before that saves nothing). Checkpoints (checkpoint.py: written to a
+temporary file and then renamed, so a crash never leaves half a file; every --ckpt_interval steps and at the end)
+hold the model (MoE bias buffers included), the optimizer, the step, every RNG state (the data position is the state
+of the data generator), the config, the training options, the tokenizer name and the sums of the steps not yet
+logged. A run stopped part way (by Ctrl-C, SIGTERM or kill -9, or
 by a smaller --max_iters with the schedule given explicitly) and continued with `--resume` ends with the weights and
 log records of a straight run, bit for bit, given the same thread count; on resume, options not given on the command
 line come from the checkpoint. Ctrl-C and SIGTERM (what `timeout` and cluster schedulers send) save the last
@@ -217,13 +218,14 @@ def train(run: Run) -> int:
         bar.close()
         signum = getattr(e, "signum", signal.SIGINT)
         what = "interrupted" if signum == signal.SIGINT else f"stopped by {signal.Signals(signum).name}"
-        # An --overwrite run before its first checkpoint: the old run is worth more. (Under torchrun only rank 0
-        # knows the log's name, and the ranks must act alike: there the interrupted run is saved.)
-        if run.log_name != LOG and not run.layout.distributed:
+        # an --overwrite run before its first checkpoint: the old run is worth more (rank 0 holds the log's name;
+        # all ranks decide together, since a distributed save needs every rank)
+        if parallel.any_rank(run.log_name != LOG, run.layout):
             log.close()
-            os.remove(run.path(run.log_name))
-            print(f"{what} before the first checkpoint of this --overwrite run: nothing saved, {args.out_dir} "
-                  f"keeps the run it held", file=sys.stderr)
+            if run.layout.is_main:
+                os.remove(run.path(run.log_name))
+            report(run, f"{what} before the first checkpoint of this --overwrite run: nothing saved, {args.out_dir} "
+                        f"keeps the run it held")
             return 128 + signum
         try:
             save(run, boundary)
@@ -262,7 +264,7 @@ def save(run: Run, snapshot: dict) -> None:
     Under torchrun every rank writes its shards of the live model and optimizer (they have not changed since
     the snapshot was taken: both happen between the same two optimizer steps). Ctrl-C and SIGTERM wait until the
     checkpoint and the log rename are both done."""
-    with step_signals(run):
+    with signals_deferred():
         try:
             if run.layout.distributed:
                 save_distributed(run.ckpt_path, run.model, run.opt, snapshot)
@@ -302,8 +304,7 @@ def loop_signals(run: Run):
 
 
 def step_signals(run: Run):
-    """Hold signals during the step and its snapshot, and during a save (under torchrun they are only noted
-    anyway)."""
+    """Hold signals during the step and its snapshot (under torchrun they are only noted anyway)."""
     return contextlib.nullcontext() if run.layout.distributed else signals_deferred()
 
 

@@ -48,23 +48,18 @@ def defined_names(path: str) -> set:
     return names | {n.rsplit(".", 1)[1] for n in names if "." in n}
 
 
-def module_path(name: str):
-    """The source file of a module or package of the repository (`mla`, `fp8_teaching`), or None."""
-    for path in (os.path.join(ROOT, name + ".py"), os.path.join(ROOT, name, "__init__.py")):
-        if os.path.exists(path):
-            return path
-    return None
-
-
-def defined_anywhere(name: str) -> bool:
-    """A bare name that the text does not tie to a file (`count_params` in a test cell): defined in some module."""
-    return any(name in defined_names(os.path.join(ROOT, f)) for f in os.listdir(ROOT) if f.endswith(".py"))
+def defines(path: str, dotted: str) -> bool:
+    """Whether the file at `path` defines `dotted`: parsed for Python, a whole-word match in CUDA source (a kernel,
+    an enum, a host function)."""
+    if path.endswith(".cu"):
+        with open(path) as f:
+            return re.search(rf"\b{re.escape(dotted)}\b", f.read()) is not None
+    return dotted in defined_names(path)
 
 
 def unresolved(text: str) -> list:
-    """The backticked references in `text` (one row or item) that point at nothing. After a .cu file, bare names
-    are its symbols (found in its text); after `folder/file.cu`, a bare `other.cu` is in the same folder."""
-    missing, module, test_file, cu_text, folder = [], None, None, None, ""
+    """The backticked references in `text` (one row or item) that point at nothing."""
+    missing, module, test_file = [], None, None
     for ref in re.findall(r"`([^`]+)`", text):
         ref = ref.strip()
         if "::" in ref:
@@ -79,30 +74,20 @@ def unresolved(text: str) -> list:
         elif re.fullmatch(r"test_\w+", ref):
             if test_file is None or ref not in defined_names(os.path.join(ROOT, "tests", test_file)):
                 missing.append(ref)
-        elif re.fullmatch(r"[\w/]+\.(py|cu|md)", ref):
-            if "/" in ref:
-                folder = os.path.dirname(ref)
-            path = next((p for p in (os.path.join(ROOT, ref), os.path.join(ROOT, folder, ref)) if os.path.exists(p)),
-                        None)
-            if path is None:
+        elif re.fullmatch(r"[\w/]+\.(py|cu|md)", ref):  # a file, also in a folder (fp8_teaching/01_mma_sync.cu)
+            if "/" not in ref and ref.endswith((".py", ".cu")):
+                module = ref  # the names after it in the same row belong to it
+            path = os.path.join(ROOT, ref)
+            if not os.path.exists(path) and not os.path.exists(os.path.join(ROOT, "fp8_teaching", ref)):
                 missing.append(ref)
-                continue
-            module, cu_text = (ref[:-3], None) if ref.endswith(".py") and "/" not in ref else (None, None)
-            if ref.endswith(".cu"):
-                with open(path) as f:
-                    cu_text = f.read()
         elif NAME.match(ref) and ref not in NOT_HERE:
             dotted = ref.split("(")[0]
             head, _, rest = dotted.partition(".")
-            if rest and module_path(head):
-                module, cu_text, dotted = head, None, rest
-            if cu_text is not None and "." not in dotted:
-                found = re.search(rf"\b{re.escape(dotted)}\b", cu_text)
-            elif module is not None:
-                found = dotted in defined_names(module_path(module))
-            else:
-                found = "." not in dotted and defined_anywhere(dotted)
-            if not found:
+            if rest and os.path.exists(os.path.join(ROOT, head + ".py")):
+                module, dotted = head + ".py", rest
+            elif rest and os.path.exists(os.path.join(ROOT, head, "__init__.py")):  # a package: fp8_teaching.gemm
+                module, dotted = os.path.join(head, "__init__.py"), rest
+            if module is None or not defines(os.path.join(ROOT, module), dotted):
                 missing.append(ref)
     return missing
 
