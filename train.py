@@ -15,15 +15,16 @@ schedule even when it is given a larger --max_iters.
 The run folder (--out_dir, default out/) holds ckpt.pt, log.jsonl (format: see "the log" below) and a lock file: a
 second run on the same folder refuses to start, and so does a fresh run into a folder that holds a run, unless given
 --resume (continue it) or --overwrite (replace it; the old files stay intact until the new run's first checkpoint is
-complete, and an --overwrite run stopped before that saves nothing). Checkpoints (checkpoint.py: written to a temporary file and then renamed, so a crash never leaves half a
-file; every --ckpt_interval steps and at the end) hold the model (MoE bias buffers included), the optimizer, the
-step, every RNG state (the data position is the state of the data generator), the config, the training options, the
-tokenizer name and the sums of the steps not yet logged. A run stopped part way (by Ctrl-C, SIGTERM or kill -9, or
-by a smaller --max_iters with the schedule given explicitly) and continued with `--resume` ends with the weights and
-log records of a straight run, bit for bit, given the same thread count; on resume, options not given on the command
-line come from the checkpoint. Ctrl-C and SIGTERM (what `timeout` and cluster schedulers send) save the last
-finished step and exit with 128 + the signal number (130, 143); a non-finite loss, a full disk or an unwritable
-folder stop with one line and leave the last good checkpoint in place.
+complete, and an --overwrite run stopped before that saves nothing). Checkpoints (checkpoint.py: written to a
+temporary file and then renamed, so a crash never leaves half a file; every --ckpt_interval steps and at the end)
+hold the model (MoE bias buffers included), the optimizer, the step, every RNG state (the data position is the state
+of the data generator), the config, the training options, the tokenizer name and the sums of the steps not yet
+logged. A run stopped part way (by Ctrl-C, SIGTERM or kill -9, or by a smaller --max_iters with the schedule given
+explicitly) and continued with `--resume` ends with the weights and log records of a straight run, bit for bit,
+given the same thread count; on resume, options not given on the command line come from the checkpoint. Ctrl-C and
+SIGTERM (what `timeout` and cluster schedulers send) save the last finished step and exit with 128 + the signal
+number (130, 143); a non-finite loss, a full disk or an unwritable folder stop with one line and leave the last good
+checkpoint in place.
 
 Many processes: `torchrun --nproc_per_node N train.py --ep E ...` runs the same loop on N ranks (parallel.py:
 the experts of each MoE layer split over E ranks, FSDP2 over the N data-parallel ranks, each drawing the same
@@ -223,8 +224,8 @@ def train(run: Run) -> int:
             log.close()
             if run.layout.is_main:
                 os.remove(run.path(run.log_name))
-            print(f"{what} before the first checkpoint of this --overwrite run: nothing saved, {args.out_dir} "
-                  f"keeps the run it held", file=sys.stderr)
+            report(run, f"{what} before the first checkpoint of this --overwrite run: nothing saved, {args.out_dir} "
+                        f"keeps the run it held")
             return 128 + signum
         try:
             save(run, boundary)
