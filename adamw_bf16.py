@@ -1,4 +1,4 @@
-"""AdamW with its moments stored in BF16 (DeepSeek-V3 TR §3.3.3, "Low-Precision Optimizer States").
+"""AdamW with its moments stored in BF16 (DeepSeek-V3 report §3.3.3, "Low-Precision Optimizer States").
 
 The report keeps AdamW's first and second moments in BF16 instead of FP32, "without incurring observable
 performance degradation", while the master weights and the gradients stay in FP32. That halves the optimizer's
