@@ -2,7 +2,7 @@
 
 Field names follow `ModelArgs` of the official inference code (dim, inter_dim, n_routed_experts, ...).
 Every invalid combination raises a ValueError naming the field and the rule, at construction, before any
-tensor is allocated. Training options (learning rate, λ, α, γ, ...) live in train.py, not here.
+tensor is allocated. Training options (learning rate, λ, α, γ, ...) live in train_setup.py, not here.
 """
 from dataclasses import dataclass, fields, asdict, replace
 

@@ -48,7 +48,7 @@ What is here:
   the formula exactly; with other costs the formula is an upper bound on the worst rank's (tests/test_dualpipe.py
   checks both).
 - `torch_dualpipev_order`: torch.distributed.pipelining's ScheduleDualPipeV action lists in these op tuples.
-  Training runs torch's schedule (parallel.py's pipeline stages); tests/test_dualpipe.py checks that its order
+  Training runs torch's schedule (pipeline.py's stages); tests/test_dualpipe.py checks that its order
   is `schedule_dualpipev`'s, op for op, so what this file draws and simulates is what training runs.
 - `run_dualpipe`: an executor on torch.distributed (gloo on CPU works) that runs a DualPipe schedule over real
   stage modules with isend/recv; tested against a sequential model (losses bit-exact, summed mirrored grads
@@ -300,7 +300,7 @@ def formula_bubble(kind: str, pp: int, costs: dict) -> float:
 
 # -- cross-check against torch.distributed.pipelining ---------------------------------------------------------
 def torch_dualpipev_order(n_ranks: int, n_chunks: int) -> list:
-    """torch's ScheduleDualPipeV per-rank action lists (the schedule that parallel.py trains with), in this
+    """torch's ScheduleDualPipeV per-rank action lists (the schedule that pipeline.py trains with), in this
     file's op tuples: stage r → phase 0, stage 2N-1-r → phase 1; F, B (full), I → "BI", W, OVERLAP_F_B → "FB".
 
     The lists come from the schedule object's `pipeline_order`, built by torch's own helper for its schedule

@@ -4,7 +4,7 @@ table of one more step (top ops by GPU time) and the step's idle and host-sync s
     python profile_step.py --preset small [--fp8] [any train.py option]     (CUDA; on a CPU: a check that it runs)
 
 It runs train.py's own step functions (forward_backward, optimizer_step) on the same batches; only the model is
-built directly on the GPU (train.py builds it on the CPU and moves it, which takes long for big presets).
+built directly on the GPU (train_setup.py builds it on the CPU and moves it, which takes long for big presets).
 Idle share = 1 − (time some kernel runs) / (step wall time): time the GPU waits for the host (Python, kernel
 launches, host syncs). Host syncs are the calls that make the CPU wait for the GPU (.item(), .tolist(),
 .cpu(), torch.cuda.synchronize): each one drains the launch queue, so the kernels after it start late.
@@ -16,6 +16,7 @@ import torch
 
 import data
 import train
+import train_setup
 from checkpoint import pick_device
 from model import Transformer, count_params, train_flops_per_token
 
@@ -42,24 +43,24 @@ def main(argv=None) -> int:
     profile = "--no_profile" not in argv
     argv = [a for a in argv if a != "--no_profile"]
     try:
-        args = train.resolve_args(train.build_parser().parse_args(argv))
-        cfg = train.resolve_config(args)
-        train.check_args(args, cfg)
+        args = train_setup.resolve_args(train_setup.build_parser().parse_args(argv))
+        cfg = train_setup.resolve_config(args)
+        train_setup.check_args(args, cfg)
         device = pick_device(args.device)
-        train.check_memory(cfg, args, device)
-        linear = train.linear_class(args.fp8, device)
+        train_setup.check_memory(cfg, args, device)
+        linear = train_setup.linear_class(args.fp8, device)
         corpus = data.load_corpus(args.data, cfg.vocab_size, args.cache_dir, log=print)
     except (ValueError, FileNotFoundError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     torch.manual_seed(args.seed)
     with torch.device(device):
-        model = Transformer(cfg, linear, train.expert_kernels(args.fp8))
-    train.set_act_cache(model, args.fp8_act_cache)
-    opt = train.make_optimizer(model, args, device)
+        model = Transformer(cfg, linear, train_setup.expert_kernels(args.fp8))
+    train_setup.set_act_cache(model, args.fp8_act_cache)
+    opt = train_setup.make_optimizer(model, args, device)
     fwd = torch.compile(model) if args.compile else model
-    run = train.Run(args, cfg, device, corpus, model, fwd, opt, torch.Generator().manual_seed(args.seed), 0,
-                    ckpt_path="", resumed=False)  # train.py's run state, without an out_dir (bench-like)
+    run = train_setup.Run(args, cfg, device, corpus, model, fwd, opt, torch.Generator().manual_seed(args.seed), 0,
+                    ckpt_path="", resumed=False)  # the run state, without an out_dir (bench-like)
     tokens = run.tokens_per_step
     flops_tok = train_flops_per_token(cfg, args.block_size, with_mtp=cfg.n_mtp > 0)
     peak = train.peak_flops(device)

@@ -172,8 +172,8 @@ def test_swiglu_down_recomputes_and_caches_its_inputs(dtype):
 
 def test_moe_experts_cache_follows_act_cache():
     """In an FP8 MoE the routed experts run the fused SwiGLU: under bf16 autocast with the default cache, the same
-    bits as the unfused composition; train.set_act_cache reaches their cache too ("report": E4M3)."""
-    import train
+    bits as the unfused composition; train_setup.set_act_cache reaches their cache too ("report": E4M3)."""
+    import train_setup
     from config import ModelConfig
     from moe import MoE
     cfg = ModelConfig(dim=128, moe_inter_dim=128, n_routed_experts=4, n_activated_experts=2, n_expert_groups=1,
@@ -194,7 +194,7 @@ def test_moe_experts_cache_follows_act_cache():
     m8, m32 = MoE(cfg, fp8.FP8Linear, fp8_experts.FP8Experts), MoE(cfg)
     m32.load_state_dict(m8.state_dict())
     assert m8.experts.swiglu_down is fp8_experts.fp8_swiglu_down and m32.experts.swiglu_down is None
-    train.set_act_cache(m8, "report")
+    train_setup.set_act_cache(m8, "report")
     assert m8.experts.act_cache == "fp8"
     y8, y32 = m8(x), m32(x)
     g = torch.randn_like(y8)

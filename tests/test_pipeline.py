@@ -1,4 +1,4 @@
-"""Pipeline parallelism (parallel.py's pipeline stages) against one process, on CPU with gloo.
+"""Pipeline parallelism (pipeline.py) against one process, on CPU with gloo.
 
 pp = 2 with torch's Schedule1F1B (2 stages) and ScheduleDualPipeV (4 stages in a V), pp = 4 with 1F1B (middle
 ranks, the embedding tied between ranks 0 and 3 for MTP), and pp 2 × dp 2 with FSDP2 (and ep 2): the summed
@@ -12,10 +12,11 @@ import pytest
 import torch
 
 import parallel
+import pipeline
 from dist_utils import run_workers
 from model import ModelConfig, Transformer
-from parallel import (InjectLoss, StageModule, build_pipeline, check_pipeline, embedding_tie_group, pipeline_metrics, pipeline_step,
-                      stage_indices, stage_layers, sync_embedding_grads)
+from pipeline import (InjectLoss, StageModule, build_pipeline, check_pipeline, embedding_tie_group, pipeline_metrics,
+                      pipeline_step, stage_indices, stage_layers, sync_embedding_grads)
 
 LAM, ALPHA = 0.3, 0.05  # a large α so that a missing or mis-scaled balance gradient shows
 B, T = 4, 8
@@ -69,7 +70,7 @@ def _worker(rank, world, kind, n_micro, cfg):
     early = sum(p["balance"] for m in mods if not m.is_last for p in m.logged)  # L_Bal outside the last stage
     for m in mods:  # evaluation: forward only
         m.eval()
-    parallel.pipeline_forward(mods, kind, lay, x, y, n_micro)
+    pipeline.pipeline_forward(mods, kind, lay, x, y, n_micro)
     return {"losses": [l.detach() for l in losses], "grads": grads, "loads": loads, "early": early,
             "metrics": metrics, "eval": pipeline_metrics(mods, lay),
             "stages": [m.index for m in mods], "embed_on": [m.index for m in mods if m.embed is not None]}
@@ -115,7 +116,7 @@ def _pp_dp_worker(rank, world, kind, n_micro, cfg, ep):
     tie = embedding_tie_group(lay)
     mods, sched = build_pipeline(model, kind, lay.pp_rank, lay.pp, n_micro, (B // n_micro, T),
                                  group=lay.group("pp"), lam=LAM, alpha=ALPHA)
-    parallel.parallelize_stages(mods, lay)
+    pipeline.parallelize_stages(mods, lay)
     pipeline_step(sched, mods, x, y)
     sync_embedding_grads(mods, kind, lay, tie)
     return {n: parallel.gather_full(p.grad) for m in mods for n, p in m.named_parameters()}

@@ -12,6 +12,8 @@ import torch
 
 import data
 import train
+import train_setup
+from adamw_bf16 import AdamWBF16
 from config import get_preset
 from model import Transformer, count_params, matmul_params
 
@@ -177,9 +179,9 @@ def test_matmul_params_match_the_model(preset):
 def test_optimizer_decays_matrices_only(bf16_moments):
     cfg = get_preset("tiny", dim=32, inter_dim=64, vocab_size=512)
     model = Transformer(cfg)
-    opt = train.make_optimizer(model, argparse.Namespace(weight_decay=0.1, lr=1e-3, beta1=0.9, beta2=0.95,
+    opt = train_setup.make_optimizer(model, argparse.Namespace(weight_decay=0.1, lr=1e-3, beta1=0.9, beta2=0.95,
                                                          bf16_moments=bf16_moments), torch.device("cpu"))
-    assert isinstance(opt, train.AdamWBF16 if bf16_moments else torch.optim.AdamW)
+    assert isinstance(opt, AdamWBF16 if bf16_moments else torch.optim.AdamW)
     decay, no_decay = ({id(p) for p in g["params"]} for g in opt.param_groups)
     for name, p in model.named_parameters():
         assert (id(p) in decay) == (p.ndim >= 2) and (id(p) in no_decay) == (p.ndim < 2), name
@@ -231,12 +233,12 @@ def test_fp8_act_cache_modes():
     cfg = get_preset("tiny", dim=128, inter_dim=256, moe_inter_dim=128, q_lora_rank=128, kv_lora_rank=128,
                      n_heads=2, qk_nope_head_dim=64, qk_rope_head_dim=64, v_head_dim=64, vocab_size=512)
     model = Transformer(cfg, fp8.FP8Linear)
-    train.set_act_cache(model, "report")
+    train_setup.set_act_cache(model, "report")
     modes = {n: m.act_cache for n, m in model.named_modules() if isinstance(m, fp8.FP8Linear)}
     wo = {n for n in modes if n.endswith("attn.wo")}
     assert wo and len(wo) == cfg.n_layers + cfg.n_mtp                   # every block's W^O, the MTP blocks' too
     assert all(modes[n] == ("e5m6" if n in wo else "fp8") for n in modes) and len(modes) > len(wo)
-    train.set_act_cache(model, "bf16")
+    train_setup.set_act_cache(model, "bf16")
     assert {m.act_cache for m in model.modules() if isinstance(m, fp8.FP8Linear)} == {"bf16"}
 
 
@@ -249,7 +251,7 @@ def test_help_fits_a_terminal(monkeypatch, capsys):
     assert max(len(line) for line in out.splitlines()) <= 100
     flat = " ".join(out.split())
     assert "--preset small changes these: max_iters=5000," in flat and "(default: max_iters // 10)" in flat
-    assert all(f"--{k}" in flat for k in train.TRAIN_DEFAULTS)
+    assert all(f"--{k}" in flat for k in train_setup.TRAIN_DEFAULTS)
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -508,14 +510,14 @@ def test_a_model_that_cannot_fit_is_refused_before_allocating(tmp_path, corpus_a
     need = (n["total"] + n["mtp"]) * 16 / 1e9
     assert err.startswith(f"error: the model (v3-671b preset) has {(n['total'] + n['mtp']) / 1e9:.2f}B parameters")
     assert f"need {need:,.1f} GB (16 bytes each)" in err and err.count("\n") == 1 and not out.exists()
-    monkeypatch.setattr(train, "free_memory", lambda device: 100_000)  # 100 kB free: even the test model is refused
+    monkeypatch.setattr(train_setup, "free_memory", lambda device: 100_000)  # 100 kB: even the test model is refused
     assert run(tmp_path / "small", corpus_args, "--bf16_moments", "--max_iters", "1") == 2
     assert "(12 bytes each)" in capsys.readouterr().err
 
 
 def test_lr_schedule_follows_max_iters_unless_given(tmp_path, corpus_args):
     def resolved(*argv):
-        a = train.resolve_args(train.build_parser().parse_args(list(argv)))
+        a = train_setup.resolve_args(train_setup.build_parser().parse_args(list(argv)))
         return a.warmup_iters, a.lr_decay_iters
     assert resolved() == (100, 1000)  # the default run: warmup 100, cosine to step 1000
     assert resolved("--max_iters", "30") == (3, 30)
