@@ -74,7 +74,7 @@ def test_resume_is_bit_identical(tmp_path, corpus_args, straight):
 
 
 def test_bf16_moments_train_and_resume_exactly(tmp_path, corpus_args, straight):
-    """--bf16_moments: AdamW's moments in bf16 (TR §3.3.3), saved as bf16, resumed bit-identically; the weights
+    """--bf16_moments: AdamW's moments in bf16 (report §3.3.3), saved as bf16, resumed bit-identically; the weights
     end near the fp32-moment run's but not equal to them."""
     a, b = tmp_path / "a", tmp_path / "b"
     assert run(a, corpus_args, "--bf16_moments", "--max_iters", "12", "--eval_interval", "12") == 0
