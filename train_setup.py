@@ -80,7 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bench", action="store_true", default=None, help="time a short run: tokens/s and MFU, no ckpt")
     t = p.add_argument_group("many processes (start with torchrun --nproc_per_node N train.py ...; README)")
     t.add_argument("--ep", type=int, help="expert parallelism: the routed experts split over ep ranks; data "
-                                          "parallelism over dp = N / (ep·pp) ranks is implied (default: 1)")
+                                          "parallelism over dp = N / pp ranks is implied, each expert slice "
+                                          "held by N / (ep·pp) of them (default: 1)")
     t.add_argument("--pp", type=int, help="pipeline parallelism: ranks a micro-batch flows through (default: 1)")
     t.add_argument("--pp_schedule", choices=("1f1b", "dualpipev"),
                    help="with --pp: 1f1b (pp stages) or dualpipev (2·pp stages in a V, embedding and head on rank 0; "
