@@ -491,6 +491,29 @@ def test_sigterm_under_torchrun_saves_and_stops_every_rank(tmp_path, corpus_args
     assert ckpt["step"] == 3 and len(experts) == 2 and all(v.shape[0] == 4 for v in experts)  # layer 1 and MTP
 
 
+def _signal_during_save_at_step_2(rank, train):
+    """Only rank 1 gets SIGTERM, while it writes the checkpoint of step 2: it must not leave the loop alone (the
+    others go on to step 3), but stop with them after the next step."""
+    import signal
+    save = train.save_distributed
+
+    def patched(path, model, opt, meta):
+        save(path, model, opt, meta)
+        if rank == 1 and meta["step"] == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+    train.save_distributed = patched
+
+
+def test_sigterm_during_a_save_stops_every_rank_together(tmp_path, corpus_args):
+    out_dir = str(tmp_path / "run")
+    argv = [*corpus_args, *MODEL, *RUN, "--batch_size", "2", "--ep", "2", "--max_iters", "50",
+            "--ckpt_interval", "2", "--dist_timeout", "60", "--out_dir", out_dir]
+    out = run_workers(_train_worker, 2, argv, _signal_during_save_at_step_2, init=False, timeout_s=200)
+    assert [code for code, _ in out] == [143, 143], out
+    assert "stopped by SIGTERM: saved step 3" in out[0][1] and out[1][1] == ""
+    assert checkpoint.load_checkpoint(os.path.join(out_dir, "ckpt.pt"), "test")["step"] == 3
+
+
 def _die_at_step_2(rank, train):
     import signal
     step = train.optimizer_step
