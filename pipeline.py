@@ -11,7 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from layers import at_least_fp32
-from moe import MoE
+from moe import MoE, update_biases
 from mtp import mtp_hidden, mtp_loss, mtp_accuracy
 from parallel import Layout, clip_grad_norm, shard_experts
 
@@ -328,8 +328,9 @@ class Pipeline(nn.Module):
 
     @torch.no_grad()
     def update_moe_bias(self, gamma: float, group=None):
-        for m in self.moe_layers():
-            m.update_bias(gamma, group)
+        """The aux-loss-free bias update of this rank's MoE layers, their loads summed over `group` (the dp
+        ranks of this stage, which hold the same layers) in one all-reduce."""
+        update_biases(self.moe_layers(), gamma, group)
 
     def _parts(self) -> dict:
         return {k: torch.tensor(v) for k, v in pipeline_metrics(self._stages, self.layout).items()}

@@ -137,6 +137,22 @@ def test_pipeline_with_fsdp_equals_one_process(kind, ep):
 
 
 # -- single-process pieces ----------------------------------------------------------------------------------
+def test_pipeline_bias_update_is_one_all_reduce_over_its_group(monkeypatch):
+    """Every MoE layer a rank holds is updated from ONE all-reduce of all their loads, over the group given (the
+    dp ranks of the stage; under pp the world mixes stages with other layers)."""
+    moes = make_model(tiny_cfg()).moe_layers()  # 3 MoE blocks and the MTP block's
+    for m in moes:
+        m.load += torch.tensor([5, 1, 1, 1])
+    calls = []
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "all_reduce", lambda t, group=None: calls.append((tuple(t.shape), group)))
+    stub = type("Stub", (), {"moe_layers": lambda self: moes})()
+    pipeline.Pipeline.update_moe_bias(stub, 0.01, "dp group")
+    assert calls == [((len(moes), 4), "dp group")]
+    for m in moes:  # expert 0 had the most tokens: its bias goes down, the others' up; the loads start afresh
+        assert m.gate.bias.tolist() == [-0.01, 0.01, 0.01, 0.01] and int(m.load.sum()) == 0
+
+
 def test_stage_layout():
     assert [stage_layers(8, 4, i) for i in range(4)] == [range(0, 2), range(2, 4), range(4, 6), range(6, 8)]
     assert stage_indices("1f1b", 4, 1) == [1] and stage_indices("dualpipev", 4, 1) == [1, 6]
