@@ -99,7 +99,7 @@ def train(run: Run) -> int:
     boundary, ev, start = run.snapshot(), None, run.step
     try:
         with loop_signals(run):
-            if run.resumed and run.is_eval_step() and not logged_eval(run):  # stopped between the step and its eval
+            if run.resumed and run.is_eval_step() and missed_eval(run):  # stopped between the step and its eval
                 ev = evaluate_and_log(run, log)
             if run.step >= args.max_iters:
                 print(f"checkpoint is at step {run.step} >= --max_iters {args.max_iters}: nothing to do")
@@ -267,6 +267,12 @@ def truncate_log(path: str, step: int) -> None:
     with open(tmp, "w") as f:
         f.writelines(keep)
     os.replace(tmp, path)
+
+
+def missed_eval(run: Run) -> bool:
+    """Whether the log lacks the evaluation at run.step. Rank 0 reads the log (which it alone writes, and has
+    just cut back) and tells the others: every rank must take the same branch, evaluation being collective."""
+    return parallel.any_rank(run.layout.is_main and not logged_eval(run), run.layout)
 
 
 def logged_eval(run: Run) -> bool:

@@ -1,6 +1,7 @@
 """parallel.py and moe.dispatch_ep on CPU with gloo: every distributed result equals the single process.
 
 Workers are forked from the pytest process (tests/dist_utils.py), tiny fp64 models, a few steps."""
+import json
 import os
 
 import pytest
@@ -554,3 +555,26 @@ def test_resume_under_torchrun_at_another_world_size(tmp_path, corpus_args):
         else:
             torch.testing.assert_close(b["model"][name], a["model"][name], rtol=1e-4, atol=1e-6)
     assert [r["step"] for r in _log(split)] == [r["step"] for r in _log(straight)]
+
+
+def _log_seen_otherwise_on_rank_1(rank, train):
+    """Rank 1 reads another log than rank 0 (a folder not shared alike, a line half written while it read)."""
+    if rank == 1:
+        train.logged_eval = lambda run: True
+
+
+def test_resume_between_a_step_and_its_eval_decided_by_rank_0(tmp_path, corpus_args):
+    """A run stopped after its step-2 checkpoint, before the step-2 evaluation reached the log: on --resume every
+    rank evaluates first, as rank 0 (which writes the log) decides, whatever the others read."""
+    out_dir = str(tmp_path / "run")
+    common = [*corpus_args, *MODEL, *RUN, "--batch_size", "2", "--ep", "2", "--eval_interval", "2",
+              "--dist_timeout", "60", "--out_dir", out_dir]
+    assert run_workers(_train_worker, 2, [*common, "--max_iters", "2"], init=False) == [(0, ""), (0, "")]
+    log = _log(out_dir)
+    with open(os.path.join(out_dir, "log.jsonl"), "w") as f:  # the evaluation of step 2 never made it
+        f.writelines(json.dumps(r) + "\n" for r in log if "val_main" not in r)
+    out = run_workers(_train_worker, 2, [*common, "--max_iters", "3", "--resume"], _log_seen_otherwise_on_rank_1,
+                      init=False, timeout_s=200)
+    assert out == [(0, ""), (0, "")]
+    assert [(r["step"], "val_main" in r) for r in _log(out_dir)] == [(1, False), (2, False), (2, True), (3, False),
+                                                                     (3, True)]
