@@ -228,6 +228,17 @@ def sum_over_dp(tensors: list, layout: Layout) -> list:
     return list(t.cpu())
 
 
+def sum_over_pp(values: dict, layout: Layout) -> dict:
+    """{name: number or 0-d tensor} summed over the ranks of this rank's pipeline (one all-reduce); unchanged
+    without pipeline stages."""
+    if not (layout.distributed and layout.pp > 1):
+        return values
+    names = list(values)
+    t = torch.stack([torch.as_tensor(values[k], dtype=torch.float64).to(layout.device) for k in names])
+    dist.all_reduce(t, group=layout.group("pp"))
+    return dict(zip(names, t))
+
+
 def max_over_pp(value: float, layout: Layout) -> float:
     """The largest value over the ranks of this rank's pipeline (each stage reports on its own layers)."""
     if not (layout.distributed and layout.pp > 1):

@@ -388,16 +388,18 @@ def evaluate(run: Run) -> dict:
         moes = run.model.moe_layers()
         layer_counts = [m.last_counts.cpu() for m in moes]
         counts = layer_counts if counts is None else [a + b for a, b in zip(counts, layer_counts)]
-        if layout.ep > 1 and moes:
-            ranks += sum(float(m.last_ranks_per_token) for m in moes) / len(moes) / args.eval_iters
+        if layout.ep > 1:  # summed over this rank's MoE layers; the mean over the model's layers comes below
+            ranks += sum(float(m.last_ranks_per_token) for m in moes) / args.eval_iters
     run.model.train()
     if layout.distributed:  # every dp rank evaluated its slice of the same batches
         sums = {k: v.item() for k, v in parallel.mean_over_dp(sums, layout).items()}
         counts = parallel.sum_over_dp(counts, layout) if counts else counts
     sums["max_violation"] = max((max_violation(c) for c in counts), default=0.0) if counts else 0.0
     sums["max_violation"] = parallel.max_over_pp(sums["max_violation"], layout)  # each stage: its own layers
-    if layout.ep > 1:  # node-limited routing: how many ep ranks a token's experts live on, on average
-        sums["ranks_per_token"] = parallel.mean_over_dp({"r": ranks}, layout)["r"].item()
+    if layout.ep > 1:  # node-limited routing: how many ep ranks a token's experts live on, on average over the
+        # tokens (dp ranks) and the MoE layers (each pipeline stage holds its own)
+        r = parallel.sum_over_pp(parallel.mean_over_dp({"sum": ranks, "layers": len(moes)}, layout), layout)
+        sums["ranks_per_token"] = (r["sum"] / max(float(r["layers"]), 1.0)).item()
     return sums
 
 

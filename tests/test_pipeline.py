@@ -203,18 +203,19 @@ from test_parallel import MODEL, RUN, _log, _train_worker, corpus_args  # noqa: 
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind,n_layers,micro,dp", [("1f1b", 2, 2, 1), ("dualpipev", 4, 4, 1), ("1f1b", 2, 2, 2),
-                                                  ("dualpipev", 4, 4, 2)])
-def test_train_with_pp_equals_one_process(tmp_path, corpus_args, kind, n_layers, micro, dp):
-    """train.py --pp 2 on 2·dp ranks == one process with --grad_accum M on the same micro-batches: weights,
-    gate biases and log after 3 steps; the distributed checkpoint loads in one process under the model's names."""
+@pytest.mark.parametrize("kind,n_layers,micro,dp,ep", [("1f1b", 2, 2, 1, 1), ("dualpipev", 4, 4, 1, 1),
+                                                     ("1f1b", 2, 2, 2, 2), ("dualpipev", 4, 4, 2, 1)])
+def test_train_with_pp_equals_one_process(tmp_path, corpus_args, kind, n_layers, micro, dp, ep):
+    """train.py --pp 2 on 2·dp ranks (experts over ep) == one process with --grad_accum M on the same
+    micro-batches: weights, gate biases and log after 3 steps; the distributed checkpoint loads in one process
+    under the model's names."""
     import checkpoint
     import train
     common = [*corpus_args, *MODEL, *RUN, "--n_layers", str(n_layers), "--max_iters", "3", "--eval_interval", "3"]
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
     assert train.main([*common, "--batch_size", str(2 * dp), "--grad_accum", str(micro), "--out_dir", one]) == 0
     out = run_workers(_train_worker, 2 * dp, [*common, "--batch_size", "2", "--pp", "2", "--pp_schedule", kind,
-                                              "--microbatches", str(micro), "--out_dir", two],
+                                              "--microbatches", str(micro), "--ep", str(ep), "--out_dir", two],
                       init=False, timeout_s=300)
     assert all(code == 0 for code, _ in out) and all(err == "" for _, err in out[1:])
     a = checkpoint.load_checkpoint(os.path.join(one, "ckpt.pt"), "test")
@@ -231,6 +232,8 @@ def test_train_with_pp_equals_one_process(tmp_path, corpus_args, kind, n_layers,
         for k in ("loss", "main", "mtp", "balance", "grad_norm", "val_main", "val_mtp", "max_violation"):
             if k in r1:
                 assert r2[k] == pytest.approx(r1[k], rel=1e-4), (k, r1, r2)
+    if ep > 1:  # the MoE layers all sit on the last stage; 2 expert groups on 2 ranks, a token may use 1 group
+        assert log_two[-1]["ranks_per_token"] == 1.0
     if dp == 1 and kind == "dualpipev":  # resumed in the pipeline, one more step: still the one-process run
         assert train.main([*common, "--batch_size", "2", "--grad_accum", str(micro), "--out_dir", one, "--resume",
                            "--max_iters", "4"]) == 0
