@@ -451,8 +451,9 @@ def main(argv=None) -> int:
     except parallel.PeerFailed:  # rank 0 has said why
         parallel.teardown()
         return 2
-    except KeyboardInterrupt:  # during setup there is nothing to save yet
-        print("interrupted before training started", file=sys.stderr)
+    except KeyboardInterrupt:  # during setup there is nothing to save yet (torchrun signals every rank: say it once)
+        if rank0:
+            print("interrupted before training started", file=sys.stderr)
         parallel.teardown()
         return 130
     try:

@@ -468,6 +468,19 @@ def test_ep_without_torchrun_is_refused(tmp_path, corpus_args, capsys, monkeypat
     assert err.count("\n") == 1 and "torchrun" in err
 
 
+@pytest.mark.parametrize("rank,said", [("0", "interrupted before training started\n"), ("1", "")])
+def test_ctrl_c_during_setup_is_told_by_rank_0_only(capsys, monkeypatch, rank, said):
+    """torchrun hands Ctrl-C to every rank; during setup (nothing to save) each exits 130 and rank 0 says why."""
+    import train
+
+    def interrupted(ns):
+        raise KeyboardInterrupt
+    monkeypatch.setenv("RANK", rank)
+    monkeypatch.setattr(train, "setup", interrupted)
+    assert train.main([]) == 130
+    assert capsys.readouterr().err == said
+
+
 def _signal_at_step_2(rank, train):
     """Only rank 1 gets SIGTERM, during its third optimizer step: all ranks must stop together after it."""
     import signal
