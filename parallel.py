@@ -356,27 +356,39 @@ def _mesh_of(t):
     return getattr(t, "device_mesh", None)  # a DTensor's mesh; None for a plain tensor
 
 
+def _sharding(t) -> tuple:
+    """(mesh, the mesh dimensions t is sharded over) of a DTensor; (None, ()) for a plain tensor."""
+    mesh = _mesh_of(t)
+    if mesh is None:
+        return None, ()
+    return mesh, tuple(i for i, pl in enumerate(t.placements) if not pl.is_replicate())  # FSDP2 over ep: strided
+
+
 @torch.no_grad()
 def clip_grad_norm(params, max_norm: float, layout: Layout = None) -> torch.Tensor:
     """Clip the global gradient norm when gradients live on different meshes (dense dp, sparse efsdp × ep).
 
-    torch's clip_grad_norm_ cannot mix meshes in one norm: compute ‖g‖ per mesh (a full norm over the ranks of
-    that mesh), combine √(Σ ‖g‖²), and with pipeline stages add the other stages' parts; then scale every
-    gradient by min(1, max_norm / ‖g‖). Returns ‖g‖ before clipping (a plain tensor, the same on all ranks)."""
-    by_mesh = {}
+    torch's clip_grad_norm_ cannot mix meshes in one norm. Here, for each group of gradients sharded alike:
+    ‖g‖² of this rank's shards, summed over the ranks of every mesh dimension they are sharded over (one
+    all-reduce a dimension; replicated dimensions hold copies and are not summed); then √(Σ ‖g‖²) over the groups,
+    and with pipeline stages over the stages too; then every gradient is scaled by min(1, max_norm / ‖g‖).
+    Returns ‖g‖ before clipping (a plain tensor, the same on all ranks)."""
+    by_sharding = {}
     for p in params:
         if p.grad is not None:
-            by_mesh.setdefault(_mesh_of(p.grad), []).append(p)
+            by_sharding.setdefault(_sharding(p.grad), []).append(p)
     squares = []
-    for mesh, ps in by_mesh.items():
-        norm = torch.nn.utils.get_total_norm([p.grad for p in ps])
-        norm = norm.full_tensor() if mesh is not None else norm  # sum of the shards' squares over the mesh
-        squares.append(norm.double() ** 2)
+    for (mesh, dims), ps in by_sharding.items():
+        local = [p.grad.to_local() if mesh is not None else p.grad for p in ps]
+        sq = torch.nn.utils.get_total_norm(local).double() ** 2
+        for d in dims:  # the shards' squares summed over the ranks that hold the other shards
+            dist.all_reduce(sq, group=mesh.get_group(d))
+        squares.append(sq)
     total = torch.stack(squares).sum() if squares else torch.zeros((), dtype=torch.float64)
     if layout is not None and layout.distributed and layout.pp > 1:
         dist.all_reduce(total, group=layout.group("pp"))  # every stage holds different parameters
     total = total.sqrt()
-    for ps in by_mesh.values():
+    for ps in by_sharding.values():
         torch.nn.utils.clip_grads_with_norm_(ps, max_norm, total.to(ps[0].grad.dtype))
     return total
 
