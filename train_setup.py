@@ -21,8 +21,8 @@ import data
 import parallel
 import pipeline
 from adamw_bf16 import AdamWBF16
-from checkpoint import (dcp_path, load_checkpoint, load_distributed, load_optimizer_state, lock_out_dir, read_meta,
-                        rng_state, set_rng_state)
+from checkpoint import (dcp_path, load_checkpoint, load_distributed, load_optimizer_state, lock_out_dir,
+                        newest_checkpoint, read_meta, rng_state, set_rng_state)
 from config import ModelConfig, PRESETS, get_preset, config_to_dict, config_from_dict
 from model import Transformer, count_params
 
@@ -341,6 +341,10 @@ def resume_meta(path: str) -> dict:
         hint = f" ({single} is a one-process run: continue it with python train.py --resume)" \
             if os.path.exists(single) else ""
         raise FileNotFoundError(f"--resume: no distributed checkpoint at {path}{hint}")
+    single = os.path.join(os.path.dirname(path), "ckpt.pt")
+    if newest_checkpoint(single) == single:  # a one-process --resume went on from the folder: do not go back
+        raise ValueError(f"--resume: {single} is newer than {path} (a one-process run continued it): continue "
+                         f"with python train.py --resume, or move {single} aside to resume the older {path}")
     try:
         meta = read_meta(path)
     except Exception as e:

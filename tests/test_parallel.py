@@ -482,6 +482,23 @@ def test_ep_without_torchrun_is_refused(tmp_path, corpus_args, capsys, monkeypat
     assert err.count("\n") == 1 and "torchrun" in err
 
 
+def test_torchrun_resume_refuses_to_go_back_behind_a_newer_one_process_checkpoint(tmp_path):
+    """out/ckpt.dcp (a distributed run), then out/ckpt.pt (python train.py --resume went on from it): --resume
+    under torchrun must not silently restart from the older folder."""
+    import time
+    from train_setup import resume_meta
+    folder = tmp_path / "ckpt.dcp"
+    folder.mkdir()
+    torch.save({"step": 4}, folder / checkpoint.DCP_META)
+    time.sleep(0.01)
+    torch.save({"step": 6}, tmp_path / "ckpt.pt")
+    with pytest.raises(ValueError, match="ckpt.pt is newer than .*python train.py --resume"):
+        resume_meta(str(folder))
+    os.utime(tmp_path / "ckpt.pt", (0, 0))  # the folder is the newer one: read it
+    with pytest.raises(ValueError, match="is not a train.py checkpoint"):  # (this meta holds a step only)
+        resume_meta(str(folder))
+
+
 @pytest.mark.parametrize("rank,said", [("0", "interrupted before training started\n"), ("1", "")])
 def test_ctrl_c_during_setup_is_told_by_rank_0_only(capsys, monkeypatch, rank, said):
     """torchrun hands Ctrl-C to every rank; during setup (nothing to save) each exits 130 and rank 0 says why."""
