@@ -2,6 +2,8 @@
 
 Workers are forked from the pytest process (tests/dist_utils.py), tiny fp64 models, a few steps."""
 import os
+import signal
+from functools import partial
 
 import pytest
 import torch
@@ -415,23 +417,24 @@ def test_ep_without_torchrun_is_refused(tmp_path, corpus_args, capsys, monkeypat
     assert err.count("\n") == 1 and "torchrun" in err
 
 
-def _signal_at_step_2(rank, train):
-    """Only rank 1 gets SIGTERM, during its third optimizer step: all ranks must stop together after it."""
-    import signal
+def _signal_rank_1_at_step_2(sig, rank, train):
+    """Rank 1 gets signal `sig` during its third optimizer step; the other ranks run on."""
     step = train.optimizer_step
 
     def patched(run):
         step(run)
         if rank == 1 and run.step == 2:
-            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), sig)
     train.optimizer_step = patched
 
 
 def test_sigterm_under_torchrun_saves_and_stops_every_rank(tmp_path, corpus_args):
+    """Only rank 1 gets SIGTERM: all ranks must stop together after that step, with one checkpoint."""
     out_dir = str(tmp_path / "run")
     argv = [*corpus_args, *TINY_ARGS, *DIST_RUN, "--batch_size", "2", "--ep", "2", "--max_iters", "50",
             "--out_dir", out_dir]
-    out = run_workers(train_worker, 2, argv, _signal_at_step_2, init=False, timeout_s=300)
+    out = run_workers(train_worker, 2, argv, partial(_signal_rank_1_at_step_2, signal.SIGTERM), init=False,
+                      timeout_s=300)
     assert [code for code, _ in out] == [143, 143]
     assert "stopped by SIGTERM: saved step 3" in out[0][1] and out[1][1] == ""
     ckpt = checkpoint.load_checkpoint(os.path.join(out_dir, "ckpt.pt"), "test")
@@ -439,21 +442,11 @@ def test_sigterm_under_torchrun_saves_and_stops_every_rank(tmp_path, corpus_args
     assert ckpt["step"] == 3 and len(experts) == 2 and all(v.shape[0] == 4 for v in experts)  # layer 1 and MTP
 
 
-def _die_at_step_2(rank, train):
-    import signal
-    step = train.optimizer_step
-
-    def patched(run):
-        step(run)
-        if rank == 1 and run.step == 2:
-            os.kill(os.getpid(), signal.SIGKILL)
-    train.optimizer_step = patched
-
-
 def test_dead_rank_ends_the_training_job(tmp_path, corpus_args):
     argv = [*corpus_args, *TINY_ARGS, *DIST_RUN, "--batch_size", "2", "--ep", "2", "--max_iters", "50",
             "--dist_timeout", "20", "--out_dir", str(tmp_path / "run")]
-    out = run_workers(train_worker, 2, argv, _die_at_step_2, init=False, check=False, timeout_s=120)
+    out = run_workers(train_worker, 2, argv, partial(_signal_rank_1_at_step_2, signal.SIGKILL), init=False,
+                      check=False, timeout_s=120)
     assert out[1][0] == -9 and out[0][0] == 1  # the survivor raised (its traceback is its error report)
     assert "RuntimeError" in out[0][1]
 
