@@ -58,8 +58,11 @@ constexpr int SCALES_BYTES = 128 * 4;        // one K block's 128 row scales (of
 constexpr int GROUP_N = 8;                   // tile order: bands of 8 N tiles, M inner
 
 enum class GemmType { kDense, kMGrouped, kKGrouped };
-enum class Kernel { kFprop, kFpropPlain, kExperts, kWgrad, kExpertsWgrad };
+enum class Kernel { kFprop, kFpropPlain, kExperts, kWgrad, kExpertsWgrad };  // the kernels of the header
 
+// What each kernel is made of, fixed at compile time: how tiles map onto the operands, whether A's scales ride in
+// the pipeline stages (M-major) or are read from global memory, whether B has one scale per row (1D1D) or per
+// 128x128 block, whether the output leaves by TMA store, and the output type.
 template <Kernel K>
 struct Traits {
   static constexpr GemmType type = K == Kernel::kExperts        ? GemmType::kMGrouped

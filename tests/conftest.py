@@ -15,3 +15,10 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="module")
+def corpus_args(tmp_path_factory):
+    """train.py's --data and --cache_dir for a small generated corpus, one per test module."""
+    from helpers import write_corpus
+    return write_corpus(tmp_path_factory.mktemp("corpus"))

@@ -5,17 +5,13 @@ import pytest
 import torch
 
 import generate as G
-from model import ModelConfig, Transformer
+from helpers import tiny_config
+from model import Transformer
 
 
 def tiny_model(seed=0, dtype=torch.float64, device="cpu", **kw):
     torch.manual_seed(seed)
-    base = dict(vocab_size=61, dim=32, n_layers=2, n_dense_layers=1, inter_dim=48, n_heads=2, q_lora_rank=16,
-                kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8, max_seq_len=48,
-                moe_inter_dim=16, n_routed_experts=4, n_shared_experts=1, n_activated_experts=2,
-                n_expert_groups=2, n_limited_groups=1, n_mtp=1, init_std=0.3)
-    base.update(kw)
-    model = Transformer(ModelConfig(**base)).to(device)
+    model = Transformer(tiny_config(dict(vocab_size=61, max_seq_len=48, init_std=0.3), **kw)).to(device)
     # .double() / .bfloat16() / .float() cast the floating tensors only; .to(dtype) would also turn the complex
     # RoPE table real
     return {torch.float64: model.double, torch.bfloat16: model.bfloat16, torch.float32: model.float}[dtype]().eval()

@@ -7,19 +7,15 @@ import pytest
 import torch
 
 import generate as G
-from model import ModelConfig, Transformer
+from helpers import tiny_config
+from model import Transformer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def tiny_model(seed=0, **kw):
     torch.manual_seed(seed)
-    base = dict(vocab_size=61, dim=32, n_layers=2, n_dense_layers=1, inter_dim=48, n_heads=2, q_lora_rank=16,
-                kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8, max_seq_len=40,
-                moe_inter_dim=16, n_routed_experts=4, n_shared_experts=1, n_activated_experts=2,
-                n_expert_groups=2, n_limited_groups=1, n_mtp=1, init_std=0.3)
-    base.update(kw)
-    return Transformer(ModelConfig(**base)).double().eval()
+    return Transformer(tiny_config(dict(vocab_size=61, max_seq_len=40, init_std=0.3), **kw)).double().eval()
 
 
 def greedy_uncached(model, prompt, n):

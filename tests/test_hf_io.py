@@ -14,7 +14,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import hf_io
-from config import ModelConfig
+from helpers import tiny_config
 from hf_io import load_hf_checkpoint, save_hf_checkpoint
 from model import Transformer
 from mtp import mtp_hidden
@@ -22,11 +22,9 @@ from mtp import mtp_hidden
 
 def tiny_cfg(**kw):
     """3 blocks (1 dense, 2 MoE), 8 experts in 4 groups, q-lora, YaRN on (64 > 16), one MTP module."""
-    base = dict(vocab_size=96, dim=32, n_layers=3, n_dense_layers=1, inter_dim=48, n_heads=2, q_lora_rank=16,
-                kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, max_seq_len=64,
-                original_seq_len=16, rope_factor=4.0, moe_inter_dim=16, n_routed_experts=8, n_shared_experts=1,
-                n_activated_experts=2, n_expert_groups=4, n_limited_groups=2, route_scale=2.5, n_mtp=1)
-    return ModelConfig(**{**base, **kw})
+    return tiny_config(dict(vocab_size=96, n_layers=3, qk_rope_head_dim=8, max_seq_len=64, original_seq_len=16,
+                            rope_factor=4.0, n_routed_experts=8, n_expert_groups=4, n_limited_groups=2,
+                            route_scale=2.5), **kw)
 
 
 @torch.no_grad()

@@ -4,17 +4,13 @@ import math
 import pytest
 import torch
 
-from model import ModelConfig, PRESETS, Transformer, count_params, get_preset
+from helpers import tiny_config
+from model import PRESETS, Transformer, count_params, get_preset
 from moe import MoE
 
 
 def tiny(**kw):
-    base = dict(vocab_size=101, dim=32, n_layers=3, n_dense_layers=1, inter_dim=48, n_heads=2, q_lora_rank=16,
-                kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=6, max_seq_len=32,
-                moe_inter_dim=16, n_routed_experts=4, n_shared_experts=1, n_activated_experts=2,
-                n_expert_groups=2, n_limited_groups=1, n_mtp=1, init_std=0.02)
-    base.update(kw)
-    return ModelConfig(**base)
+    return tiny_config(dict(vocab_size=101, n_layers=3, v_head_dim=6, init_std=0.02), **kw)
 
 
 def test_v3_671b_counts_match_the_report():

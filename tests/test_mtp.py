@@ -2,17 +2,13 @@
 import torch
 import torch.nn.functional as F
 
-from model import ModelConfig, Transformer
+from helpers import tiny_config
+from model import Transformer
 from mtp import mtp_hidden, mtp_loss
 
 
 def tiny(**kw):
-    base = dict(vocab_size=97, dim=32, n_layers=2, n_dense_layers=1, inter_dim=48, n_heads=2, q_lora_rank=16,
-                kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8, max_seq_len=32,
-                moe_inter_dim=16, n_routed_experts=4, n_shared_experts=1, n_activated_experts=2,
-                n_expert_groups=2, n_limited_groups=1, n_mtp=1, init_std=0.05)
-    base.update(kw)
-    return ModelConfig(**base)
+    return tiny_config(dict(vocab_size=97, init_std=0.05), **kw)
 
 
 def test_depth_zero_reproduces_the_base_model():

@@ -3,6 +3,8 @@
 Workers are forked from the pytest process (tests/dist_utils.py), tiny fp64 models, a few steps."""
 import json
 import os
+import signal
+from functools import partial
 
 import pytest
 import torch
@@ -11,6 +13,7 @@ import torch.distributed as dist
 import checkpoint
 import parallel
 from dist_utils import run_workers
+from helpers import DIST_RUN, TINY_ARGS, assert_same_run, read_log, tiny_config, train_worker
 
 pytestmark = pytest.mark.slow
 
@@ -147,12 +150,8 @@ def test_dispatch_ep_uneven_and_empty():
 
 # -- data parallelism (FSDP2) with and without expert parallelism == one process --------------------------------
 def tiny_cfg(**kw):
-    from config import ModelConfig
-    base = dict(vocab_size=64, dim=32, n_layers=3, n_dense_layers=1, inter_dim=48, n_heads=2, q_lora_rank=16,
-                kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, max_seq_len=16,
-                moe_inter_dim=16, n_routed_experts=8, n_shared_experts=1, n_activated_experts=2,
-                n_expert_groups=4, n_limited_groups=2, n_mtp=1, init_std=0.1)
-    return ModelConfig(**{**base, **kw})
+    return tiny_config(dict(n_layers=3, qk_rope_head_dim=8, max_seq_len=16, n_routed_experts=8, n_expert_groups=4,
+                            n_limited_groups=2, init_std=0.1), **kw)
 
 
 def _losses(model, x, y, accum):
@@ -388,42 +387,6 @@ def test_rank0_first_and_any_rank():
 
 
 # -- train.py under torchrun (forked workers with torchrun's environment) ---------------------------------------
-MODEL = ["--vocab_size", "512", "--dim", "32", "--n_layers", "2", "--n_dense_layers", "1", "--inter_dim", "64",
-         "--n_heads", "2", "--q_lora_rank", "16", "--kv_lora_rank", "16", "--qk_nope_head_dim", "8",
-         "--qk_rope_head_dim", "8", "--v_head_dim", "8", "--max_seq_len", "32", "--moe_inter_dim", "16",
-         "--n_routed_experts", "4", "--n_activated_experts", "2", "--n_expert_groups", "2",
-         "--n_limited_groups", "1"]
-RUN = ["--block_size", "16", "--lr", "2e-3", "--warmup_iters", "2", "--lr_decay_iters", "20", "--min_lr", "1e-4",
-       "--eval_iters", "2", "--log_interval", "1", "--device", "cpu", "--seed", "3"]
-
-
-@pytest.fixture(scope="module")
-def corpus_args(tmp_path_factory):
-    d = tmp_path_factory.mktemp("corpus")
-    text = "".join(f"def f{i}(x, y):\n    return x * {i} + y  # {i % 7}\n\n" for i in range(400))
-    (d / "code.py").write_text(text)
-    return ["--data", str(d / "code.py"), "--cache_dir", str(d / "cache")]
-
-
-def _train_worker(rank, world, argv, hook=None):
-    """train.main on one rank; returns (exit status, what it printed on stderr)."""
-    import contextlib
-    import io
-    import train
-    if hook is not None:
-        hook(rank, train)
-    err = io.StringIO()
-    with contextlib.redirect_stderr(err):
-        code = train.main(argv)
-    return code, err.getvalue()
-
-
-def _log(out_dir):
-    import json
-    with open(os.path.join(out_dir, "log.jsonl")) as f:
-        return [json.loads(line) for line in f]
-
-
 def test_train_under_torchrun_equals_one_process(tmp_path, corpus_args):
     """dp 4 with the experts over ep 2, on 4 ranks (fp32, gloo) == one process on the same global batch: weights,
     gate biases, log. Then a one-process --resume continues the distributed checkpoint, generate.py reads it and
@@ -431,27 +394,14 @@ def test_train_under_torchrun_equals_one_process(tmp_path, corpus_args):
     import generate
     import hf_io
     import train
-    common = [*corpus_args, *MODEL, *RUN, "--max_iters", "3", "--eval_interval", "3"]
+    common = [*corpus_args, *TINY_ARGS, *DIST_RUN, "--max_iters", "3", "--eval_interval", "3"]
     one, four = str(tmp_path / "one"), str(tmp_path / "four")
     assert train.main([*common, "--batch_size", "4", "--out_dir", one]) == 0
-    out = run_workers(_train_worker, 4, [*common, "--batch_size", "1", "--ep", "2", "--out_dir", four],
+    out = run_workers(train_worker, 4, [*common, "--batch_size", "1", "--ep", "2", "--out_dir", four],
                       init=False, timeout_s=300)
     assert [code for code, _ in out] == [0, 0, 0, 0] and all(err == "" for _, err in out[1:])
-    a = checkpoint.load_checkpoint(os.path.join(one, "ckpt.pt"), "test")
-    b = checkpoint.load_checkpoint(os.path.join(four, "ckpt.pt"), "test")  # finds four/ckpt.dcp
     assert os.path.isdir(os.path.join(four, "ckpt.dcp")) and not os.path.exists(os.path.join(four, "ckpt.pt"))
-    assert a["step"] == b["step"] == 3 and a["model"].keys() == b["model"].keys()
-    for name in a["model"]:
-        if name.endswith("gate.bias"):
-            assert torch.equal(a["model"][name], b["model"][name]), name
-        else:
-            torch.testing.assert_close(b["model"][name], a["model"][name], rtol=1e-4, atol=1e-6)
-    log_one, log_four = _log(one), _log(four)
-    assert [r["step"] for r in log_one] == [r["step"] for r in log_four]
-    for r1, r4 in zip(log_one, log_four):
-        for k in ("loss", "main", "grad_norm", "val_main"):
-            if k in r1:
-                assert r4[k] == pytest.approx(r1[k], rel=1e-4), (k, r1, r4)
+    _, log_four = assert_same_run(one, four, 3, ("loss", "main", "grad_norm", "val_main"))
     assert log_four[-1]["ranks_per_token"] == 1.0  # 2 expert groups on 2 ep ranks, a token may use 1 group
     # the distributed run continues in one process, and generate.py reads its checkpoint
     assert train.main([*common, "--batch_size", "4", "--out_dir", four, "--resume", "--max_iters", "4"]) == 0
@@ -466,7 +416,7 @@ def test_train_under_torchrun_equals_one_process(tmp_path, corpus_args):
 @pytest.mark.parametrize("world,extra,message", [(3, ["--ep", "2"], "not divisible by ep × pp"),
                                                  (3, ["--ep", "3"], "do not split evenly")])
 def test_bad_layout_one_line_from_rank_0(tmp_path, corpus_args, world, extra, message):
-    out = run_workers(_train_worker, world, [*corpus_args, *MODEL, *RUN, "--out_dir", str(tmp_path), *extra],
+    out = run_workers(train_worker, world, [*corpus_args, *TINY_ARGS, *DIST_RUN, "--out_dir", str(tmp_path), *extra],
                       init=False, timeout_s=120)
     assert [code for code, _ in out] == [2] * world
     assert out[0][1].count("\n") == 1 and message in out[0][1] and out[0][1].startswith("error: ")
@@ -477,7 +427,7 @@ def test_ep_without_torchrun_is_refused(tmp_path, corpus_args, capsys, monkeypat
     import train
     for var in ("RANK", "WORLD_SIZE"):
         monkeypatch.delenv(var, raising=False)
-    assert train.main([*corpus_args, *MODEL, *RUN, "--out_dir", str(tmp_path), "--ep", "2"]) == 2
+    assert train.main([*corpus_args, *TINY_ARGS, *DIST_RUN, "--out_dir", str(tmp_path), "--ep", "2"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "torchrun" in err
 
@@ -512,23 +462,24 @@ def test_ctrl_c_during_setup_is_told_by_rank_0_only(capsys, monkeypatch, rank, s
     assert capsys.readouterr().err == said
 
 
-def _signal_at_step_2(rank, train):
-    """Only rank 1 gets SIGTERM, during its third optimizer step: all ranks must stop together after it."""
-    import signal
+def _signal_rank_1_at_step_2(sig, rank, train):
+    """Rank 1 gets signal `sig` during its third optimizer step; the other ranks run on."""
     step = train.optimizer_step
 
     def patched(run):
         step(run)
         if rank == 1 and run.step == 2:
-            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), sig)
     train.optimizer_step = patched
 
 
 def test_sigterm_under_torchrun_saves_and_stops_every_rank(tmp_path, corpus_args):
+    """Only rank 1 gets SIGTERM: all ranks must stop together after that step, with one checkpoint."""
     out_dir = str(tmp_path / "run")
-    argv = [*corpus_args, *MODEL, *RUN, "--batch_size", "2", "--ep", "2", "--max_iters", "50",
+    argv = [*corpus_args, *TINY_ARGS, *DIST_RUN, "--batch_size", "2", "--ep", "2", "--max_iters", "50",
             "--out_dir", out_dir]
-    out = run_workers(_train_worker, 2, argv, _signal_at_step_2, init=False, timeout_s=300)
+    out = run_workers(train_worker, 2, argv, partial(_signal_rank_1_at_step_2, signal.SIGTERM), init=False,
+                      timeout_s=300)
     assert [code for code, _ in out] == [143, 143]
     assert "stopped by SIGTERM: saved step 3" in out[0][1] and out[1][1] == ""
     ckpt = checkpoint.load_checkpoint(os.path.join(out_dir, "ckpt.pt"), "test")
@@ -539,7 +490,6 @@ def test_sigterm_under_torchrun_saves_and_stops_every_rank(tmp_path, corpus_args
 def _signal_during_save_at_step_2(rank, train):
     """Only rank 1 gets SIGTERM, while it writes the checkpoint of step 2: it must not leave the loop alone (the
     others go on to step 3), but stop with them after the next step."""
-    import signal
     save = train.save_distributed
 
     def patched(path, model, opt, meta):
@@ -551,29 +501,19 @@ def _signal_during_save_at_step_2(rank, train):
 
 def test_sigterm_during_a_save_stops_every_rank_together(tmp_path, corpus_args):
     out_dir = str(tmp_path / "run")
-    argv = [*corpus_args, *MODEL, *RUN, "--batch_size", "2", "--ep", "2", "--max_iters", "50",
+    argv = [*corpus_args, *TINY_ARGS, *DIST_RUN, "--batch_size", "2", "--ep", "2", "--max_iters", "50",
             "--ckpt_interval", "2", "--dist_timeout", "60", "--out_dir", out_dir]
-    out = run_workers(_train_worker, 2, argv, _signal_during_save_at_step_2, init=False, timeout_s=200)
+    out = run_workers(train_worker, 2, argv, _signal_during_save_at_step_2, init=False, timeout_s=200)
     assert [code for code, _ in out] == [143, 143], out
     assert "stopped by SIGTERM: saved step 3" in out[0][1] and out[1][1] == ""
     assert checkpoint.load_checkpoint(os.path.join(out_dir, "ckpt.pt"), "test")["step"] == 3
 
 
-def _die_at_step_2(rank, train):
-    import signal
-    step = train.optimizer_step
-
-    def patched(run):
-        step(run)
-        if rank == 1 and run.step == 2:
-            os.kill(os.getpid(), signal.SIGKILL)
-    train.optimizer_step = patched
-
-
 def test_dead_rank_ends_the_training_job(tmp_path, corpus_args):
-    argv = [*corpus_args, *MODEL, *RUN, "--batch_size", "2", "--ep", "2", "--max_iters", "50",
+    argv = [*corpus_args, *TINY_ARGS, *DIST_RUN, "--batch_size", "2", "--ep", "2", "--max_iters", "50",
             "--dist_timeout", "20", "--out_dir", str(tmp_path / "run")]
-    out = run_workers(_train_worker, 2, argv, _die_at_step_2, init=False, check=False, timeout_s=120)
+    out = run_workers(train_worker, 2, argv, partial(_signal_rank_1_at_step_2, signal.SIGKILL), init=False,
+                      check=False, timeout_s=120)
     assert out[1][0] == -9 and out[0][0] == 1  # the survivor raised (its traceback is its error report)
     assert "RuntimeError" in out[0][1]
 
@@ -581,13 +521,13 @@ def test_dead_rank_ends_the_training_job(tmp_path, corpus_args):
 def test_resume_under_torchrun_at_another_world_size(tmp_path, corpus_args):
     """2 ranks × 2 sequences for 2 steps, then --resume on 4 ranks × 1 sequence (the same global batch) for 2
     more == 4 steps straight on 2 ranks (fp32: up to rounding; the gate biases exactly)."""
-    common = [*corpus_args, *MODEL, *RUN, "--ep", "2", "--eval_interval", "2"]
+    common = [*corpus_args, *TINY_ARGS, *DIST_RUN, "--ep", "2", "--eval_interval", "2"]
     straight, split = str(tmp_path / "straight"), str(tmp_path / "split")
-    assert run_workers(_train_worker, 2, [*common, "--batch_size", "2", "--max_iters", "4", "--out_dir", straight],
+    assert run_workers(train_worker, 2, [*common, "--batch_size", "2", "--max_iters", "4", "--out_dir", straight],
                        init=False, timeout_s=300) == [(0, ""), (0, "")]
-    assert run_workers(_train_worker, 2, [*common, "--batch_size", "2", "--max_iters", "2", "--out_dir", split],
+    assert run_workers(train_worker, 2, [*common, "--batch_size", "2", "--max_iters", "2", "--out_dir", split],
                        init=False, timeout_s=300) == [(0, ""), (0, "")]
-    out = run_workers(_train_worker, 4, [*common, "--batch_size", "1", "--max_iters", "4", "--out_dir", split,
+    out = run_workers(train_worker, 4, [*common, "--batch_size", "1", "--max_iters", "4", "--out_dir", split,
                                          "--resume"], init=False, timeout_s=300)
     assert [code for code, _ in out] == [0] * 4
     a = checkpoint.load_checkpoint(os.path.join(straight, "ckpt.pt"), "test")
@@ -598,7 +538,7 @@ def test_resume_under_torchrun_at_another_world_size(tmp_path, corpus_args):
             assert torch.equal(a["model"][name], b["model"][name]), name
         else:
             torch.testing.assert_close(b["model"][name], a["model"][name], rtol=1e-4, atol=1e-6)
-    assert [r["step"] for r in _log(split)] == [r["step"] for r in _log(straight)]
+    assert [r["step"] for r in read_log(split)] == [r["step"] for r in read_log(straight)]
 
 
 def _log_seen_otherwise_on_rank_1(rank, train):
@@ -611,14 +551,14 @@ def test_resume_between_a_step_and_its_eval_decided_by_rank_0(tmp_path, corpus_a
     """A run stopped after its step-2 checkpoint, before the step-2 evaluation reached the log: on --resume every
     rank evaluates first, as rank 0 (which writes the log) decides, whatever the others read."""
     out_dir = str(tmp_path / "run")
-    common = [*corpus_args, *MODEL, *RUN, "--batch_size", "2", "--ep", "2", "--eval_interval", "2",
+    common = [*corpus_args, *TINY_ARGS, *DIST_RUN, "--batch_size", "2", "--ep", "2", "--eval_interval", "2",
               "--dist_timeout", "60", "--out_dir", out_dir]
-    assert run_workers(_train_worker, 2, [*common, "--max_iters", "2"], init=False) == [(0, ""), (0, "")]
-    log = _log(out_dir)
+    assert run_workers(train_worker, 2, [*common, "--max_iters", "2"], init=False) == [(0, ""), (0, "")]
+    log = read_log(out_dir)
     with open(os.path.join(out_dir, "log.jsonl"), "w") as f:  # the evaluation of step 2 never made it
         f.writelines(json.dumps(r) + "\n" for r in log if "val_main" not in r)
-    out = run_workers(_train_worker, 2, [*common, "--max_iters", "3", "--resume"], _log_seen_otherwise_on_rank_1,
+    out = run_workers(train_worker, 2, [*common, "--max_iters", "3", "--resume"], _log_seen_otherwise_on_rank_1,
                       init=False, timeout_s=200)
     assert out == [(0, ""), (0, "")]
-    assert [(r["step"], "val_main" in r) for r in _log(out_dir)] == [(1, False), (2, False), (2, True), (3, False),
-                                                                     (3, True)]
+    steps = [(r["step"], "val_main" in r) for r in read_log(out_dir)]
+    assert steps == [(1, False), (2, False), (2, True), (3, False), (3, True)]

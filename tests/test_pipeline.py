@@ -14,6 +14,7 @@ import torch
 import parallel
 import pipeline
 from dist_utils import run_workers
+from helpers import DIST_RUN, TINY_ARGS, assert_same_run, read_log, tiny_config, train_worker
 from model import ModelConfig, Transformer
 from pipeline import (InjectLoss, StageModule, build_pipeline, check_pipeline, embedding_tie_group, pipeline_metrics,
                       pipeline_step, stage_indices, stage_layers, sync_embedding_grads)
@@ -23,11 +24,7 @@ B, T = 4, 8
 
 
 def tiny_cfg(**kw):
-    base = dict(vocab_size=64, dim=32, n_layers=4, n_dense_layers=1, inter_dim=48, n_heads=2, q_lora_rank=16,
-                kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8, max_seq_len=16,
-                moe_inter_dim=16, n_routed_experts=4, n_expert_groups=2, n_limited_groups=1,
-                n_activated_experts=2, n_mtp=1)
-    return ModelConfig(**{**base, **kw})
+    return tiny_config(dict(n_layers=4, max_seq_len=16), **kw)
 
 
 def make_model(cfg):
@@ -199,9 +196,6 @@ def test_inject_loss_adds_the_gradient_of_its_loss():
 
 
 # -- train.py --pp under torchrun (forked workers with torchrun's environment) --------------------------------
-from test_parallel import MODEL, RUN, _log, _train_worker, corpus_args  # noqa: E402,F401  (corpus_args: fixture)
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("kind,n_layers,micro,dp,ep", [("1f1b", 2, 2, 1, 1), ("dualpipev", 4, 4, 1, 1),
                                                      ("1f1b", 2, 2, 2, 2), ("dualpipev", 4, 4, 2, 1)])
@@ -211,33 +205,22 @@ def test_train_with_pp_equals_one_process(tmp_path, corpus_args, kind, n_layers,
     under the model's names."""
     import checkpoint
     import train
-    common = [*corpus_args, *MODEL, *RUN, "--n_layers", str(n_layers), "--max_iters", "3", "--eval_interval", "3"]
+    common = [*corpus_args, *TINY_ARGS, *DIST_RUN, "--n_layers", str(n_layers), "--max_iters", "3",
+              "--eval_interval", "3"]
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
     assert train.main([*common, "--batch_size", str(2 * dp), "--grad_accum", str(micro), "--out_dir", one]) == 0
-    out = run_workers(_train_worker, 2 * dp, [*common, "--batch_size", "2", "--pp", "2", "--pp_schedule", kind,
+    out = run_workers(train_worker, 2 * dp, [*common, "--batch_size", "2", "--pp", "2", "--pp_schedule", kind,
                                               "--microbatches", str(micro), "--ep", str(ep), "--out_dir", two],
                       init=False, timeout_s=300)
     assert all(code == 0 for code, _ in out) and all(err == "" for _, err in out[1:])
-    a = checkpoint.load_checkpoint(os.path.join(one, "ckpt.pt"), "test")
-    b = checkpoint.load_checkpoint(os.path.join(two, "ckpt.pt"), "test")  # finds two/ckpt.dcp
-    assert a["step"] == b["step"] == 3 and a["model"].keys() == b["model"].keys()
-    for name in a["model"]:
-        if name.endswith("gate.bias"):
-            assert torch.equal(a["model"][name], b["model"][name]), name
-        else:
-            torch.testing.assert_close(b["model"][name], a["model"][name], rtol=1e-4, atol=1e-6)
-    log_one, log_two = _log(one), _log(two)
-    assert [r["step"] for r in log_one] == [r["step"] for r in log_two]
-    for r1, r2 in zip(log_one, log_two):
-        for k in ("loss", "main", "mtp", "balance", "grad_norm", "val_main", "val_mtp", "max_violation"):
-            if k in r1:
-                assert r2[k] == pytest.approx(r1[k], rel=1e-4), (k, r1, r2)
+    assert_same_run(one, two, 3, ("loss", "main", "mtp", "balance", "grad_norm", "val_main", "val_mtp",
+                                  "max_violation"))
     if ep > 1:  # the MoE layers all sit on the last stage; 2 expert groups on 2 ranks, a token may use 1 group
-        assert log_two[-1]["ranks_per_token"] == 1.0
+        assert read_log(two)[-1]["ranks_per_token"] == 1.0
     if dp == 1 and kind == "dualpipev":  # resumed in the pipeline, one more step: still the one-process run
         assert train.main([*common, "--batch_size", "2", "--grad_accum", str(micro), "--out_dir", one, "--resume",
                            "--max_iters", "4"]) == 0
-        out = run_workers(_train_worker, 2, [*common, "--batch_size", "2", "--pp", "2", "--pp_schedule", kind,
+        out = run_workers(train_worker, 2, [*common, "--batch_size", "2", "--pp", "2", "--pp_schedule", kind,
                                              "--microbatches", str(micro), "--out_dir", two, "--resume",
                                              "--max_iters", "4"], init=False, timeout_s=300)
         assert all(code == 0 for code, _ in out)
@@ -257,7 +240,7 @@ def test_train_with_pp_equals_one_process(tmp_path, corpus_args, kind, n_layers,
 ])
 def test_train_refuses_bad_pipelines_once(tmp_path, corpus_args, extra, match):
     """One line from rank 0, nothing from rank 1, exit 2 on both: never a hang."""
-    out = run_workers(_train_worker, 2, [*corpus_args, *MODEL, *RUN, "--out_dir", str(tmp_path), *extra],
+    out = run_workers(train_worker, 2, [*corpus_args, *TINY_ARGS, *DIST_RUN, "--out_dir", str(tmp_path), *extra],
                       init=False, timeout_s=120)
     assert [code for code, _ in out] == [2, 2] and out[1][1] == ""
     assert re.search(match, out[0][1]) and out[0][1].count("\n") == 1, out[0][1]
@@ -265,14 +248,14 @@ def test_train_refuses_bad_pipelines_once(tmp_path, corpus_args, extra, match):
 
 def test_train_refuses_pipeline_options_alone(tmp_path, corpus_args, capsys):
     import train
-    base = [*corpus_args, *MODEL, *RUN, "--out_dir", str(tmp_path)]
+    base = [*corpus_args, *TINY_ARGS, *DIST_RUN, "--out_dir", str(tmp_path)]
     assert train.main([*base, "--microbatches", "2"]) == 2
     assert capsys.readouterr().err == "error: --microbatches=2: needs --pp > 1 (one process: --grad_accum)\n"
     assert train.main([*base, "--pp_schedule", "dualpipev"]) == 2
     assert capsys.readouterr().err == "error: --pp_schedule='dualpipev': needs --pp > 1\n"
     assert train.main([*base, "--gpus", "8"]) == 2
     assert capsys.readouterr().err == "error: --gpus=8: goes with --plan\n"
-    assert train.main([*corpus_args, *MODEL, *RUN, "--out_dir", str(tmp_path), "--pp", "2"]) == 2
+    assert train.main([*corpus_args, *TINY_ARGS, *DIST_RUN, "--out_dir", str(tmp_path), "--pp", "2"]) == 2
     assert "needs several processes" in capsys.readouterr().err
 
 

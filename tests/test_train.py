@@ -15,30 +15,18 @@ import train
 import train_setup
 from adamw_bf16 import AdamWBF16
 from config import get_preset
+from helpers import TINY_ARGS
 from model import Transformer, count_params, matmul_params
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MODEL = ["--vocab_size", "512", "--dim", "32", "--n_layers", "2", "--n_dense_layers", "1", "--inter_dim", "64",
-         "--n_heads", "2", "--q_lora_rank", "16", "--kv_lora_rank", "16", "--qk_nope_head_dim", "8",
-         "--qk_rope_head_dim", "8", "--v_head_dim", "8", "--max_seq_len", "32", "--moe_inter_dim", "16",
-         "--n_routed_experts", "4", "--n_activated_experts", "2", "--n_expert_groups", "2",
-         "--n_limited_groups", "1"]
 # The schedule is given explicitly, so that a 6-step run resumed to 12 steps has the schedule of a 12-step run (by
 # default warmup and decay follow the first run's --max_iters: test_lr_schedule_follows_max_iters_unless_given).
 RUN = ["--batch_size", "4", "--block_size", "16", "--lr", "2e-3", "--warmup_iters", "3", "--lr_decay_iters", "20",
        "--min_lr", "1e-4", "--eval_iters", "2", "--log_interval", "1", "--device", "cpu"]
 
 
-@pytest.fixture(scope="module")
-def corpus_args(tmp_path_factory):
-    d = tmp_path_factory.mktemp("corpus")
-    text = "".join(f"def f{i}(x, y):\n    return x * {i} + y  # {i % 7}\n\n" for i in range(400))
-    (d / "code.py").write_text(text)
-    return ["--data", str(d / "code.py"), "--cache_dir", str(d / "cache")]
-
-
 def run(out_dir, corpus_args, *extra):
-    return train.main(["--out_dir", str(out_dir), *corpus_args, *MODEL, *RUN, *extra])
+    return train.main(["--out_dir", str(out_dir), *corpus_args, *TINY_ARGS, *RUN, *extra])
 
 
 def load(out_dir):
@@ -276,7 +264,7 @@ def test_corpus_shorter_than_a_block(tmp_path, capsys):
     assert n - n_val >= 17 > n_val
     (tmp_path / "short.txt").write_text(text)
     argv = ["--data", str(tmp_path / "short.txt"), "--cache_dir", str(tmp_path / "c"), "--out_dir",
-            str(tmp_path / "out"), *MODEL, *RUN]
+            str(tmp_path / "out"), *TINY_ARGS, *RUN]
     assert train.main(argv) == 2
     assert f"error: corpus too short: the val split has {n_val} tokens, fewer than block_size+1 = 17" in \
         capsys.readouterr().err
@@ -291,9 +279,9 @@ def test_grad_accum_equals_one_big_batch(tmp_path, corpus_args):
     the losses are means, the MoE load of both micro-batches feeds one bias update."""
     common = [a for a in RUN if a not in ("--batch_size", "4")]
     a, b = tmp_path / "a", tmp_path / "b"
-    assert train.main(["--out_dir", str(a), *corpus_args, *MODEL, *common, "--batch_size", "4",
+    assert train.main(["--out_dir", str(a), *corpus_args, *TINY_ARGS, *common, "--batch_size", "4",
                        "--grad_accum", "1", "--max_iters", "3", "--eval_interval", "3"]) == 0
-    assert train.main(["--out_dir", str(b), *corpus_args, *MODEL, *common, "--batch_size", "2",
+    assert train.main(["--out_dir", str(b), *corpus_args, *TINY_ARGS, *common, "--batch_size", "2",
                        "--grad_accum", "2", "--max_iters", "3", "--eval_interval", "3"]) == 0
     sa, sb = load(a)["model"], load(b)["model"]
     for k in sa:
@@ -525,7 +513,7 @@ def test_lr_schedule_follows_max_iters_unless_given(tmp_path, corpus_args):
     assert resolved("--preset", "small", "--max_iters", "300", "--lr_decay_iters", "5000") == (30, 5000)
     # The resolved schedule is saved: resuming with a larger --max_iters keeps it.
     common = [a for a in RUN if a not in ("--warmup_iters", "3", "--lr_decay_iters", "20")]
-    assert train.main(["--out_dir", str(tmp_path), *corpus_args, *MODEL, *common, "--max_iters", "20"]) == 0
+    assert train.main(["--out_dir", str(tmp_path), *corpus_args, *TINY_ARGS, *common, "--max_iters", "20"]) == 0
     assert train.main(["--out_dir", str(tmp_path), "--resume", "--max_iters", "40", "--device", "cpu"]) == 0
     args = load(tmp_path)["args"]
     assert (args["warmup_iters"], args["lr_decay_iters"], args["max_iters"]) == (2, 20, 40)
@@ -540,8 +528,8 @@ def test_a_real_signal_to_a_training_process(tmp_path, corpus_args, sig):
     import time
     opts = ["--log_interval", "2", "--eval_interval", "50", "--ckpt_interval", "7"]
     out = tmp_path / "run"
-    p = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), "--out_dir", str(out), *corpus_args, *MODEL,
-                          *RUN, *opts, "--max_iters", "100000"], cwd=tmp_path, text=True,
+    p = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), "--out_dir", str(out), *corpus_args,
+                          *TINY_ARGS, *RUN, *opts, "--max_iters", "100000"], cwd=tmp_path, text=True,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.time() + 300
     while not ((out / "ckpt.pt").exists() and len(read_log(out)) >= 10):
