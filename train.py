@@ -178,10 +178,10 @@ def save(run: Run, snapshot: dict) -> None:
     """Write the checkpoint; the first one of an --overwrite run then puts its log in place of the old one.
     Under torchrun every rank writes its shards of the live model and optimizer (they have not changed since
     the snapshot was taken: both happen between the same two optimizer steps). Ctrl-C and SIGTERM wait until the
-    checkpoint and the log rename are both done. Under torchrun the signals are only noted here too
-    (loop_signals): a rank that raised right after its save would leave the loop alone, and the others, gone on
-    to the next step, would wait for it in a collective that never comes."""
-    with step_signals(run):
+    checkpoint and the log rename are both done, except inside the training loop under torchrun, where they are
+    only noted (loop_signals): a rank that raised right after its save would leave the loop alone, and the others,
+    gone on to the next step, would wait for it in a collective that never comes."""
+    with contextlib.nullcontext() if run.stop is not None else signals_deferred():
         try:
             if run.layout.distributed:
                 save_distributed(run.ckpt_path, run.model, run.opt, snapshot)
@@ -216,7 +216,10 @@ def loop_signals(run: Run):
     @contextlib.contextmanager
     def noted():
         with parallel.signals_as_flag() as run.stop:
-            yield
+            try:
+                yield
+            finally:
+                run.stop = None  # out of the loop (e.g. saving after a stop): signals wait again (train.save)
     return noted()
 
 

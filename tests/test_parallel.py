@@ -489,12 +489,13 @@ def test_sigterm_under_torchrun_saves_and_stops_every_rank(tmp_path, corpus_args
 
 def _signal_during_save_at_step_2(rank, train):
     """Only rank 1 gets SIGTERM, while it writes the checkpoint of step 2: it must not leave the loop alone (the
-    others go on to step 3), but stop with them after the next step."""
+    others go on to step 3), but stop with them after the next step. It gets another one while it writes that
+    last checkpoint, which must wait for the save to end, as in one process."""
     save = train.save_distributed
 
     def patched(path, model, opt, meta):
         save(path, model, opt, meta)
-        if rank == 1 and meta["step"] == 2:
+        if rank == 1 and meta["step"] in (2, 3):
             os.kill(os.getpid(), signal.SIGTERM)
     train.save_distributed = patched
 
