@@ -493,11 +493,12 @@ def demo_promotion(ks=(512, 1024, 2048, 4096, 8192), seed: int = 0) -> list:
 
 
 def _demo_main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    if argv:  # the GPU benchmark has its own command line
-        print("fp8.py takes no options: it prints the CPU demo; the GPU benchmark is `python fp8_bench.py` "
-              "(see its --help)", file=sys.stderr)
-        raise SystemExit(2)
+    import argparse
+    p = argparse.ArgumentParser(description="CPU demo of the FP8 recipe: 1x128 tiles against one scale per tensor, "
+                                "and FP32 promotion against none. The GPU benchmark is `python fp8_bench.py`.")
+    _, extra = p.parse_known_args(argv)
+    if extra:  # the GPU benchmark has its own command line
+        p.error("the CPU demo takes no options; the GPU benchmark is `python fp8_bench.py` (see its --help)")
     print("E4M3 quantization of a (64, 1024) N(0,1) activation with one outlier; mean relative error and share")
     print("of values flushed to 0, over all values outside the outlier's own 1x128 tile:")
     print(f"  {'outlier':>8s}   {'one scale per tensor':>24s}   {'1x128 tiles (V3)':>24s}")

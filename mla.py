@@ -323,8 +323,11 @@ def demo_agreement(seed: int = 0, T: int = 16) -> dict:
     return out
 
 
-def _demo_main():
+def _demo_main(argv=None):
+    import argparse
     from config import get_preset
+    argparse.ArgumentParser(description="MLA in numbers: the KV cache at DeepSeek-V3's size against MHA and GQA, "
+                            "and the naive and absorbed paths agreeing.").parse_args(argv)
     cfg = get_preset("v3-671b")
     print(f"KV cache at DeepSeek-V3's size ({cfg.n_heads} heads, d_h {cfg.qk_nope_head_dim} + d^R_h "
           f"{cfg.qk_rope_head_dim}, d_v {cfg.v_head_dim}, d_c {cfg.kv_lora_rank}, {cfg.n_layers} layers), bf16:")

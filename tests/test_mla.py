@@ -391,7 +391,7 @@ def test_demo_prints_the_cache_saving_and_the_agreement(capsys):
     import re
 
     import mla
-    mla._demo_main()
+    mla._demo_main([])
     out = capsys.readouterr().out
     assert max(len(line) for line in out.splitlines()) <= 100
 

@@ -6,7 +6,6 @@ import torch
 
 from helpers import tiny_config
 from model import PRESETS, Transformer, count_params, get_preset
-from moe import MoE
 
 
 def tiny(**kw):

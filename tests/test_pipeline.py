@@ -15,7 +15,7 @@ import parallel
 import pipeline
 from dist_utils import run_workers
 from helpers import DIST_RUN, TINY_ARGS, assert_same_run, read_log, tiny_config, train_worker
-from model import ModelConfig, Transformer
+from model import Transformer
 from pipeline import (InjectLoss, StageModule, build_pipeline, check_pipeline, embedding_tie_group, pipeline_metrics,
                       pipeline_step, stage_indices, stage_layers, sync_embedding_grads)
 
