@@ -1,3 +1,4 @@
+"""Shared pytest setup: the repository root on sys.path, `gpu` tests skipped without CUDA, a small corpus."""
 import os
 import sys
 

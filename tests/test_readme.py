@@ -25,7 +25,8 @@ def readme_section(title: str) -> str:
 
 def defined_names(path: str) -> set:
     """Dotted names defined in a Python file: functions and classes; the methods of classes and the attributes
-    they set (`act_cache = ...` in the class, `self.x = ...`), also under the bare method name (`_attend_naive` for MLA._attend_naive)."""
+    they set (`act_cache = ...` in the class, `self.x = ...`), also under the bare method name (`_attend_naive`
+    for MLA._attend_naive)."""
     with open(path) as f:
         tree = ast.parse(f.read())
     names = set()

@@ -119,7 +119,8 @@ def test_ctrl_c_pressed_again_during_the_save(tmp_path, corpus_args, monkeypatch
     except KeyboardInterrupt:  # caught here, or it would stop pytest itself
         pytest.fail("the second Ctrl-C escaped train.main")
     monkeypatch.undo()
-    assert rc == 130 and capsys.readouterr().err == f"interrupted: saved step 3 to {tmp_path / 'ckpt.pt'} (continue with --resume)\n"
+    assert rc == 130
+    assert capsys.readouterr().err == f"interrupted: saved step 3 to {tmp_path / 'ckpt.pt'} (continue with --resume)\n"
     assert load(tmp_path)["step"] == 3 and sorted(os.listdir(tmp_path)) == [".lock", "ckpt.pt", "log.jsonl"]
 
 

@@ -79,7 +79,8 @@ def execute(kind, N, ops, n_stages, costs=None):
                         done[("F" if o[0] == "F" else "B", pipe, s, o[2])] = clock[r]
                 ptr[r] += 1
                 moved = True
-        assert moved, f"deadlock: ranks wait forever at ops {[ops[r][ptr[r]] for r in range(N) if ptr[r] < len(ops[r])]}"
+        stuck = [ops[r][ptr[r]] for r in range(N) if ptr[r] < len(ops[r])]
+        assert moved, f"deadlock: ranks wait forever at ops {stuck}"
     return max(clock), busy
 
 

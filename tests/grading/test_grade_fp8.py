@@ -34,9 +34,11 @@ def test_quantize_act_tiles(pow2):
             want = max(tile.abs().max().item(), 1e-4) / 448
             if pow2:
                 want = 2.0 ** math.ceil(math.log2(want))  # the next power of 2 at or above amax/448
-            assert scale[r, t].item() == pytest.approx(want, rel=1e-6), f"row {r}, tile {t}: scale {scale[r, t].item():.6g}, expected {want:.6g}"
+            got = scale[r, t].item()
+            assert got == pytest.approx(want, rel=1e-6), f"row {r}, tile {t}: scale {got:.6g}, expected {want:.6g}"
             back = q[r, t * 128:(t + 1) * 128].double() * scale[r, t].item()
-            # E4M3 keeps 3 mantissa bits: each value within half a step (2^-4 relative), tiny ones within a subnormal step
+            # E4M3 keeps 3 mantissa bits: each value within half a step (2^-4 relative), tiny ones within a
+            # subnormal step
             bound = tile.double().abs() * 2.0 ** -4 + scale[r, t].item() * 2.0 ** -9
             assert ((back - tile.double()).abs() <= bound).all(), f"row {r}, tile {t}: x ≈ x_fp8 · scale"
             if not pow2 and tile.abs().max() > 1e-4:
@@ -67,7 +69,8 @@ def test_quantize_weight_blocks(N, K):
         for j in range(kb):
             block = w[i * 128:(i + 1) * 128, j * 128:(j + 1) * 128]  # edge blocks are smaller
             want = max(block.abs().max().item(), 1e-4) / 448
-            assert scale[i, j].item() == pytest.approx(want, rel=1e-6), f"block ({i}, {j}): scale {scale[i, j].item():.6g}, expected {want:.6g}"
+            got = scale[i, j].item()
+            assert got == pytest.approx(want, rel=1e-6), f"block ({i}, {j}): scale {got:.6g}, expected {want:.6g}"
             back = q[i * 128:(i + 1) * 128, j * 128:(j + 1) * 128].double() * scale[i, j].item()
             bound = block.double().abs() * 2.0 ** -4 + scale[i, j].item() * 2.0 ** -9
             assert ((back - block.double()).abs() <= bound).all(), f"block ({i}, {j}): w ≈ w_fp8 · scale"

@@ -136,7 +136,8 @@ def test_update_bias_sign_rule(gamma):
     mean = sum(load) / len(load)
     for i, n in enumerate(load):
         step = gamma if n < mean else (-gamma if n > mean else 0.0)
-        assert layer.gate.bias[i].item() == pytest.approx(start[i].item() + step, abs=1e-7), f"b_{i} (load {n}, mean {mean}): {layer.gate.bias[i].item():.4f}, expected {start[i].item() + step:.4f}"
+        got, want = layer.gate.bias[i].item(), start[i].item() + step
+        assert got == pytest.approx(want, abs=1e-7), f"b_{i} (load {n}, mean {mean}): {got:.4f}, expected {want:.4f}"
     assert layer.load.tolist() == [0] * 8, "the accumulated load is reset after the update"
 
 
@@ -163,7 +164,8 @@ def test_update_bias_no_gradient_and_fractional_mean():
 
 # -- sequence-wise balance loss --------------------------------------------------------------------------------
 def balance_loss_plain(s, indices, E):
-    """L = mean over sequences of Σ_i f_i P_i, f_i = E/(K·T) · #{t : i routed at t}, P_i = (1/T) Σ_t s_{i,t}/Σ_j s_{j,t}."""
+    """L = mean over sequences of Σ_i f_i P_i, f_i = E/(K·T) · #{t : i routed at t},
+    P_i = (1/T) Σ_t s_{i,t}/Σ_j s_{j,t}."""
     B, T, K = indices.shape
     total = 0.0
     for b in range(B):
