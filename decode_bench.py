@@ -67,7 +67,7 @@ def attention_read_rate(attn, B: int, S: int, dtype=torch.bfloat16):
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(usage="%(prog)s [options]", description=__doc__.split("\n\n")[0])
     p.add_argument("--out_dir", default="out", help="directory holding train.py's ckpt.pt")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--max_new_tokens", type=int, default=256)

@@ -351,7 +351,7 @@ def load_model(out_dir=None, hf_dir=None, device="cpu"):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(usage="%(prog)s [options]", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out_dir", default="out", help="directory holding train.py's ckpt.pt")
     p.add_argument("--hf_dir", default=None, help="load a Hugging Face DeepSeek-V3 layout directory instead")

@@ -511,7 +511,7 @@ def other_schedules(cfg, args: tuple, kind: str) -> list:
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description="Plan a run on paper: memory, all-to-all, bubble, step time, MFU.")
+    p = argparse.ArgumentParser(usage="%(prog)s [options]", description="Plan a run on paper: memory, all-to-all, bubble, step time, MFU.")
     p.add_argument("--preset", default="v3-671b", help=f"one of {', '.join(PRESETS)}")
     p.add_argument("--gpus", type=int, default=REPORT["gpus"])
     p.add_argument("--gpus_per_node", type=int, default=REPORT["gpus_per_node"])

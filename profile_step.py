@@ -43,7 +43,10 @@ def main(argv=None) -> int:
     profile = "--no_profile" not in argv
     argv = [a for a in argv if a != "--no_profile"]
     try:
-        args = train_setup.resolve_args(train_setup.build_parser().parse_args(argv))
+        p = train_setup.build_parser()  # train.py's options, plus --no_profile (taken out of argv above)
+        p.description = "Where the time of one training step goes: tokens/s, then a profiler table of one step."
+        p.epilog = "--no_profile: measure tokens/s only, without the profiler table"
+        args = train_setup.resolve_args(p.parse_args(argv))
         cfg = train_setup.resolve_config(args)
         train_setup.check_args(args, cfg)
         device = pick_device(args.device)

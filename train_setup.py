@@ -54,7 +54,8 @@ LOG, LOG_NEW = "log.jsonl", "log.jsonl.new"  # the log, and its name while an --
 def build_parser() -> argparse.ArgumentParser:
     """Every option defaults to None here so that we know which ones the user typed (they win over a checkpoint)."""
     d = TRAIN_DEFAULTS
-    p = argparse.ArgumentParser(description="Train a DeepSeek-V3-style model (see the docstring of train.py).",
+    p = argparse.ArgumentParser(usage="%(prog)s [options]",
+                                description="Train a DeepSeek-V3-style model (see the docstring of train.py).",
                                 formatter_class=lambda prog: argparse.HelpFormatter(prog, width=min(
                                     100, shutil.get_terminal_size().columns - 2)))
     p.add_argument("--preset", help=f"model preset: {', '.join(PRESETS)} (default: {d['preset']})")
