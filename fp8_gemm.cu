@@ -29,9 +29,11 @@
 //   kFprop         dense; A scales M-major, copied into each stage; bf16 out by TMA store  (FP8Linear Fprop, Dgrad)
 //   kFpropPlain    the same with plain stores, for outputs TMA cannot store (N % 8 != 0, unaligned)
 //   kExperts       M-grouped: each 128-row tile of A belongs to one expert, whose weight of the stacked B it
-//                  uses (routed experts' Fprop, Dgrad); A scales row-major, read from global memory
+//                  uses (routed experts' Fprop, Dgrad), or to none (-1: skipped); A scales row-major, read
+//                  from global memory
 //   kWgrad         dense 1D1D: B's per-row scales copied into each stage; fp32 out (FP8Linear Wgrad)
-//   kExpertsWgrad  K-grouped 1D1D: per expert, the sum over its own tokens' K blocks (routed experts' Wgrad)
+//   kExpertsWgrad  K-grouped 1D1D: per expert, the sum over its own tokens' K blocks, none for an idle expert
+//                  (routed experts' Wgrad)
 // The shape heuristics (pipeline depth, split of the last round of tiles) are in one host function, schedule().
 // How this kernel grew from a plain mma.sync GEMM, with the measured steps, is in fp8_teaching/.
 
@@ -87,8 +89,9 @@ struct Layout {
   static_assert(bytes <= 227 * 1024, "more shared memory than a Hopper SM gives one block");
 };
 
-// Everything but the tensor maps. groups: kMGrouped, the expert of each 128-row tile of A; kKGrouped, n_groups
-// triples (expert, first K block, number of K blocks). split_*: the split tail of kFprop (schedule()).
+// Everything but the tensor maps. groups: kMGrouped, the expert of each 128-row tile of A (-1: no expert, the
+// tile is skipped); kKGrouped, n_groups triples (expert, first K block, number of K blocks; 0 blocks: skipped).
+// split_*: the split tail of kFprop (schedule()).
 template <typename OutT>
 struct Problem {
   const float* sa;
@@ -317,12 +320,15 @@ __global__ void __launch_bounds__(THREADS, 1) gemm_kernel(const __grid_constant_
   const int Kb = K / BK, num_m = (M + BM - 1) / BM, num_n = (N + BN - 1) / BN;
   const int tiles = (KGROUPED ? p.n_groups : 1) * num_m * num_n;
   const int n_pad = num_n * BN;  // b_row_scales: row length of the transposed column scales
-  // Tile t: its coordinates, its K blocks [kb0, kb0 + nkb) and the row of C where it is stored.
+  // Tile t: its coordinates, its K blocks [kb0, kb0 + nkb) and the row of C where it is stored. A grouped tile
+  // with no K blocks (M-grouped: a tile of group -1, the unused tail of the tile layout; K-grouped: an idle
+  // expert) is skipped, by the producer and the math warps alike: neither touches the ring for it, so their
+  // stages and barrier phases stay in step, and nothing is written (its rows of C are never read, or stay 0).
   auto tile = [&](int t, int& m0, int& n0, int& kb0, int& nkb, int& c_row) {
     const int g = KGROUPED ? t / (num_m * num_n) : 0;
     tile_coords(t - g * num_m * num_n, num_m, num_n, m0, n0);
     kb0 = KGROUPED ? GROUPS[3 * g + 1] : 0;
-    nkb = KGROUPED ? GROUPS[3 * g + 2] : Kb;
+    nkb = KGROUPED ? GROUPS[3 * g + 2] : MGROUPED && GROUPS[m0 / BM] < 0 ? 0 : Kb;
     c_row = (KGROUPED ? GROUPS[3 * g] * M : 0) + m0;
   };
   // The split tail (split_parts > 1). Of the tiles left after the last full round (rest <= G / 2 of them), each
@@ -382,6 +388,7 @@ __global__ void __launch_bounds__(THREADS, 1) gemm_kernel(const __grid_constant_
         int m0, n0, kb0, nkb, c_row;
         tile(t, m0, n0, kb0, nkb, c_row);
         if (nkb_ >= 0) kb0 = kb0_, nkb = nkb_;
+        if ((MGROUPED || KGROUPED) && nkb == 0) return;  // a skipped tile (see tile())
         const int b_row = MGROUPED ? GROUPS[m0 / BM] * N + n0 : n0;  // row of B where this tile's columns start
         for (int kb = kb0; kb < kb0 + nkb; ++kb, ++it) {
           int s = it % STAGES;
@@ -484,6 +491,7 @@ __global__ void __launch_bounds__(THREADS, 1) gemm_kernel(const __grid_constant_
     // Each tile (t, a split run's K blocks, or nkb < 0: all of them): its K loop, then its epilogue.
     auto run_tile = [&](int t, int kb0_, int nkb_) {
       const Work w = work_of(t, kb0_, nkb_);
+      if ((MGROUPED || KGROUPED) && w.nkb == 0) return;  // a skipped tile, as the producer skips it (see tile())
 #pragma unroll
       for (int i = 0; i < 64; ++i) fin[i] = 0.f;
       // Step kb: start block kb + 1 into `nxt` (step 2), wait for block kb (in `cur`) only, release its stage
@@ -768,8 +776,9 @@ void gemm_wgrad(at::Tensor a, at::Tensor a_scale, at::Tensor b, at::Tensor b_sca
 }
 
 // Routed experts' Wgrad: out[e] (M, N) = the 1D1D product over the K blocks [kb0, kb0 + nkb) of each group
-// (e, kb0, nkb) of kg (G, 3) int32 on the GPU; out (E*M, N) fp32, M % 128 == 0. Every group needs nkb >= 1 (an
-// empty group would wait forever for a stage). Rows of experts named by no group are left as they are.
+// (e, kb0, nkb) of kg (G, 3) int32 on the GPU; out (E*M, N) fp32, M % 128 == 0. A group with nkb = 0 (an idle
+// expert) is skipped: its rows, like those of experts named by no group, are left as they are. kg is read by
+// the kernel only, never by the host (no wait for the GPU).
 void gemm_experts_wgrad(at::Tensor a, at::Tensor a_scale, at::Tensor b, at::Tensor b_scale_t, at::Tensor kg,
                         at::Tensor out) {
   check_wgrad(a, a_scale, b, b_scale_t, out, "fp8 gemm_experts_wgrad");
@@ -786,8 +795,9 @@ void gemm_experts_wgrad(at::Tensor a, at::Tensor a_scale, at::Tensor b, at::Tens
 }
 
 // Routed experts' Fprop and Dgrad: out (M, N) = a (M, K) . b[e] (N, K)^T for the rows of expert e, where a's rows
-// come sorted by expert in segments of whole 128-row tiles, groups (M/128,) int32 names the expert of each tile,
-// b stacks the E experts' weights as (E*N, K) and b_scale their 128x128 block scales as (E*N/128, K/128).
+// come sorted by expert in segments of whole 128-row tiles, groups (M/128,) int32 names the expert of each tile
+// (-1: none; the tile is skipped and its rows of out are left as they are), b stacks the E experts' weights as
+// (E*N, K) and b_scale their 128x128 block scales as (E*N/128, K/128).
 void gemm_experts(at::Tensor a, at::Tensor a_scale, at::Tensor b, at::Tensor b_scale, at::Tensor groups,
                   at::Tensor out, int64_t n_experts) {
   check_operands(a, a_scale, b, b_scale, out, "fp8 gemm_experts", at::kBFloat16);
