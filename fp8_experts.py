@@ -5,12 +5,16 @@ The routed experts' GEMMs run in FP8 too, with the same 1×128 activation tiles 
 count. Launching one GEMM per expert wastes the GPU on small problems, so all experts go in one launch:
 
   * Layout: tokens come sorted by expert (``moe.Experts``); each expert's segment is padded with zero rows to
-    whole 128-row tiles (``_tile_layout``), so that no 1×128 tile, and no tile of the GEMM, mixes two experts.
+    whole 128-row tiles (``tile_layout``), so that no 1×128 tile, and no tile of the GEMM, mixes two experts.
+    The plan lives on the device: it is computed there from the (E,) token counts, never read back, because a
+    host read waits for the GPU to drain its queue and stalls the launches behind it. So the padded buffer has
+    a static size (a bound on the tiles needed), and the tiles past the last expert's are marked -1.
   * Fprop and Dgrad: one **M-grouped** GEMM (``fp8_gemm_grouped``, DeepGEMM's "contiguous" layout). Row tile t
-    multiplies expert groups[t]'s weight out of the stacked (E, N, K) tensor.
+    multiplies expert groups[t]'s weight out of the stacked (E, N, K) tensor; tiles of group -1 are skipped.
   * Wgrad: one **K-grouped** GEMM (``fp8_gemm_kgrouped``). dW[e] = dY_segᵀ·X_seg contracts over the expert's own
     tokens, so both operands are quantized along the tokens (1×128 tiles on both, "1D1D") and each expert sums
-    only its own K range. The output is FP32, as the report keeps Wgrad.
+    only its own K range (``k_groups``; an idle expert's range is empty, its dW stays 0). The output is FP32, as
+    the report keeps Wgrad.
   * ``fp8_segment_mm`` wraps the three in an autograd function: the FP8 twin of ``moe.segment_mm``.
   * Low-precision storage with recomputation (§3.3.3): ``fp8_swiglu_down`` runs the experts' SwiGLU and their
     down projection W2 as one autograd step. It keeps only the SwiGLU's inputs for the backward pass, in 1×128
@@ -51,22 +55,25 @@ def _check_grouped(a, a_scale, b, b_scale, groups):
 
 def fp8_gemm_grouped_ref(a, a_scale, b, b_scale, groups, out_dtype=torch.bfloat16) -> torch.Tensor:
     """Reference M-grouped GEMM: rows [128·t, 128·t + 128) of a use expert groups[t]'s weight b[e] (N, K) with
-    its block scales b_scale[e]; out (M, N). Runs of tiles of one expert are one fp8_gemm_ref call."""
+    its block scales b_scale[e]; out (M, N). Tiles of group -1 (the unused tail of the tile layout) give zero rows.
+    Runs of tiles of one expert are one fp8_gemm_ref call."""
     _check_grouped(a, a_scale, b, b_scale, groups)
-    out = torch.empty(a.shape[0], b.shape[1], dtype=out_dtype, device=a.device)
+    out = torch.zeros(a.shape[0], b.shape[1], dtype=out_dtype, device=a.device)
     g = groups.tolist()
     start = 0
     for t in range(1, len(g) + 1):
         if t == len(g) or g[t] != g[start]:
             rows = slice(start * BLOCK, t * BLOCK)
-            out[rows] = fp8_gemm_ref(a[rows], a_scale[rows], b[g[start]], b_scale[g[start]], out_dtype)
+            if g[start] >= 0:
+                out[rows] = fp8_gemm_ref(a[rows], a_scale[rows], b[g[start]], b_scale[g[start]], out_dtype)
             start = t
     return out
 
 
 def fp8_gemm_grouped(a, a_scale, b, b_scale, groups, out_dtype=torch.bfloat16) -> torch.Tensor:
     """M-grouped C = A·B[e]ᵀ for routed experts (DeepGEMM's "contiguous" layout): a (M, K) holds the tokens sorted
-    by expert, each expert's segment padded to whole 128-row tiles, groups (M/128,) int32 the expert of each tile;
+    by expert, each expert's segment padded to whole 128-row tiles, groups (M/128,) int32 the expert of each tile
+    (-1: a tile of no expert, skipped; its output rows are not written, the reference makes them 0);
     b (E, N, K) and b_scale (E, N/128, K/128) the stacked experts. One kernel launch on Hopper."""
     _check_grouped(a, a_scale, b, b_scale, groups)
     ext = load_kernel() if a.is_cuda else None
@@ -84,13 +91,29 @@ def fp8_gemm_grouped(a, a_scale, b, b_scale, groups, out_dtype=torch.bfloat16) -
 def _check_kgrouped(a, a_scale, b, b_scale, sizes):
     if not check_gemm_operands(a, a_scale, b, b_scale):
         raise ValueError("fp8_gemm_kgrouped: b_scale must hold 1×128 tiles along K, (N, K/128)")
-    if any(n % BLOCK for n in sizes) or sum(sizes) != a.shape[1]:
-        raise ValueError(f"fp8_gemm_kgrouped: segment sizes must be multiples of {BLOCK} summing to K = {a.shape[1]}")
+    if torch.is_tensor(sizes) and sizes.is_cuda:                       # not read: the host would wait for the GPU
+        return
+    sizes = sizes.tolist() if torch.is_tensor(sizes) else sizes
+    if any(n % BLOCK for n in sizes) or sum(sizes) > a.shape[1]:
+        raise ValueError(f"fp8_gemm_kgrouped: segment sizes must be multiples of {BLOCK} summing to at most "
+                         f"K = {a.shape[1]}")
+
+
+def k_groups(sizes: torch.Tensor) -> torch.Tensor:
+    """The K-grouped kernel's table of segments of `sizes` (E,) rows of K, multiples of 128 laid end to end from
+    K = 0: (E, 3) int32 rows (e, first K block, number of K blocks), 0 blocks for an empty segment. Computed
+    where `sizes` lives: on the GPU nothing is read back."""
+    blocks = sizes.long() // BLOCK                                     # (E,)
+    first = blocks.cumsum(0) - blocks                                  # (E,)
+    expert = torch.arange(len(blocks), device=blocks.device)
+    return torch.stack([expert, first, blocks], 1).to(torch.int32)     # (E, 3)
 
 
 def fp8_gemm_kgrouped_ref(a, a_scale, b, b_scale, sizes, out_dtype=torch.bfloat16) -> torch.Tensor:
     """Reference K-grouped GEMM (routed-expert Wgrad): out[e] = A[:, seg_e]·B[:, seg_e]ᵀ over the e-th segment
-    of K (`sizes`, multiples of 128), both operands in 1×128 tiles along K → (E, M, N); empty segments give 0."""
+    of K (`sizes`, a list or a 1-D integer tensor, multiples of 128, from K = 0; K blocks past the last segment
+    are unused), both operands in 1×128 tiles along K → (E, M, N); empty segments give 0."""
+    sizes = sizes.tolist() if torch.is_tensor(sizes) else sizes       # a loop on the host, as references are
     if a.shape[1] == 0:                                                # no tokens at all: zero gradients
         return torch.zeros(len(sizes), a.shape[0], b.shape[0], dtype=out_dtype, device=a.device)
     _check_kgrouped(a, a_scale, b, b_scale, sizes)
@@ -105,7 +128,8 @@ def fp8_gemm_kgrouped_ref(a, a_scale, b, b_scale, sizes, out_dtype=torch.bfloat1
 
 
 def fp8_gemm_kgrouped(a, a_scale, b, b_scale, sizes, out_dtype=torch.bfloat16) -> torch.Tensor:
-    """K-grouped GEMM (see the reference): one kernel launch on Hopper, with the segments read in place."""
+    """K-grouped GEMM (see the reference): one kernel launch on Hopper, with the segments read in place. sizes on
+    the GPU stay there (k_groups): the kernel skips the empty segments, whose outputs stay 0."""
     (M, K), N = a.shape, b.shape[0]
     ext = load_kernel() if a.is_cuda else None
     if not (ext is not None and M % BLOCK == 0 and N % 8 == 0 and M and K):
@@ -114,85 +138,96 @@ def fp8_gemm_kgrouped(a, a_scale, b, b_scale, sizes, out_dtype=torch.bfloat16) -
                     f"using the PyTorch reference K-grouped GEMM (slow)")
         return fp8_gemm_kgrouped_ref(a, a_scale, b, b_scale, sizes, out_dtype)
     _check_kgrouped(a, a_scale, b, b_scale, sizes)
-    starts = [sum(sizes[:e]) for e in range(len(sizes))]
-    kg = [(e, s // BLOCK, n // BLOCK) for e, (s, n) in enumerate(zip(starts, sizes)) if n]   # busy experts
-    out = torch.zeros(len(sizes) * M, N, dtype=torch.float32, device=a.device)              # idle ones stay 0
-    if kg:
-        sbt = F.pad(b_scale.t(), (0, -N % BLOCK)).contiguous()                               # (K/128, N')
-        with torch.cuda.device(a.device):
-            ext.gemm_experts_wgrad(a.contiguous(), a_scale.contiguous(), b.contiguous(), sbt,
-                                   torch.tensor(kg, dtype=torch.int32, device=a.device), out)
-    return out.view(len(sizes), M, N).to(out_dtype)
+    sizes = sizes if torch.is_tensor(sizes) else torch.tensor(sizes, device=a.device)
+    E = len(sizes)
+    out = torch.zeros(E * M, N, dtype=torch.float32, device=a.device)                     # idle experts stay 0
+    sbt = F.pad(b_scale.t(), (0, -N % BLOCK)).contiguous()                                 # (K/128, N')
+    with torch.cuda.device(a.device):
+        ext.gemm_experts_wgrad(a.contiguous(), a_scale.contiguous(), b.contiguous(), sbt,
+                               k_groups(sizes.to(a.device)), out)
+    return out.view(E, M, N).to(out_dtype)
 
 
 # ---------------------------------------------------------------- FP8 routed experts
-_LAYOUT = {}  # the last layout built: w1, w3 and w2 of one MoE forward (and their backward) share it
+def tile_layout(counts: torch.Tensor, M: int):
+    """The tile layout of M rows sorted by expert, counts (E,) the rows of each expert (an integer tensor summing
+    to M), computed where counts lives without reading it back:
+      dst (M,) int64     the padded row of each row
+      groups (T,) int32  the expert of each 128-row tile of the padded buffer, -1 for the unused tiles at its end
+      padded (E,) int64  each expert's rows rounded up to whole tiles (the K segments of Wgrad)"""
+    E, device = counts.shape[0], counts.device
+    # The tiles needed, Σ_e ⌈n_e/128⌉, are known only on the GPU, so the padded buffer gets the static size of
+    # their bound: at most min(E, M) experts have rows, each rounded up by at most 127, so
+    # Σ_e ⌈n_e/128⌉ ≤ Σ_{n_e > 0} (n_e + 127)/128 ≤ (M + 127·min(E, M))/128, and the left side is an integer.
+    T = (M + (BLOCK - 1) * min(E, M)) // BLOCK
+    tiles = (counts + BLOCK - 1) // BLOCK                                       # (E,) ⌈n_e/128⌉
+    tile_end, row_end = tiles.cumsum(0), counts.cumsum(0)                      # (E,), (E,)
+    # The expert of tile t (of row i): the number of segments that end at or before it; E past the last one.
+    groups = torch.searchsorted(tile_end, torch.arange(T, device=device), right=True, out_int32=True)  # (T,)
+    groups = torch.where(groups < E, groups, -1)                               # (T,) the unused tail: -1
+    expert = torch.searchsorted(row_end, torch.arange(M, device=device), right=True)  # (M,)
+    shift = (tile_end - tiles) * BLOCK - (row_end - counts)                    # (E,) padded start − start
+    dst = torch.arange(M, device=device) + shift.index_select(0, expert)       # (M,)
+    return dst, groups, tiles * BLOCK
 
 
-def _tile_layout(sizes: list, device):
-    """Segments of `sizes` rows, each padded to whole 128-row tiles: (dst (M,) the padded row of each row,
-    groups (M'/128,) int32 the expert of each tile, padded sizes as a list)."""
-    key = (tuple(sizes), str(device))
-    if key not in _LAYOUT:
-        _LAYOUT.clear()
-        _LAYOUT[key] = _build_tile_layout(sizes, device)
-    return _LAYOUT[key]
+_LAST_LAYOUT = []  # [(counts, its _version, M, layout)] of the last layout built
 
 
-def _build_tile_layout(sizes: list, device):
-    padded = [-(-n // BLOCK) * BLOCK for n in sizes]
-    shift = torch.tensor([sum(padded[:e]) - sum(sizes[:e]) for e in range(len(sizes))], device=device)
-    counts = torch.tensor(sizes, device=device)
-    dst = torch.arange(sum(sizes), device=device) + shift.repeat_interleave(counts)            # (M,)
-    groups = torch.arange(len(sizes), device=device, dtype=torch.int32).repeat_interleave(
-        torch.tensor([p // BLOCK for p in padded], device=device))                             # (M'/128,)
-    return dst, groups, padded
+def _shared_layout(counts: torch.Tensor, M: int):
+    """tile_layout(counts, M), built once for the gate, up and down projections of one MoE forward, which get
+    the same counts tensor: the same object (held here, so that its id is not reused), unchanged since
+    (`_version`), and the same M. A list of sizes becomes a new tensor each call, hence a new layout."""
+    if counts.is_inference():                                          # no version counter to trust
+        return tile_layout(counts, M)
+    last = _LAST_LAYOUT[0] if _LAST_LAYOUT else None
+    if last is None or last[0] is not counts or last[1] != counts._version or last[2] != M:
+        _LAST_LAYOUT[:] = [(counts, counts._version, M, tile_layout(counts, M))]
+    return _LAST_LAYOUT[0][3]
 
 
-def _padded(x, dst, padded):
-    """Rows of x into the tile layout: (M', K) with zero rows between the segments."""
-    xp = x.new_zeros(sum(padded), x.shape[1])
-    xp[dst] = x
-    return xp
+def _padded(x, dst, groups):
+    """Rows of x into the tile layout: (T·128, K) with zero rows between the segments and after the last."""
+    return x.new_zeros(groups.shape[0] * BLOCK, x.shape[1]).index_copy_(0, dst, x)
 
 
-def _experts_forward(x, w, sizes):
+def _experts_forward(x, w, counts):
     """Fprop of Y_seg = X_seg·W[e]ᵀ: y (M, N), the padded input xp, and what the backward needs besides it."""
     out_dtype = compute_dtype(x)
     E, N, K = w.shape
-    dst, groups, padded = _tile_layout(sizes, x.device)
-    xp = _padded(x, dst, padded)                                       # (M', K)
+    dst, groups, padded = _shared_layout(counts, x.shape[0])
+    xp = _padded(x, dst, groups)                                       # (T·128, K)
     xq, xs = quantize_act(xp)
     wq, ws = quantize_weight(w.reshape(E * N, K))                      # blocks never straddle experts (N % 128 = 0)
     wq, ws = wq.view(E, N, K), ws.view(E, N // BLOCK, K // BLOCK)
-    y = fp8_gemm_grouped(xq, xs, wq, ws, groups, out_dtype)[dst]      # (M, N)
-    return y, xp, (wq, ws, dst, groups), (padded, x.dtype, w.dtype)
+    y = fp8_gemm_grouped(xq, xs, wq, ws, groups, out_dtype).index_select(0, dst)  # (M, N)
+    return y, xp, (wq, ws, dst, groups, padded), (x.dtype, w.dtype)
 
 
 def _experts_backward(dy, xp, saved, meta):
     """Dgrad and Wgrad of _experts_forward, given its padded input xp (kept, or recomputed)."""
-    wq, ws, dst, groups = saved
-    padded, x_dtype, w_dtype = meta
-    dyp = _padded(dy, dst, padded)                                     # (M', N)
+    wq, ws, dst, groups, padded = saved
+    x_dtype, w_dtype = meta
+    dyp = _padded(dy, dst, groups)                                     # (T·128, N)
     # Dgrad: dX_seg = dY_seg·W[e], i.e. a grouped GEMM against the transposed experts (E, K, N).
     dyq, dys = quantize_act(dyp)
     dx = fp8_gemm_grouped(dyq, dys, wq.transpose(1, 2).contiguous(), ws.transpose(1, 2).contiguous(), groups,
-                          x_dtype)[dst]                                # (M, K)
+                          x_dtype).index_select(0, dst)                # (M, K)
     # Wgrad: dW[e] = dY_segᵀ·X_seg over the expert's own (padded) tokens, both quantized along tokens.
-    dytq, dyts = quantize_act_t(dyp)                                   # (N, M'), (N, M'/128)
-    xtq, xts = quantize_act_t(xp)                                      # (K, M'), (K, M'/128)
+    dytq, dyts = quantize_act_t(dyp)                                   # (N, T·128), (N, T)
+    xtq, xts = quantize_act_t(xp)                                      # (K, T·128), (K, T)
     dw = fp8_gemm_kgrouped(dytq, dyts, xtq, xts, padded, w_dtype)      # (E, N, K), one launch on Hopper
     return dx, dw
 
 
 class _FP8ExpertsFn(torch.autograd.Function):
     """Y_seg = X_seg·W[e]ᵀ for every expert e at once, Fprop, Dgrad and Wgrad in FP8 (the routed experts of
-    report §3.3). Rows arrive sorted by expert (`sizes` per expert); each segment is padded with zero rows to whole
-    128-row tiles, so that one grouped GEMM serves all experts and no 1×128 tile mixes two experts' tokens."""
+    report §3.3). Rows arrive sorted by expert (`counts` (E,) per expert); each segment is padded with zero rows to
+    whole 128-row tiles, so that one grouped GEMM serves all experts and no 1×128 tile mixes two experts' tokens."""
 
     @staticmethod
-    def forward(ctx, x, w, sizes):
-        y, xp, saved, meta = _experts_forward(x, w, sizes)
+    def forward(ctx, x, w, counts):
+        y, xp, saved, meta = _experts_forward(x, w, counts)
         ctx.save_for_backward(xp, *saved)
         ctx.meta = meta
         return y
@@ -214,9 +249,9 @@ class _FP8SwiGLUDownFn(torch.autograd.Function):
     SiLU(A), A, B and H padded."""
 
     @staticmethod
-    def forward(ctx, a, b, w2, sizes, act_cache):
+    def forward(ctx, a, b, w2, counts, act_cache):
         h = F.silu(a) * b                                                  # (M, inter)
-        y, _, saved, meta = _experts_forward(h, w2, sizes)
+        y, _, saved, meta = _experts_forward(h, w2, counts)
         if act_cache == "bf16":
             kept = (a, b)
         else:
@@ -236,32 +271,53 @@ class _FP8SwiGLUDownFn(torch.autograd.Function):
             a, b = dequantize_act(*kept[:2]).to(ab_dtype), dequantize_act(*kept[2:]).to(ab_dtype)
         s = F.silu(a)                                                      # recomputed: SiLU(A) and H
         h = s * b
-        dst, padded = saved[2], meta[0]                                 # the rows' places in the tile layout
-        dh, dw2 = _experts_backward(dy, _padded(h, dst, padded), saved, meta)
+        dst, groups = saved[2], saved[3]                                   # the rows' places in the tile layout
+        dh, dw2 = _experts_backward(dy, _padded(h, dst, groups), saved, meta)
         da = torch.ops.aten.silu_backward(dh * b, a)                      # the ops autograd would run
         db = dh * s
         return da, db, dw2, None, None
 
 
-def fp8_swiglu_down(a: torch.Tensor, b: torch.Tensor, w2: torch.Tensor, sizes: list,
+def _segment_counts(sizes, M: int, n_experts: int, device, fits: bool, operands: str) -> torch.Tensor:
+    """`sizes` (a list of ints, or a 1-D integer tensor on `device`) as an (E,) int64 tensor on `device`; a
+    ValueError naming `operands` unless they fit (`fits`) and sizes fit E = n_experts segments of M rows in all.
+    The sum of sizes on the GPU is not checked: reading it would make the host wait for the GPU."""
+    if torch.is_tensor(sizes):
+        n = sizes.numel()
+        fits = fits and (sizes.shape == (n_experts,) and not sizes.is_floating_point() and sizes.device == device
+                         and (sizes.is_cuda or sizes.sum().item() == M))
+        counts = sizes.long()                                          # an int64 tensor is itself: the layout's key
+    else:
+        sizes = list(sizes)
+        n = len(sizes)
+        fits = fits and n == n_experts and sum(sizes) == M
+        counts = torch.tensor(sizes, dtype=torch.long, device=device) if fits else None  # once; free on the CPU
+    if not fits:
+        raise ValueError(f"{operands} and {n} segment sizes do not fit together")
+    return counts
+
+
+def fp8_swiglu_down(a: torch.Tensor, b: torch.Tensor, w2: torch.Tensor, sizes,
                     act_cache: str = "bf16") -> torch.Tensor:
     """(SiLU(a) ⊙ b)·w2[e]ᵀ per segment of rows, in FP8, for a, b (M, inter) and w2 (E, dim, inter) → (M, dim),
-    keeping a and b for the backward pass as `act_cache` says (see _FP8SwiGLUDownFn)."""
+    keeping a and b for the backward pass as `act_cache` says (see _FP8SwiGLUDownFn). sizes: the rows of each
+    segment, a list or a 1-D integer tensor on a's device (on the GPU the host then never waits for it)."""
     if act_cache not in ACT_CACHES:
         raise ValueError(f"fp8_swiglu_down: act_cache={act_cache!r}, expected one of {ACT_CACHES}")
-    if a.shape != b.shape or w2.dim() != 3 or len(sizes) != w2.shape[0] or a.shape != (sum(sizes), w2.shape[2]):
-        raise ValueError(f"fp8_swiglu_down: a {tuple(a.shape)}, b {tuple(b.shape)}, w2 {tuple(w2.shape)} and "
-                         f"{len(sizes)} segment sizes do not fit together")
-    return _FP8SwiGLUDownFn.apply(a, b, w2, list(sizes), act_cache)
+    fits = a.shape == b.shape and a.dim() == 2 and w2.dim() == 3 and a.shape[1] == w2.shape[2]
+    counts = _segment_counts(sizes, a.shape[0] if fits else 0, w2.shape[0] if fits else 0, a.device, fits,
+                             f"fp8_swiglu_down: a {tuple(a.shape)}, b {tuple(b.shape)}, w2 {tuple(w2.shape)}")
+    return _FP8SwiGLUDownFn.apply(a, b, w2, counts, act_cache)
 
 
-def fp8_segment_mm(x: torch.Tensor, w: torch.Tensor, sizes: list) -> torch.Tensor:
+def fp8_segment_mm(x: torch.Tensor, w: torch.Tensor, sizes) -> torch.Tensor:
     """Rows of x (M, in) sorted into len(sizes) segments, times w (E, out, in)ᵀ per segment, in FP8 → (M, out).
-    The FP8 twin of moe.segment_mm; in and out must be multiples of 128."""
-    if w.dim() != 3 or len(sizes) != w.shape[0] or x.shape != (sum(sizes), w.shape[2]):
-        raise ValueError(f"fp8_segment_mm: x {tuple(x.shape)}, w {tuple(w.shape)} and {len(sizes)} segment sizes "
-                         f"do not fit together")
-    return _FP8ExpertsFn.apply(x, w, list(sizes))
+    The FP8 twin of moe.segment_mm; in and out must be multiples of 128. sizes: a list, or a 1-D integer tensor on
+    x's device (on the GPU the host then never waits for it: the tile layout is planned there)."""
+    fits = x.dim() == 2 and w.dim() == 3 and x.shape[1] == w.shape[2]
+    counts = _segment_counts(sizes, x.shape[0] if fits else 0, w.shape[0] if fits else 0, x.device, fits,
+                             f"fp8_segment_mm: x {tuple(x.shape)}, w {tuple(w.shape)}")
+    return _FP8ExpertsFn.apply(x, w, counts)
 
 
 class FP8Experts:

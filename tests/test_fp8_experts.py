@@ -14,17 +14,77 @@ def _grouped_operands(sizes, N, K, device="cpu", seed=0):
     g = torch.Generator(device="cpu").manual_seed(seed)
     x = torch.randn(sum(sizes), K, generator=g).to(device)
     w = torch.randn(len(sizes), N, K, generator=g).to(device)
-    dst, groups, padded = fp8_experts._tile_layout(sizes, torch.device(device))
-    xp = x.new_zeros(sum(padded), K)
+    dst, groups, padded = fp8_experts.tile_layout(torch.tensor(sizes, device=device), sum(sizes))
+    xp = x.new_zeros(groups.shape[0] * 128, K)
     xp[dst] = x
     return x, w, xp, dst, groups
 
 
 def test_tile_layout_pads_segments_to_whole_tiles():
-    dst, groups, padded = fp8_experts._tile_layout([3, 0, 130, 128], torch.device("cpu"))
-    assert padded == [128, 0, 256, 128]
+    dst, groups, padded = fp8_experts.tile_layout(torch.tensor([3, 0, 130, 128]), 261)
+    assert padded.tolist() == [128, 0, 256, 128]
     assert dst.tolist() == [0, 1, 2] + list(range(128, 258)) + list(range(384, 512))
-    assert groups.tolist() == [0, 2, 2, 3] and groups.dtype == torch.int32
+    # 4 tiles used of the static (261 + 127·4) // 128 = 6: the unused tail is marked -1
+    assert groups.tolist() == [0, 2, 2, 3, -1, -1] and groups.dtype == torch.int32
+
+
+def _host_layout(sizes):
+    """The tile layout planned on the host from a list of sizes, the plain way: (padded sizes, dst, groups with
+    the -1 tail up to the static tile count, the K-group table of the padded segments)."""
+    M, E = sum(sizes), len(sizes)
+    padded = [-(-n // 128) * 128 for n in sizes]
+    dst, groups, kg = [], [], []
+    for e, n in enumerate(sizes):
+        start = sum(padded[:e])
+        dst += range(start, start + n)
+        groups += [e] * (padded[e] // 128)
+        kg.append((e, start // 128, padded[e] // 128))
+    groups += [-1] * ((M + 127 * min(E, M)) // 128 - len(groups))
+    return padded, dst, groups, kg
+
+
+@pytest.mark.parametrize("sizes", [[3, 0, 130, 128], [0, 0, 0], [0, 500, 0], [128, 1, 255, 256, 0, 7],
+                                   [1] * 9, [0] * 4 + [129] + [0] * 3, [2, 0, 1]])
+def test_tile_layout_on_device_equals_host_plan(sizes):
+    """The layout planned from a counts tensor (on the device, in training) equals the plain host construction:
+    empty experts, all rows in one expert, no rows at all (M = 0), more experts than rows."""
+    dst, groups, padded = fp8_experts.tile_layout(torch.tensor(sizes), sum(sizes))
+    h_padded, h_dst, h_groups, h_kg = _host_layout(sizes)
+    assert padded.tolist() == h_padded and dst.tolist() == h_dst and groups.tolist() == h_groups
+    assert groups.dtype == torch.int32 and dst.dtype == torch.int64
+    kg = fp8_experts.k_groups(padded)
+    assert kg.tolist() == [list(t) for t in h_kg] and kg.dtype == torch.int32   # idle experts: 0 K blocks
+    assert groups.shape[0] * 128 >= sum(h_padded)                               # the static bound holds
+
+
+def test_tensor_sizes_equal_list_sizes():
+    """fp8_segment_mm and fp8_swiglu_down given the sizes as a tensor (as moe.Experts passes them) give the same
+    bits, outputs and gradients, as given a list; and one counts tensor's layout is built once and shared."""
+    sizes, N, K = [70, 0, 300, 128, 1], 256, 384
+    x, w, *_ = _grouped_operands(sizes, N, K, seed=2)
+    g = torch.randn(sum(sizes), N)
+    a, b = torch.randn(2, sum(sizes), K).unbind(0)
+    w2 = torch.randn(len(sizes), N, K)
+    runs = []
+    for sz in (sizes, torch.tensor(sizes)):
+        x1, w1 = x.clone().requires_grad_(), w.clone().requires_grad_()
+        y = fp8_experts.fp8_segment_mm(x1, w1, sz)
+        y.backward(g)
+        fused = _swiglu_down_run(lambda a, b, w: fp8_experts.fp8_swiglu_down(a, b, w, sz, "fp8"), a, b, w2, g)
+        runs.append([y.detach(), x1.grad, w1.grad, *fused[:4]])
+    assert all(torch.equal(p, q) for p, q in zip(*runs))
+    counts = torch.tensor(sizes)
+    layout = fp8_experts._shared_layout(counts, sum(sizes))
+    assert fp8_experts._shared_layout(counts, sum(sizes)) is layout                       # w1, w3, w2 share it
+    assert fp8_experts._shared_layout(counts.clone(), sum(sizes)) is not layout           # another tensor
+    counts.add_(0)                                                                        # changed in place
+    assert fp8_experts._shared_layout(counts, sum(sizes)) is not layout
+    with pytest.raises(ValueError, match="do not fit"):
+        fp8_experts.fp8_segment_mm(x, w, torch.tensor(sizes[:-1]))
+    with pytest.raises(ValueError, match="do not fit"):
+        fp8_experts.fp8_segment_mm(x, w, torch.tensor(sizes) + 1)                         # wrong sum (on the CPU)
+    with pytest.raises(ValueError, match="do not fit"):
+        fp8_experts.fp8_swiglu_down(a, b, w2, torch.tensor(sizes, dtype=torch.float32))
 
 
 def test_grouped_reference_is_per_expert_gemm():
@@ -223,10 +283,40 @@ def test_kernel_grouped_matches_reference(sizes, N, K):
     out = torch.full((xp.shape[0], N), float("nan"), device="cuda", dtype=torch.bfloat16)
     ext.gemm_experts(xq, xs, wq.reshape(E * N, K), ws.reshape(-1, K // 128), groups, out, E)
     torch.cuda.synchronize()
-    assert not out.isnan().any(), f"seed {seed}"
-    torch.testing.assert_close(out.float(), ref, rtol=2 ** -7, atol=1e-3 * ref.abs().max().item(),
+    used = (groups >= 0).repeat_interleave(128)                       # rows of the tiles of some expert
+    assert (groups < 0).any()                                          # the layout's unused tail is there
+    assert not out[used].isnan().any() and out[~used].isnan().all(), f"seed {seed}"  # -1 tiles: not written
+    torch.testing.assert_close(out[used].float(), ref[used], rtol=2 ** -7, atol=1e-3 * ref.abs().max().item(),
                                msg=lambda m: f"seed {seed}: {m}")
-    torch.testing.assert_close(fp8_experts.fp8_gemm_grouped(xq, xs, wq, ws, groups), out)    # dispatch
+    torch.testing.assert_close(fp8_experts.fp8_gemm_grouped(xq, xs, wq, ws, groups)[used], out[used])  # dispatch
+
+
+@pytest.mark.gpu
+@hopper
+def test_kernel_grouped_skips_tiles_of_no_expert():
+    """Tiles of group -1 anywhere (first, between experts, last, all of them) are skipped by the producer and the
+    math warps alike: the other tiles get the bits they get without the skipped ones, and no launch hangs."""
+    ext = fp8.load_kernel()
+    assert ext is not None, fp8.why_no_kernel()
+    E, N, K, T = 3, 256, 640, 40
+    g = torch.Generator(device="cpu").manual_seed(7)
+    x = torch.randn(T * 128, K, generator=g).cuda()
+    w = torch.randn(E, N, K, generator=g).cuda()
+    xq, xs = fp8.quantize_act(x)
+    wq, ws = fp8.quantize_weight(w.reshape(-1, K))
+    full = torch.randint(0, E, (T,), generator=g, dtype=torch.int32).cuda()          # every tile busy
+    dense = torch.empty(T * 128, N, device="cuda", dtype=torch.bfloat16)
+    ext.gemm_experts(xq, xs, wq, ws, full, dense, E)
+    for skip in ([0], [0, 5, 6, 17, T - 1], list(range(1, T, 2)), list(range(T))):
+        groups = full.clone()
+        groups[skip] = -1
+        out = torch.full((T * 128, N), float("nan"), device="cuda", dtype=torch.bfloat16)
+        ext.gemm_experts(xq, xs, wq, ws, groups, out, E)
+        torch.cuda.synchronize()
+        used = (groups >= 0).repeat_interleave(128)
+        assert out[~used].isnan().all() and torch.equal(out[used], dense[used]), skip
+        ref = fp8_experts.fp8_gemm_grouped_ref(xq, xs, wq.view(E, N, K), ws.view(E, N // 128, K // 128), groups)
+        assert ref[~used].abs().sum() == 0                             # the reference: zero rows
 
 
 @pytest.mark.gpu
@@ -298,3 +388,74 @@ def test_kernel_kgrouped_matches_reference(sizes, M, N):
     _assert_fp32_close(out[busy], ref[busy], absprod[busy], seed)
     wrapped = fp8_experts.fp8_gemm_kgrouped(aq, a_s, bq, b_s, sizes, torch.float32)  # zero-fills the idle experts
     assert torch.equal(wrapped[busy], out[busy]) and wrapped[~busy].abs().sum() == 0, f"seed {seed}"
+    # The table of every expert, idle ones with 0 K blocks (as the routed experts pass it): they are skipped.
+    out_all = torch.full((len(sizes) * M, N), float("nan"), device="cuda")
+    ext.gemm_experts_wgrad(aq, a_s, bq, sbt, fp8_experts.k_groups(torch.tensor(sizes, device="cuda")), out_all)
+    torch.cuda.synchronize()
+    out_all = out_all.view(len(sizes), M, N)
+    assert torch.equal(out_all[busy], out[busy]) and out_all[~busy].isnan().all(), f"seed {seed}"
+    on_device = fp8_experts.fp8_gemm_kgrouped(aq, a_s, bq, b_s, torch.tensor(sizes, device="cuda"), torch.float32)
+    assert torch.equal(on_device, wrapped), f"seed {seed}"
+
+
+@pytest.mark.gpu
+@hopper
+def test_kernel_kgrouped_skips_idle_experts():
+    """Idle experts (0 K blocks) first, between busy ones, last, or all of them, and K blocks past the last
+    segment: skipped without a hang, the busy experts' bits unchanged, the wrapper's idle outputs 0."""
+    ext = fp8.load_kernel()
+    assert ext is not None, fp8.why_no_kernel()
+    M, N, K = 256, 512, 128 * 12
+    g = torch.Generator(device="cpu").manual_seed(11)
+    aq, a_s = fp8.quantize_act(torch.randn(M, K, generator=g).cuda())
+    bq, b_s = fp8.quantize_act(torch.randn(N, K, generator=g).cuda())
+    sbt = torch.nn.functional.pad(b_s.t(), (0, -N % 128)).contiguous()
+    for sizes in ([0, 384, 0, 0, 640, 128, 0], [0, 0, 0], [128] * 12, [0, 1024]):   # the last: 4 blocks unused
+        ref = fp8_experts.fp8_gemm_kgrouped_ref(aq, a_s, bq, b_s, sizes, torch.float32)
+        out = torch.full((len(sizes) * M, N), float("nan"), device="cuda")
+        ext.gemm_experts_wgrad(aq, a_s, bq, sbt, fp8_experts.k_groups(torch.tensor(sizes, device="cuda")), out)
+        torch.cuda.synchronize()
+        out = out.view(len(sizes), M, N)
+        busy = torch.tensor([n > 0 for n in sizes], device="cuda")
+        assert out[~busy].isnan().all(), sizes
+        absprod = fp8_experts.fp8_gemm_kgrouped_ref(_abs8(aq), a_s, _abs8(bq), b_s, sizes, torch.float32)
+        if busy.any():
+            _assert_fp32_close(out[busy], ref[busy], absprod[busy], sizes)
+        wrapped = fp8_experts.fp8_gemm_kgrouped(aq, a_s, bq, b_s, torch.tensor(sizes, device="cuda"), torch.float32)
+        assert torch.equal(wrapped[busy], out[busy]) and wrapped[~busy].abs().sum() == 0, sizes
+
+
+@pytest.mark.gpu
+@hopper
+@pytest.mark.parametrize("act_cache", ["bf16", "fp8"])
+def test_fp8_moe_step_does_not_sync(act_cache):
+    """One FP8 MoE forward and backward (routed experts in FP8, segment sizes on the device) never makes the host
+    wait for the GPU: torch.cuda.set_sync_debug_mode("error") raises on any synchronising CUDA call (.item(),
+    .tolist(), a blocking copy, torch.cuda.synchronize). The run after the warm-up (kernel build, probes) equals it."""
+    assert fp8.load_kernel() is not None, fp8.why_no_kernel()
+    from config import ModelConfig
+    from moe import MoE
+    cfg = ModelConfig(dim=256, moe_inter_dim=256, n_routed_experts=16, n_activated_experts=4, n_expert_groups=1,
+                      n_limited_groups=1, n_shared_experts=1)
+    torch.manual_seed(0)
+    m = MoE(cfg, fp8.FP8Linear, fp8_experts.FP8Experts).cuda()
+    m.experts.act_cache = act_cache
+    x = torch.randn(2, 300, 256, device="cuda")
+    g = torch.randn(2, 300, 256, device="cuda", dtype=torch.bfloat16)
+
+    def step():
+        m.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            y = m(x)
+        y.backward(g)
+        return [y.detach()] + [p.grad for p in m.parameters()]
+
+    warm = step()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        got = step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    for a, b in zip(got, warm):                                        # index_add's float atomics: not bitwise
+        assert fp8.calc_diff(a, b) < 1e-5
