@@ -232,10 +232,10 @@ class Experts(nn.Module):
 
     def segments(self, x: torch.Tensor, sizes, impl: str = "auto") -> torch.Tensor:
         """All experts at once on rows sorted by expert (sizes[i] rows for expert i): (M, dim) → (M, dim).
-        sizes: list or device tensor (segment_mm); a grouped GEMM passed in as `mm` gets a list."""
-        host = self.mm is not None or "loop" in (resolve_impl(x, self.w1, impl), resolve_impl(x, self.w2, impl))
+        sizes: list or device tensor (segment_mm); a grouped GEMM passed in as `mm` gets them as they come."""
+        host = self.mm is None and "loop" in (resolve_impl(x, self.w1, impl), resolve_impl(x, self.w2, impl))
         if host and torch.is_tensor(sizes):
-            sizes = sizes.tolist()  # fp8_segment_mm plans its tiles on the host, the loop splits by them: read once
+            sizes = sizes.tolist()  # the loop splits by them: read once
         mm = self.mm or (lambda a, w, n: segment_mm(a, w, n, impl))
         w1, w2, w3 = (local(w) for w in (self.w1, self.w2, self.w3))  # this rank's experts under ep
         if self.swiglu_down is not None:
@@ -346,7 +346,7 @@ def dispatch_ep(x, weights, indices, experts: Experts, group, impl: str = "auto"
     # 4. regroup rank-major → expert-major, so each local expert owns one contiguous segment
     chunk = torch.repeat_interleave(torch.arange(ep * E_local, device=x.device), recv.flatten())  # (M,)
     regroup = torch.argsort(chunk % E_local, stable=True)  # (M,) local expert of each row, then source rank
-    out = experts.segments(rows[regroup], recv.sum(0).tolist(), impl)  # (M, dim)
+    out = experts.segments(rows[regroup], recv.sum(0), impl)  # (M, dim); sizes (E_local,) stay on the device
     # 5. undo the regrouping, then combine: the results travel back to the tokens' ranks
     out = torch.empty_like(out).index_copy(0, regroup, out)  # (M, dim) rank-major again
     out = all_to_all(out, recv_splits, send_splits, group)  # (N·K, dim) in this rank's sorted order
