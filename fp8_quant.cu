@@ -3,8 +3,9 @@
 // cast and (for the backward's transposed operand) a second copy.
 // Same arithmetic as the reference on the GPU, so the results are bit-identical: scale = max(amax, 1e-4) / 448
 // in fp32, done as torch does a division by a Python number (times the fp32 reciprocal), q = e4m3(x / scale)
-// with IEEE division and round-to-nearest-even, saturated at +-448. (For finite inputs: fmaxf skips a NaN, so a
-// tile holding one gets a finite scale here and a NaN scale in the reference; its q holds the NaN either way.)
+// with IEEE division and round-to-nearest-even, saturated at +-448. (For finite inputs in rows and cols: fmaxf
+// skips a NaN, so a tile holding one gets a finite scale there and a NaN scale in the reference; its q holds the
+// NaN either way. blocks keeps the NaN in its amax, as torch's amax does: NaN scale and NaN block, as the reference.)
 //
 //   rows: x (R, C) -> q (R, C), s (R, C/128)               1x128 tiles along the last dim (Fprop, Dgrad)
 //   cols: x (R, C) -> q (C, R'), s (C, R'/128), R' = R rounded up to 128, rows past R read as 0:
