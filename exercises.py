@@ -69,7 +69,7 @@ SETS = {
     "speculative": ("speculative acceptance: greedy, and min(1, p/q) with the residual resample (report §2.2)",
                     ["generate.probs_from_logits", "generate.verify_draft"]),
     "fp8-quant": ("FP8 quantization: 1×128 activation tiles and 128×128 weight blocks (report §3.3.2)",
-                  ["fp8.quantize_act_ref", "fp8.quantize_weight"]),
+                  ["fp8.quantize_act_ref", "fp8.quantize_weight_ref"]),
     "fp8-gemm": ("the reference FP8 GEMM with FP32 promotion every 128 along K (report §3.3.2)",
                  ["fp8.fp8_gemm_ref"]),
     "dualpipe": ("pipeline schedules: 1F1B, then DualPipe's eight steps (report §3.2.1)",

@@ -20,13 +20,14 @@ The recipe, in the report's terms:
   * Low-precision storage (report §3.3.3): ``FP8Linear.act_cache`` can keep a layer's input for Wgrad as its
     1×128 E4M3 tiles, or in E5M6 with power-of-2 scales (``quantize_e5m6``), instead of the input itself.
 
-Reference and fast path: ``fp8_gemm_ref`` (with ``quantize_act_ref``) is the reference, plain PyTorch run on CPU
-and wherever the kernels are unavailable. The fast path is the hand-written sm_90a kernel of ``fp8_gemm.cu`` (TMA
-loads, WGMMA, promotion overlapped with the next K block's WGMMA, A scales carried into shared memory with each
-pipeline stage; its Wgrad, M-grouped and K-grouped variants) plus the one-pass quantizers of ``fp8_quant.cu``,
-JIT-built on first use by ``torch.utils.cpp_extension.load``; the functions here pick them on Hopper GPUs and
-say once when they fall back. ``python fp8_bench.py`` times the kernel against torch's bf16 matmul and cuBLAS's
-blockwise FP8; ``fp8_teaching/`` shows, step by step, how such a kernel is built.
+Reference and fast path: ``fp8_gemm_ref`` (with ``quantize_act_ref`` and ``quantize_weight_ref``) is the reference,
+plain PyTorch run on CPU and wherever the kernels are unavailable. The fast path is the hand-written sm_90a kernel of
+``fp8_gemm.cu`` (TMA loads, WGMMA, promotion overlapped with the next K block's WGMMA, A scales carried into shared
+memory with each pipeline stage; its Wgrad, M-grouped and K-grouped variants) plus the one-pass quantizers of
+``fp8_quant.cu`` (the weight's one writes W and Dgrad's Wᵀ together), JIT-built on first use by
+``torch.utils.cpp_extension.load``; the functions here pick them on Hopper GPUs and say once when they fall back.
+``python fp8_bench.py`` times the kernel against torch's bf16 matmul and cuBLAS's blockwise FP8; ``fp8_teaching/``
+shows, step by step, how such a kernel is built.
 """
 import math
 import os
@@ -181,21 +182,55 @@ def mmajor_scales(scale: torch.Tensor) -> torch.Tensor:
     return buf.t()[:M]
 
 
-def quantize_weight(w: torch.Tensor):
-    """128×128 blocks: w (N, K) → (w_fp8 (N, K) e4m3, scale (ceil(N/128), ceil(K/128)) fp32).
+def quantize_weight(w: torch.Tensor, transpose: bool = False):
+    """128×128 blocks: w (N, K) → (w_fp8 (N, K) e4m3, scale (ceil(N/128), ceil(K/128)) fp32); a stack of matrices
+    (E, N, K), such as the routed experts' weights, → each its own blocks: (E, N, K), (E, ceil(N/128), ceil(K/128)).
 
-    Edge blocks are zero-padded for the amax (padding never raises it) and cropped afterwards, as in the
-    released checkpoints' ``weight_scale_inv``."""
+    transpose=True also returns w_t, Dgrad's operand: w_fp8 transposed (..., K, N'), N' = N rounded up to 128 with
+    zero columns (Dgrad contracts over N in whole 128-wide tiles), its scales the tiny scale.transpose(-1, -2).
+    On Hopper fp8_quant.cu's quant_blocks writes w_fp8, w_t and scale in one pass over w; quantize_weight_ref and
+    transpose_weight are the reference (bit-identical, tests)."""
     _check_high_precision(w, "w")
-    if w.dim() != 2:
-        raise ValueError(f"quantize_weight: w must be 2-D (N, K), got shape {tuple(w.shape)}")
-    N, K = w.shape
+    if w.dim() not in (2, 3):
+        raise ValueError(f"quantize_weight: w must be 2-D (N, K) or 3-D (E, N, K), got shape {tuple(w.shape)}")
+    if not _fused_quant_ok(w, False):
+        q, scale = quantize_weight_ref(w)
+        return (q, scale, transpose_weight(q)) if transpose else (q, scale)
+    w3 = w.contiguous().reshape(-1, *w.shape[-2:])                     # (E, N, K), E = 1 for one matrix
+    if w3.data_ptr() % 16:                                             # the kernel loads 8 or 16 bytes at a time
+        w3 = w3.clone()
+    E, N, K = w3.shape
     nb, kb = -(-N // BLOCK), -(-K // BLOCK)
-    wp = F.pad(w.float(), (0, kb * BLOCK - K, 0, nb * BLOCK - N))     # (nb·128, kb·128)
-    blocks = wp.reshape(nb, BLOCK, kb, BLOCK)                          # (nb, 128, kb, 128)
-    scale = blocks.abs().amax(dim=(1, 3)).clamp(min=AMAX_EPS) / E4M3_MAX  # (nb, kb)
-    q = (blocks / scale[:, None, :, None]).clamp(-E4M3_MAX, E4M3_MAX).to(FP8)
-    return q.reshape(nb * BLOCK, kb * BLOCK)[:N, :K].contiguous(), scale
+    q = torch.empty(w3.shape, dtype=FP8, device=w.device)
+    scale = torch.empty(E, nb, kb, dtype=torch.float32, device=w.device)
+    w_t = torch.empty(E, K, nb * BLOCK, dtype=FP8, device=w.device) if transpose else None
+    with torch.cuda.device(w.device):
+        _EXT.quant_blocks(w3, q.view(torch.uint8), w_t.view(torch.uint8) if transpose else None, scale)
+    lead = w.shape[:-2]                                                # () or (E,)
+    q, scale = q.reshape(w.shape), scale.reshape(*lead, nb, kb)
+    return (q, scale, w_t.reshape(*lead, K, nb * BLOCK)) if transpose else (q, scale)
+
+
+def quantize_weight_ref(w: torch.Tensor):
+    """Reference of quantize_weight in PyTorch ops: w (..., N, K) → (w_fp8 (..., N, K), scale (..., ceil(N/128),
+    ceil(K/128))). Edge blocks are zero-padded for the amax (padding never raises it) and cropped afterwards, as
+    in the released checkpoints' ``weight_scale_inv``."""
+    *lead, N, K = w.shape
+    nb, kb = -(-N // BLOCK), -(-K // BLOCK)
+    wp = F.pad(w.float(), (0, kb * BLOCK - K, 0, nb * BLOCK - N))     # (..., nb·128, kb·128)
+    blocks = wp.reshape(*lead, nb, BLOCK, kb, BLOCK)                   # (..., nb, 128, kb, 128)
+    scale = blocks.abs().amax(dim=(-3, -1)).clamp(min=AMAX_EPS) / E4M3_MAX  # (..., nb, kb)
+    q = (blocks / scale[..., :, None, :, None]).clamp(-E4M3_MAX, E4M3_MAX).to(FP8)
+    return q.reshape(*lead, nb * BLOCK, kb * BLOCK)[..., :N, :K].contiguous(), scale
+
+
+def transpose_weight(w_fp8: torch.Tensor) -> torch.Tensor:
+    """Reference of quantize_weight's w_t: w_fp8 (..., N, K) → (..., K, N'), N' = N rounded up to 128, zero
+    columns past N. Each 128×128 block transposed is a block of Wᵀ with the same scale."""
+    *lead, N, K = w_fp8.shape
+    w_t = w_fp8.new_zeros(*lead, K, N + -N % BLOCK)                    # (..., K, N'), fp8 zeros (0x00)
+    w_t[..., :N] = w_fp8.transpose(-1, -2)
+    return w_t
 
 
 def _expand_blocks(scale: torch.Tensor, N: int, K: int, block: int = BLOCK) -> torch.Tensor:
@@ -362,18 +397,22 @@ class _FP8LinearFn(torch.autograd.Function):
         out_dtype = compute_dtype(x)
         x2 = x.reshape(-1, x.shape[-1])                            # (T, K)
         xq, xs = quantize_act(x2, mmajor=True)                     # 1×128 tiles along K, scales as the kernel wants
-        wq, ws = quantize_weight(weight)                           # 128×128 blocks
+        if ctx.needs_input_grad[0]:  # 128×128 blocks, and Wᵀ for Dgrad (N padded to N'↑128) in the same pass
+            wq, ws, wq_t = quantize_weight(weight, transpose=True)    # (N, K), (N/128, K/128), (K, N')
+        else:                        # no dX wanted (inference, or an input without grad): no Wᵀ
+            (wq, ws), wq_t = quantize_weight(weight), None
         y = fp8_gemm(xq, xs, wq, ws, out_dtype if bias is None else torch.float32)  # (T, N)
         if bias is not None:
             y = (y + bias.float()).to(out_dtype)
         # What Wgrad will re-quantize along tokens (report §3.3.3, low-precision storage): x itself ("bf16": the
         # compute dtype), the Fprop's own 1×128 E4M3 tiles ("fp8"), or 1×128 E5M6 tiles ("e5m6").
+        # Of the weight, the backward needs only Wᵀ and the scales (Dgrad); Wgrad does not read W.
         if act_cache == "fp8":
-            ctx.save_for_backward(xq, xs, wq, ws)
+            ctx.save_for_backward(xq, xs, wq_t, ws)
         elif act_cache == "e5m6":
-            ctx.save_for_backward(*quantize_e5m6(x2), wq, ws)
+            ctx.save_for_backward(*quantize_e5m6(x2), wq_t, ws)
         else:
-            ctx.save_for_backward(x2, wq, ws)
+            ctx.save_for_backward(x2, wq_t, ws)
         ctx.meta = (x.shape, x.dtype, weight.dtype, bias is not None, act_cache)
         return y.reshape(*x.shape[:-1], y.shape[-1])               # (..., N)
 
@@ -381,26 +420,27 @@ class _FP8LinearFn(torch.autograd.Function):
     def backward(ctx, dy):
         x_shape, x_dtype, w_dtype, has_bias, act_cache = ctx.meta
         if act_cache == "bf16":
-            x2, wq, ws = ctx.saved_tensors
+            x2, wq_t, ws = ctx.saved_tensors
         else:  # the cached 1×128 tiles, back to values: their 128×1 tiles along tokens are cut below
-            xc, xcs, wq, ws = ctx.saved_tensors
+            xc, xcs, wq_t, ws = ctx.saved_tensors
             x2 = dequantize_act(xc, xcs)
         dy2 = dy.reshape(-1, dy.shape[-1])                         # (T, N)
         # Dgrad dX = dY·W = dY·(Wᵀ)ᵀ: dY in 1×128 tiles along N; Wᵀ's 128×128 blocks are W's, transposed.
-        # N is the contraction here: when it is not a multiple of 128, zero rows of W and zero columns of dY
-        # fill the last tile (they add nothing; W's last block scale already covers the padded block).
-        pad_n = -dy2.shape[1] % BLOCK
-        dyq, dys = quantize_act(F.pad(dy2, (0, pad_n)) if pad_n else dy2, mmajor=True)  # (T, N'), N'=N↑128
-        wq_t = (torch.cat([wq, wq.new_zeros(pad_n, wq.shape[1])]) if pad_n else wq).t().contiguous()  # (K, N')
-        dx = fp8_gemm(dyq, dys, wq_t, ws.t().contiguous(), x_dtype)  # (T, K)
+        # N is the contraction here: when it is not a multiple of 128, zero columns of Wᵀ (written so by
+        # quantize_weight) and of dY fill the last tile (they add nothing; W's last block scale covers the padding).
+        dx = None
+        if wq_t is not None:
+            pad_n = -dy2.shape[1] % BLOCK
+            dyq, dys = quantize_act(F.pad(dy2, (0, pad_n)) if pad_n else dy2, mmajor=True)  # (T, N'), N'=N↑128
+            dx = fp8_gemm(dyq, dys, wq_t, ws.t().contiguous(), x_dtype).reshape(x_shape)  # (T, K) → x's shape
         # Wgrad dW = dYᵀ·X sums over tokens, so both are quantized in 1×128 tiles along T (rows of dYᵀ and Xᵀ);
         # T is zero-padded to a multiple of 128 (zero tokens add nothing).
         dytq, dyts = quantize_act_t(dy2)                             # (N, T'), (N, T'/128)
         xtq, xts = quantize_act_t(x2)                                # (K, T'), (K, T'/128)
         dw = (fp8_gemm(dytq, dyts, xtq, xts, w_dtype) if dy2.shape[0]  # (N, K)
-              else torch.zeros(wq.shape, dtype=w_dtype, device=dy.device))  # no tokens
+              else torch.zeros(dy2.shape[1], x2.shape[1], dtype=w_dtype, device=dy.device))  # no tokens
         db = dy2.float().sum(0) if has_bias else None
-        return dx.reshape(x_shape), dw, db, None
+        return dx, dw, db, None
 
 
 ACT_CACHES = ("bf16", "fp8", "e5m6")

@@ -198,20 +198,19 @@ def _experts_forward(x, w, counts):
     dst, groups, padded = _shared_layout(counts, x.shape[0])
     xp = _padded(x, dst, groups)                                       # (T·128, K)
     xq, xs = quantize_act(xp)
-    wq, ws = quantize_weight(w.reshape(E * N, K))                      # blocks never straddle experts (N % 128 = 0)
-    wq, ws = wq.view(E, N, K), ws.view(E, N // BLOCK, K // BLOCK)
+    wq, ws, wq_t = quantize_weight(w, transpose=True)                 # (E, N, K), (E, N/128, K/128), (E, K, N)
     y = fp8_gemm_grouped(xq, xs, wq, ws, groups, out_dtype).index_select(0, dst)  # (M, N)
-    return y, xp, (wq, ws, dst, groups, padded), (x.dtype, w.dtype)
+    return y, xp, (wq_t, ws, dst, groups, padded), (x.dtype, w.dtype)
 
 
 def _experts_backward(dy, xp, saved, meta):
     """Dgrad and Wgrad of _experts_forward, given its padded input xp (kept, or recomputed)."""
-    wq, ws, dst, groups, padded = saved
+    wq_t, ws, dst, groups, padded = saved
     x_dtype, w_dtype = meta
     dyp = _padded(dy, dst, groups)                                     # (T·128, N)
     # Dgrad: dX_seg = dY_seg·W[e], i.e. a grouped GEMM against the transposed experts (E, K, N).
     dyq, dys = quantize_act(dyp)
-    dx = fp8_gemm_grouped(dyq, dys, wq.transpose(1, 2).contiguous(), ws.transpose(1, 2).contiguous(), groups,
+    dx = fp8_gemm_grouped(dyq, dys, wq_t, ws.transpose(1, 2).contiguous(), groups,
                           x_dtype).index_select(0, dst)                # (M, K)
     # Wgrad: dW[e] = dY_segᵀ·X_seg over the expert's own (padded) tokens, both quantized along tokens.
     dytq, dyts = quantize_act_t(dyp)                                   # (N, T·128), (N, T)

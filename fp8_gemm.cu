@@ -825,6 +825,7 @@ void gemm_experts(at::Tensor a, at::Tensor a_scale, at::Tensor b, at::Tensor b_s
 // fp8_quant.cu, built into the same extension
 void quant_rows(at::Tensor x, at::Tensor q, at::Tensor s, int64_t ld);
 void quant_cols(at::Tensor x, at::Tensor q, at::Tensor s);
+void quant_blocks(at::Tensor w, at::Tensor q, std::optional<at::Tensor> qt, at::Tensor s);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemm", &gemm, "fine-grained FP8 GEMM, M-major A scales, bf16 out (Fprop, Dgrad)");
@@ -833,4 +834,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemm_experts_wgrad", &gemm_experts_wgrad, "K-grouped 1D1D: one fp32 output per expert (experts' Wgrad)");
   m.def("quant_rows", &quant_rows, "fused 1x128 quantization along the last dim, scales row- or M-major");
   m.def("quant_cols", &quant_cols, "fused transpose + 1x128 quantization of x^T, rows padded to 128");
+  m.def("quant_blocks", &quant_blocks, "fused 128x128 block quantization of W, with W^T in the same pass");
 }

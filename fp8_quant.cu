@@ -1,18 +1,25 @@
-// Fused FP8 quantization for training (fp8.py's quantize_act and quantize_act_t on CUDA): one pass over the
-// high-precision tensor instead of PyTorch's chain of float copy, abs, amax, divide, clamp and cast.
+// Fused FP8 quantization for training (fp8.py's quantize_act, quantize_act_t and quantize_weight on CUDA): one
+// pass over the high-precision tensor instead of PyTorch's chain of pad, float copy, abs, amax, divide, clamp,
+// cast and (for the backward's transposed operand) a second copy.
 // Same arithmetic as the reference on the GPU, so the results are bit-identical: scale = max(amax, 1e-4) / 448
 // in fp32, done as torch does a division by a Python number (times the fp32 reciprocal), q = e4m3(x / scale)
-// with IEEE division and round-to-nearest-even, saturated at +-448. (For finite inputs: fmaxf skips a NaN, so a
-// tile holding one gets a finite scale here and a NaN scale in the reference; its q holds the NaN either way.)
+// with IEEE division and round-to-nearest-even, saturated at +-448. (For finite inputs in rows and cols: fmaxf
+// skips a NaN, so a tile holding one gets a finite scale there and a NaN scale in the reference; its q holds the
+// NaN either way. blocks keeps the NaN in its amax, as torch's amax does: NaN scale and NaN block, as the reference.)
 //
 //   rows: x (R, C) -> q (R, C), s (R, C/128)               1x128 tiles along the last dim (Fprop, Dgrad)
 //   cols: x (R, C) -> q (C, R'), s (C, R'/128), R' = R rounded up to 128, rows past R read as 0:
 //         the tiles of x^T, i.e. 128x1 tiles of x along the tokens, with the transpose fused in (Wgrad)
+//   blocks: w (E, R, C) -> q (E, R, C), s (E, ceil(R/128), ceil(C/128)), and optionally qt (E, C, R'):
+//         128x128 blocks of each of E matrices (E = 1: one weight; a stack of experts), edge blocks cropped;
+//         qt = each q transposed, zero columns past R (Fprop's W and Dgrad's W^T in one pass)
 
 #include <cuda_bf16.h>
 #include <cuda_fp8.h>
 #include <cuda_runtime.h>
 #include <stdint.h>
+
+#include <optional>
 
 #include <ATen/core/Tensor.h>
 #include <c10/cuda/CUDAStream.h>
@@ -93,6 +100,98 @@ __global__ void __launch_bounds__(256) cols(const T* __restrict__ x, uint8_t* __
     out[kk] = pack4(tile[r][c], tile[r + 1][c], tile[r + 2][c], tile[r + 3][c], scale);
   }
 }
+
+// max that keeps a NaN (as torch's amax does), so that a weight block holding one gets a NaN scale as in the
+// reference (fmaxf would skip it)
+__device__ __forceinline__ float max_nan(float a, float b) { return (a != a || a > b) ? a : b; }
+
+// e4m3 of x / scale for 4 values, byte j = value j; IEEE division spelt out so that no fast-math flag changes it
+__device__ __forceinline__ uint32_t pack4_rn(const float* v, float scale) {
+  return e4m3(__fdiv_rn(v[0], scale)) | e4m3(__fdiv_rn(v[1], scale)) << 8 | e4m3(__fdiv_rn(v[2], scale)) << 16 |
+         e4m3(__fdiv_rn(v[3], scale)) << 24;
+}
+
+// Column j of a 4x4 byte block given as 4 row words (byte j of row word k -> byte k of the result).
+__device__ __forceinline__ uint32_t byte_column(const uint32_t* rows4, int j) {
+  uint32_t col = 0;
+#pragma unroll
+  for (int k = 0; k < 4; ++k) col |= (rows4[k] >> (8 * j) & 0xffu) << (8 * k);
+  return col;
+}
+
+// One CTA per 128x128 block: blockIdx.x its block column, .y its block row, .z the matrix (expert) of a stack.
+// Warp w, lane l holds the block's rows 4g..4g+3 (g = w + 8i, i = 0..3) by columns 4l..4l+3: 64 values in
+// registers. A warp reads each row as one coalesced 512-byte (fp32) load and writes it as a 128-byte store.
+// For qt each thread transposes its 4x4 sub-blocks in registers into shared memory, tile_t[c][.] = column c of
+// the block (32 words of 4 rows); word g of column c sits at g ^ (c / 4), an XOR swizzle that puts the 32 lanes
+// of a warp in 32 different banks both when they store (one column word each) and when they read a column back
+// (one row word each) for the coalesced store into qt. Rows past R quantize as 0 (padding never raises the amax)
+// and are written as zeros into qt's padding; columns past C are read as 0 and not written.
+template <typename T>
+__global__ void __launch_bounds__(256) blocks(const T* __restrict__ w, uint8_t* __restrict__ q,
+                                              uint8_t* __restrict__ qt, float* __restrict__ s, int R, int C,
+                                              int R_pad) {
+  __shared__ float warp_amax[8];
+  __shared__ uint32_t tile_t[128][32];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int r0 = blockIdx.y * 128, c0 = blockIdx.x * 128, c = c0 + 4 * lane;
+  const bool vec = C % 4 == 0;  // whole 4-value groups: vector loads and 4-byte stores stay aligned
+  w += (size_t)blockIdx.z * R * C;
+  q += (size_t)blockIdx.z * R * C;
+  float v[16][4];  // v[4i + k][j] = w[r0 + 4(warp + 8i) + k][c + j]
+  float m = 0.f;
+#pragma unroll
+  for (int n = 0; n < 16; ++n) {
+    const int r = r0 + 4 * (warp + 8 * (n / 4)) + n % 4;
+    if (vec && r < R && c < C) {
+      load4(w + (size_t)r * C + c, v[n]);
+    } else {
+#pragma unroll
+      for (int j = 0; j < 4; ++j) v[n][j] = (r < R && c + j < C) ? to_f32(w[(size_t)r * C + c + j]) : 0.f;
+    }
+#pragma unroll
+    for (int j = 0; j < 4; ++j) m = max_nan(m, fabsf(v[n][j]));
+  }
+#pragma unroll
+  for (int o = 16; o; o >>= 1) m = max_nan(m, __shfl_xor_sync(0xffffffffu, m, o));
+  if (lane == 0) warp_amax[warp] = m;
+  __syncthreads();
+  m = warp_amax[0];
+#pragma unroll
+  for (int i = 1; i < 8; ++i) m = max_nan(m, warp_amax[i]);
+  // the reference: amax.clamp(min=1e-4) / 448, which torch computes as a product with the fp32 reciprocal
+  const float scale = (m != m ? m : fmaxf(m, AMAX_EPS)) * INV_E4M3_MAX;
+  if (threadIdx.x == 0) s[((size_t)blockIdx.z * gridDim.y + blockIdx.y) * gridDim.x + blockIdx.x] = scale;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const int g = warp + 8 * i;
+    uint32_t rows4[4];
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      const int r = r0 + 4 * g + k;
+      rows4[k] = r < R ? pack4_rn(v[4 * i + k], scale) : 0u;
+      if (r >= R || c >= C) continue;
+      if (vec) {
+        *reinterpret_cast<uint32_t*>(q + (size_t)r * C + c) = rows4[k];
+      } else {
+        for (int j = 0; j < 4 && c + j < C; ++j) q[(size_t)r * C + c + j] = rows4[k] >> (8 * j) & 0xffu;
+      }
+    }
+    if (qt) {
+#pragma unroll
+      for (int j = 0; j < 4; ++j) tile_t[4 * lane + j][g ^ lane] = byte_column(rows4, j);
+    }
+  }
+  if (!qt) return;
+  __syncthreads();
+  qt += (size_t)blockIdx.z * C * R_pad;
+#pragma unroll 4
+  for (int k = 0; k < 16; ++k) {  // warp w writes columns 16w..16w+15 of the block as rows of qt
+    const int cc = 16 * warp + k;
+    if (c0 + cc < C)
+      *reinterpret_cast<uint32_t*>(qt + (size_t)(c0 + cc) * R_pad + r0 + 4 * lane) = tile_t[cc][lane ^ (cc / 4)];
+  }
+}
 }  // namespace fp8q
 
 // q, s preallocated by fp8.py: q uint8 view of the float8 output, s float32.
@@ -137,4 +236,30 @@ void quant_cols(at::Tensor x, at::Tensor q, at::Tensor s) {
   else
     TORCH_CHECK(false, "quant_cols: x must be bfloat16 or float32");
   TORCH_CHECK(cudaGetLastError() == cudaSuccess, "quant_cols: launch failed");
+}
+
+// w (E, R, C) contiguous, E = 1 for one matrix; q (E, R, C) and qt (E, C, R rounded up to 128) uint8 views of the
+// float8 outputs, s (E, ceil(R/128), ceil(C/128)) float32, all preallocated by fp8.py; no qt: no transpose.
+void quant_blocks(at::Tensor w, at::Tensor q, std::optional<at::Tensor> qt, at::Tensor s) {
+  TORCH_CHECK(w.is_cuda() && w.dim() == 3 && w.is_contiguous() && q.is_contiguous() && s.is_contiguous() &&
+                  (!qt || qt->is_contiguous()), "quant_blocks: contiguous CUDA tensors expected, w 3-D");
+  const int E = w.size(0), R = w.size(1), C = w.size(2), nb = (R + 127) / 128, kb = (C + 127) / 128;
+  TORCH_CHECK(q.sizes() == w.sizes() && s.dim() == 3 && s.size(0) == E && s.size(1) == nb && s.size(2) == kb,
+              "quant_blocks: q must be (E, R, C), s (E, ceil(R/128), ceil(C/128))");
+  TORCH_CHECK(!qt || (qt->dim() == 3 && qt->size(0) == E && qt->size(1) == C && qt->size(2) == nb * 128),
+              "quant_blocks: qt must be (E, C, R rounded up to 128)");
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(w.data_ptr()) % 16 == 0, "quant_blocks: w must be 16-byte aligned");
+  if (!E || !R || !C) return;
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  dim3 grid(kb, nb, E);
+  auto qp = reinterpret_cast<uint8_t*>(q.data_ptr());
+  auto qtp = qt ? reinterpret_cast<uint8_t*>(qt->data_ptr()) : nullptr;
+  if (w.scalar_type() == at::kBFloat16)
+    fp8q::blocks<<<grid, 256, 0, stream>>>(reinterpret_cast<const __nv_bfloat16*>(w.data_ptr()), qp, qtp,
+                                           s.data_ptr<float>(), R, C, nb * 128);
+  else if (w.scalar_type() == at::kFloat)
+    fp8q::blocks<<<grid, 256, 0, stream>>>(w.data_ptr<float>(), qp, qtp, s.data_ptr<float>(), R, C, nb * 128);
+  else
+    TORCH_CHECK(false, "quant_blocks: w must be bfloat16 or float32");
+  TORCH_CHECK(cudaGetLastError() == cudaSuccess, "quant_blocks: launch failed");
 }

@@ -212,7 +212,7 @@ PLANTS = [
     ("generate.probs_from_logits", "logits < kth", "logits <= kth"),  # top-k drops the k-th
     ("generate.verify_draft", "residual = (p - q).clamp_min(0)", "residual = p.clone()"),  # resample from p
     ("fp8.quantize_act_ref", "* (1 / E4M3_MAX)", "* (1 / 240.0)"),  # E4M3's range taken for another format's
-    ("fp8.quantize_weight", ".clamp(min=AMAX_EPS)", ""),  # no amax floor: an all-zero block divides by 0
+    ("fp8.quantize_weight_ref", ".clamp(min=AMAX_EPS)", ""),  # no amax floor: an all-zero block divides by 0
     ("fp8.fp8_gemm_ref", "sb[:, kb]", "sb[:, 0]"),  # one weight scale for every K block
     ("dualpipe.schedule_1f1b", "warm = min(n_ranks - 1 - r, n_chunks)", "warm = min(n_ranks - r, n_chunks)"),
     ("dualpipe.step_counts", "half - 2 * H + h + 1", "half - 2 * H + h + 2"),

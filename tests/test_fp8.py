@@ -79,13 +79,86 @@ def test_quantize_weight_edge_blocks():
         fp8.dequantize_weight(q, s[:, :2])
 
 
+def _old_quantize_weight(w):
+    """quantize_weight before it took stacks and wrote Wᵀ (2-D only), and the transposes its callers made: FP8Linear's
+    Dgrad padded W with zero rows to whole blocks, then transposed."""
+    N, K = w.shape
+    nb, kb = -(-N // 128), -(-K // 128)
+    blocks = torch.nn.functional.pad(w.float(), (0, kb * 128 - K, 0, nb * 128 - N)).reshape(nb, 128, kb, 128)
+    scale = blocks.abs().amax(dim=(1, 3)).clamp(min=fp8.AMAX_EPS) / fp8.E4M3_MAX
+    q = (blocks / scale[:, None, :, None]).clamp(-448, 448).to(FP8).reshape(nb * 128, kb * 128)[:N, :K].contiguous()
+    pad_n = -N % 128
+    q_t = (torch.cat([q, q.new_zeros(pad_n, K)]) if pad_n else q).t().contiguous()
+    return q, scale, q_t
+
+
+TIES = [1.0625, 1.1875, -1.0625, 432.0, 1.5 * 2 ** -9, -0.5 * 2 ** -9, 2.5 * 2 ** -9, 3.0]  # amax 448: scale 1
+
+
+def _weight(shape, dtype, device="cpu", seed=0):
+    """A weight whose blocks test the edge cases: random magnitudes, an all-zero block, a block below the amax floor,
+    a block of values near 1e30, and a block whose scale is exactly 1 with values halfway between two E4M3 values
+    (ties go to even) and E4M3 subnormals."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(shape, generator=g) * torch.rand(*shape[:-1], 1, generator=g) * 10
+    flat = w.reshape(-1, shape[-1])                                    # (E·N, K), a view
+    flat[:128, :128] = 0                                               # the first block: all zeros
+    if flat.shape[1] > 128:
+        flat[:64, 128:256] *= 1e-7                                     # below the floor (part of a block)
+    if flat.shape[0] > 128:
+        flat[128:256, :128] *= 1e29
+        if flat.shape[1] >= 128 + len(TIES):
+            tie = flat[128:256, 128:256]
+            tie.zero_()
+            tie[0, 0] = 448.0
+            tie[1, :len(TIES)] = torch.tensor(TIES)
+    return w.to(dtype).to(device)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(1, 128), (200, 300), (333, 260), (256, 384), (130, 99)])
+def test_quantize_weight_reference_is_the_old_arithmetic(dtype, shape):
+    """The reference path of quantize_weight (CPU) against the arithmetic it had, bit for bit: q, scale, and
+    w_t = what FP8Linear's Dgrad built by padding and transposing."""
+    w = _weight(shape, dtype)
+    q, s, q_t = fp8.quantize_weight(w, transpose=True)
+    q_old, s_old, q_t_old = _old_quantize_weight(w)
+    assert q.shape == shape and q_t.shape == (shape[1], -(-shape[0] // 128) * 128)
+    assert torch.equal(s, s_old) and torch.equal(q.view(torch.uint8), q_old.view(torch.uint8))
+    assert torch.equal(q_t.view(torch.uint8), q_t_old.view(torch.uint8))
+    q2, s2 = fp8.quantize_weight(w)
+    assert torch.equal(q2.view(torch.uint8), q.view(torch.uint8)) and torch.equal(s2, s)
+    assert torch.equal(q_t[:, shape[0]:].view(torch.uint8), torch.zeros_like(q_t[:, shape[0]:].view(torch.uint8)))
+    if shape[0] > 128 and shape[1] >= 128 + len(TIES):                # the tie block: scale 1, ties to even
+        assert s[1, 1] == 1.0
+        assert q[129, 128:128 + len(TIES)].float().tolist() == [1.0, 1.25, -1.0, 448.0, 2 ** -8, -0.0, 2 ** -8, 3.0]
+
+
+def test_quantize_weight_stacks_quantize_each_matrix():
+    """A stack (E, N, K) quantizes each matrix on its own, w_t (E, K, N') transposes each: the old call on the
+    flattened (E·N, K) for the experts (N % 128 = 0), one call per matrix otherwise."""
+    for E, N, K in [(3, 256, 384), (2, 200, 130)]:
+        w = _weight((E, N, K), torch.float32, seed=E)
+        q, s, q_t = fp8.quantize_weight(w, transpose=True)
+        assert q.shape == (E, N, K) and s.shape == (E, -(-N // 128), -(-K // 128))
+        assert q_t.shape == (E, K, -(-N // 128) * 128)
+        for e in range(E):
+            q_old, s_old, q_t_old = _old_quantize_weight(w[e])
+            assert torch.equal(s[e], s_old) and torch.equal(q[e].view(torch.uint8), q_old.view(torch.uint8))
+            assert torch.equal(q_t[e].view(torch.uint8), q_t_old.view(torch.uint8))
+        if N % 128 == 0:
+            q_flat, s_flat = fp8.quantize_weight(w.reshape(E * N, K))
+            assert torch.equal(q.reshape(E * N, K).view(torch.uint8), q_flat.view(torch.uint8))
+            assert torch.equal(s.reshape(E * N // 128, -1), s_flat)
+
+
 def test_quantize_bad_inputs():
     with pytest.raises(ValueError, match="multiple of 128"):
         fp8.quantize_act(torch.randn(4, 100))
     with pytest.raises(ValueError, match="float32"):
         fp8.quantize_act(torch.ones(4, 128, dtype=torch.int32))
     with pytest.raises(ValueError, match="2-D"):
-        fp8.quantize_weight(torch.randn(2, 128, 128))
+        fp8.quantize_weight(torch.randn(2, 2, 128, 128))
 
 
 # ------------------------------------------------------------------ reference GEMM
@@ -164,6 +237,60 @@ def _linear_vs_fp32(lin, x):
     y2 = torch.nn.functional.linear(x2, w2, b2)
     y2.backward(g.to(y2.dtype))
     return (y, y2), (x1.grad, x2.grad), (lin.weight.grad, w2.grad), (lin.bias, b2)
+
+
+def _fp8_linear_by_hand(lin, x, g):
+    """FP8Linear's outputs and gradients for input x and output gradient g, composed from fp8's functions as the layer
+    ran before W and Wᵀ came from one pass: the old weight quantization, Dgrad's Wᵀ padded and transposed by torch."""
+    w, b = lin.weight.detach(), lin.bias
+    x2, g2 = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])   # (T, K), (T, N)
+    wq, ws, wq_t = _old_quantize_weight(w)
+    xq, xs = fp8.quantize_act(x2, mmajor=True)
+    y = fp8.fp8_gemm(xq, xs, wq, ws, x.dtype if b is None else torch.float32)
+    if b is not None:
+        y = (y + b.detach().float()).to(x.dtype)
+    pad_n = -g2.shape[1] % 128
+    dyq, dys = fp8.quantize_act(torch.nn.functional.pad(g2, (0, pad_n)), mmajor=True)
+    dx = fp8.fp8_gemm(dyq, dys, wq_t, ws.t().contiguous(), x.dtype)
+    dw = fp8.fp8_gemm(*fp8.quantize_act_t(g2), *fp8.quantize_act_t(x2), w.dtype)
+    db = g2.float().sum(0) if b is not None else None
+    return y.reshape(g.shape), dx.reshape(x.shape), dw, db
+
+
+def _assert_linear_is_the_old_composition(K, N, T, device):
+    torch.manual_seed(5)
+    lin = fp8.FP8Linear(K, N, bias=True).to(device)
+    x = torch.randn(T, K, device=device)
+    g = torch.randn(T, N, device=device)
+    x1 = x.clone().requires_grad_()
+    y = lin(x1)
+    y.backward(g)
+    want = _fp8_linear_by_hand(lin, x, g)
+    for name, got, ref in zip(("y", "dx", "dw", "db"), (y, x1.grad, lin.weight.grad, lin.bias.grad), want):
+        assert torch.equal(got, ref), name
+
+
+def test_fp8_linear_is_bit_identical_to_the_old_composition():
+    """N = 288 (not a multiple of 128): Dgrad's Wᵀ has zero columns up to 384, as the old backward padded W."""
+    _assert_linear_is_the_old_composition(256, 288, 80, "cpu")
+
+
+def test_fp8_linear_keeps_only_what_its_backward_needs():
+    """The backward keeps Wᵀ (K, N') for Dgrad, not W; an input without grad gets no Wᵀ and no dX, and the same dW."""
+    torch.manual_seed(6)
+    lin = fp8.FP8Linear(256, 288)
+    x, g = torch.randn(80, 256), torch.randn(80, 288)
+    grads = []
+    for needs_dx in (True, False):
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            y = lin(x.clone().requires_grad_(needs_dx))
+        y.backward(g)
+        grads.append(lin.weight.grad)
+        lin.weight.grad = None
+        shapes = {tuple(t.shape) for t in saved if t is not None and t.dtype == FP8}
+        assert shapes == ({(256, 384)} if needs_dx else set()), shapes
+    assert torch.equal(grads[0], grads[1])
 
 
 @pytest.mark.parametrize("bias, n_out", [(False, 384), (True, 384), (False, 288)])
@@ -454,6 +581,58 @@ def test_fused_quantization_is_bit_identical(dtype, R, C):
     qt_ref, st_ref = fp8.quantize_act_ref(torch.nn.functional.pad(x.t(), (0, -R % 128)))
     assert qt.shape == (C, R + (-R % 128)) and torch.equal(st, st_ref), f"seed {seed}"
     assert torch.equal(qt.view(torch.uint8), qt_ref.view(torch.uint8)), f"seed {seed}"
+
+
+def _assert_same_weight_quantization(w, seed):
+    """quantize_weight (the fused kernel on a GPU) against quantize_weight_ref and transpose_weight on the same
+    device: the same bytes of W and Wᵀ, the same scales (NaN where the reference has NaN)."""
+    q, s, q_t = fp8.quantize_weight(w, transpose=True)
+    q_ref, s_ref = fp8.quantize_weight_ref(w)
+    assert torch.equal(s.isnan(), s_ref.isnan()) and torch.equal(s.nan_to_num(), s_ref.nan_to_num()), f"seed {seed}"
+    assert torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8)), f"seed {seed}"
+    assert torch.equal(q_t.view(torch.uint8), fp8.transpose_weight(q_ref).view(torch.uint8)), f"seed {seed}"
+    q2, s2 = fp8.quantize_weight(w)                                    # without Wᵀ
+    assert torch.equal(q2.view(torch.uint8), q.view(torch.uint8)) and torch.equal(s2.nan_to_num(), s.nan_to_num())
+
+
+@pytest.mark.gpu
+@hopper
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("shape", [(1, 128), (128, 128), (200, 300), (333, 2112), (4096, 1024), (130, 99), (257, 514),
+                                   (8, 256, 384), (3, 200, 130)])
+def test_fused_weight_quantization_is_bit_identical(dtype, shape):
+    """fp8_quant.cu's quant_blocks: W, Wᵀ and the 128×128 block scales in one pass, bit-identical to the reference
+    on edge blocks (R, C not multiples of 128; C = 99, 514 not multiples of 4: the byte-wise path), zero, tiny and
+    huge blocks, ties, and stacks of matrices (the experts' (E, N, K), each transposed on its own)."""
+    assert fp8.load_kernel() is not None, fp8.why_no_kernel()
+    seed = int.from_bytes(os.urandom(4), "little")
+    _assert_same_weight_quantization(_weight(shape, dtype, "cuda", seed), seed)
+
+
+@pytest.mark.gpu
+@hopper
+def test_fused_weight_quantization_nan_inf_and_layouts():
+    """A NaN makes its block's scale NaN and every value NaN, as in the reference (the amax keeps NaN); ±inf gives
+    an infinite scale (values 0, the infinities NaN). Inputs not 16-byte aligned or not contiguous are copied first."""
+    assert fp8.load_kernel() is not None, fp8.why_no_kernel()
+    w = _weight((300, 400), torch.float32, "cuda")
+    w[0, 200], w[200, 300], w[201, 301] = float("nan"), float("inf"), float("-inf")
+    _assert_same_weight_quantization(w, 0)
+    assert fp8.quantize_weight(w)[1].isnan().sum() == 1
+    unaligned = torch.randn(300 * 400 + 1, device="cuda")[1:].view(300, 400)
+    _assert_same_weight_quantization(unaligned, 0)
+    _assert_same_weight_quantization(torch.randn(400, 300, device="cuda").t(), 0)
+    _assert_same_weight_quantization(torch.randn(5, 0, 128, device="cuda"), 0)
+
+
+@pytest.mark.gpu
+@hopper
+@pytest.mark.parametrize("K,N,T", [(512, 1000, 300), (1024, 2048, 257)])
+def test_fp8_linear_on_gpu_is_bit_identical_to_the_old_composition(K, N, T):
+    """FP8Linear with W and Wᵀ from the fused pass: the same y, dX, dW, db as the old composition (reference weight
+    quantization, Dgrad's Wᵀ padded and transposed by torch); N = 1000 pads Wᵀ."""
+    assert fp8.load_kernel() is not None, fp8.why_no_kernel()
+    _assert_linear_is_the_old_composition(K, N, T, "cuda")
 
 
 # ---------------------------------------------------------------- the demo (`python fp8.py`, CPU)

@@ -337,6 +337,44 @@ def test_fp8_experts_on_gpu_match_fp32():
     assert w1.grad[1].abs().sum() == 0                                 # the idle expert
 
 
+def _old_expert_quantization(w, transpose=False):
+    """The experts' weight quantization as it was: the reference on the flattened (E·N, K), the transposed experts
+    (E, K, N) made by torch."""
+    E, N, K = w.shape
+    wq, ws = fp8.quantize_weight_ref(w.reshape(E * N, K))
+    wq, ws = wq.view(E, N, K), ws.view(E, N // 128, K // 128)
+    return (wq, ws, wq.transpose(1, 2).contiguous()) if transpose else (wq, ws)
+
+
+def _assert_experts_are_the_old_composition(device, monkeypatch):
+    sizes, N, K = [300, 0, 1, 400, 129], 256, 384
+    x, w, *_ = _grouped_operands(sizes, N, K, device, seed=4)
+    g = torch.randn(sum(sizes), N, device=device)
+    runs = []
+    for quantize in (fp8_experts.quantize_weight, _old_expert_quantization):
+        monkeypatch.setattr(fp8_experts, "quantize_weight", quantize)
+        x1, w1 = x.clone().requires_grad_(), w.clone().requires_grad_()
+        y = fp8_experts.fp8_segment_mm(x1, w1, sizes)
+        y.backward(g)
+        runs.append((y, x1.grad, w1.grad))
+    for name, new, old in zip(("y", "dx", "dw"), *runs):
+        assert torch.equal(new, old), name
+
+
+def test_fp8_experts_are_bit_identical_to_the_old_composition(monkeypatch):
+    """The experts quantized as a stack (E, N, K) with their transposes (E, K, N) from quantize_weight: the same
+    outputs and gradients as the reference on the flattened weight with torch's transposes."""
+    _assert_experts_are_the_old_composition("cpu", monkeypatch)
+
+
+@pytest.mark.gpu
+@hopper
+def test_fp8_experts_on_gpu_are_bit_identical_to_the_old_composition(monkeypatch):
+    """The same on the kernels: the fused W and Wᵀ of the stacked experts give the old bits."""
+    assert fp8.load_kernel() is not None, fp8.why_no_kernel()
+    _assert_experts_are_the_old_composition("cuda", monkeypatch)
+
+
 @pytest.mark.gpu
 @hopper
 def test_swiglu_down_on_gpu():
