@@ -60,8 +60,8 @@ def attention_read_rate(attn, B: int, S: int, dtype=torch.bfloat16):
     q_pe = torch.randn(B, 1, H, dr, device=dev, dtype=dtype)
     latent = torch.randn(B, S, c, device=dev, dtype=dtype)
     k_pe = torch.randn(B, S, dr, device=dev, dtype=dtype)
-    mask = torch.ones(B, 1, S, dtype=torch.bool, device=dev)
-    step = G.GraphedStep(lambda *a: attn._attend_absorb(*a, 0, dtype, mask), dev.type == "cuda")
+    bias = torch.zeros(B, 1, 1, S, device=dev)  # mla.CachePositions.bias: every position visible
+    step = G.GraphedStep(lambda *a: attn._attend_absorb(*a, 0, dtype, bias), dev.type == "cuda")
     sec = event_time(lambda: step(q_nope, q_pe, latent, k_pe))  # replays: GPU time, no launch gaps
     return sec, B * S * (c + dr) * latent.element_size()
 

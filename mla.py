@@ -42,6 +42,7 @@ carries m²; DeepSeek's code puts the whole m² into the softmax scale instead, 
 as well as the rotary ones, and this file does the same.
 """
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -94,13 +95,14 @@ def apply_rotary_emb(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
     if x.dim() not in (3, 4) or freqs_cis.shape != want or x.shape[-1] % 2:
         raise ValueError(f"apply_rotary_emb: x {tuple(x.shape)} (B, T, [H,] dr) does not match "
                          f"freqs_cis {tuple(freqs_cis.shape)} ([B,] T, dr/2)")
-    pairs = at_least_fp32(x).unflatten(-1, (-1, 2))  # (B, T, [H,] dr/2, 2)
+    pairs = x.unflatten(-1, (-1, 2))  # (B, T, [H,] dr/2, 2): (a, b) = (x[2i], x[2i+1])
     lead = (x.shape[0] if freqs_cis.dim() == 3 else 1, x.shape[1])  # broadcast over B unless per sequence
-    shape = (*lead, 1, -1) if x.dim() == 4 else (*lead, -1)  # ([B|1], T, [1,] dr/2): broadcast over H
-    cos = freqs_cis.real.to(pairs.dtype).view(shape)  # ([B|1], T, [1,] dr/2)
-    sin = freqs_cis.imag.to(pairs.dtype).view(shape)
-    a, b = pairs[..., 0], pairs[..., 1]  # (B, T, [H,] dr/2) each
-    out = torch.stack([a * cos - b * sin, a * sin + b * cos], dim=-1)  # (B, T, [H,] dr/2, 2)
+    shape = (*lead, 1, -1, 2) if x.dim() == 4 else (*lead, -1, 2)  # ([B|1], T, [1,] dr/2, 2): broadcast over H
+    # (cos, sin) side by side: a view of the complex table. A bf16 x times it is computed in fp32 (type promotion).
+    cos_sin = torch.view_as_real(freqs_cis).to(torch.promote_types(x.dtype, torch.float32)).view(shape)
+    a_cos, b_sin = (pairs * cos_sin).unbind(-1)  # (B, T, [H,] dr/2) each
+    b_cos, a_sin = (pairs.flip(-1) * cos_sin).unbind(-1)
+    out = torch.stack([a_cos - b_sin, a_sin + b_cos], dim=-1)  # (B, T, [H,] dr/2, 2)
     return out.flatten(-2).to(x.dtype)  # (B, T, [H,] dr)
 
 
@@ -120,6 +122,22 @@ def causal_mask(T: int, S: int, start_pos: int, device=None) -> torch.Tensor:
     """Boolean (T, S), True where query t (at position start_pos + t) may attend to key position s."""
     q_pos = torch.arange(start_pos, start_pos + T, device=device)  # (T,)
     return torch.arange(S, device=device)[None, :] <= q_pos[:, None]  # (T, S)
+
+
+class CachePositions(NamedTuple):
+    """Where a static-cache step writes and what its queries see: the same for every layer of the step, so the
+    model computes it once per step (cache_positions) rather than each layer again."""
+    at: torch.Tensor  # (B, T) absolute position of each new entry (row b's chunk starts at its own position)
+    bias: torch.Tensor  # (B, 1, T, S) added to the scores: 0 where key s <= the query's position, −inf elsewhere
+
+
+def cache_positions(pos: torch.Tensor, T: int, S: int, dtype=torch.float32) -> CachePositions:
+    """(B,) start positions of T-token chunks over a cache of S positions → CachePositions. dtype: the scores'
+    softmax dtype (fp32, fp64 for fp64 models); bf16 scores plus an fp32 bias come out fp32, as the softmax wants."""
+    at = pos[:, None] + torch.arange(T, device=pos.device)  # (B, T)
+    hidden = torch.arange(S, device=pos.device) > at[..., None]  # (B, T, S): keys after the query's position
+    bias = torch.zeros(hidden.shape, dtype=dtype, device=pos.device).masked_fill_(hidden, float("-inf"))
+    return CachePositions(at, bias[:, None])  # bias (B, 1, T, S): the same for every head
 
 
 def kv_cache_bytes_per_token(cfg, bytes_per_value: int = 2) -> dict:
@@ -192,19 +210,15 @@ class MLA(nn.Module):
         self.pe_cache[:B, start_pos:end] = k_pe.detach()
         return self.kv_cache[:B, :end].to(latent.dtype), self.pe_cache[:B, :end].to(k_pe.dtype)  # (B, S, ·)
 
-    def _write_cache_at(self, latent, k_pe, pos):
-        """Static-cache form: row b's T new entries go to positions pos[b]..pos[b]+T-1 (pos a (B,) tensor, so
-        sequences of a batch may sit at different positions); returns the whole cache of rows [0, B), (B, S, ·),
-        and the mask (B, T, S) of the keys each query may see (s <= its own position). The shapes never depend
-        on the positions, and nothing is read back to the host: a CUDA graph can capture it. The caller checks
-        that pos[b] + T <= S (no check here would run without a host sync)."""
+    def _write_cache_at(self, latent, k_pe, at):
+        """Static-cache form: row b's T new entries go to positions at[b] (at (B, T), cache_positions, so
+        sequences of a batch may sit at different positions); returns the whole cache of rows [0, B), (B, S, ·).
+        The shapes never depend on the positions, and nothing is read back to the host: a CUDA graph can capture
+        it. The caller checks that at[b] < S (no check here would run without a host sync)."""
         B, T, _ = latent.shape
-        S = self.kv_cache.shape[1]
-        at = pos[:, None] + torch.arange(T, device=pos.device)  # (B, T) absolute positions of the new entries
         self.kv_cache[:B].scatter_(1, at[..., None].expand(B, T, self.kv_lora_rank), latent.detach())
         self.pe_cache[:B].scatter_(1, at[..., None].expand(B, T, self.dr), k_pe.detach())
-        mask = torch.arange(S, device=pos.device)[None, None, :] <= at[..., None]  # (B, T, S)
-        return self.kv_cache[:B].to(latent.dtype), self.pe_cache[:B].to(k_pe.dtype), mask
+        return self.kv_cache[:B].to(latent.dtype), self.pe_cache[:B].to(k_pe.dtype)
 
     # -- projections ----------------------------------------------------------------------------------------
     def _query(self, x):
@@ -218,14 +232,18 @@ class MLA(nn.Module):
         start_pos None: causal self-attention over x, no cache. start_pos int: write this chunk to the
         cache, then attend over positions [0, start_pos + T). start_pos a (B,) integer tensor: row b's chunk
         sits at positions start_pos[b].. (freqs_cis then (B, T, dr/2)); attend over the whole cache, masked
-        (_write_cache_at: static shapes, no host sync)."""
+        (_write_cache_at: static shapes, no host sync). start_pos may also be the CachePositions of such a
+        tensor, computed once for all layers (cache_positions)."""
         if self.attn_impl not in ("naive", "absorb"):
             raise ValueError(f"MLA.attn_impl must be 'naive' or 'absorb', got {self.attn_impl!r}")
         B, T, _ = x.shape
         if freqs_cis.shape[-2] != T:
             raise ValueError(f"MLA.forward: freqs_cis has {freqs_cis.shape[-2]} positions for T={T} tokens")
-        static = torch.is_tensor(start_pos)
-        if static and (self.kv_cache is None or B > self.kv_cache.shape[0] or start_pos.shape != (B,)):
+        if torch.is_tensor(start_pos) and start_pos.shape == (B,) and self.kv_cache is not None:
+            start_pos = cache_positions(start_pos, T, self.kv_cache.shape[1], at_least_fp32(x).dtype)
+        static = isinstance(start_pos, CachePositions)
+        if torch.is_tensor(start_pos) or static and (self.kv_cache is None or B > self.kv_cache.shape[0]
+                                                     or start_pos.at.shape != (B, T)):
             raise ValueError("MLA.forward: per-sequence positions need setup_cache(max_batch >= B) and a (B,) "
                              "tensor of start positions")
         if start_pos is not None and not static:
@@ -237,18 +255,19 @@ class MLA(nn.Module):
         latent, k_pe = kv.split([self.kv_lora_rank, self.dr], dim=-1)  # (B, T, c), (B, T, dr)
         k_pe = apply_rotary_emb(k_pe, freqs_cis)  # k^R: one per token, shared by the heads, not normalised
         latent = self.kv_norm(latent)  # the norm covers only the c^KV part
-        start, mask = 0, None
+        start, bias = 0, None
         if static:
-            latent, k_pe, mask = self._write_cache_at(latent, k_pe, start_pos)  # (B, S, c), (B, S, dr), (B, T, S)
+            latent, k_pe = self._write_cache_at(latent, k_pe, start_pos.at)  # (B, S, c), (B, S, dr)
+            bias = start_pos.bias  # (B, 1, T, S)
         elif start_pos is not None:
             latent, k_pe = self._write_and_read_cache(latent, k_pe, start_pos)  # (B, S, c), (B, S, dr)
             start = start_pos
         attend = self._attend_naive if self.attn_impl == "naive" else self._attend_absorb
-        o = attend(q_nope, q_pe, latent, k_pe, start, x.dtype, mask)  # (B, T, H, dv)
+        o = attend(q_nope, q_pe, latent, k_pe, start, x.dtype, bias)  # (B, T, H, dv)
         return self.wo(o.flatten(2))  # (B, T, H·dv) -> (B, T, dim)
 
     # -- the two attention paths ----------------------------------------------------------------------------
-    def _attend_naive(self, q_nope, q_pe, latent, k_pe, start, out_dtype, mask=None):
+    def _attend_naive(self, q_nope, q_pe, latent, k_pe, start, out_dtype, bias=None):
         """Reference: expand c^KV to per-head k^C, v^C and run standard attention with k = [k^C ; k^R]."""
         B, T, H, _ = q_nope.shape
         S = latent.shape[1]
@@ -258,8 +277,8 @@ class MLA(nn.Module):
         k = torch.cat([k_nope, k_rope], dim=-1).transpose(1, 2)  # (B, H, S, dn+dr)
         q = torch.cat([q_nope, q_pe], dim=-1).transpose(1, 2)  # (B, H, T, dn+dr)
         v = v.transpose(1, 2)  # (B, H, S, dv)
-        if mask is not None:  # per-sequence positions: (B, T, S), the same for every head
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], scale=self.softmax_scale)
+        if bias is not None:  # per-sequence positions: (B, 1, T, S) of 0 / −inf, the same for every head
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype), scale=self.softmax_scale)
         elif T == S:  # no cache or a prefill from position 0: the usual square causal mask
             o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.softmax_scale)
         else:  # queries sit at positions start..start+T-1; is_causal would align them to 0 instead
@@ -268,8 +287,9 @@ class MLA(nn.Module):
         # SDPA accumulates the softmax in fp32 for low-precision inputs
         return o.transpose(1, 2).to(out_dtype)  # (B, T, H, dv)
 
-    def _attend_absorb(self, q_nope, q_pe, latent, k_pe, start, out_dtype, mask=None):
-        """Fast: fold W^UK into the query and W^UV into the output; attend over the latents directly."""
+    def _attend_absorb(self, q_nope, q_pe, latent, k_pe, start, out_dtype, bias=None):
+        """Fast: fold W^UK into the query and W^UV into the output; attend over the latents directly.
+        bias: None (positions start..start+T-1 over keys 0..S-1) or CachePositions.bias (B, 1, T, S)."""
         B, T, H, _ = q_nope.shape
         S = latent.shape[1]
         w = self.wkv_b.weight.view(H, self.dn + self.dv, self.kv_lora_rank)  # (H, dn+dv, c)
@@ -278,8 +298,8 @@ class MLA(nn.Module):
         scores = (torch.einsum("bthc,bsc->bhts", q_lat, latent)  # (B, H, T, S): content part
                   + torch.einsum("bthr,bsr->bhts", q_pe, k_pe.to(q_pe.dtype)))  # + rotary part, k^R shared
         scores = scores * self.softmax_scale
-        if mask is not None:  # per-sequence positions: (B, T, S), the same for every head
-            scores = scores.masked_fill(~mask[:, None], float("-inf"))
+        if bias is not None:  # per-sequence positions: 0 / −inf, in the softmax's dtype (fp32 for bf16 scores)
+            scores = scores + bias
         elif T > 1:  # a single query is the newest position and sees all S keys: nothing to mask
             scores = scores.masked_fill(~causal_mask(T, S, start, device=scores.device), float("-inf"))
         p = F.softmax(at_least_fp32(scores), dim=-1).to(out_dtype)  # softmax in (at least) fp32  # (B, H, T, S)

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from config import ModelConfig, PRESETS, get_preset  # noqa: F401  (re-exported for users of model.py)
 from layers import RMSNorm, MLP, at_least_fp32
-from mla import MLA, precompute_freqs_cis
+from mla import MLA, CachePositions, cache_positions, precompute_freqs_cis
 from moe import MoE, update_biases
 from mtp import MTPModule, mtp_hidden, mtp_loss, mtp_accuracy
 
@@ -125,10 +125,19 @@ class Transformer(nn.Module):
 
     def freqs_at(self, start_pos, T: int) -> torch.Tensor:
         """RoPE factors of positions start_pos..start_pos+T-1: (T, dr/2) for an int start, (B, T, dr/2) for a
-        (B,) tensor of per-sequence starts (gathered on the device)."""
+        (B,) tensor of per-sequence starts or their CachePositions (gathered on the device)."""
+        if isinstance(start_pos, CachePositions):
+            return self.freqs_cis[start_pos.at]  # (B, T, dr/2)
         if not torch.is_tensor(start_pos):
             return self.freqs_cis[start_pos:start_pos + T]
         return self.freqs_cis[start_pos[:, None] + torch.arange(T, device=start_pos.device)]  # (B, T, dr/2)
+
+    def positions(self, start_pos, T: int, attn: MLA):
+        """An int start as it is; a (B,) tensor → its mla.CachePositions over attn's cache, computed once per
+        forward for all layers (the write positions and the mask do not depend on the layer)."""
+        if not torch.is_tensor(start_pos) or attn.kv_cache is None:
+            return start_pos  # (no cache: MLA.forward refuses the tensor with its own message)
+        return cache_positions(start_pos, T, attn.kv_cache.shape[1], at_least_fp32(self.embed.weight).dtype)
 
     @torch.no_grad()
     def forward_cached(self, idx: torch.Tensor, start_pos):
@@ -138,6 +147,7 @@ class Transformer(nn.Module):
         row b at start_pos[b]..: the static-cache form (mla.MLA._write_cache_at) that a CUDA graph can capture;
         the caller keeps start_pos[b] + T within the cache."""
         T = idx.shape[1]
+        start_pos = self.positions(start_pos, T, self.layers[0].attn)
         freqs_cis = self.freqs_at(start_pos, T)
         h = self.embed(idx)
         for layer in self.layers:
@@ -151,6 +161,7 @@ class Transformer(nn.Module):
         next_idx (B, T) the tokens one ahead of them → (logits (B, T, V) for the tokens two ahead, h^k).
         start_pos: int or (B,) tensor, as in forward_cached."""
         T = next_idx.shape[1]
+        start_pos = self.positions(start_pos, T, self.mtp[depth].block.attn)
         freqs_cis = self.freqs_at(start_pos, T)
         hk = self.mtp[depth](h, self.embed(next_idx), freqs_cis, start_pos)
         return self.head(hk), hk

@@ -93,7 +93,9 @@ def route(scores, bias, k, n_groups, n_keep, score_func, route_scale):
     weights = scores.gather(1, indices)  # (N, K)
     if score_func == "sigmoid":
         weights = weights / weights.sum(-1, keepdim=True)
-    return weights * route_scale, indices
+    if route_scale != 1.0:  # (× 1 is exact: no kernel for it)
+        weights = weights * route_scale
+    return weights, indices
 
 
 def sequence_balance_loss(scores: torch.Tensor, indices: torch.Tensor, n_experts: int) -> torch.Tensor:
@@ -199,7 +201,7 @@ def segment_mm(a: torch.Tensor, w: torch.Tensor, sizes, impl: str = "auto") -> t
     impl = resolve_impl(a, w, impl)
     if impl == "grouped_mm":
         sizes = sizes if torch.is_tensor(sizes) else torch.tensor(sizes, device=a.device)
-        offs = sizes.cumsum(0).to(torch.int32)  # (E,) end row of each segment
+        offs = sizes.cumsum(0, dtype=torch.int32)  # (E,) end row of each segment
         return torch._grouped_mm(a.to(dtype), w.to(dtype).transpose(-2, -1), offs=offs)  # (M, out)
     sizes = sizes.tolist() if torch.is_tensor(sizes) else sizes  # the loop needs them on the host
     # unbind, not w[i]: the backward of E separate w[i] would build E full-size (E, out, in) gradients
@@ -273,7 +275,7 @@ def dispatch_grouped(x, weights, indices, experts: Experts, impl: str = "auto", 
     sizes = expert_counts(flat, experts.w1.shape[0]) if counts is None else counts  # rows of each segment
     out = experts.segments(x[token], sizes, impl)  # (N·K, dim)
     out = out * weights.reshape(-1)[order, None]  # (N·K, dim) times g of the pair
-    return torch.zeros_like(x).index_add(0, token, out.to(x.dtype))  # (N, dim) sum over the K slots
+    return torch.zeros_like(x).index_add_(0, token, out.to(x.dtype))  # (N, dim) sum over the K slots
 
 
 # -- expert parallelism ------------------------------------------------------------------------------------------

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from config import ModelConfig, get_preset
-from mla import (MLA, apply_rotary_emb, causal_mask, kv_cache_bytes_per_token, precompute_freqs_cis,
-                 rope_frequencies, softmax_scale, yarn_correction_range)
+from mla import (MLA, apply_rotary_emb, cache_positions, causal_mask, kv_cache_bytes_per_token,
+                 precompute_freqs_cis, rope_frequencies, softmax_scale, yarn_correction_range)
 
 SEEDS = (0, 1, 2)
 
@@ -270,6 +270,24 @@ def test_rope_rotates_interleaved_pairs():
     # the (B, T, dr) form broadcasts like a single head; the result keeps x's dtype
     torch.testing.assert_close(apply_rotary_emb(x[:, :, 0], fc[:7]), got[:, :, 0], rtol=0, atol=0)
     assert apply_rotary_emb(x.float(), fc[:7]).dtype == torch.float32
+
+
+def test_rope_of_bf16_is_the_fp32_rotation_rounded_once():
+    fc = precompute_freqs_cis(make_cfg())
+    x = (torch.randn(2, 5, 3, 8) * 30).bfloat16()  # (B, T, H, dr)
+    for f in (fc[3:8], fc[torch.tensor([[0, 1, 2, 3, 4], [9, 10, 11, 12, 13]])]):  # shared, per-sequence positions
+        got = apply_rotary_emb(x, f)
+        assert got.dtype == torch.bfloat16 and torch.equal(got, apply_rotary_emb(x.float(), f).bfloat16())
+
+
+def test_cache_positions_mask_the_keys_after_each_query():
+    pos = torch.tensor([0, 3, 6])
+    p = cache_positions(pos, 2, 9, torch.float64)
+    assert torch.equal(p.at, torch.tensor([[0, 1], [3, 4], [6, 7]]))
+    assert p.bias.shape == (3, 1, 2, 9) and p.bias.dtype == torch.float64
+    for b, s in enumerate(pos.tolist()):  # the same mask as a chunk at one shared start position
+        assert torch.equal(p.bias[b, 0] == 0, causal_mask(2, 9, s))
+        assert torch.isneginf(p.bias[b, 0][~causal_mask(2, 9, s)]).all()
 
 
 def test_rope_scores_depend_only_on_relative_position():
