@@ -81,15 +81,20 @@ def main(argv=None) -> int:
         step(i)
     sync()
     t0 = time.time()
+    losses = []  # device tensors: reading them inside the timed loop would wait for the GPU
     for i in range(n):
         m = step(warmup + i)
+        losses.append(m["loss"])
     sync()
     dt = (time.time() - t0) / n
+    tail = max(1, n // 5)  # the last fifth of the timed steps: a training-loss figure to compare modes on
+    tail_loss = torch.stack([torch.as_tensor(v, dtype=torch.float32) for v in losses[-tail:]]).mean().item()
     mode = "fp8" if args.fp8 else "bf16" if cuda else "fp32"
     n_par = count_params(cfg)
     mfu = 100 * tokens / dt * flops_tok / peak if peak else float("nan")
     print(f"RESULT {args.preset} {mode}{' compile' if args.compile else ''}: {n} steps of {tokens:,} tokens | "
-          f"{tokens / dt:,.0f} tokens/s | {1e3 * dt:.1f} ms/step | MFU {mfu:.1f}% | loss {m['loss']:.4f} | "
+          f"{tokens / dt:,.0f} tokens/s | {1e3 * dt:.1f} ms/step | MFU {mfu:.1f}% | loss {m['loss']:.4f}, "
+          f"mean of the last {tail} {tail_loss:.4f} | "
           f"params {n_par['total'] / 1e9:.2f}B + MTP {n_par['mtp'] / 1e9:.2f}B | "
           f"peak mem {torch.cuda.max_memory_allocated() / 2**30 if cuda else float('nan'):.1f} GiB")
     if not profile:
@@ -108,7 +113,7 @@ def main(argv=None) -> int:
     print(f"PROFILE {args.preset} {mode}: step {wall_us / 1e3:.1f} ms (profiled), GPU busy {busy / 1e3:.1f} ms, "
           f"idle {100 * (1 - busy / wall_us):.1f}% | host syncs: "
           + ", ".join(f"{k} ×{c} ({ms:.1f} ms)" for k, (c, ms) in syncs.items()))
-    print(avg.table(sort_by="self_device_time_total", row_limit=18, max_name_column_width=60))
+    print(avg.table(sort_by="self_device_time_total", row_limit=30, max_name_column_width=60))
     return 0
 
 
