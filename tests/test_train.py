@@ -239,7 +239,8 @@ def test_help_fits_a_terminal(monkeypatch, capsys):
     out = capsys.readouterr().out
     assert max(len(line) for line in out.splitlines()) <= 100
     flat = " ".join(out.split())
-    assert "--preset small changes these: max_iters=5000," in flat and "(default: max_iters // 10)" in flat
+    assert "--preset small changes max_iters=5000," in flat and "--preset v3-layers changes batch_size=1," in flat
+    assert "(default: max_iters // 10)" in flat
     assert all(f"--{k}" in flat for k in train_setup.TRAIN_DEFAULTS)
 
 
@@ -551,3 +552,14 @@ def test_a_real_signal_to_a_training_process(tmp_path, corpus_args, sig):
     got, want = read_log(out), read_log(tmp_path / "straight")
     assert [r["step"] for r in got] == [r["step"] for r in want] and without_speed(got) == without_speed(want)
     assert_same_state(load(out)["model"], load(tmp_path / "straight")["model"])
+
+
+def test_v3_layers_trains_with_the_reports_learning_rate():
+    """V3's layer shapes take V3's peak LR, final LR and bias speed (2.2e-4, 2.2e-5, γ = 0.001), one 4096-token
+    sequence per micro-batch; an option typed by the user still wins."""
+    def resolved(*argv):
+        a = train_setup.resolve_args(train_setup.build_parser().parse_args(list(argv)))
+        return a.lr, a.min_lr, a.bias_gamma, a.batch_size, a.block_size
+    assert resolved("--preset", "v3-layers") == (2.2e-4, 2.2e-5, 0.001, 1, 4096)
+    assert resolved("--preset", "v3-layers", "--lr", "1e-4")[0] == 1e-4
+    assert resolved()[0] == 3e-3  # the tiny preset keeps its own
