@@ -2,7 +2,7 @@
 cache, CUDA graphs), batch 1 plain and MTP-speculative, and a batch of prompts of different lengths; then the
 rate at which the absorbed attention reads the latent cache (bytes of c^KV and k^R per second).
 
-    python decode_bench.py --out_dir out [--batch 64] [--max_new_tokens 256] [--prompt_tokens 64]
+    python decode_bench.py --out_dir out [--batch 64] [--max_new_tokens 256] [--prompt_tokens 64] [--compile]
 
 Greedy throughout. Prompts are windows of a standard-library source file (the training corpus's kind of text),
 batch row b taking prompt_tokens·(b+1)/B tokens, so the rows have different lengths. Each StaticDecoder
@@ -73,6 +73,8 @@ def main(argv=None) -> int:
     p.add_argument("--max_new_tokens", type=int, default=256)
     p.add_argument("--prompt_tokens", type=int, default=64)
     p.add_argument("--no_reference", action="store_true", help="skip the (slow) reference generate() rows")
+    p.add_argument("--compile", action="store_true",
+                   help="also time StaticDecoder(compile=True) at batch 1, plain and speculative")
     p.add_argument("--random_preset", default=None, help="no checkpoint: this preset with random weights")
     p.add_argument("--device", default="cuda", help="cuda (timings) or cpu (a check that the script runs)")
     args = p.parse_args(argv)
@@ -165,6 +167,19 @@ def main(argv=None) -> int:
               f"({100 * nbytes / sec / 4.8e12:.0f}% of 4.8 TB/s)", flush=True)
     del v3
     dec.close()
+    if args.compile:  # the same batch-1 rows with every step compiled before its capture
+        dec = G.StaticDecoder(model, max_batch=1, max_seq_len=dec.max_seq_len, compile=True)
+        for speculative in (False, True):
+            _, sec = timed(lambda: dec.generate([prompt], N, speculative=speculative))
+            print(f"StaticDecoder(compile=True){' speculative' if speculative else ''}: first call (compiles, "
+                  f"captures) {sec:.1f} s", flush=True)
+            (outc, st), sec = timed(lambda: dec.generate([prompt], N, speculative=speculative))
+            note = f"same tokens as uncompiled plain: {outc == plain1}"
+            if speculative:
+                note = f"accepted {st['accepted']}/{st['drafted']}, {note}"
+            row(f"StaticDecoder bf16 compiled{' speculative' if speculative else ''}, batch 1", len(outc[0]), sec,
+                note)
+        dec.close()
     return 0
 
 

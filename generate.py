@@ -203,10 +203,14 @@ class StaticDecoder:
     """Greedy decoding of batches of prompts over a latent cache allocated once (max_batch × max_seq_len).
 
     graphs: capture each step as a CUDA graph (default: on CUDA). The graphs hold the cache's addresses: do not
-    call model.setup_cache / free_cache / generate() while a StaticDecoder is in use; close() frees the cache."""
+    call model.setup_cache / free_cache / generate() while a StaticDecoder is in use; close() frees the cache.
+    compile: torch.compile each step (static shapes) before it is captured, so that the graph replays fused
+    kernels instead of the eager step's ~1,500 small ones; the first call of each step kind then compiles (tens of
+    seconds). The fused kernels round differently: in bf16 a near-tied argmax can then pick another token than the
+    eager step; in fp32 the tokens are the same (a GPU test)."""
 
-    def __init__(self, model, max_batch: int, max_seq_len: int = None, graphs: bool = None):
-        self.model, self.max_batch = model, max_batch
+    def __init__(self, model, max_batch: int, max_seq_len: int = None, graphs: bool = None, compile: bool = False):
+        self.model, self.max_batch, self.compile = model, max_batch, compile
         self.max_seq_len = max_seq_len or model.cfg.max_seq_len
         self.device = model.embed.weight.device
         self.graphs = self.device.type == "cuda" if graphs is None else graphs
@@ -226,6 +230,8 @@ class StaticDecoder:
         if (kind, B) not in self.steps:
             fn = _plain_step if kind == "plain" else _speculative_iteration
             step = (lambda *a: fn(self.model, *a))
+            if self.compile:  # one compiled function per kind and batch size, its shapes fixed (dynamic=False)
+                step = torch.compile(step, dynamic=False)
             self.steps[kind, B] = GraphedStep(step, self.graphs)
         return self.steps[kind, B]
 
@@ -371,6 +377,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the fast path (StaticDecoder): all prompts decoded as one batch over a fixed-size latent "
                         "cache, each step a CUDA graph on a GPU; greedy only (temperature 0); the text is "
                         "printed at the end, not streamed")
+    p.add_argument("--compile", action="store_true",
+                   help="with --static: torch.compile each decode step first (fused kernels; the first step of "
+                        "each kind compiles, tens of seconds)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                    help="weights' dtype; auto = bfloat16 for --static on CUDA (its CUDA graphs need it), else float32")
     return p
@@ -383,6 +392,8 @@ def check_args(args) -> None:
         raise ValueError(f"--temperature {args.temperature}: must be a finite number >= 0 (0 = greedy)")
     if args.top_k < 0:
         raise ValueError(f"--top_k {args.top_k}: must be >= 0 (0 = no top-k cut)")
+    if args.compile and not args.static:
+        raise ValueError("--compile compiles the static path's decode steps: add --static")
     if args.static and args.temperature > 0:
         raise ValueError(f"--static decodes greedily only: add --temperature 0 (sampling with --temperature "
                          f"{args.temperature} runs without --static)")
@@ -479,7 +490,8 @@ def decode_reference(model, prompts, streams, max_new, args, eot):
 
 def decode_static(model, prompts, streams, max_new, args, eot):
     """StaticDecoder on all prompts as one batch (greedy); the text is written once decoding is done."""
-    dec = StaticDecoder(model, max_batch=len(prompts), max_seq_len=max(map(len, prompts)) + max_new)
+    dec = StaticDecoder(model, max_batch=len(prompts), max_seq_len=max(map(len, prompts)) + max_new,
+                        compile=args.compile)
     try:
         rows, stats = dec.generate(prompts, max_new, speculative=args.speculative, eot=eot)
     finally:
@@ -488,7 +500,8 @@ def decode_static(model, prompts, streams, max_new, args, eot):
         for t in row:
             stream(t)
         stream.finish()
-    stats["path"] = f"static, batch {len(prompts)}, {'CUDA graphs' if dec.graphs else 'no CUDA graphs'}"
+    stats["path"] = (f"static, batch {len(prompts)}, {'CUDA graphs' if dec.graphs else 'no CUDA graphs'}"
+                     + (", compiled" if dec.compile else ""))
     return sum(map(len, rows)), stats
 
 

@@ -139,3 +139,55 @@ def test_cuda_graphs_give_the_eager_tokens_and_logits(speculative):
     graphed.close()
     assert got == want and again == want
     assert torch.allclose(got_logits.float(), want_logits.float(), atol=1e-2, rtol=1e-2)
+
+
+def _compiler_available() -> bool:
+    import shutil
+    return any(shutil.which(c) for c in ("c++", "g++", "clang++"))  # torch.compile's CPU backend builds C++
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _compiler_available(), reason="torch.compile on a CPU needs a C++ compiler")
+def test_compiled_steps_give_the_eager_tokens_and_logits():
+    """StaticDecoder(compile=True) in float32 on the CPU: the compiled plain step and speculative iteration give the
+    eager steps' tokens, and one plain step's logits to float32 rounding."""
+    model = tiny_model(7, dtype=torch.float32)
+    prompts = prompts_of([5, 9, 3], 7)
+    eager = G.StaticDecoder(model, max_batch=3, max_seq_len=32, graphs=False)
+    want = [eager.generate(prompts, 12, speculative=s)[0] for s in (False, True)]
+    x, n = torch.tensor([p[-1] for p in prompts]), torch.tensor([len(p) - 1 for p in prompts])
+    want_logits = eager._step("plain", 3)(x, n)[0].clone()
+    eager.close()
+    fast = G.StaticDecoder(model, max_batch=3, max_seq_len=32, graphs=False, compile=True)
+    got = [fast.generate(prompts, 12, speculative=s)[0] for s in (False, True)]
+    got_logits = fast._step("plain", 3)(x, n)[0]
+    fast.close()
+    assert got == want and want[0] == want[1]
+    torch.testing.assert_close(got_logits, want_logits, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("speculative", [False, True])
+def test_compiled_graphed_steps_on_gpu(speculative):
+    """On the GPU: in float32 (no graphs: the fp32 MoE reads its segment sizes back) the compiled steps give the
+    eager tokens; in bf16, compiled and captured, one plain step's logits equal the eager step's to bf16
+    rounding (fused kernels round differently, so near-tied tokens may differ)."""
+    model = tiny_model(6, dtype=torch.float32, device="cuda", dim=64, moe_inter_dim=64)
+    prompts = prompts_of([4, 9], 6)
+    runs = []
+    for compile_ in (False, True):
+        dec = G.StaticDecoder(model, max_batch=2, max_seq_len=32, graphs=False, compile=compile_)
+        runs.append(dec.generate(prompts, 16, speculative=speculative)[0])
+        dec.close()
+    assert runs[0] == runs[1]
+    model = model.bfloat16()
+    x, n = torch.tensor([p[-1] for p in prompts], device="cuda"), torch.tensor([len(p) - 1 for p in prompts],
+                                                                               device="cuda")
+    eager = G.StaticDecoder(model, max_batch=2, max_seq_len=32, graphs=False)
+    want_logits = eager._step("plain", 2)(x, n)[0].clone()
+    eager.close()
+    fast = G.StaticDecoder(model, max_batch=2, max_seq_len=32, graphs=True, compile=True)
+    fast.generate(prompts, 8, speculative=speculative)  # compiles and captures the step kind under test
+    got_logits = fast._step("plain", 2)(x, n)[0]
+    fast.close()
+    assert torch.allclose(got_logits.float(), want_logits.float(), atol=1e-2, rtol=1e-2)

@@ -209,7 +209,7 @@ def test_cli_help_shows_every_default(capsys):
                           ("--out_dir", "out"), ("--device", "auto"), ("--dtype", "auto")]:
         described = out.rsplit(f"{flag} ", 1)[1]  # the option's own line in the help, not the usage line
         assert described.split("(default: ", 1)[1].split(")")[0] == str(default), flag
-    assert out.count("(default: ") == 12
+    assert out.count("(default: ") == 13
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -224,6 +224,7 @@ def test_cli_help_shows_every_default(capsys):
     (["--static"], "--static decodes greedily only: add --temperature 0 (sampling with --temperature 0.8 runs "
                    "without --static)"),
     (["--prompts_file", "no/such/file"], "--prompts_file no/such/file: no such file"),
+    (["--compile"], "--compile compiles the static path's decode steps: add --static"),
 ])
 def test_cli_errors_name_the_flag_and_print_no_prompt(ckpt_dir, capsys, argv, message):
     assert G.main(["--out_dir", ckpt_dir, "--prompt", "def f(x):", "--max_new_tokens", "5", *argv]) == 2
