@@ -154,7 +154,7 @@ def tile_layout(counts: torch.Tensor, M: int):
     to M), computed where counts lives without reading it back:
       dst (M,) int64     the padded row of each row
       groups (T,) int32  the expert of each 128-row tile of the padded buffer, -1 for the unused tiles at its end
-      padded (E,) int64  each expert's rows rounded up to whole tiles (the K segments of Wgrad)"""
+      padded (E,)        each expert's rows rounded up to whole tiles (the K segments of Wgrad), counts' dtype"""
     E, device = counts.shape[0], counts.device
     # The tiles needed, Σ_e ⌈n_e/128⌉, are known only on the GPU, so the padded buffer gets the static size of
     # their bound: at most min(E, M) experts have rows, each rounded up by at most 127, so

@@ -249,6 +249,10 @@ void quant_blocks(at::Tensor w, at::Tensor q, std::optional<at::Tensor> qt, at::
   TORCH_CHECK(!qt || (qt->dim() == 3 && qt->size(0) == E && qt->size(1) == C && qt->size(2) == nb * 128),
               "quant_blocks: qt must be (E, C, R rounded up to 128)");
   TORCH_CHECK(reinterpret_cast<uintptr_t>(w.data_ptr()) % 16 == 0, "quant_blocks: w must be 16-byte aligned");
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(q.data_ptr()) % 4 == 0 &&
+                  (!qt || reinterpret_cast<uintptr_t>(qt->data_ptr()) % 4 == 0),
+              "quant_blocks: q and qt must be 4-byte aligned (4-byte stores)");
+  TORCH_CHECK(nb <= 65535 && E <= 65535, "quant_blocks: at most 65535 row blocks and 65535 matrices (grid limits)");
   if (!E || !R || !C) return;
   auto stream = c10::cuda::getCurrentCUDAStream();
   dim3 grid(kb, nb, E);

@@ -205,9 +205,12 @@ class StaticDecoder:
     graphs: capture each step as a CUDA graph (default: on CUDA). The graphs hold the cache's addresses: do not
     call model.setup_cache / free_cache / generate() while a StaticDecoder is in use; close() frees the cache.
     compile: torch.compile each step (static shapes) before it is captured, so that the graph replays fused
-    kernels instead of the eager step's ~1,500 small ones; the first call of each step kind then compiles (tens of
-    seconds). The fused kernels round differently: in bf16 a near-tied argmax can then pick another token than the
-    eager step; in fp32 the tokens are the same (a GPU test)."""
+    kernels instead of the eager step's many small ones; the first call of each step kind and batch size then
+    compiles (tens of seconds). torch keeps at most torch._dynamo.config.recompile_limit (8) compiled variants of
+    a step function per process; further batch sizes run uncompiled, with a warning from torch. In bf16 the MoE
+    runs the grouped GEMM and the whole step is one compiled graph (a test); its fused kernels round differently,
+    so a near-tied argmax can pick another token than the eager step. In fp32 the expert loop reads the segment
+    sizes back, so it runs eagerly between compiled pieces; the tokens are the eager ones (a test)."""
 
     def __init__(self, model, max_batch: int, max_seq_len: int = None, graphs: bool = None, compile: bool = False):
         self.model, self.max_batch, self.compile = model, max_batch, compile
@@ -215,7 +218,9 @@ class StaticDecoder:
         self.device = model.embed.weight.device
         self.graphs = self.device.type == "cuda" if graphs is None else graphs
         dtype = model.embed.weight.dtype
-        if self.graphs and model.moe_layers() and not grouped_mm_supported(self.device, dtype):
+        # probed here, before any step runs: inside a compiled step the probe would split the graph
+        grouped = not model.moe_layers() or grouped_mm_supported(self.device, dtype)
+        if self.graphs and not grouped:
             if graphs:  # the MoE would loop over experts, reading the segment sizes back on every step
                 raise ValueError(f"CUDA graphs need the grouped GEMM for {dtype} on {self.device} (use bf16)")
             self.graphs = False

@@ -44,9 +44,8 @@ PRESET_TRAIN = {
     "small": dict(max_iters=5000, batch_size=16, block_size=1024, lr=6e-4, min_lr=6e-5, bias_gamma=0.001,
                   eval_interval=250, eval_iters=20),
     # V3's layer shapes take V3's own peak learning rate and bias update speed (report §4.2: 2.2e-4, γ = 0.001) and
-    # one 4096-token sequence per micro-batch. At the tiny preset's 3e-3 a 100-step run of this model ends at a loss
-    # of ~10 in bf16 and diverges with --fp8 (to ~19); at 2.2e-4 the two end within bf16's run-to-run spread
-    # (BENCHMARKS.md).
+    # one 4096-token sequence per micro-batch. The tiny preset's 3e-3 is far too high for hidden 7168: --fp8 diverges
+    # there (BENCHMARKS.md, "FP8 against bf16 loss at V3's layer shapes").
     "v3-layers": dict(batch_size=1, block_size=4096, lr=2.2e-4, min_lr=2.2e-5, bias_gamma=0.001),
 }
 CKPT_KEYS = ("model", "optimizer", "step", "rng", "config", "args", "tokenizer")  # what --resume needs
@@ -182,7 +181,8 @@ def check_args(args, cfg: ModelConfig) -> None:
         need(getattr(args, name) >= 0, name, "must be >= 0")
     need(args.lr > 0, "lr", "must be > 0")
     need(args.lr_decay_iters >= args.warmup_iters, "lr_decay_iters", "must be >= warmup_iters")
-    need(args.block_size <= cfg.max_seq_len, "block_size", f"must be <= max_seq_len ({cfg.max_seq_len})")
+    need(args.block_size <= cfg.max_seq_len, "block_size", f"must be <= max_seq_len ({cfg.max_seq_len})"
+         + ("" if "block_size" in args.typed else f" (the {args.preset} preset's default: give --block_size)"))
     need(args.block_size > cfg.n_mtp, "block_size", f"must be > n_mtp ({cfg.n_mtp}): MTP predicts further ahead")
     need(args.fp8 or args.fp8_act_cache == "bf16", "fp8_act_cache", "needs --fp8")
     need(args.ep >= 1, "ep", "must be >= 1")

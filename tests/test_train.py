@@ -563,3 +563,11 @@ def test_v3_layers_trains_with_the_reports_learning_rate():
     assert resolved("--preset", "v3-layers") == (2.2e-4, 2.2e-5, 0.001, 1, 4096)
     assert resolved("--preset", "v3-layers", "--lr", "1e-4")[0] == 1e-4
     assert resolved()[0] == 3e-3  # the tiny preset keeps its own
+
+
+def test_preset_block_size_over_a_typed_max_seq_len_names_the_preset(tmp_path, capsys):
+    assert train.main(["--preset", "v3-layers", "--max_seq_len", "2048", "--out_dir", str(tmp_path / "o"),
+                       "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert err == ("error: --block_size=4096: must be <= max_seq_len (2048) (the v3-layers preset's default: give "
+                   "--block_size)\n")
