@@ -235,7 +235,7 @@ class StaticDecoder:
         if (kind, B) not in self.steps:
             fn = _plain_step if kind == "plain" else _speculative_iteration
             step = (lambda *a: fn(self.model, *a))
-            if self.compile:  # one compiled function per kind and batch size, its shapes fixed (dynamic=False)
+            if self.compile:  # shapes fixed (dynamic=False): each kind and batch size compiles once (see above)
                 step = torch.compile(step, dynamic=False)
             self.steps[kind, B] = GraphedStep(step, self.graphs)
         return self.steps[kind, B]
