@@ -22,6 +22,12 @@ def prompts_of(lengths, seed=0, vocab=61):
     return [torch.randint(0, vocab, (n,), generator=g).tolist() for n in lengths]
 
 
+def _step_args(prompts, device="cpu"):
+    """x (B,) the last prompt tokens, n (B,) their positions: the inputs of one plain step."""
+    return (torch.tensor([p[-1] for p in prompts], device=device),
+            torch.tensor([len(p) - 1 for p in prompts], device=device))
+
+
 @pytest.mark.parametrize("impl", ["absorb", "naive"])
 def test_per_sequence_positions_give_the_same_logits_as_one_shared_position(impl):
     model = tiny_model(1)
@@ -128,8 +134,7 @@ def test_cuda_graphs_give_the_eager_tokens_and_logits(speculative):
     prompts = prompts_of([5, 12, 3, 8], 5)
     eager = G.StaticDecoder(model, max_batch=4, max_seq_len=40, graphs=False)
     want, _ = eager.generate(prompts, 20, speculative=speculative)
-    x, n = torch.tensor([p[-1] for p in prompts], device="cuda"), torch.tensor([len(p) - 1 for p in prompts],
-                                                                               device="cuda")
+    x, n = _step_args(prompts, "cuda")
     want_logits = G._plain_step(model, x, n)[0].clone()
     eager.close()
     graphed = G.StaticDecoder(model, max_batch=4, max_seq_len=40, graphs=True)
@@ -144,12 +149,6 @@ def test_cuda_graphs_give_the_eager_tokens_and_logits(speculative):
 def _compiler_available() -> bool:
     import shutil
     return any(shutil.which(c) for c in ("c++", "g++", "clang++"))  # torch.compile's CPU backend builds C++
-
-
-def _step_args(prompts, device="cpu"):
-    """x (B,) the last prompt tokens, n (B,) their positions: the inputs of one plain step."""
-    return (torch.tensor([p[-1] for p in prompts], device=device),
-            torch.tensor([len(p) - 1 for p in prompts], device=device))
 
 
 @pytest.mark.parametrize("kind", ["plain", "spec"])
