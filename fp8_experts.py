@@ -20,6 +20,9 @@ count. Launching one GEMM per expert wastes the GPU on small problems, so all ex
     down projection W2 as one autograd step. It keeps only the SwiGLU's inputs for the backward pass, in 1×128
     E4M3 tiles with ``act_cache="fp8"`` (the report's choice), and recomputes the SwiGLU output (W2's input)
     there.
+  * ``fp8_expert_ffn``, what training runs: the whole expert FFN (W1, W3, SwiGLU, W2) as one autograd step
+    that stays in the tile layout from x to y, so x is padded and quantized once for W1 and W3, and no tensor
+    between two GEMMs is gathered back and padded again. Its reference is the composition of the two above.
 
 ``FP8Experts`` gathers what the MoE layer takes (``moe.MoE(cfg, linear, experts=FP8Experts)``, handed down by
 ``model.Transformer`` where train.py builds the model with --fp8).
@@ -203,20 +206,27 @@ def _experts_forward(x, w, counts):
     return y, xp, (wq_t, ws, dst, groups, padded), (x.dtype, w.dtype)
 
 
+def _dgrad(dyp, wq_t, ws, groups, out_dtype):
+    """Dgrad in the tile layout: dX_seg = dY_seg·W[e] for padded dyp (T·128, N), i.e. a grouped GEMM against the
+    transposed experts wq_t (E, K, N) → (T·128, K)."""
+    dyq, dys = quantize_act(dyp)
+    return fp8_gemm_grouped(dyq, dys, wq_t, ws.transpose(1, 2).contiguous(), groups, out_dtype)
+
+
+def _wgrad(dyp, xt, padded, out_dtype):
+    """Wgrad: dW[e] = dY_segᵀ·X_seg over the expert's own (padded) tokens, both quantized along tokens; xt is
+    quantize_act_t of the padded input (K, T·128), (K, T). → (E, N, K), one launch on Hopper."""
+    dytq, dyts = quantize_act_t(dyp)                                   # (N, T·128), (N, T)
+    return fp8_gemm_kgrouped(dytq, dyts, *xt, padded, out_dtype)
+
+
 def _experts_backward(dy, xp, saved, meta):
     """Dgrad and Wgrad of _experts_forward, given its padded input xp (kept, or recomputed)."""
     wq_t, ws, dst, groups, padded = saved
     x_dtype, w_dtype = meta
     dyp = _padded(dy, dst, groups)                                     # (T·128, N)
-    # Dgrad: dX_seg = dY_seg·W[e], i.e. a grouped GEMM against the transposed experts (E, K, N).
-    dyq, dys = quantize_act(dyp)
-    dx = fp8_gemm_grouped(dyq, dys, wq_t, ws.transpose(1, 2).contiguous(), groups,
-                          x_dtype).index_select(0, dst)                # (M, K)
-    # Wgrad: dW[e] = dY_segᵀ·X_seg over the expert's own (padded) tokens, both quantized along tokens.
-    dytq, dyts = quantize_act_t(dyp)                                   # (N, T·128), (N, T)
-    xtq, xts = quantize_act_t(xp)                                      # (K, T·128), (K, T)
-    dw = fp8_gemm_kgrouped(dytq, dyts, xtq, xts, padded, w_dtype)      # (E, N, K), one launch on Hopper
-    return dx, dw
+    dx = _dgrad(dyp, wq_t, ws, groups, x_dtype).index_select(0, dst)   # (M, K)
+    return dx, _wgrad(dyp, quantize_act_t(xp), padded, w_dtype)
 
 
 class _FP8ExpertsFn(torch.autograd.Function):
@@ -238,6 +248,22 @@ class _FP8ExpertsFn(torch.autograd.Function):
         return dx, dw, None
 
 
+def _keep(a, b, act_cache):
+    """The SwiGLU inputs A and B as the backward pass keeps them: as they are ("bf16"), or (q, scale) of A then of
+    B in 1×128 E4M3 ("fp8") or E5M6 ("e5m6") tiles."""
+    if act_cache == "bf16":
+        return a, b
+    quant = quantize_act if act_cache == "fp8" else quantize_e5m6
+    return quant(a) + quant(b)
+
+
+def _restore(kept, act_cache, dtype):
+    """A and B back from _keep's tensors, in `dtype`."""
+    if act_cache == "bf16":
+        return kept
+    return dequantize_act(*kept[:2]).to(dtype), dequantize_act(*kept[2:]).to(dtype)
+
+
 class _FP8SwiGLUDownFn(torch.autograd.Function):
     """Y = (SiLU(A) ⊙ B)·W2[e]ᵀ per segment: the experts' SwiGLU fused with their down projection (report §3.3.3).
 
@@ -251,11 +277,7 @@ class _FP8SwiGLUDownFn(torch.autograd.Function):
     def forward(ctx, a, b, w2, counts, act_cache):
         h = F.silu(a) * b                                                  # (M, inter)
         y, _, saved, meta = _experts_forward(h, w2, counts)
-        if act_cache == "bf16":
-            kept = (a, b)
-        else:
-            quant = quantize_act if act_cache == "fp8" else quantize_e5m6
-            kept = quant(a) + quant(b)                                     # (q, scale) of A, then of B
+        kept = _keep(a, b, act_cache)
         ctx.save_for_backward(*kept, *saved)
         ctx.meta = (meta, act_cache, a.dtype, len(kept))
         return y
@@ -264,10 +286,7 @@ class _FP8SwiGLUDownFn(torch.autograd.Function):
     def backward(ctx, dy):
         meta, act_cache, ab_dtype, n_kept = ctx.meta
         kept, saved = ctx.saved_tensors[:n_kept], ctx.saved_tensors[n_kept:]
-        if act_cache == "bf16":
-            a, b = kept
-        else:
-            a, b = dequantize_act(*kept[:2]).to(ab_dtype), dequantize_act(*kept[2:]).to(ab_dtype)
+        a, b = _restore(kept, act_cache, ab_dtype)
         s = F.silu(a)                                                      # recomputed: SiLU(A) and H
         h = s * b
         dst, groups = saved[2], saved[3]                                   # the rows' places in the tile layout
@@ -275,6 +294,58 @@ class _FP8SwiGLUDownFn(torch.autograd.Function):
         da = torch.ops.aten.silu_backward(dh * b, a)                      # the ops autograd would run
         db = dh * s
         return da, db, dw2, None, None
+
+
+class _FP8ExpertFFNFn(torch.autograd.Function):
+    """FFN(x) = (SiLU(x·W1[e]ᵀ) ⊙ x·W3[e]ᵀ)·W2[e]ᵀ per segment: the routed experts' whole SwiGLU FFN in FP8, in the
+    tile layout from its input to its output. The same products as fp8_segment_mm for W1 and W3 followed by
+    fp8_swiglu_down (the same bits: a test), with less work between them:
+
+      * x is padded and quantized once for both W1 and W3, and once more along the tokens for both their Wgrads;
+        one padded copy of x is kept for the backward pass, not one per projection;
+      * the gate and up outputs A and B, the SwiGLU output H and the gradients dH, dA and dB stay in padded rows:
+        no gather back to M rows and scatter into a new padded buffer between two GEMMs. Only y and dx are
+        gathered back (dx once, the sum of the W1 and W3 paths).
+
+    Padding rows stay zero throughout (x's are, 0·W = 0, SiLU(0)·0 = 0, and dy is padded with zeros). The rows of
+    the unused tail tiles (groups -1) are not written by the GEMM kernels and hold what the allocation held; what
+    is computed from them is never used: elementwise ops and 1×128 tiles act on one row, the M-grouped GEMMs skip
+    those tiles and each expert's K range of the K-grouped Wgrad ends before them."""
+
+    @staticmethod
+    def forward(ctx, x, w1, w3, w2, counts, act_cache):
+        dtype = compute_dtype(x)
+        dst, groups, padded = tile_layout(counts, x.shape[0])
+        xp = _padded(x, dst, groups)                                       # (T·128, dim)
+        xq, xs = quantize_act(xp)
+        q1, s1, q1t = quantize_weight(w1, transpose=True)                 # (E, inter, dim), ·, (E, dim, inter)
+        q3, s3, q3t = quantize_weight(w3, transpose=True)
+        q2, s2, q2t = quantize_weight(w2, transpose=True)                 # (E, dim, inter), ·, (E, inter, dim)
+        a = fp8_gemm_grouped(xq, xs, q1, s1, groups, dtype)                # (T·128, inter)
+        b = fp8_gemm_grouped(xq, xs, q3, s3, groups, dtype)                # (T·128, inter)
+        hq, hs = quantize_act(F.silu(a) * b)
+        y = fp8_gemm_grouped(hq, hs, q2, s2, groups, dtype).index_select(0, dst)  # (M, dim)
+        kept = _keep(a, b, act_cache)
+        ctx.save_for_backward(xp, q1t, s1, q3t, s3, q2t, s2, dst, groups, padded, *kept)
+        ctx.meta = (act_cache, dtype, x.dtype, (w1.dtype, w3.dtype, w2.dtype))
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        act_cache, dtype, x_dtype, (w1_dtype, w3_dtype, w2_dtype) = ctx.meta
+        xp, q1t, s1, q3t, s3, q2t, s2, dst, groups, padded, *kept = ctx.saved_tensors
+        a, b = _restore(kept, act_cache, dtype)                           # (T·128, inter) each
+        s = F.silu(a)                                                      # recomputed: SiLU(A) and H
+        h = s * b
+        dyp = _padded(dy, dst, groups)                                     # (T·128, dim)
+        dh = _dgrad(dyp, q2t, s2, groups, dtype)                           # (T·128, inter)
+        dw2 = _wgrad(dyp, quantize_act_t(h), padded, w2_dtype)
+        da = torch.ops.aten.silu_backward(dh * b, a)                      # the ops autograd would run
+        db = dh * s
+        dx = _dgrad(da, q1t, s1, groups, x_dtype) + _dgrad(db, q3t, s3, groups, x_dtype)  # (T·128, dim)
+        xt = quantize_act_t(xp)                                            # once for both Wgrads
+        dw1, dw3 = _wgrad(da, xt, padded, w1_dtype), _wgrad(db, xt, padded, w3_dtype)
+        return dx.index_select(0, dst), dw1, dw3, dw2, None, None
 
 
 def _segment_counts(sizes, M: int, n_experts: int, device, fits: bool, operands: str) -> torch.Tensor:
@@ -319,14 +390,30 @@ def fp8_segment_mm(x: torch.Tensor, w: torch.Tensor, sizes) -> torch.Tensor:
     return _FP8ExpertsFn.apply(x, w, counts)
 
 
+def fp8_expert_ffn(x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor, sizes,
+                   act_cache: str = "bf16") -> torch.Tensor:
+    """The routed experts' SwiGLU FFN in FP8, (SiLU(x·w1[e]ᵀ) ⊙ x·w3[e]ᵀ)·w2[e]ᵀ per segment of rows, for x (M, dim),
+    w1 and w3 (E, inter, dim), w2 (E, dim, inter) → (M, dim); A = x·w1ᵀ and B = x·w3ᵀ kept for the backward pass
+    as `act_cache` says. The fast twin of fp8_swiglu_down(fp8_segment_mm(x, w1), fp8_segment_mm(x, w3), w2)
+    (see _FP8ExpertFFNFn). sizes: a list, or a 1-D integer tensor on x's device."""
+    if act_cache not in ACT_CACHES:
+        raise ValueError(f"fp8_expert_ffn: act_cache={act_cache!r}, expected one of {ACT_CACHES}")
+    fits = (x.dim() == 2 and w1.dim() == 3 and w1.shape == w3.shape and x.shape[1] == w1.shape[2]
+            and w2.shape == (w1.shape[0], w1.shape[2], w1.shape[1]))
+    counts = _segment_counts(sizes, x.shape[0] if fits else 0, w1.shape[0] if fits else 0, x.device, fits,
+                             f"fp8_expert_ffn: x {tuple(x.shape)}, w1 {tuple(w1.shape)}, w3 {tuple(w3.shape)}, "
+                             f"w2 {tuple(w2.shape)}")
+    return _FP8ExpertFFNFn.apply(x, w1, w3, w2, counts, act_cache)
+
+
 class FP8Experts:
     """The routed experts' FP8 kernels, handed to the model where it is built:
     ``Transformer(cfg, linear=fp8.FP8Linear, experts=FP8Experts)`` passes this class to every ``moe.MoE``, whose
-    ``Experts`` run their gate/up and down projections with ``mm`` (the FP8 twin of ``moe.segment_mm``) and the
-    SwiGLU with the down projection with ``swiglu_down``."""
+    ``Experts`` run their whole FFN with ``ffn`` (fp8_expert_ffn) and any single projection with ``mm`` (the FP8
+    twin of ``moe.segment_mm``)."""
 
     mm = staticmethod(fp8_segment_mm)
-    swiglu_down = staticmethod(fp8_swiglu_down)
+    ffn = staticmethod(fp8_expert_ffn)
 
     @staticmethod
     def check_dims(dim: int, inter_dim: int):

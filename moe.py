@@ -43,8 +43,8 @@ gradients):
 - "grouped" (the fast one, default): sort the N·K_r (token, expert) pairs by expert id with argsort so each expert
   owns one contiguous segment, run all experts with one grouped GEMM per projection (torch._grouped_mm, where
   this build supports it for the device and dtype; otherwise a loop over the segments), scatter-add back.
-  With `--fp8` the grouped GEMM is fp8_experts.fp8_segment_mm instead (MoE is handed fp8_experts.FP8Experts), and
-  the SwiGLU with W2 is fp8_experts.fp8_swiglu_down, which recomputes the SwiGLU output in the backward pass.
+  With `--fp8` (MoE is handed fp8_experts.FP8Experts) the experts' whole FFN is fp8_experts.fp8_expert_ffn
+  instead: three grouped FP8 GEMMs over padded segments, the SwiGLU output recomputed in the backward pass.
 - "ep" (expert parallelism, once `MoE.shard` has split the experts over the ranks of an ep group, report
   §3.2.2): each rank holds N_r/ep consecutive experts (w1/w2/w3 are DTensors sharded on dim 0 over the ep mesh,
   so FSDP2, distributed checkpoints and gradient clipping all see the split). `dispatch_ep` sorts the pairs by
@@ -215,15 +215,16 @@ class Experts(nn.Module):
     """N_r routed SwiGLU experts with stacked weights w1 (E, inter, dim), w2 (E, dim, inter), w3 (E, inter, dim).
 
     `mm`: the grouped GEMM of the fast path, segment_mm's signature without `impl` (None: segment_mm itself);
-    FP8 training passes fp8_experts.fp8_segment_mm. `swiglu_down` (FP8: fp8_experts.fp8_swiglu_down), if given,
-    runs the SwiGLU and the down projection as one step that keeps only the SwiGLU's inputs for the backward
-    pass, as `act_cache` says (report §3.3.3). The loop reference (`expert`) always runs in high precision."""
+    FP8 training passes fp8_experts.fp8_segment_mm. `ffn` (FP8: fp8_experts.fp8_expert_ffn), if given, runs
+    the whole FFN, ffn(x, w1, w3, w2, sizes, act_cache), as one step that keeps only the SwiGLU's inputs for the
+    backward pass, as `act_cache` says (report §3.3.3). The loop reference (`expert`) always runs in high
+    precision."""
 
-    act_cache = "bf16"  # with swiglu_down: how the SwiGLU inputs are kept ("bf16", "fp8" or "e5m6")
+    act_cache = "bf16"  # with ffn: how the SwiGLU inputs are kept ("bf16", "fp8" or "e5m6")
 
-    def __init__(self, n_experts: int, dim: int, inter_dim: int, init_std: float, mm=None, swiglu_down=None):
+    def __init__(self, n_experts: int, dim: int, inter_dim: int, init_std: float, mm=None, ffn=None):
         super().__init__()
-        self.mm, self.swiglu_down = mm, swiglu_down
+        self.mm, self.ffn = mm, ffn
         self.w1 = nn.Parameter(torch.randn(n_experts, inter_dim, dim) * init_std)  # gate_proj
         self.w2 = nn.Parameter(torch.randn(n_experts, dim, inter_dim) * init_std)  # down_proj
         self.w3 = nn.Parameter(torch.randn(n_experts, inter_dim, dim) * init_std)  # up_proj
@@ -240,8 +241,8 @@ class Experts(nn.Module):
             sizes = sizes.tolist()  # the loop splits by them: read once
         mm = self.mm or (lambda a, w, n: segment_mm(a, w, n, impl))
         w1, w2, w3 = (local(w) for w in (self.w1, self.w2, self.w3))  # this rank's experts under ep
-        if self.swiglu_down is not None:
-            return self.swiglu_down(mm(x, w1, sizes), mm(x, w3, sizes), w2, sizes, self.act_cache)
+        if self.ffn is not None:
+            return self.ffn(x, w1, w3, w2, sizes, self.act_cache)
         h = F.silu(mm(x, w1, sizes)) * mm(x, w3, sizes)  # (M, inter)
         return mm(h, w2, sizes)  # (M, dim)
 
@@ -391,12 +392,12 @@ class MoE(nn.Module):
         self.dim, self.n_routed, self.topk = cfg.dim, cfg.n_routed_experts, cfg.n_activated_experts
         self.gate = Gate(cfg)
         # Routed experts are stacked tensors (for the grouped GEMM), not `linear` modules. `experts` brings their
-        # kernels (fp8_experts.FP8Experts: mm, swiglu_down, check_dims); None runs them with segment_mm.
-        mm = swiglu_down = None
+        # kernels (fp8_experts.FP8Experts: mm, ffn, check_dims); None runs them with segment_mm.
+        mm = ffn = None
         if experts is not None:
             experts.check_dims(cfg.dim, cfg.moe_inter_dim)
-            mm, swiglu_down = experts.mm, experts.swiglu_down
-        self.experts = Experts(cfg.n_routed_experts, cfg.dim, cfg.moe_inter_dim, cfg.init_std, mm, swiglu_down)
+            mm, ffn = experts.mm, experts.ffn
+        self.experts = Experts(cfg.n_routed_experts, cfg.dim, cfg.moe_inter_dim, cfg.init_std, mm, ffn)
         if cfg.n_shared_experts > 0:
             self.shared_experts = MLP(cfg.dim, cfg.n_shared_experts * cfg.moe_inter_dim, linear)
         else:

@@ -177,10 +177,10 @@ def test_transformer_hands_fp8_experts_to_every_moe():
                       n_routed_experts=4, n_activated_experts=2, n_expert_groups=1, n_limited_groups=1,
                       q_lora_rank=128, kv_lora_rank=128, n_heads=2, qk_nope_head_dim=64, qk_rope_head_dim=64,
                       v_head_dim=64, vocab_size=512)
-    for experts, mm, fused in ((fp8_experts.FP8Experts, fp8_experts.fp8_segment_mm, fp8_experts.fp8_swiglu_down),
-                               (None, None, None)):
+    for experts, mm, ffn in ((fp8_experts.FP8Experts, fp8_experts.fp8_segment_mm, fp8_experts.fp8_expert_ffn),
+                             (None, None, None)):
         moes = [m for m in Transformer(cfg, fp8.FP8Linear, experts).modules() if isinstance(m, MoE)]
-        assert len(moes) == 2 and all(m.experts.mm is mm and m.experts.swiglu_down is fused for m in moes)
+        assert len(moes) == 2 and all(m.experts.mm is mm and m.experts.ffn is ffn for m in moes)
 
 
 
@@ -230,8 +230,77 @@ def test_swiglu_down_recomputes_and_caches_its_inputs(dtype):
     assert w2.grad.abs().sum() == 0 and e.grad.shape == (0, inter)
 
 
+def _ffn_run(fn, tensors, g):
+    """Forward and backward of fn(*tensors) with upstream gradient g: y, the grads of the tensors, and the bytes of
+    every tensor the autograd graph keeps for the backward pass."""
+    tensors = [t.detach().clone().requires_grad_() for t in tensors]
+    kept = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t.numel() * t.element_size()) or t,
+                                                  lambda t: t):
+        y = fn(*tensors)
+    y.backward(g)
+    return (y.detach(), *(t.grad for t in tensors), sum(kept))
+
+
+def _composed_ffn(sizes, act_cache):
+    """The reference of fp8_expert_ffn: W1 and W3 by fp8_segment_mm, then fp8_swiglu_down."""
+    return lambda x, w1, w3, w2: fp8_experts.fp8_swiglu_down(
+        fp8_experts.fp8_segment_mm(x, w1, sizes), fp8_experts.fp8_segment_mm(x, w3, sizes), w2, sizes, act_cache)
+
+
+def _poison_unused_tiles(monkeypatch):
+    """Make the grouped GEMM fill the rows of the unused tail tiles (group -1) with NaN, as uninitialised memory
+    might hold them: the CPU reference writes zeros there, the kernel leaves them alone."""
+    grouped = fp8_experts.fp8_gemm_grouped
+
+    def poisoned(a, a_scale, b, b_scale, groups, out_dtype=torch.bfloat16):
+        out = grouped(a, a_scale, b, b_scale, groups, out_dtype)
+        return out.masked_fill((groups < 0).repeat_interleave(128)[:, None], float("nan"))
+    monkeypatch.setattr(fp8_experts, "fp8_gemm_grouped", poisoned)
+
+
+def _assert_ffn_is_the_composition(sizes, dim, inter, device, dtype, monkeypatch):
+    g0 = torch.Generator().manual_seed(6)
+    E, M = len(sizes), sum(sizes)
+    x = torch.randn(M, dim, generator=g0).to(device, dtype)
+    w1, w3 = (torch.randn(E, inter, dim, generator=g0).to(device) / dim ** 0.5 for _ in range(2))
+    w2 = torch.randn(E, dim, inter, generator=g0).to(device) / inter ** 0.5
+    g = torch.randn(M, dim, generator=g0).to(device, dtype)
+    for c in ("bf16", "fp8", "e5m6"):
+        composed = _ffn_run(_composed_ffn(sizes, c), (x, w1, w3, w2), g)
+        with monkeypatch.context() as m:
+            _poison_unused_tiles(m)
+            fused = _ffn_run(lambda *t: fp8_experts.fp8_expert_ffn(*t, torch.tensor(sizes, device=device), c),
+                             (x, w1, w3, w2), g)
+        for name, want, got in zip(("y", "dx", "dw1", "dw3", "dw2"), composed[:5], fused[:5]):
+            assert got.dtype == want.dtype and torch.equal(got, want), (c, name)
+        # One padded x kept instead of two, A and B kept padded (T·128 rows) instead of M rows: less whenever
+        # dim·T·128 outweighs 2·inter·(T·128 − M), as here and in training (dim 7168, inter 2048 in V3).
+        assert fused[5] < composed[5], c
+        assert all(t[1].abs().sum() == 0 for t in fused[2:5]), c       # the idle expert's gradients
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_expert_ffn_is_the_composition(dtype, monkeypatch):
+    """fp8_expert_ffn stays in the tile layout from x to y: the bits of fp8_segment_mm for W1 and W3 composed with
+    fp8_swiglu_down (output and every gradient, each activation cache), while keeping less, and whatever the rows
+    of the unused tail tiles hold (NaN here)."""
+    _assert_ffn_is_the_composition([700, 0, 1100, 1], 256, 256, "cpu", dtype, monkeypatch)
+    x, w1 = torch.randn(4, 128), torch.randn(2, 256, 128)
+    with pytest.raises(ValueError, match="act_cache"):
+        fp8_experts.fp8_expert_ffn(x, w1, w1, w1.transpose(1, 2), [2, 2], "fp4")
+    with pytest.raises(ValueError, match="do not fit"):
+        fp8_experts.fp8_expert_ffn(x, w1, w1, w1, [2, 2])             # w2 must be (E, dim, inter)
+    with pytest.raises(ValueError, match="do not fit"):
+        fp8_experts.fp8_expert_ffn(x, w1, w1, w1.transpose(1, 2), [3, 2])
+    e = torch.zeros(0, 128, requires_grad=True)                        # no tokens at all
+    w = w1.clone().requires_grad_()
+    fp8_experts.fp8_expert_ffn(e, w, w, w.transpose(1, 2), [0, 0], "fp8").sum().backward()
+    assert w.grad.abs().sum() == 0 and e.grad.shape == (0, 128)
+
+
 def test_moe_experts_cache_follows_act_cache():
-    """In an FP8 MoE the routed experts run the fused SwiGLU: under bf16 autocast with the default cache, the same
+    """In an FP8 MoE the routed experts run the fused FFN: under bf16 autocast with the default cache, the same
     bits as the unfused composition; train_setup.set_act_cache reaches their cache too ("report": E4M3)."""
     import train_setup
     from config import ModelConfig
@@ -244,7 +313,7 @@ def test_moe_experts_cache_follows_act_cache():
         torch.manual_seed(1)
         m = MoE(cfg, fp8.FP8Linear, fp8_experts.FP8Experts)
         if not fused:
-            m.experts.swiglu_down = None                                  # SiLU, ⊙ and W2 composed by autograd
+            m.experts.ffn = None                                          # W1, W3, SiLU, ⊙ and W2 by autograd
         with torch.autocast("cpu", dtype=torch.bfloat16):
             y = m(x)
         y.backward(torch.ones_like(y))
@@ -253,7 +322,7 @@ def test_moe_experts_cache_follows_act_cache():
     torch.manual_seed(1)
     m8, m32 = MoE(cfg, fp8.FP8Linear, fp8_experts.FP8Experts), MoE(cfg)
     m32.load_state_dict(m8.state_dict())
-    assert m8.experts.swiglu_down is fp8_experts.fp8_swiglu_down and m32.experts.swiglu_down is None
+    assert m8.experts.ffn is fp8_experts.fp8_expert_ffn and m32.experts.ffn is None
     train_setup.set_act_cache(m8, "report")
     assert m8.experts.act_cache == "fp8"
     y8, y32 = m8(x), m32(x)
@@ -391,6 +460,14 @@ def test_swiglu_down_on_gpu():
     cached = _swiglu_down_run(lambda a, b, w: fp8_experts.fp8_swiglu_down(a, b, w, sizes, "fp8"), a, b, w2, g)
     assert all(torch.equal(x, y) for x, y in zip(composed[:4], kept[:4])) and kept[4] < composed[4]
     assert all(0 < fp8.calc_diff(y, x) < 2e-3 for x, y in zip(composed[1:4], cached[1:4])) and cached[4] < kept[4]
+
+
+@pytest.mark.gpu
+@hopper
+def test_expert_ffn_on_gpu_is_the_composition(monkeypatch):
+    """The same on the kernels, bf16 activations: the bits of the composition, the unused tail tiles poisoned."""
+    assert fp8.load_kernel() is not None, fp8.why_no_kernel()
+    _assert_ffn_is_the_composition([300, 0, 1, 1000, 129], 512, 256, "cuda", torch.bfloat16, monkeypatch)
 
 
 @pytest.mark.gpu
