@@ -1,4 +1,4 @@
-"""Decoding speed of a trained checkpoint: the reference generate() against generate.StaticDecoder (static latent
+"""Decoding speed of a trained checkpoint: the reference generate() against static_decode.StaticDecoder (static latent
 cache, CUDA graphs), batch 1 plain and MTP-speculative, and a batch of prompts of different lengths; then the
 rate at which the absorbed attention reads the latent cache (bytes of c^KV and k^R per second).
 
@@ -16,6 +16,7 @@ import time
 import torch
 
 import generate as G
+import static_decode as SD
 from config import get_preset
 from mla import MLA
 
@@ -61,7 +62,7 @@ def attention_read_rate(attn, B: int, S: int, dtype=torch.bfloat16):
     latent = torch.randn(B, S, c, device=dev, dtype=dtype)
     k_pe = torch.randn(B, S, dr, device=dev, dtype=dtype)
     bias = torch.zeros(B, 1, 1, S, device=dev)  # mla.CachePositions.bias: every position visible
-    step = G.GraphedStep(lambda *a: attn._attend_absorb(*a, 0, dtype, bias), dev.type == "cuda")
+    step = SD.GraphedStep(lambda *a: attn._attend_absorb(*a, 0, dtype, bias), dev.type == "cuda")
     sec = event_time(lambda: step(q_nope, q_pe, latent, k_pe))  # replays: GPU time, no launch gaps
     return sec, B * S * (c + dr) * latent.element_size()
 
@@ -119,7 +120,7 @@ def main(argv=None) -> int:
                 f"accepted {st['accepted']}/{st['drafted']}, {st['main_forwards']} main forwards, "
                 f"same tokens as plain: {spec == plain}")
     model = model.bfloat16()
-    dec = G.StaticDecoder(model, max_batch=B, max_seq_len=max(len(p) for p in prompts + [prompt]) + N)
+    dec = SD.StaticDecoder(model, max_batch=B, max_seq_len=max(len(p) for p in prompts + [prompt]) + N)
     for speculative in (False, True):
         dec.generate([prompt], N, speculative=speculative)  # capture
         (out1, st), sec = timed(lambda: dec.generate([prompt], N, speculative=speculative))
@@ -151,7 +152,7 @@ def main(argv=None) -> int:
         for Bk in (1, B):
             xk, nk = x[:Bk], n[:Bk]
             with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                G._plain_step(model, xk, nk)
+                SD._plain_step(model, xk, nk)
                 torch.cuda.synchronize()
             kern = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
             graphed = event_time(lambda: dec._step("plain", Bk)(xk, nk))
@@ -168,7 +169,7 @@ def main(argv=None) -> int:
     del v3
     dec.close()
     if args.compile:  # the same batch-1 rows with every step compiled before its capture
-        dec = G.StaticDecoder(model, max_batch=1, max_seq_len=dec.max_seq_len, compile=True)
+        dec = SD.StaticDecoder(model, max_batch=1, max_seq_len=dec.max_seq_len, compile=True)
         for speculative in (False, True):
             _, sec = timed(lambda: dec.generate([prompt], N, speculative=speculative))
             print(f"StaticDecoder(compile=True){' speculative' if speculative else ''}: first call (compiles, "

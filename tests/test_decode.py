@@ -1,10 +1,11 @@
-"""Static-cache decoding (generate.StaticDecoder) against the reference generate(): per-sequence positions give the
+"""Static-cache decoding (static_decode.StaticDecoder) against the reference generate(): per-sequence positions give the
 same logits as shared ones, a batch of prompts of different lengths gives each row's own greedy tokens, the
 two-token speculative iteration gives the plain greedy tokens, and (GPU) the CUDA-graphed steps equal eager ones."""
 import pytest
 import torch
 
 import generate as G
+import static_decode as SD
 from helpers import tiny_config
 from model import Transformer
 
@@ -61,7 +62,7 @@ def test_static_greedy_equals_reference_for_a_batch_of_different_lengths(seed):
     model = tiny_model(seed)
     prompts = prompts_of([3, 9, 1, 6], seed)
     ref = [G.generate(model, p, 14)[0] for p in prompts]
-    dec = G.StaticDecoder(model, max_batch=4, max_seq_len=9 + 14, graphs=False)
+    dec = SD.StaticDecoder(model, max_batch=4, max_seq_len=9 + 14, graphs=False)
     out, stats = dec.generate(prompts, 14)
     assert out == ref
     assert stats["main_forwards"] == 4 * 14
@@ -73,7 +74,7 @@ def test_static_greedy_equals_reference_for_a_batch_of_different_lengths(seed):
 def test_static_decoder_cuts_at_eot_and_refuses_bad_input():
     model = tiny_model(3)
     prompts = prompts_of([4, 5], 3)
-    dec = G.StaticDecoder(model, max_batch=2, max_seq_len=20, graphs=False)
+    dec = SD.StaticDecoder(model, max_batch=2, max_seq_len=20, graphs=False)
     full, _ = dec.generate(prompts, 10)
     eot = full[0][4]
     cut, _ = dec.generate(prompts, 10, eot=eot)
@@ -84,7 +85,7 @@ def test_static_decoder_cuts_at_eot_and_refuses_bad_input():
             dec.generate(bad, 10)
     dec.close()
     with pytest.raises(ValueError, match="MTP"):
-        G.StaticDecoder(tiny_model(3, n_mtp=0), 1, 20, graphs=False).generate([[1, 2]], 5, speculative=True)
+        SD.StaticDecoder(tiny_model(3, n_mtp=0), 1, 20, graphs=False).generate([[1, 2]], 5, speculative=True)
 
 
 class StaticDraftOracle:
@@ -112,7 +113,7 @@ class StaticDraftOracle:
 def test_static_speculative_is_token_identical_to_plain(mode):
     model = tiny_model(4)
     prompts = prompts_of([4, 7, 2], 4)
-    dec = G.StaticDecoder(model, max_batch=3, max_seq_len=7 + 17, graphs=False)
+    dec = SD.StaticDecoder(model, max_batch=3, max_seq_len=7 + 17, graphs=False)
     plain, _ = dec.generate(prompts, 17)
     if mode != "real":
         model.mtp_step = StaticDraftOracle(model, [p + o for p, o in zip(prompts, plain)], mode)
@@ -132,12 +133,12 @@ def test_cuda_graphs_give_the_eager_tokens_and_logits(speculative):
     # bf16: the grouped GEMM that keeps the segment sizes on the device (the fp32 loop reads them back)
     model = tiny_model(5, dtype=torch.bfloat16, device="cuda", dim=64, moe_inter_dim=64)
     prompts = prompts_of([5, 12, 3, 8], 5)
-    eager = G.StaticDecoder(model, max_batch=4, max_seq_len=40, graphs=False)
+    eager = SD.StaticDecoder(model, max_batch=4, max_seq_len=40, graphs=False)
     want, _ = eager.generate(prompts, 20, speculative=speculative)
     x, n = _step_args(prompts, "cuda")
-    want_logits = G._plain_step(model, x, n)[0].clone()
+    want_logits = SD._plain_step(model, x, n)[0].clone()
     eager.close()
-    graphed = G.StaticDecoder(model, max_batch=4, max_seq_len=40, graphs=True)
+    graphed = SD.StaticDecoder(model, max_batch=4, max_seq_len=40, graphs=True)
     got, _ = graphed.generate(prompts, 20, speculative=speculative)
     again, _ = graphed.generate(prompts, 20, speculative=speculative)  # replays the captured graphs
     got_logits = graphed._step("plain", 4)(x, n)[0]
@@ -156,12 +157,12 @@ def test_bf16_decode_steps_trace_to_one_graph(kind):
     """What StaticDecoder(compile=True) compiles in bf16 is one whole graph: no graph break (the MoE's grouped GEMM
     keeps the segment sizes on the device, and the decoder probes it before any step is traced)."""
     model = tiny_model(7, dtype=torch.bfloat16)
-    dec = G.StaticDecoder(model, max_batch=3, max_seq_len=32, graphs=False, compile=True)
+    dec = SD.StaticDecoder(model, max_batch=3, max_seq_len=32, graphs=False, compile=True)
     x, n = _step_args(prompts_of([5, 9, 3], 7))
     if kind == "plain":
-        fn, args = G._plain_step, (x, n)
+        fn, args = SD._plain_step, (x, n)
     else:
-        fn, args = G._speculative_iteration, (x, (x + 1) % 61, n, torch.ones(3, dtype=torch.bool))
+        fn, args = SD._speculative_iteration, (x, (x + 1) % 61, n, torch.ones(3, dtype=torch.bool))
     explained = torch._dynamo.explain(lambda *a: fn(model, *a))(*args)
     dec.close()
     assert explained.graph_count == 1 and explained.graph_break_count == 0, explained.break_reasons
@@ -169,7 +170,7 @@ def test_bf16_decode_steps_trace_to_one_graph(kind):
 
 def _one_step_logits(model, prompts, compile_, graphs=False):
     """Prefill the prompts (eager), then one plain step (compiled or not) over that cache: its logits (B, V)."""
-    dec = G.StaticDecoder(model, max_batch=len(prompts), max_seq_len=32, graphs=graphs, compile=compile_)
+    dec = SD.StaticDecoder(model, max_batch=len(prompts), max_seq_len=32, graphs=graphs, compile=compile_)
     dec.prefill(prompts)
     x, n = _step_args(prompts, model.embed.weight.device)
     out = dec._step("plain", len(prompts))(x, n)[0].double().clone()
@@ -188,7 +189,7 @@ def test_compiled_steps_give_the_eager_tokens_and_logits():
     model = tiny_model(7, dtype=torch.float32)
     runs = []
     for compile_ in (False, True):
-        dec = G.StaticDecoder(model, max_batch=3, max_seq_len=32, graphs=False, compile=compile_)
+        dec = SD.StaticDecoder(model, max_batch=3, max_seq_len=32, graphs=False, compile=compile_)
         runs.append([dec.generate(prompts, 12, speculative=s)[0] for s in (False, True)])
         dec.close()
     assert runs[0] == runs[1] and runs[0][0] == runs[0][1]
@@ -209,7 +210,7 @@ def test_compiled_graphed_steps_on_gpu(speculative):
     prompts = prompts_of([4, 9], 6)
     runs = []
     for compile_ in (False, True):
-        dec = G.StaticDecoder(model, max_batch=2, max_seq_len=32, graphs=False, compile=compile_)
+        dec = SD.StaticDecoder(model, max_batch=2, max_seq_len=32, graphs=False, compile=compile_)
         runs.append(dec.generate(prompts, 16, speculative=speculative)[0])
         dec.close()
     assert runs[0] == runs[1]
