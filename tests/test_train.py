@@ -178,6 +178,55 @@ def test_optimizer_decays_matrices_only(bf16_moments):
     assert biases and not any(id(b) in decay | no_decay for b in biases)
 
 
+def _stepped(clip, fused, fold, device="cpu"):
+    """A small model after one backward and one AdamW step, its gradients clipped to `clip` by clip_grad_norm_
+    (fold False) or by train.clip_gradients (True); the returned norm, parameters and gradients."""
+    from types import SimpleNamespace
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Linear(32, 4)).to(device)
+    model(torch.randn(8, 16).to(device)).square().sum().backward()
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1, weight_decay=0.1, fused=fused)
+    params = list(model.parameters())
+    if fold:
+        norm = train.clip_gradients(opt, params, clip)
+        run = SimpleNamespace(opt=opt, model=SimpleNamespace(update_moe_bias=lambda *a: None),
+                              args=SimpleNamespace(bias_gamma=0.0), layout=SimpleNamespace(group=lambda name: None))
+        grads, zero_grad = [], opt.zero_grad
+
+        def keep_grads(set_to_none=True):                             # the gradients the step used, then zeroed
+            grads.extend(p.grad.clone() for p in params)
+            zero_grad(set_to_none=set_to_none)
+        opt.zero_grad = keep_grads
+        train.optimizer_step(run)
+        assert getattr(opt, "grad_scale", None) is None                # the factor does not outlive its step
+    else:
+        norm = torch.nn.utils.clip_grad_norm_(params, clip)
+        opt.step()
+        grads = [p.grad.clone() for p in params]
+    return norm, [p.detach().clone() for p in params], grads
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("clip", [0.05, 1e9, float("inf")])
+def test_clipping_folded_into_fused_adamw(clip, device):
+    """train.py's optimizer on CUDA is torch's fused AdamW: the clipping factor goes into its kernel (grad_scale)
+    instead of a pass of its own over the gradients. The same norm, and parameters and clipped gradients within a
+    rounding of the factor of clip_grad_norm_ followed by the step; other optimizers run clip_grad_norm_ itself."""
+    norm, params, grads = _stepped(clip, True, False, device)
+    f_norm, f_params, f_grads = _stepped(clip, True, True, device)
+    assert torch.equal(f_norm, norm)
+    for p, q in zip(f_params + f_grads, params + grads):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+    if clip < norm:                                                    # the clipping happened: not a no-op
+        unclipped = _stepped(float("inf"), True, False, device)
+        assert not torch.allclose(unclipped[1][0], f_params[0])
+        assert math.isclose(torch.linalg.vector_norm(torch.stack([g.norm() for g in f_grads])).item(), clip,
+                            rel_tol=1e-5)
+    plain = _stepped(clip, False, True, device)                        # not fused: clip_grad_norm_, the same bits
+    ref = _stepped(clip, False, False, device)
+    assert all(torch.equal(a, b) for a, b in zip([plain[0], *plain[1], *plain[2]], [ref[0], *ref[1], *ref[2]]))
+
+
 def test_bench_writes_nothing(tmp_path, corpus_args, capsys):
     assert run(tmp_path / "b", corpus_args, "--bench", "--max_iters", "2") == 0
     assert "tokens/s" in capsys.readouterr().out and not os.path.exists(tmp_path / "b")
