@@ -302,7 +302,9 @@ class _FP8ExpertFFNFn(torch.autograd.Function):
     fp8_swiglu_down (the same bits: a test), with less work between them:
 
       * x is padded and quantized once for both W1 and W3, and once more along the tokens for both their Wgrads;
-        one padded copy of x is kept for the backward pass, not one per projection;
+        one padded copy of x is kept for the backward pass, not one per projection (A and B are kept padded,
+        T·128 rows instead of M: in all fewer bytes unless dim·T·128 < 2·inter·(T·128 − M), i.e. the padding
+        rows outweigh the second copy of x, as with very few tokens per expert; V3's dim 7168 > 2·2048);
       * the gate and up outputs A and B, the SwiGLU output H and the gradients dH, dA and dB stay in padded rows:
         no gather back to M rows and scatter into a new padded buffer between two GEMMs. Only y and dx are
         gathered back (dx once, the sum of the W1 and W3 paths).
@@ -342,7 +344,8 @@ class _FP8ExpertFFNFn(torch.autograd.Function):
         dw2 = _wgrad(dyp, quantize_act_t(h), padded, w2_dtype)
         da = torch.ops.aten.silu_backward(dh * b, a)                      # the ops autograd would run
         db = dh * s
-        dx = _dgrad(da, q1t, s1, groups, x_dtype) + _dgrad(db, q3t, s3, groups, x_dtype)  # (T·128, dim)
+        dx = _dgrad(da, q1t, s1, groups, x_dtype)                         # (T·128, dim)
+        dx += _dgrad(db, q3t, s3, groups, x_dtype)                         # in place: one buffer fewer
         xt = quantize_act_t(xp)                                            # once for both Wgrads
         dw1, dw3 = _wgrad(da, xt, padded, w1_dtype), _wgrad(db, xt, padded, w3_dtype)
         return dx.index_select(0, dst), dw1, dw3, dw2, None, None
