@@ -315,20 +315,21 @@ class _FP8ExpertFFNFn(torch.autograd.Function):
     those tiles and each expert's K range of the K-grouped Wgrad ends before them."""
 
     @staticmethod
-    def forward(ctx, x, w1, w3, w2, counts, act_cache):
+    def forward(ctx, x, w1, w3, w2, counts, act_cache, backward):
         dtype = compute_dtype(x)
         dst, groups, padded = tile_layout(counts, x.shape[0])
         xp = _padded(x, dst, groups)                                       # (T·128, dim)
         xq, xs = quantize_act(xp)
-        q1, s1, q1t = quantize_weight(w1, transpose=True)                 # (E, inter, dim), ·, (E, dim, inter)
-        q3, s3, q3t = quantize_weight(w3, transpose=True)
-        q2, s2, q2t = quantize_weight(w2, transpose=True)                 # (E, dim, inter), ·, (E, inter, dim)
+        q1, s1, *q1t = quantize_weight(w1, transpose=backward)           # (E, inter, dim), ·, [(E, dim, inter)]
+        q3, s3, *q3t = quantize_weight(w3, transpose=backward)
+        q2, s2, *q2t = quantize_weight(w2, transpose=backward)           # (E, dim, inter), ·, [(E, inter, dim)]
         a = fp8_gemm_grouped(xq, xs, q1, s1, groups, dtype)                # (T·128, inter)
         b = fp8_gemm_grouped(xq, xs, q3, s3, groups, dtype)                # (T·128, inter)
         hq, hs = quantize_act(F.silu(a) * b)
         y = fp8_gemm_grouped(hq, hs, q2, s2, groups, dtype).index_select(0, dst)  # (M, dim)
-        kept = _keep(a, b, act_cache)
-        ctx.save_for_backward(xp, q1t, s1, q3t, s3, q2t, s2, dst, groups, padded, *kept)
+        if backward:
+            kept = _keep(a, b, act_cache)
+            ctx.save_for_backward(xp, *q1t, s1, *q3t, s3, *q2t, s2, dst, groups, padded, *kept)
         ctx.meta = (act_cache, dtype, x.dtype, (w1.dtype, w3.dtype, w2.dtype))
         return y
 
@@ -348,7 +349,7 @@ class _FP8ExpertFFNFn(torch.autograd.Function):
         dx += _dgrad(db, q3t, s3, groups, x_dtype)                         # in place: one buffer fewer
         xt = quantize_act_t(xp)                                            # once for both Wgrads
         dw1, dw3 = _wgrad(da, xt, padded, w1_dtype), _wgrad(db, xt, padded, w3_dtype)
-        return dx.index_select(0, dst), dw1, dw3, dw2, None, None
+        return dx.index_select(0, dst), dw1, dw3, dw2, None, None, None
 
 
 def _segment_counts(sizes, M: int, n_experts: int, device, fits: bool, operands: str) -> torch.Tensor:
@@ -406,7 +407,9 @@ def fp8_expert_ffn(x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torc
     counts = _segment_counts(sizes, x.shape[0] if fits else 0, w1.shape[0] if fits else 0, x.device, fits,
                              f"fp8_expert_ffn: x {tuple(x.shape)}, w1 {tuple(w1.shape)}, w3 {tuple(w3.shape)}, "
                              f"w2 {tuple(w2.shape)}")
-    return _FP8ExpertFFNFn.apply(x, w1, w3, w2, counts, act_cache)
+    # No gradient wanted (evaluation, torch.no_grad): no Wᵀ and nothing kept for a backward pass that never runs.
+    backward = torch.is_grad_enabled() and any(t.requires_grad for t in (x, w1, w3, w2))
+    return _FP8ExpertFFNFn.apply(x, w1, w3, w2, counts, act_cache, backward)
 
 
 class FP8Experts:

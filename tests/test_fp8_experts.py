@@ -280,6 +280,23 @@ def _assert_ffn_is_the_composition(sizes, dim, inter, device, dtype, monkeypatch
         assert all(t[1].abs().sum() == 0 for t in fused[2:5]), c       # the idle expert's gradients
 
 
+def test_expert_ffn_without_gradients_skips_the_transposes(monkeypatch):
+    """Evaluation (no gradient wanted): the same output bits, and no Wᵀ built for a backward pass that never runs."""
+    sizes, dim, inter = [70, 0, 300], 128, 256
+    x = torch.randn(sum(sizes), dim)
+    w1, w3 = torch.randn(2, 3, inter, dim).unbind(0)
+    w2 = torch.randn(3, dim, inter)
+    y = fp8_experts.fp8_expert_ffn(x, w1.requires_grad_(), w3, w2, sizes, "fp8")
+    asked, quantize = [], fp8_experts.quantize_weight
+    monkeypatch.setattr(fp8_experts, "quantize_weight", lambda w, transpose=False: asked.append(transpose) or
+                        quantize(w, transpose))
+    with torch.no_grad():
+        y_eval = fp8_experts.fp8_expert_ffn(x, w1, w3, w2, sizes, "fp8")
+    assert torch.equal(y_eval, y.detach()) and asked == [False] * 3
+    fp8_experts.fp8_expert_ffn(x, w1, w3, w2, sizes, "fp8").sum().backward()   # with a gradient: all three
+    assert asked == [False] * 3 + [True] * 3 and w1.grad is not None
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_expert_ffn_is_the_composition(dtype, monkeypatch):
     """fp8_expert_ffn stays in the tile layout from x to y: the bits of fp8_segment_mm for W1 and W3 composed with
