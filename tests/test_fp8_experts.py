@@ -183,17 +183,21 @@ def test_transformer_hands_fp8_experts_to_every_moe():
         assert len(moes) == 2 and all(m.experts.mm is mm and m.experts.ffn is ffn for m in moes)
 
 
-
-def _swiglu_down_run(fn, a, b, w2, g):
-    """Forward and backward of fn(a, b, w2) with upstream gradient g: y, the grads of a, b, w2, and the bytes of
+def _ffn_run(fn, tensors, g):
+    """Forward and backward of fn(*tensors) with upstream gradient g: y, the grads of the tensors, and the bytes of
     every tensor the autograd graph keeps for the backward pass."""
-    a, b, w2 = (t.detach().clone().requires_grad_() for t in (a, b, w2))
+    tensors = [t.detach().clone().requires_grad_() for t in tensors]
     kept = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t.numel() * t.element_size()) or t,
                                                   lambda t: t):
-        y = fn(a, b, w2)
+        y = fn(*tensors)
     y.backward(g)
-    return y.detach(), a.grad, b.grad, w2.grad, sum(kept)
+    return (y.detach(), *(t.grad for t in tensors), sum(kept))
+
+
+def _swiglu_down_run(fn, a, b, w2, g):
+    """_ffn_run of fn(a, b, w2): y, the grads of a, b, w2, and the bytes kept for the backward pass."""
+    return _ffn_run(fn, (a, b, w2), g)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -228,18 +232,6 @@ def test_swiglu_down_recomputes_and_caches_its_inputs(dtype):
     e = torch.zeros(0, inter, requires_grad=True)                      # no tokens at all
     fp8_experts.fp8_swiglu_down(e, e, w2.requires_grad_(), [0] * len(sizes), "fp8").sum().backward()
     assert w2.grad.abs().sum() == 0 and e.grad.shape == (0, inter)
-
-
-def _ffn_run(fn, tensors, g):
-    """Forward and backward of fn(*tensors) with upstream gradient g: y, the grads of the tensors, and the bytes of
-    every tensor the autograd graph keeps for the backward pass."""
-    tensors = [t.detach().clone().requires_grad_() for t in tensors]
-    kept = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t.numel() * t.element_size()) or t,
-                                                  lambda t: t):
-        y = fn(*tensors)
-    y.backward(g)
-    return (y.detach(), *(t.grad for t in tensors), sum(kept))
 
 
 def _composed_ffn(sizes, act_cache):
