@@ -24,13 +24,15 @@ last d_v rows W^UV), `wq_a` = W^DQ, `wq_b` = [W^UQ ; W^QR] per head, `wo` = W^O.
 "pe" (positional embedding) names the rotary part, as in the released code: q_pe = q^R, k_pe = k^R, and
 `pe_cache` holds the roped k^R; "nope" (no positional embedding) names the content part q^C, k^C.
 
-Two attention paths, equal up to rounding (tests/test_mla.py):
+Two attention paths, equal up to rounding (tests/test_mla.py), and a third for GPU decoding:
 - naive (the reference; training and prefill): expand c^KV to per-head K and V with W^UK, W^UV and call
   F.scaled_dot_product_attention.
 - absorb (the fast path for decoding): since q^C_i·(W^UK_i c^KV_j) = (W^UK_i^T q^C_i)·c^KV_j, fold W^UK into
   the query and W^UV into the output, and attend over the cached latents directly; no per-head K or V is
   ever formed. The KV cache holds only kv_norm(c^KV) and the roped k^R: d_c + d^R_h values per token
   (576 for V3 instead of 128·(192+128) = 40960 for MHA).
+- fused (decoding on a GPU): absorb with the attention over the latents as one Triton kernel that reads each
+  cached position once and stops at the newest visible one (mla_decode.py, flash decoding over the latent cache).
 
 RoPE rotates interleaved pairs (x[2i], x[2i+1]), the layout of the released weights. YaRN extends the
 context when max_seq_len > original_seq_len: low-frequency pairs are slowed by rope_factor, high-frequency
@@ -49,6 +51,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from layers import RMSNorm, at_least_fp32
+from mla_decode import latent_attention
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -170,7 +173,7 @@ class MLA(nn.Module):
         self.wkv_b = linear(self.kv_lora_rank, H * (self.dn + self.dv), bias=False)  # [W^UK ; W^UV] per head
         self.wo = linear(H * self.dv, self.dim, bias=False)  # W^O
         self.softmax_scale = softmax_scale(cfg)
-        self.attn_impl = "naive"  # "naive" (reference) or "absorb" (fast decode)
+        self.attn_impl = "naive"  # "naive" (reference), "absorb" (decode) or "fused" (absorb, one GPU kernel)
         self.register_buffer("kv_cache", None, persistent=False)  # (maxB, maxS, c): kv_norm(c^KV)
         self.register_buffer("pe_cache", None, persistent=False)  # (maxB, maxS, dr): roped k^R
 
@@ -234,8 +237,8 @@ class MLA(nn.Module):
         sits at positions start_pos[b].. (freqs_cis then (B, T, dr/2)); attend over the whole cache, masked
         (_write_cache_at: static shapes, no host sync). start_pos may also be the CachePositions of such a
         tensor, computed once for all layers (cache_positions)."""
-        if self.attn_impl not in ("naive", "absorb"):
-            raise ValueError(f"MLA.attn_impl must be 'naive' or 'absorb', got {self.attn_impl!r}")
+        if self.attn_impl not in ("naive", "absorb", "fused"):
+            raise ValueError(f"MLA.attn_impl must be 'naive', 'absorb' or 'fused', got {self.attn_impl!r}")
         B, T, _ = x.shape
         if freqs_cis.shape[-2] != T:
             raise ValueError(f"MLA.forward: freqs_cis has {freqs_cis.shape[-2]} positions for T={T} tokens")
@@ -262,8 +265,12 @@ class MLA(nn.Module):
         elif start_pos is not None:
             latent, k_pe = self._write_and_read_cache(latent, k_pe, start_pos)  # (B, S, c), (B, S, dr)
             start = start_pos
-        attend = self._attend_naive if self.attn_impl == "naive" else self._attend_absorb
-        o = attend(q_nope, q_pe, latent, k_pe, start, x.dtype, bias)  # (B, T, H, dv)
+        if self.attn_impl == "fused":  # the mask as the queries' positions: (B, T)
+            at = start_pos.at if static else (start + torch.arange(T, device=x.device)).expand(B, T)
+            o = self._attend_fused(q_nope, q_pe, latent, k_pe, at, x.dtype)
+        else:
+            attend = self._attend_naive if self.attn_impl == "naive" else self._attend_absorb
+            o = attend(q_nope, q_pe, latent, k_pe, start, x.dtype, bias)  # (B, T, H, dv)
         return self.wo(o.flatten(2))  # (B, T, H·dv) -> (B, T, dim)
 
     # -- the two attention paths ----------------------------------------------------------------------------
@@ -305,6 +312,16 @@ class MLA(nn.Module):
         p = F.softmax(at_least_fp32(scores), dim=-1).to(out_dtype)  # softmax in (at least) fp32  # (B, H, T, S)
         o_lat = torch.einsum("bhts,bsc->bthc", p, latent.to(p.dtype))  # (B, T, H, c)
         return torch.einsum("bthc,hvc->bthv", o_lat, w_uv.to(o_lat.dtype))  # (B, T, H, dv): W^UV_i o_lat
+
+    def _attend_fused(self, q_nope, q_pe, latent, k_pe, at, out_dtype):
+        """_attend_absorb with the attention over the latents (scores, mask, softmax, P·c^KV) as one GPU kernel
+        (mla_decode.py; its reference elsewhere). at (B, T): the queries' positions, key s visible iff s <= at."""
+        H = self.n_heads
+        w = self.wkv_b.weight.view(H, self.dn + self.dv, self.kv_lora_rank)  # (H, dn+dv, c)
+        w_uk, w_uv = w[:, : self.dn], w[:, self.dn:]  # (H, dn, c), (H, dv, c)
+        q_lat = torch.einsum("bthd,hdc->bthc", q_nope, w_uk)  # (B, T, H, c)
+        o_lat = latent_attention(q_lat, q_pe, latent, k_pe, at, self.softmax_scale, out_dtype)  # (B, T, H, c)
+        return torch.einsum("bthc,hvc->bthv", o_lat, w_uv.to(o_lat.dtype))  # (B, T, H, dv)
 
 
 # ---------------------------------------------------------------------------------------------------------

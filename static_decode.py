@@ -5,7 +5,8 @@ generate.generate is the reference: one sequence, Python ints for positions, a h
 pick, the acceptance test). StaticDecoder computes the same greedy tokens for a batch of B prompts of any lengths:
 every row keeps its own position n_b in a (B,) tensor, the MLA latent cache (kv_norm(c^KV) and the roped k^R,
 d_c + d^R_h values per token) is allocated once, max_batch × max_seq_len, and each step attends over all of it
-under a mask (mla.MLA._write_cache_at), so every step has the same shapes and reads nothing back to the host.
+under a mask (mla.MLA._write_cache_at), so every step has the same shapes and reads nothing back to the host (on a
+GPU the fused kernel of mla_decode.py takes the mask as positions and stops reading at the newest visible one).
 On a GPU one step is then captured once as a CUDA graph (GraphedStep) and replayed: one launch per token instead
 of hundreds. With compile=True each step is torch.compiled (static shapes) before it is captured, so the graph
 replays fused kernels. Prompts are right-padded; a row's padding sits after its last token, so no real token
@@ -23,6 +24,7 @@ tests/test_decode.py checks StaticDecoder against generate.generate; decode_benc
 """
 import torch
 
+from mla_decode import kernel_available
 from moe import grouped_mm_supported
 
 
@@ -93,9 +95,12 @@ class StaticDecoder:
     a step function per process; further batch sizes run uncompiled, with a warning from torch. In bf16 the MoE
     runs the grouped GEMM and the whole step is one compiled graph (a test); its fused kernels round differently,
     so a near-tied argmax can pick another token than the eager step. In fp32 the expert loop reads the segment
-    sizes back, so it runs eagerly between compiled pieces; the tokens are the eager ones (a test)."""
+    sizes back, so it runs eagerly between compiled pieces; the tokens are the eager ones (a test).
+    attn_impl: the MLA path (mla.MLA.attn_impl); default "fused" (mla_decode.py's kernel) where it runs (CUDA and
+    Triton), "absorb" elsewhere."""
 
-    def __init__(self, model, max_batch: int, max_seq_len: int = None, graphs: bool = None, compile: bool = False):
+    def __init__(self, model, max_batch: int, max_seq_len: int = None, graphs: bool = None, compile: bool = False,
+                 attn_impl: str = None):
         self.model, self.max_batch, self.compile = model, max_batch, compile
         self.max_seq_len = max_seq_len or model.cfg.max_seq_len
         self.device = model.embed.weight.device
@@ -107,7 +112,8 @@ class StaticDecoder:
             if graphs:  # the MoE would loop over experts, reading the segment sizes back on every step
                 raise ValueError(f"CUDA graphs need the grouped GEMM for {dtype} on {self.device} (use bf16)")
             self.graphs = False
-        model.setup_cache(max_batch, self.max_seq_len, attn_impl="absorb")
+        self.attn_impl = attn_impl or ("fused" if kernel_available(self.device) else "absorb")
+        model.setup_cache(max_batch, self.max_seq_len, attn_impl=self.attn_impl)
         self.steps = {}  # (kind, batch) → GraphedStep
 
     def close(self):
