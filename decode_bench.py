@@ -1,8 +1,10 @@
 """Decoding speed of a trained checkpoint: the reference generate() against static_decode.StaticDecoder (static latent
 cache, CUDA graphs), batch 1 plain and MTP-speculative, and a batch of prompts of different lengths; then the
-rate at which the absorbed attention reads the latent cache (bytes of c^KV and k^R per second).
+rate at which the absorbed attention reads the latent cache (bytes of c^KV and k^R per second), as PyTorch ops and as
+mla_decode.py's fused kernel (StaticDecoder's default on a GPU).
 
     python decode_bench.py --out_dir out [--batch 64] [--max_new_tokens 256] [--prompt_tokens 64] [--compile]
+    python decode_bench.py --kernel_sweep      # mla_decode's kernel alone over a grid of configurations
 
 Greedy throughout. Prompts are windows of a standard-library source file (the training corpus's kind of text),
 batch row b taking prompt_tokens·(b+1)/B tokens, so the rows have different lengths. Each StaticDecoder
@@ -19,6 +21,7 @@ import generate as G
 import static_decode as SD
 from config import get_preset
 from mla import MLA
+from mla_decode import kernel_available
 
 
 def sync():
@@ -52,19 +55,62 @@ def event_time(fn, reps=20) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def attention_read_rate(attn, B: int, S: int, dtype=torch.bfloat16):
-    """One absorbed-attention call of layer `attn` for B one-token queries over S cached positions: (seconds,
-    bytes of latent cache it must read at least: B·S·(d_c + d^R_h) values)."""
+def attention_read_rate(attn, B: int, S: int, dtype=torch.bfloat16, fused: bool = False):
+    """One absorbed-attention call of layer `attn` for B one-token queries over S cached positions, the PyTorch ops
+    (_attend_absorb) or the fused kernel (_attend_fused, mla_decode.py): (seconds, bytes of latent cache it must
+    read at least: B·S·(d_c + d^R_h) values). The call is captured as a CUDA graph with its inputs in place and
+    replayed: the time of its kernels alone (no launch gaps, no copies of the inputs)."""
     dev = attn.kv_norm.weight.device
     H, c, dr = attn.n_heads, attn.kv_lora_rank, attn.dr
     q_nope = torch.randn(B, 1, H, attn.dn, device=dev, dtype=dtype)
     q_pe = torch.randn(B, 1, H, dr, device=dev, dtype=dtype)
     latent = torch.randn(B, S, c, device=dev, dtype=dtype)
     k_pe = torch.randn(B, S, dr, device=dev, dtype=dtype)
-    bias = torch.zeros(B, 1, 1, S, device=dev)  # mla.CachePositions.bias: every position visible
-    step = SD.GraphedStep(lambda *a: attn._attend_absorb(*a, 0, dtype, bias), dev.type == "cuda")
-    sec = event_time(lambda: step(q_nope, q_pe, latent, k_pe))  # replays: GPU time, no launch gaps
+    if fused:  # every position visible: the query sits at S-1
+        at = torch.full((B, 1), S - 1, device=dev)
+        fn = lambda: attn._attend_fused(q_nope, q_pe, latent, k_pe, at, dtype)
+    else:
+        bias = torch.zeros(B, 1, 1, S, device=dev)  # mla.CachePositions.bias: every position visible
+        fn = lambda: attn._attend_absorb(q_nope, q_pe, latent, k_pe, 0, dtype, bias)
+    step = SD.GraphedStep(fn, dev.type == "cuda")
+    with torch.no_grad():
+        sec = event_time(step)
     return sec, B * S * (c + dr) * latent.element_size()
+
+
+def kernel_sweep(device="cuda", shapes=None, reps=20) -> list:
+    """mla_decode's kernel alone (latent_attention, one new token per row, bf16, every position visible) under a grid
+    of configurations (BLOCK_M, BLOCK_S, num_warps, num_stages, splits), the heuristic's first: the sweep the
+    heuristic was fitted to, to re-run on another GPU. shapes: (heads, d_c, d^R_h, batch, positions) tuples, by
+    default `small`'s and V3's layers. Prints and returns (shape, config, seconds) rows; a configuration that does
+    not fit in shared memory is skipped."""
+    import itertools
+    import mla_decode as MD
+    rows = []
+    for H, C, DR, B, S in shapes or ((16, 256, 32, 64, 1024), (16, 256, 32, 64, 4096), (16, 256, 32, 1, 4096),
+                                     (128, 512, 64, 64, 4096), (128, 512, 64, 128, 4096)):
+        g = torch.Generator(device=device).manual_seed(0)
+        q, qr = (torch.randn(B, 1, H, n, device=device, generator=g).bfloat16() for n in (C, DR))
+        lat, pe = (torch.randn(B, S, n, device=device, generator=g).bfloat16() for n in (C, DR))
+        at = torch.full((B, 1), S - 1, device=device)
+        heuristic = MD._heuristic(H, C, DR, B, S, q.device, q.dtype)
+        sp = heuristic[4]
+        if C * 2 > 512:  # V3's d_c 512: 32 or 64 rows per block
+            grid = itertools.product([32, 64], [32, 64, 128], [4, 8], [2, 3], [sp, 2 * sp])
+        else:
+            grid = itertools.product([16], [64, 128, 256], [4], [2, 3, 4], sorted({max(1, sp // 2), sp, 2 * sp}))
+        nbytes = B * S * (C + DR) * 2
+        print(f"{H} heads, d_c {C}, d^R_h {DR}: batch {B}, {S} positions ({nbytes / 1e6:.1f} MB of latent cache)")
+        for config in [heuristic] + [c for c in grid if c != heuristic]:
+            if MD._shared_bytes(config[0], config[1], config[3], C, DR, 2) > MD._limits(q.device)[1]:
+                continue
+            step = SD.GraphedStep(lambda: MD.latent_attention(q, qr, lat, pe, at, 0.1, config=config),
+                                  q.device.type == "cuda")
+            sec = event_time(step, reps)
+            rows.append(((H, C, DR, B, S), config, sec))
+            print(f"  {config}{' (heuristic)' if config == heuristic else ''}: {1e6 * sec:.1f} µs, "
+                  f"{nbytes / sec / 1e12:.3f} TB/s ({100 * nbytes / sec / 4.8e12:.0f}% of 4.8 TB/s)", flush=True)
+    return rows
 
 
 def main(argv=None) -> int:
@@ -76,12 +122,21 @@ def main(argv=None) -> int:
     p.add_argument("--no_reference", action="store_true", help="skip the (slow) reference generate() rows")
     p.add_argument("--compile", action="store_true",
                    help="also time StaticDecoder(compile=True) at batch 1, plain and speculative")
+    p.add_argument("--attn_impl", default=None, choices=["absorb", "fused"],
+                   help="StaticDecoder's MLA path (default: fused where CUDA and Triton are, else absorb)")
+    p.add_argument("--kernel_sweep", action="store_true",
+                   help="only time mla_decode's kernel over a grid of configurations (CUDA and Triton), then exit")
     p.add_argument("--random_preset", default=None, help="no checkpoint: this preset with random weights")
     p.add_argument("--device", default="cuda", help="cuda (timings) or cpu (a check that the script runs)")
     args = p.parse_args(argv)
     try:
         if args.device == "cuda" and not torch.cuda.is_available():
             raise ValueError("decode_bench.py times CUDA; this machine has no CUDA device (--device cpu checks it)")
+        if args.kernel_sweep:
+            if not kernel_available(args.device):
+                raise ValueError("--kernel_sweep times mla_decode's Triton kernel: it needs CUDA and Triton")
+            kernel_sweep(args.device)
+            return 0
         if args.random_preset:  # speed only: random weights decode as fast (but drafts are rarely accepted)
             from data import get_tokenizer
             torch.manual_seed(0)
@@ -107,7 +162,8 @@ def main(argv=None) -> int:
         print(rows[-1], flush=True)
 
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
-    print(f"{device_name} | torch {torch.__version__} CUDA {torch.version.cuda} | model {source}: dim "
+    print(f"{device_name} | torch {torch.__version__} CUDA {torch.version.cuda} | attention "
+          f"{args.attn_impl or ('fused' if kernel_available(args.device) else 'absorb')} | model {source}: dim "
           f"{model.cfg.dim}, {model.cfg.n_layers} layers | prompt {P} tokens, {N} new, batch {B}")
     print("| path | new tokens | s | tokens/s | notes |\n|---|---|---|---|---|")
     if not args.no_reference:
@@ -120,7 +176,8 @@ def main(argv=None) -> int:
                 f"accepted {st['accepted']}/{st['drafted']}, {st['main_forwards']} main forwards, "
                 f"same tokens as plain: {spec == plain}")
     model = model.bfloat16()
-    dec = SD.StaticDecoder(model, max_batch=B, max_seq_len=max(len(p) for p in prompts + [prompt]) + N)
+    dec = SD.StaticDecoder(model, max_batch=B, max_seq_len=max(len(p) for p in prompts + [prompt]) + N,
+                           attn_impl=args.attn_impl)
     for speculative in (False, True):
         dec.generate([prompt], N, speculative=speculative)  # capture
         (out1, st), sec = timed(lambda: dec.generate([prompt], N, speculative=speculative))
@@ -144,9 +201,11 @@ def main(argv=None) -> int:
     sec = event_time(lambda: step(x, n))
     attn = model.layers[0].attn
     S = attn.kv_cache.shape[1]
-    cache_bytes = len(model.layers) * B * S * (attn.kv_lora_rank + attn.dr) * 2
-    print(f"graphed decode step, batch {B}, cache {S} positions: {1e3 * sec:.3f} ms, latent cache "
-          f"{cache_bytes / 1e6:.1f} MB read → {cache_bytes / sec / 1e12:.3f} TB/s over the whole step")
+    visible = int((n + 1).sum())  # positions 0..n_b of each row: what the step must read
+    cache_bytes = len(model.layers) * visible * (attn.kv_lora_rank + attn.dr) * 2
+    print(f"graphed decode step ({dec.attn_impl}), batch {B}, positions 0..{N // 2} of a {S}-position cache: "
+          f"{1e3 * sec:.3f} ms, latent cache {cache_bytes / 1e6:.1f} MB read → {cache_bytes / sec / 1e12:.3f} TB/s "
+          f"over the whole step")
     if args.device == "cuda":  # what one step is made of: the kernels an eager step launches
         from torch.profiler import profile, ProfilerActivity
         for Bk in (1, B):
@@ -161,15 +220,18 @@ def main(argv=None) -> int:
                   f"graphed step {1e3 * graphed:.3f} ms")
     print("absorbed attention alone (one layer, one new token per row, bf16, CUDA-graph replays):")
     v3 = MLA(get_preset("v3-layers")).to(args.device).bfloat16()  # V3's MLA: 128 heads, d_c 512, d^R_h 64
+    paths = (False, True) if kernel_available(args.device) else (False,)
     for a, Bq, Sq in ((attn, B, 1024), (attn, B, 4096), (v3, B, 4096), (v3, 128, 4096)):
-        sec, nbytes = attention_read_rate(a, Bq, Sq)
-        print(f"  {a.n_heads} heads, d_c {a.kv_lora_rank}: batch {Bq}, {Sq} positions: "
-              f"{1e6 * sec:.1f} µs, {nbytes / 1e6:.1f} MB → {nbytes / sec / 1e12:.3f} TB/s "
-              f"({100 * nbytes / sec / 4.8e12:.0f}% of 4.8 TB/s)", flush=True)
+        for fused in paths:
+            sec, nbytes = attention_read_rate(a, Bq, Sq, fused=fused)
+            print(f"  {'fused kernel' if fused else 'PyTorch ops '} {a.n_heads} heads, d_c {a.kv_lora_rank}: batch "
+                  f"{Bq}, {Sq} positions: {1e6 * sec:.1f} µs, {nbytes / 1e6:.1f} MB → {nbytes / sec / 1e12:.3f} "
+                  f"TB/s ({100 * nbytes / sec / 4.8e12:.0f}% of 4.8 TB/s)", flush=True)
     del v3
     dec.close()
     if args.compile:  # the same batch-1 rows with every step compiled before its capture
-        dec = SD.StaticDecoder(model, max_batch=1, max_seq_len=dec.max_seq_len, compile=True)
+        dec = SD.StaticDecoder(model, max_batch=1, max_seq_len=dec.max_seq_len, compile=True,
+                               attn_impl=args.attn_impl)
         for speculative in (False, True):
             _, sec = timed(lambda: dec.generate([prompt], N, speculative=speculative))
             print(f"StaticDecoder(compile=True){' speculative' if speculative else ''}: first call (compiles, "
