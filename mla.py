@@ -273,7 +273,7 @@ class MLA(nn.Module):
             o = attend(q_nope, q_pe, latent, k_pe, start, x.dtype, bias)  # (B, T, H, dv)
         return self.wo(o.flatten(2))  # (B, T, H·dv) -> (B, T, dim)
 
-    # -- the two attention paths ----------------------------------------------------------------------------
+    # -- the attention paths --------------------------------------------------------------------------------
     def _attend_naive(self, q_nope, q_pe, latent, k_pe, start, out_dtype, bias=None):
         """Reference: expand c^KV to per-head k^C, v^C and run standard attention with k = [k^C ; k^R]."""
         B, T, H, _ = q_nope.shape

@@ -7,23 +7,27 @@ new token) and cached position s,
     o^lat_i   = Σ_s softmax_s(score_i,s) c^KV_s                 (width d_c; W^UV_i is applied afterwards)
 
 This is multi-query attention with keys [c^KV ; k^R] (d_c + d^R_h values) and values c^KV (the first d_c of them).
-A decode step does little arithmetic per cached byte (2·H·(2·d_c + d^R_h) flops per d_c + d^R_h values), so it is
-bound by reading the cache: the goal is to read each cached position once, at HBM speed, and to keep the (H, S)
-scores on chip. mla.MLA._attend_absorb computes the same thing with separate PyTorch ops (scores, scale, mask,
-softmax, casts, P·c^KV), writing the scores to memory between them; `latent_attention_ref` below is that
-computation in one function, the reference of the kernel.
+A decode step does 2·H·(2·d_c + d^R_h) flops per cached position of d_c + d^R_h values: with few heads (`small`'s
+16: ≈ 30 flops per byte) it is bound by reading the cache; with V3's 128 heads (≈ 240 per byte) the tensor cores
+must run near their peak to keep up with it. The goal: read each cached position once per block of query rows (V3's
+128 heads take two blocks, the second reading mostly from L2), at HBM speed, and keep the (H, S) scores on chip.
+mla.MLA._attend_absorb computes the same thing with separate PyTorch ops (scores, scale, mask, softmax, casts,
+P·c^KV), writing the scores to memory between them; `latent_attention_ref` below is that computation in one
+function, the reference of the kernel.
 
 The kernel is flash decoding: the cached positions of a sequence are cut into `splits` ranges so that enough
 thread blocks run at once even for one sequence; a block holds BLOCK_M query rows (rows r = t·H + h: all heads of
 the T new tokens) and walks its range BLOCK_S positions at a time with an online softmax (running maximum m, running
 sum l, rescaled accumulator). A second small kernel merges the ranges of each row j = 1..splits:
 
-    M = max_j m_j,    o = Σ_j e^(m_j − M) acc_j / Σ_j e^(m_j − M) l_j
+    M = max_j m_j,    o = Σ_j e^(m_j − M) acc_j / Σ_j e^(m_j − M) l_j      (the kernels keep m in log2 units: 2^)
 
 Masking by position: query row r of sequence b sits at position at[b, t] and sees keys s <= at[b, t] (causal
 within a chunk of T tokens, and the static cache's unused tail is never read: a block stops at max(at) + 1).
 The softmax runs in fp32 with exp2 (the scale folded with log2 e); P is cast to the cache's dtype for P·c^KV as
 the PyTorch path does. fp32 inputs use IEEE fp32 products (no TF32), so fp32 models get fp32-exact attention.
+The ranges are cut from the cache's length S (StaticDecoder: max_seq_len), not from the newest position, which a
+CUDA graph cannot read back: ranges past it end at once, so a short context in a long cache has fewer busy blocks.
 
 On a machine without CUDA or Triton, `latent_attention` runs the reference (same results up to rounding).
 tests/test_mla_decode.py checks kernel against reference (on the GPU, and through Triton's CPU interpreter where
@@ -126,8 +130,9 @@ def _limits(device) -> tuple:
 
 
 def _shared_bytes(block_m, block_s, stages, C, DR, elt):
-    """Shared memory of a configuration as Triton allots it here (bytes): `stages` cache tiles in flight and the
-    queries."""
+    """An upper estimate of a configuration's shared memory (bytes): `stages` cache tiles in flight and the queries.
+    Triton 3.6 allotted exactly this to the configuration it refused (a 64-token prefill: 252 KiB); it allots less to
+    others, and other Triton versions differ."""
     return (stages * block_s + block_m) * (_padded(C) + _padded(DR)) * elt
 
 
@@ -135,7 +140,7 @@ def _heuristic(rows, C, DR, B, S, device, dtype):
     """(BLOCK_M, BLOCK_S, num_warps, num_stages, splits), fitted to a sweep on an H200 (BENCHMARKS.md). Up to 64
     query rows per block (V3's 128 heads: two blocks per token, sharing each cache tile through L2). d_c 256 in
     bf16 (`small`, one token): 128-position tiles, 3 stages, at most one block per SM. d_c 512 (V3): 64-position
-    tiles, 8 warps, 2 stages, about two blocks per SM (more blocks hide the longer arithmetic of 128 heads).
+    tiles, 8 warps, 2 stages, about two waves of blocks (more blocks hide the longer arithmetic of 128 heads).
     Stages, then tile sizes, shrink until the shared memory fits (a prefill's many rows, fp32)."""
     elt = dtype.itemsize
     block_m = min(64, _padded(rows))
@@ -165,14 +170,14 @@ if triton is not None:
                       C: tl.constexpr, DR: tl.constexpr, CP: tl.constexpr, DRP: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr, PREC: tl.constexpr):
         """One block: BLOCK_M query rows of sequence b over positions [split·split_len, +split_len) ∩ visible."""
-        mb, sp, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        mb, sp, b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)  # int64: b·stride, big caches
         n_rows, splits = T * H, tl.num_programs(1)
         r = mb * BLOCK_M + tl.arange(0, BLOCK_M)  # query rows r = t·H + h
         live = r < n_rows
         t, h = r // H, r % H
         pos = tl.load(AT + b * T + t, mask=live, other=-1)  # (BLOCK_M,) each row sees keys s <= pos
         lo = sp * split_len
-        hi = tl.minimum(tl.minimum(lo + split_len, S), tl.max(pos, 0) + 1)  # never past the newest visible key
+        hi = tl.minimum(tl.minimum(lo + split_len, S), tl.max(pos, axis=0) + 1)  # not past the newest key
         c, e = tl.arange(0, CP), tl.arange(0, DRP)
         q = tl.load(Q + b * s_qb + t[:, None] * s_qt + h[:, None] * s_qh + c[None, :],
                     mask=live[:, None] & (c[None, :] < C), other=0.0)  # (BLOCK_M, d_c)
@@ -206,9 +211,9 @@ if triton is not None:
 
     @triton.jit
     def _combine_kernel(ACC, Mx, L, OUT, n_rows, splits, C: tl.constexpr, CP: tl.constexpr, BLOCK_M: tl.constexpr):
-        """o = Σ_j 2^(m_j − M) acc_j / Σ_j 2^(m_j − M) l_j over the ranges j of each row (a range with no visible key
-        has m_j = −inf, l_j = 0, acc_j = 0 and weighs 0)."""
-        mb, b = tl.program_id(0), tl.program_id(1)
+        """o = Σ_j 2^(m_j − M) acc_j / Σ_j 2^(m_j − M) l_j over the ranges j of each row (a range with no visible
+        key has m_j = −inf, l_j = 0, acc_j = 0 and weighs 0)."""
+        mb, b = tl.program_id(0), tl.program_id(1).to(tl.int64)
         r = mb * BLOCK_M + tl.arange(0, BLOCK_M)
         live = r < n_rows
         c = tl.arange(0, CP)
