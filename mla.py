@@ -31,8 +31,9 @@ Two attention paths, equal up to rounding (tests/test_mla.py), and a third for G
   the query and W^UV into the output, and attend over the cached latents directly; no per-head K or V is
   ever formed. The KV cache holds only kv_norm(c^KV) and the roped k^R: d_c + d^R_h values per token
   (576 for V3 instead of 128·(192+128) = 40960 for MHA).
-- fused (decoding on a GPU): absorb with the attention over the latents as one Triton kernel that reads each
-  cached position once and stops at the newest visible one (mla_decode.py, flash decoding over the latent cache).
+- fused (decoding on a GPU): absorb with the attention over the latents as one Triton kernel that reads the
+  cache in one pass per block of query rows and stops at the newest visible position (mla_decode.py, flash
+  decoding over the latent cache).
 
 RoPE rotates interleaved pairs (x[2i], x[2i+1]), the layout of the released weights. YaRN extends the
 context when max_seq_len > original_seq_len: low-frequency pairs are slowed by rope_factor, high-frequency
