@@ -58,6 +58,8 @@ SETS = {
                   ["mla.yarn_correction_range", "mla.rope_frequencies", "mla.apply_rotary_emb", "mla.softmax_scale"]),
     "mla-absorb": ("MLA's absorbed attention: W^UK folded into the query, W^UV into the output (report §2.1.1)",
                    ["mla.MLA._attend_absorb"]),
+    "flash-decode": ("flash decoding over the latent cache: ranges of tiles, an online softmax, their merge (the "
+                     "fused decode kernel's algorithm)", ["mla_decode.latent_attention_split"]),
     "routing": ("group-limited top-k routing with the bias used for selection only (report §2.1.2)",
                 ["moe.limit_groups", "moe.route"]),
     "bias-update": ("auxiliary-loss-free balancing: b_i += γ·sign(mean load − load_i) (report §2.1.2)",

@@ -88,6 +88,37 @@ KERNEL_CASES = [(2, 1, 16, 64, 16, 40, (16, 16, 4, 2, 3), None), (3, 2, 8, 48, 1
                 (1, 3, 4, 32, 4, 20, (16, 16, 4, 2, 1), None), (2, 1, 20, 16, 8, 70, (16, 32, 4, 2, 4), None),
                 (1, 2, 4, 16, 16, 64, (16, 16, 4, 2, 2), 31)]
 
+@pytest.mark.parametrize("case", range(len(KERNEL_CASES)))
+def test_split_algorithm_is_the_softmax(case):
+    """latent_attention_split (the kernel's ranges, tiles, online softmax and merge, in PyTorch) gives the reference
+    in float64, for the kernel cases' ranges and tiles (the last one: a range with nothing visible to some rows)."""
+    B, T, H, C, DR, S, (_, block, _, _, splits), first = KERNEL_CASES[case]
+    q, qr, lat, pe, at = _inputs(B, T, H, C, DR, S, seed=case, first=first)
+    want = MD.latent_attention_ref(q, qr, lat, pe, at, 0.3)
+    got = MD.latent_attention_split(q, qr, lat, pe, at, 0.3, splits, block)
+    torch.testing.assert_close(got, want, atol=1e-12, rtol=0)
+
+
+def test_demo_prints_true_numbers(capsys):
+    import re
+    MD._demo_main([])
+    out = capsys.readouterr().out
+    assert max(len(line) for line in out.splitlines()) <= 100
+    errs = [float(e) for e in re.findall(r"max \|difference\| (\S+)", out)]
+    assert len(errs) == 4 and all(e < 1e-12 for e in errs), errs
+
+    def row(label):
+        return [float(v.replace(",", "")) for v in re.search(rf"^  {re.escape(label)}\s+(\S+)\s+(\S+)$", out,
+                                                              re.M).groups()]
+
+    assert row("latent cache read, bf16 (bytes)") == [(256 + 32) * 2, (512 + 64) * 2]
+    assert row("one pass over fp32 scores (bytes)") == [16 * 4, 128 * 4]
+    assert row("flops: scores and P·c^KV") == [2 * 16 * (256 + 32 + 256), 2 * 128 * (512 + 64 + 512)]
+    assert row("flops per byte of cache") == [30, 242]
+    need = [float(v.replace(",", "")) for v in re.findall(r"takes ([\d,]+) TFLOP/s", out)]
+    assert need == [round(17408 / 576 * 4.8), round(278528 / 1152 * 4.8)]
+
+
 _INTERPRET = r"""
 import os, sys
 os.environ["TRITON_INTERPRET"] = "1"  # read when the kernels are defined: before mla_decode is imported
