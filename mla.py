@@ -133,12 +133,16 @@ class CachePositions(NamedTuple):
     model computes it once per step (cache_positions) rather than each layer again."""
     at: torch.Tensor  # (B, T) absolute position of each new entry (row b's chunk starts at its own position)
     bias: torch.Tensor  # (B, 1, T, S) added to the scores: 0 where key s <= the query's position, −inf elsewhere
+    #                     (None for the fused path, which masks by `at` itself)
 
 
-def cache_positions(pos: torch.Tensor, T: int, S: int, dtype=torch.float32) -> CachePositions:
+def cache_positions(pos: torch.Tensor, T: int, S: int, dtype=torch.float32, bias: bool = True) -> CachePositions:
     """(B,) start positions of T-token chunks over a cache of S positions → CachePositions. dtype: the scores'
-    softmax dtype (fp32, fp64 for fp64 models); bf16 scores plus an fp32 bias come out fp32, as the softmax wants."""
+    softmax dtype (fp32, fp64 for fp64 models); bf16 scores plus an fp32 bias come out fp32, as the softmax wants.
+    bias=False: no mask tensor (the fused path needs only the positions)."""
     at = pos[:, None] + torch.arange(T, device=pos.device)  # (B, T)
+    if not bias:
+        return CachePositions(at, None)
     hidden = torch.arange(S, device=pos.device) > at[..., None]  # (B, T, S): keys after the query's position
     bias = torch.zeros(hidden.shape, dtype=dtype, device=pos.device).masked_fill_(hidden, float("-inf"))
     return CachePositions(at, bias[:, None])  # bias (B, 1, T, S): the same for every head
@@ -244,7 +248,8 @@ class MLA(nn.Module):
         if freqs_cis.shape[-2] != T:
             raise ValueError(f"MLA.forward: freqs_cis has {freqs_cis.shape[-2]} positions for T={T} tokens")
         if torch.is_tensor(start_pos) and start_pos.shape == (B,) and self.kv_cache is not None:
-            start_pos = cache_positions(start_pos, T, self.kv_cache.shape[1], at_least_fp32(x).dtype)
+            start_pos = cache_positions(start_pos, T, self.kv_cache.shape[1], at_least_fp32(x).dtype,
+                                        bias=self.attn_impl != "fused")
         static = isinstance(start_pos, CachePositions)
         if torch.is_tensor(start_pos) or static and (self.kv_cache is None or B > self.kv_cache.shape[0]
                                                      or start_pos.at.shape != (B, T)):

@@ -137,7 +137,8 @@ class Transformer(nn.Module):
         forward for all layers (the write positions and the mask do not depend on the layer)."""
         if not torch.is_tensor(start_pos) or attn.kv_cache is None:
             return start_pos  # (no cache: MLA.forward refuses the tensor with its own message)
-        return cache_positions(start_pos, T, attn.kv_cache.shape[1], at_least_fp32(self.embed.weight).dtype)
+        return cache_positions(start_pos, T, attn.kv_cache.shape[1], at_least_fp32(self.embed.weight).dtype,
+                               bias=attn.attn_impl != "fused")  # the fused kernel masks by the positions
 
     @torch.no_grad()
     def forward_cached(self, idx: torch.Tensor, start_pos):
