@@ -61,7 +61,9 @@ def main(argv=None) -> int:
         model = Transformer(cfg, linear, train_setup.expert_kernels(args.fp8))
     train_setup.set_act_cache(model, args.fp8_act_cache)
     opt = train_setup.make_optimizer(model, args, device)
-    fwd = torch.compile(model) if args.compile else model
+    if args.compile is None:  # as train.py: on for one CUDA process without --fp8
+        args.compile = train_setup.default_compile(args, device)
+    fwd = train_setup.compile_model(model, device) if args.compile else model
     run = train_setup.Run(args, cfg, device, corpus, model, fwd, opt, torch.Generator().manual_seed(args.seed), 0,
                     ckpt_path="", resumed=False)  # the run state, without an out_dir (bench-like)
     tokens = run.tokens_per_step

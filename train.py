@@ -35,7 +35,9 @@ and --microbatches take the place of --grad_accum. `--plan` prints plan.py's est
 exits. README, "Many processes".
 
 Precision: bf16 autocast on CUDA (fp32 master weights), fp32 on CPU and MPS; `--fp8` swaps the projections for
-fp8.FP8Linear (Hopper GPUs). `--bench` times a few steps and prints tokens/s and MFU (FLOPs per token:
+fp8.FP8Linear (Hopper GPUs). On one CUDA process without --fp8 the model is torch.compiled unless --no-compile
+(train_setup.default_compile): the first step compiles, and if compiling fails there the run goes on uncompiled
+from the same state (first_step); a --compile typed on the command line stops instead. `--bench` times a few steps and prints tokens/s and MFU (FLOPs per token:
 model.train_flops_per_token, whose counting rule is written beside it).
 
 The file reads top to bottom: the training loop, its log, one optimizer step and evaluation, the benchmark, main.
@@ -58,7 +60,7 @@ from tqdm import tqdm
 
 import data
 import parallel
-from checkpoint import Interrupted, save_checkpoint, save_distributed, signals_deferred, stop_on_sigterm
+from checkpoint import Interrupted, save_checkpoint, save_distributed, set_rng_state, signals_deferred, stop_on_sigterm
 from config import ModelConfig
 from model import count_params, train_flops_per_token
 from moe import max_violation
@@ -84,7 +86,8 @@ def train(run: Run) -> int:
     baseline = data.unigram_baseline(corpus.splits["train"], corpus.splits["val"], corpus.tokenizer.n_vocab)
     print(f"model {args.preset}: {n_params['total'] / 1e6:.2f}M params ({n_params['active'] / 1e6:.2f}M active) "
           f"+ {n_params['mtp'] / 1e6:.2f}M MTP | {run.device}, "
-          f"{'bf16 autocast' if run.device.type == 'cuda' else 'fp32'}{', fp8' if args.fp8 else ''} | "
+          f"{'bf16 autocast' if run.device.type == 'cuda' else 'fp32'}{', fp8' if args.fp8 else ''}"
+          f"{', torch.compile (the first step compiles)' if args.compile else ''} | "
           f"{run.tokens_per_step:,} tokens/step | {corpus.tokenizer.name}")
     print(f"unigram baseline on val: {baseline:.4f} nats/token")
     if run.layout.distributed:
@@ -106,7 +109,7 @@ def train(run: Run) -> int:
                 return 0
             t_last, timed = time.time(), 0  # throughput: steps run since t_last
             while run.step < args.max_iters:
-                metrics = forward_backward(run)
+                metrics = first_step(run, boundary) if run.step == start else forward_backward(run)
                 with step_signals(run):  # the step, its log record and the snapshot move together
                     optimizer_step(run)
                     run.step += 1
@@ -163,8 +166,8 @@ def train(run: Run) -> int:
         if not (args.compile and run.step == start):
             raise
         bar.close()  # torch.compile compiles at the first call: a missing compiler or backend shows up here
-        print(f"error: --compile failed at the first step ({type(e).__name__}: {first_line(e)}); run without "
-              f"--compile", file=sys.stderr)
+        print(f"error: --compile failed at the first step ({type(e).__name__}: {first_line(e)}); run with "
+              f"--no-compile", file=sys.stderr)
         return 2
     finally:
         log.close()
@@ -172,6 +175,28 @@ def train(run: Run) -> int:
     val = f"val loss {ev['val_main']:.4f} vs unigram baseline {baseline:.4f} nats/token; " if ev else ""
     print(f"done: step {run.step}, {val}checkpoint {run.ckpt_path}")
     return 0
+
+
+def first_step(run: Run, snapshot: dict) -> dict:
+    """forward_backward of a run's first step, where torch.compile compiles. When compiling fails and --compile was
+    not typed (train_setup.default_compile turned it on), the step runs again uncompiled from the state it started
+    from (data position, MoE loads, gradients), so the run is the one --no-compile gives; a typed --compile
+    re-raises (train() stops with one line)."""
+    try:
+        return forward_backward(run)
+    except Diverged:
+        raise
+    except Exception as e:
+        if not run.args.compile or "compile" in run.args.typed or run.fwd is run.model:
+            raise
+        print(f"note: torch.compile failed at the first step ({type(e).__name__}: {first_line(e)}); training "
+              f"uncompiled (--no-compile skips the attempt)", file=sys.stderr)
+    run.fwd, run.args.compile = run.model, False
+    set_rng_state(snapshot["rng"], run.gen)
+    run.opt.zero_grad(set_to_none=True)
+    for moe in run.model.moe_layers():
+        moe.reset_load()
+    return forward_backward(run)
 
 
 def save(run: Run, snapshot: dict) -> None:
@@ -449,7 +474,7 @@ def bench(run: Run) -> int:
             sync()
             t0 = time.time()
         run.step = i
-        forward_backward(run)
+        first_step(run, run.snapshot()) if i == 0 else forward_backward(run)
         optimizer_step(run)
     sync()
     tok_s = n * run.tokens_per_step / (time.time() - t0)

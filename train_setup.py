@@ -25,6 +25,7 @@ from checkpoint import (dcp_path, load_checkpoint, load_distributed, load_optimi
                         newest_checkpoint, read_meta, rng_state, set_rng_state)
 from config import ModelConfig, PRESETS, get_preset, config_to_dict, config_from_dict
 from model import Transformer, count_params
+from moe import grouped_mm_supported
 
 # Training defaults for the tiny preset, chosen on a 2-core CPU for `python train.py` (1000 steps × 1,024 tokens):
 # at equal tokens and time 8 sequences per step beat 16, lr 3e-3 beat 6e-3 and 1e-2, and γ = 0.01 beat the
@@ -45,8 +46,10 @@ PRESET_TRAIN = {
                   eval_interval=250, eval_iters=20),
     # V3's layer shapes take V3's own peak learning rate and bias update speed (report §4.2: 2.2e-4, γ = 0.001) and
     # one 4096-token sequence per micro-batch. The tiny preset's 3e-3 is far too high for hidden 7168: --fp8 diverges
-    # there (BENCHMARKS.md, "FP8 against bf16 loss at V3's layer shapes").
-    "v3-layers": dict(batch_size=1, block_size=4096, lr=2.2e-4, min_lr=2.2e-5, bias_gamma=0.001),
+    # there (BENCHMARKS.md, "FP8 against bf16 loss at V3's layer shapes"). 8 micro-batches per optimizer step:
+    # 32,768 tokens, about what one GPU of V3's run trained on between two optimizer steps (15,360 sequences of
+    # 4,096 tokens over 2,048 GPUs: 30,720), so the optimizer's pass over all weights weighs as much as it did there.
+    "v3-layers": dict(batch_size=1, block_size=4096, grad_accum=8, lr=2.2e-4, min_lr=2.2e-5, bias_gamma=0.001),
 }
 CKPT_KEYS = ("model", "optimizer", "step", "rng", "config", "args", "tokenizer")  # what --resume needs
 RUN_ONLY = ("resume", "overwrite", "device", "compile", "bench", "out_dir",  # never taken from a checkpoint
@@ -81,7 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(report)")
     p.add_argument("--bf16_moments", action=argparse.BooleanOptionalAction,
                    help="AdamW moments stored in bf16, as the report trains (adamw_bf16.py; default: fp32)")
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, help="torch.compile the model")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction,
+                   help="torch.compile the model (default: on for one CUDA process without --fp8, off elsewhere)")
     p.add_argument("--bench", action="store_true", default=None, help="time a short run: tokens/s and MFU, no ckpt")
     t = p.add_argument_group("many processes (start with torchrun --nproc_per_node N train.py ...; README)")
     t.add_argument("--ep", type=int, help="expert parallelism: the routed experts split over ep ranks; data "
@@ -131,7 +135,7 @@ def resolve_args(ns: argparse.Namespace, ckpt: dict = None) -> argparse.Namespac
     saved = ckpt["args"] if ckpt else {}
     preset = given.get("preset", saved.get("preset", TRAIN_DEFAULTS["preset"]))
     args = {**TRAIN_DEFAULTS, **PRESET_TRAIN.get(preset, {}), "out_dir": "out", "device": "auto", "resume": False,
-            "overwrite": False, "compile": False, "bench": False, "ep": 1, "pp": 1, "dist_timeout": 600.0,
+            "overwrite": False, "compile": None, "bench": False, "ep": 1, "pp": 1, "dist_timeout": 600.0,
             "pp_schedule": "1f1b", "microbatches": None, "plan": False, "gpus": None, "gpus_per_node": None}
     args.update({k: v for k, v in saved.items() if k not in RUN_ONLY})
     model_fields = {f.name for f in fields(ModelConfig)}
@@ -280,6 +284,8 @@ def setup(ns: argparse.Namespace) -> Run:
     layout = parallel.init(args.ep, args.pp, args.device, args.dist_timeout, cfg.n_routed_experts)
     parallel.quiet_other_ranks(layout)
     device = layout.device
+    if args.compile is None:
+        args.compile = default_compile(args, device)
     if not layout.distributed:  # under torchrun each rank holds a share that depends on the layout
         check_memory(cfg, args, device)
     linear = linear_class(args.fp8, device)
@@ -334,10 +340,26 @@ def build(args, cfg, device, linear, corpus, ckpt, ckpt_path, layout=None) -> Ru
         run.log_sums, run.log_count = dict(ckpt.get("log_sums", {})), ckpt.get("log_count", 0)
     if args.compile:
         try:
-            run.fwd = torch.compile(model)
+            run.fwd = compile_model(model, device)
         except Exception as e:  # e.g. a Python version that torch.compile does not support yet
             raise ValueError(f"--compile is unavailable here ({type(e).__name__}: {first_line(e)})") from None
     return run
+
+
+def default_compile(args, device: torch.device) -> bool:
+    """--compile when it is not given: on for one CUDA process in bf16, where the compiled step is 1.2-1.6x faster
+    (BENCHMARKS.md, "torch.compile"); off on the CPU and MPS (compiling takes longer than the tiny preset's whole
+    run), under torchrun (not supported yet) and with --fp8 (the FP8 kernel's calls split the graph: `small` ran
+    slower compiled than eager)."""
+    return device.type == "cuda" and not args.fp8 and not parallel.under_torchrun()
+
+
+def compile_model(model: nn.Module, device: torch.device) -> nn.Module:
+    """torch.compile(model), its lazy set-up done first: the grouped-GEMM probe (moe.grouped_mm_supported) would
+    otherwise run inside the first compiled call, split that graph and make the next call compile again."""
+    for dtype in (torch.bfloat16, torch.float32):
+        grouped_mm_supported(device, dtype)
+    return torch.compile(model)
 
 
 def resume_meta(path: str) -> dict:
