@@ -433,7 +433,8 @@ def evaluate(run: Run) -> dict:
     for _ in range(args.eval_iters):
         x, y = run.batch("val", gen)
         with run.autocast:
-            losses = run.model.evaluate(x, y) if layout.pp > 1 else run.fwd(x, y)[1]
+            # the uncompiled model: evaluation is a few forwards, and it spares a second compilation (eval mode)
+            losses = run.model.evaluate(x, y) if layout.pp > 1 else run.model(x, y)[1]
         for k in sums:
             sums[k] += losses[k[4:]].item() / args.eval_iters
         moes = run.model.moe_layers()
