@@ -37,6 +37,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from layers import run_demo
+
 FP8 = torch.float8_e4m3fn
 E4M3_MAX = 448.0
 BLOCK = 128        # tile width along K, side of a weight block, and the promotion interval N_C
@@ -553,4 +555,4 @@ def _demo_main(argv=None):
 
 
 if __name__ == "__main__":
-    _demo_main()
+    run_demo(_demo_main)

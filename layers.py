@@ -1,4 +1,5 @@
-"""Small building blocks shared by the concept files: RMSNorm and the SwiGLU feed-forward.
+"""Small building blocks shared by the concept files: RMSNorm and the SwiGLU feed-forward (and run_demo, which
+runs a concept file's printed demo).
 
 Both follow the official DeepSeek-V3 inference code:
 - RMSNorm(x) = x / sqrt(mean(x²) + eps) · w, with eps = 1e-6 and the statistics in fp32
@@ -9,6 +10,9 @@ Both follow the official DeepSeek-V3 inference code:
 The linear-layer class is passed in (`linear=nn.Linear` by default) so that the FP8 training linear of
 `fp8.py` can be dropped in without these files knowing about it.
 """
+import os
+import sys
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -44,3 +48,12 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+def run_demo(main) -> None:
+    """`python mla.py` and the other concept files: run the demo's main(); piped into a reader that stops early
+    (`python mla.py | head`), end quietly instead of with a BrokenPipeError traceback."""
+    try:
+        main()
+    except BrokenPipeError:  # the reader went away; stdout now points nowhere, so Python's exit flush is quiet too
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -43,6 +43,8 @@ try:
 except ImportError:  # CPU-only installs: the reference runs instead
     triton = None
 
+from layers import run_demo
+
 
 def latent_attention_ref(q_lat, q_pe, latent, k_pe, at, scale: float, out_dtype=None):
     """q_lat (B, T, H, d_c), q_pe (B, T, H, dr), latent (B, S, d_c), k_pe (B, S, dr), at (B, T) positions of the
@@ -322,4 +324,4 @@ def _demo_main(argv=None):
 
 
 if __name__ == "__main__":
-    _demo_main()
+    run_demo(_demo_main)

@@ -60,7 +60,7 @@ import torch.nn.functional as F
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor, Shard
 
-from layers import MLP, at_least_fp32
+from layers import MLP, at_least_fp32, run_demo
 
 DISPATCH = ("loop", "grouped")
 
@@ -545,4 +545,4 @@ def _demo_main(argv=None):
 
 
 if __name__ == "__main__":
-    _demo_main()
+    run_demo(_demo_main)

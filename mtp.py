@@ -30,7 +30,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from layers import RMSNorm, at_least_fp32
+from layers import RMSNorm, at_least_fp32, run_demo
 
 
 class MTPModule(nn.Module):
@@ -137,4 +137,4 @@ def _demo_main(argv=None):
 
 
 if __name__ == "__main__":
-    _demo_main()
+    run_demo(_demo_main)

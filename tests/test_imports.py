@@ -2,7 +2,8 @@
 
 Each .py file at the top level and in its packages is parsed (not imported), every import of another module of
 the repository is collected, imports inside functions included (a lazy import still ties two files together),
-and the graph must have no cycle. A few directions the design fixes are checked by name as well.
+and the graph must have no cycle. A few directions the design fixes are checked by name as well. Last, each
+concept file run as a script (layers.run_demo) ends quietly when its reader goes away.
 """
 import ast
 import os
@@ -110,3 +111,16 @@ def test_no_private_names_across_modules():
     mods = local_modules()
     private = sorted(f"{os.path.basename(p)}: {u}" for p in mods.values() for u in private_uses(p, mods))
     assert private == []
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("demo", ["mla.py", "mla_decode.py", "moe.py", "mtp.py", "fp8.py"])
+def test_concept_demo_into_a_closed_pipe_is_quiet(demo):
+    """`python mla.py | head` (layers.run_demo): once the reader is gone, no traceback and exit status 0."""
+    import subprocess
+    import sys
+    p = subprocess.Popen([sys.executable, os.path.join(ROOT, demo)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, cwd=ROOT)
+    p.stdout.close()  # the reader goes away before the first line
+    err = p.stderr.read()
+    assert p.wait(timeout=300) == 0 and err == ""
