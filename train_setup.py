@@ -347,10 +347,10 @@ def build(args, cfg, device, linear, corpus, ckpt, ckpt_path, layout=None) -> Ru
 
 
 def default_compile(args, device: torch.device) -> bool:
-    """--compile when it is not given: on for one CUDA process in bf16, where the compiled step is 1.2-1.6x faster
-    (BENCHMARKS.md, "torch.compile"); off on the CPU and MPS (compiling takes longer than the tiny preset's whole
-    run), under torchrun (not supported yet) and with --fp8 (the FP8 kernel's calls split the graph: `small` ran
-    slower compiled than eager)."""
+    """--compile when it is not given: on for one CUDA process in bf16, where the compiled step ran 1.3-1.9x the
+    eager one's tokens/s (BENCHMARKS.md, "the default step"); off on the CPU and MPS (compiling takes longer than
+    the tiny preset's whole run), under torchrun (not supported yet) and with --fp8 (the FP8 kernel's calls split
+    the graph: `small` ran slower compiled than eager)."""
     return device.type == "cuda" and not args.fp8 and not parallel.under_torchrun()
 
 
