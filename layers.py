@@ -55,5 +55,6 @@ def run_demo(main) -> None:
     (`python mla.py | head`), end quietly instead of with a BrokenPipeError traceback."""
     try:
         main()
+        sys.stdout.flush()  # into a pipe the output waits in a buffer: a reader gone shows here, not at exit
     except BrokenPipeError:  # the reader went away; stdout now points nowhere, so Python's exit flush is quiet too
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

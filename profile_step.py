@@ -65,7 +65,7 @@ def main(argv=None) -> int:
     opt = train_setup.make_optimizer(model, args, device)
     if args.compile is None:  # as train.py: on for one CUDA process without --fp8
         args.compile = train_setup.default_compile(args, device)
-    fwd = train_setup.compile_model(model, device) if args.compile else model
+    fwd = train_setup.compile_model(model, args, device) if args.compile else model
     run = train_setup.Run(args, cfg, device, corpus, model, fwd, opt, torch.Generator().manual_seed(args.seed), 0,
                     ckpt_path="", resumed=False)  # the run state, without an out_dir (bench-like)
     tokens = run.tokens_per_step
@@ -74,15 +74,19 @@ def main(argv=None) -> int:
 
     def step(i):
         run.step = i
-        m = train.forward_backward(run)
+        m = train.first_step(run, run.snapshot()) if i == 0 else train.forward_backward(run)
         train.optimizer_step(run)
         return m
 
     cuda = device.type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)  # (CPU: only a check that the script runs)
     warmup, n = 3, max(1, args.max_iters if "max_iters" in args.typed else 10)
-    for i in range(warmup):
-        step(i)
+    try:
+        for i in range(warmup):
+            step(i)
+    except train.CompileFailed as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     sync()
     t0 = time.time()
     losses = []  # device tensors: reading them inside the timed loop would wait for the GPU

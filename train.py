@@ -74,6 +74,10 @@ class Diverged(RuntimeError):
     pass
 
 
+class CompileFailed(RuntimeError):
+    """A --compile typed on the command line failed at the first step (train() stops with one line)."""
+
+
 class SaveFailed(RuntimeError):
     pass
 
@@ -94,7 +98,11 @@ def train(run: Run) -> int:
     if run.layout.distributed:
         print(f"layout: {run.layout.describe()}")
     if args.bench:
-        return bench(run)
+        try:
+            return bench(run)
+        except CompileFailed as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     log = open_log(run)
     # Both stdout and stderr on a terminal: a progress bar; otherwise (a file, tee, a batch job) a plain line
     # every log_interval steps.
@@ -163,12 +171,9 @@ def train(run: Run) -> int:
         bar.close()
         print(f"error: cannot write to {args.out_dir} ({e.strerror or e}); {kept(run)}", file=sys.stderr)
         return 1
-    except Exception as e:
-        if not (args.compile and run.step == start):
-            raise
-        bar.close()  # torch.compile compiles at the first call: a missing compiler or backend shows up here
-        print(f"error: --compile failed at the first step ({type(e).__name__}: {first_line(e)}); run with "
-              f"--no-compile", file=sys.stderr)
+    except CompileFailed as e:  # torch.compile compiles at the first call: a missing compiler or backend shows up here
+        bar.close()
+        print(f"error: {e}", file=sys.stderr)
         return 2
     finally:
         log.close()
@@ -182,16 +187,20 @@ def first_step(run: Run, snapshot: dict) -> dict:
     """forward_backward of a run's first step, where torch.compile compiles. When compiling fails and --compile was
     not typed (train_setup.default_compile turned it on), the step runs again uncompiled from the state it started
     from (data position, MoE loads, gradients), so the run is the one --no-compile gives; a typed --compile
-    re-raises (train() stops with one line)."""
+    raises CompileFailed (train() stops with one line). Out of memory and a diverged loss are no compile failures:
+    they go on up as they are."""
     try:
         return forward_backward(run)
-    except Diverged:
+    except (Diverged, torch.OutOfMemoryError):  # not the compiler's failures (the eager step needs more memory)
         raise
     except Exception as e:
-        if not run.args.compile or "compile" in run.args.typed or run.fwd is run.model:
+        if not run.args.compile or run.fwd is run.model:
             raise
-        print(f"note: torch.compile failed at the first step ({type(e).__name__}: {first_line(e)}); training "
-              f"uncompiled (--no-compile skips the attempt)", file=sys.stderr)
+        why = f"{type(e).__name__}: {first_line(e)}"
+        if "compile" in run.args.typed:
+            raise CompileFailed(f"--compile failed at the first step ({why}); run with --no-compile") from e
+        print(f"note: torch.compile failed at the first step ({why}); training uncompiled (--no-compile skips "
+              f"the attempt)", file=sys.stderr)
     run.fwd, run.args.compile = run.model, False
     set_rng_state(snapshot["rng"], run.gen)
     run.opt.zero_grad(set_to_none=True)

@@ -12,6 +12,7 @@ import argparse
 import contextlib
 import os
 import shutil
+import sys
 from dataclasses import dataclass, field, fields
 
 import torch
@@ -151,6 +152,8 @@ def resolve_args(ns: argparse.Namespace, ckpt: dict = None) -> argparse.Namespac
         args["lr_decay_iters"] = args["max_iters"]
     if args["ckpt_interval"] is None:
         args["ckpt_interval"] = args["eval_interval"]
+    if args["pp"] > 1 and "grad_accum" not in given:  # --microbatches take its place (a preset's value too)
+        args["grad_accum"] = 1
     if args["microbatches"] is None:  # with --pp: the fewest the schedule takes, one per stage
         args["microbatches"] = args["pp"] * (2 if args["pp_schedule"] == "dualpipev" else 1) if args["pp"] > 1 else 1
     args["model_overrides"] = {k: v for k, v in given.items() if k in model_fields}
@@ -339,10 +342,7 @@ def build(args, cfg, device, linear, corpus, ckpt, ckpt_path, layout=None) -> Ru
         run.step = run.saved_step = ckpt["step"]
         run.log_sums, run.log_count = dict(ckpt.get("log_sums", {})), ckpt.get("log_count", 0)
     if args.compile:
-        try:
-            run.fwd = compile_model(model, device)
-        except Exception as e:  # e.g. a Python version that torch.compile does not support yet
-            raise ValueError(f"--compile is unavailable here ({type(e).__name__}: {first_line(e)})") from None
+        run.fwd = compile_model(model, args, device)
     return run
 
 
@@ -354,12 +354,22 @@ def default_compile(args, device: torch.device) -> bool:
     return device.type == "cuda" and not args.fp8 and not parallel.under_torchrun()
 
 
-def compile_model(model: nn.Module, device: torch.device) -> nn.Module:
+def compile_model(model: nn.Module, args, device: torch.device) -> nn.Module:
     """torch.compile(model), its lazy set-up done first: the grouped-GEMM probe (moe.grouped_mm_supported) would
-    otherwise run inside the first compiled call, split that graph and make the next call compile again."""
+    otherwise run inside the first compiled call, split that graph and make the next call compile again.
+    A torch.compile that refuses at once (e.g. a Python version it does not support yet): a typed --compile is a
+    ValueError (one line), the default goes on with the model itself (a note; args.compile becomes False)."""
     for dtype in (torch.bfloat16, torch.float32):
         grouped_mm_supported(device, dtype)
-    return torch.compile(model)
+    try:
+        return torch.compile(model)
+    except Exception as e:
+        why = f"{type(e).__name__}: {first_line(e)}"
+        if "compile" in args.typed:
+            raise ValueError(f"--compile is unavailable here ({why})") from None
+        print(f"note: torch.compile is unavailable here ({why}); training uncompiled", file=sys.stderr)
+        args.compile = False
+        return model
 
 
 def resume_meta(path: str) -> dict:

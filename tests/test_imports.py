@@ -119,8 +119,9 @@ def test_concept_demo_into_a_closed_pipe_is_quiet(demo):
     """`python mla.py | head` (layers.run_demo): once the reader is gone, no traceback and exit status 0."""
     import subprocess
     import sys
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # stdout block-buffered, as usual
     p = subprocess.Popen([sys.executable, os.path.join(ROOT, demo)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         text=True, cwd=ROOT)
+                         text=True, cwd=ROOT, env=env)
     p.stdout.close()  # the reader goes away before the first line
     err = p.stderr.read()
     assert p.wait(timeout=300) == 0 and err == ""

@@ -536,17 +536,20 @@ def test_compile_failure_is_one_line(tmp_path, corpus_args, monkeypatch, capsys)
     err = capsys.readouterr().err
     assert err == ("error: --compile failed at the first step (RuntimeError: InductorError: no working C++ compiler "
                    "found); run with --no-compile\n")
+    assert run(tmp_path / "bench", corpus_args, "--compile", "--bench", "--max_iters", "2") == 2  # --bench too
+    assert capsys.readouterr().err.startswith("error: --compile failed at the first step (RuntimeError: ")
     monkeypatch.setattr(torch, "compile", broken)  # or torch.compile refuses at once (an unsupported Python)
     assert run(tmp_path / "b", corpus_args, "--compile", "--max_iters", "2") == 2
     assert capsys.readouterr().err.startswith("error: --compile is unavailable here (RuntimeError: ")
 
 
 def _compile_that_fails_after_running(model):
-    """A torch.compile whose first call runs the model eagerly (as a graph split lets part of it run; here on a
-    batch of one repeated token, so that the MoE loads it counts all fall on a few experts) and then fails, as a
-    backend that cannot build does. The data generator has moved on by then too."""
+    """A torch.compile whose first call runs the model eagerly, forward and backward (as a graph split lets part of
+    it run; here on a batch of one repeated token, so that the MoE loads it counts all fall on a few experts and
+    its gradients are not the batch's) and then fails, as a backend that cannot build does. The data generator has
+    moved on by then too."""
     def first_call(x, y):
-        model(torch.zeros_like(x), y)
+        model(torch.zeros_like(x), y)[1]["main"].backward()
         raise RuntimeError("InductorError: no working C++ compiler found\nmore lines")
     return first_call
 
@@ -568,6 +571,29 @@ def test_default_compile_falls_back_to_the_uncompiled_run(tmp_path, corpus_args,
     assert torch.equal(ckpt["rng"]["data"], straight["rng"]["data"])
     assert run(tmp_path / "b", corpus_args, "--bench", "--max_iters", "2") == 0  # --bench falls back alike
     assert "tokens/s" in capsys.readouterr().out
+    monkeypatch.setattr(torch, "compile", lambda model: (_ for _ in ()).throw(RuntimeError("unsupported Python")))
+    assert run(tmp_path / "c", corpus_args, "--max_iters", "2") == 0  # torch.compile refusing at once: the same
+    assert capsys.readouterr().err.startswith("note: torch.compile is unavailable here (RuntimeError: unsupported "
+                                              "Python); training uncompiled\n")
+
+
+def test_only_compile_failures_fall_back_or_stop_as_compile_failures(tmp_path, corpus_args, monkeypatch):
+    """Out of memory in the first (compiled) step is no compile failure: the eager retry would need more memory.
+    And with --compile typed, an error elsewhere in the first step (here the optimizer's) keeps its own traceback
+    instead of being reported as "--compile failed"."""
+    monkeypatch.setattr(train_setup, "default_compile", lambda args, device: True)
+
+    def oom(model):
+        def first_call(x, y):
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return first_call
+    monkeypatch.setattr(torch, "compile", oom)
+    with pytest.raises(torch.OutOfMemoryError):
+        run(tmp_path / "a", corpus_args, "--max_iters", "2")
+    monkeypatch.setattr(torch, "compile", lambda model: model)  # compiling works ...
+    monkeypatch.setattr(train, "optimizer_step", lambda r: (_ for _ in ()).throw(RuntimeError("optimizer bug")))
+    with pytest.raises(RuntimeError, match="optimizer bug"):  # ... the optimizer does not
+        run(tmp_path / "b", corpus_args, "--compile", "--max_iters", "2")
 
 
 def test_compile_default_rule(monkeypatch):
@@ -710,6 +736,7 @@ def test_v3_layers_trains_with_the_reports_learning_rate():
         return a.lr, a.min_lr, a.bias_gamma, a.batch_size, a.block_size, a.grad_accum
     assert resolved("--preset", "v3-layers") == (2.2e-4, 2.2e-5, 0.001, 1, 4096, 8)
     assert resolved("--preset", "v3-layers", "--grad_accum", "1")[5] == 1
+    assert resolved("--preset", "v3-layers", "--pp", "2")[5] == 1  # under --pp, --microbatches take its place
     assert resolved("--preset", "v3-layers", "--lr", "1e-4")[0] == 1e-4
     assert resolved()[0] == 3e-3  # the tiny preset keeps its own
 
