@@ -63,9 +63,7 @@ def main(argv=None) -> int:
         model = Transformer(cfg, linear, train_setup.expert_kernels(args.fp8))
     train_setup.set_act_cache(model, args.fp8_act_cache)
     opt = train_setup.make_optimizer(model, args, device)
-    if args.compile is None:  # as train.py: on for one CUDA process without --fp8
-        args.compile = train_setup.default_compile(args, device)
-    fwd = train_setup.compile_model(model, args, device) if args.compile else model
+    fwd = train_setup.compile_model(model, args, device)  # as train.py: by default on one CUDA process, bf16
     run = train_setup.Run(args, cfg, device, corpus, model, fwd, opt, torch.Generator().manual_seed(args.seed), 0,
                     ckpt_path="", resumed=False)  # the run state, without an out_dir (bench-like)
     tokens = run.tokens_per_step
@@ -74,7 +72,7 @@ def main(argv=None) -> int:
 
     def step(i):
         run.step = i
-        m = train.first_step(run, run.snapshot()) if i == 0 else train.forward_backward(run)
+        m = train.first_step(run) if i == 0 else train.forward_backward(run)
         train.optimizer_step(run)
         return m
 

@@ -61,7 +61,8 @@ from tqdm import tqdm
 
 import data
 import parallel
-from checkpoint import Interrupted, save_checkpoint, save_distributed, set_rng_state, signals_deferred, stop_on_sigterm
+from checkpoint import (Interrupted, rng_state, save_checkpoint, save_distributed, set_rng_state, signals_deferred,
+                        stop_on_sigterm)
 from config import ModelConfig
 from model import count_params, train_flops_per_token
 from moe import max_violation
@@ -118,7 +119,7 @@ def train(run: Run) -> int:
                 return 0
             t_last, timed = time.time(), 0  # throughput: steps run since t_last
             while run.step < args.max_iters:
-                metrics = first_step(run, boundary) if run.step == start else forward_backward(run)
+                metrics = first_step(run) if run.step == start else forward_backward(run)
                 with step_signals(run):  # the step, its log record and the snapshot move together
                     optimizer_step(run)
                     run.step += 1
@@ -183,18 +184,19 @@ def train(run: Run) -> int:
     return 0
 
 
-def first_step(run: Run, snapshot: dict) -> dict:
+def first_step(run: Run) -> dict:
     """forward_backward of a run's first step, where torch.compile compiles. When compiling fails and --compile was
     not typed (train_setup.default_compile turned it on), the step runs again uncompiled from the state it started
     from (data position, MoE loads, gradients), so the run is the one --no-compile gives; a typed --compile
     raises CompileFailed (train() stops with one line). Out of memory and a diverged loss are no compile failures:
     they go on up as they are."""
+    rng = rng_state(run.gen)  # the data position (and torch's generators) before the step
     try:
         return forward_backward(run)
     except (Diverged, torch.OutOfMemoryError):  # not the compiler's failures (the eager step needs more memory)
         raise
     except Exception as e:
-        if not run.args.compile or run.fwd is run.model:
+        if not run.args.compile:
             raise
         why = f"{type(e).__name__}: {first_line(e)}"
         if "compile" in run.args.typed:
@@ -202,7 +204,7 @@ def first_step(run: Run, snapshot: dict) -> dict:
         print(f"note: torch.compile failed at the first step ({why}); training uncompiled (--no-compile skips "
               f"the attempt)", file=sys.stderr)
     run.fwd, run.args.compile = run.model, False
-    set_rng_state(snapshot["rng"], run.gen)
+    set_rng_state(rng, run.gen)
     run.opt.zero_grad(set_to_none=True)
     for moe in run.model.moe_layers():
         moe.reset_load()
@@ -485,7 +487,7 @@ def bench(run: Run) -> int:
             sync()
             t0 = time.time()
         run.step = i
-        first_step(run, run.snapshot()) if i == 0 else forward_backward(run)
+        first_step(run) if i == 0 else forward_backward(run)
         optimizer_step(run)
     sync()
     tok_s = n * run.tokens_per_step / (time.time() - t0)

@@ -287,8 +287,6 @@ def setup(ns: argparse.Namespace) -> Run:
     layout = parallel.init(args.ep, args.pp, args.device, args.dist_timeout, cfg.n_routed_experts)
     parallel.quiet_other_ranks(layout)
     device = layout.device
-    if args.compile is None:
-        args.compile = default_compile(args, device)
     if not layout.distributed:  # under torchrun each rank holds a share that depends on the layout
         check_memory(cfg, args, device)
     linear = linear_class(args.fp8, device)
@@ -341,8 +339,7 @@ def build(args, cfg, device, linear, corpus, ckpt, ckpt_path, layout=None) -> Ru
         set_rng_state(ckpt["rng"], gen)
         run.step = run.saved_step = ckpt["step"]
         run.log_sums, run.log_count = dict(ckpt.get("log_sums", {})), ckpt.get("log_count", 0)
-    if args.compile:
-        run.fwd = compile_model(model, args, device)
+    run.fwd = compile_model(model, args, device)
     return run
 
 
@@ -355,10 +352,16 @@ def default_compile(args, device: torch.device) -> bool:
 
 
 def compile_model(model: nn.Module, args, device: torch.device) -> nn.Module:
-    """torch.compile(model), its lazy set-up done first: the grouped-GEMM probe (moe.grouped_mm_supported) would
-    otherwise run inside the first compiled call, split that graph and make the next call compile again.
-    A torch.compile that refuses at once (e.g. a Python version it does not support yet): a typed --compile is a
-    ValueError (one line), the default goes on with the model itself (a note; args.compile becomes False)."""
+    """What the loop calls (Run.fwd): torch.compile(model) if args.compile (None: default_compile decides, and
+    args.compile is set to the answer), else the model itself. The lazy set-up is done first: the grouped-GEMM
+    probe (moe.grouped_mm_supported) would otherwise run inside the first compiled call, split that graph and make
+    the next call compile again. A torch.compile that refuses at once (e.g. a Python version it does not support
+    yet): a typed --compile is a ValueError (one line), the default goes on with the model itself (a note;
+    args.compile becomes False)."""
+    if args.compile is None:
+        args.compile = default_compile(args, device)
+    if not args.compile:
+        return model
     for dtype in (torch.bfloat16, torch.float32):
         grouped_mm_supported(device, dtype)
     try:
