@@ -71,59 +71,40 @@ def _check_act(x: torch.Tensor) -> int:
     return K
 
 
-def _fused_quant_ok(x: torch.Tensor, pow2_scale: bool) -> bool:
+def _fused_quant_ok(x: torch.Tensor) -> bool:
     # fp8_quant.cu: bf16/fp32 on a GPU where the extension builds; bit-identical to the reference (tests)
-    return (x.is_cuda and not pow2_scale and x.dtype in (torch.bfloat16, torch.float32) and x.numel() > 0
-            and load_kernel() is not None)
+    return x.is_cuda and x.dtype in (torch.bfloat16, torch.float32) and x.numel() > 0 and load_kernel() is not None
 
 
 def quantize_act(x: torch.Tensor, pow2_scale: bool = False, mmajor: bool = False):
     """1×128 tiles: x (..., K) → (x_fp8 (..., K) e4m3, scale (..., K/128) fp32), x ≈ x_fp8 · scale.
 
-    On Hopper the fused kernel of fp8_quant.cu does it in one pass; quantize_act_ref is the reference.
-    mmajor (x 2-D): the same scales laid out as `mmajor_scales` lays them, which fp8_gemm then uses as they are."""
-    K = _check_act(x)
+    On Hopper the fused kernel of fp8_quant.cu does it in one pass (the operator v3fp8::quant_rows);
+    quantize_act_ref is the reference. Inside a torch.compile'd graph the reference's ops are used instead:
+    inductor fuses them into the kernel of the op that produced x (a norm, a SwiGLU, ...), so x is quantized
+    where it is written, without a pass of its own (BENCHMARKS.md measures both). mmajor (x 2-D): the
+    same scales laid out as `mmajor_scales` lays them, which fp8_gemm then uses as they are."""
+    _check_act(x)
     if mmajor and x.dim() != 2:
         raise ValueError(f"quantize_act: mmajor scales need a 2-D x, got {tuple(x.shape)}")
-    if not _fused_quant_ok(x, pow2_scale):
+    if pow2_scale or torch.compiler.is_compiling():                    # no kernel for power-of-2 scales
         q, s = quantize_act_ref(x, pow2_scale)
         return (q, mmajor_scales(s)) if mmajor else (q, s)
-    x = x.contiguous()
-    if x.data_ptr() % 16:                                              # the kernel loads 8 or 16 bytes at a time
-        x = x.clone()
-    q = torch.empty(x.shape, dtype=FP8, device=x.device)
-    if mmajor:
-        ld = -(-x.shape[0] // BLOCK) * BLOCK
-        # (K/128, ld). The kernel writes rows < M; padded rows (only when M % 128 != 0) are zero-filled first.
-        alloc = torch.empty if ld == x.shape[0] else torch.zeros
-        buf = alloc(K // BLOCK, ld, dtype=torch.float32, device=x.device)
-        with torch.cuda.device(x.device):
-            _EXT.quant_rows(x, q.view(torch.uint8), buf, ld)
-        return q, buf.t()[:x.shape[0]]
-    s = torch.empty(*x.shape[:-1], K // BLOCK, dtype=torch.float32, device=x.device)
-    with torch.cuda.device(x.device):
-        _EXT.quant_rows(x, q.view(torch.uint8), s, 0)
-    return q, s
+    q, s = _quant_rows(x, mmajor)
+    return (q, s.t()[:x.shape[0]]) if mmajor else (q, s)              # mmajor: a view of the (K/128, ld) buffer
 
 
 def quantize_act_t(x: torch.Tensor):
     """The 1×128 tiles of xᵀ for x (R, C), i.e. x quantized along its rows (the tokens, for Wgrad), with R
     zero-padded to a multiple of 128 → (q (C, R'), scale (C, R'/128)). Equals quantize_act(pad(xᵀ)); fused into
-    one pass (transpose included) on Hopper."""
+    one pass (transpose included) on Hopper (the operator v3fp8::quant_cols)."""
     _check_high_precision(x, "x")
     if x.dim() != 2:
         raise ValueError(f"quantize_act_t: x must be 2-D, got shape {tuple(x.shape)}")
     R, C = x.shape
     if R == 0:                                                         # no tokens: no tiles
         return torch.empty(C, 0, dtype=FP8, device=x.device), torch.empty(C, 0, device=x.device)
-    if not _fused_quant_ok(x, False):
-        return quantize_act_ref(F.pad(x.t(), (0, -R % BLOCK)))
-    R_pad = R + (-R % BLOCK)
-    q = torch.empty(C, R_pad, dtype=FP8, device=x.device)
-    s = torch.empty(C, R_pad // BLOCK, dtype=torch.float32, device=x.device)
-    with torch.cuda.device(x.device):
-        _EXT.quant_cols(x.contiguous(), q.view(torch.uint8), s)
-    return q, s
+    return _quant_cols(x)
 
 
 def quantize_act_ref(x: torch.Tensor, pow2_scale: bool = False):
@@ -178,10 +159,7 @@ def mmajor_scales(scale: torch.Tensor) -> torch.Tensor:
     buffer, ld = M rounded up to 128. The values are the same; each K block's scales of 128 consecutive rows
     are then 512 contiguous bytes, which the kernel's producer copies into the pipeline stage with the tiles
     (cuBLAS and DeepGEMM take A-scales M-major too). fp8_gemm's kernel wants them so."""
-    M, kb = scale.shape
-    buf = torch.zeros(kb, -(-M // BLOCK) * BLOCK, dtype=scale.dtype, device=scale.device)
-    buf[:, :M] = scale.t()
-    return buf.t()[:M]
+    return _mmajor_buffer(scale).t()[:scale.shape[0]]
 
 
 def quantize_weight(w: torch.Tensor, transpose: bool = False):
@@ -190,27 +168,13 @@ def quantize_weight(w: torch.Tensor, transpose: bool = False):
 
     transpose=True also returns w_t, Dgrad's operand: w_fp8 transposed (..., K, N'), N' = N rounded up to 128 with
     zero columns (Dgrad contracts over N in whole 128-wide tiles), its scales the tiny scale.transpose(-1, -2).
-    On Hopper fp8_quant.cu's quant_blocks writes w_fp8, w_t and scale in one pass over w; quantize_weight_ref and
-    transpose_weight are the reference (bit-identical, tests)."""
+    On Hopper fp8_quant.cu's quant_blocks writes w_fp8, w_t and scale in one pass over w (the operator
+    v3fp8::quant_blocks); quantize_weight_ref and transpose_weight are the reference (bit-identical, tests)."""
     _check_high_precision(w, "w")
     if w.dim() not in (2, 3):
         raise ValueError(f"quantize_weight: w must be 2-D (N, K) or 3-D (E, N, K), got shape {tuple(w.shape)}")
-    if not _fused_quant_ok(w, False):
-        q, scale = quantize_weight_ref(w)
-        return (q, scale, transpose_weight(q)) if transpose else (q, scale)
-    w3 = w.contiguous().reshape(-1, *w.shape[-2:])                     # (E, N, K), E = 1 for one matrix
-    if w3.data_ptr() % 16:                                             # the kernel loads 8 or 16 bytes at a time
-        w3 = w3.clone()
-    E, N, K = w3.shape
-    nb, kb = -(-N // BLOCK), -(-K // BLOCK)
-    q = torch.empty(w3.shape, dtype=FP8, device=w.device)
-    scale = torch.empty(E, nb, kb, dtype=torch.float32, device=w.device)
-    w_t = torch.empty(E, K, nb * BLOCK, dtype=FP8, device=w.device) if transpose else None
-    with torch.cuda.device(w.device):
-        _EXT.quant_blocks(w3, q.view(torch.uint8), w_t.view(torch.uint8) if transpose else None, scale)
-    lead = w.shape[:-2]                                                # () or (E,)
-    q, scale = q.reshape(w.shape), scale.reshape(*lead, nb, kb)
-    return (q, scale, w_t.reshape(*lead, K, nb * BLOCK)) if transpose else (q, scale)
+    q, scale, w_t = _quant_blocks(w, transpose)                        # w_t: empty unless transpose
+    return (q, scale, w_t) if transpose else (q, scale)
 
 
 def quantize_weight_ref(w: torch.Tensor):
@@ -359,17 +323,119 @@ def why_no_kernel() -> str:
 
 
 def fp8_gemm(a, a_scale, b, b_scale, out_dtype=torch.bfloat16) -> torch.Tensor:
-    """C = A·Bᵀ (see fp8_gemm_ref for the layouts): the CUDA kernel on Hopper, the reference elsewhere.
+    """C = A·Bᵀ (see fp8_gemm_ref for the layouts): the CUDA kernel on Hopper, the reference elsewhere (the
+    operator v3fp8::gemm).
 
     128×128 block scales on B run the kernel with bf16 output; it takes the A scales M-major (as
     quantize_act(..., mmajor=True) or mmajor_scales lay them out) and lays row-major ones out so first. 1×128
     scales on B (Wgrad) run its "1D1D" variant (fp32 output), which wants them transposed to (K/128, N rounded up
     to 128) and N a multiple of 8."""
-    rowwise = check_gemm_operands(a, a_scale, b, b_scale)
-    N = b.shape[0]
+    check_gemm_operands(a, a_scale, b, b_scale)
+    return _gemm(a, a_scale, b, b_scale, out_dtype)
+
+
+# ---------------------------------------------------------------- the kernels as PyTorch operators
+# Each kernel call above goes through a torch.library custom operator, so that torch.compile sees one opaque op
+# (with a "fake" twin that gives only the output's shape, dtype and strides) instead of an unknown extension call
+# that would split the graph. Each operator runs the kernel where it can and its reference elsewhere (CPU: so that
+# torch.library.opcheck can test the operators there). Validation stays in the Python functions above; the
+# operators take and return plain tensors and do the layout work that needs real memory (alignment, padding).
+def _mmajor_buffer(scale: torch.Tensor) -> torch.Tensor:
+    """The zero-padded (K/128, ld) buffer of which mmajor_scales(scale) is a view."""
+    M, kb = scale.shape
+    buf = scale.new_zeros(kb, -(-M // BLOCK) * BLOCK)
+    buf[:, :M] = scale.t()
+    return buf
+
+
+@torch.library.custom_op("v3fp8::quant_rows", mutates_args=())
+def _quant_rows(x: torch.Tensor, mmajor: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """quantize_act's 1×128 tiles → (q, scales (..., K/128)), or with mmajor the (K/128, ld) scale buffer."""
+    if not _fused_quant_ok(x):                                         # outputs contiguous, as the fake's
+        q, s = quantize_act_ref(x)
+        return q.contiguous(), _mmajor_buffer(s) if mmajor else s.contiguous()
+    x = x.contiguous()
+    if x.data_ptr() % 16:                                              # the kernel loads 8 or 16 bytes at a time
+        x = x.clone()
+    q = torch.empty(x.shape, dtype=FP8, device=x.device)
+    K = x.shape[-1]
+    if mmajor:
+        ld = -(-x.shape[0] // BLOCK) * BLOCK
+        # (K/128, ld). The kernel writes rows < M; padded rows (only when M % 128 != 0) are zero-filled first.
+        s = (torch.empty if ld == x.shape[0] else torch.zeros)(K // BLOCK, ld, dtype=torch.float32, device=x.device)
+    else:
+        s, ld = torch.empty(*x.shape[:-1], K // BLOCK, dtype=torch.float32, device=x.device), 0
+    with torch.cuda.device(x.device):
+        _EXT.quant_rows(x, q.view(torch.uint8), s, ld)
+    return q, s
+
+
+@_quant_rows.register_fake
+def _(x, mmajor):
+    kb = x.shape[-1] // BLOCK
+    shape = (kb, -(-x.shape[0] // BLOCK) * BLOCK) if mmajor else (*x.shape[:-1], kb)
+    return x.new_empty(x.shape, dtype=FP8), x.new_empty(shape, dtype=torch.float32)
+
+
+@torch.library.custom_op("v3fp8::quant_cols", mutates_args=())
+def _quant_cols(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """quantize_act_t for x (R, C), R > 0: (q (C, R'), scale (C, R'/128)), R' = R rounded up to 128."""
+    R, C = x.shape
+    if not _fused_quant_ok(x):                                         # outputs contiguous, as the fake's
+        q, s = quantize_act_ref(F.pad(x.t(), (0, -R % BLOCK)))
+        return q.contiguous(), s.contiguous()
+    R_pad = R + (-R % BLOCK)
+    q = torch.empty(C, R_pad, dtype=FP8, device=x.device)
+    s = torch.empty(C, R_pad // BLOCK, dtype=torch.float32, device=x.device)
+    with torch.cuda.device(x.device):
+        _EXT.quant_cols(x.contiguous(), q.view(torch.uint8), s)
+    return q, s
+
+
+@_quant_cols.register_fake
+def _(x):
+    R_pad = -(-x.shape[0] // BLOCK) * BLOCK
+    return x.new_empty(x.shape[1], R_pad, dtype=FP8), x.new_empty(x.shape[1], R_pad // BLOCK, dtype=torch.float32)
+
+
+@torch.library.custom_op("v3fp8::quant_blocks", mutates_args=())
+def _quant_blocks(w: torch.Tensor, transpose: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """quantize_weight's (w_fp8, scale, w_t); w_t is an empty tensor unless transpose."""
+    if not _fused_quant_ok(w):
+        q, scale = quantize_weight_ref(w)
+        return q, scale, transpose_weight(q) if transpose else q.new_empty(0)
+    w3 = w.contiguous().reshape(-1, *w.shape[-2:])                     # (E, N, K), E = 1 for one matrix
+    if w3.data_ptr() % 16:                                             # the kernel loads 8 or 16 bytes at a time
+        w3 = w3.clone()
+    E, N, K = w3.shape
+    nb, kb = -(-N // BLOCK), -(-K // BLOCK)
+    q = torch.empty(w3.shape, dtype=FP8, device=w.device)
+    scale = torch.empty(E, nb, kb, dtype=torch.float32, device=w.device)
+    w_t = torch.empty(E, K, nb * BLOCK if transpose else 0, dtype=FP8, device=w.device)
+    with torch.cuda.device(w.device):
+        _EXT.quant_blocks(w3, q.view(torch.uint8), w_t.view(torch.uint8) if transpose else None, scale)
+    lead = w.shape[:-2]                                                # () or (E,)
+    w_t = w_t.reshape(*lead, K, nb * BLOCK) if transpose else q.new_empty(0)
+    return q.reshape(w.shape), scale.reshape(*lead, nb, kb), w_t
+
+
+@_quant_blocks.register_fake
+def _(w, transpose):
+    *lead, N, K = w.shape
+    nb, kb = -(-N // BLOCK), -(-K // BLOCK)
+    w_t = w.new_empty(*lead, K, nb * BLOCK, dtype=FP8) if transpose else w.new_empty(0, dtype=FP8)
+    return w.new_empty(w.shape, dtype=FP8), w.new_empty(*lead, nb, kb, dtype=torch.float32), w_t
+
+
+@torch.library.custom_op("v3fp8::gemm", mutates_args=())
+def _gemm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
+          out_dtype: torch.dtype) -> torch.Tensor:
+    """fp8_gemm on validated operands."""
+    (M, K), N = a.shape, b.shape[0]
+    rowwise = tuple(b_scale.shape) == (N, K // BLOCK) != (-(-N // BLOCK), K // BLOCK)
     if a.is_cuda and load_kernel() is not None and not (rowwise and N % 8):
         # the Wgrad variant writes fp32 (Wgrad stays FP32 in the report), the other bf16
-        out = torch.empty(a.shape[0], N, dtype=torch.float32 if rowwise else torch.bfloat16, device=a.device)
+        out = torch.empty(M, N, dtype=torch.float32 if rowwise else torch.bfloat16, device=a.device)
         with torch.cuda.device(a.device):   # the kernel launches on the current device's current stream
             if rowwise:
                 sbt = F.pad(b_scale.t(), (0, -N % BLOCK)).contiguous()            # (K/128, N'), N' = ⌈N/128⌉·128
@@ -382,6 +448,11 @@ def fp8_gemm(a, a_scale, b, b_scale, out_dtype=torch.bfloat16) -> torch.Tensor:
            else _WHY_NOT or f"tensors on {a.device.type}")
     say_once(f"{why}; using the PyTorch reference GEMM (slow)")
     return fp8_gemm_ref(a, a_scale, b, b_scale, out_dtype)
+
+
+@_gemm.register_fake
+def _(a, a_scale, b, b_scale, out_dtype):
+    return a.new_empty(a.shape[0], b.shape[0], dtype=out_dtype)
 
 
 # ---------------------------------------------------------------- FP8 training linear

@@ -77,18 +77,33 @@ def fp8_gemm_grouped(a, a_scale, b, b_scale, groups, out_dtype=torch.bfloat16) -
     """M-grouped C = A·B[e]ᵀ for routed experts (DeepGEMM's "contiguous" layout): a (M, K) holds the tokens sorted
     by expert, each expert's segment padded to whole 128-row tiles, groups (M/128,) int32 the expert of each tile
     (-1: a tile of no expert, skipped; its output rows are not written, the reference makes them 0);
-    b (E, N, K) and b_scale (E, N/128, K/128) the stacked experts. One kernel launch on Hopper."""
+    b (E, N, K) and b_scale (E, N/128, K/128) the stacked experts. One kernel launch on Hopper (the operator
+    v3fp8::gemm_grouped)."""
     _check_grouped(a, a_scale, b, b_scale, groups)
+    return _gemm_grouped(a, a_scale, b, b_scale, groups, out_dtype)
+
+
+# The grouped kernels as torch.library operators, like fp8.py's (see there): the kernel where it runs, the
+# reference elsewhere; validation stays in the Python functions.
+@torch.library.custom_op("v3fp8::gemm_grouped", mutates_args=())
+def _gemm_grouped(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
+                  groups: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """fp8_gemm_grouped on validated operands."""
     ext = load_kernel() if a.is_cuda else None
-    if ext is not None:
-        E, N, K = b.shape
-        out = torch.empty(a.shape[0], N, dtype=torch.bfloat16, device=a.device)
-        with torch.cuda.device(a.device):
-            ext.gemm_experts(a.contiguous(), a_scale.contiguous(), b.reshape(E * N, K).contiguous(),
-                             b_scale.reshape(E * N // BLOCK, K // BLOCK).contiguous(), groups.contiguous(), out, E)
-        return out.to(out_dtype)
-    say_once(f"{why_no_kernel() or f'tensors on {a.device.type}'}; using the PyTorch reference grouped GEMM (slow)")
-    return fp8_gemm_grouped_ref(a, a_scale, b, b_scale, groups, out_dtype)
+    if ext is None:
+        say_once(f"{why_no_kernel() or f'tensors on {a.device.type}'}; using the PyTorch reference grouped GEMM (slow)")
+        return fp8_gemm_grouped_ref(a, a_scale, b, b_scale, groups, out_dtype)
+    E, N, K = b.shape
+    out = torch.empty(a.shape[0], N, dtype=torch.bfloat16, device=a.device)
+    with torch.cuda.device(a.device):
+        ext.gemm_experts(a.contiguous(), a_scale.contiguous(), b.reshape(E * N, K).contiguous(),
+                         b_scale.reshape(E * N // BLOCK, K // BLOCK).contiguous(), groups.contiguous(), out, E)
+    return out.to(out_dtype)
+
+
+@_gemm_grouped.register_fake
+def _(a, a_scale, b, b_scale, groups, out_dtype):
+    return a.new_empty(a.shape[0], b.shape[1], dtype=out_dtype)
 
 
 def _check_kgrouped(a, a_scale, b, b_scale, sizes):
@@ -131,17 +146,27 @@ def fp8_gemm_kgrouped_ref(a, a_scale, b, b_scale, sizes, out_dtype=torch.bfloat1
 
 
 def fp8_gemm_kgrouped(a, a_scale, b, b_scale, sizes, out_dtype=torch.bfloat16) -> torch.Tensor:
-    """K-grouped GEMM (see the reference): one kernel launch on Hopper, with the segments read in place. sizes on
-    the GPU stay there (k_groups): the kernel skips the empty segments, whose outputs stay 0."""
+    """K-grouped GEMM (see the reference): one kernel launch on Hopper, with the segments read in place (the
+    operator v3fp8::gemm_kgrouped). sizes on the GPU stay there (k_groups): the kernel skips the empty segments,
+    whose outputs stay 0."""
+    if a.shape[1]:                                                     # no tokens at all: zero gradients
+        check_gemm_operands(a, a_scale, b, b_scale)
+    sizes = sizes if torch.is_tensor(sizes) else torch.tensor(sizes, dtype=torch.long, device=a.device)
+    return _gemm_kgrouped(a, a_scale, b, b_scale, sizes, out_dtype)
+
+
+@torch.library.custom_op("v3fp8::gemm_kgrouped", mutates_args=())
+def _gemm_kgrouped(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
+                   sizes: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """fp8_gemm_kgrouped with sizes a tensor."""
     (M, K), N = a.shape, b.shape[0]
     ext = load_kernel() if a.is_cuda else None
     if not (ext is not None and M % BLOCK == 0 and N % 8 == 0 and M and K):
         if a.is_cuda and M and K:
             say_once(f"{why_no_kernel() or f'M = {M} (not a multiple of 128) or N = {N} (not of 8)'}; "
-                    f"using the PyTorch reference K-grouped GEMM (slow)")
+                     f"using the PyTorch reference K-grouped GEMM (slow)")
         return fp8_gemm_kgrouped_ref(a, a_scale, b, b_scale, sizes, out_dtype)
     _check_kgrouped(a, a_scale, b, b_scale, sizes)
-    sizes = sizes if torch.is_tensor(sizes) else torch.tensor(sizes, device=a.device)
     E = len(sizes)
     out = torch.zeros(E * M, N, dtype=torch.float32, device=a.device)                     # idle experts stay 0
     sbt = F.pad(b_scale.t(), (0, -N % BLOCK)).contiguous()                                 # (K/128, N')
@@ -149,6 +174,11 @@ def fp8_gemm_kgrouped(a, a_scale, b, b_scale, sizes, out_dtype=torch.bfloat16) -
         ext.gemm_experts_wgrad(a.contiguous(), a_scale.contiguous(), b.contiguous(), sbt,
                                k_groups(sizes.to(a.device)), out)
     return out.view(E, M, N).to(out_dtype)
+
+
+@_gemm_kgrouped.register_fake
+def _(a, a_scale, b, b_scale, sizes, out_dtype):
+    return a.new_empty(sizes.shape[0], a.shape[0], b.shape[0], dtype=out_dtype)
 
 
 # ---------------------------------------------------------------- FP8 routed experts
@@ -355,11 +385,12 @@ class _FP8ExpertFFNFn(torch.autograd.Function):
 def _segment_counts(sizes, M: int, n_experts: int, device, fits: bool, operands: str) -> torch.Tensor:
     """`sizes` (a list of ints, or a 1-D integer tensor on `device`) as an (E,) int64 tensor on `device`; a
     ValueError naming `operands` unless they fit (`fits`) and sizes fit E = n_experts segments of M rows in all.
-    The sum of sizes on the GPU is not checked: reading it would make the host wait for the GPU."""
+    The sum of sizes on the GPU is not checked (reading it would make the host wait for the GPU), nor while
+    torch.compile traces (it is not known then)."""
     if torch.is_tensor(sizes):
         n = sizes.numel()
         fits = fits and (sizes.shape == (n_experts,) and not sizes.is_floating_point() and sizes.device == device
-                         and (sizes.is_cuda or sizes.sum().item() == M))
+                         and (sizes.is_cuda or torch.compiler.is_compiling() or sizes.sum().item() == M))
         counts = sizes.long()                                          # an int64 tensor is itself: the layout's key
     else:
         sizes = list(sizes)

@@ -4,7 +4,7 @@ table of one more step (top ops by GPU time) and the step's idle and host-sync s
     python profile_step.py --preset small [--fp8] [any train.py option]     (CUDA; on a CPU: a check that it runs)
 
 It runs train.py's own step functions (forward_backward, optimizer_step) on the same batches, with the model
-torch.compiled as train.py compiles it (by default on one CUDA process without --fp8; --no-compile: eager); only
+torch.compiled as train.py compiles it (by default on one CUDA process; --no-compile: eager); only
 the model is built directly on the GPU (train_setup.py builds it on the CPU and moves it, which takes long for big
 presets).
 Idle share = 1 − (time some kernel runs) / (step wall time): time the GPU waits for the host (Python, kernel

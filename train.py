@@ -35,7 +35,7 @@ and --microbatches take the place of --grad_accum. `--plan` prints plan.py's est
 exits. README, "Many processes".
 
 Precision: bf16 autocast on CUDA (fp32 master weights), fp32 on CPU and MPS; `--fp8` swaps the projections for
-fp8.FP8Linear (Hopper GPUs). On one CUDA process without --fp8 the model is torch.compiled unless --no-compile
+fp8.FP8Linear (Hopper GPUs). On one CUDA process the model is torch.compiled unless --no-compile
 (train_setup.default_compile): the first step compiles, and if compiling fails there the run goes on uncompiled
 from the same state (first_step); a --compile typed on the command line stops instead. `--bench` times a few
 steps and prints tokens/s and MFU (FLOPs per token: model.train_flops_per_token, whose counting rule is written

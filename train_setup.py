@@ -86,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bf16_moments", action=argparse.BooleanOptionalAction,
                    help="AdamW moments stored in bf16, as the report trains (adamw_bf16.py; default: fp32)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction,
-                   help="torch.compile the model (default: on for one CUDA process without --fp8, off elsewhere)")
+                   help="torch.compile the model (default: on for one CUDA process, off elsewhere)")
     p.add_argument("--bench", action="store_true", default=None, help="time a short run: tokens/s and MFU, no ckpt")
     t = p.add_argument_group("many processes (start with torchrun --nproc_per_node N train.py ...; README)")
     t.add_argument("--ep", type=int, help="expert parallelism: the routed experts split over ep ranks; data "
@@ -344,11 +344,11 @@ def build(args, cfg, device, linear, corpus, ckpt, ckpt_path, layout=None) -> Ru
 
 
 def default_compile(args, device: torch.device) -> bool:
-    """--compile when it is not given: on for one CUDA process in bf16, where the compiled step ran 1.3-1.9x the
-    eager one's tokens/s (BENCHMARKS.md, "the default step"); off on the CPU and MPS (compiling takes longer than
-    the tiny preset's whole run), under torchrun (not supported yet) and with --fp8 (the FP8 kernel's calls split
-    the graph: `small` ran slower compiled than eager)."""
-    return device.type == "cuda" and not args.fp8 and not parallel.under_torchrun()
+    """--compile when it is not given: on for one CUDA process, where the compiled step ran 1.3-1.9x the eager
+    one's tokens/s in bf16 and 1.5-1.7x with --fp8 (BENCHMARKS.md, "the default step"; the FP8 kernels are
+    torch.library operators, so they do not split the graph); off on the CPU and MPS (compiling takes longer than
+    the tiny preset's whole run) and under torchrun (not supported yet)."""
+    return device.type == "cuda" and not parallel.under_torchrun()
 
 
 def compile_model(model: nn.Module, args, device: torch.device) -> nn.Module:

@@ -597,11 +597,11 @@ def test_only_compile_failures_fall_back_or_stop_as_compile_failures(tmp_path, c
 
 
 def test_compile_default_rule(monkeypatch):
-    """On by default only for one CUDA process without --fp8; a typed --compile / --no-compile wins."""
+    """On by default only for one CUDA process (--fp8 or not); a typed --compile / --no-compile wins."""
     args = argparse.Namespace(fp8=False)
     assert train_setup.default_compile(args, torch.device("cuda"))
     assert not train_setup.default_compile(args, torch.device("cpu"))
-    assert not train_setup.default_compile(argparse.Namespace(fp8=True), torch.device("cuda"))
+    assert train_setup.default_compile(argparse.Namespace(fp8=True), torch.device("cuda"))
     monkeypatch.setattr(train_setup.parallel, "under_torchrun", lambda: True)
     assert not train_setup.default_compile(args, torch.device("cuda"))
     parse = lambda *a: train_setup.resolve_args(train_setup.build_parser().parse_args(list(a)))  # noqa: E731

@@ -1,0 +1,212 @@
+"""Tests of the FP8 kernels as PyTorch operators (torch.library custom ops in fp8.py and fp8_experts.py): each
+passes torch.library.opcheck (schema, fake implementation against the real one, autograd registration, AOT
+tracing), on the CPU (where the operators run the references) and on a Hopper GPU (the kernels); and a compiled
+FP8Linear, expert FFN and whole FP8 model are one graph with the eager values."""
+import pytest
+import torch
+
+import fp8
+import fp8_experts
+
+FP8 = torch.float8_e4m3fn
+hopper = pytest.mark.skipif(not (torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)),
+                            reason="needs a Hopper (sm_90) GPU")
+
+
+def _op_samples(device):
+    """(name, operator, args) for every operator, shapes that take the edge paths: rows not a multiple of 128
+    (padded M-major scales, Wgrad's token padding), a partial last weight block, a stack of experts, the
+    rowwise (Wgrad) GEMM, idle experts and an unused tail tile in the grouped GEMMs."""
+    g = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(200, 256, generator=g, device=device)
+    xq, xs = fp8.quantize_act(x)
+    w = torch.randn(300, 256, generator=g, device=device)
+    wq, ws = fp8.quantize_weight(w)
+    tq, ts = fp8.quantize_act_t(x)                                     # (256, 256), (256, 2): tokens padded
+    e_w = torch.randn(3, 256, 128, generator=g, device=device)         # (E, N, K)
+    ewq, ews = fp8.quantize_weight(e_w)
+    ap = torch.randn(512, 128, generator=g, device=device)             # 4 tiles
+    apq, aps = fp8.quantize_act(ap)
+    # An unused tail tile (-1) on the CPU, where the reference writes zeros there; the kernel leaves those rows as
+    # the allocation held them (never read), which differs from call to call, so on the GPU every tile is used.
+    groups = torch.tensor([0, 2, 2, -1 if device == "cpu" else 1], dtype=torch.int32, device=device)
+    kq, ks = fp8.quantize_act_t(torch.randn(384, 256, generator=g, device=device))   # (256, 384) along tokens
+    sizes = torch.tensor([128, 0, 256], device=device)
+    return [
+        ("quant_rows", fp8._quant_rows, (x, False)),
+        ("quant_rows 3-D bf16", fp8._quant_rows, (x.bfloat16().reshape(2, 100, 256), False)),
+        ("quant_rows mmajor", fp8._quant_rows, (x, True)),
+        ("quant_cols", fp8._quant_cols, (x,)),
+        ("quant_blocks", fp8._quant_blocks, (w, False)),
+        ("quant_blocks transpose", fp8._quant_blocks, (w, True)),
+        ("quant_blocks experts", fp8._quant_blocks, (e_w, True)),
+        ("gemm", fp8._gemm, (xq, xs, wq, ws, torch.bfloat16)),
+        ("gemm fp32 out", fp8._gemm, (xq, fp8.mmajor_scales(xs), wq, ws, torch.float32)),
+        ("gemm rowwise", fp8._gemm, (tq, ts, tq[:136], ts[:136], torch.float32)),
+        ("gemm_grouped", fp8_experts._gemm_grouped, (apq, aps, ewq, ews, groups, torch.bfloat16)),
+        ("gemm_kgrouped", fp8_experts._gemm_kgrouped, (kq, ks, kq[:128], ks[:128], sizes, torch.float32)),
+    ]
+
+
+def _opcheck_all(device):
+    for name, op, args in _op_samples(device):
+        fp8_inputs = any(torch.is_tensor(a) and a.dtype == FP8 for a in args)
+        # opcheck's schema test compares inputs before and after with arithmetic that float8 does not have; for
+        # the GEMMs the same check (no input changed, no output aliasing one) is done on their bytes below.
+        tests = ("test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
+        result = torch.library.opcheck(op, args, test_utils=tests if fp8_inputs else ("test_schema", *tests))
+        assert all(v == "SUCCESS" for v in result.values()), (name, result)
+        before = [a.clone() for a in args if torch.is_tensor(a)]
+        out = op(*args)
+        after = [a for a in args if torch.is_tensor(a)]
+        assert all(torch.equal(b.view(torch.uint8) if b.dtype == FP8 else b, a.view(torch.uint8) if a.dtype == FP8
+                               else a) for b, a in zip(before, after)), name
+        outs = out if isinstance(out, tuple) else (out,)
+        ptrs = {a.untyped_storage().data_ptr() for a in after}
+        assert not any(o.numel() and o.untyped_storage().data_ptr() in ptrs for o in outs), name
+
+
+def test_operators_pass_opcheck_on_cpu():
+    """On the CPU each operator runs its reference; opcheck compares the fake (shape-only) implementation that
+    torch.compile traces with against it, strides included."""
+    _opcheck_all("cpu")
+
+
+@pytest.mark.gpu
+@hopper
+def test_operators_pass_opcheck_on_gpu():
+    assert fp8.load_kernel() is not None, fp8.why_no_kernel()
+    _opcheck_all("cuda")
+
+
+def _grads(fn, tensors):
+    """fn(*tensors) summed against a fixed random weighting, backward: the output and every tensor's gradient."""
+    tensors = [t.detach().clone().requires_grad_() for t in tensors]
+    y = fn(*tensors)
+    y.backward(torch.randn(y.shape, generator=torch.Generator(y.device).manual_seed(1), device=y.device))
+    return [y.detach()] + [t.grad for t in tensors]
+
+
+def _compiled_equals_eager(fn, tensors, backend, exact):
+    torch._dynamo.reset()
+    want = _grads(fn, tensors)
+    compiled = torch.compile(fn, fullgraph=True, backend=backend)  # fullgraph: a graph break is an error
+    for _ in range(2):                                              # the first trace, then the cached graph
+        got = _grads(compiled, tensors)
+        for a, b in zip(got, want):
+            if exact:
+                assert torch.equal(a, b)
+            else:  # inductor quantizes activations with its own code (rounding can flip an fp8 value or two)
+                assert fp8.calc_diff(a, b) < 1e-5
+
+
+@pytest.mark.parametrize("act_cache", fp8.ACT_CACHES)
+def test_compiled_fp8_linear_is_one_graph_with_the_eager_values(act_cache):
+    """FP8Linear's forward and backward (quantizations and the three GEMMs) trace into one graph, no break, and the
+    traced graph gives the eager values bit for bit (aot_eager: the same ops, run by the AOT autograd graph)."""
+    lin = fp8.FP8Linear(256, 200, bias=True)
+    lin.act_cache = act_cache
+    x = torch.randn(3, 50, 256)
+
+    def fn(x, w, b):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return torch.func.functional_call(lin, {"weight": w, "bias": b}, (x,)).float()
+    _compiled_equals_eager(fn, [x, lin.weight, lin.bias], "aot_eager", exact=True)
+
+
+@pytest.mark.parametrize("act_cache", fp8.ACT_CACHES)
+def test_compiled_fp8_expert_ffn_is_one_graph_with_the_eager_values(act_cache):
+    """The routed experts' FP8 FFN (tile layout, grouped GEMMs, K-grouped Wgrad, recomputed SwiGLU) likewise,
+    with an idle expert."""
+    g = torch.Generator().manual_seed(0)
+    E, dim, inter = 4, 256, 128
+    w1, w3 = (torch.randn(E, inter, dim, generator=g) / 16 for _ in range(2))
+    w2 = torch.randn(E, dim, inter, generator=g) / 11
+    x = torch.randn(40, dim, generator=g)
+
+    def fn(x, w1, w3, w2):
+        return fp8_experts.fp8_expert_ffn(x, w1, w3, w2, [10, 0, 25, 5], act_cache)
+    _compiled_equals_eager(fn, [x, w1, w3, w2], "aot_eager", exact=True)
+
+
+def _fp8_model(device):
+    from config import ModelConfig
+    from model import Transformer
+    cfg = ModelConfig(dim=128, inter_dim=256, moe_inter_dim=128, n_layers=2, n_dense_layers=1, n_mtp=1,
+                      n_routed_experts=4, n_activated_experts=2, n_expert_groups=1, n_limited_groups=1,
+                      q_lora_rank=128, kv_lora_rank=128, n_heads=2, qk_nope_head_dim=64, qk_rope_head_dim=64,
+                      v_head_dim=64, vocab_size=512, max_seq_len=64)
+    torch.manual_seed(0)
+    model = Transformer(cfg, fp8.FP8Linear, fp8_experts.FP8Experts).to(device)
+    idx, tgt = (torch.randint(0, 512, (2, 64), device=device) for _ in range(2))
+    return model, idx, tgt
+
+
+def _model_graphs_and_values(device, backend):
+    """A whole FP8 model (MLA, dense FFN, MoE with FP8 experts, MTP) under bf16 autocast: dynamo's graph and break
+    counts, and the eager and compiled training objective and gradients."""
+    model, idx, tgt = _fp8_model(device)
+    torch._dynamo.reset()
+    with torch.autocast(device, dtype=torch.bfloat16):
+        explained = torch._dynamo.explain(model)(idx, tgt)
+        out = []
+        for fwd in (model, torch.compile(model, backend=backend)):
+            model.zero_grad(set_to_none=True)
+            _, losses = fwd(idx, tgt)
+            loss = losses["main"] + 0.3 * losses["mtp"] + 1e-4 * losses["balance"]
+            loss.backward()
+            out.append((loss.detach().float(), {n: p.grad.float() for n, p in model.named_parameters()
+                                                 if p.grad is not None}))
+    return explained, out
+
+
+@pytest.mark.slow
+def test_compiled_fp8_model_is_one_graph():
+    """The FP8 model traces into one graph: no FP8 kernel call splits it (before the operators, every one did),
+    and the traced graph gives the eager objective and gradients bit for bit, but for the output head's: the main
+    and the MTP module's contributions are summed in another order."""
+    explained, ((loss, grads), (loss_c, grads_c)) = _model_graphs_and_values("cpu", "aot_eager")
+    assert explained.graph_count == 1 and explained.graph_break_count == 0, explained.break_reasons
+    assert torch.equal(loss, loss_c) and grads.keys() == grads_c.keys() and len(grads) > 20
+    assert all(torch.equal(grads[n], grads_c[n]) for n in grads if n != "head.weight")
+    assert fp8.calc_diff(grads["head.weight"], grads_c["head.weight"]) < 1e-5
+
+
+@pytest.mark.gpu
+@hopper
+def test_compiled_fp8_model_on_gpu_is_one_graph():
+    """On the GPU (the kernels, inductor's code around them): one graph, and the compiled objective and gradients
+    within bf16's rounding of the eager ones (inductor fuses the elementwise work around the FP8 operators)."""
+    assert fp8.load_kernel() is not None, fp8.why_no_kernel()
+    explained, ((loss, grads), (loss_c, grads_c)) = _model_graphs_and_values("cuda", "inductor")
+    assert explained.graph_count == 1 and explained.graph_break_count == 0, explained.break_reasons
+    torch.testing.assert_close(loss_c, loss, rtol=2e-2, atol=2e-3)
+    flat = [torch.cat([d[n].flatten() for n in grads]) for d in (grads_c, grads)]
+    assert torch.nn.functional.cosine_similarity(*flat, dim=0) > 0.99
+
+
+@pytest.mark.gpu
+@hopper
+@pytest.mark.parametrize("act_cache", fp8.ACT_CACHES)
+def test_compiled_fp8_linear_and_experts_on_gpu(act_cache):
+    """Inductor around the kernels: the compiled FP8Linear and expert FFN give the eager values (the kernels are
+    the same calls; only inductor's fused elementwise code around them differs)."""
+    assert fp8.load_kernel() is not None, fp8.why_no_kernel()
+    lin = fp8.FP8Linear(512, 1000, bias=True).cuda()
+    lin.act_cache = act_cache
+
+    def lin_fn(x, w, b):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            return torch.func.functional_call(lin, {"weight": w, "bias": b}, (x,)).float()
+    _compiled_equals_eager(lin_fn, [torch.randn(3, 300, 512, device="cuda"), lin.weight, lin.bias], "inductor",
+                           exact=False)
+    g = torch.Generator("cuda").manual_seed(0)
+    E, dim, inter = 8, 512, 256
+    w1, w3 = (torch.randn(E, inter, dim, generator=g, device="cuda") / 22 for _ in range(2))
+    w2 = torch.randn(E, dim, inter, generator=g, device="cuda") / 16
+    counts = torch.tensor([300, 0, 7, 128, 129, 1, 0, 435], device="cuda")
+
+    def ffn(x, w1, w3, w2):
+        return fp8_experts.fp8_expert_ffn(x, w1, w3, w2, counts, act_cache).float()
+    _compiled_equals_eager(ffn, [torch.randn(1000, dim, device="cuda").bfloat16(), w1, w3, w2], "inductor",
+                           exact=False)
