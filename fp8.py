@@ -79,15 +79,15 @@ def _fused_quant_ok(x: torch.Tensor) -> bool:
 def quantize_act(x: torch.Tensor, pow2_scale: bool = False, mmajor: bool = False):
     """1×128 tiles: x (..., K) → (x_fp8 (..., K) e4m3, scale (..., K/128) fp32), x ≈ x_fp8 · scale.
 
-    On Hopper the fused kernel of fp8_quant.cu does it in one pass (the operator v3fp8::quant_rows);
-    quantize_act_ref is the reference. Inside a torch.compile'd graph the reference's ops are used instead:
-    inductor fuses them into the kernel of the op that produced x (a norm, a SwiGLU, ...), so x is quantized
-    where it is written, without a pass of its own (BENCHMARKS.md measures both). mmajor (x 2-D): the
-    same scales laid out as `mmajor_scales` lays them, which fp8_gemm then uses as they are."""
+    On Hopper the fused kernel of fp8_quant.cu does it in one pass (the operator v3fp8::quant_rows), compiled or
+    not; quantize_act_ref is the reference. (Letting inductor compile the reference's ops inside the graph, fused
+    with the op that produced x, ran `small` a few % faster on an H200 but did not give the kernel's values: see
+    BENCHMARKS.md.) mmajor (x 2-D): the same scales laid out as `mmajor_scales` lays them, which fp8_gemm then
+    uses as they are."""
     _check_act(x)
     if mmajor and x.dim() != 2:
         raise ValueError(f"quantize_act: mmajor scales need a 2-D x, got {tuple(x.shape)}")
-    if pow2_scale or torch.compiler.is_compiling():                    # no kernel for power-of-2 scales
+    if pow2_scale:                                                     # no kernel for power-of-2 scales
         q, s = quantize_act_ref(x, pow2_scale)
         return (q, mmajor_scales(s)) if mmajor else (q, s)
     q, s = _quant_rows(x, mmajor)

@@ -87,17 +87,20 @@ def _grads(fn, tensors):
     return [y.detach()] + [t.grad for t in tensors]
 
 
-def _compiled_equals_eager(fn, tensors, backend, exact):
+def _compiled_equals_eager(fn, tensors, backend, exact, exact_output=False):
+    """exact: every value bit for bit; else the output bit for bit if exact_output, and the rest within 1e-4
+    (calc_diff): inductor's elementwise code (bias gradient sum, SiLU) rounds differently before the FP8 kernels;
+    FP8's own error against fp32 is ~1e-3 here."""
     torch._dynamo.reset()
     want = _grads(fn, tensors)
     compiled = torch.compile(fn, fullgraph=True, backend=backend)  # fullgraph: a graph break is an error
     for _ in range(2):                                              # the first trace, then the cached graph
         got = _grads(compiled, tensors)
-        for a, b in zip(got, want):
-            if exact:
-                assert torch.equal(a, b)
-            else:  # inductor quantizes activations with its own code (rounding can flip an fp8 value or two)
-                assert fp8.calc_diff(a, b) < 1e-5
+        for i, (a, b) in enumerate(zip(got, want)):
+            if exact or (exact_output and i == 0):
+                assert torch.equal(a, b), i
+            else:
+                assert fp8.calc_diff(a, b) < 1e-4, i
 
 
 @pytest.mark.parametrize("act_cache", fp8.ACT_CACHES)
@@ -190,7 +193,8 @@ def test_compiled_fp8_model_on_gpu_is_one_graph():
 @pytest.mark.parametrize("act_cache", fp8.ACT_CACHES)
 def test_compiled_fp8_linear_and_experts_on_gpu(act_cache):
     """Inductor around the kernels: the compiled FP8Linear and expert FFN give the eager values (the kernels are
-    the same calls; only inductor's fused elementwise code around them differs)."""
+    the same calls, activation quantization included; only inductor's fused elementwise code around them differs,
+    so FP8Linear's output is bit for bit the eager one)."""
     assert fp8.load_kernel() is not None, fp8.why_no_kernel()
     lin = fp8.FP8Linear(512, 1000, bias=True).cuda()
     lin.act_cache = act_cache
@@ -199,7 +203,7 @@ def test_compiled_fp8_linear_and_experts_on_gpu(act_cache):
         with torch.autocast("cuda", dtype=torch.bfloat16):
             return torch.func.functional_call(lin, {"weight": w, "bias": b}, (x,)).float()
     _compiled_equals_eager(lin_fn, [torch.randn(3, 300, 512, device="cuda"), lin.weight, lin.bias], "inductor",
-                           exact=False)
+                           exact=False, exact_output=True)
     g = torch.Generator("cuda").manual_seed(0)
     E, dim, inter = 8, 512, 256
     w1, w3 = (torch.randn(E, inter, dim, generator=g, device="cuda") / 22 for _ in range(2))
