@@ -26,9 +26,12 @@ plain PyTorch run on CPU and wherever the kernels are unavailable. The fast path
 memory with each pipeline stage; its Wgrad, M-grouped and K-grouped variants) plus the one-pass quantizers of
 ``fp8_quant.cu`` (the weight's one writes W and Dgrad's Wᵀ together), JIT-built on first use by
 ``torch.utils.cpp_extension.load``; the functions here pick them on Hopper GPUs and say once when they fall back.
+Each kernel call is a torch.library custom operator (``fp8_operator``), so torch.compile keeps an FP8 model in one
+graph.
 ``python fp8_bench.py`` times the kernel against torch's bf16 matmul and cuBLAS's blockwise FP8; ``fp8_teaching/``
 shows, step by step, how such a kernel is built.
 """
+import functools
 import math
 import os
 import sys
@@ -340,6 +343,21 @@ def fp8_gemm(a, a_scale, b, b_scale, out_dtype=torch.bfloat16) -> torch.Tensor:
 # that would split the graph. Each operator runs the kernel where it can and its reference elsewhere (CPU: so that
 # torch.library.opcheck can test the operators there). Validation stays in the Python functions above; the
 # operators take and return plain tensors and do the layout work that needs real memory (alignment, padding).
+def fp8_operator(name: str):
+    """Decorator: fn becomes the custom operator v3fp8::<name> (`.op`; its fake implementation is registered with
+    `.register_fake`). The function it returns calls the operator while torch.compile traces, so that the graph
+    holds one opaque node, and fn itself otherwise: in eager mode an operator call only adds dispatch time."""
+    def register(fn):
+        op = torch.library.custom_op(f"v3fp8::{name}", fn, mutates_args=())
+
+        @functools.wraps(fn)
+        def call(*args):
+            return op(*args) if torch.compiler.is_compiling() else fn(*args)
+        call.op, call.register_fake = op, op.register_fake
+        return call
+    return register
+
+
 def _mmajor_buffer(scale: torch.Tensor) -> torch.Tensor:
     """The zero-padded (K/128, ld) buffer of which mmajor_scales(scale) is a view."""
     M, kb = scale.shape
@@ -348,7 +366,7 @@ def _mmajor_buffer(scale: torch.Tensor) -> torch.Tensor:
     return buf
 
 
-@torch.library.custom_op("v3fp8::quant_rows", mutates_args=())
+@fp8_operator("quant_rows")
 def _quant_rows(x: torch.Tensor, mmajor: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """quantize_act's 1×128 tiles → (q, scales (..., K/128)), or with mmajor the (K/128, ld) scale buffer."""
     if not _fused_quant_ok(x):                                         # outputs contiguous, as the fake's
@@ -377,7 +395,7 @@ def _(x, mmajor):
     return x.new_empty(x.shape, dtype=FP8), x.new_empty(shape, dtype=torch.float32)
 
 
-@torch.library.custom_op("v3fp8::quant_cols", mutates_args=())
+@fp8_operator("quant_cols")
 def _quant_cols(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """quantize_act_t for x (R, C), R > 0: (q (C, R'), scale (C, R'/128)), R' = R rounded up to 128."""
     R, C = x.shape
@@ -398,7 +416,7 @@ def _(x):
     return x.new_empty(x.shape[1], R_pad, dtype=FP8), x.new_empty(x.shape[1], R_pad // BLOCK, dtype=torch.float32)
 
 
-@torch.library.custom_op("v3fp8::quant_blocks", mutates_args=())
+@fp8_operator("quant_blocks")
 def _quant_blocks(w: torch.Tensor, transpose: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """quantize_weight's (w_fp8, scale, w_t); w_t is an empty tensor unless transpose."""
     if not _fused_quant_ok(w):
@@ -427,7 +445,7 @@ def _(w, transpose):
     return w.new_empty(w.shape, dtype=FP8), w.new_empty(*lead, nb, kb, dtype=torch.float32), w_t
 
 
-@torch.library.custom_op("v3fp8::gemm", mutates_args=())
+@fp8_operator("gemm")
 def _gemm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
           out_dtype: torch.dtype) -> torch.Tensor:
     """fp8_gemm on validated operands."""

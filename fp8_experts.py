@@ -35,7 +35,8 @@ import torch
 import torch.nn.functional as F
 
 from fp8 import (ACT_CACHES, BLOCK, FP8, check_gemm_operands, compute_dtype, dequantize_act, fp8_gemm_ref,
-                 load_kernel, quantize_act, quantize_act_t, quantize_e5m6, quantize_weight, say_once, why_no_kernel)
+                 fp8_operator, load_kernel, quantize_act, quantize_act_t, quantize_e5m6, quantize_weight, say_once,
+                 why_no_kernel)
 
 
 # ---------------------------------------------------------------- grouped GEMM (routed experts)
@@ -85,7 +86,7 @@ def fp8_gemm_grouped(a, a_scale, b, b_scale, groups, out_dtype=torch.bfloat16) -
 
 # The grouped kernels as torch.library operators, like fp8.py's (see there): the kernel where it runs, the
 # reference elsewhere; validation stays in the Python functions.
-@torch.library.custom_op("v3fp8::gemm_grouped", mutates_args=())
+@fp8_operator("gemm_grouped")
 def _gemm_grouped(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
                   groups: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
     """fp8_gemm_grouped on validated operands."""
@@ -151,11 +152,13 @@ def fp8_gemm_kgrouped(a, a_scale, b, b_scale, sizes, out_dtype=torch.bfloat16) -
     whose outputs stay 0."""
     if a.shape[1]:                                                     # no tokens at all: zero gradients
         check_gemm_operands(a, a_scale, b, b_scale)
+        if not torch.is_tensor(sizes):                                 # a list is checked here, on the host
+            _check_kgrouped(a, a_scale, b, b_scale, sizes)
     sizes = sizes if torch.is_tensor(sizes) else torch.tensor(sizes, dtype=torch.long, device=a.device)
     return _gemm_kgrouped(a, a_scale, b, b_scale, sizes, out_dtype)
 
 
-@torch.library.custom_op("v3fp8::gemm_kgrouped", mutates_args=())
+@fp8_operator("gemm_kgrouped")
 def _gemm_kgrouped(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
                    sizes: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
     """fp8_gemm_kgrouped with sizes a tensor."""

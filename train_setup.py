@@ -345,9 +345,9 @@ def build(args, cfg, device, linear, corpus, ckpt, ckpt_path, layout=None) -> Ru
 
 def default_compile(args, device: torch.device) -> bool:
     """--compile when it is not given: on for one CUDA process, where the compiled step ran 1.3-1.9x the eager
-    one's tokens/s in bf16 and 1.5x with --fp8 (BENCHMARKS.md, "the default step"; the FP8 kernels are
-    torch.library operators, so they do not split the graph); off on the CPU and MPS (compiling takes longer than
-    the tiny preset's whole run) and under torchrun (not supported yet)."""
+    one's tokens/s in bf16 and 1.5x with --fp8 (BENCHMARKS.md, "the default step" and "--fp8 compiled as one
+    graph": the FP8 kernels are torch.library operators, so they do not split the graph); off on the CPU and MPS
+    (compiling takes longer than the tiny preset's whole run) and under torchrun (not supported yet)."""
     return device.type == "cuda" and not parallel.under_torchrun()
 
 

@@ -1,7 +1,9 @@
 """Tests of the FP8 kernels as PyTorch operators (torch.library custom ops in fp8.py and fp8_experts.py): each
-passes torch.library.opcheck (schema, fake implementation against the real one, autograd registration, AOT
-tracing), on the CPU (where the operators run the references) and on a Hopper GPU (the kernels); and a compiled
-FP8Linear, expert FFN and whole FP8 model are one graph with the eager values."""
+passes torch.library.opcheck (schema, the fake implementation against the real one, AOT tracing), on the CPU
+(where the operators run the references) and on a Hopper GPU (the kernels); a compiled FP8Linear, expert FFN and
+whole FP8 model are one graph that calls the operators, with the eager values; eager mode calls the functions
+behind the operators directly. (The operators have no autograd formula, and opcheck's autograd test is not run:
+they are called inside FP8Linear's and the experts' autograd functions, whose backward calls them again.)"""
 import pytest
 import torch
 
@@ -9,6 +11,8 @@ import fp8
 import fp8_experts
 
 FP8 = torch.float8_e4m3fn
+LINEAR_OPS = ("quant_rows", "quant_blocks", "gemm", "quant_cols")         # FP8Linear's forward and backward
+EXPERT_OPS = ("quant_rows", "quant_blocks", "gemm_grouped", "quant_cols", "gemm_kgrouped")  # fp8_expert_ffn's
 hopper = pytest.mark.skipif(not (torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)),
                             reason="needs a Hopper (sm_90) GPU")
 
@@ -33,18 +37,18 @@ def _op_samples(device):
     kq, ks = fp8.quantize_act_t(torch.randn(384, 256, generator=g, device=device))   # (256, 384) along tokens
     sizes = torch.tensor([128, 0, 256], device=device)
     return [
-        ("quant_rows", fp8._quant_rows, (x, False)),
-        ("quant_rows 3-D bf16", fp8._quant_rows, (x.bfloat16().reshape(2, 100, 256), False)),
-        ("quant_rows mmajor", fp8._quant_rows, (x, True)),
-        ("quant_cols", fp8._quant_cols, (x,)),
-        ("quant_blocks", fp8._quant_blocks, (w, False)),
-        ("quant_blocks transpose", fp8._quant_blocks, (w, True)),
-        ("quant_blocks experts", fp8._quant_blocks, (e_w, True)),
-        ("gemm", fp8._gemm, (xq, xs, wq, ws, torch.bfloat16)),
-        ("gemm fp32 out", fp8._gemm, (xq, fp8.mmajor_scales(xs), wq, ws, torch.float32)),
-        ("gemm rowwise", fp8._gemm, (tq, ts, tq[:136], ts[:136], torch.float32)),
-        ("gemm_grouped", fp8_experts._gemm_grouped, (apq, aps, ewq, ews, groups, torch.bfloat16)),
-        ("gemm_kgrouped", fp8_experts._gemm_kgrouped, (kq, ks, kq[:128], ks[:128], sizes, torch.float32)),
+        ("quant_rows", fp8._quant_rows.op, (x, False)),
+        ("quant_rows 3-D bf16", fp8._quant_rows.op, (x.bfloat16().reshape(2, 100, 256), False)),
+        ("quant_rows mmajor", fp8._quant_rows.op, (x, True)),
+        ("quant_cols", fp8._quant_cols.op, (x,)),
+        ("quant_blocks", fp8._quant_blocks.op, (w, False)),
+        ("quant_blocks transpose", fp8._quant_blocks.op, (w, True)),
+        ("quant_blocks experts", fp8._quant_blocks.op, (e_w, True)),
+        ("gemm", fp8._gemm.op, (xq, xs, wq, ws, torch.bfloat16)),
+        ("gemm fp32 out", fp8._gemm.op, (xq, fp8.mmajor_scales(xs), wq, ws, torch.float32)),
+        ("gemm rowwise", fp8._gemm.op, (tq, ts, tq[:136], ts[:136], torch.float32)),
+        ("gemm_grouped", fp8_experts._gemm_grouped.op, (apq, aps, ewq, ews, groups, torch.bfloat16)),
+        ("gemm_kgrouped", fp8_experts._gemm_kgrouped.op, (kq, ks, kq[:128], ks[:128], sizes, torch.float32)),
     ]
 
 
@@ -53,7 +57,7 @@ def _opcheck_all(device):
         fp8_inputs = any(torch.is_tensor(a) and a.dtype == FP8 for a in args)
         # opcheck's schema test compares inputs before and after with arithmetic that float8 does not have; for
         # the GEMMs the same check (no input changed, no output aliasing one) is done on their bytes below.
-        tests = ("test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
+        tests = ("test_faketensor", "test_aot_dispatch_dynamic")
         result = torch.library.opcheck(op, args, test_utils=tests if fp8_inputs else ("test_schema", *tests))
         assert all(v == "SUCCESS" for v in result.values()), (name, result)
         before = [a.clone() for a in args if torch.is_tensor(a)]
@@ -77,6 +81,11 @@ def test_operators_pass_opcheck_on_cpu():
 def test_operators_pass_opcheck_on_gpu():
     assert fp8.load_kernel() is not None, fp8.why_no_kernel()
     _opcheck_all("cuda")
+    # a list of segment sizes is checked on the host before it goes to the GPU (where the kernel cannot check it)
+    kq, ks = fp8.quantize_act_t(torch.randn(256, 256, device="cuda"))
+    for bad in ([100, 28, 128], [128, 256]):                           # not multiples of 128; more rows than K
+        with pytest.raises(ValueError, match="segment sizes"):
+            fp8_experts.fp8_gemm_kgrouped(kq, ks, kq[:128], ks[:128], bad)
 
 
 def _grads(fn, tensors):
@@ -87,15 +96,28 @@ def _grads(fn, tensors):
     return [y.detach()] + [t.grad for t in tensors]
 
 
-def _compiled_equals_eager(fn, tensors, backend, exact, exact_output=False):
-    """exact: every value bit for bit; else the output bit for bit if exact_output, and the rest within 1e-4
+def _recording(backend, ops):
+    """A torch.compile backend that adds the v3fp8 operators of each graph dynamo hands over (and of its
+    subgraphs: the autograd functions' forward and backward) to `ops`, then compiles it with `backend`."""
+    def compile_graph(gm, example_inputs):
+        ops.update(str(n.target) for m in gm.modules() if isinstance(m, torch.fx.GraphModule)
+                   for n in m.graph.nodes if "v3fp8" in str(n.target))
+        return torch._dynamo.lookup_backend(backend)(gm, example_inputs)
+    return compile_graph
+
+
+def _compiled_equals_eager(fn, tensors, backend, exact, exact_output=False, ops=()):
+    """fn compiled with fullgraph (a graph break is an error), its forward and backward calling the operators `ops`.
+    exact: every value bit for bit; else the output bit for bit if exact_output, and the rest within 1e-4
     (calc_diff): inductor's elementwise code (bias gradient sum, SiLU) rounds differently before the FP8 kernels;
     FP8's own error against fp32 is ~1e-3 here."""
     torch._dynamo.reset()
     want = _grads(fn, tensors)
-    compiled = torch.compile(fn, fullgraph=True, backend=backend)  # fullgraph: a graph break is an error
+    seen = set()
+    compiled = torch.compile(fn, fullgraph=True, backend=_recording(backend, seen))
     for _ in range(2):                                              # the first trace, then the cached graph
         got = _grads(compiled, tensors)
+        assert seen >= {f"v3fp8.{op}.default" for op in ops}, seen
         for i, (a, b) in enumerate(zip(got, want)):
             if exact or (exact_output and i == 0):
                 assert torch.equal(a, b), i
@@ -114,7 +136,8 @@ def test_compiled_fp8_linear_is_one_graph_with_the_eager_values(act_cache):
     def fn(x, w, b):
         with torch.autocast("cpu", dtype=torch.bfloat16):
             return torch.func.functional_call(lin, {"weight": w, "bias": b}, (x,)).float()
-    _compiled_equals_eager(fn, [x, lin.weight, lin.bias], "aot_eager", exact=True)
+    _compiled_equals_eager(fn, [x, lin.weight, lin.bias], "aot_eager", exact=True,
+                           ops=LINEAR_OPS)
 
 
 @pytest.mark.parametrize("act_cache", fp8.ACT_CACHES)
@@ -129,7 +152,21 @@ def test_compiled_fp8_expert_ffn_is_one_graph_with_the_eager_values(act_cache):
 
     def fn(x, w1, w3, w2):
         return fp8_experts.fp8_expert_ffn(x, w1, w3, w2, [10, 0, 25, 5], act_cache)
-    _compiled_equals_eager(fn, [x, w1, w3, w2], "aot_eager", exact=True)
+    _compiled_equals_eager(fn, [x, w1, w3, w2], "aot_eager", exact=True,
+                           ops=EXPERT_OPS)
+
+
+def test_eager_mode_calls_the_functions_not_the_operators():
+    """Outside torch.compile FP8Linear calls the functions behind the operators (an operator call would only add
+    dispatch time); the profiler sees an operator call where there is one."""
+    lin = fp8.FP8Linear(256, 128)
+    x = torch.randn(40, 256, requires_grad=True)
+    with torch.profiler.profile() as prof:
+        lin(x).sum().backward()
+    assert not [e.name for e in prof.events() if "v3fp8" in e.name]
+    with torch.profiler.profile() as prof:
+        fp8._quant_rows.op(x.detach(), False)
+    assert "v3fp8::quant_rows" in {e.name for e in prof.events()}
 
 
 def _fp8_model(device):
@@ -147,19 +184,22 @@ def _fp8_model(device):
 
 def _model_graphs_and_values(device, backend):
     """A whole FP8 model (MLA, dense FFN, MoE with FP8 experts, MTP) under bf16 autocast: dynamo's graph and break
-    counts, and the eager and compiled training objective and gradients."""
+    counts, the v3fp8 operators the compiled graphs call, and the eager and compiled training objective and
+    gradients."""
     model, idx, tgt = _fp8_model(device)
     torch._dynamo.reset()
+    seen = set()
     with torch.autocast(device, dtype=torch.bfloat16):
         explained = torch._dynamo.explain(model)(idx, tgt)
         out = []
-        for fwd in (model, torch.compile(model, backend=backend)):
+        for fwd in (model, torch.compile(model, backend=_recording(backend, seen))):
             model.zero_grad(set_to_none=True)
             _, losses = fwd(idx, tgt)
             loss = losses["main"] + 0.3 * losses["mtp"] + 1e-4 * losses["balance"]
             loss.backward()
             out.append((loss.detach().float(), {n: p.grad.float() for n, p in model.named_parameters()
                                                  if p.grad is not None}))
+    assert seen >= {f"v3fp8.{op}.default" for op in LINEAR_OPS + EXPERT_OPS}, seen
     return explained, out
 
 
@@ -203,7 +243,7 @@ def test_compiled_fp8_linear_and_experts_on_gpu(act_cache):
         with torch.autocast("cuda", dtype=torch.bfloat16):
             return torch.func.functional_call(lin, {"weight": w, "bias": b}, (x,)).float()
     _compiled_equals_eager(lin_fn, [torch.randn(3, 300, 512, device="cuda"), lin.weight, lin.bias], "inductor",
-                           exact=False, exact_output=True)
+                           exact=False, exact_output=True, ops=LINEAR_OPS)
     g = torch.Generator("cuda").manual_seed(0)
     E, dim, inter = 8, 512, 256
     w1, w3 = (torch.randn(E, inter, dim, generator=g, device="cuda") / 22 for _ in range(2))
@@ -213,4 +253,4 @@ def test_compiled_fp8_linear_and_experts_on_gpu(act_cache):
     def ffn(x, w1, w3, w2):
         return fp8_experts.fp8_expert_ffn(x, w1, w3, w2, counts, act_cache).float()
     _compiled_equals_eager(ffn, [torch.randn(1000, dim, device="cuda").bfloat16(), w1, w3, w2], "inductor",
-                           exact=False)
+                           exact=False, ops=EXPERT_OPS)
