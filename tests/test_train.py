@@ -232,6 +232,19 @@ def test_bench_writes_nothing(tmp_path, corpus_args, capsys):
     assert "tokens/s" in capsys.readouterr().out and not os.path.exists(tmp_path / "b")
 
 
+def test_profile_step_runs_on_the_cpu_and_refuses_bad_input(corpus_args, capsys):
+    """profile_step.py (a GPU tool) runs train.py's step functions on a CPU too: the tokens/s line, then the
+    profile line and table; a bad option gets one line and exit code 2."""
+    import profile_step
+    argv = [*corpus_args, *TINY_ARGS, "--batch_size", "4", "--block_size", "16", "--device", "cpu", "--max_iters", "2"]
+    assert profile_step.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "RESULT tiny fp32: 2 steps of 64 tokens |" in out and "PROFILE tiny fp32: step" in out
+    assert profile_step.main([*argv, "--fp8"]) == 2                      # FP8 needs a Hopper GPU
+    err = capsys.readouterr().err
+    assert err.startswith("error: --fp8 needs a Hopper GPU") and err.count("\n") == 1
+
+
 def test_resume_mismatch_is_refused(tmp_path, corpus_args, capsys):
     assert run(tmp_path, corpus_args, "--max_iters", "1") == 0
     assert train.main(["--out_dir", str(tmp_path), "--resume", "--dim", "64"]) == 2
