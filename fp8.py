@@ -429,7 +429,7 @@ def _quant_blocks(w: torch.Tensor, transpose: bool) -> tuple[torch.Tensor, torch
     nb, kb = -(-N // BLOCK), -(-K // BLOCK)
     q = torch.empty(w3.shape, dtype=FP8, device=w.device)
     scale = torch.empty(E, nb, kb, dtype=torch.float32, device=w.device)
-    w_t = torch.empty(E, K, nb * BLOCK if transpose else 0, dtype=FP8, device=w.device)
+    w_t = torch.empty(E, K, nb * BLOCK, dtype=FP8, device=w.device) if transpose else None
     with torch.cuda.device(w.device):
         _EXT.quant_blocks(w3, q.view(torch.uint8), w_t.view(torch.uint8) if transpose else None, scale)
     lead = w.shape[:-2]                                                # () or (E,)

@@ -110,8 +110,8 @@ def _(a, a_scale, b, b_scale, groups, out_dtype):
 def _check_kgrouped(a, a_scale, b, b_scale, sizes):
     if not check_gemm_operands(a, a_scale, b, b_scale):
         raise ValueError("fp8_gemm_kgrouped: b_scale must hold 1×128 tiles along K, (N, K/128)")
-    if torch.is_tensor(sizes) and sizes.is_cuda:                       # not read: the host would wait for the GPU
-        return
+    if torch.is_tensor(sizes) and (sizes.is_cuda or torch.compiler.is_compiling()):
+        return                             # not read: the host would wait for the GPU / not known while tracing
     sizes = sizes.tolist() if torch.is_tensor(sizes) else sizes
     if any(n % BLOCK for n in sizes) or sum(sizes) > a.shape[1]:
         raise ValueError(f"fp8_gemm_kgrouped: segment sizes must be multiples of {BLOCK} summing to at most "
@@ -151,9 +151,7 @@ def fp8_gemm_kgrouped(a, a_scale, b, b_scale, sizes, out_dtype=torch.bfloat16) -
     operator v3fp8::gemm_kgrouped). sizes on the GPU stay there (k_groups): the kernel skips the empty segments,
     whose outputs stay 0."""
     if a.shape[1]:                                                     # no tokens at all: zero gradients
-        check_gemm_operands(a, a_scale, b, b_scale)
-        if not torch.is_tensor(sizes):                                 # a list is checked here, on the host
-            _check_kgrouped(a, a_scale, b, b_scale, sizes)
+        _check_kgrouped(a, a_scale, b, b_scale, sizes)                 # a list's sizes too, on the host
     sizes = sizes if torch.is_tensor(sizes) else torch.tensor(sizes, dtype=torch.long, device=a.device)
     return _gemm_kgrouped(a, a_scale, b, b_scale, sizes, out_dtype)
 
@@ -169,7 +167,6 @@ def _gemm_kgrouped(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_sc
             say_once(f"{why_no_kernel() or f'M = {M} (not a multiple of 128) or N = {N} (not of 8)'}; "
                      f"using the PyTorch reference K-grouped GEMM (slow)")
         return fp8_gemm_kgrouped_ref(a, a_scale, b, b_scale, sizes, out_dtype)
-    _check_kgrouped(a, a_scale, b, b_scale, sizes)
     E = len(sizes)
     out = torch.zeros(E * M, N, dtype=torch.float32, device=a.device)                     # idle experts stay 0
     sbt = F.pad(b_scale.t(), (0, -N % BLOCK)).contiguous()                                 # (K/128, N')
