@@ -31,6 +31,7 @@ graph.
 ``python fp8_bench.py`` times the kernel against torch's bf16 matmul and cuBLAS's blockwise FP8; ``fp8_teaching/``
 shows, step by step, how such a kernel is built.
 """
+import contextlib
 import functools
 import math
 import os
@@ -84,8 +85,9 @@ def quantize_act(x: torch.Tensor, pow2_scale: bool = False, mmajor: bool = False
 
     On Hopper the fused kernel of fp8_quant.cu does it in one pass (the operator v3fp8::quant_rows), compiled or
     not; quantize_act_ref is the reference. (Letting inductor compile the reference's ops inside the graph, fused
-    with the op that produced x, ran `small` a few % faster on an H200 but did not give the kernel's values: see
-    BENCHMARKS.md.) mmajor (x 2-D): the same scales laid out as `mmajor_scales` lays them, which fp8_gemm then
+    with the op that produced x, ran `small` a few % faster on an H200 but did not give the kernel's values:
+    Triton divides fp32 approximately unless inductor's eager_numerics.division_rounding is set, and a fused
+    producer's result is quantized before it is rounded to bf16; BENCHMARKS.md.) mmajor (x 2-D): the same scales laid out as `mmajor_scales` lays them, which fp8_gemm then
     uses as they are."""
     _check_act(x)
     if mmajor and x.dim() != 2:
@@ -484,11 +486,13 @@ class _FP8LinearFn(torch.autograd.Function):
     """Y = X·Wᵀ (+ b) with Fprop, Dgrad and Wgrad in FP8 (report §3.3, Figure 6)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, act_cache="bf16"):
+    def forward(ctx, x, weight, bias, act_cache="bf16", wq=None, ws=None, wq_t=None):
         out_dtype = compute_dtype(x)
         x2 = x.reshape(-1, x.shape[-1])                            # (T, K)
         xq, xs = quantize_act(x2, mmajor=True)                     # 1×128 tiles along K, scales as the kernel wants
-        if ctx.needs_input_grad[0]:  # 128×128 blocks, and Wᵀ for Dgrad (N padded to N'↑128) in the same pass
+        if wq is not None:           # quantized once for this optimizer step (weights_quantized_once)
+            wq_t = wq_t if ctx.needs_input_grad[0] else None
+        elif ctx.needs_input_grad[0]:  # 128×128 blocks, and Wᵀ for Dgrad (N padded to N'↑128) in the same pass
             wq, ws, wq_t = quantize_weight(weight, transpose=True)    # (N, K), (N/128, K/128), (K, N')
         else:                        # no dX wanted (inference, or an input without grad): no Wᵀ
             (wq, ws), wq_t = quantize_weight(weight), None
@@ -531,7 +535,7 @@ class _FP8LinearFn(torch.autograd.Function):
         dw = (fp8_gemm(dytq, dyts, xtq, xts, w_dtype) if dy2.shape[0]  # (N, K)
               else torch.zeros(dy2.shape[1], x2.shape[1], dtype=w_dtype, device=dy.device))  # no tokens
         db = dy2.float().sum(0) if has_bias else None
-        return dx, dw, db, None
+        return dx, dw, db, None, None, None, None
 
 
 ACT_CACHES = ("bf16", "fp8", "e5m6")
@@ -541,8 +545,9 @@ class FP8Linear(nn.Module):
     """Drop-in for nn.Linear(in_features, out_features, bias=False) whose three GEMMs run in FP8.
 
     Master weight (and bias) are FP32 parameters named like nn.Linear's; they are re-quantized (online amax)
-    on every forward. in_features must be a multiple of 128 (the forward contracts over it in whole 1×128
-    tiles); out_features may be any size (the last 128×128 weight block is partial, like V3's 576-row wkv_a).
+    on every forward, or once per optimizer step inside `weights_quantized_once` (`quantized`). in_features must
+    be a multiple of 128 (the forward contracts over it in whole 1×128 tiles); out_features may be any size (the
+    last 128×128 weight block is partial, like V3's 576-row wkv_a).
     Output dtype as nn.Linear's (the autocast dtype under autocast, else the input dtype; fp32 on CPU).
 
     act_cache (class attribute, or set per layer): what the layer keeps of its input for Wgrad. "bf16" keeps the
@@ -551,6 +556,7 @@ class FP8Linear(nn.Module):
     re-quantizes the dequantized values in 128×1 tiles along tokens, a second rounding."""
 
     act_cache = "bf16"
+    quantized = None  # (w_fp8, scale, w_t) of the weight, set by weights_quantized_once; None: quantize per call
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False, device=None, dtype=None):
         super().__init__()
@@ -576,12 +582,39 @@ class FP8Linear(nn.Module):
             raise ValueError(f"FP8Linear: input last dim {x.shape[-1]} != in_features {self.in_features}")
         if self.act_cache not in ACT_CACHES:
             raise ValueError(f"FP8Linear: act_cache={self.act_cache!r}, expected one of {ACT_CACHES}")
-        return _FP8LinearFn.apply(x, self.weight, self.bias, self.act_cache)
+        return _FP8LinearFn.apply(x, self.weight, self.bias, self.act_cache, *(self.quantized or ()))
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"act_cache={self.act_cache}")
 
+
+@contextlib.contextmanager
+def weights_quantized_once(model: nn.Module):
+    """Quantize each FP8 weight of `model` once for all the passes inside the block: the micro-batches of one
+    optimizer step, between which the weights do not change.
+
+    Outside such a block an FP8 layer quantizes its weight (128×128 blocks, and Wᵀ for Dgrad) in every forward, so
+    M micro-batches of gradient accumulation pass M times over every weight to get the same bits. Inside, the
+    FP8Linear layers and the FP8 routed experts (moe.Experts with an `ffn`) use what was quantized on entering
+    (their `quantized` attribute): the same values, one pass. The weights must stay as they are inside the block
+    (the optimizer step comes after it): leaving it checks their version counters and raises if one changed.
+    One process only: sharded weights (FSDP, expert parallelism) are gathered per forward and are not handled."""
+    held = [(m, (m.weight,)) for m in model.modules() if isinstance(m, FP8Linear)]
+    held += [(m, (m.w1, m.w3, m.w2)) for m in model.modules()
+             if hasattr(m, "quantized") and getattr(m, "ffn", None) is not None]
+    versions = [(w, w._version) for _, ws in held for w in ws]
+    with torch.no_grad():
+        for m, ws in held:                  # (w_fp8, scale, w_t) of each weight, flat: 3 tensors per weight
+            m.quantized = tuple(t for w in ws for t in quantize_weight(w, transpose=True))
+    try:
+        yield
+    finally:
+        for m, _ in held:
+            m.quantized = None
+    if any(w._version != v for w, v in versions):
+        raise RuntimeError("weights_quantized_once: a weight changed inside the block, where its FP8 copy was "
+                           "quantized once; step the optimizer outside the block")
 
 
 # ---------------------------------------------------------------- demo: `python fp8.py` (CPU, seconds)

@@ -345,14 +345,18 @@ class _FP8ExpertFFNFn(torch.autograd.Function):
     those tiles and each expert's K range of the K-grouped Wgrad ends before them."""
 
     @staticmethod
-    def forward(ctx, x, w1, w3, w2, counts, act_cache, backward):
+    def forward(ctx, x, w1, w3, w2, counts, act_cache, backward, *quantized):
         dtype = compute_dtype(x)
         dst, groups, padded = tile_layout(counts, x.shape[0])
         xp = _padded(x, dst, groups)                                       # (T·128, dim)
         xq, xs = quantize_act(xp)
-        q1, s1, *q1t = quantize_weight(w1, transpose=backward)           # (E, inter, dim), ·, [(E, dim, inter)]
-        q3, s3, *q3t = quantize_weight(w3, transpose=backward)
-        q2, s2, *q2t = quantize_weight(w2, transpose=backward)           # (E, dim, inter), ·, [(E, inter, dim)]
+        if quantized:                # quantized once for this optimizer step (fp8.weights_quantized_once)
+            q1, s1, q1t, q3, s3, q3t, q2, s2, q2t = quantized
+            q1t, q3t, q2t = ([q1t], [q3t], [q2t]) if backward else ([], [], [])
+        else:
+            q1, s1, *q1t = quantize_weight(w1, transpose=backward)       # (E, inter, dim), ·, [(E, dim, inter)]
+            q3, s3, *q3t = quantize_weight(w3, transpose=backward)
+            q2, s2, *q2t = quantize_weight(w2, transpose=backward)       # (E, dim, inter), ·, [(E, inter, dim)]
         a = fp8_gemm_grouped(xq, xs, q1, s1, groups, dtype)                # (T·128, inter)
         b = fp8_gemm_grouped(xq, xs, q3, s3, groups, dtype)                # (T·128, inter)
         hq, hs = quantize_act(F.silu(a) * b)
@@ -361,6 +365,7 @@ class _FP8ExpertFFNFn(torch.autograd.Function):
             kept = _keep(a, b, act_cache)
             ctx.save_for_backward(xp, *q1t, s1, *q3t, s3, *q2t, s2, dst, groups, padded, *kept)
         ctx.meta = (act_cache, dtype, x.dtype, (w1.dtype, w3.dtype, w2.dtype))
+        ctx.n_quantized = len(quantized)
         return y
 
     @staticmethod
@@ -379,7 +384,7 @@ class _FP8ExpertFFNFn(torch.autograd.Function):
         dx += _dgrad(db, q3t, s3, groups, x_dtype)                         # in place: one buffer fewer
         xt = quantize_act_t(xp)                                            # once for both Wgrads
         dw1, dw3 = _wgrad(da, xt, padded, w1_dtype), _wgrad(db, xt, padded, w3_dtype)
-        return dx.index_select(0, dst), dw1, dw3, dw2, None, None, None
+        return (dx.index_select(0, dst), dw1, dw3, dw2, None, None, None) + (None,) * ctx.n_quantized
 
 
 def _segment_counts(sizes, M: int, n_experts: int, device, fits: bool, operands: str) -> torch.Tensor:
@@ -426,11 +431,13 @@ def fp8_segment_mm(x: torch.Tensor, w: torch.Tensor, sizes) -> torch.Tensor:
 
 
 def fp8_expert_ffn(x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor, sizes,
-                   act_cache: str = "bf16") -> torch.Tensor:
+                   act_cache: str = "bf16", quantized=None) -> torch.Tensor:
     """The routed experts' SwiGLU FFN in FP8, (SiLU(x·w1[e]ᵀ) ⊙ x·w3[e]ᵀ)·w2[e]ᵀ per segment of rows, for x (M, dim),
     w1 and w3 (E, inter, dim), w2 (E, dim, inter) → (M, dim); A = x·w1ᵀ and B = x·w3ᵀ kept for the backward pass
     as `act_cache` says. The fast twin of fp8_swiglu_down(fp8_segment_mm(x, w1), fp8_segment_mm(x, w3), w2)
-    (see _FP8ExpertFFNFn). sizes: a list, or a 1-D integer tensor on x's device."""
+    (see _FP8ExpertFFNFn). sizes: a list, or a 1-D integer tensor on x's device. quantized: None (the weights are
+    quantized here), or quantize_weight(w, transpose=True) of w1, w3 and w2 in one flat tuple of 9 tensors, made
+    once per optimizer step by fp8.weights_quantized_once."""
     if act_cache not in ACT_CACHES:
         raise ValueError(f"fp8_expert_ffn: act_cache={act_cache!r}, expected one of {ACT_CACHES}")
     fits = (x.dim() == 2 and w1.dim() == 3 and w1.shape == w3.shape and x.shape[1] == w1.shape[2]
@@ -440,7 +447,7 @@ def fp8_expert_ffn(x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torc
                              f"w2 {tuple(w2.shape)}")
     # No gradient wanted (evaluation, torch.no_grad): no Wᵀ and nothing kept for a backward pass that never runs.
     backward = torch.is_grad_enabled() and any(t.requires_grad for t in (x, w1, w3, w2))
-    return _FP8ExpertFFNFn.apply(x, w1, w3, w2, counts, act_cache, backward)
+    return _FP8ExpertFFNFn.apply(x, w1, w3, w2, counts, act_cache, backward, *(quantized or ()))
 
 
 class FP8Experts:

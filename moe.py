@@ -221,6 +221,7 @@ class Experts(nn.Module):
     reference (`expert`) always runs in high precision."""
 
     act_cache = "bf16"  # with ffn: how the SwiGLU inputs are kept ("bf16", "fp8" or "e5m6")
+    quantized = None  # with ffn: the weights as ffn quantizes them, made once per step by fp8.weights_quantized_once
 
     def __init__(self, n_experts: int, dim: int, inter_dim: int, init_std: float, mm=None, ffn=None):
         super().__init__()
@@ -242,7 +243,7 @@ class Experts(nn.Module):
         mm = self.mm or (lambda a, w, n: segment_mm(a, w, n, impl))
         w1, w2, w3 = (local(w) for w in (self.w1, self.w2, self.w3))  # this rank's experts under ep
         if self.ffn is not None:
-            return self.ffn(x, w1, w3, w2, sizes, self.act_cache)
+            return self.ffn(x, w1, w3, w2, sizes, self.act_cache, self.quantized)
         h = F.silu(mm(x, w1, sizes)) * mm(x, w3, sizes)  # (M, inter)
         return mm(h, w2, sizes)  # (M, dim)
 

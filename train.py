@@ -346,6 +346,15 @@ def evaluate_and_log(run: Run, log) -> dict:
 
 
 # -- one optimizer step ----------------------------------------------------------------------------------------
+def fp8_weights_once(run: Run):
+    """With --fp8 on one process: every FP8 weight quantized once for the step's micro-batches, not once per
+    micro-batch (fp8.weights_quantized_once; the same bits). Otherwise nothing."""
+    if not run.args.fp8 or run.layout.distributed:
+        return contextlib.nullcontext()
+    import fp8
+    return fp8.weights_quantized_once(run.model)
+
+
 def forward_backward(run: Run) -> dict:
     """Gradients of one optimizer step, accumulated over grad_accum micro-batches; returns the mean losses."""
     args = run.args
@@ -361,16 +370,17 @@ def forward_backward(run: Run) -> dict:
         losses["loss"] = total_loss(losses, args)
         sums = {k: losses[k].float().to(run.device) for k in sums}
     else:
-        for micro in range(args.grad_accum):
-            x, y = run.batch("train", run.gen)  # (B, T) each
-            parallel.set_gradient_sync(run.model, micro == args.grad_accum - 1)  # under FSDP: one sync per step
-            with run.autocast:
-                _, losses = run.fwd(x, y)
-            loss = total_loss(losses, args)
-            (loss / args.grad_accum).backward()
-            losses["loss"] = loss
-            for k in sums:
-                sums[k] += losses[k].detach().float() / args.grad_accum
+        with fp8_weights_once(run):
+            for micro in range(args.grad_accum):
+                x, y = run.batch("train", run.gen)  # (B, T) each
+                parallel.set_gradient_sync(run.model, micro == args.grad_accum - 1)  # under FSDP: one sync per step
+                with run.autocast:
+                    _, losses = run.fwd(x, y)
+                loss = total_loss(losses, args)
+                (loss / args.grad_accum).backward()
+                losses["loss"] = loss
+                for k in sums:
+                    sums[k] += losses[k].detach().float() / args.grad_accum
     clip = args.grad_clip if args.grad_clip > 0 else float("inf")  # inf: measure the norm, never clip
     if run.layout.pp > 1:
         sums = parallel.mean_over_dp(sums, run.layout)

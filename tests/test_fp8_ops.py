@@ -108,9 +108,10 @@ def _recording(backend, ops):
 
 def _compiled_equals_eager(fn, tensors, backend, exact, exact_output=False, ops=()):
     """fn compiled with fullgraph (a graph break is an error), its forward and backward calling the operators `ops`.
-    exact: every value bit for bit; else the output bit for bit if exact_output, and the rest within 1e-4
-    (calc_diff): inductor's elementwise code (bias gradient sum, SiLU) rounds differently before the FP8 kernels;
-    FP8's own error against fp32 is ~1e-3 here."""
+    exact: every value bit for bit; else the output bit for bit if exact_output, and the rest within 3e-4
+    (calc_diff): inductor's elementwise code (bias gradient sum, SiLU) rounds differently before the FP8 kernels,
+    and one bf16 step of difference can move a value to the next E4M3 step (1.1e-4 seen on an H200 for the
+    expert FFN's dx); FP8's own error against fp32 is ~1e-3 here."""
     torch._dynamo.reset()
     want = _grads(fn, tensors)
     seen = set()
@@ -122,7 +123,7 @@ def _compiled_equals_eager(fn, tensors, backend, exact, exact_output=False, ops=
             if exact or (exact_output and i == 0):
                 assert torch.equal(a, b), i
             else:
-                assert fp8.calc_diff(a, b) < 1e-4, i
+                assert fp8.calc_diff(a, b) < 3e-4, i
 
 
 @pytest.mark.parametrize("act_cache", fp8.ACT_CACHES)
@@ -239,9 +240,9 @@ def test_compiled_fp8_linear_and_experts_on_gpu(act_cache):
     lin = fp8.FP8Linear(512, 1000, bias=True).cuda()
     lin.act_cache = act_cache
 
-    def lin_fn(x, w, b):
+    def lin_fn(x, w, b):  # the bf16 output as it is: inductor would fuse away a bf16 → fp32 round trip after it
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            return torch.func.functional_call(lin, {"weight": w, "bias": b}, (x,)).float()
+            return torch.func.functional_call(lin, {"weight": w, "bias": b}, (x,))
     _compiled_equals_eager(lin_fn, [torch.randn(3, 300, 512, device="cuda"), lin.weight, lin.bias], "inductor",
                            exact=False, exact_output=True, ops=LINEAR_OPS)
     g = torch.Generator("cuda").manual_seed(0)
@@ -254,3 +255,79 @@ def test_compiled_fp8_linear_and_experts_on_gpu(act_cache):
         return fp8_experts.fp8_expert_ffn(x, w1, w3, w2, counts, act_cache).float()
     _compiled_equals_eager(ffn, [torch.randn(1000, dim, device="cuda").bfloat16(), w1, w3, w2], "inductor",
                            exact=False, ops=EXPERT_OPS)
+
+
+def _accumulated_grads(model, idx, tgt, ctx, fwd=None):
+    """Gradients of two micro-batches accumulated (as train.forward_backward does), inside `ctx`."""
+    model.zero_grad(set_to_none=True)
+    with ctx, torch.autocast(idx.device.type, dtype=torch.bfloat16):
+        for _ in range(2):
+            _, losses = (model if fwd is None else fwd)(idx, tgt)
+            (losses["main"] + 0.3 * losses["mtp"] + 1e-4 * losses["balance"]).backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_weights_quantized_once_gives_the_same_gradients_with_one_quantization_per_weight(monkeypatch):
+    """Inside fp8.weights_quantized_once the FP8 projections and experts use the weights quantized on entering:
+    the accumulated gradients of two micro-batches are the ones of quantizing in every forward, bit for bit, and
+    each weight is quantized once instead of once per micro-batch."""
+    import contextlib
+    model, idx, tgt = _fp8_model("cpu")
+    calls = []
+
+    def counting(fn):
+        return lambda w, transpose=False: calls.append(tuple(w.shape)) or fn(w, transpose)
+    monkeypatch.setattr(fp8, "quantize_weight", counting(fp8.quantize_weight))
+    monkeypatch.setattr(fp8_experts, "quantize_weight", counting(fp8_experts.quantize_weight))
+    want = _accumulated_grads(model, idx, tgt, contextlib.nullcontext())
+    per_forward, calls[:] = len(calls), []
+    got = _accumulated_grads(model, idx, tgt, fp8.weights_quantized_once(model))
+    from moe import Experts
+    n_weights = sum(isinstance(m, fp8.FP8Linear) + 3 * isinstance(m, Experts) for m in model.modules())
+    assert per_forward == 2 * n_weights and len(calls) == n_weights > 10
+    assert want.keys() == got.keys() and all(torch.equal(want[n], got[n]) for n in want)
+    assert all(getattr(m, "quantized", None) is None for m in model.modules())   # released on leaving
+
+
+def test_weights_quantized_once_refuses_a_weight_changed_inside():
+    """A weight stepped inside the block would leave a stale FP8 copy in use: leaving the block raises."""
+    lin = fp8.FP8Linear(128, 128)
+    with pytest.raises(RuntimeError, match="changed inside the block"):
+        with fp8.weights_quantized_once(lin):
+            assert lin.quantized is not None
+            with torch.no_grad():
+                lin.weight.mul_(2)
+    assert lin.quantized is None
+
+
+@pytest.mark.slow
+def test_compiled_fp8_model_with_weights_quantized_once_is_one_graph():
+    """Compiled inside the block (the weights quantized once are graph inputs, not a graph break), the model gives
+    the eager block's gradients (bit for bit but the output head's, as test_compiled_fp8_model_is_one_graph)."""
+    model, idx, tgt = _fp8_model("cpu")
+    want = _accumulated_grads(model, idx, tgt, fp8.weights_quantized_once(model))
+    torch._dynamo.reset()
+    with fp8.weights_quantized_once(model), torch.autocast("cpu", dtype=torch.bfloat16):
+        explained = torch._dynamo.explain(model)(idx, tgt)
+    assert explained.graph_count == 1 and explained.graph_break_count == 0, explained.break_reasons
+    got = _accumulated_grads(model, idx, tgt, fp8.weights_quantized_once(model),
+                             torch.compile(model, backend="aot_eager"))
+    assert all(torch.equal(want[n], got[n]) for n in want if n != "head.weight")
+    assert fp8.calc_diff(want["head.weight"], got["head.weight"]) < 1e-5
+
+
+@pytest.mark.gpu
+@hopper
+def test_weights_quantized_once_on_gpu():
+    """With the kernels: eager inside the block gives the per-forward gradients bit for bit; compiled (inductor)
+    inside the block stays within bf16's rounding of them."""
+    import contextlib
+    assert fp8.load_kernel() is not None, fp8.why_no_kernel()
+    model, idx, tgt = _fp8_model("cuda")
+    want = _accumulated_grads(model, idx, tgt, contextlib.nullcontext())
+    got = _accumulated_grads(model, idx, tgt, fp8.weights_quantized_once(model))
+    assert all(torch.equal(want[n], got[n]) for n in want)
+    torch._dynamo.reset()
+    comp = _accumulated_grads(model, idx, tgt, fp8.weights_quantized_once(model), torch.compile(model))
+    flat = [torch.cat([d[n].flatten().float() for n in want]) for d in (comp, want)]
+    assert torch.nn.functional.cosine_similarity(*flat, dim=0) > 0.99
