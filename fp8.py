@@ -556,7 +556,7 @@ class FP8Linear(nn.Module):
     re-quantizes the dequantized values in 128×1 tiles along tokens, a second rounding."""
 
     act_cache = "bf16"
-    quantized = None  # (w_fp8, scale, w_t) of the weight, set by weights_quantized_once; None: quantize per call
+    quantized = None  # (weight, w_fp8, scale, w_t), set by weights_quantized_once; None: quantize per call
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False, device=None, dtype=None):
         super().__init__()
@@ -582,11 +582,18 @@ class FP8Linear(nn.Module):
             raise ValueError(f"FP8Linear: input last dim {x.shape[-1]} != in_features {self.in_features}")
         if self.act_cache not in ACT_CACHES:
             raise ValueError(f"FP8Linear: act_cache={self.act_cache!r}, expected one of {ACT_CACHES}")
-        return _FP8LinearFn.apply(x, self.weight, self.bias, self.act_cache, *(self.quantized or ()))
+        source, *q = self.quantized or (None,)
+        # the copy made from this very weight, or none (e.g. torch.func.functional_call passing another one)
+        return _FP8LinearFn.apply(x, self.weight, self.bias, self.act_cache, *(q if source is self.weight else ()))
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"act_cache={self.act_cache}")
+
+
+def _dtensor():
+    from torch.distributed.tensor import DTensor   # imported where torch.distributed is available
+    return DTensor
 
 
 @contextlib.contextmanager
@@ -597,17 +604,23 @@ def weights_quantized_once(model: nn.Module):
     Outside such a block an FP8 layer quantizes its weight (128×128 blocks, and Wᵀ for Dgrad) in every forward, so
     M micro-batches of gradient accumulation pass M times over every weight to get the same bits. Inside, the
     FP8Linear layers and the FP8 routed experts (moe.Experts with an `ffn`) use what was quantized on entering
-    (their `quantized` attribute): the same values, one pass. The weights must stay as they are inside the block
-    (the optimizer step comes after it): leaving it checks their version counters and raises if one changed.
-    One process only: sharded weights (FSDP, expert parallelism) are gathered per forward and are not handled."""
+    (their `quantized` attribute: the weights it was made from, then each one's w_fp8, scale and w_t): the same
+    values, one pass. The price is memory: W and Wᵀ in FP8 of every layer are held for the whole block (2 bytes
+    per weight), where per forward only Wᵀ is kept, from a layer's forward to its backward. So it pays with M > 1.
+    The weights must stay as they are inside the block (the optimizer step comes after it): leaving it checks
+    their version counters and raises if one was changed in place. One process only: sharded weights (FSDP,
+    expert parallelism: DTensors) are refused."""
     held = [(m, (m.weight,)) for m in model.modules() if isinstance(m, FP8Linear)]
     held += [(m, (m.w1, m.w3, m.w2)) for m in model.modules()
              if hasattr(m, "quantized") and getattr(m, "ffn", None) is not None]
+    if torch.distributed.is_available() and any(isinstance(w, _dtensor()) for _, ws in held for w in ws):
+        raise ValueError("weights_quantized_once: sharded (DTensor) weights are not supported; one process only")
     versions = [(w, w._version) for _, ws in held for w in ws]
-    with torch.no_grad():
-        for m, ws in held:                  # (w_fp8, scale, w_t) of each weight, flat: 3 tensors per weight
-            m.quantized = tuple(t for w in ws for t in quantize_weight(w, transpose=True))
     try:
+        with torch.no_grad():
+            made = [ws + tuple(t for w in ws for t in quantize_weight(w, transpose=True)) for _, ws in held]
+        for (m, _), q in zip(held, made):  # set only once every copy is made: a failure leaves none behind
+            m.quantized = q
         yield
     finally:
         for m, _ in held:

@@ -436,8 +436,9 @@ def fp8_expert_ffn(x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torc
     w1 and w3 (E, inter, dim), w2 (E, dim, inter) → (M, dim); A = x·w1ᵀ and B = x·w3ᵀ kept for the backward pass
     as `act_cache` says. The fast twin of fp8_swiglu_down(fp8_segment_mm(x, w1), fp8_segment_mm(x, w3), w2)
     (see _FP8ExpertFFNFn). sizes: a list, or a 1-D integer tensor on x's device. quantized: None (the weights are
-    quantized here), or quantize_weight(w, transpose=True) of w1, w3 and w2 in one flat tuple of 9 tensors, made
-    once per optimizer step by fp8.weights_quantized_once."""
+    quantized here), or what fp8.weights_quantized_once made once per optimizer step: (w1, w3, w2) it was made
+    from, then quantize_weight(w, transpose=True) of each, 12 tensors in one flat tuple; used only if made from
+    these very w1, w3 and w2."""
     if act_cache not in ACT_CACHES:
         raise ValueError(f"fp8_expert_ffn: act_cache={act_cache!r}, expected one of {ACT_CACHES}")
     fits = (x.dim() == 2 and w1.dim() == 3 and w1.shape == w3.shape and x.shape[1] == w1.shape[2]
@@ -447,7 +448,9 @@ def fp8_expert_ffn(x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torc
                              f"w2 {tuple(w2.shape)}")
     # No gradient wanted (evaluation, torch.no_grad): no Wᵀ and nothing kept for a backward pass that never runs.
     backward = torch.is_grad_enabled() and any(t.requires_grad for t in (x, w1, w3, w2))
-    return _FP8ExpertFFNFn.apply(x, w1, w3, w2, counts, act_cache, backward, *(quantized or ()))
+    source, q = (quantized[:3], quantized[3:]) if quantized else ((), ())
+    fresh = len(source) == 3 and source[0] is w1 and source[1] is w3 and source[2] is w2
+    return _FP8ExpertFFNFn.apply(x, w1, w3, w2, counts, act_cache, backward, *(q if fresh else ()))
 
 
 class FP8Experts:

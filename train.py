@@ -347,9 +347,10 @@ def evaluate_and_log(run: Run, log) -> dict:
 
 # -- one optimizer step ----------------------------------------------------------------------------------------
 def fp8_weights_once(run: Run):
-    """With --fp8 on one process: every FP8 weight quantized once for the step's micro-batches, not once per
-    micro-batch (fp8.weights_quantized_once; the same bits). Otherwise nothing."""
-    if not run.args.fp8 or run.layout.distributed:
+    """With --fp8, --grad_accum > 1 and one process: every FP8 weight quantized once for the step's micro-batches,
+    not once per micro-batch (fp8.weights_quantized_once; the same bits, for 2 bytes per weight of memory held
+    through the step). Otherwise nothing (one micro-batch quantizes each weight once anyway)."""
+    if not run.args.fp8 or run.args.grad_accum == 1 or run.layout.distributed:
         return contextlib.nullcontext()
     import fp8
     return fp8.weights_quantized_once(run.model)

@@ -269,24 +269,72 @@ def _accumulated_grads(model, idx, tgt, ctx, fwd=None):
 
 def test_weights_quantized_once_gives_the_same_gradients_with_one_quantization_per_weight(monkeypatch):
     """Inside fp8.weights_quantized_once the FP8 projections and experts use the weights quantized on entering:
-    the accumulated gradients of two micro-batches are the ones of quantizing in every forward, bit for bit, and
-    each weight is quantized once instead of once per micro-batch."""
+    over two optimizer steps (a block per step, the optimizer stepping between them) the accumulated gradients of
+    two micro-batches are the ones of quantizing in every forward, bit for bit (a copy kept from the first block
+    would change the second step's), and each weight is quantized once per block instead of once per micro-batch."""
     import contextlib
+    import copy
+    from moe import Experts
     model, idx, tgt = _fp8_model("cpu")
+    twin = copy.deepcopy(model)
     calls = []
 
     def counting(fn):
         return lambda w, transpose=False: calls.append(tuple(w.shape)) or fn(w, transpose)
     monkeypatch.setattr(fp8, "quantize_weight", counting(fp8.quantize_weight))
     monkeypatch.setattr(fp8_experts, "quantize_weight", counting(fp8_experts.quantize_weight))
-    want = _accumulated_grads(model, idx, tgt, contextlib.nullcontext())
-    per_forward, calls[:] = len(calls), []
-    got = _accumulated_grads(model, idx, tgt, fp8.weights_quantized_once(model))
-    from moe import Experts
     n_weights = sum(isinstance(m, fp8.FP8Linear) + 3 * isinstance(m, Experts) for m in model.modules())
-    assert per_forward == 2 * n_weights and len(calls) == n_weights > 10
-    assert want.keys() == got.keys() and all(torch.equal(want[n], got[n]) for n in want)
-    assert all(getattr(m, "quantized", None) is None for m in model.modules())   # released on leaving
+    opts = [torch.optim.SGD(m.parameters(), lr=0.5) for m in (model, twin)]
+    for step in range(2):
+        calls[:] = []
+        want = _accumulated_grads(model, idx, tgt, contextlib.nullcontext())
+        per_forward, calls[:] = len(calls), []
+        got = _accumulated_grads(twin, idx, tgt, fp8.weights_quantized_once(twin))
+        assert per_forward == 2 * n_weights and len(calls) == n_weights > 10
+        assert want.keys() == got.keys() and all(torch.equal(want[n], got[n]) for n in want), step
+        assert all(getattr(m, "quantized", None) is None for m in twin.modules())   # released on leaving
+        for opt in opts:
+            opt.step()
+
+
+def test_weights_quantized_once_serves_only_its_own_weights(monkeypatch):
+    """Inside the block, a layer called with another weight (torch.func.functional_call) quantizes that one, and a
+    block whose quantization fails part-way leaves no copy behind."""
+    lin = fp8.FP8Linear(128, 256)
+    x, other = torch.randn(4, 128), torch.randn(256, 128)
+    want = torch.func.functional_call(lin, {"weight": other}, (x,))
+    with fp8.weights_quantized_once(lin):
+        assert torch.equal(torch.func.functional_call(lin, {"weight": other}, (x,)), want)
+    model, _, _ = _fp8_model("cpu")
+    real, calls = fp8.quantize_weight, []
+
+    def failing(w, transpose=False):
+        calls.append(1)
+        if len(calls) == 5:
+            raise MemoryError("out of memory")
+        return real(w, transpose)
+    monkeypatch.setattr(fp8, "quantize_weight", failing)
+    with pytest.raises(MemoryError):
+        with fp8.weights_quantized_once(model):
+            pass
+    assert len(calls) == 5 and all(getattr(m, "quantized", None) is None for m in model.modules())
+
+
+def test_train_quantizes_fp8_weights_once_only_where_it_pays():
+    """train.fp8_weights_once: the block with --fp8, more than one micro-batch and one process; else nothing."""
+    import contextlib
+    from types import SimpleNamespace
+    import train
+    lin = fp8.FP8Linear(128, 128)
+
+    def run(fp8_on=True, grad_accum=2, distributed=False):
+        return SimpleNamespace(args=SimpleNamespace(fp8=fp8_on, grad_accum=grad_accum), model=lin,
+                               layout=SimpleNamespace(distributed=distributed))
+    for off in (run(fp8_on=False), run(grad_accum=1), run(distributed=True)):
+        assert isinstance(train.fp8_weights_once(off), contextlib.nullcontext)
+    with train.fp8_weights_once(run()):
+        assert lin.quantized is not None and lin.quantized[0] is lin.weight
+    assert lin.quantized is None
 
 
 def test_weights_quantized_once_refuses_a_weight_changed_inside():
