@@ -19,6 +19,8 @@ The recipe, in the report's terms:
     token segments) builds on this file.
   * Low-precision storage (report §3.3.3): ``FP8Linear.act_cache`` can keep a layer's input for Wgrad as its
     1×128 E4M3 tiles, or in E5M6 with power-of-2 scales (``quantize_e5m6``), instead of the input itself.
+  * With gradient accumulation the weights do not change between micro-batches: ``weights_quantized_once``
+    quantizes each one once per optimizer step (the same bits), not once per micro-batch.
 
 Reference and fast path: ``fp8_gemm_ref`` (with ``quantize_act_ref`` and ``quantize_weight_ref``) is the reference,
 plain PyTorch run on CPU and wherever the kernels are unavailable. The fast path is the hand-written sm_90a kernel of
