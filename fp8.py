@@ -42,6 +42,7 @@ import sys
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.distributed.tensor import DTensor
 
 from layers import run_demo
 
@@ -584,18 +585,21 @@ class FP8Linear(nn.Module):
             raise ValueError(f"FP8Linear: input last dim {x.shape[-1]} != in_features {self.in_features}")
         if self.act_cache not in ACT_CACHES:
             raise ValueError(f"FP8Linear: act_cache={self.act_cache!r}, expected one of {ACT_CACHES}")
-        source, *q = self.quantized or (None,)
         # the copy made from this very weight, or none (e.g. torch.func.functional_call passing another one)
-        return _FP8LinearFn.apply(x, self.weight, self.bias, self.act_cache, *(q if source is self.weight else ()))
+        q = copies_for(self.quantized, (self.weight,))
+        return _FP8LinearFn.apply(x, self.weight, self.bias, self.act_cache, *q)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"act_cache={self.act_cache}")
 
 
-def _dtensor():
-    from torch.distributed.tensor import DTensor   # imported where torch.distributed is available
-    return DTensor
+def copies_for(quantized, weights) -> tuple:
+    """The FP8 copies in `quantized` (what weights_quantized_once stores: the weights, then each one's w_fp8,
+    scale and w_t) if they were made from these very weights, else () (quantize them now)."""
+    n = len(weights)
+    fresh = bool(quantized) and all(a is b for a, b in zip(quantized[:n], weights))
+    return tuple(quantized[n:]) if fresh else ()
 
 
 @contextlib.contextmanager
@@ -615,7 +619,7 @@ def weights_quantized_once(model: nn.Module):
     held = [(m, (m.weight,)) for m in model.modules() if isinstance(m, FP8Linear)]
     held += [(m, (m.w1, m.w3, m.w2)) for m in model.modules()
              if hasattr(m, "quantized") and getattr(m, "ffn", None) is not None]
-    if torch.distributed.is_available() and any(isinstance(w, _dtensor()) for _, ws in held for w in ws):
+    if any(isinstance(w, DTensor) for _, ws in held for w in ws):
         raise ValueError("weights_quantized_once: sharded (DTensor) weights are not supported; one process only")
     versions = [(w, w._version) for _, ws in held for w in ws]
     try:

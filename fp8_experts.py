@@ -34,9 +34,9 @@ kExpertsWgrad.
 import torch
 import torch.nn.functional as F
 
-from fp8 import (ACT_CACHES, BLOCK, FP8, check_gemm_operands, compute_dtype, dequantize_act, fp8_gemm_ref,
-                 fp8_operator, load_kernel, quantize_act, quantize_act_t, quantize_e5m6, quantize_weight, say_once,
-                 why_no_kernel)
+from fp8 import (ACT_CACHES, BLOCK, FP8, check_gemm_operands, compute_dtype, copies_for, dequantize_act,
+                 fp8_gemm_ref, fp8_operator, load_kernel, quantize_act, quantize_act_t, quantize_e5m6, quantize_weight,
+                 say_once, why_no_kernel)
 
 
 # ---------------------------------------------------------------- grouped GEMM (routed experts)
@@ -448,9 +448,8 @@ def fp8_expert_ffn(x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torc
                              f"w2 {tuple(w2.shape)}")
     # No gradient wanted (evaluation, torch.no_grad): no Wᵀ and nothing kept for a backward pass that never runs.
     backward = torch.is_grad_enabled() and any(t.requires_grad for t in (x, w1, w3, w2))
-    source, q = (quantized[:3], quantized[3:]) if quantized else ((), ())
-    fresh = len(source) == 3 and source[0] is w1 and source[1] is w3 and source[2] is w2
-    return _FP8ExpertFFNFn.apply(x, w1, w3, w2, counts, act_cache, backward, *(q if fresh else ()))
+    q = copies_for(quantized, (w1, w3, w2))
+    return _FP8ExpertFFNFn.apply(x, w1, w3, w2, counts, act_cache, backward, *q)
 
 
 class FP8Experts:
