@@ -1,5 +1,5 @@
 """Timing of fp8.py's kernels on a Hopper GPU: `python fp8_bench.py [--interleave] [--training] [--ladder]
-[--sustained] [--flush-l2]`.
+[--sustained] [--quant] [--flush-l2]`.
 
 The main table prints TFLOP/s per shape for fp8_gemm.cu's Fprop kernel, torch's bf16 matmul and cuBLAS's blockwise
 FP8 (`F.scaled_mm`, BlockWise1x128 × BlockWise128x128), with each result's calc_diff against the bf16 product of
@@ -260,6 +260,45 @@ def bench_sustained(seconds: float = 2.0):
                   flush=True)
 
 
+# The activations one v3-layers micro-batch (4,096 tokens) quantizes, (rows, columns): the block input (into
+# wq_a, wkv_a, the shared expert, the dense FFN), the query latent, the attention output (into wo), the dense FFN's
+# hidden, and the routed experts' padded input and hidden (4,096 tokens x 8 experts each).
+QUANT_SHAPES = [(4096, 7168), (4096, 1536), (4096, 16384), (4096, 18432), (32768, 7168), (32768, 2048)]
+HBM_TBS = 4.8  # the H200's HBM3e bandwidth, TB/s
+
+
+def bench_quant(shapes=QUANT_SHAPES, dtypes=(torch.bfloat16, torch.float32)):
+    """GB/s of fp8_quant.cu's activation quantizers, each kernel called into preallocated outputs (as the GEMM
+    tables time theirs): rows (1×128 tiles along the last dim, scales M-major as the Fprop kernel reads them) and
+    cols (the transposed 128×1 tiles along the tokens, for Wgrad); bytes = input read + FP8 output and fp32
+    scales written. A copy of the input into a preallocated tensor (read + write) is the rate a plain pass over
+    memory reaches on this GPU."""
+    ext = load_kernel()
+    print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}; GB/s = bytes read and written / median "
+          f"time (CUDA events, 10 warm-ups, 50 reps, {'L2 flushed before each call' if FLUSH_L2 else 'no L2 flush'})"
+          f"; in brackets the share of {HBM_TBS} TB/s")
+    print("| rows | columns | input | rows (1×128) | cols (128×1, transposed) | copy of the input |")
+    print("|---" * 6 + "|")
+    for dtype in dtypes:
+        for R, C in shapes if dtype == torch.bfloat16 else shapes[:1]:
+            x = torch.randn(R, C, device="cuda").to(dtype)
+            n, e, r_pad = R * C, x.element_size(), -(-R // BLOCK) * BLOCK
+            q = torch.empty(R, C, dtype=torch.uint8, device="cuda")
+            sm = torch.zeros(C // BLOCK, r_pad, device="cuda")                 # M-major scales, rows padded
+            qt = torch.empty(C, r_pad, dtype=torch.uint8, device="cuda")
+            st = torch.empty(C, r_pad // BLOCK, device="cuda")
+            y = torch.empty_like(x)
+            cells = []
+            for fn, nbytes in ((lambda: ext.quant_rows(x, q, sm, r_pad), n * (e + 1) + n // BLOCK * 4),
+                               (lambda: ext.quant_cols(x, qt, st), n * e + C * r_pad * (1 + 4 / BLOCK)),
+                               (lambda: y.copy_(x), 2 * n * e)):
+                gbs = nbytes / _median_ms(fn) / 1e6
+                cells.append(f"{gbs:,.0f} ({gbs / HBM_TBS / 10:.0f}%)")
+            print(f"| {R} | {C} | {str(dtype).removeprefix('torch.')} | " + " | ".join(cells) + " |", flush=True)
+            del x, q, sm, qt, st, y
+            torch.cuda.empty_cache()
+
+
 def main(argv=None):
     global FLUSH_L2
     p = argparse.ArgumentParser(
@@ -272,6 +311,8 @@ def main(argv=None):
                    help="also run the kernel and cuBLAS for 2 s each with the SM clock and power sampled (nvidia-smi)")
     p.add_argument("--ladder", action="store_true",
                    help="also time the teaching kernels of fp8_teaching/ (steps 1-4) beside the kernel")
+    p.add_argument("--quant", action="store_true",
+                   help="also time the activation quantization kernels (GB/s, against a copy of the input)")
     p.add_argument("--flush-l2", action="store_true", help="time every call with a cold L2 (write 256 MiB first)")
     args = p.parse_args(argv)
     _need_kernel()
@@ -285,6 +326,8 @@ def main(argv=None):
         bench_ladder()
     if args.sustained:
         bench_sustained()
+    if args.quant:
+        bench_quant()
 
 
 if __name__ == "__main__":

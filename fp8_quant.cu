@@ -51,53 +51,110 @@ __device__ __forceinline__ uint32_t pack4(float a, float b, float c, float d, fl
   return e4m3(a / scale) | e4m3(b / scale) << 8 | e4m3(c / scale) << 16 | e4m3(d / scale) << 24;
 }
 
-// One warp per 1x128 tile: each lane holds 4 consecutive values; the tile amax is a warp max.
+// 8 consecutive values as one 16-byte load (bf16) or two (fp32)
+__device__ __forceinline__ void load8(const __nv_bfloat16* p, float* v) {
+  uint4 t = *reinterpret_cast<const uint4*>(p);
+  const uint32_t w[4] = {t.x, t.y, t.z, t.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    float2 f = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&w[i]));
+    v[2 * i] = f.x, v[2 * i + 1] = f.y;
+  }
+}
+__device__ __forceinline__ void load8(const float* p, float* v) { load4(p, v), load4(p + 4, v + 4); }
+
+// Sixteen threads per 1x128 tile, 8 consecutive values each; the tile amax is a max over the 16 lanes. A block of
+// 256 threads takes 16 tiles per round and ROWS_ROUNDS rounds, all of whose loads it issues before the first max:
+// more bytes in flight per thread is what brings a pass like this one near the memory's bandwidth.
 // ld == 0: scales row-major, tile t at s[t]. ld > 0: M-major, tile (row r, block kb) at s[kb * ld + r], the layout
 // fp8_gemm.cu's Fprop kernel reads (kb_row: scales per row, K/128).
+constexpr int ROWS_ROUNDS = 2;
 template <typename T>
-__global__ void __launch_bounds__(256) rows(const T* __restrict__ x, uint32_t* __restrict__ q,
+__global__ void __launch_bounds__(256) rows(const T* __restrict__ x, uint2* __restrict__ q,
                                             float* __restrict__ s, long long tiles, int kb_row, int ld) {
-  long long tile = (long long)blockIdx.x * 8 + threadIdx.x / 32;
-  if (tile >= tiles) return;
-  const int lane = threadIdx.x & 31;
-  float v[4];
-  load4(x + tile * 128 + lane * 4, v);
-  float m = fmaxf(fmaxf(fabsf(v[0]), fabsf(v[1])), fmaxf(fabsf(v[2]), fabsf(v[3])));
+  const int sub = threadIdx.x & 15;
+  const unsigned half = 0xffffu << (threadIdx.x & 16);  // the 16 lanes of this thread's tile, for the shuffles
+  const long long first = (long long)blockIdx.x * 16 * ROWS_ROUNDS + threadIdx.x / 16;
+  float v[ROWS_ROUNDS][8];
 #pragma unroll
-  for (int o = 16; o; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
-  const float scale = fmaxf(m, AMAX_EPS) * INV_E4M3_MAX;
-  q[tile * 32 + lane] = pack4(v[0], v[1], v[2], v[3], scale);
-  if (lane == 0) s[ld ? (tile % kb_row) * ld + tile / kb_row : tile] = scale;
+  for (int i = 0; i < ROWS_ROUNDS; ++i) {
+    const long long tile = first + 16 * i;
+    if (tile < tiles) load8(x + tile * 128 + sub * 8, v[i]);
+  }
+#pragma unroll
+  for (int i = 0; i < ROWS_ROUNDS; ++i) {
+    const long long tile = first + 16 * i;  // the same for the 16 lanes of a tile: they leave together
+    if (tile >= tiles) break;
+    float m = 0.f;
+#pragma unroll
+    for (int j = 0; j < 8; ++j) m = fmaxf(m, fabsf(v[i][j]));
+#pragma unroll
+    for (int o = 8; o; o >>= 1) m = fmaxf(m, __shfl_xor_sync(half, m, o));
+    const float scale = fmaxf(m, AMAX_EPS) * INV_E4M3_MAX;
+    q[tile * 16 + sub] = make_uint2(pack4(v[i][0], v[i][1], v[i][2], v[i][3], scale),
+                                    pack4(v[i][4], v[i][5], v[i][6], v[i][7], scale));
+    if (sub == 0) s[ld ? (tile % kb_row) * ld + tile / kb_row : tile] = scale;
+  }
 }
 
-// A block transposes a 128 (rows of x) x 64 (columns of x) tile through shared memory; four threads share a
-// column of the tile. Shared-memory word (r, c) sits in bank (r + c) % 32 (row stride 65), so each loop below
-// staggers the rows of the four threads by 8 to keep the 32 lanes of a warp in 32 different banks.
+// A block transposes a 128 (rows of x) x 64 (columns of x) tile through shared memory. Loading: each thread
+// brings 16-byte vectors of a row (8 bf16 or 4 fp32 values), all of them issued before the first store into shared
+// memory (when every row of x starts 16-byte aligned; one value at a time otherwise). Then four threads share a
+// column of the tile, thread `part` its rows 32 part .. 32 part + 31: it reads them into registers once, takes
+// their amax (a max with its 3 partners), and writes them as 32 consecutive bytes of q's row.
+// Word (r, c) of the tile is stored at tile[r][(c + 8 (r / 32)) % 64] (row stride 65): then the 32 lanes of a warp
+// (8 columns x 4 parts) reading row 32 part + i hit 32 different banks, (i + c + 8 part) % 32.
 template <typename T>
 __global__ void __launch_bounds__(256) cols(const T* __restrict__ x, uint8_t* __restrict__ q,
-                                            float* __restrict__ s, int R, int C, int R_pad) {
+                                            float* __restrict__ s, int R, int C, int R_pad, bool vec) {
+  constexpr int VEC = 16 / sizeof(T), PER_ROW = 64 / VEC, ROWS = 256 / PER_ROW, ROUNDS = 128 / ROWS;
   __shared__ float tile[128][65];
   const int r0 = blockIdx.y * 128, c0 = blockIdx.x * 64;
-  for (int i = threadIdx.x; i < 128 * 64; i += 256) {  // coalesced along the columns of x
-    int r = i / 64, c = i % 64;
-    tile[r][c] = (r0 + r < R && c0 + c < C) ? to_f32(x[(size_t)(r0 + r) * C + c0 + c]) : 0.f;
+  auto put = [&](int r, int c, float v) { tile[r][(c + 8 * (r / 32)) & 63] = v; };
+  if (vec) {  // coalesced along the columns of x; a vector is in range when its first column is
+    const int c = (threadIdx.x % PER_ROW) * VEC, r1 = threadIdx.x / PER_ROW;
+    float v[ROUNDS][VEC];
+#pragma unroll
+    for (int i = 0; i < ROUNDS; ++i) {
+      const int r = r1 + ROWS * i;
+      if (r0 + r < R && c0 + c < C) {
+        if constexpr (VEC == 8) load8(x + (size_t)(r0 + r) * C + c0 + c, v[i]);
+        else load4(x + (size_t)(r0 + r) * C + c0 + c, v[i]);
+      } else {
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) v[i][j] = 0.f;
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < ROUNDS; ++i)
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) put(r1 + ROWS * i, c + j, v[i][j]);
+  } else {
+    for (int i = threadIdx.x; i < 128 * 64; i += 256) {
+      const int r = i / 64, c = i % 64;
+      put(r, c, (r0 + r < R && c0 + c < C) ? to_f32(x[(size_t)(r0 + r) * C + c0 + c]) : 0.f);
+    }
   }
   __syncthreads();
   const int c = threadIdx.x / 4, part = threadIdx.x % 4;
-  float m = 0.f;  // amax of the column: this thread takes rows 32j + 8 part + (0..7), j = 0..3
-#pragma unroll 8
-  for (int i = 0; i < 32; ++i) m = fmaxf(m, fabsf(tile[(i / 8) * 32 + part * 8 + i % 8][c]));
+  float v[32];
+  float m = 0.f;
+#pragma unroll
+  for (int i = 0; i < 32; ++i) {
+    v[i] = tile[32 * part + i][(c + 8 * part) & 63];
+    m = fmaxf(m, fabsf(v[i]));
+  }
   m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 1));
   m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 2));
   if (c0 + c >= C) return;
   const float scale = fmaxf(m, AMAX_EPS) * INV_E4M3_MAX;
   if (part == 0) s[(size_t)(c0 + c) * (R_pad / 128) + blockIdx.y] = scale;
-  // this thread writes output bytes [32 part, 32 part + 32) of row c0 + c, 4 at a time, starting at 8 part
-  uint32_t* out = reinterpret_cast<uint32_t*>(q + (size_t)(c0 + c) * R_pad + r0 + part * 32);
+  uint4* out = reinterpret_cast<uint4*>(q + (size_t)(c0 + c) * R_pad + r0 + part * 32);  // 32 bytes of row c0 + c
 #pragma unroll
-  for (int k = 0; k < 8; ++k) {
-    const int kk = (k + 2 * part) & 7, r = part * 32 + 4 * kk;
-    out[kk] = pack4(tile[r][c], tile[r + 1][c], tile[r + 2][c], tile[r + 3][c], scale);
+  for (int h = 0; h < 2; ++h) {
+    const float* w = v + 16 * h;
+    out[h] = make_uint4(pack4(w[0], w[1], w[2], w[3], scale), pack4(w[4], w[5], w[6], w[7], scale),
+                        pack4(w[8], w[9], w[10], w[11], scale), pack4(w[12], w[13], w[14], w[15], scale));
   }
 }
 
@@ -207,8 +264,8 @@ void quant_rows(at::Tensor x, at::Tensor q, at::Tensor s, int64_t ld) {
               "quant_rows: bad scale buffer");
   if (!tiles) return;
   auto stream = c10::cuda::getCurrentCUDAStream();
-  const unsigned grid = (unsigned)((tiles + 7) / 8);
-  auto qp = reinterpret_cast<uint32_t*>(q.data_ptr());
+  const unsigned grid = (unsigned)((tiles + 16 * fp8q::ROWS_ROUNDS - 1) / (16 * fp8q::ROWS_ROUNDS));
+  auto qp = reinterpret_cast<uint2*>(q.data_ptr());
   if (x.scalar_type() == at::kBFloat16)
     fp8q::rows<<<grid, 256, 0, stream>>>(reinterpret_cast<const __nv_bfloat16*>(x.data_ptr()), qp, s.data_ptr<float>(),
                                          tiles, kb_row, (int)ld);
@@ -227,12 +284,16 @@ void quant_cols(at::Tensor x, at::Tensor q, at::Tensor s) {
                   s.size(1) == R_pad / 128, "quant_cols: q must be (C, R rounded up to 128), s (C, that / 128)");
   if (!R || !C) return;
   auto stream = c10::cuda::getCurrentCUDAStream();
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(q.data_ptr()) % 16 == 0, "quant_cols: q must be 16-byte aligned");
   dim3 grid((C + 63) / 64, R_pad / 128);
   auto qp = reinterpret_cast<uint8_t*>(q.data_ptr());
+  // 16-byte loads when every row of x starts 16-byte aligned
+  const bool vec = reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0 && C * x.element_size() % 16 == 0;
   if (x.scalar_type() == at::kBFloat16)
-    fp8q::cols<<<grid, 256, 0, stream>>>(reinterpret_cast<const __nv_bfloat16*>(x.data_ptr()), qp, s.data_ptr<float>(), R, C, R_pad);
+    fp8q::cols<<<grid, 256, 0, stream>>>(reinterpret_cast<const __nv_bfloat16*>(x.data_ptr()), qp, s.data_ptr<float>(),
+                                         R, C, R_pad, vec);
   else if (x.scalar_type() == at::kFloat)
-    fp8q::cols<<<grid, 256, 0, stream>>>(x.data_ptr<float>(), qp, s.data_ptr<float>(), R, C, R_pad);
+    fp8q::cols<<<grid, 256, 0, stream>>>(x.data_ptr<float>(), qp, s.data_ptr<float>(), R, C, R_pad, vec);
   else
     TORCH_CHECK(false, "quant_cols: x must be bfloat16 or float32");
   TORCH_CHECK(cudaGetLastError() == cudaSuccess, "quant_cols: launch failed");

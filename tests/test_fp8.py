@@ -583,6 +583,29 @@ def test_fused_quantization_is_bit_identical(dtype, R, C):
     assert torch.equal(qt.view(torch.uint8), qt_ref.view(torch.uint8)), f"seed {seed}"
 
 
+@pytest.mark.gpu
+@hopper
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_fused_activation_quantization_unaligned_and_odd_widths(dtype):
+    """The quantizers' 16-byte loads need every row of x to start 16-byte aligned: an input one element off (a view
+    into a larger tensor) takes quant_cols' one-value-at-a-time path (quant_rows copies it first); widths 72 and
+    100 end inside a 64-column block of quant_cols, with whole vectors (72; 100 in fp32) or without (100 in bf16)."""
+    assert fp8.load_kernel() is not None, fp8.why_no_kernel()
+    seed = int.from_bytes(os.urandom(4), "little")
+    torch.manual_seed(seed)
+    unaligned = (torch.randn(300 * 256 + 1, device="cuda") * 10).to(dtype)[1:].view(300, 256)
+    assert unaligned.data_ptr() % 16
+    for x in (unaligned, torch.randn(257, 72, device="cuda").to(dtype), torch.randn(129, 100, device="cuda").to(dtype)):
+        R, C = x.shape
+        qt, st = fp8.quantize_act_t(x)
+        qt_ref, st_ref = fp8.quantize_act_ref(torch.nn.functional.pad(x.t(), (0, -R % 128)))
+        assert torch.equal(st, st_ref) and torch.equal(qt.view(torch.uint8), qt_ref.view(torch.uint8)), f"seed {seed}"
+        if C % 128 == 0:
+            q, s = fp8.quantize_act(x, mmajor=True)
+            q_ref, s_ref = fp8.quantize_act_ref(x)
+            assert torch.equal(s, s_ref) and torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8)), f"seed {seed}"
+
+
 def _assert_same_weight_quantization(w, seed):
     """quantize_weight (the fused kernel on a GPU) against quantize_weight_ref and transpose_weight on the same
     device: the same bytes of W and Wᵀ, the same scales (NaN where the reference has NaN)."""
