@@ -96,9 +96,8 @@ def _gemm_grouped(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_sca
         return fp8_gemm_grouped_ref(a, a_scale, b, b_scale, groups, out_dtype)
     E, N, K = b.shape
     out = torch.empty(a.shape[0], N, dtype=torch.bfloat16, device=a.device)
-    with torch.cuda.device(a.device):
-        ext.gemm_experts(a.contiguous(), a_scale.contiguous(), b.reshape(E * N, K).contiguous(),
-                         b_scale.reshape(E * N // BLOCK, K // BLOCK).contiguous(), groups.contiguous(), out, E)
+    ext.gemm_experts(a.contiguous(), a_scale.contiguous(), b.reshape(E * N, K).contiguous(),
+                     b_scale.reshape(E * N // BLOCK, K // BLOCK).contiguous(), groups.contiguous(), out, E)
     return out.to(out_dtype)
 
 
@@ -170,9 +169,8 @@ def _gemm_kgrouped(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_sc
     E = len(sizes)
     out = torch.zeros(E * M, N, dtype=torch.float32, device=a.device)                     # idle experts stay 0
     sbt = F.pad(b_scale.t(), (0, -N % BLOCK)).contiguous()                                 # (K/128, N')
-    with torch.cuda.device(a.device):
-        ext.gemm_experts_wgrad(a.contiguous(), a_scale.contiguous(), b.contiguous(), sbt,
-                               k_groups(sizes.to(a.device)), out)
+    ext.gemm_experts_wgrad(a.contiguous(), a_scale.contiguous(), b.contiguous(), sbt,
+                           k_groups(sizes.to(a.device)), out)
     return out.view(E, M, N).to(out_dtype)
 
 

@@ -47,6 +47,7 @@
 
 // Light headers (not torch/extension.h): the JIT build is several times faster.
 #include <ATen/core/Tensor.h>
+#include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/csrc/utils/pybind.h>
 
@@ -725,11 +726,15 @@ static void check_operands(const at::Tensor& a, const at::Tensor& a_scale, const
               ": a_scale must be (M, K/128)");
 }
 
+// The bindings launch on a's GPU (made the current device for the call, in C++: cheaper than a Python context)
+// and its current stream; fp8.py checks that all operands are on one device.
+
 // out (M, N) bf16 = a (M, K) [a_scale (M, K/128), M-major] . b (N, K) [b_scale (ceil(N/128), K/128)]^T:
 // FP8Linear's Fprop and Dgrad. a_scale is a view with strides (1, ld) of a (K/128, ld) buffer, ld >= M rounded up
 // to 128 and a multiple of 4, padded rows included (fp8.mmajor_scales lays it out).
 void gemm(at::Tensor a, at::Tensor a_scale, at::Tensor b, at::Tensor b_scale, at::Tensor out) {
   check_operands(a, a_scale, b, b_scale, out, "fp8 gemm", at::kBFloat16);
+  const c10::cuda::CUDAGuard guard(a.device());
   const int M = a.size(0), K = a.size(1), N = b.size(0);
   TORCH_CHECK(b_scale.dim() == 2 && b_scale.size(0) == (N + 127) / 128 && b_scale.size(1) == K / 128,
               "fp8 gemm: b_scale must be (ceil(N/128), K/128)");
@@ -766,6 +771,7 @@ static void check_wgrad(const at::Tensor& a, const at::Tensor& a_scale, const at
 // 1x128 tiles along K (the tokens).
 void gemm_wgrad(at::Tensor a, at::Tensor a_scale, at::Tensor b, at::Tensor b_scale_t, at::Tensor out) {
   check_wgrad(a, a_scale, b, b_scale_t, out, "fp8 gemm_wgrad");
+  const c10::cuda::CUDAGuard guard(a.device());
   const int M = a.size(0), K = a.size(1), N = b.size(0);
   TORCH_CHECK(out.size(0) == M && out.size(1) == N, "fp8 gemm_wgrad: out must be (M, N)");
   if (M == 0 || N == 0) return;
@@ -782,6 +788,7 @@ void gemm_wgrad(at::Tensor a, at::Tensor a_scale, at::Tensor b, at::Tensor b_sca
 void gemm_experts_wgrad(at::Tensor a, at::Tensor a_scale, at::Tensor b, at::Tensor b_scale_t, at::Tensor kg,
                         at::Tensor out) {
   check_wgrad(a, a_scale, b, b_scale_t, out, "fp8 gemm_experts_wgrad");
+  const c10::cuda::CUDAGuard guard(a.device());
   const int M = a.size(0), K = a.size(1), N = b.size(0);
   TORCH_CHECK(M > 0 && M % 128 == 0 && out.size(0) % M == 0 && out.size(1) == N,
               "fp8 gemm_experts_wgrad: M must be a multiple of 128 and out (E*M, N)");
@@ -801,6 +808,7 @@ void gemm_experts_wgrad(at::Tensor a, at::Tensor a_scale, at::Tensor b, at::Tens
 void gemm_experts(at::Tensor a, at::Tensor a_scale, at::Tensor b, at::Tensor b_scale, at::Tensor groups,
                   at::Tensor out, int64_t n_experts) {
   check_operands(a, a_scale, b, b_scale, out, "fp8 gemm_experts", at::kBFloat16);
+  const c10::cuda::CUDAGuard guard(a.device());
   const int M = a.size(0), K = a.size(1), E = n_experts;
   TORCH_CHECK(a_scale.is_contiguous() && aligned16(out) && out.size(1) % 8 == 0,
               "fp8 gemm_experts: a_scale contiguous, out 16-byte aligned with rows a multiple of 8 (TMA)");

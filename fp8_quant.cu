@@ -22,6 +22,7 @@
 #include <optional>
 
 #include <ATen/core/Tensor.h>
+#include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/util/Exception.h>
 
@@ -256,6 +257,7 @@ __global__ void __launch_bounds__(256) blocks(const T* __restrict__ w, uint8_t* 
 void quant_rows(at::Tensor x, at::Tensor q, at::Tensor s, int64_t ld) {
   TORCH_CHECK(x.is_cuda() && x.is_contiguous() && q.is_contiguous() && s.is_contiguous(),
               "quant_rows: contiguous CUDA tensors expected");
+  const c10::cuda::CUDAGuard guard(x.device());  // launch on x's GPU, its current stream
   TORCH_CHECK(x.numel() % 128 == 0 && q.numel() == x.numel(), "quant_rows: bad sizes");
   const long long tiles = x.numel() / 128;
   const int kb_row = x.dim() ? (int)(x.size(-1) / 128) : 0;
@@ -279,6 +281,7 @@ void quant_rows(at::Tensor x, at::Tensor q, at::Tensor s, int64_t ld) {
 void quant_cols(at::Tensor x, at::Tensor q, at::Tensor s) {
   TORCH_CHECK(x.is_cuda() && x.dim() == 2 && x.is_contiguous() && q.is_contiguous() && s.is_contiguous(),
               "quant_cols: contiguous 2-D CUDA tensors expected");
+  const c10::cuda::CUDAGuard guard(x.device());  // launch on x's GPU, its current stream
   const int R = x.size(0), C = x.size(1), R_pad = (R + 127) / 128 * 128;
   TORCH_CHECK(q.dim() == 2 && q.size(0) == C && q.size(1) == R_pad && s.dim() == 2 && s.size(0) == C &&
                   s.size(1) == R_pad / 128, "quant_cols: q must be (C, R rounded up to 128), s (C, that / 128)");
@@ -304,6 +307,7 @@ void quant_cols(at::Tensor x, at::Tensor q, at::Tensor s) {
 void quant_blocks(at::Tensor w, at::Tensor q, std::optional<at::Tensor> qt, at::Tensor s) {
   TORCH_CHECK(w.is_cuda() && w.dim() == 3 && w.is_contiguous() && q.is_contiguous() && s.is_contiguous() &&
                   (!qt || qt->is_contiguous()), "quant_blocks: contiguous CUDA tensors expected, w 3-D");
+  const c10::cuda::CUDAGuard guard(w.device());  // launch on w's GPU, its current stream
   const int E = w.size(0), R = w.size(1), C = w.size(2), nb = (R + 127) / 128, kb = (C + 127) / 128;
   TORCH_CHECK(q.sizes() == w.sizes() && s.dim() == 3 && s.size(0) == E && s.size(1) == nb && s.size(2) == kb,
               "quant_blocks: q must be (E, R, C), s (E, ceil(R/128), ceil(C/128))");
