@@ -357,8 +357,9 @@ def fp8_operator(name: str):
     holds one opaque node, and fn itself otherwise: in eager mode an operator call only adds dispatch time.
     The operator is defined with a schema inferred from fn's annotations and fn as its one kernel for every device
     (fn picks the kernel or the reference itself). The lower-level torch.library.Library is used rather than
-    torch.library.custom_op: the latter wraps every call in Python (autograd and aliasing checks), about 15 µs
-    more per call, which a compiled step of ~1,000 FP8 operator calls pays on the host."""
+    torch.library.custom_op, which wraps every call in more Python (autograd and aliasing checks): dispatch took
+    34 µs per call that way and 12 µs this way on a 2-core CPU, paid on the host ~1,000 times per compiled FP8
+    training step of `small`."""
     def register(fn):
         _LIB.define(name + torch.library.infer_schema(fn, mutates_args=()))
         _LIB.impl(name, fn, "CompositeExplicitAutograd")
