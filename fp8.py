@@ -361,14 +361,32 @@ def fp8_operator(name: str):
     34 µs per call that way and 12 µs this way on a 2-core CPU, paid on the host ~1,000 times per compiled FP8
     training step of `small`."""
     def register(fn):
-        _LIB.define(name + torch.library.infer_schema(fn, mutates_args=()))
-        _LIB.impl(name, fn, "CompositeExplicitAutograd")
+        def no_grad_through(args):
+            # No autograd formula: the operators run inside FP8Linear's and the experts' autograd functions, whose
+            # backward calls them again. Asked for gradients through one, fail instead of giving none.
+            if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
+                raise RuntimeError(f"v3fp8::{name} has no autograd formula; call it inside an autograd.Function "
+                                   "(as FP8Linear does) or without gradients")
+
+        def kernel(*args):
+            no_grad_through(args)
+            return fn(*args)
+
+        def register_fake(fake):
+            def checked(*args):
+                no_grad_through(args)
+                return fake(*args)
+            torch.library.register_fake(f"v3fp8::{name}", checked, lib=_LIB)
+            return fake
+
+        _LIB.define(name + torch.library.infer_schema(fn, mutates_args=()), tags=(torch.Tag.pt2_compliant_tag,))
+        _LIB.impl(name, kernel, "CompositeExplicitAutograd")
         op = getattr(torch.ops.v3fp8, name).default
 
         @functools.wraps(fn)
         def call(*args):
             return op(*args) if torch.compiler.is_compiling() else fn(*args)
-        call.op, call.register_fake = op, torch.library.register_fake(f"v3fp8::{name}", lib=_LIB)
+        call.op, call.register_fake = op, register_fake
         return call
     return register
 
@@ -388,7 +406,7 @@ def _quant_rows(x: torch.Tensor, mmajor: bool) -> tuple[torch.Tensor, torch.Tens
         q, s = quantize_act_ref(x)
         return q.contiguous(), _mmajor_buffer(s) if mmajor else s.contiguous()
     x = x.contiguous()
-    if x.data_ptr() % 16:                                              # the kernel loads 8 or 16 bytes at a time
+    if x.data_ptr() % 16:                                              # the kernel loads 16 bytes at a time
         x = x.clone()
     q = torch.empty(x.shape, dtype=FP8, device=x.device)
     K = x.shape[-1]

@@ -7,7 +7,8 @@ the unquantized inputs. `--interleave` times the kernel and cuBLAS again taking 
 both alike; `--training` times the Wgrad and grouped-expert kernels next to the Fprop kernel; `--ladder` the
 teaching kernels of fp8_teaching/ beside it; `--sustained` runs the kernel and cuBLAS for seconds each with the SM
 clock and board power sampled, because FP8 GEMMs at these sizes run into the GPU's power limit and then the
-clock, not only the kernel, sets the rate. BENCHMARKS.md records the tables.
+clock, not only the kernel, sets the rate; `--quant` times fp8_quant.cu's activation quantizers in GB/s against a
+copy of the same input (they are memory-bound: the copy is the rate to aim at). BENCHMARKS.md records the tables.
 """
 import argparse
 import statistics

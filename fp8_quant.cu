@@ -1,6 +1,8 @@
 // Fused FP8 quantization for training (fp8.py's quantize_act, quantize_act_t and quantize_weight on CUDA): one
 // pass over the high-precision tensor instead of PyTorch's chain of pad, float copy, abs, amax, divide, clamp,
-// cast and (for the backward's transposed operand) a second copy.
+// cast and (for the backward's transposed operand) a second copy. Each is bound by memory bandwidth (a few
+// flops per byte), so the kernels are written for it: each thread issues several loads (16 bytes each in rows and
+// cols) before it uses the first (`python fp8_bench.py --quant` times rows and cols against a copy of the input).
 // Same arithmetic as the reference on the GPU, so the results are bit-identical: scale = max(amax, 1e-4) / 448
 // in fp32, done as torch does a division by a Python number (times the fp32 reciprocal), q = e4m3(x / scale)
 // with IEEE division and round-to-nearest-even, saturated at +-448. (For finite inputs in rows and cols: fmaxf
@@ -259,6 +261,8 @@ void quant_rows(at::Tensor x, at::Tensor q, at::Tensor s, int64_t ld) {
               "quant_rows: contiguous CUDA tensors expected");
   const c10::cuda::CUDAGuard guard(x.device());  // launch on x's GPU, its current stream
   TORCH_CHECK(x.numel() % 128 == 0 && q.numel() == x.numel(), "quant_rows: bad sizes");
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0 && reinterpret_cast<uintptr_t>(q.data_ptr()) % 8 == 0,
+              "quant_rows: x must be 16-byte aligned (16-byte loads), q 8-byte aligned");
   const long long tiles = x.numel() / 128;
   const int kb_row = x.dim() ? (int)(x.size(-1) / 128) : 0;
   TORCH_CHECK(ld == 0 ? s.numel() == tiles

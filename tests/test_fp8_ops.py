@@ -1,9 +1,10 @@
-"""Tests of the FP8 kernels as PyTorch operators (torch.library custom ops in fp8.py and fp8_experts.py): each
+"""Tests of the FP8 kernels as PyTorch operators (torch.library operators in fp8.py and fp8_experts.py): each
 passes torch.library.opcheck (schema, the fake implementation against the real one, AOT tracing), on the CPU
 (where the operators run the references) and on a Hopper GPU (the kernels); a compiled FP8Linear, expert FFN and
 whole FP8 model are one graph that calls the operators, with the eager values; eager mode calls the functions
 behind the operators directly. (The operators have no autograd formula, and opcheck's autograd test is not run:
-they are called inside FP8Linear's and the experts' autograd functions, whose backward calls them again.)"""
+they are called inside FP8Linear's and the experts' autograd functions, whose backward calls them again; asked
+for gradients through one, it fails.)"""
 import pytest
 import torch
 
@@ -155,6 +156,21 @@ def test_compiled_fp8_expert_ffn_is_one_graph_with_the_eager_values(act_cache):
         return fp8_experts.fp8_expert_ffn(x, w1, w3, w2, [10, 0, 25, 5], act_cache)
     _compiled_equals_eager(fn, [x, w1, w3, w2], "aot_eager", exact=True,
                            ops=EXPERT_OPS)
+
+
+def test_operators_refuse_to_be_differentiated():
+    """The operators have no autograd formula: asked for gradients through one (an input that requires grad, grad
+    mode on), the call fails, eagerly and while torch.compile traces, instead of giving no gradient or zeros.
+    Without gradients (inside the autograd functions, or under no_grad) the same call runs."""
+    x = torch.randn(4, 256, requires_grad=True)
+    with pytest.raises(RuntimeError, match="no autograd formula"):
+        fp8._quant_rows.op(x, False)
+    with pytest.raises(Exception, match="no autograd formula"):
+        torch.compile(lambda t: fp8.quantize_act(t)[1].sum(), backend="aot_eager", fullgraph=True)(x)
+    with torch.no_grad():
+        q, s = fp8._quant_rows.op(x, False)
+    assert q.shape == x.shape and s.shape == (4, 2)
+    assert torch.Tag.pt2_compliant_tag in fp8._quant_rows.op.tags
 
 
 def test_eager_mode_calls_the_functions_not_the_operators():
