@@ -1,7 +1,7 @@
 """FP8 for the routed experts (DeepSeek-V3 technical report §3.3): fp8.py's recipe on a MoE layer's experts.
 
 The routed experts' GEMMs run in FP8 too, with the same 1×128 activation tiles and 128×128 weight blocks as
-``fp8.FP8Linear``. The trouble is that an expert sees only its own tokens, a few hundred rows of varying
+``fp8_linear.FP8Linear``. The trouble is that an expert sees only its own tokens, a few hundred rows of varying
 count. Launching one GEMM per expert wastes the GPU on small problems, so all experts go in one launch:
 
   * Layout: tokens come sorted by expert (``moe.Experts``); each expert's segment is padded with zero rows to
@@ -34,9 +34,9 @@ kExpertsWgrad.
 import torch
 import torch.nn.functional as F
 
-from fp8 import (ACT_CACHES, BLOCK, FP8, check_gemm_operands, compute_dtype, copies_for, dequantize_act,
-                 fp8_gemm_ref, fp8_operator, load_kernel, quantize_act, quantize_act_t, quantize_e5m6, quantize_weight,
-                 say_once, why_no_kernel)
+from fp8 import (BLOCK, FP8, check_gemm_operands, dequantize_act, fp8_gemm_ref, fp8_operator, load_kernel, quantize_act,
+                 quantize_act_t, quantize_e5m6, quantize_weight, say_once, why_no_kernel)
+from fp8_linear import ACT_CACHES, compute_dtype, copies_for
 
 
 # ---------------------------------------------------------------- grouped GEMM (routed experts)
@@ -348,7 +348,7 @@ class _FP8ExpertFFNFn(torch.autograd.Function):
         dst, groups, padded = tile_layout(counts, x.shape[0])
         xp = _padded(x, dst, groups)                                       # (T·128, dim)
         xq, xs = quantize_act(xp)
-        if quantized:                # quantized once for this optimizer step (fp8.weights_quantized_once)
+        if quantized:                # quantized once for this optimizer step (fp8_linear.weights_quantized_once)
             q1, s1, q1t, q3, s3, q3t, q2, s2, q2t = quantized
             q1t, q3t, q2t = ([q1t], [q3t], [q2t]) if backward else ([], [], [])
         else:
@@ -434,7 +434,7 @@ def fp8_expert_ffn(x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torc
     w1 and w3 (E, inter, dim), w2 (E, dim, inter) → (M, dim); A = x·w1ᵀ and B = x·w3ᵀ kept for the backward pass
     as `act_cache` says. The fast twin of fp8_swiglu_down(fp8_segment_mm(x, w1), fp8_segment_mm(x, w3), w2)
     (see _FP8ExpertFFNFn). sizes: a list, or a 1-D integer tensor on x's device. quantized: None (the weights are
-    quantized here), or what fp8.weights_quantized_once made once per optimizer step: (w1, w3, w2) it was made
+    quantized here), or what fp8_linear.weights_quantized_once made once per optimizer step: (w1, w3, w2) it was made
     from, then quantize_weight(w, transpose=True) of each, 12 tensors in one flat tuple; used only if made from
     these very w1, w3 and w2."""
     if act_cache not in ACT_CACHES:
@@ -452,7 +452,7 @@ def fp8_expert_ffn(x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torc
 
 class FP8Experts:
     """The routed experts' FP8 kernels, handed to the model where it is built:
-    ``Transformer(cfg, linear=fp8.FP8Linear, experts=FP8Experts)`` passes this class to every ``moe.MoE``, whose
+    ``Transformer(cfg, linear=fp8_linear.FP8Linear, experts=FP8Experts)`` passes this class to every ``moe.MoE``, whose
     ``Experts`` run their whole FFN with ``ffn`` (fp8_expert_ffn) and any single projection with ``mm`` (the FP8
     twin of ``moe.segment_mm``)."""
 

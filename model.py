@@ -43,8 +43,8 @@ class Block(nn.Module):
 class Transformer(nn.Module):
     """DeepSeek-V3: embedding, dense then MoE blocks, final norm, untied head, D MTP modules.
 
-    `linear` is the class used for the projections inside attention and FFNs (nn.Linear, or fp8.FP8Linear);
-    `experts` the routed experts' kernels (None: high precision; fp8_experts.FP8Experts with fp8.FP8Linear).
+    `linear` is the class used for the projections inside attention and FFNs (nn.Linear, or fp8_linear.FP8Linear);
+    `experts` the routed experts' kernels (None: high precision; fp8_experts.FP8Experts with fp8_linear.FP8Linear).
     The embedding, the output head, the MoE gate and the norms always stay in high precision (report §3.3).
     """
 

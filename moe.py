@@ -221,7 +221,7 @@ class Experts(nn.Module):
     reference (`expert`) always runs in high precision."""
 
     act_cache = "bf16"  # with ffn: how the SwiGLU inputs are kept ("bf16", "fp8" or "e5m6")
-    quantized = None  # with ffn: the FP8 copies of the weights made once per step by fp8.weights_quantized_once
+    quantized = None  # with ffn: the FP8 copies of the weights made once per step by fp8_linear.weights_quantized_once
 
     def __init__(self, n_experts: int, dim: int, inter_dim: int, init_std: float, mm=None, ffn=None):
         super().__init__()

@@ -35,7 +35,7 @@ and --microbatches take the place of --grad_accum. `--plan` prints plan.py's est
 exits. README, "Many processes".
 
 Precision: bf16 autocast on CUDA (fp32 master weights), fp32 on CPU and MPS; `--fp8` swaps the projections for
-fp8.FP8Linear (Hopper GPUs). On one CUDA process the model is torch.compiled unless --no-compile
+fp8_linear.FP8Linear (Hopper GPUs). On one CUDA process the model is torch.compiled unless --no-compile
 (train_setup.default_compile): the first step compiles, and if compiling fails there the run goes on uncompiled
 from the same state (first_step); a --compile typed on the command line stops instead. `--bench` times a few
 steps and prints tokens/s and MFU (FLOPs per token: model.train_flops_per_token, whose counting rule is written
@@ -348,12 +348,12 @@ def evaluate_and_log(run: Run, log) -> dict:
 # -- one optimizer step ----------------------------------------------------------------------------------------
 def fp8_weights_once(run: Run):
     """With --fp8, --grad_accum > 1 and one process: every FP8 weight quantized once for the step's micro-batches,
-    not once per micro-batch (fp8.weights_quantized_once; the same bits, for 2 bytes per weight of memory held
+    not once per micro-batch (fp8_linear.weights_quantized_once; the same bits, for 2 bytes per weight of memory held
     through the step). Otherwise nothing (one micro-batch quantizes each weight once anyway)."""
     if not run.args.fp8 or run.args.grad_accum == 1 or run.layout.distributed:
         return contextlib.nullcontext()
-    import fp8
-    return fp8.weights_quantized_once(run.model)
+    import fp8_linear
+    return fp8_linear.weights_quantized_once(run.model)
 
 
 def forward_backward(run: Run) -> dict:

@@ -77,7 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="start afresh in an out_dir that holds a run; its files stay until the first checkpoint")
     p.add_argument("--device", help="auto, cpu, cuda, cuda:N or mps (default: auto = cuda → mps → cpu)")
     p.add_argument("--seed", type=int, help=f"seed of the init and of the data order (default: {d['seed']})")
-    p.add_argument("--fp8", action=argparse.BooleanOptionalAction, help="FP8 projections (fp8.FP8Linear; Hopper)")
+    p.add_argument("--fp8", action=argparse.BooleanOptionalAction,
+                   help="FP8 projections (fp8_linear.FP8Linear; Hopper)")
     p.add_argument("--fp8_act_cache", choices=("bf16", "fp8", "e5m6", "report"),
                    help="with --fp8: what each FP8 layer keeps of its input for Wgrad, and the routed experts of "
                         "their SwiGLU inputs: the input itself (bf16, the default), its 1x128 tiles in E4M3 (fp8) or "
@@ -467,7 +468,7 @@ def free_memory(device: torch.device):
 
 
 def set_act_cache(model: nn.Module, mode: str) -> None:
-    """What every FP8 layer keeps of its input for Wgrad (fp8.FP8Linear.act_cache), and the routed experts of
+    """What every FP8 layer keeps of its input for Wgrad (fp8_linear.FP8Linear.act_cache), and the routed experts of
     their SwiGLU inputs (moe.Experts.act_cache): one mode for all, or "report": E4M3 tiles everywhere and E5M6
     for the input of W^O, the Linear after attention (report §3.3.3)."""
     for name, m in model.named_modules():
@@ -476,7 +477,7 @@ def set_act_cache(model: nn.Module, mode: str) -> None:
 
 
 def linear_class(fp8: bool, device: torch.device):
-    """nn.Linear, or fp8.FP8Linear (imported only when asked for, and only where its kernel runs)."""
+    """nn.Linear, or fp8_linear.FP8Linear (imported only when asked for, and only where its kernel runs)."""
     if not fp8:
         return nn.Linear
     if device.type != "cuda":
@@ -487,7 +488,8 @@ def linear_class(fp8: bool, device: torch.device):
         raise ValueError(f"--fp8 is unavailable: cannot import fp8.py ({e})") from None
     if fp8.load_kernel() is None:  # builds fp8_gemm.cu now rather than failing (or crawling) mid-run
         raise ValueError(f"--fp8 is unavailable: {getattr(fp8, '_WHY_NOT', None) or 'the FP8 kernel did not load'}")
-    return fp8.FP8Linear
+    import fp8_linear
+    return fp8_linear.FP8Linear
 
 
 def expert_kernels(fp8: bool):

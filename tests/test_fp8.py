@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import fp8
+import fp8_linear
 
 FP8 = torch.float8_e4m3fn
 
@@ -259,7 +260,7 @@ def _fp8_linear_by_hand(lin, x, g):
 
 def _assert_linear_is_the_old_composition(K, N, T, device):
     torch.manual_seed(5)
-    lin = fp8.FP8Linear(K, N, bias=True).to(device)
+    lin = fp8_linear.FP8Linear(K, N, bias=True).to(device)
     x = torch.randn(T, K, device=device)
     g = torch.randn(T, N, device=device)
     x1 = x.clone().requires_grad_()
@@ -278,7 +279,7 @@ def test_fp8_linear_is_bit_identical_to_the_old_composition():
 def test_fp8_linear_keeps_only_what_its_backward_needs():
     """The backward keeps Wᵀ (K, N') for Dgrad, not W; an input without grad gets no Wᵀ and no dX, and the same dW."""
     torch.manual_seed(6)
-    lin = fp8.FP8Linear(256, 288)
+    lin = fp8_linear.FP8Linear(256, 288)
     x, g = torch.randn(80, 256), torch.randn(80, 288)
     grads = []
     for needs_dx in (True, False):
@@ -296,7 +297,7 @@ def test_fp8_linear_keeps_only_what_its_backward_needs():
 @pytest.mark.parametrize("bias, n_out", [(False, 384), (True, 384), (False, 288)])
 def test_fp8_linear_matches_fp32(bias, n_out):
     torch.manual_seed(1)
-    lin = fp8.FP8Linear(256, n_out, bias=bias)  # 288 = a partial last weight block (like V3's 576-row wkv_a)
+    lin = fp8_linear.FP8Linear(256, n_out, bias=bias)  # 288 = a partial last weight block (like V3's 576-row wkv_a)
     (y, y2), (dx, dx2), (dw, dw2), (b, b2) = _linear_vs_fp32(lin, torch.randn(2, 40, 256))  # T = 80 tokens
     assert y.dtype == dx.dtype == torch.float32 and dw.dtype == lin.weight.dtype == torch.float32
     assert y.shape == (2, 40, n_out) and dx.shape == (2, 40, 256) and dw.shape == (n_out, 256)
@@ -334,7 +335,7 @@ def test_fp8_linear_low_precision_activation_cache(act_cache):
     calc_diff is 6.6e-4 with the input kept, 6.7e-4 with E5M6 and 9.9e-4 to 1.0e-3 with E4M3: x rounded twice
     to E4M3 (along K, then along tokens), which is why the report keeps the most sensitive input in E5M6."""
     torch.manual_seed(2)
-    lin = fp8.FP8Linear(256, 384)
+    lin = fp8_linear.FP8Linear(256, 384)
     x = torch.randn(2, 64, 256)
     torch.manual_seed(3)                                               # the same output gradient both times
     (y_ref, _), (dx_ref, _), (dw_ref, _), _ = _linear_vs_fp32(lin, x)
@@ -355,13 +356,13 @@ def test_fp8_linear_low_precision_activation_cache(act_cache):
 
 
 def test_fp8_linear_construction():
-    lin = fp8.FP8Linear(128, 256)
+    lin = fp8_linear.FP8Linear(128, 256)
     assert lin.weight.shape == (256, 128) and lin.bias is None and lin.weight.dtype == torch.float32
     assert [n for n, _ in lin.named_parameters()] == ["weight"]        # same names as nn.Linear
     with pytest.raises(ValueError, match="in_features=100"):
-        fp8.FP8Linear(100, 256)
+        fp8_linear.FP8Linear(100, 256)
     with pytest.raises(ValueError, match="out_features=0"):
-        fp8.FP8Linear(128, 0, bias=False)
+        fp8_linear.FP8Linear(128, 0, bias=False)
 
 
 def test_bench_take_turns_rotates_the_order():
@@ -498,7 +499,7 @@ def test_kernel_wants_mmajor_scales():
 @pytest.mark.parametrize("act_cache", ["bf16", "fp8", "e5m6"])
 def test_fp8_gemm_dispatch_and_linear_on_gpu(act_cache):
     assert fp8.load_kernel() is not None, fp8.why_no_kernel()
-    lin = fp8.FP8Linear(512, 1024).cuda()
+    lin = fp8_linear.FP8Linear(512, 1024).cuda()
     lin.act_cache = act_cache
     x = torch.randn(3, 100, 512, device="cuda")
     (y, y2), (dx, dx2), (dw, dw2), _ = _linear_vs_fp32(lin, x)

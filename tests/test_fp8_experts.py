@@ -7,6 +7,7 @@ import torch
 
 import fp8
 import fp8_experts
+import fp8_linear
 from test_fp8 import _abs8, _assert_fp32_close, hopper
 
 def _grouped_operands(sizes, N, K, device="cpu", seed=0):
@@ -135,7 +136,7 @@ def test_fp8_layers_without_tokens():
     x = torch.randn(0, 128, requires_grad=True)
     fp8_experts.fp8_segment_mm(x, w, [0, 0]).sum().backward()
     assert x.grad.shape == (0, 128) and w.grad.abs().sum() == 0
-    lin = fp8.FP8Linear(128, 256)
+    lin = fp8_linear.FP8Linear(128, 256)
     x = torch.randn(0, 128, requires_grad=True)
     lin(x).sum().backward()
     assert lin.weight.grad.shape == (256, 128) and lin.weight.grad.abs().sum() == 0
@@ -149,7 +150,7 @@ def test_moe_routed_experts_run_in_fp8():
     cfg = ModelConfig(dim=256, moe_inter_dim=128, n_routed_experts=8, n_activated_experts=2, n_expert_groups=1,
                       n_limited_groups=1, n_shared_experts=1)
     torch.manual_seed(0)
-    m8, m32 = MoE(cfg, fp8.FP8Linear, fp8_experts.FP8Experts), MoE(cfg)
+    m8, m32 = MoE(cfg, fp8_linear.FP8Linear, fp8_experts.FP8Experts), MoE(cfg)
     assert m8.experts.mm is fp8_experts.fp8_segment_mm and m32.experts.mm is None
     m32.load_state_dict(m8.state_dict())
     x = torch.randn(2, 256, 256)
@@ -164,7 +165,7 @@ def test_moe_routed_experts_run_in_fp8():
     for (n, p8), p32 in zip(m8.named_parameters(), m32.parameters()):
         assert fp8.calc_diff(p8.grad, p32.grad) < 3e-3, n
     with pytest.raises(ValueError, match="moe_inter_dim"):
-        MoE(ModelConfig(dim=256, moe_inter_dim=96, n_shared_experts=0), fp8.FP8Linear, fp8_experts.FP8Experts)
+        MoE(ModelConfig(dim=256, moe_inter_dim=96, n_shared_experts=0), fp8_linear.FP8Linear, fp8_experts.FP8Experts)
 
 
 def test_transformer_hands_fp8_experts_to_every_moe():
@@ -179,7 +180,7 @@ def test_transformer_hands_fp8_experts_to_every_moe():
                       v_head_dim=64, vocab_size=512)
     for experts, mm, ffn in ((fp8_experts.FP8Experts, fp8_experts.fp8_segment_mm, fp8_experts.fp8_expert_ffn),
                              (None, None, None)):
-        moes = [m for m in Transformer(cfg, fp8.FP8Linear, experts).modules() if isinstance(m, MoE)]
+        moes = [m for m in Transformer(cfg, fp8_linear.FP8Linear, experts).modules() if isinstance(m, MoE)]
         assert len(moes) == 2 and all(m.experts.mm is mm and m.experts.ffn is ffn for m in moes)
 
 
@@ -320,7 +321,7 @@ def test_moe_experts_cache_follows_act_cache():
     outs = []
     for fused in (True, False):
         torch.manual_seed(1)
-        m = MoE(cfg, fp8.FP8Linear, fp8_experts.FP8Experts)
+        m = MoE(cfg, fp8_linear.FP8Linear, fp8_experts.FP8Experts)
         if not fused:
             m.experts.ffn = None                                          # W1, W3, SiLU, ⊙ and W2 by autograd
         with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -329,7 +330,7 @@ def test_moe_experts_cache_follows_act_cache():
         outs.append([y.detach()] + [p.grad for p in m.parameters()])
     assert all(torch.equal(f, u) for f, u in zip(*outs))
     torch.manual_seed(1)
-    m8, m32 = MoE(cfg, fp8.FP8Linear, fp8_experts.FP8Experts), MoE(cfg)
+    m8, m32 = MoE(cfg, fp8_linear.FP8Linear, fp8_experts.FP8Experts), MoE(cfg)
     m32.load_state_dict(m8.state_dict())
     assert m8.experts.ffn is fp8_experts.fp8_expert_ffn and m32.experts.ffn is None
     train_setup.set_act_cache(m8, "report")
@@ -562,7 +563,7 @@ def test_fp8_moe_step_does_not_sync(act_cache):
     cfg = ModelConfig(dim=256, moe_inter_dim=256, n_routed_experts=16, n_activated_experts=4, n_expert_groups=1,
                       n_limited_groups=1, n_shared_experts=1)
     torch.manual_seed(0)
-    m = MoE(cfg, fp8.FP8Linear, fp8_experts.FP8Experts).cuda()
+    m = MoE(cfg, fp8_linear.FP8Linear, fp8_experts.FP8Experts).cuda()
     m.experts.act_cache = act_cache
     x = torch.randn(2, 300, 256, device="cuda")
     g = torch.randn(2, 300, 256, device="cuda")

@@ -10,6 +10,7 @@ import torch
 
 import fp8
 import fp8_experts
+import fp8_linear
 
 FP8 = torch.float8_e4m3fn
 LINEAR_OPS = ("quant_rows", "quant_blocks", "gemm", "quant_cols")         # FP8Linear's forward and backward
@@ -127,11 +128,11 @@ def _compiled_equals_eager(fn, tensors, backend, exact, exact_output=False, ops=
                 assert fp8.calc_diff(a, b) < 3e-4, i
 
 
-@pytest.mark.parametrize("act_cache", fp8.ACT_CACHES)
+@pytest.mark.parametrize("act_cache", fp8_linear.ACT_CACHES)
 def test_compiled_fp8_linear_is_one_graph_with_the_eager_values(act_cache):
     """FP8Linear's forward and backward (quantizations and the three GEMMs) trace into one graph, no break, and the
     traced graph gives the eager values bit for bit (aot_eager: the same ops, run by the AOT autograd graph)."""
-    lin = fp8.FP8Linear(256, 200, bias=True)
+    lin = fp8_linear.FP8Linear(256, 200, bias=True)
     lin.act_cache = act_cache
     x = torch.randn(3, 50, 256)
 
@@ -142,7 +143,7 @@ def test_compiled_fp8_linear_is_one_graph_with_the_eager_values(act_cache):
                            ops=LINEAR_OPS)
 
 
-@pytest.mark.parametrize("act_cache", fp8.ACT_CACHES)
+@pytest.mark.parametrize("act_cache", fp8_linear.ACT_CACHES)
 def test_compiled_fp8_expert_ffn_is_one_graph_with_the_eager_values(act_cache):
     """The routed experts' FP8 FFN (tile layout, grouped GEMMs, K-grouped Wgrad, recomputed SwiGLU) likewise,
     with an idle expert."""
@@ -176,7 +177,7 @@ def test_operators_refuse_to_be_differentiated():
 def test_eager_mode_calls_the_functions_not_the_operators():
     """Outside torch.compile FP8Linear calls the functions behind the operators (an operator call would only add
     dispatch time); the profiler sees an operator call where there is one."""
-    lin = fp8.FP8Linear(256, 128)
+    lin = fp8_linear.FP8Linear(256, 128)
     x = torch.randn(40, 256, requires_grad=True)
     with torch.profiler.profile() as prof:
         lin(x).sum().backward()
@@ -194,7 +195,7 @@ def _fp8_model(device):
                       q_lora_rank=128, kv_lora_rank=128, n_heads=2, qk_nope_head_dim=64, qk_rope_head_dim=64,
                       v_head_dim=64, vocab_size=512, max_seq_len=64)
     torch.manual_seed(0)
-    model = Transformer(cfg, fp8.FP8Linear, fp8_experts.FP8Experts).to(device)
+    model = Transformer(cfg, fp8_linear.FP8Linear, fp8_experts.FP8Experts).to(device)
     idx, tgt = (torch.randint(0, 512, (2, 64), device=device) for _ in range(2))
     return model, idx, tgt
 
@@ -247,13 +248,13 @@ def test_compiled_fp8_model_on_gpu_is_one_graph():
 
 @pytest.mark.gpu
 @hopper
-@pytest.mark.parametrize("act_cache", fp8.ACT_CACHES)
+@pytest.mark.parametrize("act_cache", fp8_linear.ACT_CACHES)
 def test_compiled_fp8_linear_and_experts_on_gpu(act_cache):
     """Inductor around the kernels: the compiled FP8Linear and expert FFN give the eager values (the kernels are
     the same calls, activation quantization included; only inductor's fused elementwise code around them differs,
     so FP8Linear's output is bit for bit the eager one)."""
     assert fp8.load_kernel() is not None, fp8.why_no_kernel()
-    lin = fp8.FP8Linear(512, 1000, bias=True).cuda()
+    lin = fp8_linear.FP8Linear(512, 1000, bias=True).cuda()
     lin.act_cache = act_cache
 
     def lin_fn(x, w, b):  # the bf16 output as it is: inductor would fuse away a bf16 → fp32 round trip after it
@@ -284,7 +285,7 @@ def _accumulated_grads(model, idx, tgt, ctx, fwd=None):
 
 
 def test_weights_quantized_once_gives_the_same_gradients_with_one_quantization_per_weight(monkeypatch):
-    """Inside fp8.weights_quantized_once the FP8 projections and experts use the weights quantized on entering:
+    """Inside fp8_linear.weights_quantized_once the FP8 projections and experts use the weights quantized on entering:
     over two optimizer steps (a block per step, the optimizer stepping between them) the accumulated gradients of
     two micro-batches are the ones of quantizing in every forward, bit for bit (a copy kept from the first block
     would change the second step's), and each weight is quantized once per block instead of once per micro-batch."""
@@ -297,15 +298,15 @@ def test_weights_quantized_once_gives_the_same_gradients_with_one_quantization_p
 
     def counting(fn):
         return lambda w, transpose=False: calls.append(tuple(w.shape)) or fn(w, transpose)
-    monkeypatch.setattr(fp8, "quantize_weight", counting(fp8.quantize_weight))
+    monkeypatch.setattr(fp8_linear, "quantize_weight", counting(fp8_linear.quantize_weight))
     monkeypatch.setattr(fp8_experts, "quantize_weight", counting(fp8_experts.quantize_weight))
-    n_weights = sum(isinstance(m, fp8.FP8Linear) + 3 * isinstance(m, Experts) for m in model.modules())
+    n_weights = sum(isinstance(m, fp8_linear.FP8Linear) + 3 * isinstance(m, Experts) for m in model.modules())
     opts = [torch.optim.SGD(m.parameters(), lr=0.5) for m in (model, twin)]
     for step in range(2):
         calls[:] = []
         want = _accumulated_grads(model, idx, tgt, contextlib.nullcontext())
         per_forward, calls[:] = len(calls), []
-        got = _accumulated_grads(twin, idx, tgt, fp8.weights_quantized_once(twin))
+        got = _accumulated_grads(twin, idx, tgt, fp8_linear.weights_quantized_once(twin))
         assert per_forward == 2 * n_weights and len(calls) == n_weights > 10
         assert want.keys() == got.keys() and all(torch.equal(want[n], got[n]) for n in want), step
         assert all(getattr(m, "quantized", None) is None for m in twin.modules())   # released on leaving
@@ -316,10 +317,10 @@ def test_weights_quantized_once_gives_the_same_gradients_with_one_quantization_p
 def test_weights_quantized_once_serves_only_its_own_weights(monkeypatch):
     """Inside the block, a layer called with another weight (torch.func.functional_call) quantizes that one, and a
     block whose quantization fails part-way leaves no copy behind."""
-    lin = fp8.FP8Linear(128, 256)
+    lin = fp8_linear.FP8Linear(128, 256)
     x, other = torch.randn(4, 128), torch.randn(256, 128)
     want = torch.func.functional_call(lin, {"weight": other}, (x,))
-    with fp8.weights_quantized_once(lin):
+    with fp8_linear.weights_quantized_once(lin):
         assert torch.equal(torch.func.functional_call(lin, {"weight": other}, (x,)), want)
     model, _, _ = _fp8_model("cpu")
     real, calls = fp8.quantize_weight, []
@@ -329,9 +330,9 @@ def test_weights_quantized_once_serves_only_its_own_weights(monkeypatch):
         if len(calls) == 5:
             raise MemoryError("out of memory")
         return real(w, transpose)
-    monkeypatch.setattr(fp8, "quantize_weight", failing)
+    monkeypatch.setattr(fp8_linear, "quantize_weight", failing)
     with pytest.raises(MemoryError):
-        with fp8.weights_quantized_once(model):
+        with fp8_linear.weights_quantized_once(model):
             pass
     assert len(calls) == 5 and all(getattr(m, "quantized", None) is None for m in model.modules())
 
@@ -341,7 +342,7 @@ def test_train_quantizes_fp8_weights_once_only_where_it_pays():
     import contextlib
     from types import SimpleNamespace
     import train
-    lin = fp8.FP8Linear(128, 128)
+    lin = fp8_linear.FP8Linear(128, 128)
 
     def run(fp8_on=True, grad_accum=2, distributed=False):
         return SimpleNamespace(args=SimpleNamespace(fp8=fp8_on, grad_accum=grad_accum), model=lin,
@@ -355,9 +356,9 @@ def test_train_quantizes_fp8_weights_once_only_where_it_pays():
 
 def test_weights_quantized_once_refuses_a_weight_changed_inside():
     """A weight stepped inside the block would leave a stale FP8 copy in use: leaving the block raises."""
-    lin = fp8.FP8Linear(128, 128)
+    lin = fp8_linear.FP8Linear(128, 128)
     with pytest.raises(RuntimeError, match="changed inside the block"):
-        with fp8.weights_quantized_once(lin):
+        with fp8_linear.weights_quantized_once(lin):
             assert lin.quantized is not None
             with torch.no_grad():
                 lin.weight.mul_(2)
@@ -369,12 +370,12 @@ def test_compiled_fp8_model_with_weights_quantized_once_is_one_graph():
     """Compiled inside the block (the weights quantized once are graph inputs, not a graph break), the model gives
     the eager block's gradients (bit for bit but the output head's, as test_compiled_fp8_model_is_one_graph)."""
     model, idx, tgt = _fp8_model("cpu")
-    want = _accumulated_grads(model, idx, tgt, fp8.weights_quantized_once(model))
+    want = _accumulated_grads(model, idx, tgt, fp8_linear.weights_quantized_once(model))
     torch._dynamo.reset()
-    with fp8.weights_quantized_once(model), torch.autocast("cpu", dtype=torch.bfloat16):
+    with fp8_linear.weights_quantized_once(model), torch.autocast("cpu", dtype=torch.bfloat16):
         explained = torch._dynamo.explain(model)(idx, tgt)
     assert explained.graph_count == 1 and explained.graph_break_count == 0, explained.break_reasons
-    got = _accumulated_grads(model, idx, tgt, fp8.weights_quantized_once(model),
+    got = _accumulated_grads(model, idx, tgt, fp8_linear.weights_quantized_once(model),
                              torch.compile(model, backend="aot_eager"))
     assert all(torch.equal(want[n], got[n]) for n in want if n != "head.weight")
     assert fp8.calc_diff(want["head.weight"], got["head.weight"]) < 1e-5
@@ -389,9 +390,9 @@ def test_weights_quantized_once_on_gpu():
     assert fp8.load_kernel() is not None, fp8.why_no_kernel()
     model, idx, tgt = _fp8_model("cuda")
     want = _accumulated_grads(model, idx, tgt, contextlib.nullcontext())
-    got = _accumulated_grads(model, idx, tgt, fp8.weights_quantized_once(model))
+    got = _accumulated_grads(model, idx, tgt, fp8_linear.weights_quantized_once(model))
     assert all(torch.equal(want[n], got[n]) for n in want)
     torch._dynamo.reset()
-    comp = _accumulated_grads(model, idx, tgt, fp8.weights_quantized_once(model), torch.compile(model))
+    comp = _accumulated_grads(model, idx, tgt, fp8_linear.weights_quantized_once(model), torch.compile(model))
     flat = [torch.cat([d[n].flatten().float() for n in want]) for d in (comp, want)]
     assert torch.nn.functional.cosine_similarity(*flat, dim=0) > 0.99

@@ -280,17 +280,17 @@ def test_cli_errors_are_one_line(tmp_path):
 
 def test_fp8_act_cache_modes():
     """--fp8_act_cache report: E4M3 tiles for every FP8 layer, E5M6 for W^O's input (the Linear after attention)."""
-    import fp8
+    import fp8_linear
     cfg = get_preset("tiny", dim=128, inter_dim=256, moe_inter_dim=128, q_lora_rank=128, kv_lora_rank=128,
                      n_heads=2, qk_nope_head_dim=64, qk_rope_head_dim=64, v_head_dim=64, vocab_size=512)
-    model = Transformer(cfg, fp8.FP8Linear)
+    model = Transformer(cfg, fp8_linear.FP8Linear)
     train_setup.set_act_cache(model, "report")
-    modes = {n: m.act_cache for n, m in model.named_modules() if isinstance(m, fp8.FP8Linear)}
+    modes = {n: m.act_cache for n, m in model.named_modules() if isinstance(m, fp8_linear.FP8Linear)}
     wo = {n for n in modes if n.endswith("attn.wo")}
     assert wo and len(wo) == cfg.n_layers + cfg.n_mtp                   # every block's W^O, the MTP blocks' too
     assert all(modes[n] == ("e5m6" if n in wo else "fp8") for n in modes) and len(modes) > len(wo)
     train_setup.set_act_cache(model, "bf16")
-    assert {m.act_cache for m in model.modules() if isinstance(m, fp8.FP8Linear)} == {"bf16"}
+    assert {m.act_cache for m in model.modules() if isinstance(m, fp8_linear.FP8Linear)} == {"bf16"}
 
 
 def test_help_fits_a_terminal(monkeypatch, capsys):

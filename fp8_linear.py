@@ -1,0 +1,183 @@
+"""FP8 training linear layer (DeepSeek-V3 technical report §3.3, Figure 6): Y = X·Wᵀ (+ b) with its three GEMMs in
+FP8, built on fp8.py's quantization and kernels.
+
+  * Fprop Y = X·Wᵀ: X in 1×128 tiles along K, W in 128×128 blocks.
+  * Dgrad dX = dY·W: dY in 1×128 tiles along N, W's blocks transposed (Wᵀ is written with W in one pass).
+  * Wgrad dW = dYᵀ·X: both operands quantized in 1×128 tiles along the tokens ("1D1D"), FP32 output.
+  * Master weight, bias and their gradients stay FP32; the output dtype is nn.Linear's.
+  * Low-precision storage (report §3.3.3): ``FP8Linear.act_cache`` keeps a layer's input for Wgrad as its 1×128
+    E4M3 tiles, or in E5M6 with power-of-2 scales, instead of the input itself.
+  * With gradient accumulation the weights do not change between micro-batches: ``weights_quantized_once``
+    quantizes each FP8 weight of a model (these layers and the routed experts of fp8_experts.py) once per
+    optimizer step, the same bits as quantizing in every forward.
+
+The reference for every GEMM here is fp8.fp8_gemm_ref (with fp8.quantize_act_ref and fp8.quantize_weight_ref):
+on a CPU the functions this layer calls run it. Tests compare the layer's outputs and gradients with the same
+linear in fp32 (calc_diff < 1e-3) and, bit for bit, with fp8's functions composed by hand.
+"""
+import contextlib
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.distributed.tensor import DTensor
+
+from fp8 import BLOCK, dequantize_act, fp8_gemm, quantize_act, quantize_act_t, quantize_e5m6, quantize_weight
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    # Same output dtype as nn.Linear: the autocast dtype inside autocast, else the input's dtype.
+    dev = x.device.type
+    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+
+
+class _FP8LinearFn(torch.autograd.Function):
+    """Y = X·Wᵀ (+ b) with Fprop, Dgrad and Wgrad in FP8 (report §3.3, Figure 6)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, act_cache="bf16", wq=None, ws=None, wq_t=None):
+        out_dtype = compute_dtype(x)
+        x2 = x.reshape(-1, x.shape[-1])                            # (T, K)
+        xq, xs = quantize_act(x2, mmajor=True)                     # 1×128 tiles along K, scales as the kernel wants
+        if wq is not None:           # quantized once for this optimizer step (weights_quantized_once)
+            wq_t = wq_t if ctx.needs_input_grad[0] else None
+        elif ctx.needs_input_grad[0]:  # 128×128 blocks, and Wᵀ for Dgrad (N padded to N'↑128) in the same pass
+            wq, ws, wq_t = quantize_weight(weight, transpose=True)    # (N, K), (N/128, K/128), (K, N')
+        else:                        # no dX wanted (inference, or an input without grad): no Wᵀ
+            (wq, ws), wq_t = quantize_weight(weight), None
+        y = fp8_gemm(xq, xs, wq, ws, out_dtype if bias is None else torch.float32)  # (T, N)
+        if bias is not None:
+            y = (y + bias.float()).to(out_dtype)
+        # What Wgrad will re-quantize along tokens (report §3.3.3, low-precision storage): x itself ("bf16": the
+        # compute dtype), the Fprop's own 1×128 E4M3 tiles ("fp8"), or 1×128 E5M6 tiles ("e5m6").
+        # Of the weight, the backward needs only Wᵀ and the scales (Dgrad); Wgrad does not read W.
+        if act_cache == "fp8":
+            ctx.save_for_backward(xq, xs, wq_t, ws)
+        elif act_cache == "e5m6":
+            ctx.save_for_backward(*quantize_e5m6(x2), wq_t, ws)
+        else:
+            ctx.save_for_backward(x2, wq_t, ws)
+        ctx.meta = (x.shape, x.dtype, weight.dtype, bias is not None, act_cache)
+        return y.reshape(*x.shape[:-1], y.shape[-1])               # (..., N)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x_shape, x_dtype, w_dtype, has_bias, act_cache = ctx.meta
+        if act_cache == "bf16":
+            x2, wq_t, ws = ctx.saved_tensors
+        else:  # the cached 1×128 tiles, back to values: their 128×1 tiles along tokens are cut below
+            xc, xcs, wq_t, ws = ctx.saved_tensors
+            x2 = dequantize_act(xc, xcs)
+        dy2 = dy.reshape(-1, dy.shape[-1])                         # (T, N)
+        # Dgrad dX = dY·W = dY·(Wᵀ)ᵀ: dY in 1×128 tiles along N; Wᵀ's 128×128 blocks are W's, transposed.
+        # N is the contraction here: when it is not a multiple of 128, zero columns of Wᵀ (written so by
+        # quantize_weight) and of dY fill the last tile (they add nothing; W's last block scale covers the padding).
+        dx = None
+        if wq_t is not None:
+            pad_n = -dy2.shape[1] % BLOCK
+            dyq, dys = quantize_act(F.pad(dy2, (0, pad_n)) if pad_n else dy2, mmajor=True)  # (T, N'), N'=N↑128
+            dx = fp8_gemm(dyq, dys, wq_t, ws.t().contiguous(), x_dtype).reshape(x_shape)  # (T, K) → x's shape
+        # Wgrad dW = dYᵀ·X sums over tokens, so both are quantized in 1×128 tiles along T (rows of dYᵀ and Xᵀ);
+        # T is zero-padded to a multiple of 128 (zero tokens add nothing).
+        dytq, dyts = quantize_act_t(dy2)                             # (N, T'), (N, T'/128)
+        xtq, xts = quantize_act_t(x2)                                # (K, T'), (K, T'/128)
+        dw = (fp8_gemm(dytq, dyts, xtq, xts, w_dtype) if dy2.shape[0]  # (N, K)
+              else torch.zeros(dy2.shape[1], x2.shape[1], dtype=w_dtype, device=dy.device))  # no tokens
+        db = dy2.float().sum(0) if has_bias else None
+        return dx, dw, db, None, None, None, None
+
+
+ACT_CACHES = ("bf16", "fp8", "e5m6")
+
+
+class FP8Linear(nn.Module):
+    """Drop-in for nn.Linear(in_features, out_features, bias=False) whose three GEMMs run in FP8.
+
+    Master weight (and bias) are FP32 parameters named like nn.Linear's; they are re-quantized (online amax)
+    on every forward, or once per optimizer step inside `weights_quantized_once` (`quantized`). in_features must
+    be a multiple of 128 (the forward contracts over it in whole 1×128 tiles); out_features may be any size (the
+    last 128×128 weight block is partial, like V3's 576-row wkv_a).
+    Output dtype as nn.Linear's (the autocast dtype under autocast, else the input dtype; fp32 on CPU).
+
+    act_cache (class attribute, or set per layer): what the layer keeps of its input for Wgrad. "bf16" keeps the
+    input itself. "fp8" keeps the Fprop's 1×128 E4M3 tiles, and "e5m6" 1×128 E5M6 tiles with power-of-2
+    scales. The report does the latter two (E5M6 for the input of the Linear after attention); Wgrad then
+    re-quantizes the dequantized values in 128×1 tiles along tokens, a second rounding."""
+
+    act_cache = "bf16"
+    quantized = None  # (weight, w_fp8, scale, w_t), set by weights_quantized_once; None: quantize per call
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, device=None, dtype=None):
+        super().__init__()
+        if not isinstance(out_features, int) or out_features <= 0:
+            raise ValueError(f"FP8Linear: out_features={out_features} must be a positive integer")
+        if not isinstance(in_features, int) or in_features <= 0 or in_features % BLOCK:
+            raise ValueError(f"FP8Linear: in_features={in_features} must be a positive multiple of {BLOCK} "
+                             f"(activations are quantized in 1×128 tiles along it); choose such dims for FP8 runs")
+        self.in_features, self.out_features = in_features, out_features
+        kw = dict(device=device, dtype=dtype or torch.float32)
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, **kw))
+        self.bias = nn.Parameter(torch.empty(out_features, **kw)) if bias else None
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))     # nn.Linear's default
+        if self.bias is not None:
+            bound = 1 / math.sqrt(self.in_features)
+            nn.init.uniform_(self.bias, -bound, bound)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"FP8Linear: input last dim {x.shape[-1]} != in_features {self.in_features}")
+        if self.act_cache not in ACT_CACHES:
+            raise ValueError(f"FP8Linear: act_cache={self.act_cache!r}, expected one of {ACT_CACHES}")
+        # the copy made from this very weight, or none (e.g. torch.func.functional_call passing another one)
+        q = copies_for(self.quantized, (self.weight,))
+        return _FP8LinearFn.apply(x, self.weight, self.bias, self.act_cache, *q)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"act_cache={self.act_cache}")
+
+
+def copies_for(quantized, weights) -> tuple:
+    """The FP8 copies in `quantized` (what weights_quantized_once stores: the weights, then each one's w_fp8,
+    scale and w_t) if they were made from these very weights, else () (quantize them now)."""
+    n = len(weights)
+    fresh = bool(quantized) and all(a is b for a, b in zip(quantized[:n], weights))
+    return tuple(quantized[n:]) if fresh else ()
+
+
+@contextlib.contextmanager
+def weights_quantized_once(model: nn.Module):
+    """Quantize each FP8 weight of `model` once for all the passes inside the block: the micro-batches of one
+    optimizer step, between which the weights do not change.
+
+    Outside such a block an FP8 layer quantizes its weight (128×128 blocks, and Wᵀ for Dgrad) in every forward, so
+    M micro-batches of gradient accumulation pass M times over every weight to get the same bits. Inside, the
+    FP8Linear layers and the FP8 routed experts (moe.Experts with an `ffn`) use what was quantized on entering
+    (their `quantized` attribute: the weights it was made from, then each one's w_fp8, scale and w_t): the same
+    values, one pass. The price is memory: W and Wᵀ in FP8 of every layer are held for the whole block (2 bytes
+    per weight), where per forward only Wᵀ is kept, from a layer's forward to its backward. So it pays with M > 1.
+    The weights must stay as they are inside the block (the optimizer step comes after it): leaving it checks
+    their version counters and raises if one was changed in place. One process only: sharded weights (FSDP,
+    expert parallelism: DTensors) are refused."""
+    held = [(m, (m.weight,)) for m in model.modules() if isinstance(m, FP8Linear)]
+    held += [(m, (m.w1, m.w3, m.w2)) for m in model.modules()
+             if hasattr(m, "quantized") and getattr(m, "ffn", None) is not None]
+    if any(isinstance(w, DTensor) for _, ws in held for w in ws):
+        raise ValueError("weights_quantized_once: sharded (DTensor) weights are not supported; one process only")
+    versions = [(w, w._version) for _, ws in held for w in ws]
+    try:
+        with torch.no_grad():
+            made = [ws + tuple(t for w in ws for t in quantize_weight(w, transpose=True)) for _, ws in held]
+        for (m, _), q in zip(held, made):  # set only once every copy is made: a failure leaves none behind
+            m.quantized = q
+        yield
+    finally:
+        for m, _ in held:
+            m.quantized = None
+    if any(w._version != v for w, v in versions):
+        raise RuntimeError("weights_quantized_once: a weight changed inside the block, where its FP8 copy was "
+                           "quantized once; step the optimizer outside the block")
