@@ -254,6 +254,9 @@ __global__ void __launch_bounds__(256) blocks(const T* __restrict__ w, uint8_t* 
 }
 }  // namespace fp8q
 
+// Whether t's data starts on a multiple of `bytes` (the kernels' vector loads and stores need it).
+static bool aligned(const at::Tensor& t, int bytes) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % bytes == 0; }
+
 // q, s preallocated by fp8.py: q uint8 view of the float8 output, s float32.
 // s: the (R, C/128) scales row-major (ld = 0), or a contiguous (C/128, ld) buffer, ld >= R, for M-major scales.
 void quant_rows(at::Tensor x, at::Tensor q, at::Tensor s, int64_t ld) {
@@ -261,7 +264,7 @@ void quant_rows(at::Tensor x, at::Tensor q, at::Tensor s, int64_t ld) {
               "quant_rows: contiguous CUDA tensors expected");
   const c10::cuda::CUDAGuard guard(x.device());  // launch on x's GPU, its current stream
   TORCH_CHECK(x.numel() % 128 == 0 && q.numel() == x.numel(), "quant_rows: bad sizes");
-  TORCH_CHECK(reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0 && reinterpret_cast<uintptr_t>(q.data_ptr()) % 8 == 0,
+  TORCH_CHECK(aligned(x, 16) && aligned(q, 8),
               "quant_rows: x must be 16-byte aligned (16-byte loads), q 8-byte aligned");
   const long long tiles = x.numel() / 128;
   const int kb_row = x.dim() ? (int)(x.size(-1) / 128) : 0;
@@ -291,11 +294,11 @@ void quant_cols(at::Tensor x, at::Tensor q, at::Tensor s) {
                   s.size(1) == R_pad / 128, "quant_cols: q must be (C, R rounded up to 128), s (C, that / 128)");
   if (!R || !C) return;
   auto stream = c10::cuda::getCurrentCUDAStream();
-  TORCH_CHECK(reinterpret_cast<uintptr_t>(q.data_ptr()) % 16 == 0, "quant_cols: q must be 16-byte aligned");
+  TORCH_CHECK(aligned(q, 16), "quant_cols: q must be 16-byte aligned");
   dim3 grid((C + 63) / 64, R_pad / 128);
   auto qp = reinterpret_cast<uint8_t*>(q.data_ptr());
   // 16-byte loads when every row of x starts 16-byte aligned
-  const bool vec = reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0 && C * x.element_size() % 16 == 0;
+  const bool vec = aligned(x, 16) && C * x.element_size() % 16 == 0;
   if (x.scalar_type() == at::kBFloat16)
     fp8q::cols<<<grid, 256, 0, stream>>>(reinterpret_cast<const __nv_bfloat16*>(x.data_ptr()), qp, s.data_ptr<float>(),
                                          R, C, R_pad, vec);
@@ -317,9 +320,8 @@ void quant_blocks(at::Tensor w, at::Tensor q, std::optional<at::Tensor> qt, at::
               "quant_blocks: q must be (E, R, C), s (E, ceil(R/128), ceil(C/128))");
   TORCH_CHECK(!qt || (qt->dim() == 3 && qt->size(0) == E && qt->size(1) == C && qt->size(2) == nb * 128),
               "quant_blocks: qt must be (E, C, R rounded up to 128)");
-  TORCH_CHECK(reinterpret_cast<uintptr_t>(w.data_ptr()) % 16 == 0, "quant_blocks: w must be 16-byte aligned");
-  TORCH_CHECK(reinterpret_cast<uintptr_t>(q.data_ptr()) % 4 == 0 &&
-                  (!qt || reinterpret_cast<uintptr_t>(qt->data_ptr()) % 4 == 0),
+  TORCH_CHECK(aligned(w, 16), "quant_blocks: w must be 16-byte aligned");
+  TORCH_CHECK(aligned(q, 4) && (!qt || aligned(*qt, 4)),
               "quant_blocks: q and qt must be 4-byte aligned (4-byte stores)");
   TORCH_CHECK(nb <= 65535 && E <= 65535, "quant_blocks: at most 65535 row blocks and 65535 matrices (grid limits)");
   if (!E || !R || !C) return;
