@@ -175,16 +175,21 @@ def bench_training(experts=32, rows=2048):
         print(f"| wgrad 1D1D | {M} | {N} | {K} | "
               f"{rate(M, N, K, lambda: ext.gemm_wgrad(aq, a_s, bq, sbt, out32))} | "
               f"{rate(M, N, K, lambda: ext.gemm(aq, a_m, wq, ws, out))} |", flush=True)
-    for M, N in [(512, 1024), (1024, 512)]:  # expert wgrad: dW[e] = dY_eᵀ·X_e over each expert's own tokens
-        K = experts * rows
+    # expert wgrad: dW[e] = dY_eᵀ·X_e over each expert's own tokens; `small`-like, then v3-layers' experts
+    # (16 of width 2048 at hidden 7168, 4,096 tokens × top-8 spread evenly: 2,048 tokens each)
+    for n_exp, n_tok, M, N in [(experts, rows, 512, 1024), (experts, rows, 1024, 512),
+                               (16, 2048, 2048, 7168), (16, 2048, 7168, 2048)]:
+        K = n_exp * n_tok
         aq, a_s = quantize_act(torch.randn(M, K, device="cuda"))
         bq, b_s = quantize_act(torch.randn(N, K, device="cuda"))
         sbt = F.pad(b_s.t(), (0, -N % BLOCK)).contiguous()
         out = torch.empty(M, N, device="cuda", dtype=torch.float32)
-        kgrouped = rate(M, N, K, lambda: fp8_gemm_kgrouped(aq, a_s, bq, b_s, [rows] * experts, torch.float32))
-        print(f"| wgrad, {experts} experts × {rows} tokens (K-grouped) | {M} | {N} | {K} | {kgrouped} | "
+        kgrouped = rate(M, N, K, lambda: fp8_gemm_kgrouped(aq, a_s, bq, b_s, [n_tok] * n_exp, torch.float32))
+        print(f"| wgrad, {n_exp} experts × {n_tok} tokens (K-grouped) | {M} | {N} | {K} | {kgrouped} | "
               f"{rate(M, N, K, lambda: ext.gemm_wgrad(aq, a_s, bq, sbt, out))} (1D1D, one sum over all K) |",
               flush=True)
+        del aq, bq, out
+        torch.cuda.empty_cache()
     for N, K in [(512, 1024), (1024, 512), (2048, 7168), (7168, 2048)]:
         M = experts * rows
         aq, a_s = quantize_act(torch.randn(M, K, device="cuda"))
