@@ -145,7 +145,9 @@ def copies_for(quantized, weights) -> tuple:
     """The FP8 copies in `quantized` (what weights_quantized_once stores: the weights, then each one's w_fp8,
     scale and w_t) if they were made from these very weights, else () (quantize them now)."""
     n = len(weights)
-    fresh = bool(quantized) and all(a is b for a, b in zip(quantized[:n], weights))
+    # `is not None and len(...)`, not `bool(quantized)`: torch 2.11's dynamo cannot trace bool() of a tuple and
+    # would split the compiled model's graph at every FP8 layer.
+    fresh = quantized is not None and len(quantized) > n and all(a is b for a, b in zip(quantized[:n], weights))
     return tuple(quantized[n:]) if fresh else ()
 
 
