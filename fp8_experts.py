@@ -13,7 +13,7 @@ count. Launching one GEMM per expert wastes the GPU on small problems, so all ex
     multiplies expert groups[t]'s weight out of the stacked (E, N, K) tensor; tiles of group -1 are skipped.
   * Wgrad: one **K-grouped** GEMM (``fp8_gemm_kgrouped``). dW[e] = dY_segᵀ·X_seg contracts over the expert's own
     tokens, so both operands are quantized along the tokens (1×128 tiles on both, "1D1D") and each expert sums
-    only its own K range (``k_groups``; an idle expert's range is empty, its dW stays 0). The output is FP32, as
+    only its own K range (``k_groups``; an idle expert's range is empty, its dW is 0). The output is FP32, as
     the report keeps Wgrad.
   * ``fp8_segment_mm`` wraps the three in an autograd function: the FP8 twin of ``moe.segment_mm``.
   * Low-precision storage with recomputation (§3.3.3): ``fp8_swiglu_down`` runs the experts' SwiGLU and their
@@ -147,8 +147,8 @@ def fp8_gemm_kgrouped_ref(a, a_scale, b, b_scale, sizes, out_dtype=torch.bfloat1
 
 def fp8_gemm_kgrouped(a, a_scale, b, b_scale, sizes, out_dtype=torch.bfloat16) -> torch.Tensor:
     """K-grouped GEMM (see the reference): one kernel launch on Hopper, with the segments read in place (the
-    operator v3fp8::gemm_kgrouped). sizes on the GPU stay there (k_groups): the kernel skips the empty segments,
-    whose outputs stay 0."""
+    operator v3fp8::gemm_kgrouped). sizes on the GPU stay there (k_groups): the kernel writes zeros for the empty
+    segments (the output is not zero-filled first)."""
     if a.shape[1]:                                                     # no tokens at all: zero gradients
         _check_kgrouped(a, a_scale, b, b_scale, sizes)                 # a list's sizes too, on the host
     sizes = sizes if torch.is_tensor(sizes) else torch.tensor(sizes, dtype=torch.long, device=a.device)
@@ -167,7 +167,7 @@ def _gemm_kgrouped(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_sc
                      f"using the PyTorch reference K-grouped GEMM (slow)")
         return fp8_gemm_kgrouped_ref(a, a_scale, b, b_scale, sizes, out_dtype)
     E = len(sizes)
-    out = torch.zeros(E * M, N, dtype=torch.float32, device=a.device)                     # idle experts stay 0
+    out = torch.empty(E * M, N, dtype=torch.float32, device=a.device)                     # idle experts: 0s
     sbt = F.pad(b_scale.t(), (0, -N % BLOCK)).contiguous()                                 # (K/128, N')
     ext.gemm_experts_wgrad(a.contiguous(), a_scale.contiguous(), b.contiguous(), sbt,
                            k_groups(sizes.to(a.device)), out)

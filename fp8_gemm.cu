@@ -32,7 +32,7 @@
 //                  uses (routed experts' Fprop, Dgrad), or to none (-1: skipped); A scales row-major, read
 //                  from global memory
 //   kWgrad         dense 1D1D: B's per-row scales copied into each stage; fp32 out (FP8Linear Wgrad)
-//   kExpertsWgrad  K-grouped 1D1D: per expert, the sum over its own tokens' K blocks, none for an idle expert
+//   kExpertsWgrad  K-grouped 1D1D: per expert, the sum over its own tokens' K blocks, zeros for an idle expert
 //                  (routed experts' Wgrad)
 // The shape heuristics (pipeline depth, split of the last round of tiles) are in one host function, schedule().
 // How this kernel grew from a plain mma.sync GEMM, with the measured steps, is in fp8_teaching/.
@@ -91,8 +91,8 @@ struct Layout {
 };
 
 // Everything but the tensor maps. groups: kMGrouped, the expert of each 128-row tile of A (-1: no expert, the
-// tile is skipped); kKGrouped, n_groups triples (expert, first K block, number of K blocks; 0 blocks: skipped).
-// split_*: the split tail of kFprop (schedule()).
+// tile is skipped); kKGrouped, n_groups triples (expert, first K block, number of K blocks; 0 blocks: an idle
+// expert, whose tiles are all zeros). split_*: the split tail of kFprop (schedule()).
 template <typename OutT>
 struct Problem {
   const float* sa;
@@ -324,7 +324,8 @@ __global__ void __launch_bounds__(THREADS, 1) gemm_kernel(const __grid_constant_
   // Tile t: its coordinates, its K blocks [kb0, kb0 + nkb) and the row of C where it is stored. A grouped tile
   // with no K blocks (M-grouped: a tile of group -1, the unused tail of the tile layout; K-grouped: an idle
   // expert) is skipped, by the producer and the math warps alike: neither touches the ring for it, so their
-  // stages and barrier phases stay in step, and nothing is written (its rows of C are never read, or stay 0).
+  // stages and barrier phases stay in step. M-grouped, nothing is written (those rows of C are never read);
+  // K-grouped, the math warps store the tile's zeros.
   auto tile = [&](int t, int& m0, int& n0, int& kb0, int& nkb, int& c_row) {
     const int g = KGROUPED ? t / (num_m * num_n) : 0;
     tile_coords(t - g * num_m * num_n, num_m, num_n, m0, n0);
@@ -492,9 +493,12 @@ __global__ void __launch_bounds__(THREADS, 1) gemm_kernel(const __grid_constant_
     // Each tile (t, a split run's K blocks, or nkb < 0: all of them): its K loop, then its epilogue.
     auto run_tile = [&](int t, int kb0_, int nkb_) {
       const Work w = work_of(t, kb0_, nkb_);
-      if ((MGROUPED || KGROUPED) && w.nkb == 0) return;  // a skipped tile, as the producer skips it (see tile())
 #pragma unroll
       for (int i = 0; i < 64; ++i) fin[i] = 0.f;
+      if ((MGROUPED || KGROUPED) && w.nkb == 0) {  // a skipped tile, as the producer skips it (see tile())
+        if (KGROUPED) store_tile(w);  // an idle expert's gradient: zeros
+        return;
+      }
       // Step kb: start block kb + 1 into `nxt` (step 2), wait for block kb (in `cur`) only, release its stage
       // and promote it (step 3). Scales from global memory are loaded one step ahead, so that their latency
       // hides behind a whole block of MMAs rather than stalling the promotion.
@@ -783,8 +787,8 @@ void gemm_wgrad(at::Tensor a, at::Tensor a_scale, at::Tensor b, at::Tensor b_sca
 
 // Routed experts' Wgrad: out[e] (M, N) = the 1D1D product over the K blocks [kb0, kb0 + nkb) of each group
 // (e, kb0, nkb) of kg (G, 3) int32 on the GPU; out (E*M, N) fp32, M % 128 == 0. A group with nkb = 0 (an idle
-// expert) is skipped: its rows, like those of experts named by no group, are left as they are. kg is read by
-// the kernel only, never by the host (no wait for the GPU).
+// expert) gets zeros; the rows of experts named by no group are left as they are. kg is read by the kernel
+// only, never by the host (no wait for the GPU).
 void gemm_experts_wgrad(at::Tensor a, at::Tensor a_scale, at::Tensor b, at::Tensor b_scale_t, at::Tensor kg,
                         at::Tensor out) {
   check_wgrad(a, a_scale, b, b_scale_t, out, "fp8 gemm_experts_wgrad");
