@@ -384,14 +384,19 @@ def test_compiled_fp8_model_with_weights_quantized_once_is_one_graph():
 @pytest.mark.gpu
 @hopper
 def test_weights_quantized_once_on_gpu():
-    """With the kernels: eager inside the block gives the per-forward gradients bit for bit; compiled (inductor)
-    inside the block stays within bf16's rounding of them."""
+    """With the kernels: eager inside the block gives the per-forward gradients bit for bit; inside the block the
+    model is one graph (torch 2.11 split it at every FP8 layer before copies_for stopped calling bool() on a
+    tuple); compiled (inductor) inside the block stays within bf16's rounding of them."""
     import contextlib
     assert fp8.load_kernel() is not None, fp8.why_no_kernel()
     model, idx, tgt = _fp8_model("cuda")
     want = _accumulated_grads(model, idx, tgt, contextlib.nullcontext())
     got = _accumulated_grads(model, idx, tgt, fp8_linear.weights_quantized_once(model))
     assert all(torch.equal(want[n], got[n]) for n in want)
+    torch._dynamo.reset()
+    with fp8_linear.weights_quantized_once(model), torch.autocast("cuda", dtype=torch.bfloat16):
+        explained = torch._dynamo.explain(model)(idx, tgt)   # one graph with the GPU machine's torch too
+    assert explained.graph_count == 1 and explained.graph_break_count == 0, explained.break_reasons
     torch._dynamo.reset()
     comp = _accumulated_grads(model, idx, tgt, fp8_linear.weights_quantized_once(model), torch.compile(model))
     flat = [torch.cat([d[n].flatten().float() for n in want]) for d in (comp, want)]
