@@ -340,6 +340,21 @@ def fp8_gemm(a, a_scale, b, b_scale, out_dtype=torch.bfloat16) -> torch.Tensor:
     return _gemm(a, a_scale, b, b_scale, out_dtype)
 
 
+def fp8_gemm_into(a, a_scale, b, b_scale, out: torch.Tensor) -> None:
+    """out += A·Bᵀ for Wgrad's operands (1×128 scales on both, see fp8_gemm) and out an fp32 (M, N) tensor: a
+    weight's gradient summed over micro-batches in place (fp8_linear.grads_accumulated_in_wgrad). On Hopper the
+    1D1D kernel adds its tile to what out holds in its epilogue, instead of writing a new gradient that autograd
+    then adds with another pass over both; elsewhere out += fp8_gemm_ref(...). The same fp32 sums either way (the
+    operator v3fp8::gemm_into)."""
+    if not check_gemm_operands(a, a_scale, b, b_scale):
+        raise ValueError("fp8_gemm_into: b_scale must hold 1×128 tiles along K, (N, K/128)")
+    if (not isinstance(out, torch.Tensor) or out.dtype != torch.float32 or tuple(out.shape) != (a.shape[0], b.shape[0])
+            or out.device != a.device):
+        raise ValueError(f"fp8_gemm_into: out must be a float32 {(a.shape[0], b.shape[0])} tensor on {a.device}, got "
+                         f"{getattr(out, 'dtype', type(out))} {tuple(getattr(out, 'shape', ()))}")
+    _gemm_into(a, a_scale, b, b_scale, out)
+
+
 # ---------------------------------------------------------------- the kernels as PyTorch operators
 # Each kernel call above goes through a torch.library operator, so that torch.compile sees one opaque op (with a
 # "fake" twin that gives only the output's shape, dtype and strides) instead of an unknown extension call that
@@ -349,7 +364,7 @@ def fp8_gemm(a, a_scale, b, b_scale, out_dtype=torch.bfloat16) -> torch.Tensor:
 _LIB = torch.library.Library("v3fp8", "DEF")  # the operators' namespace (kept alive for the process)
 
 
-def fp8_operator(name: str):
+def fp8_operator(name: str, mutates_args=()):
     """Decorator: fn becomes the operator v3fp8::<name> (`.op`; its fake implementation is registered with
     `.register_fake`). The function it returns calls the operator while torch.compile traces, so that the graph
     holds one opaque node, and fn itself otherwise: in eager mode an operator call only adds dispatch time.
@@ -357,7 +372,7 @@ def fp8_operator(name: str):
     (fn picks the kernel or the reference itself). The lower-level torch.library.Library is used rather than
     torch.library.custom_op, which wraps every call in more Python (autograd and aliasing checks): dispatch took
     34 µs per call that way and 12 µs this way on a 2-core CPU, paid on the host ~1,000 times per compiled FP8
-    training step of `small`."""
+    training step of `small`. mutates_args: the names of the arguments fn writes into (it then returns None)."""
     def register(fn):
         def no_grad_through(args):
             # No autograd formula: the operators run inside FP8Linear's and the experts' autograd functions, whose
@@ -377,7 +392,8 @@ def fp8_operator(name: str):
             torch.library.register_fake(f"v3fp8::{name}", checked, lib=_LIB)
             return fake
 
-        _LIB.define(name + torch.library.infer_schema(fn, mutates_args=()), tags=(torch.Tag.pt2_compliant_tag,))
+        _LIB.define(name + torch.library.infer_schema(fn, mutates_args=mutates_args),
+                    tags=(torch.Tag.pt2_compliant_tag,))
         _LIB.impl(name, kernel, "CompositeExplicitAutograd")
         op = getattr(torch.ops.v3fp8, name).default
 
@@ -498,6 +514,29 @@ def _gemm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torc
 @_gemm.register_fake
 def _(a, a_scale, b, b_scale, out_dtype):
     return a.new_empty(a.shape[0], b.shape[0], dtype=out_dtype)
+
+
+@fp8_operator("gemm_into", mutates_args=("out",))
+def _gemm_into(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
+               out: torch.Tensor) -> None:
+    """fp8_gemm_into on validated operands."""
+    M, N = a.shape[0], b.shape[0]
+    if M == 0 or N == 0:
+        return
+    if (a.is_cuda and load_kernel() is not None and N % 8 == 0 and out.is_contiguous()
+            and out.data_ptr() % 16 == 0):
+        sbt = F.pad(b_scale.t(), (0, -N % BLOCK)).contiguous()                # (K/128, N'), N' = ⌈N/128⌉·128
+        _EXT.gemm_wgrad(a.contiguous(), a_scale.contiguous(), b.contiguous(), sbt, out, accumulate=True)
+        return
+    if a.is_cuda:
+        say_once(f"{_WHY_NOT or f'N = {N} (not a multiple of 8) or out not contiguous and 16-byte aligned'}; "
+                 f"using the PyTorch reference GEMM (slow) for the Wgrad sum")
+    out += fp8_gemm_ref(a, a_scale, b, b_scale, torch.float32)
+
+
+@_gemm_into.register_fake
+def _(a, a_scale, b, b_scale, out):
+    return None
 
 
 # ---------------------------------------------------------------- demo: `python fp8.py` (CPU, seconds)

@@ -14,7 +14,7 @@ count. Launching one GEMM per expert wastes the GPU on small problems, so all ex
   * Wgrad: one **K-grouped** GEMM (``fp8_gemm_kgrouped``). dW[e] = dY_segᵀ·X_seg contracts over the expert's own
     tokens, so both operands are quantized along the tokens (1×128 tiles on both, "1D1D") and each expert sums
     only its own K range (``k_groups``; an idle expert's range is empty, its dW is 0). The output is FP32, as
-    the report keeps Wgrad.
+    the report keeps Wgrad; ``fp8_gemm_kgrouped_into`` adds it to the weights' gradient in place instead.
   * ``fp8_segment_mm`` wraps the three in an autograd function: the FP8 twin of ``moe.segment_mm``.
   * Low-precision storage with recomputation (§3.3.3): ``fp8_swiglu_down`` runs the experts' SwiGLU and their
     down projection W2 as one autograd step. It keeps only the SwiGLU's inputs for the backward pass, in 1×128
@@ -179,6 +179,46 @@ def _(a, a_scale, b, b_scale, sizes, out_dtype):
     return a.new_empty(sizes.shape[0], a.shape[0], b.shape[0], dtype=out_dtype)
 
 
+def fp8_gemm_kgrouped_into(a, a_scale, b, b_scale, sizes, out: torch.Tensor) -> None:
+    """out += fp8_gemm_kgrouped(a, a_scale, b, b_scale, sizes) for out an fp32 (E, M, N) tensor: the routed experts'
+    gradients summed over micro-batches in place (fp8_linear.grads_accumulated_in_wgrad). On Hopper the kernel adds
+    each tile to what out holds (an idle expert's rows are left as they are); elsewhere out += the reference. The
+    same fp32 sums either way (the operator v3fp8::gemm_kgrouped_into)."""
+    E = sizes.numel() if torch.is_tensor(sizes) else len(sizes)
+    if (not isinstance(out, torch.Tensor) or out.dtype != torch.float32 or out.device != a.device
+            or tuple(out.shape) != (E, a.shape[0], b.shape[0])):
+        raise ValueError(f"fp8_gemm_kgrouped_into: out must be a float32 {(E, a.shape[0], b.shape[0])} tensor on "
+                         f"{a.device}, got {getattr(out, 'dtype', type(out))} {tuple(getattr(out, 'shape', ()))}")
+    if a.shape[1] == 0:                                                # no tokens at all: nothing to add
+        return
+    _check_kgrouped(a, a_scale, b, b_scale, sizes)
+    sizes = sizes if torch.is_tensor(sizes) else torch.tensor(sizes, dtype=torch.long, device=a.device)
+    _gemm_kgrouped_into(a, a_scale, b, b_scale, sizes, out)
+
+
+@fp8_operator("gemm_kgrouped_into", mutates_args=("out",))
+def _gemm_kgrouped_into(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
+                        sizes: torch.Tensor, out: torch.Tensor) -> None:
+    """fp8_gemm_kgrouped_into with sizes a tensor."""
+    (M, K), N = a.shape, b.shape[0]
+    ext = load_kernel() if a.is_cuda else None
+    fits = M % BLOCK == 0 and N % 8 == 0 and M and K and out.is_contiguous() and out.data_ptr() % 16 == 0
+    if ext is not None and fits:
+        sbt = F.pad(b_scale.t(), (0, -N % BLOCK)).contiguous()                             # (K/128, N')
+        ext.gemm_experts_wgrad(a.contiguous(), a_scale.contiguous(), b.contiguous(), sbt,
+                               k_groups(sizes.to(a.device)), out.view(-1, N), accumulate=True)
+        return
+    if a.is_cuda and M and K:
+        say_once(f"{why_no_kernel() or f'M = {M} (not a multiple of 128), N = {N} (not of 8) or out not contiguous'}; "
+                 f"using the PyTorch reference K-grouped GEMM (slow) for the Wgrad sum")
+    out += fp8_gemm_kgrouped_ref(a, a_scale, b, b_scale, sizes, torch.float32)
+
+
+@_gemm_kgrouped_into.register_fake
+def _(a, a_scale, b, b_scale, sizes, out):
+    return None
+
+
 # ---------------------------------------------------------------- FP8 routed experts
 def tile_layout(counts: torch.Tensor, M: int):
     """The tile layout of M rows sorted by expert, counts (E,) the rows of each expert (an integer tensor summing
@@ -241,10 +281,13 @@ def _dgrad(dyp, wq_t, ws, groups, out_dtype):
     return fp8_gemm_grouped(dyq, dys, wq_t, ws.transpose(1, 2).contiguous(), groups, out_dtype)
 
 
-def _wgrad(dyp, xt, padded, out_dtype):
+def _wgrad(dyp, xt, padded, out_dtype, into=None):
     """Wgrad: dW[e] = dY_segᵀ·X_seg over the expert's own (padded) tokens, both quantized along tokens; xt is
-    quantize_act_t of the padded input (K, T·128), (K, T). → (E, N, K), one launch on Hopper."""
+    quantize_act_t of the padded input (K, T·128), (K, T). → (E, N, K), one launch on Hopper; or, given the
+    weight's gradient `into` (fp8_linear.grads_accumulated_in_wgrad), added to it in place → None."""
     dytq, dyts = quantize_act_t(dyp)                                   # (N, T·128), (N, T)
+    if into is not None:
+        return fp8_gemm_kgrouped_into(dytq, dyts, *xt, padded, into)
     return fp8_gemm_kgrouped(dytq, dyts, *xt, padded, out_dtype)
 
 
@@ -343,7 +386,7 @@ class _FP8ExpertFFNFn(torch.autograd.Function):
     those tiles and each expert's K range of the K-grouped Wgrad ends before them."""
 
     @staticmethod
-    def forward(ctx, x, w1, w3, w2, counts, act_cache, backward, *quantized):
+    def forward(ctx, x, w1, w3, w2, counts, act_cache, backward, g1, g3, g2, *quantized):
         dtype = compute_dtype(x)
         dst, groups, padded = tile_layout(counts, x.shape[0])
         xp = _padded(x, dst, groups)                                       # (T·128, dim)
@@ -361,7 +404,7 @@ class _FP8ExpertFFNFn(torch.autograd.Function):
         y = fp8_gemm_grouped(hq, hs, q2, s2, groups, dtype).index_select(0, dst)  # (M, dim)
         if backward:
             kept = _keep(a, b, act_cache)
-            ctx.save_for_backward(xp, *q1t, s1, *q3t, s3, *q2t, s2, dst, groups, padded, *kept)
+            ctx.save_for_backward(xp, *q1t, s1, *q3t, s3, *q2t, s2, dst, groups, padded, g1, g3, g2, *kept)
         ctx.meta = (act_cache, dtype, x.dtype, (w1.dtype, w3.dtype, w2.dtype))
         ctx.n_quantized = len(quantized)
         return y
@@ -369,20 +412,20 @@ class _FP8ExpertFFNFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         act_cache, dtype, x_dtype, (w1_dtype, w3_dtype, w2_dtype) = ctx.meta
-        xp, q1t, s1, q3t, s3, q2t, s2, dst, groups, padded, *kept = ctx.saved_tensors
+        xp, q1t, s1, q3t, s3, q2t, s2, dst, groups, padded, g1, g3, g2, *kept = ctx.saved_tensors
         a, b = _restore(kept, act_cache, dtype)                           # (T·128, inter) each
         s = F.silu(a)                                                      # recomputed: SiLU(A) and H
         h = s * b
         dyp = _padded(dy, dst, groups)                                     # (T·128, dim)
         dh = _dgrad(dyp, q2t, s2, groups, dtype)                           # (T·128, inter)
-        dw2 = _wgrad(dyp, quantize_act_t(h), padded, w2_dtype)
+        dw2 = _wgrad(dyp, quantize_act_t(h), padded, w2_dtype, g2)     # None when added to g2 in place
         da = torch.ops.aten.silu_backward(dh * b, a)                      # the ops autograd would run
         db = dh * s
         dx = _dgrad(da, q1t, s1, groups, x_dtype)                         # (T·128, dim)
         dx += _dgrad(db, q3t, s3, groups, x_dtype)                         # in place: one buffer fewer
         xt = quantize_act_t(xp)                                            # once for both Wgrads
-        dw1, dw3 = _wgrad(da, xt, padded, w1_dtype), _wgrad(db, xt, padded, w3_dtype)
-        return (dx.index_select(0, dst), dw1, dw3, dw2, None, None, None) + (None,) * ctx.n_quantized
+        dw1, dw3 = _wgrad(da, xt, padded, w1_dtype, g1), _wgrad(db, xt, padded, w3_dtype, g3)
+        return (dx.index_select(0, dst), dw1, dw3, dw2) + (None,) * (6 + ctx.n_quantized)
 
 
 def _segment_counts(sizes, M: int, n_experts: int, device, fits: bool, operands: str) -> torch.Tensor:
@@ -429,14 +472,16 @@ def fp8_segment_mm(x: torch.Tensor, w: torch.Tensor, sizes) -> torch.Tensor:
 
 
 def fp8_expert_ffn(x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor, sizes,
-                   act_cache: str = "bf16", quantized=None) -> torch.Tensor:
+                   act_cache: str = "bf16", quantized=None, grad_into=None) -> torch.Tensor:
     """The routed experts' SwiGLU FFN in FP8, (SiLU(x·w1[e]ᵀ) ⊙ x·w3[e]ᵀ)·w2[e]ᵀ per segment of rows, for x (M, dim),
     w1 and w3 (E, inter, dim), w2 (E, dim, inter) → (M, dim); A = x·w1ᵀ and B = x·w3ᵀ kept for the backward pass
     as `act_cache` says. The fast twin of fp8_swiglu_down(fp8_segment_mm(x, w1), fp8_segment_mm(x, w3), w2)
     (see _FP8ExpertFFNFn). sizes: a list, or a 1-D integer tensor on x's device. quantized: None (the weights are
     quantized here), or what fp8_linear.weights_quantized_once made once per optimizer step: (w1, w3, w2) it was made
     from, then quantize_weight(w, transpose=True) of each, 12 tensors in one flat tuple; used only if made from
-    these very w1, w3 and w2."""
+    these very w1, w3 and w2. grad_into: None (autograd gets the weights' gradients), or what
+    fp8_linear.grads_accumulated_in_wgrad hands over: (w1, w3, w2, then their .grad), into which the Wgrad kernels
+    add in place; used only if these are those very w1, w3 and w2."""
     if act_cache not in ACT_CACHES:
         raise ValueError(f"fp8_expert_ffn: act_cache={act_cache!r}, expected one of {ACT_CACHES}")
     fits = (x.dim() == 2 and w1.dim() == 3 and w1.shape == w3.shape and x.shape[1] == w1.shape[2]
@@ -447,7 +492,8 @@ def fp8_expert_ffn(x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torc
     # No gradient wanted (evaluation, torch.no_grad): no Wᵀ and nothing kept for a backward pass that never runs.
     backward = torch.is_grad_enabled() and any(t.requires_grad for t in (x, w1, w3, w2))
     q = copies_for(quantized, (w1, w3, w2))
-    return _FP8ExpertFFNFn.apply(x, w1, w3, w2, counts, act_cache, backward, *q)
+    g = copies_for(grad_into, (w1, w3, w2)) if backward else ()
+    return _FP8ExpertFFNFn.apply(x, w1, w3, w2, counts, act_cache, backward, *(g or (None,) * 3), *q)
 
 
 class FP8Experts:

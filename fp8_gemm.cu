@@ -20,7 +20,9 @@
 //     wgmmas of block kb + 1 run on the tensor cores while block kb is promoted, so the promotion is hidden.
 //  4. Epilogue. After the last K block `fin` is rounded to bf16, written through swizzled shared memory and
 //     stored by an asynchronous TMA store (the math warps start the next tile at once); fp32 outputs and rows
-//     TMA cannot store go out with plain stores instead.
+//     TMA cannot store go out with plain stores instead. The fp32 Wgrad outputs can also be accumulated
+//     (C += the tile: a weight's gradient summed over micro-batches where it lies), their lines of C fetched
+//     into L2 when the tile starts.
 // The grid is persistent: one CTA per SM walks its tiles in a banded order (8 N tiles wide) that keeps the B
 // slices of neighbouring CTAs in L2.
 //
@@ -92,7 +94,8 @@ struct Layout {
 
 // Everything but the tensor maps. groups: kMGrouped, the expert of each 128-row tile of A (-1: no expert, the
 // tile is skipped); kKGrouped, n_groups triples (expert, first K block, number of K blocks; 0 blocks: an idle
-// expert, whose tiles are all zeros). split_*: the split tail of kFprop (schedule()).
+// expert, whose tiles are all zeros). split_*: the split tail of kFprop (schedule()). accumulate (the fp32
+// Wgrad variants): C += the product instead of C = it (a weight's gradient summed over micro-batches in place).
 template <typename OutT>
 struct Problem {
   const float* sa;
@@ -105,6 +108,7 @@ struct Problem {
   float* split_ws;
   unsigned* split_flags;
   int split_parts;
+  int accumulate;
 };
 
 // ------------------------------------------------------------ PTX wrappers
@@ -119,7 +123,8 @@ __device__ __forceinline__ float lds(const float* p) {
   return v;
 }
 
-// Two adjacent outputs of one row: one 8-byte (fp32) or 4-byte (bf16) store when both are in range and aligned.
+// Two adjacent outputs of one row: one 8-byte (fp32) or 4-byte (bf16) store when both are in range and aligned;
+// add_pair reads what an fp32 C holds there into x and y, with the same bounds.
 template <typename OutT>
 __device__ __forceinline__ OutT to_out(float v) {
   if constexpr (std::is_same_v<OutT, float>) return v;
@@ -135,6 +140,19 @@ __device__ __forceinline__ void store_pair(OutT* C, int M, int N, int row, int c
   } else {
     if (col < N) p[0] = to_out<OutT>(x);
     if (col + 1 < N) p[1] = to_out<OutT>(y);
+  }
+}
+
+__device__ __forceinline__ void add_pair(const float* C, int M, int N, int row, int col, float& x, float& y) {
+  if (row >= M) return;
+  const float* p = C + (size_t)row * N + col;
+  if (col + 1 < N && (N & 1) == 0) {
+    const float2 v = *reinterpret_cast<const float2*>(p);
+    x += v.x;
+    y += v.y;
+  } else {
+    if (col < N) x += p[0];
+    if (col + 1 < N) y += p[1];
   }
 }
 
@@ -294,7 +312,7 @@ __device__ __forceinline__ void tile_coords(int t, int num_m, int num_n, int& m0
 }
 
 // ------------------------------------------------------------ the kernel
-template <Kernel KIND, int STAGES, bool SPLIT_TAIL>
+template <Kernel KIND, int STAGES, bool SPLIT_TAIL, bool ACC>
 __global__ void __launch_bounds__(THREADS, 1) gemm_kernel(const __grid_constant__ CUtensorMap tmA,
                                                           const __grid_constant__ CUtensorMap tmB,
                                                           const __grid_constant__ CUtensorMap tmC,
@@ -303,6 +321,7 @@ __global__ void __launch_bounds__(THREADS, 1) gemm_kernel(const __grid_constant_
   using L = Layout<KIND, STAGES>;
   using OutT = typename T::Out;
   static_assert(!SPLIT_TAIL || KIND == Kernel::kFprop, "the split tail is built for kFprop");
+  static_assert(!ACC || Traits<KIND>::b_row_scales, "C += the tile is built for the fp32 Wgrad kernels");
   constexpr bool MGROUPED = T::type == GemmType::kMGrouped, KGROUPED = T::type == GemmType::kKGrouped;
   const float* __restrict__ SA = p.sa;
   const float* __restrict__ SB = p.sb;
@@ -325,7 +344,7 @@ __global__ void __launch_bounds__(THREADS, 1) gemm_kernel(const __grid_constant_
   // with no K blocks (M-grouped: a tile of group -1, the unused tail of the tile layout; K-grouped: an idle
   // expert) is skipped, by the producer and the math warps alike: neither touches the ring for it, so their
   // stages and barrier phases stay in step. M-grouped, nothing is written (those rows of C are never read);
-  // K-grouped, the math warps store the tile's zeros.
+  // K-grouped, the math warps store the tile's zeros (or, accumulating, leave C as it is).
   auto tile = [&](int t, int& m0, int& n0, int& kb0, int& nkb, int& c_row) {
     const int g = KGROUPED ? t / (num_m * num_n) : 0;
     tile_coords(t - g * num_m * num_n, num_m, num_n, m0, n0);
@@ -482,6 +501,31 @@ __global__ void __launch_bounds__(THREADS, 1) gemm_kernel(const __grid_constant_
         }
       } else {
         OutT* Cg = p.c + (size_t)(w.c_row - w.m0) * N;  // K-grouped: this expert's block of rows (else C itself)
+        if constexpr (ACC) {  // C += fin (C's lines were fetched into L2 when the tile started, see run_tile)
+          if (w.m0 + BM <= M && w.n0 + BN <= N) {  // a whole tile: all 32 loads in flight at once, then the adds
+            float2 old[32];
+#pragma unroll
+            for (int j = 0; j < 16; ++j) {
+              const int col = w.n0 + 8 * j + 2 * (lane & 3);
+              old[2 * j] = *reinterpret_cast<const float2*>(Cg + (size_t)r0 * N + col);
+              old[2 * j + 1] = *reinterpret_cast<const float2*>(Cg + (size_t)r1 * N + col);
+            }
+#pragma unroll
+            for (int j = 0; j < 16; ++j) {
+              fin[4 * j + 0] += old[2 * j].x;
+              fin[4 * j + 1] += old[2 * j].y;
+              fin[4 * j + 2] += old[2 * j + 1].x;
+              fin[4 * j + 3] += old[2 * j + 1].y;
+            }
+          } else {  // an edge tile: each pair checked (one load in flight at a time)
+#pragma unroll
+            for (int j = 0; j < 16; ++j) {
+              const int col = w.n0 + 8 * j + 2 * (lane & 3);
+              add_pair(Cg, M, N, r0, col, fin[4 * j + 0], fin[4 * j + 1]);
+              add_pair(Cg, M, N, r1, col, fin[4 * j + 2], fin[4 * j + 3]);
+            }
+          }
+        }
 #pragma unroll
         for (int j = 0; j < 16; ++j) {  // register 4j+{0,1} -> (row r0, cols 8j + 2(lane%4) + {0,1}); 4j+{2,3} -> r1
           int col = w.n0 + 8 * j + 2 * (lane & 3);
@@ -496,9 +540,16 @@ __global__ void __launch_bounds__(THREADS, 1) gemm_kernel(const __grid_constant_
 #pragma unroll
       for (int i = 0; i < 64; ++i) fin[i] = 0.f;
       if ((MGROUPED || KGROUPED) && w.nkb == 0) {  // a skipped tile, as the producer skips it (see tile())
-        if (KGROUPED) store_tile(w);  // an idle expert's gradient: zeros
+        if (KGROUPED && !ACC) store_tile(w);  // an idle expert's gradient: zeros
         return;
       }
+      if constexpr (ACC) {  // the lines of C this warpgroup adds to, into L2 now: read after the K loop
+          const int row = w.m0 + mw * 64 + ((threadIdx.x & 127) >> 1);  // 2 threads a row, 2 lines of 128 B each
+          const int col = w.n0 + 64 * (threadIdx.x & 1);
+          const OutT* c = p.c + (size_t)(w.c_row - w.m0 + row) * N + col;
+          if (row < M && col < N) asm volatile("prefetch.global.L2::evict_last [%0];\n" ::"l"(c));
+          if (row < M && col + 32 < N) asm volatile("prefetch.global.L2::evict_last [%0];\n" ::"l"(c + 32));
+        }
       // Step kb: start block kb + 1 into `nxt` (step 2), wait for block kb (in `cur`) only, release its stage
       // and promote it (step 3). Scales from global memory are loaded one step ahead, so that their latency
       // hides behind a whole block of MMAs rather than stalling the promotion.
@@ -656,12 +707,12 @@ static Schedule schedule(Kernel kind, int tiles, int k_blocks, int sms) {
   return {5, parts >= 2 ? parts : 0};
 }
 
-// One launch of gemm_kernel<KIND, STAGES, SPLIT_TAIL>. b_rows: rows of B (E*N when M-grouped); c_rows: rows of C
-// (E*M when K-grouped).
-template <Kernel KIND, int STAGES, bool SPLIT_TAIL>
+// One launch of gemm_kernel<KIND, STAGES, SPLIT_TAIL, ACC>. b_rows: rows of B (E*N when M-grouped); c_rows: rows
+// of C (E*M when K-grouped).
+template <Kernel KIND, int STAGES, bool SPLIT_TAIL, bool ACC = false>
 static const char* launch(const uint8_t* A, const uint8_t* B, Problem<typename Traits<KIND>::Out> p, int b_rows,
                           int c_rows, cudaStream_t stream) {
-  auto kern = gemm_kernel<KIND, STAGES, SPLIT_TAIL>;
+  auto kern = gemm_kernel<KIND, STAGES, SPLIT_TAIL, ACC>;
   constexpr int smem = Layout<KIND, STAGES>::bytes;
   static bool attr = false;  // once per build (and per process: the device current at first use)
   if (!attr) {
@@ -696,6 +747,9 @@ static const char* run(const uint8_t* A, const uint8_t* B, Problem<typename Trai
     if (s.stages == 6) return launch<KIND, 6, false>(A, B, p, b_rows, c_rows, stream);
     if (s.split_parts) return launch<KIND, 5, true>(A, B, p, b_rows, c_rows, stream);
     return launch<KIND, 5, false>(A, B, p, b_rows, c_rows, stream);
+  } else if constexpr (Traits<KIND>::b_row_scales) {  // accumulating or not: two builds, each as fast as it can be
+    if (p.accumulate) return launch<KIND, 6, false, true>(A, B, p, b_rows, c_rows, stream);
+    return launch<KIND, 6, false>(A, B, p, b_rows, c_rows, stream);
   } else {
     return launch<KIND, 6, false>(A, B, p, b_rows, c_rows, stream);
   }
@@ -772,25 +826,27 @@ static void check_wgrad(const at::Tensor& a, const at::Tensor& a_scale, const at
 }
 
 // out (M, N) fp32 = a (M, K) [a_scale (M, K/128)] . b (N, K) [b_scale_t]^T: FP8Linear's Wgrad, both operands in
-// 1x128 tiles along K (the tokens).
-void gemm_wgrad(at::Tensor a, at::Tensor a_scale, at::Tensor b, at::Tensor b_scale_t, at::Tensor out) {
+// 1x128 tiles along K (the tokens). accumulate: out += the product (the weight's gradient summed in place).
+void gemm_wgrad(at::Tensor a, at::Tensor a_scale, at::Tensor b, at::Tensor b_scale_t, at::Tensor out,
+                bool accumulate) {
   check_wgrad(a, a_scale, b, b_scale_t, out, "fp8 gemm_wgrad");
   const c10::cuda::CUDAGuard guard(a.device());
   const int M = a.size(0), K = a.size(1), N = b.size(0);
   TORCH_CHECK(out.size(0) == M && out.size(1) == N, "fp8 gemm_wgrad: out must be (M, N)");
   if (M == 0 || N == 0) return;
   fp8g::Problem<float> p{a_scale.data_ptr<float>(), b_scale_t.data_ptr<float>(), out.data_ptr<float>(), M, N, K,
-                         nullptr, 0, 0, nullptr, nullptr, 0};
+                         nullptr, 0, 0, nullptr, nullptr, 0, accumulate};
   const char* err = fp8g::run<Kernel::kWgrad>(bytes_of(a), bytes_of(b), p, N, M);
   TORCH_CHECK(err == nullptr, "fp8 gemm_wgrad: launch failed: ", err ? err : "");
 }
 
 // Routed experts' Wgrad: out[e] (M, N) = the 1D1D product over the K blocks [kb0, kb0 + nkb) of each group
 // (e, kb0, nkb) of kg (G, 3) int32 on the GPU; out (E*M, N) fp32, M % 128 == 0. A group with nkb = 0 (an idle
-// expert) gets zeros; the rows of experts named by no group are left as they are. kg is read by the kernel
-// only, never by the host (no wait for the GPU).
+// expert) gets zeros; the rows of experts named by no group are left as they are. accumulate: out[e] += the
+// product (an idle expert's rows left as they are). kg is read by the kernel only, never by the host (no wait
+// for the GPU).
 void gemm_experts_wgrad(at::Tensor a, at::Tensor a_scale, at::Tensor b, at::Tensor b_scale_t, at::Tensor kg,
-                        at::Tensor out) {
+                        at::Tensor out, bool accumulate) {
   check_wgrad(a, a_scale, b, b_scale_t, out, "fp8 gemm_experts_wgrad");
   const c10::cuda::CUDAGuard guard(a.device());
   const int M = a.size(0), K = a.size(1), N = b.size(0);
@@ -800,7 +856,7 @@ void gemm_experts_wgrad(at::Tensor a, at::Tensor a_scale, at::Tensor b, at::Tens
               "fp8 gemm_experts_wgrad: kg must be a contiguous (G, 3) int32 CUDA tensor");
   if (N == 0 || kg.size(0) == 0) return;
   fp8g::Problem<float> p{a_scale.data_ptr<float>(), b_scale_t.data_ptr<float>(), out.data_ptr<float>(), M, N, K,
-                         kg.data_ptr<int>(), (int)kg.size(0), 0, nullptr, nullptr, 0};
+                         kg.data_ptr<int>(), (int)kg.size(0), 0, nullptr, nullptr, 0, accumulate};
   const char* err = fp8g::run<Kernel::kExpertsWgrad>(bytes_of(a), bytes_of(b), p, N, (int)out.size(0));
   TORCH_CHECK(err == nullptr, "fp8 gemm_experts_wgrad: launch failed: ", err ? err : "");
 }
@@ -841,9 +897,14 @@ void quant_blocks(at::Tensor w, at::Tensor q, std::optional<at::Tensor> qt, at::
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemm", &gemm, "fine-grained FP8 GEMM, M-major A scales, bf16 out (Fprop, Dgrad)");
-  m.def("gemm_wgrad", &gemm_wgrad, "1x128 scales on both operands, fp32 out (Wgrad, '1D1D')");
+  namespace py = pybind11;
+  m.def("gemm_wgrad", &gemm_wgrad, "1x128 scales on both operands, fp32 out (Wgrad, '1D1D'); out += with accumulate",
+        py::arg("a"), py::arg("a_scale"), py::arg("b"), py::arg("b_scale_t"), py::arg("out"),
+        py::arg("accumulate") = false);
   m.def("gemm_experts", &gemm_experts, "M-grouped: each 128-row tile of a uses its expert's weight");
-  m.def("gemm_experts_wgrad", &gemm_experts_wgrad, "K-grouped 1D1D: one fp32 output per expert (experts' Wgrad)");
+  m.def("gemm_experts_wgrad", &gemm_experts_wgrad, "K-grouped 1D1D: one fp32 output per expert (experts' Wgrad)",
+        py::arg("a"), py::arg("a_scale"), py::arg("b"), py::arg("b_scale_t"), py::arg("kg"), py::arg("out"),
+        py::arg("accumulate") = false);
   m.def("quant_rows", &quant_rows, "fused 1x128 quantization along the last dim, scales row- or M-major");
   m.def("quant_cols", &quant_cols, "fused transpose + 1x128 quantization of x^T, rows padded to 128");
   m.def("quant_blocks", &quant_blocks, "fused 128x128 block quantization of W, with W^T in the same pass");

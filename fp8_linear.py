@@ -9,7 +9,8 @@ FP8, built on fp8.py's quantization and kernels.
     E4M3 tiles, or in E5M6 with power-of-2 scales, instead of the input itself.
   * With gradient accumulation the weights do not change between micro-batches: ``weights_quantized_once``
     quantizes each FP8 weight of a model (these layers and the routed experts of fp8_experts.py) once per
-    optimizer step, the same bits as quantizing in every forward.
+    optimizer step, the same bits as quantizing in every forward; and ``grads_accumulated_in_wgrad`` has the
+    Wgrad GEMM add each micro-batch's weight gradient into ``.grad`` itself (the same sums as autograd's).
 
 The reference for every GEMM here is fp8.fp8_gemm_ref (with fp8.quantize_act_ref and fp8.quantize_weight_ref):
 on a CPU the functions this layer calls run it. Tests compare the layer's outputs and gradients with the same
@@ -23,7 +24,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
 
-from fp8 import BLOCK, dequantize_act, fp8_gemm, quantize_act, quantize_act_t, quantize_e5m6, quantize_weight
+from fp8 import (BLOCK, dequantize_act, fp8_gemm, fp8_gemm_into, quantize_act, quantize_act_t, quantize_e5m6,
+                 quantize_weight)
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -36,7 +38,7 @@ class _FP8LinearFn(torch.autograd.Function):
     """Y = X·Wᵀ (+ b) with Fprop, Dgrad and Wgrad in FP8 (report §3.3, Figure 6)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, act_cache="bf16", wq=None, ws=None, wq_t=None):
+    def forward(ctx, x, weight, bias, act_cache="bf16", grad_into=None, wq=None, ws=None, wq_t=None):
         out_dtype = compute_dtype(x)
         x2 = x.reshape(-1, x.shape[-1])                            # (T, K)
         xq, xs = quantize_act(x2, mmajor=True)                     # 1×128 tiles along K, scales as the kernel wants
@@ -52,12 +54,13 @@ class _FP8LinearFn(torch.autograd.Function):
         # What Wgrad will re-quantize along tokens (report §3.3.3, low-precision storage): x itself ("bf16": the
         # compute dtype), the Fprop's own 1×128 E4M3 tiles ("fp8"), or 1×128 E5M6 tiles ("e5m6").
         # Of the weight, the backward needs only Wᵀ and the scales (Dgrad); Wgrad does not read W.
+        # grad_into: the weight's gradient, which Wgrad adds into in place (grads_accumulated_in_wgrad), or None.
         if act_cache == "fp8":
-            ctx.save_for_backward(xq, xs, wq_t, ws)
+            ctx.save_for_backward(xq, xs, wq_t, ws, grad_into)
         elif act_cache == "e5m6":
-            ctx.save_for_backward(*quantize_e5m6(x2), wq_t, ws)
+            ctx.save_for_backward(*quantize_e5m6(x2), wq_t, ws, grad_into)
         else:
-            ctx.save_for_backward(x2, wq_t, ws)
+            ctx.save_for_backward(x2, wq_t, ws, grad_into)
         ctx.meta = (x.shape, x.dtype, weight.dtype, bias is not None, act_cache)
         return y.reshape(*x.shape[:-1], y.shape[-1])               # (..., N)
 
@@ -65,9 +68,9 @@ class _FP8LinearFn(torch.autograd.Function):
     def backward(ctx, dy):
         x_shape, x_dtype, w_dtype, has_bias, act_cache = ctx.meta
         if act_cache == "bf16":
-            x2, wq_t, ws = ctx.saved_tensors
+            x2, wq_t, ws, grad_into = ctx.saved_tensors
         else:  # the cached 1×128 tiles, back to values: their 128×1 tiles along tokens are cut below
-            xc, xcs, wq_t, ws = ctx.saved_tensors
+            xc, xcs, wq_t, ws, grad_into = ctx.saved_tensors
             x2 = dequantize_act(xc, xcs)
         dy2 = dy.reshape(-1, dy.shape[-1])                         # (T, N)
         # Dgrad dX = dY·W = dY·(Wᵀ)ᵀ: dY in 1×128 tiles along N; Wᵀ's 128×128 blocks are W's, transposed.
@@ -82,10 +85,15 @@ class _FP8LinearFn(torch.autograd.Function):
         # T is zero-padded to a multiple of 128 (zero tokens add nothing).
         dytq, dyts = quantize_act_t(dy2)                             # (N, T'), (N, T'/128)
         xtq, xts = quantize_act_t(x2)                                # (K, T'), (K, T'/128)
-        dw = (fp8_gemm(dytq, dyts, xtq, xts, w_dtype) if dy2.shape[0]  # (N, K)
-              else torch.zeros(dy2.shape[1], x2.shape[1], dtype=w_dtype, device=dy.device))  # no tokens
+        if grad_into is not None:  # added to the weight's gradient in place: none for autograd to add
+            if dy2.shape[0]:
+                fp8_gemm_into(dytq, dyts, xtq, xts, grad_into)
+            dw = None
+        else:
+            dw = (fp8_gemm(dytq, dyts, xtq, xts, w_dtype) if dy2.shape[0]  # (N, K)
+                  else torch.zeros(dy2.shape[1], x2.shape[1], dtype=w_dtype, device=dy.device))  # no tokens
         db = dy2.float().sum(0) if has_bias else None
-        return dx, dw, db, None, None, None, None
+        return dx, dw, db, None, None, None, None, None
 
 
 ACT_CACHES = ("bf16", "fp8", "e5m6")
@@ -107,6 +115,7 @@ class FP8Linear(nn.Module):
 
     act_cache = "bf16"
     quantized = None  # (weight, w_fp8, scale, w_t), set by weights_quantized_once; None: quantize per call
+    grad_into = None  # (weight, its .grad), set by grads_accumulated_in_wgrad; None: autograd sums the gradients
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False, device=None, dtype=None):
         super().__init__()
@@ -134,7 +143,8 @@ class FP8Linear(nn.Module):
             raise ValueError(f"FP8Linear: act_cache={self.act_cache!r}, expected one of {ACT_CACHES}")
         # the copy made from this very weight, or none (e.g. torch.func.functional_call passing another one)
         q = copies_for(self.quantized, (self.weight,))
-        return _FP8LinearFn.apply(x, self.weight, self.bias, self.act_cache, *q)
+        g = copies_for(self.grad_into, (self.weight,)) or (None,)
+        return _FP8LinearFn.apply(x, self.weight, self.bias, self.act_cache, *g, *q)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
@@ -143,7 +153,8 @@ class FP8Linear(nn.Module):
 
 def copies_for(quantized, weights) -> tuple:
     """The FP8 copies in `quantized` (what weights_quantized_once stores: the weights, then each one's w_fp8,
-    scale and w_t) if they were made from these very weights, else () (quantize them now)."""
+    scale and w_t) if they were made from these very weights, else () (quantize them now). The same for the
+    gradient buffers grads_accumulated_in_wgrad stores (the weights, then their .grad)."""
     n = len(weights)
     # `is not None and len(...)`, not `bool(quantized)`: torch 2.11's dynamo cannot trace bool() of a tuple and
     # would split the compiled model's graph at every FP8 layer.
@@ -165,9 +176,7 @@ def weights_quantized_once(model: nn.Module):
     The weights must stay as they are inside the block (the optimizer step comes after it): leaving it checks
     their version counters and raises if one was changed in place. One process only: sharded weights (FSDP,
     expert parallelism: DTensors) are refused."""
-    held = [(m, (m.weight,)) for m in model.modules() if isinstance(m, FP8Linear)]
-    held += [(m, (m.w1, m.w3, m.w2)) for m in model.modules()
-             if hasattr(m, "quantized") and getattr(m, "ffn", None) is not None]
+    held = _fp8_weights(model)
     if any(isinstance(w, DTensor) for _, ws in held for w in ws):
         raise ValueError("weights_quantized_once: sharded (DTensor) weights are not supported; one process only")
     versions = [(w, w._version) for _, ws in held for w in ws]
@@ -183,3 +192,53 @@ def weights_quantized_once(model: nn.Module):
     if any(w._version != v for w, v in versions):
         raise RuntimeError("weights_quantized_once: a weight changed inside the block, where its FP8 copy was "
                            "quantized once; step the optimizer outside the block")
+
+
+def _fp8_weights(model: nn.Module) -> list:
+    """[(module, its FP8 weights)]: each FP8Linear's weight, and w1, w3, w2 of the FP8 routed experts (moe.Experts
+    with an `ffn`)."""
+    held = [(m, (m.weight,)) for m in model.modules() if isinstance(m, FP8Linear)]
+    return held + [(m, (m.w1, m.w3, m.w2)) for m in model.modules()
+                   if hasattr(m, "quantized") and getattr(m, "ffn", None) is not None]
+
+
+@contextlib.contextmanager
+def grads_accumulated_in_wgrad(model: nn.Module):
+    """Inside the block, each FP8 weight's gradient is summed over the micro-batches by its Wgrad GEMM itself.
+
+    Outside, autograd sums them: each micro-batch's Wgrad writes a new fp32 gradient, which AccumulateGrad then
+    adds into `.grad` (a pass that reads both and writes one), M − 1 times for M micro-batches, over every weight.
+    Inside, every FP8 weight that wants a gradient has one from the start (`.grad` as it was, or zeros), handed to
+    its layer (`grad_into`: the weights, then their gradients); the layer's backward has the Wgrad kernel add its
+    tile to what `.grad` holds as it stores it (fp8.fp8_gemm_into, fp8_experts.fp8_gemm_kgrouped_into) and gives
+    autograd no gradient for that weight. The sums are the same bits: 0 + g = g, then the same fp32 additions.
+
+    Since autograd never sees those gradients, nothing it runs when a gradient arrives runs: hooks on the weights
+    (refused here) and those of DDP / FSDP (one process only: sharded weights are refused). FP32 weights only
+    (others are left to autograd). Zeroing the gradients inside the block would drop the buffers the layers add
+    into: leaving it checks that every weight's `.grad` is still its buffer and raises if not."""
+    held = [(m, ws) for m, ws in _fp8_weights(model)
+            if all(w.requires_grad and w.dtype == torch.float32 for w in ws)]
+    if any(isinstance(w, DTensor) for _, ws in held for w in ws):
+        raise ValueError("grads_accumulated_in_wgrad: sharded (DTensor) weights are not supported; one process only")
+    if any(w._backward_hooks or getattr(w, "_post_accumulate_grad_hooks", None) for _, ws in held for w in ws):
+        raise ValueError("grads_accumulated_in_wgrad: a weight has gradient hooks, which would not run "
+                         "(its gradient never passes through autograd inside the block)")
+    with torch.no_grad():
+        for _, ws in held:
+            for w in ws:
+                if w.grad is None:
+                    w.grad = torch.zeros_like(w, memory_format=torch.contiguous_format)
+                elif not w.grad.is_contiguous():
+                    w.grad = w.grad.contiguous()
+    grads = [tuple(w.grad for w in ws) for _, ws in held]
+    try:
+        for (m, ws), g in zip(held, grads):
+            m.grad_into = ws + g
+        yield
+    finally:
+        for m, _ in held:
+            m.grad_into = None
+    if any(w.grad is not b for (_, ws), g in zip(held, grads) for w, b in zip(ws, g)):
+        raise RuntimeError("grads_accumulated_in_wgrad: a weight's .grad was replaced or cleared inside the block, "
+                           "where its Wgrad adds into it; zero the gradients outside the block")

@@ -216,12 +216,13 @@ class Experts(nn.Module):
 
     `mm`: the grouped GEMM of the fast path, segment_mm's signature without `impl` (None: segment_mm itself);
     FP8 training passes fp8_experts.fp8_segment_mm. `ffn` (FP8: fp8_experts.fp8_expert_ffn), if given, runs
-    the whole FFN, ffn(x, w1, w3, w2, sizes, act_cache), as one step that keeps the padded input and the SwiGLU's
-    inputs (as `act_cache` says, report §3.3.3) for the backward pass, not the SwiGLU's output. The loop
-    reference (`expert`) always runs in high precision."""
+    the whole FFN, ffn(x, w1, w3, w2, sizes, act_cache, quantized, grad_into), as one step that keeps the padded
+    input and the SwiGLU's inputs (as `act_cache` says, report §3.3.3) for the backward pass, not the SwiGLU's
+    output. The loop reference (`expert`) always runs in high precision."""
 
     act_cache = "bf16"  # with ffn: how the SwiGLU inputs are kept ("bf16", "fp8" or "e5m6")
     quantized = None  # with ffn: the FP8 copies of the weights made once per step by fp8_linear.weights_quantized_once
+    grad_into = None  # with ffn: the weights' .grad the Wgrad kernels add into (fp8_linear.grads_accumulated_in_wgrad)
 
     def __init__(self, n_experts: int, dim: int, inter_dim: int, init_std: float, mm=None, ffn=None):
         super().__init__()
@@ -243,7 +244,7 @@ class Experts(nn.Module):
         mm = self.mm or (lambda a, w, n: segment_mm(a, w, n, impl))
         w1, w2, w3 = (local(w) for w in (self.w1, self.w2, self.w3))  # this rank's experts under ep
         if self.ffn is not None:
-            return self.ffn(x, w1, w3, w2, sizes, self.act_cache, self.quantized)
+            return self.ffn(x, w1, w3, w2, sizes, self.act_cache, self.quantized, self.grad_into)
         h = F.silu(mm(x, w1, sizes)) * mm(x, w3, sizes)  # (M, inter)
         return mm(h, w2, sizes)  # (M, dim)
 

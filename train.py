@@ -346,14 +346,22 @@ def evaluate_and_log(run: Run, log) -> dict:
 
 
 # -- one optimizer step ----------------------------------------------------------------------------------------
-def fp8_weights_once(run: Run):
-    """With --fp8, --grad_accum > 1 and one process: every FP8 weight quantized once for the step's micro-batches,
-    not once per micro-batch (fp8_linear.weights_quantized_once; the same bits, for 2 bytes per weight of memory held
-    through the step). Otherwise nothing (one micro-batch quantizes each weight once anyway)."""
+def fp8_micro_batches(run: Run):
+    """With --fp8, --grad_accum > 1 and one process, the block around one step's micro-batches: every FP8 weight
+    quantized once for all of them, not once per micro-batch (fp8_linear.weights_quantized_once; the same bits,
+    for 2 bytes per weight of memory held through the step), and its gradient summed by its Wgrad GEMM in place,
+    not by autograd's extra pass per micro-batch (fp8_linear.grads_accumulated_in_wgrad; the same sums).
+    Otherwise nothing (one micro-batch quantizes each weight once and has no sum to make)."""
     if not run.args.fp8 or run.args.grad_accum == 1 or run.layout.distributed:
         return contextlib.nullcontext()
+    return _fp8_step_block(run.model)
+
+
+@contextlib.contextmanager
+def _fp8_step_block(model):
     import fp8_linear
-    return fp8_linear.weights_quantized_once(run.model)
+    with fp8_linear.weights_quantized_once(model), fp8_linear.grads_accumulated_in_wgrad(model):
+        yield
 
 
 def forward_backward(run: Run) -> dict:
@@ -371,7 +379,7 @@ def forward_backward(run: Run) -> dict:
         losses["loss"] = total_loss(losses, args)
         sums = {k: losses[k].float().to(run.device) for k in sums}
     else:
-        with fp8_weights_once(run):
+        with fp8_micro_batches(run):
             for micro in range(args.grad_accum):
                 x, y = run.batch("train", run.gen)  # (B, T) each
                 parallel.set_gradient_sync(run.model, micro == args.grad_accum - 1)  # under FSDP: one sync per step

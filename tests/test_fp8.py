@@ -552,6 +552,13 @@ def test_kernel_1d1d_matches_reference(M, N, K):
     assert torch.equal(outs[0], outs[1]), f"non-deterministic (seed {seed})"
     _assert_fp32_close(outs[0], ref, fp8.fp8_gemm_ref(_abs8(aq), a_s, _abs8(bq), b_s, torch.float32), seed)
     torch.testing.assert_close(fp8.fp8_gemm(aq, a_s, bq, b_s, torch.float32), outs[0])  # dispatch
+    # accumulate: out += the product in the epilogue, the same fp32 sum as adding the product afterwards
+    prior = torch.randn(M, N, device="cuda")
+    into = prior.clone()
+    ext.gemm_wgrad(aq, a_s, bq, sbt, into, accumulate=True)
+    assert torch.equal(into, prior + outs[0]), f"seed {seed}"
+    fp8.fp8_gemm_into(aq, a_s, bq, b_s, into)
+    assert torch.equal(into, prior + outs[0] + outs[0]), f"seed {seed}"
 
 
 @pytest.mark.gpu

@@ -522,6 +522,13 @@ def test_kernel_kgrouped_matches_reference(sizes, M, N):
     assert torch.equal(out_all[busy], out[busy]) and (out_all[~busy] == 0).all(), f"seed {seed}"
     on_device = fp8_experts.fp8_gemm_kgrouped(aq, a_s, bq, b_s, torch.tensor(sizes, device="cuda"), torch.float32)
     assert torch.equal(on_device, wrapped), f"seed {seed}"
+    # accumulate: out[e] += the product (an idle expert's rows as they were), as adding the products afterwards
+    prior = torch.randn(len(sizes), M, N, device="cuda")
+    into = prior.clone()
+    ext.gemm_experts_wgrad(aq, a_s, bq, sbt, kg_all, into.view(-1, N), accumulate=True)
+    assert torch.equal(into, prior + out_all), f"seed {seed}"
+    fp8_experts.fp8_gemm_kgrouped_into(aq, a_s, bq, b_s, torch.tensor(sizes, device="cuda"), into)
+    assert torch.equal(into, prior + out_all + out_all), f"seed {seed}"
 
 
 @pytest.mark.gpu

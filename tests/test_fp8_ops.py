@@ -338,7 +338,8 @@ def test_weights_quantized_once_serves_only_its_own_weights(monkeypatch):
 
 
 def test_train_quantizes_fp8_weights_once_only_where_it_pays():
-    """train.fp8_weights_once: the block with --fp8, more than one micro-batch and one process; else nothing."""
+    """train.fp8_micro_batches: with --fp8, more than one micro-batch and one process, the block that quantizes
+    each FP8 weight once and has Wgrad sum its gradient in place; else nothing."""
     import contextlib
     from types import SimpleNamespace
     import train
@@ -348,10 +349,11 @@ def test_train_quantizes_fp8_weights_once_only_where_it_pays():
         return SimpleNamespace(args=SimpleNamespace(fp8=fp8_on, grad_accum=grad_accum), model=lin,
                                layout=SimpleNamespace(distributed=distributed))
     for off in (run(fp8_on=False), run(grad_accum=1), run(distributed=True)):
-        assert isinstance(train.fp8_weights_once(off), contextlib.nullcontext)
-    with train.fp8_weights_once(run()):
+        assert isinstance(train.fp8_micro_batches(off), contextlib.nullcontext)
+    with train.fp8_micro_batches(run()):
         assert lin.quantized is not None and lin.quantized[0] is lin.weight
-    assert lin.quantized is None
+        assert lin.grad_into is not None and lin.grad_into[1] is lin.weight.grad
+    assert lin.quantized is None and lin.grad_into is None
 
 
 def test_weights_quantized_once_refuses_a_weight_changed_inside():
@@ -363,6 +365,74 @@ def test_weights_quantized_once_refuses_a_weight_changed_inside():
             with torch.no_grad():
                 lin.weight.mul_(2)
     assert lin.quantized is None
+
+
+def test_grads_accumulated_in_wgrad_gives_autograds_sums(monkeypatch):
+    """Inside fp8_linear.grads_accumulated_in_wgrad (alone, and with weights_quantized_once, as train.py runs them)
+    every gradient of two optimizer steps of two micro-batches is autograd's sum bit for bit; the FP8 weights'
+    Wgrads are added into .grad in place (fp8_gemm_into, fp8_gemm_kgrouped_into: one call per weight and
+    micro-batch, into the buffer that stays .grad) and autograd adds no gradient of its own for them."""
+    import contextlib
+    import copy
+    from moe import Experts
+    model, idx, tgt = _fp8_model("cpu")
+    twins = [copy.deepcopy(model) for _ in range(2)]
+    calls = []
+
+    def counting(fn):
+        def call(*args):
+            calls.append(args[-1].data_ptr())
+            return fn(*args)
+        return call
+    monkeypatch.setattr(fp8_linear, "fp8_gemm_into", counting(fp8_linear.fp8_gemm_into))
+    monkeypatch.setattr(fp8_experts, "fp8_gemm_kgrouped_into", counting(fp8_experts.fp8_gemm_kgrouped_into))
+    fp8_weights = {id(p) for m in model.modules() for p in
+                   ((m.weight,) if isinstance(m, fp8_linear.FP8Linear) else (m.w1, m.w3, m.w2) if isinstance(m, Experts)
+                    else ())}
+    n_weights = len(fp8_weights)
+
+    @contextlib.contextmanager
+    def both(m):
+        with fp8_linear.weights_quantized_once(m), fp8_linear.grads_accumulated_in_wgrad(m):
+            yield
+    opts = [torch.optim.SGD(m.parameters(), lr=0.5) for m in (model, *twins)]
+    for step in range(2):
+        want = _accumulated_grads(model, idx, tgt, contextlib.nullcontext())
+        for twin, block in zip(twins, (fp8_linear.grads_accumulated_in_wgrad, both)):
+            calls[:] = []
+            got = _accumulated_grads(twin, idx, tgt, block(twin))
+            grads = {p.grad.data_ptr() for m, ws in fp8_linear._fp8_weights(twin) for p in ws}
+            assert len(calls) == 2 * n_weights > 20 and set(calls) == grads, step
+            assert want.keys() == got.keys() and all(torch.equal(want[n], got[n]) for n in want), step
+            assert all(getattr(m, "grad_into", None) is None for m in twin.modules())   # released on leaving
+        for opt in opts:
+            opt.step()
+
+
+def test_grads_accumulated_in_wgrad_refuses_what_would_lose_a_gradient():
+    """Hooks on a weight would not run (refused on entering); a .grad cleared inside the block would lose the sums
+    (leaving raises); a frozen weight and a layer called with another weight are left to autograd."""
+    lin = fp8_linear.FP8Linear(128, 128)
+    handle = lin.weight.register_hook(lambda g: g)
+    with pytest.raises(ValueError, match="hooks"):
+        with fp8_linear.grads_accumulated_in_wgrad(lin):
+            pass
+    handle.remove()
+    assert lin.grad_into is None and lin.weight.grad is None
+    with pytest.raises(RuntimeError, match="replaced or cleared inside the block"):
+        with fp8_linear.grads_accumulated_in_wgrad(lin):
+            lin(torch.randn(4, 128)).sum().backward()
+            lin.zero_grad(set_to_none=True)
+    assert lin.grad_into is None
+    x, other = torch.randn(4, 128), torch.randn(128, 128, requires_grad=True)
+    lin.weight.grad = None
+    with fp8_linear.grads_accumulated_in_wgrad(lin):
+        torch.func.functional_call(lin, {"weight": other}, (x,)).sum().backward()
+        assert other.grad is not None and not lin.weight.grad.any()      # the buffer was not its gradient
+    lin.weight.requires_grad_(False)
+    lin.weight.grad = None
+    with fp8_linear.grads_accumulated_in_wgrad(lin):
+        assert lin.grad_into is None and lin.weight.grad is None
 
 
 @pytest.mark.slow
@@ -379,6 +449,51 @@ def test_compiled_fp8_model_with_weights_quantized_once_is_one_graph():
                              torch.compile(model, backend="aot_eager"))
     assert all(torch.equal(want[n], got[n]) for n in want if n != "head.weight")
     assert fp8.calc_diff(want["head.weight"], got["head.weight"]) < 1e-5
+
+
+@pytest.mark.slow
+def test_compiled_fp8_model_sums_wgrad_in_place():
+    """Compiled (aot_eager), the backward graph adds into the gradients that are forward inputs (the operators
+    mutate them): inside grads_accumulated_in_wgrad the compiled model's gradients are the eager block's (bit for
+    bit but the output head's, as test_compiled_fp8_model_is_one_graph), in one graph."""
+    model, idx, tgt = _fp8_model("cpu")
+    want = _accumulated_grads(model, idx, tgt, fp8_linear.grads_accumulated_in_wgrad(model))
+    torch._dynamo.reset()
+    with fp8_linear.grads_accumulated_in_wgrad(model), torch.autocast("cpu", dtype=torch.bfloat16):
+        explained = torch._dynamo.explain(model)(idx, tgt)
+    assert explained.graph_count == 1 and explained.graph_break_count == 0, explained.break_reasons
+    got = _accumulated_grads(model, idx, tgt, fp8_linear.grads_accumulated_in_wgrad(model),
+                             torch.compile(model, backend="aot_eager"))
+    assert all(torch.equal(want[n], got[n]) for n in want if n != "head.weight")
+    assert fp8.calc_diff(want["head.weight"], got["head.weight"]) < 1e-5
+
+
+@pytest.mark.gpu
+@hopper
+def test_grads_accumulated_in_wgrad_on_gpu():
+    """With the kernels adding into .grad: eager inside the block (with weights_quantized_once, as train.py runs
+    it) gives autograd's sums bit for bit; compiled (inductor) inside the block gives the compiled gradients of
+    autograd's sums (the backward graph mutates the gradients, forward inputs)."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def both(m):
+        with fp8_linear.weights_quantized_once(m), fp8_linear.grads_accumulated_in_wgrad(m):
+            yield
+    assert fp8.load_kernel() is not None, fp8.why_no_kernel()
+    model, idx, tgt = _fp8_model("cuda")
+    want = _accumulated_grads(model, idx, tgt, contextlib.nullcontext())
+    got = _accumulated_grads(model, idx, tgt, both(model))
+    assert want.keys() == got.keys() and all(torch.equal(want[n], got[n]) for n in want)
+    torch._dynamo.reset()
+    with both(model), torch.autocast("cuda", dtype=torch.bfloat16):   # one graph with this torch, as on the CPU
+        explained = torch._dynamo.explain(model)(idx, tgt)
+    assert explained.graph_count == 1 and explained.graph_break_count == 0, explained.break_reasons
+    torch._dynamo.reset()
+    compiled = torch.compile(model)
+    want = _accumulated_grads(model, idx, tgt, contextlib.nullcontext(), compiled)
+    got = _accumulated_grads(model, idx, tgt, both(model), compiled)
+    assert want.keys() == got.keys() and all(fp8.calc_diff(want[n], got[n]) < 1e-5 for n in want)
 
 
 @pytest.mark.gpu
