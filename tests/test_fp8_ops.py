@@ -435,37 +435,32 @@ def test_grads_accumulated_in_wgrad_refuses_what_would_lose_a_gradient():
         assert lin.grad_into is None and lin.weight.grad is None
 
 
-@pytest.mark.slow
-def test_compiled_fp8_model_with_weights_quantized_once_is_one_graph():
-    """Compiled inside the block (the weights quantized once are graph inputs, not a graph break), the model gives
-    the eager block's gradients (bit for bit but the output head's, as test_compiled_fp8_model_is_one_graph)."""
+def _compiled_in_block_is_the_eager_block(block):
+    """The FP8 model compiled (aot_eager) inside `block` (a function of the model giving the context manager): one
+    graph, and the eager block's accumulated gradients (bit for bit but the output head's, as
+    test_compiled_fp8_model_is_one_graph)."""
     model, idx, tgt = _fp8_model("cpu")
-    want = _accumulated_grads(model, idx, tgt, fp8_linear.weights_quantized_once(model))
+    want = _accumulated_grads(model, idx, tgt, block(model))
     torch._dynamo.reset()
-    with fp8_linear.weights_quantized_once(model), torch.autocast("cpu", dtype=torch.bfloat16):
+    with block(model), torch.autocast("cpu", dtype=torch.bfloat16):
         explained = torch._dynamo.explain(model)(idx, tgt)
     assert explained.graph_count == 1 and explained.graph_break_count == 0, explained.break_reasons
-    got = _accumulated_grads(model, idx, tgt, fp8_linear.weights_quantized_once(model),
-                             torch.compile(model, backend="aot_eager"))
+    got = _accumulated_grads(model, idx, tgt, block(model), torch.compile(model, backend="aot_eager"))
     assert all(torch.equal(want[n], got[n]) for n in want if n != "head.weight")
     assert fp8.calc_diff(want["head.weight"], got["head.weight"]) < 1e-5
+
+
+@pytest.mark.slow
+def test_compiled_fp8_model_with_weights_quantized_once_is_one_graph():
+    """Compiled inside the block the weights quantized once are graph inputs, not a graph break."""
+    _compiled_in_block_is_the_eager_block(fp8_linear.weights_quantized_once)
 
 
 @pytest.mark.slow
 def test_compiled_fp8_model_sums_wgrad_in_place():
-    """Compiled (aot_eager), the backward graph adds into the gradients that are forward inputs (the operators
-    mutate them): inside grads_accumulated_in_wgrad the compiled model's gradients are the eager block's (bit for
-    bit but the output head's, as test_compiled_fp8_model_is_one_graph), in one graph."""
-    model, idx, tgt = _fp8_model("cpu")
-    want = _accumulated_grads(model, idx, tgt, fp8_linear.grads_accumulated_in_wgrad(model))
-    torch._dynamo.reset()
-    with fp8_linear.grads_accumulated_in_wgrad(model), torch.autocast("cpu", dtype=torch.bfloat16):
-        explained = torch._dynamo.explain(model)(idx, tgt)
-    assert explained.graph_count == 1 and explained.graph_break_count == 0, explained.break_reasons
-    got = _accumulated_grads(model, idx, tgt, fp8_linear.grads_accumulated_in_wgrad(model),
-                             torch.compile(model, backend="aot_eager"))
-    assert all(torch.equal(want[n], got[n]) for n in want if n != "head.weight")
-    assert fp8.calc_diff(want["head.weight"], got["head.weight"]) < 1e-5
+    """Compiled inside grads_accumulated_in_wgrad, the backward graph adds into the gradients, which are forward
+    inputs (the operators mutate them)."""
+    _compiled_in_block_is_the_eager_block(fp8_linear.grads_accumulated_in_wgrad)
 
 
 @pytest.mark.gpu
