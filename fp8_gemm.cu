@@ -165,6 +165,15 @@ __device__ __forceinline__ void mbar_expect_tx(uint64_t* b, uint32_t bytes) {
 __device__ __forceinline__ void mbar_arrive(uint64_t* b) {
   asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(smem_u32(b)) : "memory");
 }
+// A math warp hands a stage back to the producer after reading the stage's B column scales with ld.shared (the
+// generic proxy). The next bulk load into the stage writes through the async proxy, which the barrier alone does
+// not order after those reads: without the proxy fence a read still queued behind the epilogue's global loads
+// returned the next block's scales (8 columns of one warp's rows wrong, seen on the H200).
+__device__ __forceinline__ void release_stage(uint64_t* b, int lane) {
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+  __syncwarp();
+  if (lane == 0) mbar_arrive(b);
+}
 __device__ __forceinline__ void mbar_wait(uint64_t* b, uint32_t parity) {
   uint32_t done = 0;
   while (!done) {
@@ -572,8 +581,9 @@ __global__ void __launch_bounds__(THREADS, 1) gemm_kernel(const __grid_constant_
         }
         if constexpr (T::b_row_scales) {  // the stage also holds this block's column scales: release it after
           promote_cols(fin, cur, s0, s1, sSB + st * BN, lane & 3);
-          if (lane == 0) mbar_arrive(&empty[st]);
-        } else {
+          release_stage(&empty[st], lane);
+        } else {  // A's scales were read at the top of the step, ahead of the WGMMA wait, and no wrong block has
+                  // been seen here; the fence cost up to 10% on the long-K Fprop shape, so it is left out
           if (lane == 0) mbar_arrive(&empty[st]);
           promote(fin, cur, s0, s1);
         }

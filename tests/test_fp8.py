@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import fp8
+import fp8_experts
 import fp8_linear
 
 FP8 = torch.float8_e4m3fn
@@ -559,6 +560,41 @@ def test_kernel_1d1d_matches_reference(M, N, K):
     assert torch.equal(into, prior + outs[0]), f"seed {seed}"
     fp8.fp8_gemm_into(aq, a_s, bq, b_s, into)
     assert torch.equal(into, prior + outs[0] + outs[0]), f"seed {seed}"
+
+
+@pytest.mark.gpu
+@hopper
+def test_wgrad_accumulate_is_exact_at_v3_shapes():
+    """C += tile at a V3 Wgrad shape (8,064 tiles, 61 per CTA), dense and K-grouped: every element the plain
+    kernel's output added to what C held. Large shapes keep the epilogue's global loads in flight while the other
+    warpgroup reads a stage's column scales; a release of the stage not ordered after those reads gave whole
+    8-column groups of wrong sums here (about 1 tile in 75), which smaller shapes rarely showed."""
+    ext = fp8.load_kernel()
+    assert ext is not None, fp8.why_no_kernel()
+    torch.manual_seed(0)
+    T = 4096
+    aq, a_s = fp8.quantize_act(torch.randn(18432, T, device="cuda"))
+    bq, b_s = fp8.quantize_act(torch.randn(7168, T, device="cuda"))
+    sbt = b_s.t().contiguous()
+    out = torch.empty(18432, 7168, device="cuda")
+    ext.gemm_wgrad(aq, a_s, bq, sbt, out)
+    prior = torch.randn_like(out)
+    for _ in range(2):
+        into = prior.clone()
+        ext.gemm_wgrad(aq, a_s, bq, sbt, into, accumulate=True)
+        assert int((into != prior + out).sum()) == 0
+    del aq, bq, out, prior, into
+    E, R, M, N = 16, 2048, 2048, 7168
+    aq, a_s = fp8.quantize_act(torch.randn(M, E * R, device="cuda"))
+    bq, b_s = fp8.quantize_act(torch.randn(N, E * R, device="cuda"))
+    kg = fp8_experts.k_groups(torch.full((E,), R, device="cuda"))
+    sbt = b_s.t().contiguous()
+    out = torch.empty(E * M, N, device="cuda")
+    ext.gemm_experts_wgrad(aq, a_s, bq, sbt, kg, out)
+    prior = torch.randn_like(out)
+    into = prior.clone()
+    ext.gemm_experts_wgrad(aq, a_s, bq, sbt, kg, into, accumulate=True)
+    assert int((into != prior + out).sum()) == 0
 
 
 @pytest.mark.gpu
