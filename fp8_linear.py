@@ -215,12 +215,25 @@ def grads_accumulated_in_wgrad(model: nn.Module):
 
     Since autograd never sees those gradients, nothing it runs when a gradient arrives runs: hooks on the weights
     (refused here) and those of DDP / FSDP (one process only: sharded weights are refused). FP32 weights only
-    (others are left to autograd). Zeroing the gradients inside the block would drop the buffers the layers add
-    into: leaving it checks that every weight's `.grad` is still its buffer and raises if not."""
+    (others are left to autograd). Setting the gradients to None inside the block (zero_grad()'s default) would
+    drop the buffers the layers add into: leaving it checks that every weight's `.grad` is still its buffer and
+    raises if not. A weight shared by two FP8 layers, and a block inside another, are refused on entering.
+
+    Where it differs from autograd, by design: every FP8 weight leaves the block with a `.grad`, zeros for one no
+    backward reached (autograd would leave None, and an optimizer would skip it); each backward run inside adds
+    its weight gradients, also one restricted with `inputs=` or `torch.autograd.grad`; and a layer called twice
+    in one forward adds its two gradients one after the other (the same sum, in another order than autograd's;
+    on the CPU the in-place add trips autograd's check of saved tensors and the backward raises). train.py's
+    models call each FP8 layer once per forward and reach every weight."""
     held = [(m, ws) for m, ws in _fp8_weights(model)
             if all(w.requires_grad and w.dtype == torch.float32 for w in ws)]
     if any(isinstance(w, DTensor) for _, ws in held for w in ws):
         raise ValueError("grads_accumulated_in_wgrad: sharded (DTensor) weights are not supported; one process only")
+    if any(m.grad_into is not None for m, _ in held):
+        raise ValueError("grads_accumulated_in_wgrad: already inside such a block for this model")
+    if len({id(w) for _, ws in held for w in ws}) < sum(len(ws) for _, ws in held):
+        raise ValueError("grads_accumulated_in_wgrad: a weight is shared by two FP8 layers, whose Wgrads would "
+                         "add into its gradient in another order than autograd's; leave this block out")
     if any(w._backward_hooks or getattr(w, "_post_accumulate_grad_hooks", None) for _, ws in held for w in ws):
         raise ValueError("grads_accumulated_in_wgrad: a weight has gradient hooks, which would not run "
                          "(its gradient never passes through autograd inside the block)")

@@ -72,10 +72,38 @@ def _opcheck_all(device):
         assert not any(o.numel() and o.untyped_storage().data_ptr() in ptrs for o in outs), name
 
 
+def _opcheck_into(device):
+    """The two operators that add into their output (out += the Wgrad product): opcheck, and the sum they leave is
+    the non-mutating operator's product added to what out held, bit for bit, every other input unchanged."""
+    g = torch.Generator(device=device).manual_seed(0)
+    tq, ts = fp8.quantize_act_t(torch.randn(200, 256, generator=g, device=device))        # (256, 256), tokens padded
+    kq, ks = fp8.quantize_act_t(torch.randn(384, 256, generator=g, device=device))        # (256, 384)
+    sizes = torch.tensor([128, 0, 256], device=device)
+    samples = [
+        ("gemm_into", fp8._gemm_into.op, (tq, ts, tq[:136], ts[:136]),
+         torch.randn(256, 136, generator=g, device=device),
+         lambda: fp8._gemm.op(tq, ts, tq[:136], ts[:136], torch.float32)),
+        ("gemm_kgrouped_into", fp8_experts._gemm_kgrouped_into.op, (kq, ks, kq[:128], ks[:128], sizes),
+         torch.randn(3, 256, 128, generator=g, device=device),
+         lambda: fp8_experts._gemm_kgrouped.op(kq, ks, kq[:128], ks[:128], sizes, torch.float32)),
+    ]
+    for name, op, args, prior, product in samples:
+        result = torch.library.opcheck(op, (*args, prior.clone()),
+                                       test_utils=("test_faketensor", "test_aot_dispatch_dynamic"))
+        assert all(v == "SUCCESS" for v in result.values()), (name, result)
+        before = [a.clone() for a in args if torch.is_tensor(a)]
+        out = prior.clone()
+        assert op(*args, out) is None
+        assert torch.equal(out, prior + product()), name
+        assert all(torch.equal(b.view(torch.uint8) if b.dtype == FP8 else b, a.view(torch.uint8) if a.dtype == FP8
+                               else a) for b, a in zip(before, [a for a in args if torch.is_tensor(a)])), name
+
+
 def test_operators_pass_opcheck_on_cpu():
     """On the CPU each operator runs its reference; opcheck compares the fake (shape-only) implementation that
     torch.compile traces with against it, strides included."""
     _opcheck_all("cpu")
+    _opcheck_into("cpu")
 
 
 @pytest.mark.gpu
@@ -83,6 +111,7 @@ def test_operators_pass_opcheck_on_cpu():
 def test_operators_pass_opcheck_on_gpu():
     assert fp8.load_kernel() is not None, fp8.why_no_kernel()
     _opcheck_all("cuda")
+    _opcheck_into("cuda")
     # a list of segment sizes is checked on the host before it goes to the GPU (where the kernel cannot check it)
     kq, ks = fp8.quantize_act_t(torch.randn(256, 256, device="cuda"))
     for bad in ([100, 28, 128], [128, 256]):                           # not multiples of 128; more rows than K
@@ -274,9 +303,11 @@ def test_compiled_fp8_linear_and_experts_on_gpu(act_cache):
                            exact=False, ops=EXPERT_OPS)
 
 
-def _accumulated_grads(model, idx, tgt, ctx, fwd=None):
-    """Gradients of two micro-batches accumulated (as train.forward_backward does), inside `ctx`."""
-    model.zero_grad(set_to_none=True)
+def _accumulated_grads(model, idx, tgt, ctx, fwd=None, keep=False):
+    """Gradients of two micro-batches accumulated (as train.forward_backward does), inside `ctx`; keep: added to
+    the gradients the model holds (else they start from None)."""
+    if not keep:
+        model.zero_grad(set_to_none=True)
     with ctx, torch.autocast(idx.device.type, dtype=torch.bfloat16):
         for _ in range(2):
             _, losses = (model if fwd is None else fwd)(idx, tgt)
@@ -433,6 +464,38 @@ def test_grads_accumulated_in_wgrad_refuses_what_would_lose_a_gradient():
     lin.weight.grad = None
     with fp8_linear.grads_accumulated_in_wgrad(lin):
         assert lin.grad_into is None and lin.weight.grad is None
+
+
+def test_grads_accumulated_in_wgrad_adds_to_a_gradient_already_there():
+    """A .grad that holds a sum already (here a micro-batch run before the block) is added to: autograd's sums bit
+    for bit."""
+    import contextlib
+    import copy
+    model, idx, tgt = _fp8_model("cpu")
+    twin = copy.deepcopy(model)
+    for m in (model, twin):
+        _accumulated_grads(m, idx[:1], tgt[:1], contextlib.nullcontext())          # plain autograd, outside
+    want = _accumulated_grads(model, idx, tgt, contextlib.nullcontext(), keep=True)
+    got = _accumulated_grads(twin, idx, tgt, fp8_linear.grads_accumulated_in_wgrad(twin), keep=True)
+    assert want.keys() == got.keys() and all(torch.equal(want[n], got[n]) for n in want)
+
+
+def test_grads_accumulated_in_wgrad_refuses_nesting_and_shared_weights():
+    """A block inside another (whose leaving would switch the outer one off) and a weight shared by two FP8 layers
+    (two adds into one buffer, in another order than autograd's) are refused on entering, with nothing changed."""
+    lin = fp8_linear.FP8Linear(128, 128)
+    with fp8_linear.grads_accumulated_in_wgrad(lin):
+        held = lin.grad_into
+        with pytest.raises(ValueError, match="already inside"):
+            with fp8_linear.grads_accumulated_in_wgrad(lin):
+                pass
+        assert lin.grad_into is held
+    tied = torch.nn.Sequential(fp8_linear.FP8Linear(128, 128), fp8_linear.FP8Linear(128, 128))
+    tied[1].weight = tied[0].weight
+    with pytest.raises(ValueError, match="shared by two FP8 layers"):
+        with fp8_linear.grads_accumulated_in_wgrad(tied):
+            pass
+    assert tied[0].grad_into is None and tied[0].weight.grad is None
 
 
 def _compiled_in_block_is_the_eager_block(block):
