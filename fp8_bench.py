@@ -4,7 +4,8 @@
 The main table prints TFLOP/s per shape for fp8_gemm.cu's Fprop kernel, torch's bf16 matmul and cuBLAS's blockwise
 FP8 (`F.scaled_mm`, BlockWise1x128 × BlockWise128x128), with each result's calc_diff against the bf16 product of
 the unquantized inputs. `--interleave` times the kernel and cuBLAS again taking turns, so that clock drift hits
-both alike; `--training` times the Wgrad and grouped-expert kernels next to the Fprop kernel; `--ladder` the
+both alike; `--training` times the Wgrad and grouped-expert kernels next to the Fprop kernel, and the Wgrad sums
+made in the epilogue against kernel + add_; `--ladder` the
 teaching kernels of fp8_teaching/ beside it; `--sustained` runs the kernel and cuBLAS for seconds each with the SM
 clock and board power sampled, because FP8 GEMMs at these sizes run into the GPU's power limit and then the
 clock, not only the kernel, sets the rate; `--quant` times fp8_quant.cu's activation quantizers in GB/s against a
@@ -18,8 +19,9 @@ import time
 import torch
 import torch.nn.functional as F
 
-from fp8 import BLOCK, calc_diff, load_kernel, mmajor_scales, quantize_act, quantize_weight, why_no_kernel
-from fp8_experts import fp8_gemm_kgrouped
+from fp8 import (BLOCK, calc_diff, fp8_gemm, fp8_gemm_into, load_kernel, mmajor_scales, quantize_act, quantize_weight,
+                 why_no_kernel)
+from fp8_experts import fp8_gemm_kgrouped, fp8_gemm_kgrouped_into
 
 SHAPES_NK = [(2112, 7168), (24576, 1536), (32768, 512), (7168, 16384), (4096, 7168), (7168, 2048)]
 LARGE_SHAPES = [(4096, n, k) for n, k in SHAPES_NK] + [(8192, 8192, 8192)]  # the goal's shapes (M, N, K)
@@ -204,6 +206,36 @@ def bench_training(experts=32, rows=2048):
         torch.cuda.empty_cache()
 
 
+def bench_wgrad_sums(rounds: int = 3, reps: int = 20):
+    """A weight gradient summed over micro-batches: the Wgrad kernels adding their tiles into the gradient in the
+    epilogue (C += the product: fp8.fp8_gemm_into, fp8_experts.fp8_gemm_kgrouped_into) against writing the product
+    and adding it with `add_` (what autograd's gradient accumulation does), the two taking turns. ms per call and
+    the speed-up; v3-layers' dense Wgrad shapes at 4,096 tokens and its experts' at 16 × 2,048 tokens."""
+    print("\n# Wgrad summed into the gradient: in the epilogue vs kernel + add_ (ms, taking turns)")
+    print("| GEMM | M | N | K | C += in the epilogue | kernel, then add_ | speed-up |\n|---|---|---|---|---|---|---|")
+    T = 4096
+    cases = [("wgrad 1D1D", M, N, T, None) for M, N in [(24576, 1536), (7168, 16384), (18432, 7168), (2048, 7168)]]
+    cases += [("wgrad, 16 experts × 2048 tokens (K-grouped)", M, N, 16 * 2048, [2048] * 16)
+              for M, N in [(2048, 7168), (7168, 2048)]]
+    for name, M, N, K, sizes in cases:
+        aq, a_s = quantize_act(torch.randn(M, K, device="cuda"))
+        bq, b_s = quantize_act(torch.randn(N, K, device="cuda"))
+        rows = M * len(sizes) if sizes else M
+        grad = torch.zeros(rows, N, device="cuda")
+        if sizes:
+            into = lambda: fp8_gemm_kgrouped_into(aq, a_s, bq, b_s, sizes, grad.view(len(sizes), M, N))  # noqa: E731
+            apart = lambda: grad.add_(  # noqa: E731
+                fp8_gemm_kgrouped(aq, a_s, bq, b_s, sizes, torch.float32).view(rows, N))
+        else:
+            into = lambda: fp8_gemm_into(aq, a_s, bq, b_s, grad)  # noqa: E731
+            apart = lambda: grad.add_(fp8_gemm(aq, a_s, bq, b_s, torch.float32))  # noqa: E731
+        ms = take_turns([into, apart], rounds, lambda fn: _median_ms(fn, warmup=3, reps=reps))
+        t_into, t_apart = (statistics.median(m) for m in ms)
+        print(f"| {name} | {M} | {N} | {K} | {t_into:.3f} | {t_apart:.3f} | {t_apart / t_into:.2f}× |", flush=True)
+        del aq, bq, grad
+        torch.cuda.empty_cache()
+
+
 def bench_ladder():
     """fp8_teaching's steps 1-4 beside the production kernel (and cuBLAS) on the M = 4096 shapes and 8192³, each
     kernel's calls in one block, in the order of the columns."""
@@ -328,6 +360,7 @@ def main(argv=None):
         bench_interleaved()
     if args.training:
         bench_training()
+        bench_wgrad_sums()
     if args.ladder:
         bench_ladder()
     if args.sustained:
