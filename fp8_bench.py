@@ -5,11 +5,11 @@ The main table prints TFLOP/s per shape for fp8_gemm.cu's Fprop kernel, torch's 
 FP8 (`F.scaled_mm`, BlockWise1x128 × BlockWise128x128), with each result's calc_diff against the bf16 product of
 the unquantized inputs. `--interleave` times the kernel and cuBLAS again taking turns, so that clock drift hits
 both alike; `--training` times the Wgrad and grouped-expert kernels next to the Fprop kernel, and the Wgrad sums
-made in the epilogue against kernel + add_; `--ladder` the
-teaching kernels of fp8_teaching/ beside it; `--sustained` runs the kernel and cuBLAS for seconds each with the SM
-clock and board power sampled, because FP8 GEMMs at these sizes run into the GPU's power limit and then the
-clock, not only the kernel, sets the rate; `--quant` times fp8_quant.cu's activation quantizers in GB/s against a
-copy of the same input (they are memory-bound: the copy is the rate to aim at). BENCHMARKS.md records the tables.
+made in the epilogue against kernel + add_; `--ladder` the teaching kernels of fp8_teaching/ beside it;
+`--sustained` runs the kernel and cuBLAS for seconds each with the SM clock and board power sampled, because FP8
+GEMMs at these sizes run into the GPU's power limit and then the clock, not only the kernel, sets the rate;
+`--quant` times fp8_quant.cu's activation quantizers in GB/s against a copy of the same input (they are
+memory-bound: the copy is the rate to aim at). BENCHMARKS.md records the tables.
 """
 import argparse
 import statistics
