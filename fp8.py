@@ -28,7 +28,8 @@ Reference and fast path: ``fp8_gemm_ref`` (with ``quantize_act_ref`` and ``quant
 plain PyTorch run on CPU and wherever the kernels are unavailable. The fast path is the hand-written sm_90a kernel of
 ``fp8_gemm.cu`` (TMA loads, WGMMA, promotion overlapped with the next K block's WGMMA, A scales carried into shared
 memory with each pipeline stage; its Wgrad, M-grouped and K-grouped variants) plus the one-pass quantizers of
-``fp8_quant.cu`` (the weight's one writes W and Dgrad's Wᵀ together), JIT-built on first use by
+``fp8_quant.cu`` (the weight's one writes W and Dgrad's Wᵀ together; ``quantize_act_both`` tiles an activation
+along both of its dims), JIT-built on first use by
 ``torch.utils.cpp_extension.load``; the functions here pick them on Hopper GPUs and say once when they fall back.
 Each kernel call is a torch.library operator (``fp8_operator``), so torch.compile keeps an FP8 model in one
 graph.
@@ -111,6 +112,20 @@ def quantize_act_t(x: torch.Tensor):
     if R == 0:                                                         # no tokens: no tiles
         return torch.empty(C, 0, dtype=FP8, device=x.device), torch.empty(C, 0, device=x.device)
     return _quant_cols(x)
+
+
+def quantize_act_both(x: torch.Tensor, mmajor: bool = False):
+    """x (R, C) quantized both ways, as a linear layer's training wants its input X and its output gradient dY:
+    (quantize_act(x, mmajor), quantize_act_t(x)), the 1×128 tiles along C (Fprop, Dgrad) and those along the rows
+    R (Wgrad). The same values as the two calls; on Hopper one pass over a bf16 x (the operator
+    v3fp8::quant_rows_cols), which reads x once instead of twice."""
+    _check_act(x)
+    if x.dim() != 2:
+        raise ValueError(f"quantize_act_both: x must be 2-D, got shape {tuple(x.shape)}")
+    if x.shape[0] == 0:                                                # no rows: no tiles
+        return quantize_act(x, mmajor=mmajor), quantize_act_t(x)
+    q, s, qt, st = _quant_rows_cols(x, mmajor)
+    return (q, s.t()[:x.shape[0]] if mmajor else s), (qt, st)         # mmajor: a view, as quantize_act's
 
 
 def quantize_act_ref(x: torch.Tensor, pow2_scale: bool = False):
@@ -459,6 +474,35 @@ def _quant_cols(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def _(x):
     R_pad = -(-x.shape[0] // BLOCK) * BLOCK
     return x.new_empty(x.shape[1], R_pad, dtype=FP8), x.new_empty(x.shape[1], R_pad // BLOCK, dtype=torch.float32)
+
+
+@fp8_operator("quant_rows_cols")
+def _quant_rows_cols(x: torch.Tensor, mmajor: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """quantize_act_both for x (R, C), R > 0: quant_rows' q and scales (with mmajor its (C/128, ld) buffer), then
+    quant_cols' q and scales."""
+    if not (_fused_quant_ok(x) and x.dtype == torch.bfloat16):         # two passes (fp32 x: one kernel each)
+        return *_quant_rows(x, mmajor), *_quant_cols(x)
+    x = x.contiguous()
+    if x.data_ptr() % 16:                                              # the kernel loads 16 bytes at a time
+        x = x.clone()
+    (R, C), R_pad = x.shape, -(-x.shape[0] // BLOCK) * BLOCK
+    q = torch.empty(x.shape, dtype=FP8, device=x.device)
+    if mmajor:  # (C/128, R'): the kernel writes rows < R; padded rows (only when R % 128 != 0) are zero-filled first
+        s = (torch.empty if R_pad == R else torch.zeros)(C // BLOCK, R_pad, dtype=torch.float32, device=x.device)
+    else:
+        s = torch.empty(R, C // BLOCK, dtype=torch.float32, device=x.device)
+    qt = torch.empty(C, R_pad, dtype=FP8, device=x.device)
+    st = torch.empty(C, R_pad // BLOCK, dtype=torch.float32, device=x.device)
+    _EXT.quant_rows_cols(x, q.view(torch.uint8), s, R_pad if mmajor else 0, qt.view(torch.uint8), st)
+    return q, s, qt, st
+
+
+@_quant_rows_cols.register_fake
+def _(x, mmajor):
+    (R, C), R_pad = x.shape, -(-x.shape[0] // BLOCK) * BLOCK
+    f32 = torch.float32
+    s = x.new_empty(C // BLOCK, R_pad, dtype=f32) if mmajor else x.new_empty(R, C // BLOCK, dtype=f32)
+    return x.new_empty(x.shape, dtype=FP8), s, x.new_empty(C, R_pad, dtype=FP8), x.new_empty(C, R_pad // BLOCK, dtype=f32)
 
 
 @fp8_operator("quant_blocks")

@@ -309,14 +309,16 @@ def bench_quant(shapes=QUANT_SHAPES, dtypes=(torch.bfloat16, torch.float32)):
     """GB/s of fp8_quant.cu's activation quantizers, each kernel called into preallocated outputs (as the GEMM
     tables time theirs): rows (1×128 tiles along the last dim, scales M-major as the Fprop kernel reads them) and
     cols (the transposed 128×1 tiles along the tokens, for Wgrad); bytes = input read + FP8 output and fp32
-    scales written. A copy of the input into a preallocated tensor (read + write) is the rate a plain pass over
-    memory reaches on this GPU."""
+    scales written. rows + cols: both in one pass (quant_rows_cols, bf16 only: a linear layer's input and output
+    gradient), and in brackets how much faster it is than the two kernels one after the other. A copy of the input
+    into a preallocated tensor (read + write) is the rate a plain pass over memory reaches on this GPU."""
     ext = load_kernel()
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}; GB/s = bytes read and written / median "
           f"time (CUDA events, 10 warm-ups, 50 reps, {'L2 flushed before each call' if FLUSH_L2 else 'no L2 flush'})"
           f"; in brackets the share of {HBM_TBS} TB/s")
-    print("| rows | columns | input | rows (1×128) | cols (128×1, transposed) | copy of the input |")
-    print("|---" * 6 + "|")
+    print("| rows | columns | input | rows (1×128) | cols (128×1, transposed) | rows + cols, one pass | copy of the "
+          "input |")
+    print("|---" * 7 + "|")
     for dtype in dtypes:
         for R, C in shapes if dtype == torch.bfloat16 else shapes[:1]:
             x = torch.randn(R, C, device="cuda").to(dtype)
@@ -326,12 +328,21 @@ def bench_quant(shapes=QUANT_SHAPES, dtypes=(torch.bfloat16, torch.float32)):
             qt = torch.empty(C, r_pad, dtype=torch.uint8, device="cuda")
             st = torch.empty(C, r_pad // BLOCK, device="cuda")
             y = torch.empty_like(x)
-            cells = []
-            for fn, nbytes in ((lambda: ext.quant_rows(x, q, sm, r_pad), n * (e + 1) + n // BLOCK * 4),
-                               (lambda: ext.quant_cols(x, qt, st), n * e + C * r_pad * (1 + 4 / BLOCK)),
+            cells, ms = [], []
+            rows_b, cols_b = n * (e + 1) + n // BLOCK * 4, n * e + C * r_pad * (1 + 4 / BLOCK)
+            both = ((lambda: ext.quant_rows_cols(x, q, sm, r_pad, qt, st)) if dtype == torch.bfloat16 else None)
+            for fn, nbytes in ((lambda: ext.quant_rows(x, q, sm, r_pad), rows_b),
+                               (lambda: ext.quant_cols(x, qt, st), cols_b),
+                               (both, rows_b + cols_b - n * e),               # x read once
                                (lambda: y.copy_(x), 2 * n * e)):
-                gbs = nbytes / _median_ms(fn) / 1e6
+                if fn is None:
+                    cells.append("—")
+                    continue
+                ms.append(_median_ms(fn))
+                gbs = nbytes / ms[-1] / 1e6
                 cells.append(f"{gbs:,.0f} ({gbs / HBM_TBS / 10:.0f}%)")
+            if both is not None:
+                cells[2] += f", {(ms[0] + ms[1]) / ms[2]:.2f}×"
             print(f"| {R} | {C} | {str(dtype).removeprefix('torch.')} | " + " | ".join(cells) + " |", flush=True)
             del x, q, sm, qt, st, y
             torch.cuda.empty_cache()

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from fp8 import (BLOCK, FP8, check_gemm_operands, dequantize_act, fp8_gemm_ref, fp8_operator, load_kernel, quantize_act,
-                 quantize_act_t, quantize_e5m6, quantize_weight, say_once, why_no_kernel)
+                 quantize_act_both, quantize_act_t, quantize_e5m6, quantize_weight, say_once, why_no_kernel)
 from fp8_linear import ACT_CACHES, compute_dtype, copies_for
 
 
@@ -262,42 +262,43 @@ def _padded(x, dst, groups):
     return x.new_zeros(groups.shape[0] * BLOCK, x.shape[1]).index_copy_(0, dst, x)
 
 
-def _experts_forward(x, w, counts):
-    """Fprop of Y_seg = X_seg·W[e]ᵀ: y (M, N), the padded input xp, and what the backward needs besides it."""
+def _experts_forward(x, w, counts, keep_t):
+    """Fprop of Y_seg = X_seg·W[e]ᵀ: y (M, N); with keep_t what Wgrad wants of the padded input xp, its tiles
+    along the tokens (made in the same pass as Fprop's), else None; and what the backward needs besides."""
     out_dtype = compute_dtype(x)
     E, N, K = w.shape
     dst, groups, padded = _shared_layout(counts, x.shape[0])
     xp = _padded(x, dst, groups)                                       # (T·128, K)
-    xq, xs = quantize_act(xp)
+    (xq, xs), xt = quantize_act_both(xp) if keep_t else (quantize_act(xp), None)
     wq, ws, wq_t = quantize_weight(w, transpose=True)                 # (E, N, K), (E, N/128, K/128), (E, K, N)
     y = fp8_gemm_grouped(xq, xs, wq, ws, groups, out_dtype).index_select(0, dst)  # (M, N)
-    return y, xp, (wq_t, ws, dst, groups, padded), (x.dtype, w.dtype)
+    return y, xt, (wq_t, ws, dst, groups, padded), (x.dtype, w.dtype)
 
 
-def _dgrad(dyp, wq_t, ws, groups, out_dtype):
-    """Dgrad in the tile layout: dX_seg = dY_seg·W[e] for padded dyp (T·128, N), i.e. a grouped GEMM against the
-    transposed experts wq_t (E, K, N) → (T·128, K)."""
-    dyq, dys = quantize_act(dyp)
-    return fp8_gemm_grouped(dyq, dys, wq_t, ws.transpose(1, 2).contiguous(), groups, out_dtype)
+def _dgrad(dyq, wq_t, ws, groups, out_dtype):
+    """Dgrad in the tile layout: dX_seg = dY_seg·W[e] for the padded dY (T·128, N) in 1×128 tiles, dyq = (q,
+    scale), i.e. a grouped GEMM against the transposed experts wq_t (E, K, N) → (T·128, K)."""
+    return fp8_gemm_grouped(*dyq, wq_t, ws.transpose(1, 2).contiguous(), groups, out_dtype)
 
 
-def _wgrad(dyp, xt, padded, out_dtype, into=None):
-    """Wgrad: dW[e] = dY_segᵀ·X_seg over the expert's own (padded) tokens, both quantized along tokens; xt is
-    quantize_act_t of the padded input (K, T·128), (K, T). → (E, N, K), one launch on Hopper; or, given the
-    weight's gradient `into` (fp8_linear.grads_accumulated_in_wgrad), added to it in place → None."""
-    dytq, dyts = quantize_act_t(dyp)                                   # (N, T·128), (N, T)
+def _wgrad(dyt, xt, padded, out_dtype, into=None):
+    """Wgrad: dW[e] = dY_segᵀ·X_seg over the expert's own (padded) tokens, both quantized along tokens: dyt and xt
+    are quantize_act_t of the padded dY and X, (N, T·128), (N, T) and (K, T·128), (K, T). → (E, N, K), one launch
+    on Hopper; or, given the weight's gradient `into` (fp8_linear.grads_accumulated_in_wgrad), added to it in
+    place → None."""
     if into is not None:
-        return fp8_gemm_kgrouped_into(dytq, dyts, *xt, padded, into)
-    return fp8_gemm_kgrouped(dytq, dyts, *xt, padded, out_dtype)
+        return fp8_gemm_kgrouped_into(*dyt, *xt, padded, into)
+    return fp8_gemm_kgrouped(*dyt, *xt, padded, out_dtype)
 
 
-def _experts_backward(dy, xp, saved, meta):
-    """Dgrad and Wgrad of _experts_forward, given its padded input xp (kept, or recomputed)."""
+def _experts_backward(dy, xt, saved, meta):
+    """Dgrad and Wgrad of _experts_forward, given xt, the padded input's tiles along the tokens (kept, or made
+    from the recomputed input). dY is padded and quantized both ways in one pass."""
     wq_t, ws, dst, groups, padded = saved
     x_dtype, w_dtype = meta
-    dyp = _padded(dy, dst, groups)                                     # (T·128, N)
-    dx = _dgrad(dyp, wq_t, ws, groups, x_dtype).index_select(0, dst)   # (M, K)
-    return dx, _wgrad(dyp, quantize_act_t(xp), padded, w_dtype)
+    dyq, dyt = quantize_act_both(_padded(dy, dst, groups))            # dY (T·128, N) along N, and along tokens
+    dx = _dgrad(dyq, wq_t, ws, groups, x_dtype).index_select(0, dst)   # (M, K)
+    return dx, _wgrad(dyt, xt, padded, w_dtype)
 
 
 class _FP8ExpertsFn(torch.autograd.Function):
@@ -307,15 +308,15 @@ class _FP8ExpertsFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, w, counts):
-        y, xp, saved, meta = _experts_forward(x, w, counts)
-        ctx.save_for_backward(xp, *saved)
+        y, xt, saved, meta = _experts_forward(x, w, counts, keep_t=True)
+        ctx.save_for_backward(*xt, *saved)
         ctx.meta = meta
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        xp, *saved = ctx.saved_tensors
-        dx, dw = _experts_backward(dy, xp, saved, ctx.meta)
+        xtq, xts, *saved = ctx.saved_tensors
+        dx, dw = _experts_backward(dy, (xtq, xts), saved, ctx.meta)
         return dx, dw, None
 
 
@@ -347,7 +348,7 @@ class _FP8SwiGLUDownFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, a, b, w2, counts, act_cache):
         h = F.silu(a) * b                                                  # (M, inter)
-        y, _, saved, meta = _experts_forward(h, w2, counts)
+        y, _, saved, meta = _experts_forward(h, w2, counts, keep_t=False)
         kept = _keep(a, b, act_cache)
         ctx.save_for_backward(*kept, *saved)
         ctx.meta = (meta, act_cache, a.dtype, len(kept))
@@ -361,7 +362,7 @@ class _FP8SwiGLUDownFn(torch.autograd.Function):
         s = F.silu(a)                                                      # recomputed: SiLU(A) and H
         h = s * b
         dst, groups = saved[2], saved[3]                                   # the rows' places in the tile layout
-        dh, dw2 = _experts_backward(dy, _padded(h, dst, groups), saved, meta)
+        dh, dw2 = _experts_backward(dy, quantize_act_t(_padded(h, dst, groups)), saved, meta)
         da = torch.ops.aten.silu_backward(dh * b, a)                      # the ops autograd would run
         db = dh * s
         return da, db, dw2, None, None
@@ -372,10 +373,9 @@ class _FP8ExpertFFNFn(torch.autograd.Function):
     tile layout from its input to its output. The same products as fp8_segment_mm for W1 and W3 followed by
     fp8_swiglu_down (the same bits: a test), with less work between them:
 
-      * x is padded and quantized once for both W1 and W3, and once more along the tokens for both their Wgrads;
-        one padded copy of x is kept for the backward pass, not one per projection (A and B are kept padded,
-        T·128 rows instead of M: in all fewer bytes unless dim·T·128 < 2·inter·(T·128 − M), i.e. the padding
-        rows outweigh the second copy of x, as with very few tokens per expert; V3's dim 7168 > 2·2048);
+      * x is padded once and quantized once for both W1 and W3, in the same pass along the tokens too for both
+        their Wgrads: those tiles (one byte per value) are what the backward keeps of x, not x itself and not one
+        copy per projection (A and B are kept padded, T·128 rows instead of M);
       * the gate and up outputs A and B, the SwiGLU output H and the gradients dH, dA and dB stay in padded rows:
         no gather back to M rows and scatter into a new padded buffer between two GEMMs. Only y and dx are
         gathered back (dx once, the sum of the W1 and W3 paths).
@@ -390,7 +390,8 @@ class _FP8ExpertFFNFn(torch.autograd.Function):
         dtype = compute_dtype(x)
         dst, groups, padded = tile_layout(counts, x.shape[0])
         xp = _padded(x, dst, groups)                                       # (T·128, dim)
-        xq, xs = quantize_act(xp)
+        # Fprop's tiles of xp, and with a backward to come its tiles along the tokens for both Wgrads, one pass
+        (xq, xs), xt = quantize_act_both(xp) if backward else (quantize_act(xp), None)
         if quantized:                # quantized once for this optimizer step (fp8_linear.weights_quantized_once)
             q1, s1, q1t, q3, s3, q3t, q2, s2, q2t = quantized
             q1t, q3t, q2t = ([q1t], [q3t], [q2t]) if backward else ([], [], [])
@@ -404,7 +405,7 @@ class _FP8ExpertFFNFn(torch.autograd.Function):
         y = fp8_gemm_grouped(hq, hs, q2, s2, groups, dtype).index_select(0, dst)  # (M, dim)
         if backward:
             kept = _keep(a, b, act_cache)
-            ctx.save_for_backward(xp, *q1t, s1, *q3t, s3, *q2t, s2, dst, groups, padded, g1, g3, g2, *kept)
+            ctx.save_for_backward(*xt, *q1t, s1, *q3t, s3, *q2t, s2, dst, groups, padded, g1, g3, g2, *kept)
         ctx.meta = (act_cache, dtype, x.dtype, (w1.dtype, w3.dtype, w2.dtype))
         ctx.n_quantized = len(quantized)
         return y
@@ -412,19 +413,20 @@ class _FP8ExpertFFNFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         act_cache, dtype, x_dtype, (w1_dtype, w3_dtype, w2_dtype) = ctx.meta
-        xp, q1t, s1, q3t, s3, q2t, s2, dst, groups, padded, g1, g3, g2, *kept = ctx.saved_tensors
+        xtq, xts, q1t, s1, q3t, s3, q2t, s2, dst, groups, padded, g1, g3, g2, *kept = ctx.saved_tensors
+        xt = (xtq, xts)                                                    # (dim, T·128), (dim, T): both Wgrads'
         a, b = _restore(kept, act_cache, dtype)                           # (T·128, inter) each
         s = F.silu(a)                                                      # recomputed: SiLU(A) and H
         h = s * b
-        dyp = _padded(dy, dst, groups)                                     # (T·128, dim)
-        dh = _dgrad(dyp, q2t, s2, groups, dtype)                           # (T·128, inter)
-        dw2 = _wgrad(dyp, quantize_act_t(h), padded, w2_dtype, g2)     # None when added to g2 in place
+        dyq, dyt = quantize_act_both(_padded(dy, dst, groups))            # dY (T·128, dim), both tilings
+        dh = _dgrad(dyq, q2t, s2, groups, dtype)                           # (T·128, inter)
+        dw2 = _wgrad(dyt, quantize_act_t(h), padded, w2_dtype, g2)     # None when added to g2 in place
         da = torch.ops.aten.silu_backward(dh * b, a)                      # the ops autograd would run
         db = dh * s
-        dx = _dgrad(da, q1t, s1, groups, x_dtype)                         # (T·128, dim)
-        dx += _dgrad(db, q3t, s3, groups, x_dtype)                         # in place: one buffer fewer
-        xt = quantize_act_t(xp)                                            # once for both Wgrads
-        dw1, dw3 = _wgrad(da, xt, padded, w1_dtype, g1), _wgrad(db, xt, padded, w3_dtype, g3)
+        (daq, dat), (dbq, dbt) = quantize_act_both(da), quantize_act_both(db)
+        dx = _dgrad(daq, q1t, s1, groups, x_dtype)                        # (T·128, dim)
+        dx += _dgrad(dbq, q3t, s3, groups, x_dtype)                        # in place: one buffer fewer
+        dw1, dw3 = _wgrad(dat, xt, padded, w1_dtype, g1), _wgrad(dbt, xt, padded, w3_dtype, g3)
         return (dx.index_select(0, dst), dw1, dw3, dw2) + (None,) * (6 + ctx.n_quantized)
 
 

@@ -903,6 +903,7 @@ void gemm_experts(at::Tensor a, at::Tensor a_scale, at::Tensor b, at::Tensor b_s
 // fp8_quant.cu, built into the same extension
 void quant_rows(at::Tensor x, at::Tensor q, at::Tensor s, int64_t ld);
 void quant_cols(at::Tensor x, at::Tensor q, at::Tensor s);
+void quant_rows_cols(at::Tensor x, at::Tensor q, at::Tensor s, int64_t ld, at::Tensor qt, at::Tensor st);
 void quant_blocks(at::Tensor w, at::Tensor q, std::optional<at::Tensor> qt, at::Tensor s);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -917,5 +918,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("accumulate") = false);
   m.def("quant_rows", &quant_rows, "fused 1x128 quantization along the last dim, scales row- or M-major");
   m.def("quant_cols", &quant_cols, "fused transpose + 1x128 quantization of x^T, rows padded to 128");
+  m.def("quant_rows_cols", &quant_rows_cols, "quant_rows and quant_cols of one bf16 x in one pass");
   m.def("quant_blocks", &quant_blocks, "fused 128x128 block quantization of W, with W^T in the same pass");
 }

@@ -5,8 +5,10 @@ FP8, built on fp8.py's quantization and kernels.
   * Dgrad dX = dY·W: dY in 1×128 tiles along N, W's blocks transposed (Wᵀ is written with W in one pass).
   * Wgrad dW = dYᵀ·X: both operands quantized in 1×128 tiles along the tokens ("1D1D"), FP32 output.
   * Master weight, bias and their gradients stay FP32; the output dtype is nn.Linear's.
-  * Low-precision storage (report §3.3.3): ``FP8Linear.act_cache`` keeps a layer's input for Wgrad as its 1×128
-    E4M3 tiles, or in E5M6 with power-of-2 scales, instead of the input itself.
+  * X and dY are each quantized both ways in one pass (fp8.quantize_act_both): what the backward keeps of X for
+    Wgrad is its FP8 tiles along the tokens, made in the forward from X itself (one byte per value).
+  * Low-precision storage (report §3.3.3): ``FP8Linear.act_cache`` keeps X's Fprop tiles (1×128 E4M3), or 1×128
+    E5M6 tiles with power-of-2 scales, instead; Wgrad then quantizes their values again along the tokens.
   * With gradient accumulation the weights do not change between micro-batches: ``weights_quantized_once``
     quantizes each FP8 weight of a model (these layers and the routed experts of fp8_experts.py) once per
     optimizer step, the same bits as quantizing in every forward; and ``grads_accumulated_in_wgrad`` has the
@@ -24,8 +26,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
 
-from fp8 import (BLOCK, dequantize_act, fp8_gemm, fp8_gemm_into, quantize_act, quantize_act_t, quantize_e5m6,
-                 quantize_weight)
+from fp8 import (BLOCK, dequantize_act, fp8_gemm, fp8_gemm_into, quantize_act, quantize_act_both, quantize_act_t,
+                 quantize_e5m6, quantize_weight)
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -41,7 +43,13 @@ class _FP8LinearFn(torch.autograd.Function):
     def forward(ctx, x, weight, bias, act_cache="bf16", grad_into=None, wq=None, ws=None, wq_t=None):
         out_dtype = compute_dtype(x)
         x2 = x.reshape(-1, x.shape[-1])                            # (T, K)
-        xq, xs = quantize_act(x2, mmajor=True)                     # 1×128 tiles along K, scales as the kernel wants
+        # 1×128 tiles along K, scales as the kernel wants; with act_cache "bf16", Wgrad's tiles along the tokens
+        # too, made now from x itself in the same pass (xt: (K, T'), (K, T'/128)), and kept instead of x
+        xt = None
+        if act_cache == "bf16" and ctx.needs_input_grad[1]:
+            (xq, xs), xt = quantize_act_both(x2, mmajor=True)
+        else:
+            xq, xs = quantize_act(x2, mmajor=True)
         if wq is not None:           # quantized once for this optimizer step (weights_quantized_once)
             wq_t = wq_t if ctx.needs_input_grad[0] else None
         elif ctx.needs_input_grad[0]:  # 128×128 blocks, and Wᵀ for Dgrad (N padded to N'↑128) in the same pass
@@ -51,47 +59,58 @@ class _FP8LinearFn(torch.autograd.Function):
         y = fp8_gemm(xq, xs, wq, ws, out_dtype if bias is None else torch.float32)  # (T, N)
         if bias is not None:
             y = (y + bias.float()).to(out_dtype)
-        # What Wgrad will re-quantize along tokens (report §3.3.3, low-precision storage): x itself ("bf16": the
-        # compute dtype), the Fprop's own 1×128 E4M3 tiles ("fp8"), or 1×128 E5M6 tiles ("e5m6").
+        # What Wgrad gets of x (report §3.3.3, low-precision storage): its 128×1 tiles along the tokens, quantized
+        # from x itself ("bf16": made above; x is kept instead where they were not), or what it re-quantizes so:
+        # the Fprop's own 1×128 E4M3 tiles ("fp8") or 1×128 E5M6 tiles ("e5m6"), dequantized.
         # Of the weight, the backward needs only Wᵀ and the scales (Dgrad); Wgrad does not read W.
         # grad_into: the weight's gradient, which Wgrad adds into in place (grads_accumulated_in_wgrad), or None.
         if act_cache == "fp8":
             ctx.save_for_backward(xq, xs, wq_t, ws, grad_into)
         elif act_cache == "e5m6":
             ctx.save_for_backward(*quantize_e5m6(x2), wq_t, ws, grad_into)
+        elif xt is not None:
+            ctx.save_for_backward(*xt, wq_t, ws, grad_into)
         else:
             ctx.save_for_backward(x2, wq_t, ws, grad_into)
-        ctx.meta = (x.shape, x.dtype, weight.dtype, bias is not None, act_cache)
+        ctx.meta = (x.shape, x.dtype, weight.dtype, bias is not None, act_cache, xt is not None)
         return y.reshape(*x.shape[:-1], y.shape[-1])               # (..., N)
 
     @staticmethod
     def backward(ctx, dy):
-        x_shape, x_dtype, w_dtype, has_bias, act_cache = ctx.meta
-        if act_cache == "bf16":
+        x_shape, x_dtype, w_dtype, has_bias, act_cache, kept_t = ctx.meta
+        x2 = xt = None
+        if kept_t:  # Wgrad's tiles of x, made in the forward
+            *xt, wq_t, ws, grad_into = ctx.saved_tensors
+        elif act_cache == "bf16":
             x2, wq_t, ws, grad_into = ctx.saved_tensors
         else:  # the cached 1×128 tiles, back to values: their 128×1 tiles along tokens are cut below
             xc, xcs, wq_t, ws, grad_into = ctx.saved_tensors
             x2 = dequantize_act(xc, xcs)
         dy2 = dy.reshape(-1, dy.shape[-1])                         # (T, N)
+        N = dy2.shape[1]
+        # Wgrad dW = dYᵀ·X sums over tokens, so both are quantized in 1×128 tiles along T (rows of dYᵀ and Xᵀ);
+        # T is zero-padded to a multiple of 128 (zero tokens add nothing).
         # Dgrad dX = dY·W = dY·(Wᵀ)ᵀ: dY in 1×128 tiles along N; Wᵀ's 128×128 blocks are W's, transposed.
         # N is the contraction here: when it is not a multiple of 128, zero columns of Wᵀ (written so by
         # quantize_weight) and of dY fill the last tile (they add nothing; W's last block scale covers the padding).
+        # dY's two tilings come from one pass; Wgrad drops those of the zero columns.
         dx = None
         if wq_t is not None:
-            pad_n = -dy2.shape[1] % BLOCK
-            dyq, dys = quantize_act(F.pad(dy2, (0, pad_n)) if pad_n else dy2, mmajor=True)  # (T, N'), N'=N↑128
+            pad_n = -N % BLOCK
+            dyp = F.pad(dy2, (0, pad_n)) if pad_n else dy2        # (T, N'), N' = N↑128
+            (dyq, dys), (dytq, dyts) = quantize_act_both(dyp, mmajor=True)
+            dytq, dyts = dytq[:N], dyts[:N]                        # (N, T'), (N, T'/128): the first rows, contiguous
             dx = fp8_gemm(dyq, dys, wq_t, ws.t().contiguous(), x_dtype).reshape(x_shape)  # (T, K) → x's shape
-        # Wgrad dW = dYᵀ·X sums over tokens, so both are quantized in 1×128 tiles along T (rows of dYᵀ and Xᵀ);
-        # T is zero-padded to a multiple of 128 (zero tokens add nothing).
-        dytq, dyts = quantize_act_t(dy2)                             # (N, T'), (N, T'/128)
-        xtq, xts = quantize_act_t(x2)                                # (K, T'), (K, T'/128)
+        else:
+            dytq, dyts = quantize_act_t(dy2)                       # (N, T'), (N, T'/128)
+        xtq, xts = xt if xt is not None else quantize_act_t(x2)    # (K, T'), (K, T'/128)
         if grad_into is not None:  # added to the weight's gradient in place: none for autograd to add
             if dy2.shape[0]:
                 fp8_gemm_into(dytq, dyts, xtq, xts, grad_into)
             dw = None
         else:
             dw = (fp8_gemm(dytq, dyts, xtq, xts, w_dtype) if dy2.shape[0]  # (N, K)
-                  else torch.zeros(dy2.shape[1], x2.shape[1], dtype=w_dtype, device=dy.device))  # no tokens
+                  else torch.zeros(dy2.shape[1], x_shape[-1], dtype=w_dtype, device=dy.device))  # no tokens
         db = dy2.float().sum(0) if has_bias else None
         return dx, dw, db, None, None, None, None, None
 
@@ -108,10 +127,12 @@ class FP8Linear(nn.Module):
     last 128×128 weight block is partial, like V3's 576-row wkv_a).
     Output dtype as nn.Linear's (the autocast dtype under autocast, else the input dtype; fp32 on CPU).
 
-    act_cache (class attribute, or set per layer): what the layer keeps of its input for Wgrad. "bf16" keeps the
-    input itself. "fp8" keeps the Fprop's 1×128 E4M3 tiles, and "e5m6" 1×128 E5M6 tiles with power-of-2
-    scales. The report does the latter two (E5M6 for the input of the Linear after attention); Wgrad then
-    re-quantizes the dequantized values in 128×1 tiles along tokens, a second rounding."""
+    act_cache (class attribute, or set per layer): what the layer keeps of its input for Wgrad. "bf16" (the
+    default: quantized from the input in its own precision) keeps Wgrad's 128×1 E4M3 tiles along the tokens,
+    made in the forward in the same pass as Fprop's (the values a backward would make from the input itself).
+    "fp8" keeps the Fprop's 1×128 E4M3 tiles, and "e5m6" 1×128 E5M6 tiles with power-of-2 scales. The report
+    does the latter two (E5M6 for the input of the Linear after attention); Wgrad then re-quantizes the
+    dequantized values in 128×1 tiles along tokens, a second rounding."""
 
     act_cache = "bf16"
     quantized = None  # (weight, w_fp8, scale, w_t), set by weights_quantized_once; None: quantize per call

@@ -12,6 +12,7 @@
 //   rows: x (R, C) -> q (R, C), s (R, C/128)               1x128 tiles along the last dim (Fprop, Dgrad)
 //   cols: x (R, C) -> q (C, R'), s (C, R'/128), R' = R rounded up to 128, rows past R read as 0:
 //         the tiles of x^T, i.e. 128x1 tiles of x along the tokens, with the transpose fused in (Wgrad)
+//   rows_cols: x (R, C) bf16 -> both of the above in one pass (a linear layer's input and output gradient)
 //   blocks: w (E, R, C) -> q (E, R, C), s (E, ceil(R/128), ceil(C/128)), and optionally qt (E, C, R'):
 //         128x128 blocks of each of E matrices (E = 1: one weight; a stack of experts), edge blocks cropped;
 //         qt = each q transposed, zero columns past R (Fprop's W and Dgrad's W^T in one pass)
@@ -54,9 +55,8 @@ __device__ __forceinline__ uint32_t pack4(float a, float b, float c, float d, fl
   return e4m3(a / scale) | e4m3(b / scale) << 8 | e4m3(c / scale) << 16 | e4m3(d / scale) << 24;
 }
 
-// 8 consecutive values as one 16-byte load (bf16) or two (fp32)
-__device__ __forceinline__ void load8(const __nv_bfloat16* p, float* v) {
-  uint4 t = *reinterpret_cast<const uint4*>(p);
+// 8 bf16 values held in 16 bytes, as floats
+__device__ __forceinline__ void unpack8(uint4 t, float* v) {
   const uint32_t w[4] = {t.x, t.y, t.z, t.w};
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
@@ -64,6 +64,8 @@ __device__ __forceinline__ void load8(const __nv_bfloat16* p, float* v) {
     v[2 * i] = f.x, v[2 * i + 1] = f.y;
   }
 }
+// 8 consecutive values as one 16-byte load (bf16) or two (fp32)
+__device__ __forceinline__ void load8(const __nv_bfloat16* p, float* v) { unpack8(*reinterpret_cast<const uint4*>(p), v); }
 __device__ __forceinline__ void load8(const float* p, float* v) { load4(p, v), load4(p + 4, v + 4); }
 
 // Sixteen threads per 1x128 tile, 8 consecutive values each; the tile amax is a max over the 16 lanes. A block of
@@ -156,6 +158,69 @@ __global__ void __launch_bounds__(256) cols(const T* __restrict__ x, uint8_t* __
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
     const float* w = v + 16 * h;
+    out[h] = make_uint4(pack4(w[0], w[1], w[2], w[3], scale), pack4(w[4], w[5], w[6], w[7], scale),
+                        pack4(w[8], w[9], w[10], w[11], scale), pack4(w[12], w[13], w[14], w[15], scale));
+  }
+}
+
+// Both tilings of one bf16 input in one pass: x (R, C) -> rows' (q, s) and cols' (qt, st), the same bytes as the
+// two kernels above. A linear layer needs both of its input X (1x128 tiles along C for Fprop, 128x1 along the tokens
+// R for Wgrad) and of its output gradient dY (Dgrad, Wgrad); this reads each once instead of twice. A block of 512
+// threads takes a 128 x 128 square, whose rows are whole 1x128 tiles: 16 threads per row, 8 values (one 16-byte
+// load) each, 4 rows per thread, all loads issued first; each row is quantized from registers as `rows` does. The
+// square's bf16 values then go through shared memory: row r's 16-byte chunk k is stored at chunk k ^ (r / 32), so
+// that a quarter warp storing chunks 0..7 (or 8..15) of one row covers the 32 banks, and the 32 lanes reading
+// (8 columns x 4 parts, below) hit 16 different words. Then four threads share a column, thread `part` its rows
+// 32 part .. 32 part + 31, as in `cols`. Rows past R are read as 0 (the padding of qt) and get no row tile.
+__global__ void __launch_bounds__(512, 3) rows_cols(const __nv_bfloat16* __restrict__ x, uint2* __restrict__ q,
+                                                 float* __restrict__ s, int ld, uint8_t* __restrict__ qt,
+                                                 float* __restrict__ st, int R, int C, int R_pad) {
+  __shared__ uint4 tile[128][16];
+  const int kb = blockIdx.x, kb_row = C / 128, r0 = blockIdx.y * 128, c0 = kb * 128;
+  const int sub = threadIdx.x & 15, r1 = threadIdx.x >> 4;  // chunk `sub` of rows r1 + 32 i
+  const unsigned half = 0xffffu << (threadIdx.x & 16);      // the 16 lanes of this thread's row
+  uint4 raw[4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const int r = r0 + r1 + 32 * i;
+    raw[i] = r < R ? *reinterpret_cast<const uint4*>(x + (size_t)r * C + c0 + sub * 8) : make_uint4(0, 0, 0, 0);
+  }
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const int r = r0 + r1 + 32 * i;
+    tile[r1 + 32 * i][sub ^ i] = raw[i];  // (r1 + 32 i) / 32 = i
+    float v[8];
+    unpack8(raw[i], v);
+    float m = 0.f;
+#pragma unroll
+    for (int j = 0; j < 8; ++j) m = fmaxf(m, fabsf(v[j]));
+#pragma unroll
+    for (int o = 8; o; o >>= 1) m = fmaxf(m, __shfl_xor_sync(half, m, o));
+    if (r < R) {  // the same for the 16 lanes of a row
+      const float scale = fmaxf(m, AMAX_EPS) * INV_E4M3_MAX;
+      q[((size_t)r * kb_row + kb) * 16 + sub] = make_uint2(pack4(v[0], v[1], v[2], v[3], scale),
+                                                           pack4(v[4], v[5], v[6], v[7], scale));
+      if (sub == 0) s[ld ? (size_t)kb * ld + r : (size_t)r * kb_row + kb] = scale;
+    }
+  }
+  __syncthreads();
+  const int c = threadIdx.x >> 2, part = threadIdx.x & 3;
+  const __nv_bfloat16* t = reinterpret_cast<const __nv_bfloat16*>(tile);
+  const int col = (((c >> 3) ^ part) << 3) + (c & 7);  // column c's place in a row of part `part`
+  const __nv_bfloat16* tc = t + 32 * part * 128 + col;  // this thread's 32 values: tc[128 i], i = 0..31
+  float m = 0.f;
+#pragma unroll
+  for (int i = 0; i < 32; ++i) m = fmaxf(m, fabsf(__bfloat162float(tc[128 * i])));
+  m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 1));
+  m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 2));
+  const float scale = fmaxf(m, AMAX_EPS) * INV_E4M3_MAX;
+  if (part == 0) st[(size_t)(c0 + c) * (R_pad / 128) + blockIdx.y] = scale;
+  uint4* out = reinterpret_cast<uint4*>(qt + (size_t)(c0 + c) * R_pad + r0 + part * 32);  // 32 bytes of row c0 + c
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {  // read again from shared memory (fewer registers, more blocks per SM)
+    float w[16];
+#pragma unroll
+    for (int i = 0; i < 16; ++i) w[i] = __bfloat162float(tc[128 * (16 * h + i)]);
     out[h] = make_uint4(pack4(w[0], w[1], w[2], w[3], scale), pack4(w[4], w[5], w[6], w[7], scale),
                         pack4(w[8], w[9], w[10], w[11], scale), pack4(w[12], w[13], w[14], w[15], scale));
   }
@@ -307,6 +372,31 @@ void quant_cols(at::Tensor x, at::Tensor q, at::Tensor s) {
   else
     TORCH_CHECK(false, "quant_cols: x must be bfloat16 or float32");
   TORCH_CHECK(cudaGetLastError() == cudaSuccess, "quant_cols: launch failed");
+}
+
+// x (R, C) bf16, C a multiple of 128: q, s as quant_rows (ld as there), qt, st as quant_cols, all preallocated.
+void quant_rows_cols(at::Tensor x, at::Tensor q, at::Tensor s, int64_t ld, at::Tensor qt, at::Tensor st) {
+  TORCH_CHECK(x.is_cuda() && x.dim() == 2 && x.scalar_type() == at::kBFloat16 && x.is_contiguous() &&
+                  q.is_contiguous() && s.is_contiguous() && qt.is_contiguous() && st.is_contiguous(),
+              "quant_rows_cols: contiguous 2-D bfloat16 x and contiguous outputs expected");
+  const c10::cuda::CUDAGuard guard(x.device());  // launch on x's GPU, its current stream
+  const int R = x.size(0), C = x.size(1), R_pad = (R + 127) / 128 * 128;
+  TORCH_CHECK(C % 128 == 0 && q.numel() == x.numel(), "quant_rows_cols: C must be a multiple of 128, q x's size");
+  TORCH_CHECK(ld == 0 ? s.numel() == (long long)R * (C / 128) : (ld >= R && s.numel() == (long long)(C / 128) * ld),
+              "quant_rows_cols: bad scale buffer");
+  TORCH_CHECK(qt.dim() == 2 && qt.size(0) == C && qt.size(1) == R_pad && st.dim() == 2 && st.size(0) == C &&
+                  st.size(1) == R_pad / 128, "quant_rows_cols: qt must be (C, R rounded up to 128), st (C, that / 128)");
+  TORCH_CHECK(aligned(x, 16) && aligned(q, 8) && aligned(qt, 16),
+              "quant_rows_cols: x and qt must be 16-byte aligned, q 8-byte aligned");
+  TORCH_CHECK(R_pad / 128 <= 65535, "quant_rows_cols: at most 65535 row blocks (grid limit)");
+  if (!R || !C) return;
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  dim3 grid(C / 128, R_pad / 128);
+  fp8q::rows_cols<<<grid, 512, 0, stream>>>(reinterpret_cast<const __nv_bfloat16*>(x.data_ptr()),
+                                            reinterpret_cast<uint2*>(q.data_ptr()), s.data_ptr<float>(), (int)ld,
+                                            reinterpret_cast<uint8_t*>(qt.data_ptr()), st.data_ptr<float>(), R, C,
+                                            R_pad);
+  TORCH_CHECK(cudaGetLastError() == cudaSuccess, "quant_rows_cols: launch failed");
 }
 
 // w (E, R, C) contiguous, E = 1 for one matrix; q (E, R, C) and qt (E, C, R rounded up to 128) uint8 views of the

@@ -66,6 +66,20 @@ def test_mmajor_scales_layout():
         fp8.quantize_act(torch.randn(2, 100, 384), mmajor=True)
 
 
+def test_quantize_act_both_is_the_two_calls():
+    """A linear layer's input and output gradient are quantized both ways, 1×128 along the features (Fprop, Dgrad)
+    and along the tokens (Wgrad): quantize_act_both gives both, the values of the two calls (rows not a multiple of
+    128: the tokens padded; no rows: empty tiles)."""
+    x = torch.randn(200, 384) * torch.logspace(-2, 2, 384)
+    _assert_both_is_the_two(x, 0)
+    (q, s), (qt, st) = fp8.quantize_act_both(x[:0], mmajor=True)
+    assert q.shape == (0, 384) and s.shape == (0, 3) and qt.shape == (384, 0) and st.shape == (384, 0)
+    with pytest.raises(ValueError, match="2-D"):
+        fp8.quantize_act_both(x.reshape(2, 100, 384))
+    with pytest.raises(ValueError, match="multiple of 128"):
+        fp8.quantize_act_both(x[:, :100])
+
+
 def test_quantize_weight_edge_blocks():
     w = torch.randn(200, 300)
     q, s = fp8.quantize_weight(w)
@@ -278,7 +292,8 @@ def test_fp8_linear_is_bit_identical_to_the_old_composition():
 
 
 def test_fp8_linear_keeps_only_what_its_backward_needs():
-    """The backward keeps Wᵀ (K, N') for Dgrad, not W; an input without grad gets no Wᵀ and no dX, and the same dW."""
+    """The backward keeps Wᵀ (K, N') for Dgrad, not W, and Wgrad's tiles of x along the tokens (K, T'), made in the
+    forward, not x itself; an input without grad gets no Wᵀ and no dX, and the same dW."""
     torch.manual_seed(6)
     lin = fp8_linear.FP8Linear(256, 288)
     x, g = torch.randn(80, 256), torch.randn(80, 288)
@@ -291,7 +306,8 @@ def test_fp8_linear_keeps_only_what_its_backward_needs():
         grads.append(lin.weight.grad)
         lin.weight.grad = None
         shapes = {tuple(t.shape) for t in saved if t is not None and t.dtype == FP8}
-        assert shapes == ({(256, 384)} if needs_dx else set()), shapes
+        assert shapes == ({(256, 384), (256, 128)} if needs_dx else {(256, 128)}), shapes
+        assert not any(t is not None and t.dtype == torch.float32 and t.shape == x.shape for t in saved)
     assert torch.equal(grads[0], grads[1])
 
 
@@ -625,6 +641,21 @@ def test_fused_quantization_is_bit_identical(dtype, R, C):
     qt_ref, st_ref = fp8.quantize_act_ref(torch.nn.functional.pad(x.t(), (0, -R % 128)))
     assert qt.shape == (C, R + (-R % 128)) and torch.equal(st, st_ref), f"seed {seed}"
     assert torch.equal(qt.view(torch.uint8), qt_ref.view(torch.uint8)), f"seed {seed}"
+    if C % 128 == 0:                                                    # both tilings in one pass (bf16: one kernel)
+        _assert_both_is_the_two(x, seed)
+
+
+def _assert_both_is_the_two(x, seed):
+    """quantize_act_both(x) gives the bytes and scales of quantize_act(x, mmajor) and quantize_act_t(x)."""
+    for mmajor in (False, True):
+        (q, s), (qt, st) = fp8.quantize_act_both(x, mmajor=mmajor)
+        (q1, s1), (qt1, st1) = fp8.quantize_act(x, mmajor=mmajor), fp8.quantize_act_t(x)
+        assert torch.equal(q.view(torch.uint8), q1.view(torch.uint8)) and torch.equal(s, s1), (mmajor, seed)
+        assert torch.equal(qt.view(torch.uint8), qt1.view(torch.uint8)) and torch.equal(st, st1), (mmajor, seed)
+        if mmajor:
+            assert s.stride() == s1.stride() and fp8._is_mmajor(s), seed
+            R, C = x.shape
+            assert s.as_strided((C // 128, s.stride(1)), (s.stride(1), 1))[:, R:].abs().sum() == 0, seed  # padding
 
 
 @pytest.mark.gpu
@@ -648,6 +679,7 @@ def test_fused_activation_quantization_unaligned_and_odd_widths(dtype):
             q, s = fp8.quantize_act(x, mmajor=True)
             q_ref, s_ref = fp8.quantize_act_ref(x)
             assert torch.equal(s, s_ref) and torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8)), f"seed {seed}"
+            _assert_both_is_the_two(x, seed)                            # copied first, as quant_rows does
 
 
 def _assert_same_weight_quantization(w, seed):

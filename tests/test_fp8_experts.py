@@ -267,8 +267,9 @@ def _assert_ffn_is_the_composition(sizes, dim, inter, device, dtype, monkeypatch
                              (x, w1, w3, w2), g)
         for name, want, got in zip(("y", "dx", "dw1", "dw3", "dw2"), composed[:5], fused[:5]):
             assert got.dtype == want.dtype and torch.equal(got, want), (c, name)
-        # One padded x kept instead of two, A and B kept padded (T·128 rows) instead of M rows: less whenever
-        # dim·T·128 outweighs 2·inter·(T·128 − M), as here and in training (dim 7168, inter 2048 in V3).
+        # x's tiles along the tokens kept once instead of once per projection, A and B kept padded (T·128 rows)
+        # instead of M rows: less whenever that second copy of x, dim·T·128 bytes, outweighs the padding rows of A
+        # and B, 2·inter·(T·128 − M) values, as here and in training (dim 7168, inter 2048 in V3).
         assert fused[5] < composed[5], c
         assert all(t[1].abs().sum() == 0 for t in fused[2:5]), c       # the idle expert's gradients
 
@@ -295,7 +296,7 @@ def test_expert_ffn_is_the_composition(dtype, monkeypatch):
     """fp8_expert_ffn stays in the tile layout from x to y: the bits of fp8_segment_mm for W1 and W3 composed with
     fp8_swiglu_down (output and every gradient, each activation cache), while keeping less, and whatever the rows
     of the unused tail tiles hold (NaN here)."""
-    _assert_ffn_is_the_composition([700, 0, 1100, 1], 256, 256, "cpu", dtype, monkeypatch)
+    _assert_ffn_is_the_composition([700, 0, 1100, 1], 512, 128, "cpu", dtype, monkeypatch)
     x, w1 = torch.randn(4, 128), torch.randn(2, 256, 128)
     with pytest.raises(ValueError, match="act_cache"):
         fp8_experts.fp8_expert_ffn(x, w1, w1, w1.transpose(1, 2), [2, 2], "fp4")
