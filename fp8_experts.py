@@ -470,7 +470,7 @@ def fp8_segment_mm(x: torch.Tensor, w: torch.Tensor, sizes) -> torch.Tensor:
     fits = x.dim() == 2 and w.dim() == 3 and x.shape[1] == w.shape[2]
     counts = _segment_counts(sizes, x.shape[0] if fits else 0, w.shape[0] if fits else 0, x.device, fits,
                              f"fp8_segment_mm: x {tuple(x.shape)}, w {tuple(w.shape)}")
-    return _FP8ExpertsFn.apply(x, w, counts)
+    return _FP8ExpertsFn.apply(x.to(compute_dtype(x)), w, counts)     # under autocast: as segment_mm casts it
 
 
 def fp8_expert_ffn(x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor, sizes,
@@ -491,6 +491,7 @@ def fp8_expert_ffn(x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torc
     counts = _segment_counts(sizes, x.shape[0] if fits else 0, w1.shape[0] if fits else 0, x.device, fits,
                              f"fp8_expert_ffn: x {tuple(x.shape)}, w1 {tuple(w1.shape)}, w3 {tuple(w3.shape)}, "
                              f"w2 {tuple(w2.shape)}")
+    x = x.to(compute_dtype(x))  # under autocast the autocast dtype, as segment_mm casts it (report Figure 6: BF16)
     # No gradient wanted (evaluation, torch.no_grad): no Wᵀ and nothing kept for a backward pass that never runs.
     backward = torch.is_grad_enabled() and any(t.requires_grad for t in (x, w1, w3, w2))
     q = copies_for(quantized, (w1, w3, w2))

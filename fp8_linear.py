@@ -125,7 +125,8 @@ class FP8Linear(nn.Module):
     on every forward, or once per optimizer step inside `weights_quantized_once` (`quantized`). in_features must
     be a multiple of 128 (the forward contracts over it in whole 1×128 tiles); out_features may be any size (the
     last 128×128 weight block is partial, like V3's 576-row wkv_a).
-    Output dtype as nn.Linear's (the autocast dtype under autocast, else the input dtype; fp32 on CPU).
+    Under autocast the input is cast to the autocast dtype first, as nn.Linear casts it; the output dtype is
+    nn.Linear's (the autocast dtype under autocast, else the input dtype; fp32 on CPU).
 
     act_cache (class attribute, or set per layer): what the layer keeps of its input for Wgrad. "bf16" (the
     default: quantized from the input in its own precision) keeps Wgrad's 128×1 E4M3 tiles along the tokens,
@@ -162,6 +163,9 @@ class FP8Linear(nn.Module):
             raise ValueError(f"FP8Linear: input last dim {x.shape[-1]} != in_features {self.in_features}")
         if self.act_cache not in ACT_CACHES:
             raise ValueError(f"FP8Linear: act_cache={self.act_cache!r}, expected one of {ACT_CACHES}")
+        # Under autocast the input is cast to the autocast dtype first, as nn.Linear's is: the FP8 GEMMs quantize
+        # BF16 activations (report Figure 6), and dX comes out in that dtype (the cast's backward brings it back).
+        x = x.to(compute_dtype(x))
         # the copy made from this very weight, or none (e.g. torch.func.functional_call passing another one)
         q = copies_for(self.quantized, (self.weight,))
         g = copies_for(self.grad_into, (self.weight,)) or (None,)

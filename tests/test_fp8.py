@@ -311,6 +311,27 @@ def test_fp8_linear_keeps_only_what_its_backward_needs():
     assert torch.equal(grads[0], grads[1])
 
 
+def test_fp8_linear_casts_its_input_to_the_autocast_dtype():
+    """Under autocast FP8Linear casts an fp32 input to the autocast dtype first, as nn.Linear does (report Figure 6:
+    the FP8 GEMMs quantize BF16 activations): the same bits as the layer on x.bfloat16(), and dX flows back through
+    the cast in x's dtype. Outside autocast the input is taken as it is (fp32 here: other bits)."""
+    torch.manual_seed(7)
+    lin = fp8_linear.FP8Linear(256, 384)
+    x, g = torch.randn(80, 256), torch.randn(80, 384)
+    runs = []
+    for inp, autocast in ((x, True), (x.bfloat16(), False), (x, False)):
+        xi = inp.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            y = lin(xi)
+        y.backward(g.to(y.dtype))
+        runs.append((y.detach(), xi.grad, lin.weight.grad))
+        lin.weight.grad = None
+    (y_a, dx_a, dw_a), (y_b, dx_b, dw_b), (y_f, _, dw_f) = runs
+    assert y_a.dtype == torch.bfloat16 and dx_a.dtype == torch.float32
+    assert torch.equal(y_a, y_b) and torch.equal(dx_a, dx_b.float()) and torch.equal(dw_a, dw_b)
+    assert not torch.equal(dw_a, dw_f)
+
+
 @pytest.mark.parametrize("bias, n_out", [(False, 384), (True, 384), (False, 288)])
 def test_fp8_linear_matches_fp32(bias, n_out):
     torch.manual_seed(1)
