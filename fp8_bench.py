@@ -321,31 +321,36 @@ def bench_quant(shapes=QUANT_SHAPES, dtypes=(torch.bfloat16, torch.float32)):
     print("|---" * 7 + "|")
     for dtype in dtypes:
         for R, C in shapes if dtype == torch.bfloat16 else shapes[:1]:
-            x = torch.randn(R, C, device="cuda").to(dtype)
-            n, e, r_pad = R * C, x.element_size(), -(-R // BLOCK) * BLOCK
-            q = torch.empty(R, C, dtype=torch.uint8, device="cuda")
-            sm = torch.zeros(C // BLOCK, r_pad, device="cuda")                 # M-major scales, rows padded
-            qt = torch.empty(C, r_pad, dtype=torch.uint8, device="cuda")
-            st = torch.empty(C, r_pad // BLOCK, device="cuda")
-            y = torch.empty_like(x)
-            cells, ms = [], []
-            rows_b, cols_b = n * (e + 1) + n // BLOCK * 4, n * e + C * r_pad * (1 + 4 / BLOCK)
-            both = ((lambda: ext.quant_rows_cols(x, q, sm, r_pad, qt, st)) if dtype == torch.bfloat16 else None)
-            for fn, nbytes in ((lambda: ext.quant_rows(x, q, sm, r_pad), rows_b),
-                               (lambda: ext.quant_cols(x, qt, st), cols_b),
-                               (both, rows_b + cols_b - n * e),               # x read once
-                               (lambda: y.copy_(x), 2 * n * e)):
-                if fn is None:
-                    cells.append("—")
-                    continue
-                ms.append(_median_ms(fn))
-                gbs = nbytes / ms[-1] / 1e6
-                cells.append(f"{gbs:,.0f} ({gbs / HBM_TBS / 10:.0f}%)")
-            if both is not None:
-                cells[2] += f", {(ms[0] + ms[1]) / ms[2]:.2f}×"
-            print(f"| {R} | {C} | {str(dtype).removeprefix('torch.')} | " + " | ".join(cells) + " |", flush=True)
-            del x, q, sm, qt, st, y
-            torch.cuda.empty_cache()
+            print(f"| {R} | {C} | {str(dtype).removeprefix('torch.')} | " + " | ".join(_quant_cells(ext, R, C, dtype))
+                  + " |", flush=True)
+            torch.cuda.empty_cache()                                          # the shape's tensors died with the call
+
+
+def _quant_cells(ext, R, C, dtype) -> list:
+    """One row of bench_quant's table: the cells of rows, cols, both in one pass and the copy."""
+    x = torch.randn(R, C, device="cuda").to(dtype)
+    n, e, r_pad = R * C, x.element_size(), -(-R // BLOCK) * BLOCK
+    q = torch.empty(R, C, dtype=torch.uint8, device="cuda")
+    sm = torch.zeros(C // BLOCK, r_pad, device="cuda")                         # M-major scales, rows padded
+    qt = torch.empty(C, r_pad, dtype=torch.uint8, device="cuda")
+    st = torch.empty(C, r_pad // BLOCK, device="cuda")
+    y = torch.empty_like(x)
+    cells, ms = [], []
+    rows_b, cols_b = n * (e + 1) + n // BLOCK * 4, n * e + C * r_pad * (1 + 4 / BLOCK)
+    both = (lambda: ext.quant_rows_cols(x, q, sm, r_pad, qt, st)) if dtype == torch.bfloat16 else None
+    for fn, nbytes in ((lambda: ext.quant_rows(x, q, sm, r_pad), rows_b),
+                       (lambda: ext.quant_cols(x, qt, st), cols_b),
+                       (both, rows_b + cols_b - n * e),                         # x read once
+                       (lambda: y.copy_(x), 2 * n * e)):
+        if fn is None:
+            cells.append("—")
+            continue
+        ms.append(_median_ms(fn))
+        gbs = nbytes / ms[-1] / 1e6
+        cells.append(f"{gbs:,.0f} ({gbs / HBM_TBS / 10:.0f}%)")
+    if both is not None:
+        cells[2] += f", {(ms[0] + ms[1]) / ms[2]:.2f}×"
+    return cells
 
 
 def main(argv=None):
