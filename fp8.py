@@ -18,8 +18,10 @@ The recipe, in the report's terms:
     on B too, not a 128×128 block).
   * The routed experts run in FP8 as well: ``fp8_experts.py`` (M-grouped and K-grouped GEMMs over the experts'
     token segments) builds on this file.
-  * Low-precision storage (report §3.3.3): ``fp8_linear.FP8Linear.act_cache`` can keep a layer's input for Wgrad
-    as its 1×128 E4M3 tiles, or in E5M6 with power-of-2 scales (``quantize_e5m6``), instead of the input itself.
+  * What a layer keeps of its input for Wgrad: by default Wgrad's own E4M3 tiles along the tokens, made in the
+    forward from the input itself (``quantize_act_both``). Low-precision storage (report §3.3.3):
+    ``fp8_linear.FP8Linear.act_cache`` can keep the Fprop's 1×128 E4M3 tiles instead, or E5M6 tiles with
+    power-of-2 scales (``quantize_e5m6``), which Wgrad dequantizes and quantizes again along the tokens.
   * With gradient accumulation the weights do not change between micro-batches:
     ``fp8_linear.weights_quantized_once`` quantizes each one once per optimizer step (the same bits), not once
     per micro-batch.
@@ -502,7 +504,8 @@ def _(x, mmajor):
     (R, C), R_pad = x.shape, -(-x.shape[0] // BLOCK) * BLOCK
     f32 = torch.float32
     s = x.new_empty(C // BLOCK, R_pad, dtype=f32) if mmajor else x.new_empty(R, C // BLOCK, dtype=f32)
-    return x.new_empty(x.shape, dtype=FP8), s, x.new_empty(C, R_pad, dtype=FP8), x.new_empty(C, R_pad // BLOCK, dtype=f32)
+    return (x.new_empty(x.shape, dtype=FP8), s, x.new_empty(C, R_pad, dtype=FP8),
+            x.new_empty(C, R_pad // BLOCK, dtype=f32))
 
 
 @fp8_operator("quant_blocks")

@@ -307,9 +307,10 @@ class _FP8ExpertsFn(torch.autograd.Function):
     whole 128-row tiles, so that one grouped GEMM serves all experts and no 1×128 tile mixes two experts' tokens."""
 
     @staticmethod
-    def forward(ctx, x, w, counts):
-        y, xt, saved, meta = _experts_forward(x, w, counts, keep_t=True)
-        ctx.save_for_backward(*xt, *saved)
+    def forward(ctx, x, w, counts, backward):
+        y, xt, saved, meta = _experts_forward(x, w, counts, keep_t=backward)
+        if backward:
+            ctx.save_for_backward(*xt, *saved)
         ctx.meta = meta
         return y
 
@@ -317,7 +318,7 @@ class _FP8ExpertsFn(torch.autograd.Function):
     def backward(ctx, dy):
         xtq, xts, *saved = ctx.saved_tensors
         dx, dw = _experts_backward(dy, (xtq, xts), saved, ctx.meta)
-        return dx, dw, None
+        return dx, dw, None, None
 
 
 def _keep(a, b, act_cache):
@@ -387,9 +388,11 @@ class _FP8ExpertFFNFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, w1, w3, w2, counts, act_cache, backward, g1, g3, g2, *quantized):
-        dtype = compute_dtype(x)
+        dtype, x_dtype = compute_dtype(x), x.dtype
         dst, groups, padded = tile_layout(counts, x.shape[0])
-        xp = _padded(x, dst, groups)                                       # (T·128, dim)
+        # under autocast x in the autocast dtype, as segment_mm casts it (report Figure 6: the FP8 GEMMs quantize
+        # BF16); dX comes back in x's own dtype, its W1 and W3 halves summed there (below), as autograd sums them
+        xp = _padded(x.to(dtype), dst, groups)                             # (T·128, dim)
         # Fprop's tiles of xp, and with a backward to come its tiles along the tokens for both Wgrads, one pass
         (xq, xs), xt = quantize_act_both(xp) if backward else (quantize_act(xp), None)
         if quantized:                # quantized once for this optimizer step (fp8_linear.weights_quantized_once)
@@ -406,7 +409,7 @@ class _FP8ExpertFFNFn(torch.autograd.Function):
         if backward:
             kept = _keep(a, b, act_cache)
             ctx.save_for_backward(*xt, *q1t, s1, *q3t, s3, *q2t, s2, dst, groups, padded, g1, g3, g2, *kept)
-        ctx.meta = (act_cache, dtype, x.dtype, (w1.dtype, w3.dtype, w2.dtype))
+        ctx.meta = (act_cache, dtype, x_dtype, (w1.dtype, w3.dtype, w2.dtype))
         ctx.n_quantized = len(quantized)
         return y
 
@@ -421,12 +424,15 @@ class _FP8ExpertFFNFn(torch.autograd.Function):
         dyq, dyt = quantize_act_both(_padded(dy, dst, groups))            # dY (T·128, dim), both tilings
         dh = _dgrad(dyq, q2t, s2, groups, dtype)                           # (T·128, inter)
         dw2 = _wgrad(dyt, quantize_act_t(h), padded, w2_dtype, g2)     # None when added to g2 in place
-        da = torch.ops.aten.silu_backward(dh * b, a)                      # the ops autograd would run
-        db = dh * s
-        (daq, dat), (dbq, dbt) = quantize_act_both(da), quantize_act_both(db)
-        dx = _dgrad(daq, q1t, s1, groups, x_dtype)                        # (T·128, dim)
-        dx += _dgrad(dbq, q3t, s3, groups, x_dtype)                        # in place: one buffer fewer
-        dw1, dw3 = _wgrad(dat, xt, padded, w1_dtype, g1), _wgrad(dbt, xt, padded, w3_dtype, g3)
+        # dA = SiLU'(A)·dH·B and dB = dH·SiLU(A) (the ops autograd would run), each tiled both ways in one pass and
+        # used for its Dgrad and Wgrad before the next is made; dX's two halves summed in x's dtype
+        daq, dat = quantize_act_both(torch.ops.aten.silu_backward(dh * b, a))
+        dx = _dgrad(daq, q1t, s1, groups, dtype).to(x_dtype)              # (T·128, dim)
+        dw1 = _wgrad(dat, xt, padded, w1_dtype, g1)
+        del daq, dat
+        dbq, dbt = quantize_act_both(dh * s)
+        dx += _dgrad(dbq, q3t, s3, groups, dtype)                          # in place: one buffer fewer
+        dw3 = _wgrad(dbt, xt, padded, w3_dtype, g3)
         return (dx.index_select(0, dst), dw1, dw3, dw2) + (None,) * (6 + ctx.n_quantized)
 
 
@@ -470,7 +476,9 @@ def fp8_segment_mm(x: torch.Tensor, w: torch.Tensor, sizes) -> torch.Tensor:
     fits = x.dim() == 2 and w.dim() == 3 and x.shape[1] == w.shape[2]
     counts = _segment_counts(sizes, x.shape[0] if fits else 0, w.shape[0] if fits else 0, x.device, fits,
                              f"fp8_segment_mm: x {tuple(x.shape)}, w {tuple(w.shape)}")
-    return _FP8ExpertsFn.apply(x.to(compute_dtype(x)), w, counts)     # under autocast: as segment_mm casts it
+    x = x.to(compute_dtype(x))                                         # under autocast: as segment_mm casts it
+    backward = torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)  # else no Wgrad tiles, nothing kept
+    return _FP8ExpertsFn.apply(x, w, counts, backward)
 
 
 def fp8_expert_ffn(x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor, sizes,
@@ -491,7 +499,6 @@ def fp8_expert_ffn(x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torc
     counts = _segment_counts(sizes, x.shape[0] if fits else 0, w1.shape[0] if fits else 0, x.device, fits,
                              f"fp8_expert_ffn: x {tuple(x.shape)}, w1 {tuple(w1.shape)}, w3 {tuple(w3.shape)}, "
                              f"w2 {tuple(w2.shape)}")
-    x = x.to(compute_dtype(x))  # under autocast the autocast dtype, as segment_mm casts it (report Figure 6: BF16)
     # No gradient wanted (evaluation, torch.no_grad): no Wᵀ and nothing kept for a backward pass that never runs.
     backward = torch.is_grad_enabled() and any(t.requires_grad for t in (x, w1, w3, w2))
     q = copies_for(quantized, (w1, w3, w2))

@@ -40,19 +40,23 @@ class _FP8LinearFn(torch.autograd.Function):
     """Y = X·Wᵀ (+ b) with Fprop, Dgrad and Wgrad in FP8 (report §3.3, Figure 6)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, act_cache="bf16", grad_into=None, wq=None, ws=None, wq_t=None):
+    def forward(ctx, x, weight, bias, act_cache="bf16", grad_mode=True, grad_into=None, wq=None, ws=None,
+                wq_t=None):
+        # What the backward will want; grad_mode: whether gradients were on where the layer was called (inside
+        # forward they are off, and ctx.needs_input_grad says only which inputs require one)
+        want_dx, want_dw = grad_mode and ctx.needs_input_grad[0], grad_mode and ctx.needs_input_grad[1]
         out_dtype = compute_dtype(x)
         x2 = x.reshape(-1, x.shape[-1])                            # (T, K)
         # 1×128 tiles along K, scales as the kernel wants; with act_cache "bf16", Wgrad's tiles along the tokens
         # too, made now from x itself in the same pass (xt: (K, T'), (K, T'/128)), and kept instead of x
         xt = None
-        if act_cache == "bf16" and ctx.needs_input_grad[1]:
+        if act_cache == "bf16" and want_dw:
             (xq, xs), xt = quantize_act_both(x2, mmajor=True)
         else:
             xq, xs = quantize_act(x2, mmajor=True)
         if wq is not None:           # quantized once for this optimizer step (weights_quantized_once)
-            wq_t = wq_t if ctx.needs_input_grad[0] else None
-        elif ctx.needs_input_grad[0]:  # 128×128 blocks, and Wᵀ for Dgrad (N padded to N'↑128) in the same pass
+            wq_t = wq_t if want_dx else None
+        elif want_dx:                # 128×128 blocks, and Wᵀ for Dgrad (N padded to N'↑128) in the same pass
             wq, ws, wq_t = quantize_weight(weight, transpose=True)    # (N, K), (N/128, K/128), (K, N')
         else:                        # no dX wanted (inference, or an input without grad): no Wᵀ
             (wq, ws), wq_t = quantize_weight(weight), None
@@ -112,7 +116,7 @@ class _FP8LinearFn(torch.autograd.Function):
             dw = (fp8_gemm(dytq, dyts, xtq, xts, w_dtype) if dy2.shape[0]  # (N, K)
                   else torch.zeros(dy2.shape[1], x_shape[-1], dtype=w_dtype, device=dy.device))  # no tokens
         db = dy2.float().sum(0) if has_bias else None
-        return dx, dw, db, None, None, None, None, None
+        return dx, dw, db, None, None, None, None, None, None
 
 
 ACT_CACHES = ("bf16", "fp8", "e5m6")
@@ -169,7 +173,7 @@ class FP8Linear(nn.Module):
         # the copy made from this very weight, or none (e.g. torch.func.functional_call passing another one)
         q = copies_for(self.quantized, (self.weight,))
         g = copies_for(self.grad_into, (self.weight,)) or (None,)
-        return _FP8LinearFn.apply(x, self.weight, self.bias, self.act_cache, *g, *q)
+        return _FP8LinearFn.apply(x, self.weight, self.bias, self.act_cache, torch.is_grad_enabled(), *g, *q)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "

@@ -65,7 +65,9 @@ __device__ __forceinline__ void unpack8(uint4 t, float* v) {
   }
 }
 // 8 consecutive values as one 16-byte load (bf16) or two (fp32)
-__device__ __forceinline__ void load8(const __nv_bfloat16* p, float* v) { unpack8(*reinterpret_cast<const uint4*>(p), v); }
+__device__ __forceinline__ void load8(const __nv_bfloat16* p, float* v) {
+  unpack8(*reinterpret_cast<const uint4*>(p), v);
+}
 __device__ __forceinline__ void load8(const float* p, float* v) { load4(p, v), load4(p + 4, v + 4); }
 
 // Sixteen threads per 1x128 tile, 8 consecutive values each; the tile amax is a max over the 16 lanes. A block of
@@ -385,7 +387,8 @@ void quant_rows_cols(at::Tensor x, at::Tensor q, at::Tensor s, int64_t ld, at::T
   TORCH_CHECK(ld == 0 ? s.numel() == (long long)R * (C / 128) : (ld >= R && s.numel() == (long long)(C / 128) * ld),
               "quant_rows_cols: bad scale buffer");
   TORCH_CHECK(qt.dim() == 2 && qt.size(0) == C && qt.size(1) == R_pad && st.dim() == 2 && st.size(0) == C &&
-                  st.size(1) == R_pad / 128, "quant_rows_cols: qt must be (C, R rounded up to 128), st (C, that / 128)");
+                  st.size(1) == R_pad / 128,
+              "quant_rows_cols: qt must be (C, R rounded up to 128), st (C, that / 128)");
   TORCH_CHECK(aligned(x, 16) && aligned(q, 8) && aligned(qt, 16),
               "quant_rows_cols: x and qt must be 16-byte aligned, q 8-byte aligned");
   TORCH_CHECK(R_pad / 128 <= 65535, "quant_rows_cols: at most 65535 row blocks (grid limit)");

@@ -217,8 +217,8 @@ class Experts(nn.Module):
     `mm`: the grouped GEMM of the fast path, segment_mm's signature without `impl` (None: segment_mm itself);
     FP8 training passes fp8_experts.fp8_segment_mm. `ffn` (FP8: fp8_experts.fp8_expert_ffn), if given, runs
     the whole FFN, ffn(x, w1, w3, w2, sizes, act_cache, quantized, grad_into), as one step that keeps the padded
-    input and the SwiGLU's inputs (as `act_cache` says, report §3.3.3) for the backward pass, not the SwiGLU's
-    output. The loop reference (`expert`) always runs in high precision."""
+    input's FP8 tiles along the tokens and the SwiGLU's inputs (as `act_cache` says, report §3.3.3) for the
+    backward pass, not the SwiGLU's output. The loop reference (`expert`) always runs in high precision."""
 
     act_cache = "bf16"  # with ffn: how the SwiGLU inputs are kept ("bf16", "fp8" or "e5m6")
     quantized = None  # with ffn: the FP8 copies of the weights made once per step by fp8_linear.weights_quantized_once

@@ -81,9 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="FP8 projections (fp8_linear.FP8Linear; Hopper)")
     p.add_argument("--fp8_act_cache", choices=("bf16", "fp8", "e5m6", "report"),
                    help="with --fp8: what each FP8 layer keeps of its input for Wgrad, and the routed experts of "
-                        "their SwiGLU inputs: the input itself (bf16, the default), its 1x128 tiles in E4M3 (fp8) or "
-                        "E5M6 (e5m6), or as the report: E4M3, and E5M6 for the attention output projection W^O "
-                        "(report)")
+                        "their SwiGLU inputs: Wgrad's own E4M3 tiles of the input along the tokens, made in the "
+                        "forward from the input itself, and the SwiGLU inputs as they are (bf16, the default); "
+                        "their 1x128 tiles in E4M3 (fp8) or E5M6 (e5m6), which Wgrad quantizes again; or as the "
+                        "report: E4M3, and E5M6 for the attention output projection W^O (report)")
     p.add_argument("--bf16_moments", action=argparse.BooleanOptionalAction,
                    help="AdamW moments stored in bf16, as the report trains (adamw_bf16.py; default: fp32)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction,

@@ -311,6 +311,26 @@ def test_fp8_linear_keeps_only_what_its_backward_needs():
     assert torch.equal(grads[0], grads[1])
 
 
+def test_fp8_linear_without_gradients_quantizes_only_for_fprop(monkeypatch):
+    """Evaluation (torch.no_grad, inference_mode; the weight still requires grad): the same output bits, and no
+    Wgrad tiles of x nor Wᵀ made for a backward pass that never runs."""
+    torch.manual_seed(8)
+    lin = fp8_linear.FP8Linear(256, 384)
+    x = torch.randn(80, 256)
+    y = lin(x.clone().requires_grad_())
+    both, weight = [], []
+    monkeypatch.setattr(fp8_linear, "quantize_act_both", lambda *a, **k: both.append(1) or
+                        fp8.quantize_act_both(*a, **k))
+    monkeypatch.setattr(fp8_linear, "quantize_weight", lambda w, transpose=False: weight.append(transpose) or
+                        fp8.quantize_weight(w, transpose))
+    for mode in (torch.no_grad, torch.inference_mode):
+        with mode():
+            assert torch.equal(lin(x), y.detach())
+    assert both == [] and weight == [False, False]
+    lin(x).sum().backward()                                             # with gradients: x's Wgrad tiles made
+    assert both == [1] and weight == [False, False, False] and lin.weight.grad is not None
+
+
 def test_fp8_linear_casts_its_input_to_the_autocast_dtype():
     """Under autocast FP8Linear casts an fp32 input to the autocast dtype first, as nn.Linear does (report Figure 6:
     the FP8 GEMMs quantize BF16 activations): the same bits as the layer on x.bfloat16(), and dX flows back through

@@ -311,22 +311,27 @@ def test_expert_ffn_is_the_composition(dtype, monkeypatch):
 
 
 def test_expert_ffn_casts_its_input_to_the_autocast_dtype():
-    """Under autocast the routed experts' FFN (and fp8_segment_mm) take an fp32 input cast to the autocast dtype,
-    as moe.segment_mm does: the same bits as on x.bfloat16(), dX back in x's dtype."""
+    """Under autocast fp8_segment_mm takes an fp32 input cast to the autocast dtype, as moe.segment_mm does (the
+    same bits as on x.bfloat16(), dX back in x's dtype); the fused FFN gives the bits of its composition under
+    autocast, dX included: its W1 and W3 halves summed in fp32, as autograd sums the two casts' gradients."""
     g0 = torch.Generator().manual_seed(3)
     sizes, dim, inter = [50, 0, 90], 128, 128
     x = torch.randn(sum(sizes), dim, generator=g0)
     w1, w3 = (torch.randn(3, inter, dim, generator=g0) / dim ** 0.5 for _ in range(2))
     w2 = torch.randn(3, dim, inter, generator=g0) / inter ** 0.5
-    for fn in (lambda t, a, b, c: fp8_experts.fp8_expert_ffn(t, a, b, c, sizes),
-               lambda t, a, b, c: fp8_experts.fp8_segment_mm(t, a, sizes)):
-        runs = []
-        for inp, autocast in ((x, True), (x.bfloat16(), False)):
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-                runs.append(_ffn_run(fn, (inp, w1, w3, w2), torch.ones(sum(sizes), dim, dtype=torch.bfloat16)))
-        (y_a, dx_a, *dw_a, _), (y_b, dx_b, *dw_b, _) = runs
-        assert y_a.dtype == torch.bfloat16 and dx_a.dtype == torch.float32 and torch.equal(y_a, y_b)
-        assert torch.equal(dx_a, dx_b.float()) and all(torch.equal(a, b) for a, b in zip(dw_a, dw_b) if a is not None)
+    g = torch.randn(sum(sizes), dim, generator=g0).bfloat16()
+
+    def run(fn, inp, autocast=True):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            return _ffn_run(fn, (inp, w1, w3, w2), g)
+    mm = lambda t, a, b, c: fp8_experts.fp8_segment_mm(t, a, sizes)   # noqa: E731
+    (y_a, dx_a, dw_a, *_), (y_b, dx_b, dw_b, *_) = run(mm, x), run(mm, x.bfloat16(), autocast=False)
+    assert y_a.dtype == torch.bfloat16 and dx_a.dtype == torch.float32 and torch.equal(y_a, y_b)
+    assert torch.equal(dx_a, dx_b.float()) and torch.equal(dw_a, dw_b)
+    fused = run(lambda t, a, b, c: fp8_experts.fp8_expert_ffn(t, a, b, c, sizes), x)
+    composed = run(_composed_ffn(sizes, "bf16"), x)
+    assert fused[1].dtype == torch.float32
+    assert all(torch.equal(f, c) for f, c in zip(fused[:5], composed[:5]))
 
 
 def test_moe_experts_cache_follows_act_cache():

@@ -14,7 +14,8 @@ import fp8_linear
 
 FP8 = torch.float8_e4m3fn
 LINEAR_OPS = ("quant_rows_cols", "quant_blocks", "gemm")         # FP8Linear's forward and backward (act_cache bf16)
-EXPERT_OPS = ("quant_rows", "quant_rows_cols", "quant_blocks", "gemm_grouped", "quant_cols", "gemm_kgrouped")  # the FFN's
+EXPERT_OPS = ("quant_rows", "quant_rows_cols", "quant_blocks", "gemm_grouped", "quant_cols",  # fp8_expert_ffn's
+              "gemm_kgrouped")
 CACHE_OPS = ("quant_rows", "quant_cols")  # FP8Linear with act_cache fp8 or e5m6: x along K, then its cached values
 hopper = pytest.mark.skipif(not (torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)),
                             reason="needs a Hopper (sm_90) GPU")
