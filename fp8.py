@@ -430,32 +430,46 @@ def _mmajor_buffer(scale: torch.Tensor) -> torch.Tensor:
     return buf
 
 
+def _loadable(x: torch.Tensor) -> torch.Tensor:
+    """x contiguous and 16-byte aligned, as the quantizers' 16-byte loads want it (copied only if it is not)."""
+    x = x.contiguous()
+    return x.clone() if x.data_ptr() % 16 else x
+
+
+def _rows_outputs(x: torch.Tensor, mmajor: bool):
+    """The outputs quant_rows writes, allocated (the fakes' too): q like x in FP8, the scales (..., K/128) row-major
+    (ld = 0) or with mmajor the (K/128, ld) buffer, ld = M rounded up to 128, whose padded rows (only when
+    M % 128 != 0) are zero-filled here (the kernel writes rows < M); and ld."""
+    kb = x.shape[-1] // BLOCK
+    if not mmajor:
+        return x.new_empty(x.shape, dtype=FP8), x.new_empty(*x.shape[:-1], kb, dtype=torch.float32), 0
+    ld = -(-x.shape[0] // BLOCK) * BLOCK
+    s = (x.new_empty if ld == x.shape[0] else x.new_zeros)(kb, ld, dtype=torch.float32)
+    return x.new_empty(x.shape, dtype=FP8), s, ld
+
+
+def _cols_outputs(x: torch.Tensor):
+    """The outputs quant_cols writes for x (R, C), allocated: q (C, R'), scales (C, R'/128), R' = R rounded up to
+    128."""
+    R_pad = -(-x.shape[0] // BLOCK) * BLOCK
+    return x.new_empty(x.shape[1], R_pad, dtype=FP8), x.new_empty(x.shape[1], R_pad // BLOCK, dtype=torch.float32)
+
+
 @fp8_operator("quant_rows")
 def _quant_rows(x: torch.Tensor, mmajor: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """quantize_act's 1×128 tiles → (q, scales (..., K/128)), or with mmajor the (K/128, ld) scale buffer."""
     if not _fused_quant_ok(x):                                         # outputs contiguous, as the fake's
         q, s = quantize_act_ref(x)
         return q.contiguous(), _mmajor_buffer(s) if mmajor else s.contiguous()
-    x = x.contiguous()
-    if x.data_ptr() % 16:                                              # the kernel loads 16 bytes at a time
-        x = x.clone()
-    q = torch.empty(x.shape, dtype=FP8, device=x.device)
-    K = x.shape[-1]
-    if mmajor:
-        ld = -(-x.shape[0] // BLOCK) * BLOCK
-        # (K/128, ld). The kernel writes rows < M; padded rows (only when M % 128 != 0) are zero-filled first.
-        s = (torch.empty if ld == x.shape[0] else torch.zeros)(K // BLOCK, ld, dtype=torch.float32, device=x.device)
-    else:
-        s, ld = torch.empty(*x.shape[:-1], K // BLOCK, dtype=torch.float32, device=x.device), 0
+    x = _loadable(x)
+    q, s, ld = _rows_outputs(x, mmajor)
     _EXT.quant_rows(x, q.view(torch.uint8), s, ld)
     return q, s
 
 
 @_quant_rows.register_fake
 def _(x, mmajor):
-    kb = x.shape[-1] // BLOCK
-    shape = (kb, -(-x.shape[0] // BLOCK) * BLOCK) if mmajor else (*x.shape[:-1], kb)
-    return x.new_empty(x.shape, dtype=FP8), x.new_empty(shape, dtype=torch.float32)
+    return _rows_outputs(x, mmajor)[:2]
 
 
 @fp8_operator("quant_cols")
@@ -465,17 +479,14 @@ def _quant_cols(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if not _fused_quant_ok(x):                                         # outputs contiguous, as the fake's
         q, s = quantize_act_ref(F.pad(x.t(), (0, -R % BLOCK)))
         return q.contiguous(), s.contiguous()
-    R_pad = R + (-R % BLOCK)
-    q = torch.empty(C, R_pad, dtype=FP8, device=x.device)
-    s = torch.empty(C, R_pad // BLOCK, dtype=torch.float32, device=x.device)
+    q, s = _cols_outputs(x)
     _EXT.quant_cols(x.contiguous(), q.view(torch.uint8), s)
     return q, s
 
 
 @_quant_cols.register_fake
 def _(x):
-    R_pad = -(-x.shape[0] // BLOCK) * BLOCK
-    return x.new_empty(x.shape[1], R_pad, dtype=FP8), x.new_empty(x.shape[1], R_pad // BLOCK, dtype=torch.float32)
+    return _cols_outputs(x)
 
 
 @fp8_operator("quant_rows_cols")
@@ -484,28 +495,15 @@ def _quant_rows_cols(x: torch.Tensor, mmajor: bool) -> tuple[torch.Tensor, torch
     quant_cols' q and scales."""
     if not (_fused_quant_ok(x) and x.dtype == torch.bfloat16):         # two passes (fp32 x: one kernel each)
         return *_quant_rows(x, mmajor), *_quant_cols(x)
-    x = x.contiguous()
-    if x.data_ptr() % 16:                                              # the kernel loads 16 bytes at a time
-        x = x.clone()
-    (R, C), R_pad = x.shape, -(-x.shape[0] // BLOCK) * BLOCK
-    q = torch.empty(x.shape, dtype=FP8, device=x.device)
-    if mmajor:  # (C/128, R'): the kernel writes rows < R; padded rows (only when R % 128 != 0) are zero-filled first
-        s = (torch.empty if R_pad == R else torch.zeros)(C // BLOCK, R_pad, dtype=torch.float32, device=x.device)
-    else:
-        s = torch.empty(R, C // BLOCK, dtype=torch.float32, device=x.device)
-    qt = torch.empty(C, R_pad, dtype=FP8, device=x.device)
-    st = torch.empty(C, R_pad // BLOCK, dtype=torch.float32, device=x.device)
-    _EXT.quant_rows_cols(x, q.view(torch.uint8), s, R_pad if mmajor else 0, qt.view(torch.uint8), st)
+    x = _loadable(x)
+    (q, s, ld), (qt, st) = _rows_outputs(x, mmajor), _cols_outputs(x)
+    _EXT.quant_rows_cols(x, q.view(torch.uint8), s, ld, qt.view(torch.uint8), st)
     return q, s, qt, st
 
 
 @_quant_rows_cols.register_fake
 def _(x, mmajor):
-    (R, C), R_pad = x.shape, -(-x.shape[0] // BLOCK) * BLOCK
-    f32 = torch.float32
-    s = x.new_empty(C // BLOCK, R_pad, dtype=f32) if mmajor else x.new_empty(R, C // BLOCK, dtype=f32)
-    return (x.new_empty(x.shape, dtype=FP8), s, x.new_empty(C, R_pad, dtype=FP8),
-            x.new_empty(C, R_pad // BLOCK, dtype=f32))
+    return *_rows_outputs(x, mmajor)[:2], *_cols_outputs(x)
 
 
 @fp8_operator("quant_blocks")
@@ -514,9 +512,7 @@ def _quant_blocks(w: torch.Tensor, transpose: bool) -> tuple[torch.Tensor, torch
     if not _fused_quant_ok(w):
         q, scale = quantize_weight_ref(w)
         return q, scale, transpose_weight(q) if transpose else q.new_empty(0)
-    w3 = w.contiguous().reshape(-1, *w.shape[-2:])                     # (E, N, K), E = 1 for one matrix
-    if w3.data_ptr() % 16:                                             # the kernel loads 8 or 16 bytes at a time
-        w3 = w3.clone()
+    w3 = _loadable(w.reshape(-1, *w.shape[-2:]))                      # (E, N, K), E = 1 for one matrix
     E, N, K = w3.shape
     nb, kb = -(-N // BLOCK), -(-K // BLOCK)
     q = torch.empty(w3.shape, dtype=FP8, device=w.device)

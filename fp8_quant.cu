@@ -54,6 +54,24 @@ __device__ __forceinline__ uint32_t e4m3(float v) {
 __device__ __forceinline__ uint32_t pack4(float a, float b, float c, float d, float scale) {
   return e4m3(a / scale) | e4m3(b / scale) << 8 | e4m3(c / scale) << 16 | e4m3(d / scale) << 24;
 }
+__device__ __forceinline__ uint2 pack8(const float* v, float scale) {
+  return make_uint2(pack4(v[0], v[1], v[2], v[3], scale), pack4(v[4], v[5], v[6], v[7], scale));
+}
+__device__ __forceinline__ uint4 pack16(const float* v, float scale) {
+  return make_uint4(pack4(v[0], v[1], v[2], v[3], scale), pack4(v[4], v[5], v[6], v[7], scale),
+                    pack4(v[8], v[9], v[10], v[11], scale), pack4(v[12], v[13], v[14], v[15], scale));
+}
+// a tile's scale from its amax: max(amax, 1e-4) / 448, as torch computes it (times the fp32 reciprocal)
+__device__ __forceinline__ float tile_scale(float amax) { return fmaxf(amax, AMAX_EPS) * INV_E4M3_MAX; }
+// the amax of a 1x128 tile held by 16 lanes (`lanes`: their mask), 8 values each
+__device__ __forceinline__ float tile16_amax(const float* v, unsigned lanes) {
+  float m = 0.f;
+#pragma unroll
+  for (int j = 0; j < 8; ++j) m = fmaxf(m, fabsf(v[j]));
+#pragma unroll
+  for (int o = 8; o; o >>= 1) m = fmaxf(m, __shfl_xor_sync(lanes, m, o));
+  return m;
+}
 
 // 8 bf16 values held in 16 bytes, as floats
 __device__ __forceinline__ void unpack8(uint4 t, float* v) {
@@ -92,14 +110,8 @@ __global__ void __launch_bounds__(256) rows(const T* __restrict__ x, uint2* __re
   for (int i = 0; i < ROWS_ROUNDS; ++i) {
     const long long tile = first + 16 * i;  // the same for the 16 lanes of a tile: they leave together
     if (tile >= tiles) break;
-    float m = 0.f;
-#pragma unroll
-    for (int j = 0; j < 8; ++j) m = fmaxf(m, fabsf(v[i][j]));
-#pragma unroll
-    for (int o = 8; o; o >>= 1) m = fmaxf(m, __shfl_xor_sync(half, m, o));
-    const float scale = fmaxf(m, AMAX_EPS) * INV_E4M3_MAX;
-    q[tile * 16 + sub] = make_uint2(pack4(v[i][0], v[i][1], v[i][2], v[i][3], scale),
-                                    pack4(v[i][4], v[i][5], v[i][6], v[i][7], scale));
+    const float scale = tile_scale(tile16_amax(v[i], half));
+    q[tile * 16 + sub] = pack8(v[i], scale);
     if (sub == 0) s[ld ? (tile % kb_row) * ld + tile / kb_row : tile] = scale;
   }
 }
@@ -154,15 +166,10 @@ __global__ void __launch_bounds__(256) cols(const T* __restrict__ x, uint8_t* __
   m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 1));
   m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 2));
   if (c0 + c >= C) return;
-  const float scale = fmaxf(m, AMAX_EPS) * INV_E4M3_MAX;
+  const float scale = tile_scale(m);
   if (part == 0) s[(size_t)(c0 + c) * (R_pad / 128) + blockIdx.y] = scale;
   uint4* out = reinterpret_cast<uint4*>(q + (size_t)(c0 + c) * R_pad + r0 + part * 32);  // 32 bytes of row c0 + c
-#pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    const float* w = v + 16 * h;
-    out[h] = make_uint4(pack4(w[0], w[1], w[2], w[3], scale), pack4(w[4], w[5], w[6], w[7], scale),
-                        pack4(w[8], w[9], w[10], w[11], scale), pack4(w[12], w[13], w[14], w[15], scale));
-  }
+  out[0] = pack16(v, scale), out[1] = pack16(v + 16, scale);
 }
 
 // Both tilings of one bf16 input in one pass: x (R, C) -> rows' (q, s) and cols' (qt, st), the same bytes as the
@@ -193,15 +200,10 @@ __global__ void __launch_bounds__(512, 3) rows_cols(const __nv_bfloat16* __restr
     tile[r1 + 32 * i][sub ^ i] = raw[i];  // (r1 + 32 i) / 32 = i
     float v[8];
     unpack8(raw[i], v);
-    float m = 0.f;
-#pragma unroll
-    for (int j = 0; j < 8; ++j) m = fmaxf(m, fabsf(v[j]));
-#pragma unroll
-    for (int o = 8; o; o >>= 1) m = fmaxf(m, __shfl_xor_sync(half, m, o));
+    const float m = tile16_amax(v, half);
     if (r < R) {  // the same for the 16 lanes of a row
-      const float scale = fmaxf(m, AMAX_EPS) * INV_E4M3_MAX;
-      q[((size_t)r * kb_row + kb) * 16 + sub] = make_uint2(pack4(v[0], v[1], v[2], v[3], scale),
-                                                           pack4(v[4], v[5], v[6], v[7], scale));
+      const float scale = tile_scale(m);
+      q[((size_t)r * kb_row + kb) * 16 + sub] = pack8(v, scale);
       if (sub == 0) s[ld ? (size_t)kb * ld + r : (size_t)r * kb_row + kb] = scale;
     }
   }
@@ -215,7 +217,7 @@ __global__ void __launch_bounds__(512, 3) rows_cols(const __nv_bfloat16* __restr
   for (int i = 0; i < 32; ++i) m = fmaxf(m, fabsf(__bfloat162float(tc[128 * i])));
   m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 1));
   m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 2));
-  const float scale = fmaxf(m, AMAX_EPS) * INV_E4M3_MAX;
+  const float scale = tile_scale(m);
   if (part == 0) st[(size_t)(c0 + c) * (R_pad / 128) + blockIdx.y] = scale;
   uint4* out = reinterpret_cast<uint4*>(qt + (size_t)(c0 + c) * R_pad + r0 + part * 32);  // 32 bytes of row c0 + c
 #pragma unroll
@@ -223,8 +225,7 @@ __global__ void __launch_bounds__(512, 3) rows_cols(const __nv_bfloat16* __restr
     float w[16];
 #pragma unroll
     for (int i = 0; i < 16; ++i) w[i] = __bfloat162float(tc[128 * (16 * h + i)]);
-    out[h] = make_uint4(pack4(w[0], w[1], w[2], w[3], scale), pack4(w[4], w[5], w[6], w[7], scale),
-                        pack4(w[8], w[9], w[10], w[11], scale), pack4(w[12], w[13], w[14], w[15], scale));
+    out[h] = pack16(w, scale);
   }
 }
 
