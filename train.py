@@ -37,9 +37,10 @@ exits. README, "Many processes".
 Precision: bf16 autocast on CUDA (fp32 master weights), fp32 on CPU and MPS; `--fp8` swaps the projections for
 fp8_linear.FP8Linear (Hopper GPUs). On one CUDA process the model is torch.compiled unless --no-compile
 (train_setup.default_compile): the first step compiles, and if compiling fails there the run goes on uncompiled
-from the same state (first_step); a --compile typed on the command line stops instead. `--bench` times a few
-steps and prints tokens/s and MFU (FLOPs per token: model.train_flops_per_token, whose counting rule is written
-beside it).
+from the same state (first_step); a --compile typed on the command line stops instead. `--cuda_graphs` replays
+the compiled step as CUDA graphs (train_setup.compile_model; forward_backward marks each micro-batch). `--bench`
+times a few steps and prints tokens/s and MFU (FLOPs per token: model.train_flops_per_token, whose counting rule
+is written beside it).
 
 The file reads top to bottom: the training loop, its log, one optimizer step and evaluation, the benchmark, main.
 The options, their defaults and the run's state (Run), and setup (everything that can fail because of user input,
@@ -379,10 +380,19 @@ def forward_backward(run: Run) -> dict:
         losses["loss"] = total_loss(losses, args)
         sums = {k: losses[k].float().to(run.device) for k in sums}
     else:
+        if args.cuda_graphs and args.grad_accum > 1:
+            # With no .grad yet, autograd keeps the first micro-batch's gradient tensor itself as .grad; replayed as
+            # a CUDA graph, that tensor lives in the graphs' memory pool, which the next micro-batch overwrites.
+            # Zeros first: every micro-batch's gradient is added into .grad in place.
+            for p in run.model.parameters():
+                if p.requires_grad and p.grad is None:
+                    p.grad = torch.zeros_like(p)
         with fp8_micro_batches(run):
             for micro in range(args.grad_accum):
                 x, y = run.batch("train", run.gen)  # (B, T) each
                 parallel.set_gradient_sync(run.model, micro == args.grad_accum - 1)  # under FSDP: one sync per step
+                if args.cuda_graphs:  # the graphs' outputs of the last micro-batch are read (sums) and dead now
+                    torch.compiler.cudagraph_mark_step_begin()
                 with run.autocast:
                     _, losses = run.fwd(x, y)
                 loss = total_loss(losses, args)

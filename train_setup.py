@@ -53,7 +53,7 @@ PRESET_TRAIN = {
     "v3-layers": dict(batch_size=1, block_size=4096, grad_accum=8, lr=2.2e-4, min_lr=2.2e-5, bias_gamma=0.001),
 }
 CKPT_KEYS = ("model", "optimizer", "step", "rng", "config", "args", "tokenizer")  # what --resume needs
-RUN_ONLY = ("resume", "overwrite", "device", "compile", "bench", "out_dir",  # never taken from a checkpoint
+RUN_ONLY = ("resume", "overwrite", "device", "compile", "cuda_graphs", "bench", "out_dir",  # never from a checkpoint
             "ep", "pp", "dist_timeout", "pp_schedule", "microbatches", "plan", "gpus", "gpus_per_node")
 LOG, LOG_NEW = "log.jsonl", "log.jsonl.new"  # the log, and its name while an --overwrite run has no checkpoint
 
@@ -89,6 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="AdamW moments stored in bf16, as the report trains (adamw_bf16.py; default: fp32)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction,
                    help="torch.compile the model (default: on for one CUDA process, off elsewhere)")
+    p.add_argument("--cuda_graphs", action=argparse.BooleanOptionalAction,
+                   help="with --compile on a CUDA GPU: replay the compiled step as CUDA graphs (torch.compile's "
+                        "mode reduce-overhead), one launch instead of one per kernel; pays where kernels are "
+                        "short, e.g. --fp8 on small models (BENCHMARKS.md) (default: off)")
     p.add_argument("--bench", action="store_true", default=None, help="time a short run: tokens/s and MFU, no ckpt")
     t = p.add_argument_group("many processes (start with torchrun --nproc_per_node N train.py ...; README)")
     t.add_argument("--ep", type=int, help="expert parallelism: the routed experts split over ep ranks; data "
@@ -138,8 +142,9 @@ def resolve_args(ns: argparse.Namespace, ckpt: dict = None) -> argparse.Namespac
     saved = ckpt["args"] if ckpt else {}
     preset = given.get("preset", saved.get("preset", TRAIN_DEFAULTS["preset"]))
     args = {**TRAIN_DEFAULTS, **PRESET_TRAIN.get(preset, {}), "out_dir": "out", "device": "auto", "resume": False,
-            "overwrite": False, "compile": None, "bench": False, "ep": 1, "pp": 1, "dist_timeout": 600.0,
-            "pp_schedule": "1f1b", "microbatches": None, "plan": False, "gpus": None, "gpus_per_node": None}
+            "overwrite": False, "compile": None, "cuda_graphs": False, "bench": False, "ep": 1, "pp": 1,
+            "dist_timeout": 600.0, "pp_schedule": "1f1b", "microbatches": None, "plan": False, "gpus": None,
+            "gpus_per_node": None}
     args.update({k: v for k, v in saved.items() if k not in RUN_ONLY})
     model_fields = {f.name for f in fields(ModelConfig)}
     args.update({k: v for k, v in given.items() if k not in model_fields})
@@ -206,6 +211,8 @@ def check_args(args, cfg: ModelConfig) -> None:
         need(getattr(args, name) is None, name, "goes with --plan")
     need(args.dist_timeout > 0, "dist_timeout", "must be > 0")
     need(not (args.compile and parallel.under_torchrun()), "compile", "is not supported under torchrun yet")
+    need(not (args.cuda_graphs and args.compile is False), "cuda_graphs", "needs --compile (it captures what "
+                                                                          "torch.compile generates)")
 
 
 # -- the run's state ------------------------------------------------------------------------------------------
@@ -355,19 +362,24 @@ def default_compile(args, device: torch.device) -> bool:
 
 def compile_model(model: nn.Module, args, device: torch.device) -> nn.Module:
     """What the loop calls (Run.fwd): torch.compile(model) if args.compile (None: default_compile decides, and
-    args.compile is set to the answer), else the model itself. The lazy set-up is done first: the grouped-GEMM
-    probe (moe.grouped_mm_supported) would otherwise run inside the first compiled call, split that graph and make
-    the next call compile again. A torch.compile that refuses at once (e.g. a Python version it does not support
+    args.compile is set to the answer), else the model itself; with args.cuda_graphs in torch.compile's mode
+    "reduce-overhead", which records each compiled graph as a CUDA graph and replays it (train.forward_backward
+    marks where each micro-batch starts). The lazy set-up is done first: the grouped-GEMM probe
+    (moe.grouped_mm_supported) would otherwise run inside the first compiled call, split that graph and make the
+    next call compile again. A torch.compile that refuses at once (e.g. a Python version it does not support
     yet): a typed --compile is a ValueError (one line), the default goes on with the model itself (a note;
     args.compile becomes False)."""
     if args.compile is None:
         args.compile = default_compile(args, device)
+    if args.cuda_graphs and not (args.compile and device.type == "cuda"):
+        raise ValueError(f"--cuda_graphs needs --compile on a CUDA device (here: {device}, "
+                         f"{'compiled' if args.compile else 'not compiled'})")
     if not args.compile:
         return model
     for dtype in (torch.bfloat16, torch.float32):
         grouped_mm_supported(device, dtype)
     try:
-        return torch.compile(model)
+        return torch.compile(model, mode="reduce-overhead") if args.cuda_graphs else torch.compile(model)
     except Exception as e:
         why = f"{type(e).__name__}: {first_line(e)}"
         if "compile" in args.typed:

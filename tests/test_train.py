@@ -680,6 +680,52 @@ def test_compiled_training_step_on_gpu_matches_eager(dtype):
     _compare_compiled("cuda", dtype, "inductor", *tol, exact_routing=dtype == torch.float32)
 
 
+def test_cuda_graphs_needs_compile_on_a_gpu(tmp_path, corpus_args, capsys):
+    """--cuda_graphs captures what torch.compile generates: refused in one line without --compile or a GPU, and
+    never taken from a checkpoint (a resumed run decides afresh, as for --compile)."""
+    for extra in (["--cuda_graphs"], ["--cuda_graphs", "--no-compile"]):  # the CPU: not compiled by default
+        assert run(tmp_path / "x", corpus_args, "--max_iters", "1", *extra) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: --cuda_graphs") and "compile" in err and "\n" not in err, err
+    assert "cuda_graphs" in train_setup.RUN_ONLY
+    parse = lambda *a: train_setup.resolve_args(train_setup.build_parser().parse_args(list(a)))  # noqa: E731
+    assert parse().cuda_graphs is False and parse("--cuda_graphs").cuda_graphs is True
+
+
+# FP8's tiles need every contraction (dim, the LoRA ranks, heads × v_head_dim, the FFN widths) a multiple of 128
+FP8_TINY = ["--dim", "128", "--inter_dim", "256", "--q_lora_rank", "128", "--kv_lora_rank", "128",
+            "--qk_nope_head_dim", "32", "--qk_rope_head_dim", "32", "--v_head_dim", "64", "--moe_inter_dim", "128"]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fp8, grad_accum", [(False, 1), (True, 2)], ids=["bf16", "fp8-accum2"])
+def test_cuda_graphs_train_as_the_compiled_step(tmp_path, corpus_args, fp8, grad_accum):
+    """4 optimizer steps compiled, then compiled and replayed as CUDA graphs: the same losses and gradient norms step
+    by step, and the same validation loss. Inputs that change between steps (the batches; with --fp8 and 2 micro-
+    batches the weights' FP8 copies made once per step and the gradients the Wgrad kernels add into) must reach
+    every replay, and each micro-batch's gradient must be summed before the next replay overwrites the graphs'
+    memory: a graph that kept the first step's values would train on stale ones, which moves the losses of the
+    later steps by about what one step changes them (checked to be far above the tolerance)."""
+    if not torch.cuda.is_available() or (fp8 and torch.cuda.get_device_capability() != (9, 0)):
+        pytest.skip("needs CUDA (--fp8: a Hopper GPU)")
+    logs = []
+    for graphs in ("--no-cuda_graphs", "--cuda_graphs"):
+        out = tmp_path / graphs
+        extra = [*FP8_TINY, "--fp8"] if fp8 else []
+        assert run(out, corpus_args, "--device", "cuda", "--compile", graphs, "--grad_accum", str(grad_accum),
+                   "--block_size", "32", "--lr", "1e-2", "--max_iters", "4", "--eval_interval", "4", *extra) == 0
+        logs.append(read_log(out))
+    plain, graphed = ([r for r in log if "loss" in r] for log in logs)
+    assert [r["step"] for r in plain] == [r["step"] for r in graphed] == [1, 2, 3, 4]
+    for key in ("loss", "grad_norm"):
+        a, b = [r[key] for r in plain], [r[key] for r in graphed]
+        assert a == pytest.approx(b, rel=2e-3), key   # atomic adds in the MoE make two runs differ a little
+        moved = max(abs(u - v) for u, v in zip(a, a[1:]))
+        assert moved > 10 * 2e-3 * abs(a[0]), (key, a)  # a step moves it far more than that
+    val = [[r["val_main"] for r in log if "val_main" in r] for log in logs]
+    assert len(val[0]) == 1 and val[0] == pytest.approx(val[1], rel=2e-3)
+
+
 def test_a_model_that_cannot_fit_is_refused_before_allocating(tmp_path, corpus_args, monkeypatch, capsys):
     out = tmp_path / "big"
     assert train.main(["--preset", "v3-671b", "--device", "cpu", "--out_dir", str(out)]) == 2
