@@ -63,7 +63,11 @@ def main(argv=None) -> int:
         model = Transformer(cfg, linear, train_setup.expert_kernels(args.fp8))
     train_setup.set_act_cache(model, args.fp8_act_cache)
     opt = train_setup.make_optimizer(model, args, device)
-    fwd = train_setup.compile_model(model, args, device)  # as train.py: by default on one CUDA process, bf16
+    try:
+        fwd = train_setup.compile_model(model, args, device)  # as train.py: by default on one CUDA process
+    except ValueError as e:  # e.g. --cuda_graphs on a CPU
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     run = train_setup.Run(args, cfg, device, corpus, model, fwd, opt, torch.Generator().manual_seed(args.seed), 0,
                     ckpt_path="", resumed=False)  # the run state, without an out_dir (bench-like)
     tokens = run.tokens_per_step
@@ -95,10 +99,11 @@ def main(argv=None) -> int:
     dt = (time.time() - t0) / n
     tail = max(1, n // 5)  # the last fifth of the timed steps: a training-loss figure to compare modes on
     tail_loss = torch.stack([torch.as_tensor(v, dtype=torch.float32) for v in losses[-tail:]]).mean().item()
-    mode = "fp8" if args.fp8 else "bf16" if cuda else "fp32"
+    mode = ("fp8" if args.fp8 else "bf16" if cuda else "fp32") + (" compile" if args.compile else "") + \
+        (" cuda_graphs" if args.cuda_graphs else "")
     n_par = count_params(cfg)
     mfu = 100 * tokens / dt * flops_tok / peak if peak else float("nan")
-    print(f"RESULT {args.preset} {mode}{' compile' if args.compile else ''}: {n} steps of {tokens:,} tokens | "
+    print(f"RESULT {args.preset} {mode}: {n} steps of {tokens:,} tokens | "
           f"{tokens / dt:,.0f} tokens/s | {1e3 * dt:.1f} ms/step | MFU {mfu:.1f}% | loss {m['loss']:.4f}, "
           f"mean of the last {tail} {tail_loss:.4f} | "
           f"params {n_par['total'] / 1e9:.2f}B + MTP {n_par['mtp'] / 1e9:.2f}B | "

@@ -91,8 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch.compile the model (default: on for one CUDA process, off elsewhere)")
     p.add_argument("--cuda_graphs", action=argparse.BooleanOptionalAction,
                    help="with --compile on a CUDA GPU: replay the compiled step as CUDA graphs (torch.compile's "
-                        "mode reduce-overhead), one launch instead of one per kernel; pays where kernels are "
-                        "short, e.g. --fp8 on small models (BENCHMARKS.md) (default: off)")
+                        "mode reduce-overhead), one launch per graph instead of one per kernel; pays where kernels "
+                        "are short, e.g. --fp8 on small models (BENCHMARKS.md); with --fp8, --grad_accum 1 only "
+                        "(default: off)")
     p.add_argument("--bench", action="store_true", default=None, help="time a short run: tokens/s and MFU, no ckpt")
     t = p.add_argument_group("many processes (start with torchrun --nproc_per_node N train.py ...; README)")
     t.add_argument("--ep", type=int, help="expert parallelism: the routed experts split over ep ranks; data "
@@ -211,8 +212,11 @@ def check_args(args, cfg: ModelConfig) -> None:
         need(getattr(args, name) is None, name, "goes with --plan")
     need(args.dist_timeout > 0, "dist_timeout", "must be > 0")
     need(not (args.compile and parallel.under_torchrun()), "compile", "is not supported under torchrun yet")
-    need(not (args.cuda_graphs and args.compile is False), "cuda_graphs", "needs --compile (it captures what "
-                                                                          "torch.compile generates)")
+    need(not (args.cuda_graphs and args.compile is False), "cuda_graphs", "needs --compile (the graphs replay "
+                                                                          "what torch.compile generates)")
+    need(not (args.cuda_graphs and args.fp8 and args.grad_accum > 1), "cuda_graphs",
+         "with --fp8 needs --grad_accum 1 (the weights' FP8 copies and gradient buffers, new every optimizer step, "
+         "are inputs the graphs would record again each step)")
 
 
 # -- the run's state ------------------------------------------------------------------------------------------
@@ -364,16 +368,18 @@ def compile_model(model: nn.Module, args, device: torch.device) -> nn.Module:
     """What the loop calls (Run.fwd): torch.compile(model) if args.compile (None: default_compile decides, and
     args.compile is set to the answer), else the model itself; with args.cuda_graphs in torch.compile's mode
     "reduce-overhead", which records each compiled graph as a CUDA graph and replays it (train.forward_backward
-    marks where each micro-batch starts). The lazy set-up is done first: the grouped-GEMM probe
+    marks where each micro-batch starts; the recording is at the second call, after train.first_step's fallback,
+    so a failure to record stops the run). The lazy set-up is done first: the grouped-GEMM probe
     (moe.grouped_mm_supported) would otherwise run inside the first compiled call, split that graph and make the
     next call compile again. A torch.compile that refuses at once (e.g. a Python version it does not support
     yet): a typed --compile is a ValueError (one line), the default goes on with the model itself (a note;
     args.compile becomes False)."""
     if args.compile is None:
         args.compile = default_compile(args, device)
-    if args.cuda_graphs and not (args.compile and device.type == "cuda"):
-        raise ValueError(f"--cuda_graphs needs --compile on a CUDA device (here: {device}, "
-                         f"{'compiled' if args.compile else 'not compiled'})")
+    if args.cuda_graphs and device.type != "cuda":
+        raise ValueError(f"--cuda_graphs needs a CUDA device (here: {device})")
+    if args.cuda_graphs and not args.compile:
+        raise ValueError("--cuda_graphs needs --compile (the graphs replay what torch.compile generates)")
     if not args.compile:
         return model
     for dtype in (torch.bfloat16, torch.float32):

@@ -243,6 +243,8 @@ def test_profile_step_runs_on_the_cpu_and_refuses_bad_input(corpus_args, capsys)
     assert profile_step.main([*argv, "--fp8"]) == 2                      # FP8 needs a Hopper GPU
     err = capsys.readouterr().err
     assert err.startswith("error: --fp8 needs a Hopper GPU") and err.count("\n") == 1
+    assert profile_step.main([*argv, "--cuda_graphs"]) == 2               # CUDA graphs need a GPU
+    assert capsys.readouterr().err == "error: --cuda_graphs needs a CUDA device (here: cpu)\n"
 
 
 def test_resume_mismatch_is_refused(tmp_path, corpus_args, capsys):
@@ -680,16 +682,28 @@ def test_compiled_training_step_on_gpu_matches_eager(dtype):
     _compare_compiled("cuda", dtype, "inductor", *tol, exact_routing=dtype == torch.float32)
 
 
-def test_cuda_graphs_needs_compile_on_a_gpu(tmp_path, corpus_args, capsys):
-    """--cuda_graphs captures what torch.compile generates: refused in one line without --compile or a GPU, and
-    never taken from a checkpoint (a resumed run decides afresh, as for --compile)."""
-    for extra in (["--cuda_graphs"], ["--cuda_graphs", "--no-compile"]):  # the CPU: not compiled by default
-        assert run(tmp_path / "x", corpus_args, "--max_iters", "1", *extra) == 2
-        err = capsys.readouterr().err.strip()
-        assert err.startswith("error: --cuda_graphs") and "compile" in err and "\n" not in err, err
+@pytest.mark.parametrize("extra, message", [
+    (["--cuda_graphs"], "error: --cuda_graphs needs a CUDA device (here: cpu)"),  # the CPU: not compiled by default
+    (["--cuda_graphs", "--compile"], "error: --cuda_graphs needs a CUDA device (here: cpu)"),
+    (["--cuda_graphs", "--no-compile"], "error: --cuda_graphs=True: needs --compile (the graphs replay what "
+                                        "torch.compile generates)"),
+    (["--cuda_graphs", "--fp8", "--grad_accum", "2"], "error: --cuda_graphs=True: with --fp8 needs --grad_accum 1"),
+])
+def test_cuda_graphs_refusals_are_one_line(tmp_path, corpus_args, capsys, extra, message):
+    """--cuda_graphs replays what torch.compile generates on a GPU; with --fp8 one micro-batch per step only (the
+    FP8 weight copies made once per step are new graph inputs every step). Each refusal is one line."""
+    assert run(tmp_path / "x", corpus_args, "--max_iters", "1", *extra) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(message) and err.count("\n") == 1, err
+
+
+def test_cuda_graphs_is_off_by_default_and_never_taken_from_a_checkpoint():
+    """Off unless typed; a run option, as --compile is: a resumed run decides afresh."""
     assert "cuda_graphs" in train_setup.RUN_ONLY
     parse = lambda *a: train_setup.resolve_args(train_setup.build_parser().parse_args(list(a)))  # noqa: E731
     assert parse().cuda_graphs is False and parse("--cuda_graphs").cuda_graphs is True
+    saved = {"args": {**vars(parse("--cuda_graphs")), "typed": []}}
+    assert train_setup.resolve_args(train_setup.build_parser().parse_args([]), saved).cuda_graphs is False
 
 
 # FP8's tiles need every contraction (dim, the LoRA ranks, heads × v_head_dim, the FFN widths) a multiple of 128
@@ -698,16 +712,17 @@ FP8_TINY = ["--dim", "128", "--inter_dim", "256", "--q_lora_rank", "128", "--kv_
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("fp8, grad_accum", [(False, 1), (True, 2)], ids=["bf16", "fp8-accum2"])
+@pytest.mark.parametrize("fp8, grad_accum", [(False, 1), (False, 2), (True, 1)], ids=["bf16", "bf16-accum2", "fp8"])
 def test_cuda_graphs_train_as_the_compiled_step(tmp_path, corpus_args, fp8, grad_accum):
-    """4 optimizer steps compiled, then compiled and replayed as CUDA graphs: the same losses and gradient norms step
-    by step, and the same validation loss. Inputs that change between steps (the batches; with --fp8 and 2 micro-
-    batches the weights' FP8 copies made once per step and the gradients the Wgrad kernels add into) must reach
-    every replay, and each micro-batch's gradient must be summed before the next replay overwrites the graphs'
-    memory: a graph that kept the first step's values would train on stale ones, which moves the losses of the
-    later steps by about what one step changes them (checked to be far above the tolerance)."""
+    """4 optimizer steps compiled, then compiled and replayed as CUDA graphs (none skipped): the same losses and
+    gradient norms step by step, and the same validation loss. The batches must reach every replay, and with 2
+    micro-batches each one's gradients must be summed before the next replay overwrites the graphs' memory (without
+    train.forward_backward's zeros the second micro-batch read overwritten memory): a graph that kept the first
+    step's values would train on stale ones, which moves the losses of the later steps by about what one step
+    changes them (checked to be far above the tolerance)."""
     if not torch.cuda.is_available() or (fp8 and torch.cuda.get_device_capability() != (9, 0)):
         pytest.skip("needs CUDA (--fp8: a Hopper GPU)")
+    from torch._dynamo.utils import counters
     logs = []
     for graphs in ("--no-cuda_graphs", "--cuda_graphs"):
         out = tmp_path / graphs
@@ -715,6 +730,11 @@ def test_cuda_graphs_train_as_the_compiled_step(tmp_path, corpus_args, fp8, grad
         assert run(out, corpus_args, "--device", "cuda", "--compile", graphs, "--grad_accum", str(grad_accum),
                    "--block_size", "32", "--lr", "1e-2", "--max_iters", "4", "--eval_interval", "4", *extra) == 0
         logs.append(read_log(out))
+        if graphs == "--no-cuda_graphs":
+            counters.clear()
+    assert counters["inductor"]["cudagraph_skips"] == 0  # no compiled graph ran without CUDA graphs ...
+    assert counters["inductor"]["cudagraph_recorded_non_static_inputs"] > 0  # ... and graphs were recorded (the
+    # batches are inputs of the forward's graph that it copies in at each replay)
     plain, graphed = ([r for r in log if "loss" in r] for log in logs)
     assert [r["step"] for r in plain] == [r["step"] for r in graphed] == [1, 2, 3, 4]
     for key in ("loss", "grad_norm"):
