@@ -76,7 +76,7 @@ def main(argv=None) -> int:
 
     def step(i):
         run.step = i
-        m = train.first_step(run) if i == 0 else train.forward_backward(run)
+        m = train.first_step(run, i) if i < train.compiling_steps(args) else train.forward_backward(run)
         train.optimizer_step(run)
         return m
 

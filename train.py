@@ -38,9 +38,9 @@ Precision: bf16 autocast on CUDA (fp32 master weights), fp32 on CPU and MPS; `--
 fp8_linear.FP8Linear (Hopper GPUs). On one CUDA process the model is torch.compiled unless --no-compile
 (train_setup.default_compile): the first step compiles, and if compiling fails there the run goes on uncompiled
 from the same state (first_step); a --compile typed on the command line stops instead. `--cuda_graphs` replays
-the compiled step as CUDA graphs (train_setup.compile_model; forward_backward marks each micro-batch). `--bench`
-times a few steps and prints tokens/s and MFU (FLOPs per token: model.train_flops_per_token, whose counting rule
-is written beside it).
+the compiled step as CUDA graphs (train_setup.compile_model; forward_backward marks each micro-batch), recorded at
+the second step, which first_step covers alike. `--bench` times a few steps and prints tokens/s and MFU (FLOPs per
+token: model.train_flops_per_token, whose counting rule is written beside it).
 
 The file reads top to bottom: the training loop, its log, one optimizer step and evaluation, the benchmark, main.
 The options, their defaults and the run's state (Run), and setup (everything that can fail because of user input,
@@ -120,7 +120,8 @@ def train(run: Run) -> int:
                 return 0
             t_last, timed = time.time(), 0  # throughput: steps run since t_last
             while run.step < args.max_iters:
-                metrics = first_step(run) if run.step == start else forward_backward(run)
+                k = run.step - start  # the first steps of this process compile (and record the CUDA graphs)
+                metrics = first_step(run, k) if k < compiling_steps(args) else forward_backward(run)
                 with step_signals(run):  # the step, its log record and the snapshot move together
                     optimizer_step(run)
                     run.step += 1
@@ -185,12 +186,19 @@ def train(run: Run) -> int:
     return 0
 
 
-def first_step(run: Run) -> dict:
-    """forward_backward of a run's first step, where torch.compile compiles. When compiling fails and --compile was
-    not typed (train_setup.default_compile turned it on), the step runs again uncompiled from the state it started
-    from (data position, MoE loads, gradients), so the run is the one --no-compile gives; a typed --compile
-    raises CompileFailed (train() stops with one line). Out of memory and a diverged loss are no compile failures:
-    they go on up as they are."""
+def compiling_steps(args) -> int:
+    """How many first steps of a process can fail because of the compiler: the first (torch.compile compiles at
+    the first call), and with --cuda_graphs the second too (the graphs are recorded at the second call)."""
+    return 2 if args.cuda_graphs else 1
+
+
+def first_step(run: Run, k: int = 0) -> dict:
+    """forward_backward of a run's first step (k = 0), where torch.compile compiles, or of the second (k = 1), where
+    --cuda_graphs records its graphs. When that fails and --compile was not typed (train_setup.default_compile
+    turned it on), the step runs again uncompiled from the state it started from (data position, MoE loads,
+    gradients), so the run goes on as --no-compile would from there; a typed --compile raises CompileFailed
+    (train() stops with one line). Out of memory and a diverged loss are no compile failures: they go on up as
+    they are."""
     rng = rng_state(run.gen)  # the data position (and torch's generators) before the step
     try:
         return forward_backward(run)
@@ -200,10 +208,11 @@ def first_step(run: Run) -> dict:
         if not run.args.compile:
             raise
         why = f"{type(e).__name__}: {first_line(e)}"
+        at = "the first step" if k == 0 else "the second step, where the CUDA graphs are recorded"
         if "compile" in run.args.typed:
-            raise CompileFailed(f"--compile failed at the first step ({why}); run with --no-compile") from e
-        print(f"note: torch.compile failed at the first step ({why}); training uncompiled (--no-compile skips "
-              f"the attempt)", file=sys.stderr)
+            raise CompileFailed(f"--compile failed at {at} ({why}); run with --no-compile") from e
+        print(f"note: torch.compile failed at {at} ({why}); training uncompiled (--no-compile skips the attempt)",
+              file=sys.stderr)
     run.fwd, run.args.compile = run.model, False
     set_rng_state(rng, run.gen)
     run.opt.zero_grad(set_to_none=True)
@@ -516,7 +525,7 @@ def bench(run: Run) -> int:
             sync()
             t0 = time.time()
         run.step = i
-        first_step(run) if i == 0 else forward_backward(run)
+        first_step(run, i) if i < compiling_steps(args) else forward_backward(run)
         optimizer_step(run)
     sync()
     tok_s = n * run.tokens_per_step / (time.time() - t0)

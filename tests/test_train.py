@@ -592,6 +592,36 @@ def test_default_compile_falls_back_to_the_uncompiled_run(tmp_path, corpus_args,
                                               "Python); training uncompiled\n")
 
 
+def test_a_failure_to_record_the_cuda_graphs_falls_back_or_stops_alike(tmp_path, corpus_args, monkeypatch, capsys,
+                                                                       straight):
+    """--cuda_graphs records its graphs at the second call: a failure there is handled as one at the first step
+    (the step again, uncompiled, from the state it started from; or, with --compile typed, one line). Simulated on
+    the CPU, where compile_model (which refuses CUDA graphs off a GPU) hands over a stand-in that runs the model
+    and fails at its second call after a forward and backward of its own."""
+    def compile_model(model, args, device):
+        calls = []
+
+        def fwd(x, y):
+            calls.append(1)
+            if len(calls) == 2:
+                model(torch.zeros_like(x), y)[1]["main"].backward()
+                raise RuntimeError("CUDA graph capture failed\nmore lines")
+            return model(x, y)
+        args.compile = True
+        return fwd
+    monkeypatch.setattr(train_setup, "compile_model", compile_model)
+    assert run(tmp_path, corpus_args, "--cuda_graphs", "--max_iters", "12", "--eval_interval", "12") == 0
+    assert capsys.readouterr().err.splitlines()[0] == (
+        "note: torch.compile failed at the second step, where the CUDA graphs are recorded (RuntimeError: CUDA graph "
+        "capture failed); training uncompiled (--no-compile skips the attempt)")
+    ckpt = load(tmp_path)
+    assert_same_state(ckpt["model"], straight["model"])
+    assert torch.equal(ckpt["rng"]["data"], straight["rng"]["data"])
+    assert run(tmp_path / "b", corpus_args, "--cuda_graphs", "--compile", "--max_iters", "3") == 2
+    assert capsys.readouterr().err == ("error: --compile failed at the second step, where the CUDA graphs are "
+                                       "recorded (RuntimeError: CUDA graph capture failed); run with --no-compile\n")
+
+
 def test_only_compile_failures_fall_back_or_stop_as_compile_failures(tmp_path, corpus_args, monkeypatch):
     """Out of memory in the first (compiled) step is no compile failure: the eager retry would need more memory.
     And with --compile typed, an error elsewhere in the first step (here the optimizer's) keeps its own traceback
