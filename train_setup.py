@@ -369,9 +369,8 @@ def compile_model(model: nn.Module, args, device: torch.device) -> nn.Module:
     args.compile is set to the answer), else the model itself; with args.cuda_graphs in torch.compile's mode
     "reduce-overhead", which records each compiled graph as a CUDA graph and replays it (train.forward_backward
     marks where each micro-batch starts; the graphs are recorded at the second call, which train.first_step
-    covers too). The lazy set-up is done first: the grouped-GEMM probe
-    (moe.grouped_mm_supported) would otherwise run inside the first compiled call, split that graph and make the
-    next call compile again. A torch.compile that refuses at once (e.g. a Python version it does not support
+    covers too). The lazy set-up is done first: the grouped-GEMM probe (moe.grouped_mm_supported) would otherwise
+    run inside the first compiled call, split that graph and make the next call compile again. A torch.compile that refuses at once (e.g. a Python version it does not support
     yet): a typed --compile is a ValueError (one line), the default goes on with the model itself (a note;
     args.compile becomes False)."""
     if args.compile is None:
