@@ -18,11 +18,11 @@
 //  3. Promotion with the two scales. The CUDA cores multiply that partial sum by sa[row] * sb and add it into
 //     a second set of 64 fp32 registers (`fin`), then release the stage. Two accumulators alternate: the
 //     wgmmas of block kb + 1 run on the tensor cores while block kb is promoted, so the promotion is hidden.
-//  4. Epilogue. After the last K block `fin` is rounded to bf16, written through swizzled shared memory and
-//     stored by an asynchronous TMA store (the math warps start the next tile at once); fp32 outputs and rows
-//     TMA cannot store go out with plain stores instead. The fp32 Wgrad outputs can also be accumulated
-//     (C += the tile: a weight's gradient summed over micro-batches where it lies), their lines of C fetched
-//     into L2 when the tile starts.
+//  4. Epilogue. After the last K block `fin` (rounded to bf16, or fp32 for Wgrad) is written through swizzled
+//     shared memory and stored by an asynchronous TMA store: the math warps start the next tile at once. Rows
+//     TMA cannot store (bf16 outputs with N % 8 != 0) go out with plain stores instead. The fp32 Wgrad outputs
+//     can also be accumulated (C += the tile: a weight's gradient summed over micro-batches where it lies) by
+//     a TMA reduce-add, which L2 carries out: the math warps never wait to read C.
 // The grid is persistent: one CTA per SM walks its tiles in a banded order (8 N tiles wide) that keeps the B
 // slices of neighbouring CTAs in L2.
 //
@@ -58,7 +58,6 @@ namespace fp8g {
 constexpr int BM = 128, BN = 128, BK = 128;  // tile; BK = N_C, the scale block along K
 constexpr int THREADS = 384, MATH_WARPS = 8;
 constexpr int TILE_BYTES = BM * BK;          // one stage's A (or B) slice: 16 KiB
-constexpr int C_BYTES = 2 * 64 * BN * 2;     // the bf16 output tile, staged for the TMA store
 constexpr int SCALES_BYTES = 128 * 4;        // one K block's 128 row scales (of A, or of B for Wgrad)
 constexpr int GROUP_N = 8;                   // tile order: bands of 8 N tiles, M inner
 
@@ -75,17 +74,23 @@ struct Traits {
                                                                 : GemmType::kDense;
   static constexpr bool a_scales_in_stage = K == Kernel::kFprop || K == Kernel::kFpropPlain;  // M-major A scales
   static constexpr bool b_row_scales = K == Kernel::kWgrad || K == Kernel::kExpertsWgrad;     // 1D1D
-  static constexpr bool tma_store = K == Kernel::kFprop || K == Kernel::kExperts;
+  static constexpr bool tma_store = K != Kernel::kFpropPlain;
   using Out = std::conditional_t<b_row_scales, float, __nv_bfloat16>;  // Wgrad stays fp32, as in the report
 };
 
-// Shared memory: the stages (A and B slices, then the scales they carry), the output tile, the barriers. With
-// 6 stages the M-major kFprop writes its output one 64-column box at a time: half the buffer, room for stage 6.
+// Shared memory: the stages (A and B slices, then the scales they carry), the output tile, the barriers. The
+// output tile (2 math warpgroups x 64 rows x 128 columns: 32 KiB bf16, 64 KiB fp32) leaves in boxes of 64 rows x
+// 128 bytes, in c_rounds rounds through a buffer of 1 / c_rounds of it where the stages leave too little room:
+// the M-major kFprop with 6 stages (2 rounds: 16 KiB), the fp32 Wgrad kernels with 6 stages (4 rounds: 16 KiB).
 template <Kernel K, int STAGES>
 struct Layout {
   using T = Traits<K>;
-  static constexpr int c_rounds = T::a_scales_in_stage && T::tma_store && STAGES == 6 ? 2 : 1;
-  static constexpr int c_bytes = T::tma_store ? C_BYTES / c_rounds : 0;
+  static constexpr int tile_out_bytes = 2 * 64 * BN * (int)sizeof(typename T::Out);
+  static constexpr int c_rounds = !T::tma_store                          ? 1
+                                  : T::b_row_scales                      ? (STAGES >= 6 ? 4 : STAGES == 5 ? 2 : 1)
+                                  : T::a_scales_in_stage && STAGES == 6 ? 2
+                                                                         : 1;
+  static constexpr int c_bytes = T::tma_store ? tile_out_bytes / c_rounds : 0;
   static constexpr int stage_scale_bytes =
       (T::b_row_scales ? SCALES_BYTES : 0) + (T::a_scales_in_stage ? SCALES_BYTES : 0);
   static constexpr int bytes = STAGES * 2 * TILE_BYTES + c_bytes + STAGES * stage_scale_bytes + 2 * STAGES * 8 + 1024;
@@ -123,36 +128,15 @@ __device__ __forceinline__ float lds(const float* p) {
   return v;
 }
 
-// Two adjacent outputs of one row: one 8-byte (fp32) or 4-byte (bf16) store when both are in range and aligned;
-// add_pair reads what an fp32 C holds there into x and y, with the same bounds.
-template <typename OutT>
-__device__ __forceinline__ OutT to_out(float v) {
-  if constexpr (std::is_same_v<OutT, float>) return v;
-  else return __float2bfloat16_rn(v);
-}
-template <typename OutT>
-__device__ __forceinline__ void store_pair(OutT* C, int M, int N, int row, int col, float x, float y) {
+// Two adjacent bf16 outputs of one row (kFpropPlain): one 4-byte store when both are in range and aligned.
+__device__ __forceinline__ void store_pair(__nv_bfloat16* C, int M, int N, int row, int col, float x, float y) {
   if (row >= M) return;
-  OutT* p = C + (size_t)row * N + col;
+  __nv_bfloat16* p = C + (size_t)row * N + col;
   if (col + 1 < N && (N & 1) == 0) {
-    if constexpr (std::is_same_v<OutT, float>) *reinterpret_cast<float2*>(p) = make_float2(x, y);
-    else *reinterpret_cast<__nv_bfloat162*>(p) = __floats2bfloat162_rn(x, y);
+    *reinterpret_cast<__nv_bfloat162*>(p) = __floats2bfloat162_rn(x, y);
   } else {
-    if (col < N) p[0] = to_out<OutT>(x);
-    if (col + 1 < N) p[1] = to_out<OutT>(y);
-  }
-}
-
-__device__ __forceinline__ void add_pair(const float* C, int M, int N, int row, int col, float& x, float& y) {
-  if (row >= M) return;
-  const float* p = C + (size_t)row * N + col;
-  if (col + 1 < N && (N & 1) == 0) {
-    const float2 v = *reinterpret_cast<const float2*>(p);
-    x += v.x;
-    y += v.y;
-  } else {
-    if (col < N) x += p[0];
-    if (col + 1 < N) y += p[1];
+    if (col < N) p[0] = __float2bfloat16_rn(x);
+    if (col + 1 < N) p[1] = __float2bfloat16_rn(y);
   }
 }
 
@@ -197,6 +181,11 @@ __device__ __forceinline__ void bulk_load(void* dst, const void* src, uint32_t b
 }
 __device__ __forceinline__ void tma_store(const CUtensorMap* map, const void* src, int col, int row) {
   asm volatile("cp.async.bulk.tensor.2d.global.shared::cta.bulk_group [%0, {%2, %3}], [%1];\n"
+               ::"l"(reinterpret_cast<uint64_t>(map)), "r"(smem_u32(src)), "r"(col), "r"(row) : "memory");
+}
+// The same box added into global memory (C += box, element by element in L2; fp32 here).
+__device__ __forceinline__ void tma_reduce_add(const CUtensorMap* map, const void* src, int col, int row) {
+  asm volatile("cp.reduce.async.bulk.tensor.2d.global.shared::cta.add.tile.bulk_group [%0, {%2, %3}], [%1];\n"
                ::"l"(reinterpret_cast<uint64_t>(map)), "r"(smem_u32(src)), "r"(col), "r"(row) : "memory");
 }
 __device__ __forceinline__ void named_barrier(int id) { asm volatile("bar.sync %0, 128;\n" ::"r"(id) : "memory"); }
@@ -483,63 +472,48 @@ __global__ void __launch_bounds__(THREADS, 1) gemm_kernel(const __grid_constant_
       }
     };
     auto store_tile = [&](const Work& w) {  // step 4
-      const int r0 = w.m0 + mw * 64 + rw, r1 = r0 + 8;
       if constexpr (T::tma_store) {
-        constexpr int BOXES = 2 / L::c_rounds;  // 64-column boxes of 64 rows x 128 B per round
+        // Boxes of 64 rows x 128 bytes (64 bf16 or 32 fp32 columns) with TMA's 128-byte swizzle: 16-byte chunk c
+        // of row r lies at chunk c ^ (r % 8), so that a warp's 8 rows land in different banks.
+        constexpr int OB = (int)sizeof(OutT), BOX_COLS = 128 / OB, BOXES = BN / BOX_COLS / L::c_rounds;
+        constexpr int JS = 16 / L::c_rounds;  // register groups j (columns 8j..8j+7) per round
         uint8_t* cbuf = sC + mw * (L::c_bytes / 2);
 #pragma unroll
         for (int h = 0; h < L::c_rounds; ++h) {
           if (leader) asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory");  // the last store read it
           named_barrier(1 + mw);
 #pragma unroll
-          for (int jj = 0; jj < 8 * BOXES; ++jj) {  // cols 8j + 2(lane%4): box j/8, 16-byte chunk j%8 swizzled by row%8
-            const int j = h * 8 * BOXES + jj;
-            int off = (jj >> 3) * 8192 + rw * 128 + (((j & 7) ^ (rw & 7)) << 4) + 4 * (lane & 3);
-            *reinterpret_cast<__nv_bfloat162*>(cbuf + off) = __floats2bfloat162_rn(fin[4 * j + 0], fin[4 * j + 1]);
-            *reinterpret_cast<__nv_bfloat162*>(cbuf + off + 8 * 128) =
-                __floats2bfloat162_rn(fin[4 * j + 2], fin[4 * j + 3]);
+          for (int jj = 0; jj < JS; ++jj) {  // this thread's cols 8j + 2(lane%4) + {0, 1}: byte OB * that in the row
+            const int j = h * JS + jj, byte = OB * (8 * j + 2 * (lane & 3)) % 128;
+            const int off = (jj * 8 * OB / 128) * 8192 + rw * 128 + (((byte >> 4) ^ (rw & 7)) << 4) + (byte & 15);
+            if constexpr (std::is_same_v<OutT, float>) {
+              *reinterpret_cast<float2*>(cbuf + off) = make_float2(fin[4 * j + 0], fin[4 * j + 1]);
+              *reinterpret_cast<float2*>(cbuf + off + 8 * 128) = make_float2(fin[4 * j + 2], fin[4 * j + 3]);
+            } else {
+              *reinterpret_cast<__nv_bfloat162*>(cbuf + off) = __floats2bfloat162_rn(fin[4 * j + 0], fin[4 * j + 1]);
+              *reinterpret_cast<__nv_bfloat162*>(cbuf + off + 8 * 128) =
+                  __floats2bfloat162_rn(fin[4 * j + 2], fin[4 * j + 3]);
+            }
           }
           asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");  // make the stores visible to TMA
           named_barrier(1 + mw);
           if (leader) {  // rows past M and columns past N are clipped by TMA
 #pragma unroll
-            for (int b = 0; b < BOXES; ++b)
-              tma_store(&tmC, cbuf + b * 8192, w.n0 + 64 * (h * BOXES + b), w.c_row + mw * 64);
+            for (int b = 0; b < BOXES; ++b) {
+              const int col = w.n0 + BOX_COLS * (h * BOXES + b), row = w.c_row + mw * 64;
+              if constexpr (ACC) tma_reduce_add(&tmC, cbuf + b * 8192, col, row);
+              else tma_store(&tmC, cbuf + b * 8192, col, row);
+            }
             asm volatile("cp.async.bulk.commit_group;\n" ::: "memory");
           }
         }
-      } else {
-        OutT* Cg = p.c + (size_t)(w.c_row - w.m0) * N;  // K-grouped: this expert's block of rows (else C itself)
-        if constexpr (ACC) {  // C += fin (C's lines were fetched into L2 when the tile started, see run_tile)
-          if (w.m0 + BM <= M && w.n0 + BN <= N) {  // a whole tile: all 32 loads in flight at once, then the adds
-            float2 old[32];
-#pragma unroll
-            for (int j = 0; j < 16; ++j) {
-              const int col = w.n0 + 8 * j + 2 * (lane & 3);
-              old[2 * j] = *reinterpret_cast<const float2*>(Cg + (size_t)r0 * N + col);
-              old[2 * j + 1] = *reinterpret_cast<const float2*>(Cg + (size_t)r1 * N + col);
-            }
-#pragma unroll
-            for (int j = 0; j < 16; ++j) {
-              fin[4 * j + 0] += old[2 * j].x;
-              fin[4 * j + 1] += old[2 * j].y;
-              fin[4 * j + 2] += old[2 * j + 1].x;
-              fin[4 * j + 3] += old[2 * j + 1].y;
-            }
-          } else {  // an edge tile: each pair checked (one load in flight at a time)
-#pragma unroll
-            for (int j = 0; j < 16; ++j) {
-              const int col = w.n0 + 8 * j + 2 * (lane & 3);
-              add_pair(Cg, M, N, r0, col, fin[4 * j + 0], fin[4 * j + 1]);
-              add_pair(Cg, M, N, r1, col, fin[4 * j + 2], fin[4 * j + 3]);
-            }
-          }
-        }
+      } else {  // kFpropPlain
+        const int r0 = w.m0 + mw * 64 + rw, r1 = r0 + 8;
 #pragma unroll
         for (int j = 0; j < 16; ++j) {  // register 4j+{0,1} -> (row r0, cols 8j + 2(lane%4) + {0,1}); 4j+{2,3} -> r1
           int col = w.n0 + 8 * j + 2 * (lane & 3);
-          store_pair(Cg, M, N, r0, col, fin[4 * j + 0], fin[4 * j + 1]);
-          store_pair(Cg, M, N, r1, col, fin[4 * j + 2], fin[4 * j + 3]);
+          store_pair(p.c, M, N, r0, col, fin[4 * j + 0], fin[4 * j + 1]);
+          store_pair(p.c, M, N, r1, col, fin[4 * j + 2], fin[4 * j + 3]);
         }
       }
     };
@@ -552,13 +526,6 @@ __global__ void __launch_bounds__(THREADS, 1) gemm_kernel(const __grid_constant_
         if (KGROUPED && !ACC) store_tile(w);  // an idle expert's gradient: zeros
         return;
       }
-      if constexpr (ACC) {  // the lines of C this warpgroup adds to, into L2 now: read after the K loop
-          const int row = w.m0 + mw * 64 + ((threadIdx.x & 127) >> 1);  // 2 threads a row, 2 lines of 128 B each
-          const int col = w.n0 + 64 * (threadIdx.x & 1);
-          const OutT* c = p.c + (size_t)(w.c_row - w.m0 + row) * N + col;
-          if (row < M && col < N) asm volatile("prefetch.global.L2::evict_last [%0];\n" ::"l"(c));
-          if (row < M && col + 32 < N) asm volatile("prefetch.global.L2::evict_last [%0];\n" ::"l"(c + 32));
-        }
       // Step kb: start block kb + 1 into `nxt` (step 2), wait for block kb (in `cur`) only, release its stage
       // and promote it (step 3). Scales from global memory are loaded one step ahead, so that their latency
       // hides behind a whole block of MMAs rather than stalling the promotion.
@@ -732,7 +699,9 @@ static const char* launch(const uint8_t* A, const uint8_t* B, Problem<typename T
   CUtensorMap ma, mb, mc = {};
   if (!make_map(&ma, A, CU_TENSOR_MAP_DATA_TYPE_UINT8, 1, p.m, p.k, BM, BK) ||
       !make_map(&mb, B, CU_TENSOR_MAP_DATA_TYPE_UINT8, 1, b_rows, p.k, BN, BK) ||
-      (Traits<KIND>::tma_store && !make_map(&mc, p.c, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, c_rows, p.n, 64, 64)))
+      (Traits<KIND>::tma_store && !(std::is_same_v<typename Traits<KIND>::Out, float>
+                                        ? make_map(&mc, p.c, CU_TENSOR_MAP_DATA_TYPE_FLOAT32, 4, c_rows, p.n, 64, 32)
+                                        : make_map(&mc, p.c, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, c_rows, p.n, 64, 64))))
     return "cuTensorMapEncodeTiled failed";
   const int sms = num_sms();
   const int tiles = (Traits<KIND>::type == GemmType::kKGrouped ? p.n_groups : 1) * ((p.m + BM - 1) / BM) *

@@ -623,8 +623,8 @@ def test_kernel_1d1d_matches_reference(M, N, K):
 @hopper
 def test_wgrad_accumulate_is_exact_at_v3_shapes():
     """C += tile at a V3 Wgrad shape (8,064 tiles, 61 per CTA), dense and K-grouped: every element the plain
-    kernel's output added to what C held. Large shapes keep the epilogue's global loads in flight while the other
-    warpgroup reads a stage's column scales; a release of the stage not ordered after those reads gave whole
+    kernel's output added to what C held (by the TMA reduce-add, in L2). When the epilogue still read C with global
+    loads, a release of a stage not ordered after the other warpgroup's reads of its column scales gave whole
     8-column groups of wrong sums here (about 1 tile in 75), which smaller shapes rarely showed."""
     ext = fp8.load_kernel()
     assert ext is not None, fp8.why_no_kernel()
