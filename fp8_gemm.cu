@@ -33,9 +33,10 @@
 //   kExperts       M-grouped: each 128-row tile of A belongs to one expert, whose weight of the stacked B it
 //                  uses (routed experts' Fprop, Dgrad), or to none (-1: skipped); A scales row-major, read
 //                  from global memory
-//   kWgrad         dense 1D1D: B's per-row scales copied into each stage; fp32 out (FP8Linear Wgrad)
+//   kWgrad         dense 1D1D: B's per-row scales copied into each stage; fp32 out by TMA store, or added into
+//                  C by TMA reduce-add (FP8Linear Wgrad)
 //   kExpertsWgrad  K-grouped 1D1D: per expert, the sum over its own tokens' K blocks, zeros for an idle expert
-//                  (routed experts' Wgrad)
+//                  (routed experts' Wgrad); out as kWgrad
 // The shape heuristics (pipeline depth, split of the last round of tiles) are in one host function, schedule().
 // How this kernel grew from a plain mma.sync GEMM, with the measured steps, is in fp8_teaching/.
 
@@ -152,7 +153,8 @@ __device__ __forceinline__ void mbar_arrive(uint64_t* b) {
 // A math warp hands a stage back to the producer after reading the stage's B column scales with ld.shared (the
 // generic proxy). The next bulk load into the stage writes through the async proxy, which the barrier alone does
 // not order after those reads: without the proxy fence a read still queued behind the epilogue's global loads
-// returned the next block's scales (8 columns of one warp's rows wrong, seen on the H200).
+// (when the Wgrad epilogue still read C with them) returned the next block's scales (8 columns of one warp's rows
+// wrong, seen on the H200). The fence stays: the barrier still does not order the two proxies.
 __device__ __forceinline__ void release_stage(uint64_t* b, int lane) {
   asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
   __syncwarp();
@@ -474,7 +476,8 @@ __global__ void __launch_bounds__(THREADS, 1) gemm_kernel(const __grid_constant_
     auto store_tile = [&](const Work& w) {  // step 4
       if constexpr (T::tma_store) {
         // Boxes of 64 rows x 128 bytes (64 bf16 or 32 fp32 columns) with TMA's 128-byte swizzle: 16-byte chunk c
-        // of row r lies at chunk c ^ (r % 8), so that a warp's 8 rows land in different banks.
+        // of row r lies at chunk c ^ (r % 8), so that a warp's 8 rows spread over all 32 banks (bf16: each bank
+        // once; fp32, 256 bytes a warp: each bank twice, the two wavefronts such a store needs anyway).
         constexpr int OB = (int)sizeof(OutT), BOX_COLS = 128 / OB, BOXES = BN / BOX_COLS / L::c_rounds;
         constexpr int JS = 16 / L::c_rounds;  // register groups j (columns 8j..8j+7) per round
         uint8_t* cbuf = sC + mw * (L::c_bytes / 2);
@@ -793,13 +796,13 @@ void gemm(at::Tensor a, at::Tensor a_scale, at::Tensor b, at::Tensor b_scale, at
 }
 
 // The 1D1D operands of Wgrad: b_scale_t holds one scale per row of b per 128 of K, transposed and zero-padded
-// to (K/128, N rounded up to 128); out fp32 with rows a multiple of 8.
+// to (K/128, N rounded up to 128); out fp32 with rows a multiple of 8 (TMA: 16-byte aligned rows).
 static void check_wgrad(const at::Tensor& a, const at::Tensor& a_scale, const at::Tensor& b,
                         const at::Tensor& b_scale_t, const at::Tensor& out, const char* name) {
   check_operands(a, a_scale, b, b_scale_t, out, name, at::kFloat);
   const int K = a.size(1), N = b.size(0);
   TORCH_CHECK(a_scale.is_contiguous() && aligned16(out) && out.size(1) % 8 == 0, name,
-              ": a_scale contiguous, out 16-byte aligned with rows a multiple of 8");
+              ": a_scale contiguous, out 16-byte aligned with rows a multiple of 8 (TMA)");
   TORCH_CHECK(b_scale_t.dim() == 2 && b_scale_t.size(0) == K / 128 && b_scale_t.size(1) == (N + 127) / 128 * 128, name,
               ": b_scale_t must be (K/128, N rounded up to 128)");
 }
