@@ -81,21 +81,23 @@ struct Traits {
 
 // Shared memory: the stages (A and B slices, then the scales they carry), the output tile, the barriers. The
 // output tile (2 math warpgroups x 64 rows x 128 columns: 32 KiB bf16, 64 KiB fp32) leaves in boxes of 64 rows x
-// 128 bytes, in c_rounds rounds through a buffer of 1 / c_rounds of it where the stages leave too little room:
-// the M-major kFprop with 6 stages (2 rounds: 16 KiB), the fp32 Wgrad kernels with 6 stages (4 rounds: 16 KiB).
+// 128 bytes through a buffer of what the stages leave room for: the whole tile, or 1 / c_rounds of it sent in
+// c_rounds rounds (6 stages: 2 rounds for the M-major kFprop, 4 for the fp32 Wgrad kernels; 16 KiB either way).
+constexpr int SMEM_LIMIT = 227 * 1024;  // what a Hopper SM gives one block
 template <Kernel K, int STAGES>
 struct Layout {
   using T = Traits<K>;
-  static constexpr int tile_out_bytes = 2 * 64 * BN * (int)sizeof(typename T::Out);
-  static constexpr int c_rounds = !T::tma_store                          ? 1
-                                  : T::b_row_scales                      ? (STAGES >= 6 ? 4 : STAGES == 5 ? 2 : 1)
-                                  : T::a_scales_in_stage && STAGES == 6 ? 2
-                                                                         : 1;
-  static constexpr int c_bytes = T::tma_store ? tile_out_bytes / c_rounds : 0;
   static constexpr int stage_scale_bytes =
       (T::b_row_scales ? SCALES_BYTES : 0) + (T::a_scales_in_stage ? SCALES_BYTES : 0);
-  static constexpr int bytes = STAGES * 2 * TILE_BYTES + c_bytes + STAGES * stage_scale_bytes + 2 * STAGES * 8 + 1024;
-  static_assert(bytes <= 227 * 1024, "more shared memory than a Hopper SM gives one block");
+  static constexpr int other_bytes = STAGES * (2 * TILE_BYTES + stage_scale_bytes) + 2 * STAGES * 8 + 1024;
+  static constexpr int tile_out_bytes = 2 * 64 * BN * (int)sizeof(typename T::Out);
+  static constexpr int c_rounds = !T::tma_store                                     ? 1
+                                  : other_bytes + tile_out_bytes <= SMEM_LIMIT     ? 1
+                                  : other_bytes + tile_out_bytes / 2 <= SMEM_LIMIT ? 2
+                                                                                   : 4;
+  static constexpr int c_bytes = T::tma_store ? tile_out_bytes / c_rounds : 0;
+  static constexpr int bytes = other_bytes + c_bytes;
+  static_assert(bytes <= SMEM_LIMIT, "more shared memory than a Hopper SM gives one block");
 };
 
 // Everything but the tensor maps. groups: kMGrouped, the expert of each 128-row tile of A (-1: no expert, the
@@ -699,12 +701,14 @@ static const char* launch(const uint8_t* A, const uint8_t* B, Problem<typename T
     cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
     attr = true;
   }
+  constexpr int kOutBytes = sizeof(typename Traits<KIND>::Out);
+  constexpr bool kOutF32 = std::is_same_v<typename Traits<KIND>::Out, float>;
   CUtensorMap ma, mb, mc = {};
   if (!make_map(&ma, A, CU_TENSOR_MAP_DATA_TYPE_UINT8, 1, p.m, p.k, BM, BK) ||
       !make_map(&mb, B, CU_TENSOR_MAP_DATA_TYPE_UINT8, 1, b_rows, p.k, BN, BK) ||
-      (Traits<KIND>::tma_store && !(std::is_same_v<typename Traits<KIND>::Out, float>
-                                        ? make_map(&mc, p.c, CU_TENSOR_MAP_DATA_TYPE_FLOAT32, 4, c_rows, p.n, 64, 32)
-                                        : make_map(&mc, p.c, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, c_rows, p.n, 64, 64))))
+      (Traits<KIND>::tma_store && !make_map(&mc, p.c, kOutF32 ? CU_TENSOR_MAP_DATA_TYPE_FLOAT32
+                                                             : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
+                                            kOutBytes, c_rows, p.n, 64, 128 / kOutBytes)))  // boxes 64 x 128 B
     return "cuTensorMapEncodeTiled failed";
   const int sms = num_sms();
   const int tiles = (Traits<KIND>::type == GemmType::kKGrouped ? p.n_groups : 1) * ((p.m + BM - 1) / BM) *
