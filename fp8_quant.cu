@@ -5,7 +5,8 @@
 // cols) before it uses the first (`python fp8_bench.py --quant` times rows and cols against a copy of the input).
 // Same arithmetic as the reference on the GPU, so the results are bit-identical: scale = max(amax, 1e-4) / 448
 // in fp32, done as torch does a division by a Python number (times the fp32 reciprocal), q = e4m3(x / scale)
-// with IEEE division and round-to-nearest-even, saturated at +-448. (For finite inputs in rows and cols: fmaxf
+// with x / scale rounded as IEEE division rounds it (rows and cols get it by multiplication and one FMA correction:
+// Divisor below) and round-to-nearest-even into E4M3, saturated at +-448. (For finite inputs in rows and cols: fmaxf
 // skips a NaN, so a tile holding one gets a finite scale there and a NaN scale in the reference; its q holds the
 // NaN either way. blocks keeps the NaN in its amax, as torch's amax does: NaN scale and NaN block, as the reference.)
 //
@@ -51,15 +52,33 @@ __device__ __forceinline__ void load4(const __nv_bfloat16* p, float* v) {
 __device__ __forceinline__ uint32_t e4m3(float v) {
   return static_cast<uint32_t>(__nv_cvt_float_to_fp8(v, __NV_SATFINITE, __NV_E4M3));
 }
-__device__ __forceinline__ uint32_t pack4(float a, float b, float c, float d, float scale) {
-  return e4m3(a / scale) | e4m3(b / scale) << 8 | e4m3(c / scale) << 16 | e4m3(d / scale) << 24;
+// x / scale for every value of a tile, as IEEE division rounds it, in three instructions a value instead of a
+// division's ten or so and a branch (rows_cols divides every value twice). With r = RN(1/scale), made once per tile,
+// q = RN(x·r) is within an ulp of x / scale, and one correction q' = RN(q + RN(x − q·scale)·r), whose remainder
+// x − q·scale an FMA gives exactly, is the correctly rounded quotient (Markstein's theorem for division by FMA).
+// Where x / scale is below 2^-19 (x tiny against its tile; the remainder can lose bits there) q' may differ from
+// the quotient in its last bits, but both round to the same E4M3 zero (tests/test_fp8.py: the rule in exact
+// arithmetic on the CPU, the kernels against the reference's division on the GPU). copysign: a -0 keeps its sign.
+// An infinite scale (an infinity in the tile) has r = 0 and s = 0 here: finite values give ±0, the infinities NaN,
+// as the division does (that NaN's sign bit may differ).
+struct Divisor {
+  float s, r;  // the scale (0 if infinite), RN(1 / scale)
+};
+__device__ __forceinline__ Divisor divisor(float scale) { return {isinf(scale) ? 0.f : scale, __frcp_rn(scale)}; }
+__device__ __forceinline__ float quotient(float x, const Divisor& by) {
+  const float q = __fmul_rn(x, by.r);
+  return copysignf(__fmaf_rn(__fmaf_rn(-q, by.s, x), by.r, q), x);
 }
-__device__ __forceinline__ uint2 pack8(const float* v, float scale) {
-  return make_uint2(pack4(v[0], v[1], v[2], v[3], scale), pack4(v[4], v[5], v[6], v[7], scale));
+__device__ __forceinline__ uint32_t pack4(float a, float b, float c, float d, const Divisor& by) {
+  return e4m3(quotient(a, by)) | e4m3(quotient(b, by)) << 8 | e4m3(quotient(c, by)) << 16 |
+         e4m3(quotient(d, by)) << 24;
 }
-__device__ __forceinline__ uint4 pack16(const float* v, float scale) {
-  return make_uint4(pack4(v[0], v[1], v[2], v[3], scale), pack4(v[4], v[5], v[6], v[7], scale),
-                    pack4(v[8], v[9], v[10], v[11], scale), pack4(v[12], v[13], v[14], v[15], scale));
+__device__ __forceinline__ uint2 pack8(const float* v, const Divisor& by) {
+  return make_uint2(pack4(v[0], v[1], v[2], v[3], by), pack4(v[4], v[5], v[6], v[7], by));
+}
+__device__ __forceinline__ uint4 pack16(const float* v, const Divisor& by) {
+  return make_uint4(pack4(v[0], v[1], v[2], v[3], by), pack4(v[4], v[5], v[6], v[7], by),
+                    pack4(v[8], v[9], v[10], v[11], by), pack4(v[12], v[13], v[14], v[15], by));
 }
 // a tile's scale from its amax: max(amax, 1e-4) / 448, as torch computes it (times the fp32 reciprocal)
 __device__ __forceinline__ float tile_scale(float amax) { return fmaxf(amax, AMAX_EPS) * INV_E4M3_MAX; }
@@ -111,7 +130,7 @@ __global__ void __launch_bounds__(256) rows(const T* __restrict__ x, uint2* __re
     const long long tile = first + 16 * i;  // the same for the 16 lanes of a tile: they leave together
     if (tile >= tiles) break;
     const float scale = tile_scale(tile16_amax(v[i], half));
-    q[tile * 16 + sub] = pack8(v[i], scale);
+    q[tile * 16 + sub] = pack8(v[i], divisor(scale));
     if (sub == 0) s[ld ? (tile % kb_row) * ld + tile / kb_row : tile] = scale;
   }
 }
@@ -169,7 +188,8 @@ __global__ void __launch_bounds__(256) cols(const T* __restrict__ x, uint8_t* __
   const float scale = tile_scale(m);
   if (part == 0) s[(size_t)(c0 + c) * (R_pad / 128) + blockIdx.y] = scale;
   uint4* out = reinterpret_cast<uint4*>(q + (size_t)(c0 + c) * R_pad + r0 + part * 32);  // 32 bytes of row c0 + c
-  out[0] = pack16(v, scale), out[1] = pack16(v + 16, scale);
+  const Divisor by = divisor(scale);
+  out[0] = pack16(v, by), out[1] = pack16(v + 16, by);
 }
 
 // Both tilings of one bf16 input in one pass: x (R, C) -> rows' (q, s) and cols' (qt, st), the same bytes as the
@@ -203,7 +223,7 @@ __global__ void __launch_bounds__(512, 3) rows_cols(const __nv_bfloat16* __restr
     const float m = tile16_amax(v, half);
     if (r < R) {  // the same for the 16 lanes of a row
       const float scale = tile_scale(m);
-      q[((size_t)r * kb_row + kb) * 16 + sub] = pack8(v, scale);
+      q[((size_t)r * kb_row + kb) * 16 + sub] = pack8(v, divisor(scale));
       if (sub == 0) s[ld ? (size_t)kb * ld + r : (size_t)r * kb_row + kb] = scale;
     }
   }
@@ -220,12 +240,13 @@ __global__ void __launch_bounds__(512, 3) rows_cols(const __nv_bfloat16* __restr
   const float scale = tile_scale(m);
   if (part == 0) st[(size_t)(c0 + c) * (R_pad / 128) + blockIdx.y] = scale;
   uint4* out = reinterpret_cast<uint4*>(qt + (size_t)(c0 + c) * R_pad + r0 + part * 32);  // 32 bytes of row c0 + c
+  const Divisor by = divisor(scale);
 #pragma unroll
   for (int h = 0; h < 2; ++h) {  // read again from shared memory (fewer registers, more blocks per SM)
     float w[16];
 #pragma unroll
     for (int i = 0; i < 16; ++i) w[i] = __bfloat162float(tc[128 * (16 * h + i)]);
-    out[h] = pack16(w, scale);
+    out[h] = pack16(w, by);
   }
 }
 

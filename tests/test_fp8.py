@@ -29,6 +29,49 @@ def test_calc_diff_metric():
     assert fp8.calc_diff(x, 2 * x) == pytest.approx(1 - 4 / 5)
 
 
+
+def _rn32(v):
+    """The float32 nearest to the exact rational v, ties to even (as an IEEE fp32 operation rounds its result)."""
+    import numpy as np
+    from fractions import Fraction
+    c = np.float32(float(v))                                            # within an ulp: it or a neighbour
+    cands = [np.nextafter(c, np.float32(-np.inf)), c, np.nextafter(c, np.float32(np.inf))]
+    dist = [abs(Fraction(float(a)) - v) for a in cands]
+    best = min(dist)
+    ties = [a for a, d in zip(cands, dist) if d == best]
+    return ties[0] if len(ties) == 1 else next(a for a in ties if not a.view(np.uint32) & 1)
+
+
+def test_division_by_reciprocal_and_fma_rounds_as_division():
+    """fp8_quant.cu divides a tile's values by its scale as q = RN(x·r), r = RN(1/scale), then
+    q' = RN(q + RN(x − q·scale)·r) (the inner and outer steps are FMAs: one rounding each), which must give the
+    correctly rounded x / scale (Markstein's theorem) wherever the quotient is not tiny (≥ 2^-19; below, both
+    round to an E4M3 zero of x's sign). Checked here in exact rational arithmetic on random bf16 tiles' values:
+    maxima over 2^-30 .. 2^30 (below the 1e-4 floor too), values at and just under the maximum, down to 2^-30 of it."""
+    import numpy as np
+    from fractions import Fraction
+    gen = torch.Generator().manual_seed(0)
+    n = 3000
+    amax = torch.exp2(torch.rand(n, generator=gen) * 60 - 30).bfloat16().float()
+    ratio = torch.exp2(-torch.rand(n, generator=gen) * 30)
+    ratio[:200], ratio[200:400] = 1.0, 1 - 2.0 ** -8                    # the maximum itself, the bf16 just below it
+    x = (amax * ratio * torch.where(torch.rand(n, generator=gen) < 0.5, -1.0, 1.0)).bfloat16().float()
+    inv = np.float32(1) / np.float32(fp8.E4M3_MAX)
+    checked = 0
+    for xi, ai in zip(x.numpy(), amax.numpy()):
+        s = np.float32(max(ai, np.float32(fp8.AMAX_EPS)) * inv)          # the tile's scale, as the kernel makes it
+        r = np.float32(1) / s                                           # RN(1/s)
+        q = xi * r                                                      # RN(x·r)
+        rem = _rn32(Fraction(float(xi)) - Fraction(float(q)) * Fraction(float(s)))
+        got = np.copysign(_rn32(Fraction(float(q)) + Fraction(float(rem)) * Fraction(float(r))), xi)
+        want = xi / s                                                   # IEEE division
+        if abs(want) >= 2.0 ** -19:
+            assert got.view(np.uint32) == want.view(np.uint32), (xi, s, got, want)
+            checked += 1
+        else:
+            assert abs(got) < 2.0 ** -19 and np.signbit(got) == np.signbit(want), (xi, s, got, want)
+    assert checked > n // 2
+
 @pytest.mark.parametrize("pow2", [False, True])
 def test_quantize_act_tiles(pow2):
     x = torch.randn(3, 5, 256) * torch.logspace(-3, 3, 256)          # very different tile ranges
@@ -685,6 +728,34 @@ def test_fused_quantization_is_bit_identical(dtype, R, C):
     if C % 128 == 0:                                                    # both tilings in one pass (bf16: one kernel)
         _assert_both_is_the_two(x, seed)
 
+
+
+@pytest.mark.gpu
+@hopper
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_fused_quantization_wide_range_is_bit_identical(dtype):
+    """The activation quantizers divide by a tile's scale through its reciprocal and one FMA correction
+    (fp8_quant.cu's Divisor), which must round as the reference's division does: tiles whose values span 2^-40 to
+    1 of their maximum, maxima from 2^-30 (below the 1e-4 floor) to 2^30, -0 and subnormal bf16 values; the bytes
+    of q (signed zeros too) and the scales of rows, cols and both in one pass, against the reference."""
+    assert fp8.load_kernel() is not None, fp8.why_no_kernel()
+    seed = int.from_bytes(os.urandom(4), "little")
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    R, C = 1024, 1024
+    mag = torch.exp2(torch.rand(R, C, device="cuda", generator=gen) * -40)          # 2^-40 .. 1 of the row's max
+    sign = torch.randint(0, 2, (R, C), device="cuda", generator=gen) * 2 - 1
+    row_max = torch.exp2(torch.rand(R, 1, device="cuda", generator=gen) * 60 - 30)  # 2^-30 .. 2^30
+    x = (sign * mag * row_max).to(dtype)
+    x[:, ::97] = -0.0
+    x[::5, 1::89] = torch.finfo(torch.bfloat16).smallest_normal / 8 * sign[::5, 1::89]  # subnormal in bf16
+    q, s = fp8.quantize_act(x)
+    q_ref, s_ref = fp8.quantize_act_ref(x)
+    assert torch.equal(s, s_ref) and torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8)), f"seed {seed}"
+    assert (q_ref.view(torch.uint8) == 0x80).any(), "no negative zero reached the comparison"
+    qt, st = fp8.quantize_act_t(x)
+    qt_ref, st_ref = fp8.quantize_act_ref(x.t())
+    assert torch.equal(st, st_ref) and torch.equal(qt.view(torch.uint8), qt_ref.view(torch.uint8)), f"seed {seed}"
+    _assert_both_is_the_two(x, seed)
 
 def _assert_both_is_the_two(x, seed):
     """quantize_act_both(x) gives the bytes and scales of quantize_act(x, mmajor) and quantize_act_t(x)."""
