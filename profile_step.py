@@ -27,9 +27,11 @@ SYNC_OPS = ("aten::item", "aten::_local_scalar_dense", "cudaStreamSynchronize", 
 
 
 def busy_time_us(events) -> float:
-    """Union of the GPU kernels' time intervals (µs): time during which at least one kernel runs."""
+    """Union of the GPU kernels' time intervals (µs): time during which at least one kernel runs. User annotations
+    on the GPU's timeline (torch.compile's "## Call CompiledFxGraph ..." ranges, the optimizer's step) span their
+    kernels and the gaps between them: not counted."""
     spans = sorted((e.time_range.start, e.time_range.end) for e in events
-                   if e.device_type == torch.autograd.DeviceType.CUDA)
+                   if e.device_type == torch.autograd.DeviceType.CUDA and not getattr(e, "is_user_annotation", False))
     busy, cur_s, cur_e = 0.0, None, None
     for s, e in spans:
         if cur_e is None or s > cur_e:

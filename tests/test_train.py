@@ -247,6 +247,22 @@ def test_profile_step_runs_on_the_cpu_and_refuses_bad_input(corpus_args, capsys)
     assert capsys.readouterr().err == "error: --cuda_graphs needs a CUDA device (here: cpu)\n"
 
 
+
+def test_profile_step_busy_time_is_the_union_of_kernels_only():
+    """GPU busy time: the union of the kernels' intervals; overlapping kernels count once, CPU events and user
+    annotations on the GPU timeline (a compiled graph's range spans its kernels and the gaps between them) not at all."""
+    import types
+    import profile_step
+    cuda, cpu = torch.autograd.DeviceType.CUDA, torch.autograd.DeviceType.CPU
+
+    def ev(start, end, device=cuda, annotation=False):
+        return types.SimpleNamespace(device_type=device, is_user_annotation=annotation,
+                                     time_range=types.SimpleNamespace(start=start, end=end))
+    kernels = [ev(0, 10), ev(5, 12), ev(20, 30), ev(30, 31), ev(50, 60)]         # busy 12 + 11 + 10 = 33
+    assert profile_step.busy_time_us(kernels) == 33
+    assert profile_step.busy_time_us(kernels + [ev(0, 60, annotation=True), ev(0, 100, device=cpu)]) == 33
+    assert profile_step.busy_time_us([]) == 0
+
 def test_resume_mismatch_is_refused(tmp_path, corpus_args, capsys):
     assert run(tmp_path, corpus_args, "--max_iters", "1") == 0
     assert train.main(["--out_dir", str(tmp_path), "--resume", "--dim", "64"]) == 2
@@ -523,7 +539,7 @@ def test_full_disk_during_a_save_keeps_the_old_checkpoint(tmp_path, corpus_args,
     assert run(tmp_path, corpus_args, "--max_iters", "8", "--ckpt_interval", "4") == 1
     err = capsys.readouterr().err
     assert err.startswith("error: cannot write ") and "is the disk full?" in err and err.count("\n") == 1
-    assert f"ckpt.pt holds step 4" in err
+    assert "ckpt.pt holds step 4" in err
     monkeypatch.undo()
     assert load(tmp_path)["step"] == 4 and "ckpt.pt.tmp" not in os.listdir(tmp_path)
 
