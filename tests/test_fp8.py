@@ -29,7 +29,6 @@ def test_calc_diff_metric():
     assert fp8.calc_diff(x, 2 * x) == pytest.approx(1 - 4 / 5)
 
 
-
 def _rn32(v):
     """The float32 nearest to the exact rational v, ties to even (as an IEEE fp32 operation rounds its result)."""
     import numpy as np
@@ -71,6 +70,7 @@ def test_division_by_reciprocal_and_fma_rounds_as_division():
         else:
             assert abs(got) < 2.0 ** -19 and np.signbit(got) == np.signbit(want), (xi, s, got, want)
     assert checked > n // 2
+
 
 @pytest.mark.parametrize("pow2", [False, True])
 def test_quantize_act_tiles(pow2):
@@ -729,7 +729,6 @@ def test_fused_quantization_is_bit_identical(dtype, R, C):
         _assert_both_is_the_two(x, seed)
 
 
-
 @pytest.mark.gpu
 @hopper
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
@@ -756,6 +755,7 @@ def test_fused_quantization_wide_range_is_bit_identical(dtype):
     qt_ref, st_ref = fp8.quantize_act_ref(x.t())
     assert torch.equal(st, st_ref) and torch.equal(qt.view(torch.uint8), qt_ref.view(torch.uint8)), f"seed {seed}"
     _assert_both_is_the_two(x, seed)
+
 
 def _assert_both_is_the_two(x, seed):
     """quantize_act_both(x) gives the bytes and scales of quantize_act(x, mmajor) and quantize_act_t(x)."""

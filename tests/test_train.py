@@ -247,7 +247,6 @@ def test_profile_step_runs_on_the_cpu_and_refuses_bad_input(corpus_args, capsys)
     assert capsys.readouterr().err == "error: --cuda_graphs needs a CUDA device (here: cpu)\n"
 
 
-
 def test_profile_step_busy_time_is_the_union_of_kernels_only():
     """GPU busy time: the union of the kernels' intervals; overlapping kernels count once, CPU events and user
     annotations on the GPU timeline (a compiled graph's range spans its kernels and the gaps between them) not at all."""
@@ -262,6 +261,7 @@ def test_profile_step_busy_time_is_the_union_of_kernels_only():
     assert profile_step.busy_time_us(kernels) == 33
     assert profile_step.busy_time_us(kernels + [ev(0, 60, annotation=True), ev(0, 100, device=cpu)]) == 33
     assert profile_step.busy_time_us([]) == 0
+
 
 def test_resume_mismatch_is_refused(tmp_path, corpus_args, capsys):
     assert run(tmp_path, corpus_args, "--max_iters", "1") == 0
