@@ -52,8 +52,8 @@ __device__ __forceinline__ void load4(const __nv_bfloat16* p, float* v) {
 __device__ __forceinline__ uint32_t e4m3(float v) {
   return static_cast<uint32_t>(__nv_cvt_float_to_fp8(v, __NV_SATFINITE, __NV_E4M3));
 }
-// x / scale for every value of a tile, as IEEE division rounds it, in three instructions a value instead of a
-// division's ten or so and a branch (rows_cols divides every value twice). With r = RN(1/scale), made once per tile,
+// x / scale for every value of a tile, as IEEE division rounds it, in four instructions a value (a multiply, two
+// FMAs, a copysign) instead of a division's ten or so and a branch (rows_cols divides every value twice). With r = RN(1/scale), made once per tile,
 // q = RN(x·r) is within an ulp of x / scale, and one correction q' = RN(q + RN(x − q·scale)·r), whose remainder
 // x − q·scale an FMA gives exactly, is the correctly rounded quotient (Markstein's theorem for division by FMA).
 // Where x / scale is below 2^-19 (x tiny against its tile; the remainder can lose bits there) q' may differ from

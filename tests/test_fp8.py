@@ -1,7 +1,9 @@
 """Tests of fp8.py: quantization (1×128, 128×128), reference GEMM with promotion, FP8Linear; the GPU kernels
 of fp8_gemm.cu and fp8_quant.cu against their references; fp8_bench.py's command line."""
 import os
+from fractions import Fraction
 
+import numpy as np
 import pytest
 import torch
 
@@ -31,8 +33,6 @@ def test_calc_diff_metric():
 
 def _rn32(v):
     """The float32 nearest to the exact rational v, ties to even (as an IEEE fp32 operation rounds its result)."""
-    import numpy as np
-    from fractions import Fraction
     c = np.float32(float(v))                                            # within an ulp: it or a neighbour
     cands = [np.nextafter(c, np.float32(-np.inf)), c, np.nextafter(c, np.float32(np.inf))]
     dist = [abs(Fraction(float(a)) - v) for a in cands]
@@ -47,8 +47,6 @@ def test_division_by_reciprocal_and_fma_rounds_as_division():
     correctly rounded x / scale (Markstein's theorem) wherever the quotient is not tiny (≥ 2^-19; below, both
     round to an E4M3 zero of x's sign). Checked here in exact rational arithmetic on random bf16 tiles' values:
     maxima over 2^-30 .. 2^30 (below the 1e-4 floor too), values at and just under the maximum, down to 2^-30 of it."""
-    import numpy as np
-    from fractions import Fraction
     gen = torch.Generator().manual_seed(0)
     n = 3000
     amax = torch.exp2(torch.rand(n, generator=gen) * 60 - 30).bfloat16().float()

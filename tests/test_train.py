@@ -249,7 +249,8 @@ def test_profile_step_runs_on_the_cpu_and_refuses_bad_input(corpus_args, capsys)
 
 def test_profile_step_busy_time_is_the_union_of_kernels_only():
     """GPU busy time: the union of the kernels' intervals; overlapping kernels count once, CPU events and user
-    annotations on the GPU timeline (a compiled graph's range spans its kernels and the gaps between them) not at all."""
+    annotations on the GPU timeline (a compiled graph's range spans its kernels and the gaps between them) not at
+    all."""
     import types
     import profile_step
     cuda, cpu = torch.autograd.DeviceType.CUDA, torch.autograd.DeviceType.CPU
