@@ -42,7 +42,9 @@ gradients):
 - "loop" (the reference, read it first): for each expert, gather its tokens, run it, add the weighted outputs.
 - "grouped" (the fast one, default): sort the N·K_r (token, expert) pairs by expert id with argsort so each expert
   owns one contiguous segment, run all experts with one grouped GEMM per projection (torch._grouped_mm, where
-  this build supports it for the device and dtype; otherwise a loop over the segments), scatter-add back.
+  this build supports it for the device and dtype; otherwise a loop over the segments), then gather the outputs
+  back into (token, slot) order and sum each token's K weighted slots (gathers only, forward and backward: no
+  atomic scatter-add, the same bits on every run).
   With `--fp8` (MoE is handed fp8_experts.FP8Experts) the experts' whole FFN is fp8_experts.fp8_expert_ffn
   instead: three grouped FP8 GEMMs over padded segments, the SwiGLU output recomputed in the backward pass.
 - "ep" (expert parallelism, once `MoE.shard` has split the experts over the ranks of an ep group, report
@@ -268,17 +270,57 @@ def expert_counts(indices: torch.Tensor, n_experts: int) -> torch.Tensor:
     return torch.zeros(n_experts, dtype=torch.long, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
 
 
+class _GatherRows(torch.autograd.Function):
+    """rows = x[index] where every row of x is read by the same number r of rows (r = len(index) / len(x)) and
+    back (len(index),) lists them: back.view(len(x), r)[i] = the r positions j with index[j] = i.
+
+    The backward is then a gather as well, grad_x[i] = Σ_j grad[back[i, j]], summed in a fixed order: no atomic
+    scatter-add (autograd's backward of x[index] would be one, since it cannot know that index is so regular)."""
+
+    @staticmethod
+    def forward(ctx, x, index, back):
+        ctx.save_for_backward(back)
+        ctx.n, ctx.r = x.shape[0], index.shape[0] // max(x.shape[0], 1)  # r = 0 when there are no rows
+        return x.index_select(0, index)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (back,) = ctx.saved_tensors
+        grad_x = grad.index_select(0, back).view(ctx.n, ctx.r, *grad.shape[1:]).sum(1)  # (n, r, ...) → (n, ...)
+        return grad_x, None, None
+
+
+def gather_rows(x: torch.Tensor, index: torch.Tensor, back: torch.Tensor) -> torch.Tensor:
+    """x[index] whose backward is a gather too (_GatherRows): (n, ...) → (len(index), ...)."""
+    return _GatherRows.apply(x, index, back)
+
+
+def inverse_permutation(perm: torch.Tensor) -> torch.Tensor:
+    """inv with inv[perm[j]] = j: where each position went. (M,) → (M,)"""
+    return torch.empty_like(perm).scatter_(0, perm, torch.arange(perm.shape[0], device=perm.device))
+
+
+def combine(out: torch.Tensor, weights: torch.Tensor, order: torch.Tensor, inv: torch.Tensor, dtype) -> torch.Tensor:
+    """y_t = Σ_k g_{t,k} · FFN_{idx_{t,k}}(u_t) from the experts' outputs in sorted order: out[inv] puts them back in
+    (token, slot) order (a gather), then each token's K slots are weighted and summed in a fixed order (no atomic
+    scatter-add, so the same bits every run). out (N·K, dim) sorted by expert → (N, dim) in `dtype`."""
+    N, K = weights.shape
+    rows = gather_rows(out, inv, order).view(N, K, -1)  # (N, K, dim): row t·K + k is token t's slot k
+    return (rows * weights.unsqueeze(-1)).sum(1).to(dtype)  # (N, dim), products and sum in fp32 (the gate's dtype)
+
+
 def dispatch_grouped(x, weights, indices, experts: Experts, impl: str = "auto", counts=None) -> torch.Tensor:
-    """Fast path: sort (token, slot) pairs by expert, run contiguous segments, scatter-add. (N, dim) → (N, dim).
-    counts: expert_counts(indices) if the caller has them. The segment sizes stay on the device."""
+    """Fast path: sort (token, slot) pairs by expert, run contiguous segments, combine. (N, dim) → (N, dim).
+    counts: expert_counts(indices) if the caller has them. The segment sizes stay on the device.
+    Moving rows in and out is gathers only, forward and backward (gather_rows, combine)."""
     N, K = indices.shape
     flat = indices.reshape(-1)  # (N·K,) expert id of each (token, slot) pair
     order = torch.argsort(flat, stable=True)  # (N·K,) pairs sorted by expert id
-    token = order // K  # (N·K,) the token of each sorted pair
+    inv = inverse_permutation(order)  # (N·K,) sorted position of pair t·K + k
+    token = order // K  # (N·K,) the token of each sorted pair; token t's K pairs sit at inv.view(N, K)[t]
     sizes = expert_counts(flat, experts.w1.shape[0]) if counts is None else counts  # rows of each segment
-    out = experts.segments(x[token], sizes, impl)  # (N·K, dim)
-    out = out * weights.reshape(-1)[order, None]  # (N·K, dim) times g of the pair
-    return torch.zeros_like(x).index_add_(0, token, out.to(x.dtype))  # (N, dim) sum over the K slots
+    out = experts.segments(gather_rows(x, token, inv), sizes, impl)  # (N·K, dim)
+    return combine(out, weights, order, inv, x.dtype)  # (N, dim) sum over the K slots
 
 
 # -- expert parallelism ------------------------------------------------------------------------------------------
@@ -338,6 +380,7 @@ def dispatch_ep(x, weights, indices, experts: Experts, group, impl: str = "auto"
     # 1. sort the (token, slot) pairs by expert: the rows for rank r are then one contiguous block
     flat = indices.reshape(-1)  # (N·K,)
     order = torch.argsort(flat, stable=True)  # (N·K,)
+    inv = inverse_permutation(order)  # (N·K,) sorted position of each pair
     token = order // K  # (N·K,) token of each sorted pair
     counts = expert_counts(flat, E) if counts is None else counts  # (E,) rows this rank sends to each expert
     # 2. exchange the counts: recv[r, j] = rows rank r sends to my local expert j
@@ -347,17 +390,17 @@ def dispatch_ep(x, weights, indices, experts: Experts, group, impl: str = "auto"
     send_splits = counts.view(ep, E_local).sum(1).tolist()  # rows to each rank
     recv_splits = recv.sum(1).tolist()  # rows from each rank (the one host sync of the dispatch)
     # 3. dispatch: the rows travel to their experts' ranks
-    rows = all_to_all(x[token], send_splits, recv_splits, group)  # (M, dim), rank-major: by source, then expert
+    rows = all_to_all(gather_rows(x, token, inv), send_splits, recv_splits, group)  # (M, dim), by source, then expert
     # 4. regroup rank-major → expert-major, so each local expert owns one contiguous segment
     chunk = torch.repeat_interleave(torch.arange(ep * E_local, device=x.device), recv.flatten())  # (M,)
     regroup = torch.argsort(chunk % E_local, stable=True)  # (M,) local expert of each row, then source rank
-    out = experts.segments(rows[regroup], recv.sum(0), impl)  # (M, dim); sizes (E_local,) stay on the device
+    unregroup = inverse_permutation(regroup)  # (M,)
+    out = experts.segments(gather_rows(rows, regroup, unregroup), recv.sum(0), impl)  # (M, dim); sizes stay on device
     # 5. undo the regrouping, then combine: the results travel back to the tokens' ranks
-    out = torch.empty_like(out).index_copy(0, regroup, out)  # (M, dim) rank-major again
+    out = gather_rows(out, unregroup, regroup)  # (M, dim) rank-major again
     out = all_to_all(out, recv_splits, send_splits, group)  # (N·K, dim) in this rank's sorted order
     # 6. weight by the gates and sum each token's K slots
-    out = out * weights.reshape(-1)[order, None]  # (N·K, dim)
-    return torch.zeros_like(x).index_add(0, token, out.to(x.dtype))  # (N, dim)
+    return combine(out, weights, order, inv, x.dtype)  # (N, dim)
 
 
 def ranks_per_token(indices: torch.Tensor, n_experts: int, ep: int) -> torch.Tensor:

@@ -592,7 +592,8 @@ def test_kernel_kgrouped_skips_idle_experts():
 def test_fp8_moe_step_does_not_sync(act_cache):
     """One FP8 MoE forward and backward (routed experts in FP8, segment sizes on the device) never makes the host
     wait for the GPU: torch.cuda.set_sync_debug_mode("error") raises on any synchronising CUDA call (.item(),
-    .tolist(), a blocking copy, torch.cuda.synchronize). The run after the warm-up (kernel build, probes) equals it."""
+    .tolist(), a blocking copy, torch.cuda.synchronize). The run after the warm-up (kernel build, probes) gives the
+    same bits: the dispatch and combine are gathers, with no atomic adds."""
     assert fp8.load_kernel() is not None, fp8.why_no_kernel()
     from config import ModelConfig
     from moe import MoE
@@ -618,5 +619,4 @@ def test_fp8_moe_step_does_not_sync(act_cache):
         got = step()
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    for a, b in zip(got, warm):                                        # index_add's float atomics: not bitwise
-        assert fp8.calc_diff(a, b) < 1e-5
+    assert all(torch.equal(a, b) for a, b in zip(got, warm))

@@ -270,6 +270,39 @@ def test_segment_impls_agree_with_reference_fp32(impl):
         torch.testing.assert_close(a, b)
 
 
+@pytest.mark.parametrize("n, r", [(5, 3), (7, 1), (0, 0)])
+def test_gather_rows_backward_is_the_sum_over_the_rows_that_read_each_row(n, r):
+    """gather_rows(x, index, back) = x[index]; its backward (a gather over `back`, no scatter-add) equals
+    autograd's own backward of x[index] (fp64, so the sums are exact enough to compare to 1e-12)."""
+    torch.manual_seed(n)
+    index = torch.randperm(n * r) // max(r, 1)  # every row of x read r times, in a shuffled order
+    back = torch.argsort(index, stable=True)  # the r positions that read row i: back.view(n, r)[i]
+    x = torch.randn(n, 4, 3, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(n * r, 4, 3, dtype=torch.float64)
+    got = moe.gather_rows(x, index, back)
+    assert torch.equal(got, x[index])
+    (dx,) = torch.autograd.grad(got, x, g)
+    (dx_ref,) = torch.autograd.grad(x[index], x, g)
+    torch.testing.assert_close(dx, dx_ref, rtol=1e-12, atol=1e-12)
+
+
+def test_combine_is_the_weighted_sum_of_each_tokens_slots_in_fixed_order():
+    """combine(out, g, order, inv) sums token t's K slots, each the expert output at its sorted position inv[t·K+k]
+    times g_{t,k}; gathers only, so two runs give the same bits."""
+    torch.manual_seed(0)
+    N, K, D = 6, 3, 5
+    order = torch.randperm(N * K)
+    inv = moe.inverse_permutation(order)
+    assert torch.equal(order[inv], torch.arange(N * K)) and torch.equal(inv[order], torch.arange(N * K))
+    out = torch.randn(N * K, D, dtype=torch.bfloat16)
+    w = torch.rand(N, K)
+    got = moe.combine(out, w, order, inv, torch.float32)
+    ref = torch.stack([sum(w[t, k] * out[inv[t * K + k]].float() for k in range(K)) for t in range(N)])
+    torch.testing.assert_close(got, ref)
+    assert got.dtype == torch.float32
+    assert torch.equal(got, moe.combine(out, w, order, inv, torch.float32))
+
+
 @pytest.mark.parametrize("dtype, grouped", [(torch.float32, False), (torch.bfloat16, True)])
 def test_segment_mm_under_torch_compile_uses_grouped_mm_for_bf16_only(monkeypatch, dtype, grouped):
     """Compiled, torch._grouped_mm accepts bf16 only (eager CPU also takes fp32): `train.py --compile` on a CPU
