@@ -258,8 +258,14 @@ def _shared_layout(counts: torch.Tensor, M: int):
 
 
 def _padded(x, dst, groups):
-    """Rows of x into the tile layout: (T·128, K) with zero rows between the segments and after the last."""
-    return x.new_zeros(groups.shape[0] * BLOCK, x.shape[1]).index_copy_(0, dst, x)
+    """Rows of x into the tile layout: (T·128, K) with zero rows between the segments and after the last.
+    A gather, not a scatter into a zero-filled buffer: x gets one zero row appended, which every padding row
+    reads, so no buffer is filled first, and compiled, the gather may fuse with the ops that made x (the
+    tokens' gather, the cast)."""
+    M = x.shape[0]
+    src = torch.full((groups.shape[0] * BLOCK,), M, dtype=dst.dtype, device=dst.device)  # (T·128,) row M: zeros
+    src.scatter_(0, dst, torch.arange(M, device=dst.device))              # padded row dst[i] reads row i
+    return F.pad(x, (0, 0, 0, 1)).index_select(0, src)                    # (M + 1, K) → (T·128, K)
 
 
 def _experts_forward(x, w, counts, keep_t):
