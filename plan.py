@@ -447,7 +447,7 @@ def render(p: dict) -> str:
         out.append(f"  {k:34s} {_gb(v)}")
     names = {"bf16": "BF16, no recomputation", "bf16_recompute": "BF16, report recomputation",
              "report": "report recomputation + FP8 caching"}
-    out.append(f"  activations: one micro-batch on its largest stage / the rank's peak in flight")
+    out.append("  activations: one micro-batch on its largest stage / the rank's peak in flight")
     for sc in SCHEMES:
         out.append(f"    {names[sc]:32s} {_gb(p['per_micro'][sc])} / {_gb(w['act'][sc])}")
     out += [f"  {'total (states + report activations)':34s} {_gb(w['total'])}  of {A.gpu_mem_gb:g} GB",
