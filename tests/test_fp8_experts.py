@@ -29,7 +29,6 @@ def test_tile_layout_pads_segments_to_whole_tiles():
     assert groups.tolist() == [0, 2, 2, 3, -1, -1] and groups.dtype == torch.int32
 
 
-
 @pytest.mark.parametrize("sizes", [[3, 0, 130, 128], [0, 0, 0], [1] * 9])
 def test_padded_puts_each_row_at_dst_and_zeros_elsewhere(sizes):
     """_padded (a gather from x with one zero row appended) is the scatter of x's rows to dst in a zero buffer of
@@ -40,6 +39,7 @@ def test_padded_puts_each_row_at_dst_and_zeros_elsewhere(sizes):
     want = torch.zeros(groups.shape[0] * 128, 256, dtype=torch.bfloat16)
     want[dst] = x
     assert xp.dtype == torch.bfloat16 and torch.equal(xp, want)
+
 
 def _host_layout(sizes):
     """The tile layout planned on the host from a list of sizes, the plain way: (padded sizes, dst, groups with

@@ -288,7 +288,7 @@ def test_gather_rows_backward_is_the_sum_over_the_rows_that_read_each_row(n, r):
 
 def test_combine_is_the_weighted_sum_of_each_tokens_slots_in_fixed_order():
     """combine(out, g, order, inv) sums token t's K slots, each the expert output at its sorted position inv[t·K+k]
-    times g_{t,k}; gathers only, so two runs give the same bits."""
+    times g_{t,k}, in fp32; that the GPU gives the same bits every run is test_fp8_moe_step_does_not_sync's."""
     torch.manual_seed(0)
     N, K, D = 6, 3, 5
     order = torch.randperm(N * K)
@@ -300,7 +300,6 @@ def test_combine_is_the_weighted_sum_of_each_tokens_slots_in_fixed_order():
     ref = torch.stack([sum(w[t, k] * out[inv[t * K + k]].float() for k in range(K)) for t in range(N)])
     torch.testing.assert_close(got, ref)
     assert got.dtype == torch.float32
-    assert torch.equal(got, moe.combine(out, w, order, inv, torch.float32))
 
 
 @pytest.mark.parametrize("dtype, grouped", [(torch.float32, False), (torch.bfloat16, True)])
