@@ -1,7 +1,8 @@
 """Where the time of one training step goes: tokens/s as `train.py --bench` measures it, then a torch.profiler
 table of one more step (top ops by GPU time) and the step's idle and host-sync share.
 
-    python profile_step.py --preset small [--fp8] [any train.py option]     (CUDA; on a CPU: a check that it runs)
+    python profile_step.py --preset small [--fp8] [--no_profile | --cuda_only] [any train.py option]
+    (CUDA; on a CPU: a check that it runs)
 
 It runs train.py's own step functions (forward_backward, optimizer_step) on the same batches, with the model
 torch.compiled as train.py compiles it (by default on one CUDA process; --no-compile: eager); only
@@ -10,6 +11,11 @@ presets).
 Idle share = 1 − (time some kernel runs) / (step wall time): time the GPU waits for the host (Python, kernel
 launches, host syncs). Host syncs are the calls that make the CPU wait for the GPU (.item(), .tolist(),
 .cpu(), torch.cuda.synchronize): each one drains the launch queue, so the kernels after it start late.
+The gaps between kernels (from the first kernel's start to the last one's end) say the same from the GPU's side:
+many short gaps are launch overhead, a few long ones a host that falls behind.
+--cuda_only records the GPU's activity alone: recording every host-side op slows the host, and in a step the
+host keeps up with only barely, that shows as idle GPU time the unprofiled step does not have (no host syncs
+are counted then).
 """
 import sys
 import time
@@ -26,34 +32,55 @@ SYNC_OPS = ("aten::item", "aten::_local_scalar_dense", "cudaStreamSynchronize", 
             "cudaMemcpyAsync")
 
 
-def busy_time_us(events) -> float:
-    """Union of the GPU kernels' time intervals (µs): time during which at least one kernel runs. User annotations
-    on the GPU's timeline (torch.compile's "## Call CompiledFxGraph ..." ranges, the optimizer's step) span their
-    kernels and the gaps between them: not counted."""
-    spans = sorted((e.time_range.start, e.time_range.end) for e in events
-                   if e.device_type == torch.autograd.DeviceType.CUDA and not getattr(e, "is_user_annotation", False))
-    busy, cur_s, cur_e = 0.0, None, None
+def kernel_spans(events) -> list:
+    """(start, end) in µs of every GPU kernel (and GPU memcpy / memset), sorted. User annotations on the GPU's
+    timeline (torch.compile's "## Call CompiledFxGraph ..." ranges, the optimizer's step) span their kernels and
+    the gaps between them: left out."""
+    return sorted((e.time_range.start, e.time_range.end) for e in events
+                  if e.device_type == torch.autograd.DeviceType.CUDA and not getattr(e, "is_user_annotation", False))
+
+
+def timeline(events, short_us: float = 5.0) -> dict:
+    """The GPU's timeline: kernels (count), busy (µs during which at least one kernel runs: the union of their
+    intervals), gaps (µs between them, from the first start to the last end), short_gaps / short_gap_us (the gaps
+    under short_us: their count and time)."""
+    spans = kernel_spans(events)
+    busy = gaps = short_gap_us = 0.0
+    short_gaps, cur_s, cur_e = 0, None, None
     for s, e in spans:
-        if cur_e is None or s > cur_e:
-            busy += (cur_e - cur_s) if cur_e is not None else 0.0
+        if cur_e is None or s > cur_e:  # a new busy interval; the one before it ended at cur_e
+            if cur_e is not None:
+                busy += cur_e - cur_s
+                gaps += s - cur_e
+                if s - cur_e < short_us:
+                    short_gaps, short_gap_us = short_gaps + 1, short_gap_us + (s - cur_e)
             cur_s, cur_e = s, e
         else:
             cur_e = max(cur_e, e)
-    return busy + ((cur_e - cur_s) if cur_e is not None else 0.0)
+    busy += (cur_e - cur_s) if cur_e is not None else 0.0
+    return dict(kernels=len(spans), busy=busy, gaps=gaps, short_gaps=short_gaps, short_gap_us=short_gap_us)
+
+
+def busy_time_us(events) -> float:
+    """Union of the GPU kernels' time intervals (µs): time during which at least one kernel runs (timeline)."""
+    return timeline(events)["busy"]
 
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    profile = "--no_profile" not in argv
-    argv = [a for a in argv if a != "--no_profile"]
+    profile, cuda_only = "--no_profile" not in argv, "--cuda_only" in argv
+    argv = [a for a in argv if a not in ("--no_profile", "--cuda_only")]
     try:
         p = train_setup.build_parser()  # train.py's options, plus --no_profile (taken out of argv above)
         p.description = "Where the time of one training step goes: tokens/s, then a profiler table of one step."
-        p.epilog = "--no_profile: measure tokens/s only, without the profiler table"
+        p.epilog = ("--no_profile: measure tokens/s only, without the profiler table; --cuda_only: profile the "
+                    "GPU's activity alone (the host runs at its unprofiled pace; host syncs are not counted)")
         args = train_setup.resolve_args(p.parse_args(argv))
         cfg = train_setup.resolve_config(args)
         train_setup.check_args(args, cfg)
         device = pick_device(args.device)
+        if cuda_only and device.type != "cuda":
+            raise ValueError(f"--cuda_only needs a CUDA device (here: {device.type})")
         train_setup.check_memory(cfg, args, device)
         linear = train_setup.linear_class(args.fp8, device)
         corpus = data.load_corpus(args.data, cfg.vocab_size, args.cache_dir, log=print)
@@ -113,19 +140,22 @@ def main(argv=None) -> int:
     if not profile:
         return 0
     from torch.profiler import profile as prof_ctx, ProfilerActivity
-    with prof_ctx(activities=[ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * cuda) as prof:
+    activities = [ProfilerActivity.CUDA] if cuda_only else [ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * cuda
+    with prof_ctx(activities=activities) as prof:
         sync()
         t0 = time.time()
         step(warmup + n)
         sync()
         wall_us = (time.time() - t0) * 1e6
-    events = prof.events()
-    busy = busy_time_us(events)
+    gpu = timeline(prof.events())
     avg = prof.key_averages()
     syncs = {k: (e.count, e.cpu_time_total / 1e3) for e in avg for k in SYNC_OPS if e.key == k}
-    print(f"PROFILE {args.preset} {mode}: step {wall_us / 1e3:.1f} ms (profiled), GPU busy {busy / 1e3:.1f} ms, "
-          f"idle {100 * (1 - busy / wall_us):.1f}% | host syncs: "
-          + ", ".join(f"{k} ×{c} ({ms:.1f} ms)" for k, (c, ms) in syncs.items()))
+    print(f"PROFILE {args.preset} {mode}: step {wall_us / 1e3:.1f} ms (profiled), GPU busy {gpu['busy'] / 1e3:.1f} "
+          f"ms, idle {100 * (1 - gpu['busy'] / wall_us):.1f}% | {gpu['kernels']:,} kernels, "
+          f"{gpu['gaps'] / 1e3:.1f} ms of gaps between them ({gpu['short_gap_us'] / 1e3:.1f} ms in "
+          f"{gpu['short_gaps']:,} gaps under 5 µs) | host syncs: "
+          + ("not recorded (--cuda_only)" if cuda_only else
+             ", ".join(f"{k} ×{c} ({ms:.1f} ms)" for k, (c, ms) in syncs.items())))
     print(avg.table(sort_by="self_device_time_total", row_limit=30, max_name_column_width=60))
     return 0
 

@@ -245,12 +245,14 @@ def test_profile_step_runs_on_the_cpu_and_refuses_bad_input(corpus_args, capsys)
     assert err.startswith("error: --fp8 needs a Hopper GPU") and err.count("\n") == 1
     assert profile_step.main([*argv, "--cuda_graphs"]) == 2               # CUDA graphs need a GPU
     assert capsys.readouterr().err == "error: --cuda_graphs needs a CUDA device (here: cpu)\n"
+    assert profile_step.main([*argv, "--cuda_only"]) == 2                 # nothing to record on a CPU
+    assert capsys.readouterr().err == "error: --cuda_only needs a CUDA device (here: cpu)\n"
 
 
 def test_profile_step_busy_time_is_the_union_of_kernels_only():
     """GPU busy time: the union of the kernels' intervals; overlapping kernels count once, CPU events and user
     annotations on the GPU timeline (a compiled graph's range spans its kernels and the gaps between them) not at
-    all."""
+    all. The gaps: the idle time between the busy intervals, the short ones counted apart."""
     import types
     import profile_step
     cuda, cpu = torch.autograd.DeviceType.CUDA, torch.autograd.DeviceType.CPU
@@ -262,6 +264,10 @@ def test_profile_step_busy_time_is_the_union_of_kernels_only():
     assert profile_step.busy_time_us(kernels) == 33
     assert profile_step.busy_time_us(kernels + [ev(0, 60, annotation=True), ev(0, 100, device=cpu)]) == 33
     assert profile_step.busy_time_us([]) == 0
+    # the gaps between the busy intervals [0, 12], [20, 31], [50, 60]: 8 and 19 µs; under 10 µs: the first
+    got = profile_step.timeline(kernels[::-1] + [ev(0, 100, device=cpu)], short_us=10)
+    assert got == dict(kernels=5, busy=33, gaps=27, short_gaps=1, short_gap_us=8)
+    assert profile_step.timeline([]) == dict(kernels=0, busy=0, gaps=0, short_gaps=0, short_gap_us=0)
 
 
 def test_resume_mismatch_is_refused(tmp_path, corpus_args, capsys):
