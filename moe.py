@@ -305,7 +305,7 @@ def combine(out: torch.Tensor, weights: torch.Tensor, order: torch.Tensor, inv: 
     (token, slot) order (a gather), then each token's K slots are weighted and summed in a fixed order (no atomic
     scatter-add, so the same bits every run). out (N·K, dim) sorted by expert → (N, dim) in `dtype`."""
     N, K = weights.shape
-    rows = gather_rows(out, inv, order).view(N, K, -1)  # (N, K, dim): row t·K + k is token t's slot k
+    rows = gather_rows(out, inv, order).view(N, K, out.shape[-1])  # (N, K, dim): row t·K + k is token t's slot k
     return (rows * weights.unsqueeze(-1)).sum(1).to(dtype)  # (N, dim), products and sum in fp32 (the gate's dtype)
 
 

@@ -71,7 +71,7 @@ def main(argv=None) -> int:
     profile, cuda_only = "--no_profile" not in argv, "--cuda_only" in argv
     argv = [a for a in argv if a not in ("--no_profile", "--cuda_only")]
     try:
-        p = train_setup.build_parser()  # train.py's options, plus --no_profile (taken out of argv above)
+        p = train_setup.build_parser()  # train.py's options, plus --no_profile, --cuda_only (taken out above)
         p.description = "Where the time of one training step goes: tokens/s, then a profiler table of one step."
         p.epilog = ("--no_profile: measure tokens/s only, without the profiler table; --cuda_only: profile the "
                     "GPU's activity alone (the host runs at its unprofiled pace; host syncs are not counted)")
@@ -151,7 +151,7 @@ def main(argv=None) -> int:
     avg = prof.key_averages()
     syncs = {k: (e.count, e.cpu_time_total / 1e3) for e in avg for k in SYNC_OPS if e.key == k}
     print(f"PROFILE {args.preset} {mode}: step {wall_us / 1e3:.1f} ms (profiled), GPU busy {gpu['busy'] / 1e3:.1f} "
-          f"ms, idle {100 * (1 - gpu['busy'] / wall_us):.1f}% | {gpu['kernels']:,} kernels, "
+          f"ms, idle {100 * (1 - gpu['busy'] / wall_us):.1f}% | {gpu['kernels']:,} kernels and copies, "
           f"{gpu['gaps'] / 1e3:.1f} ms of gaps between them ({gpu['short_gap_us'] / 1e3:.1f} ms in "
           f"{gpu['short_gaps']:,} gaps under 5 µs) | host syncs: "
           + ("not recorded (--cuda_only)" if cuda_only else

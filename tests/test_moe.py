@@ -286,20 +286,32 @@ def test_gather_rows_backward_is_the_sum_over_the_rows_that_read_each_row(n, r):
     torch.testing.assert_close(dx, dx_ref, rtol=1e-12, atol=1e-12)
 
 
-def test_combine_is_the_weighted_sum_of_each_tokens_slots_in_fixed_order():
+@pytest.mark.parametrize("N", [6, 0])
+def test_combine_is_the_weighted_sum_of_each_tokens_slots_in_fixed_order(N):
     """combine(out, g, order, inv) sums token t's K slots, each the expert output at its sorted position inv[t·K+k]
-    times g_{t,k}, in fp32; that the GPU gives the same bits every run is test_fp8_moe_step_does_not_sync's."""
+    times g_{t,k}, in fp32, then casts once to the dtype asked for; its gradients are autograd's of that sum (no
+    tokens: an empty result). That the GPU gives the same bits every run is test_fp8_moe_step_does_not_sync's."""
     torch.manual_seed(0)
-    N, K, D = 6, 3, 5
+    K, D = 3, 5
     order = torch.randperm(N * K)
     inv = moe.inverse_permutation(order)
     assert torch.equal(order[inv], torch.arange(N * K)) and torch.equal(inv[order], torch.arange(N * K))
-    out = torch.randn(N * K, D, dtype=torch.bfloat16)
-    w = torch.rand(N, K)
+    out = torch.randn(N * K, D, dtype=torch.bfloat16, requires_grad=True)
+    w = torch.rand(N, K, requires_grad=True)
+    ref = torch.zeros(N, D)
+    for t in range(N):
+        for k in range(K):
+            ref[t] += w[t, k].detach() * out[inv[t * K + k]].detach().float()
     got = moe.combine(out, w, order, inv, torch.float32)
-    ref = torch.stack([sum(w[t, k] * out[inv[t * K + k]].float() for k in range(K)) for t in range(N)])
+    assert got.dtype == torch.float32 and got.shape == (N, D)
     torch.testing.assert_close(got, ref)
-    assert got.dtype == torch.float32
+    got_bf16 = moe.combine(out, w, order, inv, torch.bfloat16)
+    assert got_bf16.dtype == torch.bfloat16 and torch.equal(got_bf16, got.bfloat16())
+    g = torch.randn(N, D)
+    grads = torch.autograd.grad(got, (out, w), g)
+    plain = (out[inv].view(N, K, D).float() * w.unsqueeze(-1)).sum(1)  # x[index]: autograd's scatter-add backward
+    for a, b in zip(grads, torch.autograd.grad(plain, (out, w), g)):
+        torch.testing.assert_close(a, b)
 
 
 @pytest.mark.parametrize("dtype, grouped", [(torch.float32, False), (torch.bfloat16, True)])

@@ -792,7 +792,7 @@ def test_cuda_graphs_train_as_the_compiled_step(tmp_path, corpus_args, fp8, grad
     assert [r["step"] for r in plain] == [r["step"] for r in graphed] == [1, 2, 3, 4]
     for key in ("loss", "grad_norm"):
         a, b = [r[key] for r in plain], [r[key] for r in graphed]
-        assert a == pytest.approx(b, rel=2e-3), key   # atomic adds in the MoE make two runs differ a little
+        assert a == pytest.approx(b, rel=2e-3), key   # kernels that add in a varying order: runs differ a little
         moved = max(abs(u - v) for u, v in zip(a, a[1:]))
         assert moved > 10 * 2e-3 * abs(a[0]), (key, a)  # a step moves it far more than that
     val = [[r["val_main"] for r in log if "val_main" in r] for log in logs]
