@@ -260,8 +260,8 @@ def _shared_layout(counts: torch.Tensor, M: int):
 def _padded(x, dst, groups):
     """Rows of x into the tile layout: (T·128, K) with zero rows between the segments and after the last.
     A gather, not a scatter into a zero-filled buffer of rows: x gets one zero row appended, which every padding
-    row reads (only the (T·128,) index is filled first). Compiled, the gather can fuse with the ops that made x
-    (the tokens' gather, the cast); eager, F.pad copies x, as much work as the scatter was."""
+    row reads (only the (T·128,) index is filled first), so the padded rows are written once; eager, F.pad copies
+    x first, as much work as the zero fill was."""
     M = x.shape[0]
     src = torch.full((groups.shape[0] * BLOCK,), M, dtype=dst.dtype, device=dst.device)  # (T·128,) row M: zeros
     src.scatter_(0, dst, torch.arange(M, device=dst.device))              # padded row dst[i] reads row i

@@ -300,6 +300,14 @@ def inverse_permutation(perm: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(perm).scatter_(0, perm, torch.arange(perm.shape[0], device=perm.device))
 
 
+def sort_by_expert(indices: torch.Tensor):
+    """The N·K (token, slot) pairs of indices (N, K) sorted by expert id (stable: by token within an expert):
+    order (N·K,) the pair t·K + k at each sorted position, inv its inverse (pair t·K + k's sorted position; token
+    t's K pairs sit at inv.view(N, K)[t]) and token (N·K,) the token of each sorted pair."""
+    order = torch.argsort(indices.reshape(-1), stable=True)  # (N·K,)
+    return order, inverse_permutation(order), order // indices.shape[1]
+
+
 def combine(out: torch.Tensor, weights: torch.Tensor, order: torch.Tensor, inv: torch.Tensor, dtype) -> torch.Tensor:
     """y_t = Σ_k g_{t,k} · FFN_{idx_{t,k}}(u_t) from the experts' outputs in sorted order: out[inv] puts them back in
     (token, slot) order (a gather), then each token's K slots are weighted and summed in a fixed order (no atomic
@@ -313,12 +321,8 @@ def dispatch_grouped(x, weights, indices, experts: Experts, impl: str = "auto", 
     """Fast path: sort (token, slot) pairs by expert, run contiguous segments, combine. (N, dim) → (N, dim).
     counts: expert_counts(indices) if the caller has them. The segment sizes stay on the device.
     Moving rows in and out is gathers only, forward and backward (gather_rows, combine)."""
-    N, K = indices.shape
-    flat = indices.reshape(-1)  # (N·K,) expert id of each (token, slot) pair
-    order = torch.argsort(flat, stable=True)  # (N·K,) pairs sorted by expert id
-    inv = inverse_permutation(order)  # (N·K,) sorted position of pair t·K + k
-    token = order // K  # (N·K,) the token of each sorted pair; token t's K pairs sit at inv.view(N, K)[t]
-    sizes = expert_counts(flat, experts.w1.shape[0]) if counts is None else counts  # rows of each segment
+    order, inv, token = sort_by_expert(indices)  # (N·K,) each
+    sizes = expert_counts(indices, experts.w1.shape[0]) if counts is None else counts  # rows of each segment
     out = experts.segments(gather_rows(x, token, inv), sizes, impl)  # (N·K, dim)
     return combine(out, weights, order, inv, x.dtype)  # (N, dim) sum over the K slots
 
@@ -373,16 +377,12 @@ def dispatch_ep(x, weights, indices, experts: Experts, group, impl: str = "auto"
     """Expert parallelism over `group` (ep ranks, rank r holding experts [r·E/ep, (r+1)·E/ep)). (N, dim) → (N, dim)
 
     The same sums as dispatch_grouped; only where each expert runs changes. counts: expert_counts(indices)."""
-    N, K = indices.shape
     ep = dist.get_world_size(group)
     E = experts.w1.shape[0]  # the global count: a DTensor's shape is the whole tensor's
     E_local = E // ep
     # 1. sort the (token, slot) pairs by expert: the rows for rank r are then one contiguous block
-    flat = indices.reshape(-1)  # (N·K,)
-    order = torch.argsort(flat, stable=True)  # (N·K,)
-    inv = inverse_permutation(order)  # (N·K,) sorted position of each pair
-    token = order // K  # (N·K,) token of each sorted pair
-    counts = expert_counts(flat, E) if counts is None else counts  # (E,) rows this rank sends to each expert
+    order, inv, token = sort_by_expert(indices)  # (N·K,) each
+    counts = expert_counts(indices, E) if counts is None else counts  # (E,) rows this rank sends to each expert
     # 2. exchange the counts: recv[r, j] = rows rank r sends to my local expert j
     recv = torch.empty_like(counts)
     dist.all_to_all_single(recv, counts, group=group)  # E_local counts to and from every rank

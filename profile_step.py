@@ -61,11 +61,6 @@ def timeline(events, short_us: float = 5.0) -> dict:
     return dict(kernels=len(spans), busy=busy, gaps=gaps, short_gaps=short_gaps, short_gap_us=short_gap_us)
 
 
-def busy_time_us(events) -> float:
-    """Union of the GPU kernels' time intervals (µs): time during which at least one kernel runs (timeline)."""
-    return timeline(events)["busy"]
-
-
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     profile, cuda_only = "--no_profile" not in argv, "--cuda_only" in argv

@@ -261,9 +261,10 @@ def test_profile_step_busy_time_is_the_union_of_kernels_only():
         return types.SimpleNamespace(device_type=device, is_user_annotation=annotation,
                                      time_range=types.SimpleNamespace(start=start, end=end))
     kernels = [ev(0, 10), ev(5, 12), ev(20, 30), ev(30, 31), ev(50, 60)]         # busy 12 + 11 + 10 = 33
-    assert profile_step.busy_time_us(kernels) == 33
-    assert profile_step.busy_time_us(kernels + [ev(0, 60, annotation=True), ev(0, 100, device=cpu)]) == 33
-    assert profile_step.busy_time_us([]) == 0
+    busy = lambda events: profile_step.timeline(events)["busy"]  # noqa: E731
+    assert busy(kernels) == 33
+    assert busy(kernels + [ev(0, 60, annotation=True), ev(0, 100, device=cpu)]) == 33
+    assert busy([]) == 0
     # the gaps between the busy intervals [0, 12], [20, 31], [50, 60]: 8 and 19 µs; under 10 µs: the first
     got = profile_step.timeline(kernels[::-1] + [ev(0, 100, device=cpu)], short_us=10)
     assert got == dict(kernels=5, busy=33, gaps=27, short_gaps=1, short_gap_us=8)
