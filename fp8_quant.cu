@@ -197,11 +197,14 @@ __global__ void __launch_bounds__(256) cols(const T* __restrict__ x, uint8_t* __
 // R for Wgrad) and of its output gradient dY (Dgrad, Wgrad); this reads each once instead of twice. A block of 512
 // threads takes a 128 x 128 square, whose rows are whole 1x128 tiles: 16 threads per row, 8 values (one 16-byte
 // load) each, 4 rows per thread, all loads issued first; each row is quantized from registers as `rows` does. The
-// square's bf16 values then go through shared memory: row r's 16-byte chunk k is stored at chunk k ^ (r / 32), so
-// that a quarter warp storing chunks 0..7 (or 8..15) of one row covers the 32 banks, and the 32 lanes reading
-// (8 columns x 4 parts, below) hit 16 different words. Then four threads share a column, thread `part` its rows
-// 32 part .. 32 part + 31, as in `cols`. Rows past R are read as 0 (the padding of qt) and get no row tile.
-__global__ void __launch_bounds__(512, 3) rows_cols(const __nv_bfloat16* __restrict__ x, uint2* __restrict__ q,
+// square's bf16 values then go through shared memory, and each thread takes two adjacent columns (one 4-byte word
+// per row) over 16 rows: warp w, lane l has columns 8w + 2(l % 4) + {0, 1} and rows 16 part .. 16 part + 15,
+// part = l / 4, so a column's 128-row tile is spread over the 8 parts of 4 lanes of one warp (its amax: 3 shuffles).
+// Row r's 16-byte chunk k is stored at chunk k ^ (r / 16 % 8): the 8 parts of a warp, which read the same chunk of
+// rows 16 apart, then hit 8 different chunks, all 32 banks once. Rows past R are read as 0 (the padding of qt) and
+// get no row tile. Two blocks per SM: 64 registers a thread, nothing spilled (three, at 40 registers, spill and ran
+// up to 4% slower on the V3 shapes, H200).
+__global__ void __launch_bounds__(512, 2) rows_cols(const __nv_bfloat16* __restrict__ x, uint2* __restrict__ q,
                                                  float* __restrict__ s, int ld, uint8_t* __restrict__ qt,
                                                  float* __restrict__ st, int R, int C, int R_pad) {
   __shared__ uint4 tile[128][16];
@@ -216,8 +219,8 @@ __global__ void __launch_bounds__(512, 3) rows_cols(const __nv_bfloat16* __restr
   }
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
-    const int r = r0 + r1 + 32 * i;
-    tile[r1 + 32 * i][sub ^ i] = raw[i];  // (r1 + 32 i) / 32 = i
+    const int r = r0 + r1 + 32 * i, tr = r1 + 32 * i;  // row of x, row of the square
+    tile[tr][sub ^ ((tr >> 4) & 7)] = raw[i];
     float v[8];
     unpack8(raw[i], v);
     const float m = tile16_amax(v, half);
@@ -228,25 +231,31 @@ __global__ void __launch_bounds__(512, 3) rows_cols(const __nv_bfloat16* __restr
     }
   }
   __syncthreads();
-  const int c = threadIdx.x >> 2, part = threadIdx.x & 3;
-  const __nv_bfloat16* t = reinterpret_cast<const __nv_bfloat16*>(tile);
-  const int col = (((c >> 3) ^ part) << 3) + (c & 7);  // column c's place in a row of part `part`
-  const __nv_bfloat16* tc = t + 32 * part * 128 + col;  // this thread's 32 values: tc[128 i], i = 0..31
-  float m = 0.f;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, part = lane >> 2;
+  const int c = 8 * warp + 2 * (lane & 3);  // this thread's first column in the square; chunk `warp` of a row
+  // row 16 part + i's word holding columns c, c + 1: 64 words a row, chunk warp ^ part, word lane % 4 in it
+  const uint32_t* tw = reinterpret_cast<const uint32_t*>(tile) + 16 * part * 64 + 4 * (warp ^ part) + (lane & 3);
+  uint32_t w[16];  // two bf16: column c (low half), c + 1 (high half)
+  float m0 = 0.f, m1 = 0.f;
 #pragma unroll
-  for (int i = 0; i < 32; ++i) m = fmaxf(m, fabsf(__bfloat162float(tc[128 * i])));
-  m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 1));
-  m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 2));
-  const float scale = tile_scale(m);
-  if (part == 0) st[(size_t)(c0 + c) * (R_pad / 128) + blockIdx.y] = scale;
-  uint4* out = reinterpret_cast<uint4*>(qt + (size_t)(c0 + c) * R_pad + r0 + part * 32);  // 32 bytes of row c0 + c
-  const Divisor by = divisor(scale);
+  for (int i = 0; i < 16; ++i) {
+    w[i] = tw[64 * i];
+    const float2 f = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&w[i]));
+    m0 = fmaxf(m0, fabsf(f.x)), m1 = fmaxf(m1, fabsf(f.y));
+  }
 #pragma unroll
-  for (int h = 0; h < 2; ++h) {  // read again from shared memory (fewer registers, more blocks per SM)
-    float w[16];
+  for (int o = 4; o < 32; o <<= 1) {  // the 8 parts of columns c, c + 1
+    m0 = fmaxf(m0, __shfl_xor_sync(0xffffffffu, m0, o));
+    m1 = fmaxf(m1, __shfl_xor_sync(0xffffffffu, m1, o));
+  }
 #pragma unroll
-    for (int i = 0; i < 16; ++i) w[i] = __bfloat162float(tc[128 * (16 * h + i)]);
-    out[h] = pack16(w, by);
+  for (int h = 0; h < 2; ++h) {  // column c + h: 16 bytes of its row of qt
+    const float scale = tile_scale(h ? m1 : m0);
+    if (part == 0) st[(size_t)(c0 + c + h) * (R_pad / 128) + blockIdx.y] = scale;
+    float v[16];
+#pragma unroll
+    for (int i = 0; i < 16; ++i) v[i] = __bfloat162float(reinterpret_cast<const __nv_bfloat16*>(&w[i])[h]);
+    *reinterpret_cast<uint4*>(qt + (size_t)(c0 + c + h) * R_pad + r0 + 16 * part) = pack16(v, divisor(scale));
   }
 }
 

@@ -307,8 +307,17 @@ def test_expert_ffn_without_gradients_skips_the_transposes(monkeypatch):
 def test_expert_ffn_is_the_composition(dtype, monkeypatch):
     """fp8_expert_ffn stays in the tile layout from x to y: the bits of fp8_segment_mm for W1 and W3 composed with
     fp8_swiglu_down (output and every gradient, each activation cache), while keeping less, and whatever the rows
-    of the unused tail tiles hold (NaN here)."""
-    _assert_ffn_is_the_composition([700, 0, 1100, 1], 512, 128, "cpu", dtype, monkeypatch)
+    of the unused tail tiles hold (NaN here).
+
+    One CPU thread: the two paths run the reference GEMMs' fp32 matmuls on different buffers, and a multi-threaded
+    BLAS may split (and so sum) a product differently by where its operands lie in memory (seen with 16 threads on
+    an Intel Xeon: one gradient's last bits differed; with one thread the same machine gave the same bits)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        _assert_ffn_is_the_composition([700, 0, 1100, 1], 512, 128, "cpu", dtype, monkeypatch)
+    finally:
+        torch.set_num_threads(threads)
     x, w1 = torch.randn(4, 128), torch.randn(2, 256, 128)
     with pytest.raises(ValueError, match="act_cache"):
         fp8_experts.fp8_expert_ffn(x, w1, w1, w1.transpose(1, 2), [2, 2], "fp4")
