@@ -1,7 +1,7 @@
 """Where the time of one training step goes: tokens/s as `train.py --bench` measures it, then a torch.profiler
 table of one more step (top ops by GPU time) and the step's idle and host-sync share.
 
-    python profile_step.py --preset small [--fp8] [--no_profile | --cuda_only] [any train.py option]
+    python profile_step.py --preset small [--fp8] [--no_profile | --cuda_only] [--rows N] [any train.py option]
     (CUDA; on a CPU: a check that it runs)
 
 It runs train.py's own step functions (forward_backward, optimizer_step) on the same batches, with the model
@@ -61,15 +61,28 @@ def timeline(events, short_us: float = 5.0) -> dict:
     return dict(kernels=len(spans), busy=busy, gaps=gaps, short_gaps=short_gaps, short_gap_us=short_gap_us)
 
 
+def take_rows(argv: list) -> tuple:
+    """`--rows N` (the profiler table's length, 30 unless given) taken out of argv → (N, the rest)."""
+    if "--rows" not in argv:
+        return 30, argv
+    i = argv.index("--rows")
+    value = argv[i + 1] if i + 1 < len(argv) else ""
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"--rows must be a positive integer, got {value!r}")
+    return int(value), argv[:i] + argv[i + 2:]
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     profile, cuda_only = "--no_profile" not in argv, "--cuda_only" in argv
     argv = [a for a in argv if a not in ("--no_profile", "--cuda_only")]
     try:
-        p = train_setup.build_parser()  # train.py's options, plus --no_profile, --cuda_only (taken out above)
+        rows, argv = take_rows(argv)
+        p = train_setup.build_parser()  # train.py's options, plus --no_profile, --cuda_only, --rows (taken out above)
         p.description = "Where the time of one training step goes: tokens/s, then a profiler table of one step."
         p.epilog = ("--no_profile: measure tokens/s only, without the profiler table; --cuda_only: profile the "
-                    "GPU's activity alone (the host runs at its unprofiled pace; host syncs are not counted)")
+                    "GPU's activity alone (the host runs at its unprofiled pace; host syncs are not counted); "
+                    "--rows N: the table's length (30)")
         args = train_setup.resolve_args(p.parse_args(argv))
         cfg = train_setup.resolve_config(args)
         train_setup.check_args(args, cfg)
@@ -151,7 +164,7 @@ def main(argv=None) -> int:
           f"{gpu['short_gaps']:,} gaps under 5 µs) | host syncs: "
           + ("not recorded (--cuda_only)" if cuda_only else
              ", ".join(f"{k} ×{c} ({ms:.1f} ms)" for k, (c, ms) in syncs.items())))
-    print(avg.table(sort_by="self_device_time_total", row_limit=30, max_name_column_width=60))
+    print(avg.table(sort_by="self_device_time_total", row_limit=rows, max_name_column_width=60))
     return 0
 
 

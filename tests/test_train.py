@@ -247,6 +247,11 @@ def test_profile_step_runs_on_the_cpu_and_refuses_bad_input(corpus_args, capsys)
     assert capsys.readouterr().err == "error: --cuda_graphs needs a CUDA device (here: cpu)\n"
     assert profile_step.main([*argv, "--cuda_only"]) == 2                 # nothing to record on a CPU
     assert capsys.readouterr().err == "error: --cuda_only needs a CUDA device (here: cpu)\n"
+    for bad in (["--rows", "0"], ["--rows", "x"], ["--rows"]):
+        assert profile_step.main([*argv, *bad]) == 2
+        assert capsys.readouterr().err.startswith("error: --rows must be a positive integer, got ")
+    assert profile_step.take_rows(["--preset", "tiny", "--rows", "80", "--fp8"]) == (80, ["--preset", "tiny", "--fp8"])
+    assert profile_step.take_rows(["--preset", "tiny"]) == (30, ["--preset", "tiny"])
 
 
 def test_profile_step_busy_time_is_the_union_of_kernels_only():
