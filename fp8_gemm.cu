@@ -533,24 +533,24 @@ __global__ void __launch_bounds__(THREADS, 1) gemm_kernel(const __grid_constant_
     constexpr bool DEFER = ACC;
     Work prev;
     bool pending = false;
+    auto fresh_fin = [&]() {  // the last tile stored, if it waits; fin zeroed for the next sum
+      if (DEFER && pending) store_tile(prev);
+      pending = false;
+#pragma unroll
+      for (int i = 0; i < 64; ++i) fin[i] = 0.f;
+    };
     // Each tile (t, a split run's K blocks, or nkb < 0: all of them): its K loop, then its epilogue.
     auto run_tile = [&](int t, int kb0_, int nkb_) {
       const Work w = work_of(t, kb0_, nkb_);
       if ((MGROUPED || KGROUPED) && w.nkb == 0) {  // a skipped tile, as the producer skips it (see tile())
-        if (DEFER && pending) store_tile(prev);
-        pending = false;
-#pragma unroll
-        for (int i = 0; i < 64; ++i) fin[i] = 0.f;
+        fresh_fin();
         if (KGROUPED && !ACC) store_tile(w);  // an idle expert's gradient: zeros
         return;
       }
       load_scales(w, 0);
       mbar_wait(&full[st], ph);
       issue_block(acc0, a_of(st), b_of(st));  // block 0 (step 2), then the last tile's epilogue behind it
-      if (DEFER && pending) store_tile(prev);
-      pending = false;
-#pragma unroll
-      for (int i = 0; i < 64; ++i) fin[i] = 0.f;
+      fresh_fin();
       // Step kb: start block kb + 1 into `nxt` (step 2), wait for block kb (in `cur`) only, release its stage
       // and promote it (step 3). Scales from global memory are loaded one step ahead, so that their latency
       // hides behind a whole block of MMAs rather than stalling the promotion.
