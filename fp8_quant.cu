@@ -5,8 +5,8 @@
 // cols) before it uses the first (`python fp8_bench.py --quant` times rows and cols against a copy of the input).
 // Same arithmetic as the reference on the GPU, so the results are bit-identical: scale = max(amax, 1e-4) / 448
 // in fp32, done as torch does a division by a Python number (times the fp32 reciprocal), q = e4m3(x / scale)
-// with x / scale rounded as IEEE division rounds it (rows and cols get it by multiplication and one FMA correction:
-// Divisor below) and round-to-nearest-even into E4M3, saturated at +-448. (For finite inputs in rows and cols: fmaxf
+// with x / scale rounded as IEEE division rounds it (by a multiplication and one FMA correction: Divisor below) and
+// round-to-nearest-even into E4M3, saturated at +-448. (For finite inputs in rows and cols: fmaxf
 // skips a NaN, so a tile holding one gets a finite scale there and a NaN scale in the reference; its q holds the
 // NaN either way. blocks keeps the NaN in its amax, as torch's amax does: NaN scale and NaN block, as the reference.)
 //
@@ -49,16 +49,20 @@ __device__ __forceinline__ void load4(const __nv_bfloat16* p, float* v) {
   v[0] = a.x, v[1] = a.y, v[2] = b.x, v[3] = b.y;
 }
 
-__device__ __forceinline__ uint32_t e4m3(float v) {
-  return static_cast<uint32_t>(__nv_cvt_float_to_fp8(v, __NV_SATFINITE, __NV_E4M3));
+// two values into E4M3 in one conversion: lo in byte 0, hi in byte 1
+__device__ __forceinline__ uint32_t e4m3x2(float lo, float hi) {
+  return static_cast<uint32_t>(__nv_cvt_float2_to_fp8x2(make_float2(lo, hi), __NV_SATFINITE, __NV_E4M3));
 }
-// x / scale for every value of a tile, as IEEE division rounds it, in four instructions a value (a multiply, two
-// FMAs, a copysign) instead of a division's ten or so and a branch (rows_cols divides every value twice). With r = RN(1/scale), made once per tile,
-// q = RN(x·r) is within an ulp of x / scale, and one correction q' = RN(q + RN(x − q·scale)·r), whose remainder
-// x − q·scale an FMA gives exactly, is the correctly rounded quotient (Markstein's theorem for division by FMA).
-// Where x / scale is below 2^-19 (x tiny against its tile; the remainder can lose bits there) q' may differ from
-// the quotient in its last bits, but both round to the same E4M3 zero (tests/test_fp8.py: the rule in exact
-// arithmetic on the CPU, the kernels against the reference's division on the GPU). copysign: a -0 keeps its sign.
+// x / scale for every value of a tile, as IEEE division rounds it, in three instructions a value (a multiply, two
+// FMAs) instead of a division's ten or so and a branch (rows_cols divides every value twice). With r = RN(1/scale),
+// made once per tile, q = RN(x·r) is within an ulp of x / scale, and one correction q' = RN(q + RN(x − q·scale)·r),
+// whose remainder x − q·scale an FMA gives exactly, is the correctly rounded quotient (Markstein's theorem for
+// division by FMA). Where x / scale is below 2^-19 (x tiny against its tile; the remainder can lose bits there) q'
+// may differ from the quotient in its last bits, but both round to the same E4M3 zero (tests/test_fp8.py: the rule
+// in exact arithmetic on the CPU, the kernels against the reference's division on the GPU). Signed zeros: the
+// remainder is made negated, e = RN(q·scale − x), and q' = RN(−e·r + q): for x = ±0, q = ±0, e = +0 (a sum of
+// opposite zeros), −e·r = −0 and q' = −0 + q = q, x's sign, as the division gives (x − q·scale would be +0 and
+// q' +0 for both). A nonzero x gets a nonzero q' of its sign, or a zero of its sign where x·r underflows.
 // An infinite scale (an infinity in the tile) has r = 0 and s = 0 here: finite values give ±0, the infinities NaN,
 // as the division does (that NaN's sign bit may differ).
 struct Divisor {
@@ -67,11 +71,10 @@ struct Divisor {
 __device__ __forceinline__ Divisor divisor(float scale) { return {isinf(scale) ? 0.f : scale, __frcp_rn(scale)}; }
 __device__ __forceinline__ float quotient(float x, const Divisor& by) {
   const float q = __fmul_rn(x, by.r);
-  return copysignf(__fmaf_rn(__fmaf_rn(-q, by.s, x), by.r, q), x);
+  return __fmaf_rn(-__fmaf_rn(q, by.s, -x), by.r, q);
 }
 __device__ __forceinline__ uint32_t pack4(float a, float b, float c, float d, const Divisor& by) {
-  return e4m3(quotient(a, by)) | e4m3(quotient(b, by)) << 8 | e4m3(quotient(c, by)) << 16 |
-         e4m3(quotient(d, by)) << 24;
+  return e4m3x2(quotient(a, by), quotient(b, by)) | e4m3x2(quotient(c, by), quotient(d, by)) << 16;
 }
 __device__ __forceinline__ uint2 pack8(const float* v, const Divisor& by) {
   return make_uint2(pack4(v[0], v[1], v[2], v[3], by), pack4(v[4], v[5], v[6], v[7], by));
@@ -202,15 +205,18 @@ __global__ void __launch_bounds__(256) cols(const T* __restrict__ x, uint8_t* __
 // part = l / 4, so a column's 128-row tile is spread over the 8 parts of 4 lanes of one warp (its amax: 3 shuffles).
 // Row r's 16-byte chunk k is stored at chunk k ^ (r / 16 % 8): the 8 parts of a warp, which read the same chunk of
 // rows 16 apart, then hit 8 different chunks, all 32 banks once. Rows past R are read as 0 (the padding of qt) and
-// get no row tile. Two blocks per SM: 64 registers a thread, nothing spilled (three, at 40 registers, spill and ran
-// up to 4% slower on the V3 shapes, H200).
+// get no row tile. Two blocks per SM: at most 64 registers a thread, nothing spilled (three, at 40 registers, spill
+// and ran up to 4% slower on the V3 shapes, H200). The kernel is held back by its instruction issue as much as by
+// memory, so each value costs few: three for its quotient (Divisor), half a conversion (e4m3x2), the columns' amax
+// taken on bf16 pairs (one max for two values), full-warp shuffle masks (a partial one adds convergence code
+// around each shuffle): 1.21-1.27x faster on the V3 shapes than with a conversion, a copysign and a float max per
+// value (H200).
 __global__ void __launch_bounds__(512, 2) rows_cols(const __nv_bfloat16* __restrict__ x, uint2* __restrict__ q,
                                                  float* __restrict__ s, int ld, uint8_t* __restrict__ qt,
                                                  float* __restrict__ st, int R, int C, int R_pad) {
   __shared__ uint4 tile[128][16];
   const int kb = blockIdx.x, kb_row = C / 128, r0 = blockIdx.y * 128, c0 = kb * 128;
   const int sub = threadIdx.x & 15, r1 = threadIdx.x >> 4;  // chunk `sub` of rows r1 + 32 i
-  const unsigned half = 0xffffu << (threadIdx.x & 16);      // the 16 lanes of this thread's row
   uint4 raw[4];
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
@@ -223,7 +229,7 @@ __global__ void __launch_bounds__(512, 2) rows_cols(const __nv_bfloat16* __restr
     tile[tr][sub ^ ((tr >> 4) & 7)] = raw[i];
     float v[8];
     unpack8(raw[i], v);
-    const float m = tile16_amax(v, half);
+    const float m = tile16_amax(v, 0xffffffffu);  // every lane is here: its shuffles stay in its 16-lane half
     if (r < R) {  // the same for the 16 lanes of a row
       const float scale = tile_scale(m);
       q[((size_t)r * kb_row + kb) * 16 + sub] = pack8(v, divisor(scale));
@@ -236,21 +242,22 @@ __global__ void __launch_bounds__(512, 2) rows_cols(const __nv_bfloat16* __restr
   // row 16 part + i's word holding columns c, c + 1: 64 words a row, chunk warp ^ part, word lane % 4 in it
   const uint32_t* tw = reinterpret_cast<const uint32_t*>(tile) + 16 * part * 64 + 4 * (warp ^ part) + (lane & 3);
   uint32_t w[16];  // two bf16: column c (low half), c + 1 (high half)
-  float m0 = 0.f, m1 = 0.f;
+  // the two columns' amax as one pair of bf16 (a max of bf16 values is exact, and like fmaxf it skips a NaN)
+  __nv_bfloat162 m2 = __float2bfloat162_rn(0.f);
 #pragma unroll
   for (int i = 0; i < 16; ++i) {
     w[i] = tw[64 * i];
-    const float2 f = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&w[i]));
-    m0 = fmaxf(m0, fabsf(f.x)), m1 = fmaxf(m1, fabsf(f.y));
+    m2 = __hmax2(m2, __habs2(*reinterpret_cast<const __nv_bfloat162*>(&w[i])));
   }
 #pragma unroll
   for (int o = 4; o < 32; o <<= 1) {  // the 8 parts of columns c, c + 1
-    m0 = fmaxf(m0, __shfl_xor_sync(0xffffffffu, m0, o));
-    m1 = fmaxf(m1, __shfl_xor_sync(0xffffffffu, m1, o));
+    const uint32_t other = __shfl_xor_sync(0xffffffffu, *reinterpret_cast<const uint32_t*>(&m2), o);
+    m2 = __hmax2(m2, *reinterpret_cast<const __nv_bfloat162*>(&other));
   }
+  const float2 m = __bfloat1622float2(m2);
 #pragma unroll
   for (int h = 0; h < 2; ++h) {  // column c + h: 16 bytes of its row of qt
-    const float scale = tile_scale(h ? m1 : m0);
+    const float scale = tile_scale(h ? m.y : m.x);
     if (part == 0) st[(size_t)(c0 + c + h) * (R_pad / 128) + blockIdx.y] = scale;
     float v[16];
 #pragma unroll
@@ -262,12 +269,6 @@ __global__ void __launch_bounds__(512, 2) rows_cols(const __nv_bfloat16* __restr
 // max that keeps a NaN (as torch's amax does), so that a weight block holding one gets a NaN scale as in the
 // reference (fmaxf would skip it)
 __device__ __forceinline__ float max_nan(float a, float b) { return (a != a || a > b) ? a : b; }
-
-// e4m3 of x / scale for 4 values, byte j = value j; IEEE division spelt out so that no fast-math flag changes it
-__device__ __forceinline__ uint32_t pack4_rn(const float* v, float scale) {
-  return e4m3(__fdiv_rn(v[0], scale)) | e4m3(__fdiv_rn(v[1], scale)) << 8 | e4m3(__fdiv_rn(v[2], scale)) << 16 |
-         e4m3(__fdiv_rn(v[3], scale)) << 24;
-}
 
 // Column j of a 4x4 byte block given as 4 row words (byte j of row word k -> byte k of the result).
 __device__ __forceinline__ uint32_t byte_column(const uint32_t* rows4, int j) {
@@ -284,7 +285,9 @@ __device__ __forceinline__ uint32_t byte_column(const uint32_t* rows4, int j) {
 // the block (32 words of 4 rows); word g of column c sits at g ^ (c / 4), an XOR swizzle that puts the 32 lanes
 // of a warp in 32 different banks both when they store (one column word each) and when they read a column back
 // (one row word each) for the coalesced store into qt. Rows past R quantize as 0 (padding never raises the amax)
-// and are written as zeros into qt's padding; columns past C are read as 0 and not written.
+// and are written as zeros into qt's padding; columns past C are read as 0 and not written. Each value is divided
+// as the activations' are (Divisor: 1.20-1.23x faster than an IEEE division per value on the V3 weights in fp32,
+// 1.59x in bf16, whose build spills 24 bytes around the reciprocal's slow-path call; H200).
 template <typename T>
 __global__ void __launch_bounds__(256) blocks(const T* __restrict__ w, uint8_t* __restrict__ q,
                                               uint8_t* __restrict__ qt, float* __restrict__ s, int R, int C,
@@ -320,6 +323,7 @@ __global__ void __launch_bounds__(256) blocks(const T* __restrict__ w, uint8_t* 
   // the reference: amax.clamp(min=1e-4) / 448, which torch computes as a product with the fp32 reciprocal
   const float scale = (m != m ? m : fmaxf(m, AMAX_EPS)) * INV_E4M3_MAX;
   if (threadIdx.x == 0) s[((size_t)blockIdx.z * gridDim.y + blockIdx.y) * gridDim.x + blockIdx.x] = scale;
+  const Divisor by = divisor(scale);  // a NaN scale gives NaN quotients, as the division does
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
     const int g = warp + 8 * i;
@@ -327,7 +331,8 @@ __global__ void __launch_bounds__(256) blocks(const T* __restrict__ w, uint8_t* 
 #pragma unroll
     for (int k = 0; k < 4; ++k) {
       const int r = r0 + 4 * g + k;
-      rows4[k] = r < R ? pack4_rn(v[4 * i + k], scale) : 0u;
+      const float* x = v[4 * i + k];
+      rows4[k] = r < R ? pack4(x[0], x[1], x[2], x[3], by) : 0u;
       if (r >= R || c >= C) continue;
       if (vec) {
         *reinterpret_cast<uint32_t*>(q + (size_t)r * C + c) = rows4[k];

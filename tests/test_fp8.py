@@ -41,26 +41,34 @@ def _rn32(v):
     return ties[0] if len(ties) == 1 else next(a for a in ties if not a.view(np.uint32) & 1)
 
 
-def test_division_by_reciprocal_and_fma_rounds_as_division():
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_division_by_reciprocal_and_fma_rounds_as_division(dtype):
     """fp8_quant.cu divides a tile's values by its scale as q = RN(x·r), r = RN(1/scale), then
-    q' = RN(q + RN(x − q·scale)·r) (the inner and outer steps are FMAs: one rounding each), which must give the
+    q' = RN(q − RN(q·scale − x)·r) (the inner and outer steps are FMAs: one rounding each), which must give the
     correctly rounded x / scale (Markstein's theorem) wherever the quotient is not tiny (≥ 2^-19; below, both
-    round to an E4M3 zero of x's sign). Checked here in exact rational arithmetic on random bf16 tiles' values:
-    maxima over 2^-30 .. 2^30 (below the 1e-4 floor too), values at and just under the maximum, down to 2^-30 of it."""
+    round to an E4M3 zero of x's sign). Checked here in exact rational arithmetic on random tiles' values, bf16
+    (the activations) and fp32 (the weights' blocks): maxima over 2^-30 .. 2^30 (below the 1e-4 floor too), with
+    all-ones mantissas among them, values at and just under the maximum, down to 2^-30 of it."""
     gen = torch.Generator().manual_seed(0)
     n = 3000
-    amax = torch.exp2(torch.rand(n, generator=gen) * 60 - 30).bfloat16().float()
+    amax = torch.exp2(torch.rand(n, generator=gen) * 60 - 30).to(dtype).float()
+    amax[400:700] = torch.exp2(torch.randint(-30, 30, (300,), generator=gen).float()) * (2 - 2.0 ** -7)  # 1.1111111b
+    if dtype == torch.float32:
+        amax[400:550] *= (2 - 2.0 ** -23) / (2 - 2.0 ** -7)                                        # 24 ones
+    below = 1 - 2.0 ** (-8 if dtype == torch.bfloat16 else -24)                # the value just below the maximum
     ratio = torch.exp2(-torch.rand(n, generator=gen) * 30)
-    ratio[:200], ratio[200:400] = 1.0, 1 - 2.0 ** -8                    # the maximum itself, the bf16 just below it
-    x = (amax * ratio * torch.where(torch.rand(n, generator=gen) < 0.5, -1.0, 1.0)).bfloat16().float()
+    ratio[:200], ratio[200:400] = 1.0, below                            # the maximum itself, the one just below it
+    x = (amax * ratio * torch.where(torch.rand(n, generator=gen) < 0.5, -1.0, 1.0)).to(dtype).float()
     inv = np.float32(1) / np.float32(fp8.E4M3_MAX)
     checked = 0
     for xi, ai in zip(x.numpy(), amax.numpy()):
         s = np.float32(max(ai, np.float32(fp8.AMAX_EPS)) * inv)          # the tile's scale, as the kernel makes it
         r = np.float32(1) / s                                           # RN(1/s)
         q = xi * r                                                      # RN(x·r)
-        rem = _rn32(Fraction(float(xi)) - Fraction(float(q)) * Fraction(float(s)))
-        got = np.copysign(_rn32(Fraction(float(q)) + Fraction(float(rem)) * Fraction(float(r))), xi)
+        e = _rn32(Fraction(float(q)) * Fraction(float(s)) - Fraction(float(xi)))
+        # Fraction has no signed zero: a zero takes x's sign, as the kernel's FMAs give it (its comment says how;
+        # the GPU tests compare -0 and subnormal inputs bit for bit)
+        got = np.copysign(_rn32(Fraction(float(q)) - Fraction(float(e)) * Fraction(float(r))), xi)
         want = xi / s                                                   # IEEE division
         if abs(want) >= 2.0 ** -19:
             assert got.view(np.uint32) == want.view(np.uint32), (xi, s, got, want)
