@@ -83,7 +83,8 @@ struct Traits {
 // Shared memory: the stages (A and B slices, then the scales they carry), the output tile, the barriers. The
 // output tile (2 math warpgroups x 64 rows x 128 columns: 32 KiB bf16, 64 KiB fp32) leaves in boxes of 64 rows x
 // 128 bytes through a buffer of what the stages leave room for: the whole tile, or 1 / c_rounds of it sent in
-// c_rounds rounds (6 stages: 2 rounds for the M-major kFprop, 4 for the fp32 Wgrad kernels; 16 KiB either way).
+// c_rounds rounds (6 stages: 2 rounds for the M-major kFprop, 4 for the fp32 Wgrad kernels; 16 KiB either way;
+// 4 stages: the whole 64 KiB fp32 tile in one round, as the Wgrad kernels that add into C run).
 constexpr int SMEM_LIMIT = 227 * 1024;  // what a Hopper SM gives one block
 template <Kernel K, int STAGES>
 struct Layout {
@@ -524,9 +525,9 @@ __global__ void __launch_bounds__(THREADS, 1) gemm_kernel(const __grid_constant_
       }
     };
     // The Wgrad kernels that add into C (ACC) store a whole tile only once the next tile's first K block is
-    // issued (`prev`, `pending`): the tensor cores run that block through the epilogue's four rounds of TMA
-    // reduce-add instead of idling (H200, v3-layers' shapes: 1.03x the K-grouped kernel, 1.07-1.09x the dense
-    // one). The others store at once: deferred, the same kernels writing a fresh C ran ~6% slower and the Fprop
+    // issued (`prev`, `pending`): the tensor cores run that block through the epilogue's TMA reduce-add instead
+    // of idling (H200, v3-layers' shapes: 1.03x the K-grouped kernel, 1.07-1.09x the dense one, with 6 stages and
+    // four rounds of stores). The others store at once: deferred, the same kernels writing a fresh C ran ~6% slower and the Fprop
     // kernel ~1-3%. Where a block is issued or not (a skipped tile), the two paths are kept apart: a store of
     // `fin` on a path that merges with one where a WGMMA is in flight made ptxas serialize every WGMMA (its
     // warning C7514), and the grouped kernels 10-22% slower.
@@ -757,7 +758,10 @@ static const char* run(const uint8_t* A, const uint8_t* B, Problem<typename Trai
     if (s.split_parts) return launch<KIND, 5, true>(A, B, p, b_rows, c_rows, stream);
     return launch<KIND, 5, false>(A, B, p, b_rows, c_rows, stream);
   } else if constexpr (Traits<KIND>::b_row_scales) {  // accumulating or not: two builds, each as fast as it can be
-    if (p.accumulate) return launch<KIND, 6, false, true>(A, B, p, b_rows, c_rows, stream);
+    // Adding into C: 4 stages, so that the whole fp32 tile goes out in one round of reduce-adds (H200, v3-layers'
+    // shapes, against 6 stages and four rounds of 16 KiB: the dense and K-grouped kernels alone 1.016x and 1.034x,
+    // the FP8 step 1.004x)
+    if (p.accumulate) return launch<KIND, 4, false, true>(A, B, p, b_rows, c_rows, stream);
     return launch<KIND, 6, false>(A, B, p, b_rows, c_rows, stream);
   } else {
     return launch<KIND, 6, false>(A, B, p, b_rows, c_rows, stream);
