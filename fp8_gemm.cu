@@ -527,10 +527,10 @@ __global__ void __launch_bounds__(THREADS, 1) gemm_kernel(const __grid_constant_
     // The Wgrad kernels that add into C (ACC) store a whole tile only once the next tile's first K block is
     // issued (`prev`, `pending`): the tensor cores run that block through the epilogue's TMA reduce-add instead
     // of idling (H200, v3-layers' shapes: 1.03x the K-grouped kernel, 1.07-1.09x the dense one, with 6 stages and
-    // four rounds of stores). The others store at once: deferred, the same kernels writing a fresh C ran ~6% slower and the Fprop
-    // kernel ~1-3%. Where a block is issued or not (a skipped tile), the two paths are kept apart: a store of
-    // `fin` on a path that merges with one where a WGMMA is in flight made ptxas serialize every WGMMA (its
-    // warning C7514), and the grouped kernels 10-22% slower.
+    // four rounds of stores). The others store at once: deferred, the same kernels writing a fresh C ran ~6%
+    // slower and the Fprop kernel ~1-3%. Where a block is issued or not (a skipped tile), the two paths are kept
+    // apart: a store of `fin` on a path that merges with one where a WGMMA is in flight made ptxas serialize every
+    // WGMMA (its warning C7514), and the grouped kernels 10-22% slower.
     constexpr bool DEFER = ACC;
     Work prev;
     bool pending = false;
