@@ -195,8 +195,9 @@ def main(argv=None) -> int:
         (outB, st), sec = timed(lambda: dec.generate(prompts, N, speculative=speculative))
         if not speculative:
             plainB = outB
-        note = (f"accepted {st['accepted']}/{st['drafted']}, same tokens as plain: "
-                f"{sum(a == b for a, b in zip(outB, plainB))}/{B} rows") if speculative else ""
+        note = (f"accepted {st['accepted']}/{st['drafted']}, {st['steps']} batched steps (the row with the fewest "
+                f"accepted drafts sets them), same tokens as plain: {sum(a == b for a, b in zip(outB, plainB))}/{B} "
+                f"rows") if speculative else f"{st['steps']} batched steps"
         row(f"StaticDecoder bf16{' speculative' if speculative else ''}, batch {B}", sum(map(len, outB)), sec, note)
     # one graphed plain step at batch B over the whole cache: latent-cache bytes per second of the full step
     x = torch.zeros(B, dtype=torch.long, device=args.device)

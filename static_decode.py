@@ -159,7 +159,9 @@ class StaticDecoder:
     @torch.no_grad()
     def generate(self, prompts, max_new_tokens: int, speculative: bool = False, eot: int = None):
         """prompts: B lists of token ids. Returns (B lists of up to max_new_tokens new ids, each cut after its
-        first eot, stats). Greedy; stats as generate()'s, summed over the rows."""
+        first eot, stats). Greedy; stats as generate()'s, summed over the rows, and "steps": the batched steps
+        after the prefill (what the call's time is made of): max_new_tokens − 1 plain, or the speculative
+        iterations, which run until the row with the fewest accepted drafts has all its tokens."""
         self._check(prompts, max_new_tokens, speculative)
         B = len(prompts)
         ids, h, last, x, _ = self.prefill(prompts)
@@ -174,7 +176,7 @@ class StaticDecoder:
                 n = n + 1
                 toks.append(x)
             rows = torch.stack(toks, 1).tolist()  # the only read-back: once, at the end
-            stats = {"drafted": 0, "accepted": 0, "main_forwards": max_new_tokens * B}
+            stats = {"drafted": 0, "accepted": 0, "main_forwards": max_new_tokens * B, "steps": max_new_tokens - 1}
         outs = []
         for r in rows:
             r = r[:max_new_tokens]
@@ -211,5 +213,5 @@ class StaticDecoder:
             out.append(toks)
         drafted = sum(1 for i in range(iters) for b in range(B) if S[i][b] > 0)
         accepted = sum(1 for i in range(iters) for b in range(B) if S[i][b] == 2)
-        self.last_stats = {"drafted": drafted, "accepted": accepted, "main_forwards": B + drafted}
+        self.last_stats = {"drafted": drafted, "accepted": accepted, "main_forwards": B + drafted, "steps": iters}
         return out

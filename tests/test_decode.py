@@ -65,7 +65,7 @@ def test_static_greedy_equals_reference_for_a_batch_of_different_lengths(seed):
     dec = SD.StaticDecoder(model, max_batch=4, max_seq_len=9 + 14, graphs=False)
     out, stats = dec.generate(prompts, 14)
     assert out == ref
-    assert stats["main_forwards"] == 4 * 14
+    assert stats["main_forwards"] == 4 * 14 and stats["steps"] == 13
     single, _ = dec.generate(prompts[1:2], 14)  # fewer rows than max_batch
     dec.close()
     assert single == ref[1:2]
@@ -123,8 +123,11 @@ def test_static_speculative_is_token_identical_to_plain(mode):
     assert 0 <= stats["accepted"] <= stats["drafted"]
     if mode == "right":  # two tokens per main forward: 16 tokens after the first in 8 iterations per row
         assert stats["accepted"] == stats["drafted"] == 3 * 8 and stats["main_forwards"] == 3 + 3 * 8
+        assert stats["steps"] == 8
     if mode == "wrong":
-        assert stats["accepted"] == 0 and stats["drafted"] == 3 * 16
+        assert stats["accepted"] == 0 and stats["drafted"] == 3 * 16 and stats["steps"] == 16
+    # each row drafts once per step it is active in; the slowest row is active in every step
+    assert stats["drafted"] <= 3 * stats["steps"] and 8 <= stats["steps"] <= 16
 
 
 @pytest.mark.gpu
