@@ -117,6 +117,7 @@ def kernel_sweep(device="cuda", shapes=None, reps=20) -> list:
     return rows
 
 
+@torch.no_grad()  # inference throughout: no autograd records in the timed or captured calls
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(usage="%(prog)s [options]", description=__doc__.split("\n\n")[0])
     p.add_argument("--out_dir", default="out", help="directory holding train.py's ckpt.pt")
