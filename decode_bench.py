@@ -225,7 +225,7 @@ def main(argv=None) -> int:
             print(f"decode step, batch {Bk}: {len(kern)} kernels, {busy:.3f} ms of kernel time (eager, profiled); "
                   f"graphed step {1e3 * graphed:.3f} ms")
     # what a speculative iteration is made of, against a plain step: a two-token main forward, then the MTP module
-    # over the same two positions (static_decode._speculative_iteration), each graphed on its own
+    # over the same two positions (static_decode._speculative_iteration), each graphed on its own (on CUDA)
     if model.cfg.n_mtp:
         for Bk in (1, B):
             xk, nk, on = x[:Bk], n[:Bk], torch.ones(Bk, dtype=torch.bool, device=args.device)
@@ -236,8 +236,9 @@ def main(argv=None) -> int:
                      "two-token main forward": (SD.GraphedStep(model.forward_cached, dec.graphs), (x2, nk)),
                      "two-position MTP step": (SD.GraphedStep(model.mtp_step, dec.graphs), (h2, x2, nk))}
             ms = {k: 1e3 * event_time(lambda: f(*a)) for k, (f, a) in parts.items()}
-            print(f"batch {Bk}, {'graphed' if dec.graphs else 'eager'}: " + ", ".join(f"{k} {v:.3f} ms" for k, v in ms.items())
-                  + f"; the iteration costs {ms['speculative iteration'] / ms['plain step']:.2f} plain steps")
+            shown = ", ".join(f"{k} {v:.3f} ms" for k, v in ms.items())
+            print(f"batch {Bk}, {'graphed' if dec.graphs else 'eager'}: {shown}; the iteration costs "
+                  f"{ms['speculative iteration'] / ms['plain step']:.2f} plain steps")
     print("absorbed attention alone (one layer, one new token per row, bf16, CUDA-graph replays):")
     v3 = MLA(get_preset("v3-layers")).to(args.device).bfloat16()  # V3's MLA: 128 heads, d_c 512, d^R_h 64
     paths = (False, True) if kernel_available(args.device) else (False,)
