@@ -212,33 +212,32 @@ def main(argv=None) -> int:
     print(f"graphed decode step ({dec.attn_impl}), batch {B}, positions 0..{N // 2} of a {S}-position cache: "
           f"{1e3 * sec:.3f} ms, latent cache {cache_bytes / 1e6:.1f} MB read → {cache_bytes / sec / 1e12:.3f} TB/s "
           f"over the whole step")
-    if args.device == "cuda":  # what one step is made of: the kernels an eager step launches
+    # what one step is made of (on CUDA: the kernels an eager step launches), and a speculative iteration against
+    # it: a two-token main forward, then the MTP module over the same two positions
+    # (static_decode._speculative_iteration), each timed on its own (graphed on CUDA)
+    if args.device == "cuda":
         from torch.profiler import profile, ProfilerActivity
-        for Bk in (1, B):
-            xk, nk = x[:Bk], n[:Bk]
+    for Bk in (1, B):
+        xk, nk, on = x[:Bk], n[:Bk], torch.ones(Bk, dtype=torch.bool, device=args.device)
+        if args.device == "cuda":
             with profile(activities=[ProfilerActivity.CUDA]) as prof:
                 SD._plain_step(model, xk, nk)
                 torch.cuda.synchronize()
             kern = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-            graphed = event_time(lambda: dec._step("plain", Bk)(xk, nk))
             busy = sum(e.time_range.elapsed_us() for e in kern) / 1e3
-            print(f"decode step, batch {Bk}: {len(kern)} kernels, {busy:.3f} ms of kernel time (eager, profiled); "
-                  f"graphed step {1e3 * graphed:.3f} ms")
-    # what a speculative iteration is made of, against a plain step: a two-token main forward, then the MTP module
-    # over the same two positions (static_decode._speculative_iteration), each graphed on its own (on CUDA)
-    if model.cfg.n_mtp:
-        for Bk in (1, B):
-            xk, nk, on = x[:Bk], n[:Bk], torch.ones(Bk, dtype=torch.bool, device=args.device)
+            print(f"decode step, batch {Bk}: {len(kern)} kernels, {busy:.3f} ms of kernel time (eager, profiled)")
+        parts = {"plain step": (dec._step("plain", Bk), (xk, nk))}
+        if model.cfg.n_mtp:
             x2 = torch.stack([xk, xk], 1)  # (Bk, 2)
             h2 = torch.zeros(Bk, 2, model.cfg.dim, dtype=model.embed.weight.dtype, device=args.device)
-            parts = {"plain step": (dec._step("plain", Bk), (xk, nk)),
-                     "speculative iteration": (dec._step("spec", Bk), (xk, xk, nk, on)),
-                     "two-token main forward": (SD.GraphedStep(model.forward_cached, dec.graphs), (x2, nk)),
-                     "two-position MTP step": (SD.GraphedStep(model.mtp_step, dec.graphs), (h2, x2, nk))}
-            ms = {k: 1e3 * event_time(lambda: f(*a)) for k, (f, a) in parts.items()}
-            shown = ", ".join(f"{k} {v:.3f} ms" for k, v in ms.items())
-            print(f"batch {Bk}, {'graphed' if dec.graphs else 'eager'}: {shown}; the iteration costs "
-                  f"{ms['speculative iteration'] / ms['plain step']:.2f} plain steps")
+            parts.update({"speculative iteration": (dec._step("spec", Bk), (xk, xk, nk, on)),
+                          "two-token main forward": (SD.GraphedStep(model.forward_cached, dec.graphs), (x2, nk)),
+                          "two-position MTP step": (SD.GraphedStep(model.mtp_step, dec.graphs), (h2, x2, nk))})
+        ms = {k: 1e3 * event_time(lambda: f(*a)) for k, (f, a) in parts.items()}
+        shown = ", ".join(f"{k} {v:.3f} ms" for k, v in ms.items())
+        cost = (f"; the iteration costs {ms['speculative iteration'] / ms['plain step']:.2f} plain steps"
+                if model.cfg.n_mtp else "")
+        print(f"batch {Bk}, {'graphed' if dec.graphs else 'eager'}: {shown}{cost}")
     print("absorbed attention alone (one layer, one new token per row, bf16, CUDA-graph replays):")
     v3 = MLA(get_preset("v3-layers")).to(args.device).bfloat16()  # V3's MLA: 128 heads, d_c 512, d^R_h 64
     paths = (False, True) if kernel_available(args.device) else (False,)
