@@ -124,6 +124,13 @@ import os, sys
 os.environ["TRITON_INTERPRET"] = "1"  # read when the kernels are defined: before mla_decode is imported
 sys.path[:0] = [sys.argv[1], os.path.join(sys.argv[1], "tests")]
 import torch
+import triton.runtime.interpreter as TI
+_patch = getattr(TI, "_patch_lang_tensor", None)
+if _patch is not None:  # Triton 3.6's interpreter converts a loop bound (a one-element array) with int(array),
+    def _patch_index(tensor, scope):  # which NumPy 2.4 refuses: convert its one element instead
+        _patch(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+    TI._patch_lang_tensor = _patch_index
 import mla_decode as MD
 from test_mla_decode import KERNEL_CASES, _inputs
 for i, (B, T, H, C, DR, S, config, first) in enumerate(KERNEL_CASES):
