@@ -1,5 +1,6 @@
 """Tests for dualpipe.py: schedule structure against the step table of its header, the simulator against the bubble
 formulas there (the table and formulas of deepseek-ai/DualPipe's README)."""
+import random
 from collections import Counter
 
 import pytest
@@ -134,9 +135,28 @@ def test_dualpipe_bubble_with_readme_costs_is_exactly_the_formula(n_ranks, n_chu
                                    dict(F=1, B=2, W=1, FB=2), dict(F=1, B=2, W=0, FB=3)])
 @pytest.mark.parametrize("n_ranks,n_chunks", CONFIGS)
 def test_dualpipe_bubble_never_exceeds_the_formula(costs, n_ranks, n_chunks):
-    # With zero communication the bubble formula is the worst rank's bubble or an upper bound on it.
+    # With zero communication and W <= F <= B - W the bubble formula is the worst rank's bubble or an upper bound.
     dp = simulate(schedule_dualpipe(n_ranks, n_chunks), costs)
     assert max(dp.bubble) <= formula_bubble("dualpipe", n_ranks, costs)
+
+
+def test_dualpipe_bubble_bound_over_random_costs():
+    """The bound of dualpipe.py's header over 400 random costs with W <= F <= B - W and max(F, B) <= F&B <= F + B,
+    and its limits: an input-gradient backward shorter than a forward (B - W < F), or a weight gradient longer than
+    a forward (W > F), idles a rank longer than the formula says."""
+    rng = random.Random(0)
+    for i in range(400):
+        F = rng.uniform(0.3, 3)
+        W = rng.uniform(0, F)
+        B = F + W + rng.uniform(0, 2)
+        costs = dict(F=F, B=B, W=W, FB=rng.uniform(B, F + B))
+        n_ranks, n_chunks = CONFIGS[2:][i % 6]
+        bubble = max(simulate(schedule_dualpipe(n_ranks, n_chunks), costs).bubble)
+        assert bubble <= formula_bubble("dualpipe", n_ranks, costs) + 1e-9, costs
+    short_b = dict(F=2, B=2, W=1, FB=4)  # B - W = 1 < F = 2
+    assert max(simulate(schedule_dualpipe(4, 8), short_b).bubble) == 4 > formula_bubble("dualpipe", 4, short_b) == 3
+    long_w = dict(F=1, B=2.5, W=1.5, FB=3)  # W = 1.5 > F = 1, B - W = F
+    assert max(simulate(schedule_dualpipe(8, 20), long_w).bubble) > formula_bubble("dualpipe", 8, long_w)
 
 
 @pytest.mark.parametrize("n_ranks,n_chunks", [(4, 8), (8, 20), (10, 30)])
