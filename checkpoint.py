@@ -171,6 +171,9 @@ def lock_out_dir(out_dir: str):
         fd = os.open(os.path.join(out_dir, LOCK_NAME), os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as e:
         raise ValueError(f"{where}: cannot write there ({e.strerror or e})") from None
+    if not os.access(out_dir, os.W_OK | os.X_OK):  # the lock file may be writable in a folder that is not
+        os.close(fd)
+        raise ValueError(f"{where}: cannot write there (the folder is read-only)")
     f = os.fdopen(fd, "r+")
     try:
         import fcntl

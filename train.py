@@ -20,8 +20,10 @@ temporary file and then renamed, so a crash never leaves half a file; every --ck
 hold the model (MoE bias buffers included), the optimizer, the step, every RNG state (the data position is the state
 of the data generator), the config, the training options, the tokenizer name and the sums of the steps not yet
 logged. A run stopped part way (by Ctrl-C, SIGTERM or kill -9, or by a smaller --max_iters with the schedule given
-explicitly) and continued with `--resume` ends with the weights and log records of a straight run, bit for bit,
-given the same thread count; on resume, options not given on the command line come from the checkpoint. Ctrl-C and
+explicitly) and continued with `--resume` ends with the weights of a straight run, bit for bit, given the same
+thread count, and after Ctrl-C, SIGTERM or kill -9 with its log records too. (A run that ended at a smaller
+--max_iters logged that last step and evaluated there, records a straight run does not have; the next train record
+averages the steps after it.) On resume, options not given on the command line come from the checkpoint. Ctrl-C and
 SIGTERM (what `timeout` and cluster schedulers send) save the last finished step and exit with 128 + the signal
 number (130, 143); a non-finite loss, a full disk or an unwritable folder stop with one line and leave the last good
 checkpoint in place.
@@ -105,15 +107,15 @@ def train(run: Run) -> int:
         except CompileFailed as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
-    log = open_log(run)
     # Both stdout and stderr on a terminal: a progress bar; otherwise (a file, tee, a batch job) a plain line
     # every log_interval steps.
     interactive = sys.stdout.isatty() and sys.stderr.isatty()
-    bar = tqdm(total=args.max_iters, initial=run.step, unit="step", dynamic_ncols=True, disable=not interactive)
-    boundary, ev, start = run.snapshot(), None, run.step
+    boundary, ev, start, log, bar = run.snapshot(), None, run.step, None, None
     try:
+        log = open_log(run)  # inside: Ctrl-C here saves step `start` like any other, an unwritable log is one line
+        bar = tqdm(total=args.max_iters, initial=run.step, unit="step", dynamic_ncols=True, disable=not interactive)
         with loop_signals(run):
-            if run.resumed and run.is_eval_step() and missed_eval(run):  # stopped between the step and its eval
+            if run.resumed and 0 < run.step and run.is_eval_step() and missed_eval(run):  # stopped before its eval
                 ev = evaluate_and_log(run, log)
             if run.step >= args.max_iters:
                 print(f"checkpoint is at step {run.step} >= --max_iters {args.max_iters}: nothing to do")
@@ -145,14 +147,14 @@ def train(run: Run) -> int:
                 if run.is_eval_step() or run.step % args.ckpt_interval == 0:
                     t_last, timed = time.time(), 0  # evaluation and saving are not training throughput
     except KeyboardInterrupt as e:
-        bar.close()
+        close(bar)
         signum = getattr(e, "signum", signal.SIGINT)
         what = "interrupted" if signum == signal.SIGINT else f"stopped by {signal.Signals(signum).name}"
         # an --overwrite run before its first checkpoint: the old run is worth more (rank 0 holds the log's name;
         # all ranks decide together, since a distributed save needs every rank)
         if parallel.any_rank(run.log_name != LOG, run.layout):
-            log.close()
-            if run.layout.is_main:
+            close(log)
+            if run.layout.is_main and os.path.exists(run.path(run.log_name)):
                 os.remove(run.path(run.log_name))
             report(run, f"{what} before the first checkpoint of this --overwrite run: nothing saved, {args.out_dir} "
                         f"keeps the run it held")
@@ -167,23 +169,29 @@ def train(run: Run) -> int:
         report(run, f"{what}: saved step {boundary['step']} to {run.ckpt_path} (continue with --resume)")
         return 128 + signum
     except (Diverged, SaveFailed) as e:
-        bar.close()
+        close(bar)
         report(run, f"error: {e}; {kept(run)}")
         return 1
     except OSError as e:  # writing the log: the folder vanished, the disk is full
-        bar.close()
+        close(bar)
         print(f"error: cannot write to {args.out_dir} ({e.strerror or e}); {kept(run)}", file=sys.stderr)
         return 1
     except CompileFailed as e:  # torch.compile compiles at the first call: a missing compiler or backend shows up here
-        bar.close()
+        close(bar)
         print(f"error: {e}", file=sys.stderr)
         return 2
     finally:
-        log.close()
+        close(log)
     bar.close()
     val = f"val loss {ev['val_main']:.4f} vs unigram baseline {baseline:.4f} nats/token; " if ev else ""
     print(f"done: step {run.step}, {val}checkpoint {run.ckpt_path}")
     return 0
+
+
+def close(f) -> None:
+    """Close the log or the progress bar if train() got as far as opening it."""
+    if f is not None:
+        f.close()
 
 
 def compiling_steps(args) -> int:
@@ -560,6 +568,10 @@ def main(argv=None) -> int:
         return 130
     try:
         return train(run)
+    except KeyboardInterrupt:  # --bench, or before train() opens its log (the summary, the baseline): nothing written
+        if rank0:
+            print("interrupted" + ("" if run.args.bench else " before training started"), file=sys.stderr)
+        return 130
     finally:
         if run.lock is not None:  # the process may go on (a test, a notebook): let the folder go now
             run.lock.close()

@@ -188,10 +188,10 @@ def check_args(args, cfg: ModelConfig) -> None:
         if not ok:
             raise ValueError(f"--{name}={getattr(args, name)!r}: {rule}")
 
-    for name in ("batch_size", "block_size", "grad_accum", "eval_interval", "ckpt_interval", "eval_iters",
-                 "log_interval"):
+    for name in ("max_iters", "batch_size", "block_size", "grad_accum", "eval_interval", "ckpt_interval",
+                 "eval_iters", "log_interval"):
         need(getattr(args, name) >= 1, name, "must be >= 1")
-    for name in ("max_iters", "warmup_iters", "min_lr", "weight_decay", "grad_clip", "mtp_lambda",
+    for name in ("warmup_iters", "min_lr", "weight_decay", "grad_clip", "mtp_lambda",
                  "balance_alpha", "bias_gamma"):
         need(getattr(args, name) >= 0, name, "must be >= 0")
     need(args.lr > 0, "lr", "must be > 0")
@@ -284,6 +284,8 @@ def setup(ns: argparse.Namespace) -> Run:
     """Options, config, device, corpus, model, optimizer and (on --resume) their saved state.
     Raises ValueError/FileNotFoundError with one line for anything the user can fix; writes nothing before the
     out_dir lock is taken, and nothing at all when it refuses."""
+    if ns.out_dir == "":
+        raise ValueError("--out_dir is empty: name a folder (the default is out)")
     out_dir = ns.out_dir or "out"
     if not ns.bench:
         check_out_dir(out_dir, ns.resume, ns.overwrite)

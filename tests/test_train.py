@@ -341,6 +341,8 @@ def test_help_fits_a_terminal(monkeypatch, capsys):
     (["--preset", "huge"], "unknown preset 'huge'"),
     (["--block_size", "64"], "--block_size=64: must be <= max_seq_len (32)"),
     (["--batch_size", "0"], "--batch_size=0: must be >= 1"),
+    (["--max_iters", "0"], "--max_iters=0: must be >= 1"),  # it would leave an empty log that blocks the folder
+    (["--out_dir", ""], "--out_dir is empty: name a folder (the default is out)"),
     (["--n_expert_groups", "3"], "n_routed_experts"),
     (["--fp8"], "--fp8 needs a Hopper GPU (sm_90); the device is cpu"),
     (["--fp8_act_cache", "e5m6"], "--fp8_act_cache='e5m6': needs --fp8"),
@@ -537,6 +539,25 @@ def test_log_after_interruptions_equals_a_straight_run(tmp_path, corpus_args, mo
     assert_same_state(load(dir_)["model"], load(straight_dir)["model"])
 
 
+def test_ctrl_c_before_the_first_step_saves_step_0_and_resumes_exactly(tmp_path, corpus_args, monkeypatch, capsys):
+    """Ctrl-C as the run opens its log: step 0 is saved, and the resumed run's log and weights are a straight
+    run's (no evaluation at step 0, which a straight run never makes)."""
+    opts = ["--max_iters", "6", "--log_interval", "3", "--eval_interval", "4"]
+    straight_dir, dir_ = tmp_path / "straight", tmp_path / "interrupted"
+    assert run(straight_dir, corpus_args, *opts) == 0
+    real = train.open_log
+
+    def interrupted(r):
+        monkeypatch.setattr(train, "open_log", real)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(train, "open_log", interrupted)
+    assert run(dir_, corpus_args, *opts) == 130
+    assert "interrupted: saved step 0 to " in capsys.readouterr().err and load(dir_)["step"] == 0
+    assert train.main(["--out_dir", str(dir_), "--resume", "--device", "cpu"]) == 0
+    assert without_speed(read_log(dir_)) == without_speed(read_log(straight_dir))
+    assert_same_state(load(dir_)["model"], load(straight_dir)["model"])
+
+
 def test_full_disk_during_a_save_keeps_the_old_checkpoint(tmp_path, corpus_args, monkeypatch, capsys):
     real, calls = torch.save, []
 
@@ -570,6 +591,27 @@ def test_unusable_out_dir_is_one_line(tmp_path, corpus_args, monkeypatch, capsys
                             "denied")) if str(p).startswith(str(ro)) else real(p, *a, **kw))
     assert run(ro, corpus_args, "--max_iters", "1") == 2
     assert capsys.readouterr().err == f"error: --out_dir {ro}: cannot write there (Permission denied)\n"
+
+
+def test_read_only_folder_holding_a_run_is_one_line(tmp_path, corpus_args, monkeypatch, capsys):
+    """--resume or --overwrite into a read-only folder that holds a run (its lock file still writable): one line,
+    exit 2, the run's files as they were."""
+    assert run(tmp_path, corpus_args, "--max_iters", "2") == 0
+    capsys.readouterr()
+    files = sorted(os.listdir(tmp_path))
+    tmp_path.chmod(0o555)
+    try:
+        if os.geteuid() == 0:  # root writes anywhere: the folder answers as a read-only one would
+            real = os.access
+            monkeypatch.setattr(os, "access", lambda p, mode, **kw: False if str(p) == str(tmp_path)
+                                else real(p, mode, **kw))
+        for extra in (["--resume"], ["--overwrite"]):
+            assert run(tmp_path, corpus_args, "--max_iters", "4", *extra) == 2
+            assert capsys.readouterr().err == f"error: --out_dir {tmp_path}: cannot write there (the folder is " \
+                                              f"read-only)\n"
+    finally:
+        tmp_path.chmod(0o755)
+    assert sorted(os.listdir(tmp_path)) == files and load(tmp_path)["step"] == 2
 
 
 def test_compile_failure_is_one_line(tmp_path, corpus_args, monkeypatch, capsys):
