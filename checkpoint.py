@@ -25,6 +25,7 @@ import os
 import shutil
 import signal
 import threading
+import zipfile
 
 import torch
 import torch.distributed as dist
@@ -57,7 +58,9 @@ def save_checkpoint(obj: dict, path: str) -> None:
 
 def load_checkpoint(path: str, what: str, need=("model", "config"), hint: str = "") -> dict:
     """The dict saved at `path`, on the CPU. `what` names the caller in errors (e.g. "--resume"); `need` lists
-    the keys the caller reads, so a file from another program is refused in one line, not with a KeyError."""
+    the keys the caller reads, so a file from another program is refused in one line, not with a KeyError. A file is
+    read twice: first its records' CRC-32 checksums are checked, so that damaged bytes are refused here instead of
+    being loaded as weights."""
     path = newest_checkpoint(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"{what}: no checkpoint at {path}{hint}")
@@ -65,6 +68,9 @@ def load_checkpoint(path: str, what: str, need=("model", "config"), hint: str = 
         if os.path.isdir(path):  # a distributed run's folder: gather its shards into whole tensors
             ckpt = load_distributed_full(path, keys=("model", "optimizer") if "optimizer" in need else ("model",))
         else:
+            bad = zipfile.ZipFile(path).testzip() if zipfile.is_zipfile(path) else None
+            if bad is not None:  # torch.load does not check the CRC-32 that torch.save writes for every record
+                raise RuntimeError(f"its record {bad} fails its CRC-32 check: the file is damaged")
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated, damaged or not a torch file: the first line of the reason is enough
         reason = (str(e).strip().splitlines() or [""])[0]

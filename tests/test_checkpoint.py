@@ -36,11 +36,14 @@ def test_load_errors_are_one_line(tmp_path):
     with pytest.raises(ValueError, match=r"is not a train.py checkpoint \(no optimizer, rng\)$"):
         checkpoint.load_checkpoint(path, "--resume", need=("model", "optimizer", "step", "rng"))
     whole = open(path, "rb").read()
-    for damaged in (whole[: len(whole) // 2], b"not a checkpoint"):  # truncated, foreign
+    at = whole.index(torch.ones(3).numpy().tobytes())  # the tensor's bytes: overwritten, the file still a zip
+    flipped = whole[:at] + b"\xff" * 12 + whole[at + 12:]
+    for damaged in (whole[: len(whole) // 2], b"not a checkpoint", flipped):  # truncated, foreign, damaged
         open(path, "wb").write(damaged)
         with pytest.raises(ValueError, match="^--resume: cannot read checkpoint ") as e:
             checkpoint.load_checkpoint(path, "--resume")
         assert "\n" not in str(e.value)
+    assert "fails its CRC-32 check: the file is damaged" in str(e.value)
 
 
 def test_rng_state_round_trip():
