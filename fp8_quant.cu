@@ -3,7 +3,7 @@
 // cast and (for the backward's transposed operand) a second copy. Each is bound by memory bandwidth (a few
 // flops per byte), so the kernels are written for it: each thread issues several loads (16 bytes each in rows and
 // cols) before it uses the first (`python fp8_bench.py --quant` times rows and cols against a copy of the input).
-// Same arithmetic as the reference on the GPU, so the results are bit-identical: scale = max(amax, 1e-4) / 448
+// Same arithmetic as the reference on the GPU, so the results are bit-identical: scale = max(amax, 1e-20) / 448
 // in fp32, done as torch does a division by a Python number (times the fp32 reciprocal), q = e4m3(x / scale)
 // with x / scale rounded as IEEE division rounds it (by a multiplication and one FMA correction: Divisor below) and
 // round-to-nearest-even into E4M3, saturated at +-448. (For finite inputs in rows and cols: fmaxf
@@ -32,7 +32,7 @@
 
 namespace fp8q {
 
-constexpr float INV_E4M3_MAX = 1.f / 448.f, AMAX_EPS = 1e-4f;
+constexpr float INV_E4M3_MAX = 1.f / 448.f, AMAX_EPS = 1e-20f;  // fp8.py's AMAX_EPS
 
 __device__ __forceinline__ float to_f32(float v) { return v; }
 __device__ __forceinline__ float to_f32(__nv_bfloat16 v) { return __bfloat162float(v); }
@@ -57,12 +57,14 @@ __device__ __forceinline__ uint32_t e4m3x2(float lo, float hi) {
 // FMAs) instead of a division's ten or so and a branch (rows_cols divides every value twice). With r = RN(1/scale),
 // made once per tile, q = RN(x·r) is within an ulp of x / scale, and one correction q' = RN(q + RN(x − q·scale)·r),
 // whose remainder x − q·scale an FMA gives exactly, is the correctly rounded quotient (Markstein's theorem for
-// division by FMA). Where x / scale is below 2^-19 (x tiny against its tile; the remainder can lose bits there) q'
-// may differ from the quotient in its last bits, but both round to the same E4M3 zero (tests/test_fp8.py: the rule
-// in exact arithmetic on the CPU, the kernels against the reference's division on the GPU). Signed zeros: the
-// remainder is made negated, e = RN(q·scale − x), and q' = RN(−e·r + q): for x = ±0, q = ±0, e = +0 (a sum of
-// opposite zeros), −e·r = −0 and q' = −0 + q = q, x's sign, as the division gives (x − q·scale would be +0 and
-// q' +0 for both). A nonzero x gets a nonzero q' of its sign, or a zero of its sign where x·r underflows.
+// division by FMA; the amax floor keeps scale >= 2^-75, so where the quotient is >= 2^-19, x >= 2^-94 and the
+// remainder is a normal float). Where x / scale is below 2^-19 (x tiny against its tile; the remainder can lose
+// bits there) q' may differ from the quotient in its last bits, but both round to the same E4M3 zero
+// (tests/test_fp8.py: the rule in exact arithmetic on the CPU, the kernels against the reference's division on the
+// GPU). Signed zeros: the remainder is made negated, e = RN(q·scale − x), and q' = RN(−e·r + q): for x = ±0,
+// q = ±0, e = +0 (a sum of opposite zeros), −e·r = −0 and q' = −0 + q = q, x's sign, as the division gives
+// (x − q·scale would be +0 and q' +0 for both). A nonzero x gets a nonzero q' of its sign, or a zero of its sign
+// where x·r underflows.
 // An infinite scale (an infinity in the tile) has r = 0 and s = 0 here: finite values give ±0, the infinities NaN,
 // as the division does (that NaN's sign bit may differ).
 struct Divisor {
@@ -83,7 +85,7 @@ __device__ __forceinline__ uint4 pack16(const float* v, const Divisor& by) {
   return make_uint4(pack4(v[0], v[1], v[2], v[3], by), pack4(v[4], v[5], v[6], v[7], by),
                     pack4(v[8], v[9], v[10], v[11], by), pack4(v[12], v[13], v[14], v[15], by));
 }
-// a tile's scale from its amax: max(amax, 1e-4) / 448, as torch computes it (times the fp32 reciprocal)
+// a tile's scale from its amax: max(amax, 1e-20) / 448, as torch computes it (times the fp32 reciprocal)
 __device__ __forceinline__ float tile_scale(float amax) { return fmaxf(amax, AMAX_EPS) * INV_E4M3_MAX; }
 // the amax of a 1x128 tile held by 16 lanes (`lanes`: their mask), 8 values each
 __device__ __forceinline__ float tile16_amax(const float* v, unsigned lanes) {
@@ -320,7 +322,7 @@ __global__ void __launch_bounds__(256) blocks(const T* __restrict__ w, uint8_t* 
   m = warp_amax[0];
 #pragma unroll
   for (int i = 1; i < 8; ++i) m = max_nan(m, warp_amax[i]);
-  // the reference: amax.clamp(min=1e-4) / 448, which torch computes as a product with the fp32 reciprocal
+  // the reference: amax.clamp(min=1e-20) / 448, which torch computes as a product with the fp32 reciprocal
   const float scale = (m != m ? m : fmaxf(m, AMAX_EPS)) * INV_E4M3_MAX;
   if (threadIdx.x == 0) s[((size_t)blockIdx.z * gridDim.y + blockIdx.y) * gridDim.x + blockIdx.x] = scale;
   const Divisor by = divisor(scale);  // a NaN scale gives NaN quotients, as the division does
