@@ -194,7 +194,8 @@ def schedule_dualpipev(n_ranks: int, n_chunks: int) -> Schedule:
 
 
 def schedule_1f1b(n_ranks: int, n_chunks: int) -> Schedule:
-    """Classic 1F1B: warm up with N-1-r forwards, alternate F and B, drain the remaining backwards."""
+    """Classic 1F1B: warm up with N-1-r forwards (all the chunks if there are fewer), alternate F and B, drain the
+    remaining backwards."""
     _check("1f1b", n_ranks, n_chunks)
     ops = []
     for r in range(n_ranks):

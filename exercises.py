@@ -179,11 +179,11 @@ def stub_source(src: str, qualname: str, name: str) -> str:
         pad = " " * max(lead, len(indent))
         if own[:col].strip() == "":        # a full-line comment: kept as it is
             skeleton.append(pad + text + "\n")
+        elif own.lstrip().startswith(("else", "elif")):  # a branch of an if: its keyword, then the comment (an
+            word = "else:" if own.lstrip().startswith("else") else "elif ...:"  # elif is an If node of its own)
+            skeleton.append(f"{' ' * lead}# {word}  {text}\n")
         elif line in starts:               # a trailing comment: the statement's target, then the comment
             skeleton.append(f"{pad}# {_label(starts[line], src)}  {text}\n")
-        elif own.lstrip().startswith(("else", "elif")):  # a branch of an if: its keyword, then the comment
-            word = "else:" if own.lstrip().startswith("else") else "elif ...:"
-            skeleton.append(f"{' ' * lead}# {word}  {text}\n")
         else:                              # a comment on a continuation line of the statement above
             around = [n for n in starts.values() if n.lineno < line <= n.end_lineno]
             col = max(around, key=lambda n: n.lineno).col_offset if around else len(indent)

@@ -55,6 +55,8 @@ def test_stub_keeps_the_comment_skeleton():
                                               "mla.MLA._attend_absorb"), "MLA._attend_absorb")
     assert "# q_lat = ...  # (B, T, H, c): W^UK_i^T q^C_i" in stubbed
     assert "# w_uk, w_uv = ...  # (H, dn, c), (H, dv, c)" in stubbed
+    assert "        # if ...:  # per-sequence positions" in stubbed  # the if, then its elif as an elif
+    assert "        # elif ...:  # a single query is the newest position" in stubbed
     assert 'raise NotImplementedError("exercise: mla.MLA._attend_absorb")' in stubbed
     assert "einsum" not in stubbed, "no code of the solution is left"
 

@@ -106,7 +106,7 @@ def check_each_chunk_once(kind, N, ops, chunks_per_pipe):
 
 # -- 1F1B ------------------------------------------------------------------------------------------------------
 @pytest.mark.grades("dualpipe.schedule_1f1b")
-@pytest.mark.parametrize("N, C", [(1, 3), (2, 4), (4, 8), (4, 3), (8, 20)])
+@pytest.mark.parametrize("N, C", [(1, 3), (2, 4), (4, 8), (4, 3), (4, 2), (8, 3), (8, 20)])
 def test_schedule_1f1b(N, C):
     sched = dualpipe.schedule_1f1b(N, C)
     ops = sched.ops

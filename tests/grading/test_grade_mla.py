@@ -152,3 +152,25 @@ def test_attend_absorb(monkeypatch, T, S, start):
     want = attention_plain(q_nope, q_pe, latent, k_pe, layer.wkv_b.weight.detach(), dn, dv, scale, start)
     assert got.shape == (B, T, H, dv)
     torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.grades("mla.MLA._attend_absorb")
+@pytest.mark.parametrize("T, starts", [(3, (1, 4)), (1, (2, 5))])
+def test_attend_absorb_with_per_sequence_positions(monkeypatch, T, starts):
+    """bias (B, 1, T, S), 0 or −inf (mla.CachePositions.bias): each sequence's queries start at a position of their
+    own and see the keys up to it (a single query too: it need not be the newest)."""
+    layer, scale = small_mla(monkeypatch)
+    gen = torch.Generator().manual_seed(T)
+    B, H, dn, dr, dv, c, S = 2, 3, 4, 2, 5, 6, 8
+    q_nope = torch.randn(B, T, H, dn, generator=gen, dtype=torch.float64)
+    q_pe = torch.randn(B, T, H, dr, generator=gen, dtype=torch.float64)
+    latent = torch.randn(B, S, c, generator=gen, dtype=torch.float64)
+    k_pe = torch.randn(B, S, dr, generator=gen, dtype=torch.float64)
+    pos = torch.tensor(starts)[:, None] + torch.arange(T)  # (B, T): each query's position
+    bias = torch.zeros(B, 1, T, S, dtype=torch.float64).masked_fill(~(torch.arange(S) <= pos[..., None])[:, None],
+                                                                    float("-inf"))
+    got = layer._attend_absorb(q_nope, q_pe, latent, k_pe, 0, torch.float64, bias)
+    w = layer.wkv_b.weight.detach()
+    want = torch.cat([attention_plain(q_nope[b:b + 1], q_pe[b:b + 1], latent[b:b + 1], k_pe[b:b + 1], w, dn, dv,
+                                      scale, starts[b]) for b in range(B)])
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10)
