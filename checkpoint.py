@@ -3,8 +3,9 @@
     save_checkpoint   torch.save to a temporary file in the same folder, then os.replace: on POSIX a rename within
                       a folder is atomic, so `path` is always either the old complete file or the new complete
                       file. The temporary file is removed if anything fails.
-    load_checkpoint   torch.load (weights_only: a checkpoint cannot run code); a missing, truncated or foreign file
-                      raises one line (FileNotFoundError / ValueError) naming what was being loaded.
+    load_checkpoint   torch.load (weights_only: a checkpoint cannot run code) after checking the CRC-32 of every
+                      record; a missing, truncated, damaged or foreign file raises one line (FileNotFoundError /
+                      ValueError) naming what was being loaded.
     rng_state         every random-number state a run depends on (torch CPU, CUDA, the data generator), and
     set_rng_state     its inverse: with them a resumed run draws exactly the numbers the uninterrupted one would.
     signals_deferred  holds Ctrl-C (SIGINT) and SIGTERM during a critical section (an optimizer step, a checkpoint
@@ -68,7 +69,8 @@ def load_checkpoint(path: str, what: str, need=("model", "config"), hint: str = 
         if os.path.isdir(path):  # a distributed run's folder: gather its shards into whole tensors
             ckpt = load_distributed_full(path, keys=("model", "optimizer") if "optimizer" in need else ("model",))
         else:
-            bad = zipfile.ZipFile(path).testzip() if zipfile.is_zipfile(path) else None
+            with zipfile.ZipFile(path) if zipfile.is_zipfile(path) else contextlib.nullcontext() as z:
+                bad = z.testzip() if z is not None else None
             if bad is not None:  # torch.load does not check the CRC-32 that torch.save writes for every record
                 raise RuntimeError(f"its record {bad} fails its CRC-32 check: the file is damaged")
             ckpt = torch.load(path, map_location="cpu", weights_only=True)

@@ -46,8 +46,9 @@ What is here:
   `python dualpipe.py --ranks 8 --chunks 20` prints the timelines and a bubble table. With F&B = F+B and W = F
   (the example costs under the bubble table above: F=1, B=2, W=1, F&B=3) every rank's simulated bubble equals
   the formula exactly; with other costs it is an upper bound on the worst rank's as long as a weight gradient takes
-  no longer than a forward and the input-gradient backward no less (W <= F <= B-W), and can be exceeded outside
-  that (F=B=2, W=1, F&B=4 on 4 ranks: 4 against 3). tests/test_dualpipe.py checks all three.
+  no longer than a forward, the input-gradient backward no less (W <= F <= B-W) and an overlapped pair no more than
+  its two halves (max(F, B) <= F&B <= F+B); outside that it can be exceeded (F=B=2, W=1, F&B=4 on 4 ranks: 4
+  against 3). tests/test_dualpipe.py checks all three.
 - `torch_dualpipev_order`: torch.distributed.pipelining's ScheduleDualPipeV action lists in these op tuples.
   Training runs torch's schedule (pipeline.py's stages); tests/test_dualpipe.py checks that its order
   is `schedule_dualpipev`'s, op for op, so what this file draws and simulates is what training runs.

@@ -124,6 +124,8 @@ def _label(stmt: ast.stmt, src: str) -> str:
         return f"for {seg(stmt.target)} in ...:"
     if isinstance(stmt, (ast.FunctionDef, ast.AsyncFunctionDef)):
         return f"def {stmt.name}(...):"
+    if isinstance(stmt, ast.If) and _lines(src)[stmt.lineno - 1][stmt.col_offset:].startswith("elif"):
+        return "elif ...:"  # an elif is an If nested in the orelse of the one above, starting at its keyword
     if isinstance(stmt, (ast.If, ast.While, ast.With)):
         return {ast.If: "if ...:", ast.While: "while ...:", ast.With: "with ...:"}[type(stmt)]
     return "..."
@@ -179,11 +181,10 @@ def stub_source(src: str, qualname: str, name: str) -> str:
         pad = " " * max(lead, len(indent))
         if own[:col].strip() == "":        # a full-line comment: kept as it is
             skeleton.append(pad + text + "\n")
-        elif own.lstrip().startswith(("else", "elif")):  # a branch of an if: its keyword, then the comment (an
-            word = "else:" if own.lstrip().startswith("else") else "elif ...:"  # elif is an If node of its own)
-            skeleton.append(f"{' ' * lead}# {word}  {text}\n")
         elif line in starts:               # a trailing comment: the statement's target, then the comment
             skeleton.append(f"{pad}# {_label(starts[line], src)}  {text}\n")
+        elif re.match(r"else\s*:", own.lstrip()):  # an if's else branch (no statement starts on its line)
+            skeleton.append(f"{' ' * lead}# else:  {text}\n")
         else:                              # a comment on a continuation line of the statement above
             around = [n for n in starts.values() if n.lineno < line <= n.end_lineno]
             col = max(around, key=lambda n: n.lineno).col_offset if around else len(indent)

@@ -57,8 +57,8 @@ __device__ __forceinline__ uint32_t e4m3x2(float lo, float hi) {
 // FMAs) instead of a division's ten or so and a branch (rows_cols divides every value twice). With r = RN(1/scale),
 // made once per tile, q = RN(x·r) is within an ulp of x / scale, and one correction q' = RN(q + RN(x − q·scale)·r),
 // whose remainder x − q·scale an FMA gives exactly, is the correctly rounded quotient (Markstein's theorem for
-// division by FMA; the amax floor keeps scale >= 2^-75, so where the quotient is >= 2^-19, x >= 2^-94 and the
-// remainder is a normal float). Where x / scale is below 2^-19 (x tiny against its tile; the remainder can lose
+// division by FMA; the amax floor keeps scale >= 2^-76, so where the quotient is >= 2^-19, x >= 2^-95 and no
+// step of the correction underflows). Where x / scale is below 2^-19 (x tiny against its tile; the remainder can lose
 // bits there) q' may differ from the quotient in its last bits, but both round to the same E4M3 zero
 // (tests/test_fp8.py: the rule in exact arithmetic on the CPU, the kernels against the reference's division on the
 // GPU). Signed zeros: the remainder is made negated, e = RN(q·scale − x), and q' = RN(−e·r + q): for x = ±0,

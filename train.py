@@ -568,9 +568,9 @@ def main(argv=None) -> int:
         return 130
     try:
         return train(run)
-    except KeyboardInterrupt:  # --bench, or before train() opens its log (the summary, the baseline): nothing written
+    except KeyboardInterrupt:  # outside train()'s loop: --bench, the summary and baseline before it, the last lines
         if rank0:
-            print("interrupted" + ("" if run.args.bench else " before training started"), file=sys.stderr)
+            print("interrupted" + ("" if run.args.bench else f": {kept(run)}"), file=sys.stderr)
         return 130
     finally:
         if run.lock is not None:  # the process may go on (a test, a notebook): let the folder go now

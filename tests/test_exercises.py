@@ -61,6 +61,34 @@ def test_stub_keeps_the_comment_skeleton():
     assert "einsum" not in stubbed, "no code of the solution is left"
 
 
+def test_stub_keeps_if_elif_else_apart():
+    """An elif is an If of its own in the syntax tree: shown as elif, from a comment on it or on its body; a name
+    that starts with "else" stays a name."""
+    src = '''def f(x):
+    """Doc."""
+    if x:  # a
+        y = 1
+    elif x > 1:  # b
+        y = 2
+    elif x > 2:
+        y = 3  # body comment
+    else:  # c
+        y = 4
+    elsewhere = y  # the result
+    return elsewhere
+'''
+    assert E.stub_source(src, "f", "m.f") == '''def f(x):
+    """Doc."""
+    # if ...:  # a
+    # elif ...:  # b
+    # elif ...:
+        # y = ...  # body comment
+    # else:  # c
+    # elsewhere = ...  # the result
+    raise NotImplementedError("exercise: m.f")
+'''
+
+
 def test_stub_nested_class_method_and_loops():
     src = '''class Outer:
     class Inner:

@@ -169,7 +169,7 @@ def _weight(shape, dtype, device="cpu", seed=0):
     flat = w.reshape(-1, shape[-1])                                    # (E·N, K), a view
     flat[:128, :128] = 0                                               # the first block: all zeros
     if flat.shape[1] > 128:
-        flat[:64, 128:256] *= 1e-7                                     # below the floor (part of a block)
+        flat[:64, 128:256] *= 1e-22                                    # below the floor (part of a block)
     if flat.shape[0] > 128:
         flat[128:256, :128] *= 1e29
         if flat.shape[1] >= 128 + len(TIES):
