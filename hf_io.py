@@ -1,8 +1,9 @@
 """Hugging Face DeepSeek-V3 checkpoint layout, both ways: `save_hf_checkpoint` and `load_hf_checkpoint`.
 
-A HF-layout checkpoint is a directory with `config.json` (HF field names, model_type "deepseek_v3") and the weights
-in safetensors, either one `model.safetensors` or shards `model-0000i-of-0000n.safetensors` listed in
-`model.safetensors.index.json` ({"weight_map": {hub key: shard file}}). The released DeepSeek-V3 weights, HF
+A HF-layout checkpoint is a directory with `config.json` (HF field names, model_type "deepseek_v3"; "deepseek_v2"
+for a softmax router) and the weights in safetensors, either one `model.safetensors` or shards
+`model-0000i-of-0000n.safetensors` listed in `model.safetensors.index.json` ({"weight_map": {hub key: shard
+file}}). The released DeepSeek-V3 weights, HF
 transformers (`DeepseekV3ForCausalLM`), vLLM and SGLang all read it, so a model trained here can run there, and the
 released (or any HF-saved) weights can run here with the same logits.
 
@@ -110,7 +111,9 @@ def to_hf_state_dict(model) -> dict:
 
 # -- config --------------------------------------------------------------------------------------------------------
 def hf_config(cfg: ModelConfig, dtype=torch.float32) -> dict:
-    """config.json of a ModelConfig, with the field names of the hub's DeepSeek-V3 config."""
+    """config.json of a ModelConfig, with the field names of the hub's DeepSeek-V3 config. A softmax router is
+    DeepSeek-V2's and is written as model_type deepseek_v2: transformers' DeepseekV3 class always routes by
+    sigmoid plus bias, whatever scoring_func says."""
     sigmoid = cfg.score_func == "sigmoid"
     yarn = None
     if cfg.yarn_active:
@@ -118,7 +121,8 @@ def hf_config(cfg: ModelConfig, dtype=torch.float32) -> dict:
                 "original_max_position_embeddings": cfg.original_seq_len, "beta_fast": cfg.beta_fast,
                 "beta_slow": cfg.beta_slow, "mscale": cfg.mscale, "mscale_all_dim": cfg.mscale}
     return {
-        "model_type": "deepseek_v3", "architectures": ["DeepseekV3ForCausalLM"],
+        "model_type": "deepseek_v3" if sigmoid else "deepseek_v2",
+        "architectures": ["DeepseekV3ForCausalLM" if sigmoid else "DeepseekV2ForCausalLM"],
         "vocab_size": cfg.vocab_size, "hidden_size": cfg.dim, "intermediate_size": cfg.inter_dim,
         "moe_intermediate_size": cfg.moe_inter_dim, "num_hidden_layers": cfg.n_layers,
         "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.n_heads,
@@ -222,12 +226,17 @@ def _is_checkpoint_file(name: str) -> bool:
 
 
 def _swap_in(tmp: str, path: str) -> None:
-    """Put the finished directory tmp at path; other files already in path (a tokenizer, say) are kept."""
+    """Put the finished directory tmp at path; other files and folders already in path (a tokenizer, the original
+    weights) are kept."""
     if os.path.isdir(path):
         for name in os.listdir(path):
-            src = os.path.join(path, name)
-            if not _is_checkpoint_file(name) and os.path.isfile(src):
-                shutil.copy2(src, os.path.join(tmp, name))
+            src, dst = os.path.join(path, name), os.path.join(tmp, name)
+            if _is_checkpoint_file(name):
+                continue
+            if os.path.isdir(src) and not os.path.islink(src):
+                shutil.copytree(src, dst, symlinks=True)
+            else:
+                shutil.copy2(src, dst, follow_symlinks=False)
         old = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.old-", dir=os.path.dirname(path))
         os.rmdir(old)
         os.replace(path, old)  # the old checkpoint stays complete until the new one is in place
@@ -252,6 +261,9 @@ def save_hf_checkpoint(model, path, max_shard_bytes: int = None) -> None:
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it 0700; the checkpoint gets a folder's usual mode
     try:
         if max_shard_bytes is None:
             save_file(tensors, os.path.join(tmp, SINGLE), metadata={"format": "pt"})

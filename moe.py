@@ -137,6 +137,17 @@ class Gate(nn.Module):
         else:
             self.bias = None
 
+    def _apply(self, fn, recurse=True):
+        """A cast to bf16 or fp16 (model.bfloat16(): generate.py --dtype bfloat16, decode_bench) leaves b_i in fp32,
+        as the released checkpoints keep it: selection adds it to fp32 scores, and a rounded b_i can pick other
+        experts. Moves and other casts apply to it as to any buffer."""
+        bias = self.bias
+        super()._apply(fn, recurse)
+        low = (torch.bfloat16, torch.float16)
+        if bias is not None and self.bias is not None and self.bias.dtype in low and bias.dtype not in low:
+            self.bias = bias.to(self.bias.device)
+        return self
+
     def scores(self, x: torch.Tensor) -> torch.Tensor:
         """x (N, dim) → s (N, E) in fp32 (fp64 for fp64 models), also under bf16 autocast (routing is
         precision-sensitive)."""

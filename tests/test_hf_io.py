@@ -87,6 +87,23 @@ def test_round_trip_single_file(tmp_path):
     assert half.freqs_cis.is_complex()
 
 
+def test_softmax_router_is_written_as_deepseek_v2(tmp_path):
+    """transformers' DeepseekV3 class routes by sigmoid plus bias whatever scoring_func says: a softmax router
+    (DeepSeek-V2's) is saved as model_type deepseek_v2, and it gives our logits in DeepseekV2ForCausalLM."""
+    cfg = tiny_cfg(score_func="softmax", route_scale=1.0, n_mtp=0)
+    model = random_model(cfg)
+    save_hf_checkpoint(model, tmp_path)
+    c = json.loads((tmp_path / "config.json").read_text())
+    assert c["model_type"] == "deepseek_v2" and c["architectures"] == ["DeepseekV2ForCausalLM"]
+    assert load_hf_checkpoint(tmp_path).cfg == cfg
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.DeepseekV2ForCausalLM.from_pretrained(tmp_path, dtype=torch.float32,
+                                                            attn_implementation="eager").eval()
+    idx = tokens(cfg, T=20)
+    with torch.no_grad():
+        torch.testing.assert_close(hf(idx).logits, model(idx), rtol=1e-5, atol=1e-5)
+
+
 def test_round_trip_sharded_softmax_no_qlora(tmp_path):
     cfg = tiny_cfg(q_lora_rank=0, score_func="softmax", n_expert_groups=2, n_limited_groups=1,
                    route_scale=1.0, max_seq_len=32, original_seq_len=32, rope_factor=40.0, n_mtp=0)
@@ -220,7 +237,13 @@ def test_overwrite_is_atomic(tmp_path, monkeypatch):
     old, new = random_model(cfg, seed=0), random_model(cfg, seed=1)
     target = tmp_path / "ckpt"
     save_hf_checkpoint(old, target, max_shard_bytes=30_000)
+    mode = os.stat(target).st_mode & 0o777
+    umask = os.umask(0)
+    os.umask(umask)
+    assert mode == 0o777 & ~umask  # a folder's usual mode, not mkdtemp's 0700: other users may read the weights
     (target / "tokenizer.json").write_text("{}")
+    (target / "original").mkdir()  # a folder of other files (the released weights' original/, say)
+    (target / "original" / "params.json").write_text("{}")
     real_save = hf_io.save_file
 
     def crash(*args, **kw):
@@ -233,7 +256,8 @@ def test_overwrite_is_atomic(tmp_path, monkeypatch):
     assert_same_model(old, load_hf_checkpoint(target), tokens(cfg))  # ... and the old checkpoint intact
     monkeypatch.setattr(hf_io, "save_file", real_save)
     save_hf_checkpoint(new, target)  # single file now: the old shards and index must be gone
-    assert sorted(os.listdir(target)) == ["config.json", "model.safetensors", "tokenizer.json"]
+    assert sorted(os.listdir(target)) == ["config.json", "model.safetensors", "original", "tokenizer.json"]
+    assert (target / "original" / "params.json").read_text() == "{}"
     assert sorted(os.listdir(tmp_path)) == ["ckpt"]
     assert_same_model(new, load_hf_checkpoint(target), tokens(cfg))
 

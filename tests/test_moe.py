@@ -561,3 +561,22 @@ def test_expert_counts_and_device_segment_sizes_match_the_host_list():
     for impl in ("loop", "auto"):
         assert torch.allclose(moe.segment_mm(a, w, counts, impl), ref, atol=1e-12)
         assert torch.allclose(moe.segment_mm(a, w, counts.tolist(), impl), ref, atol=1e-12)
+
+
+def test_gate_bias_stays_fp32_when_the_model_is_cast_to_bf16():
+    """model.bfloat16() (generate.py --dtype bfloat16) keeps b_i in fp32, its values unrounded (bf16 would round these
+    biases, and a rounded b_i can select other experts)."""
+    from helpers import tiny_config
+    from model import Transformer
+    torch.manual_seed(0)
+    model = Transformer(tiny_config())
+    gates = [m.gate for m in model.moe_layers()]
+    for g in gates:
+        g.bias.copy_(torch.randn(g.bias.shape) * 0.7)
+    before = [g.bias.clone() for g in gates]
+    model.bfloat16()
+    assert all(g.bias.dtype == torch.float32 and torch.equal(g.bias, b) for g, b in zip(gates, before))
+    assert all(g.weight.dtype == torch.bfloat16 for g in gates)
+    model.double()  # a cast to a wider type applies to it as to any buffer
+    assert all(g.bias.dtype == torch.float64 for g in gates)
+    assert any(not torch.equal(b.bfloat16().float(), b) for b in before)  # bf16 would have rounded them
