@@ -69,10 +69,11 @@ def load_checkpoint(path: str, what: str, need=("model", "config"), hint: str = 
         if os.path.isdir(path):  # a distributed run's folder: gather its shards into whole tensors
             ckpt = load_distributed_full(path, keys=("model", "optimizer") if "optimizer" in need else ("model",))
         else:
-            with zipfile.ZipFile(path) if zipfile.is_zipfile(path) else contextlib.nullcontext() as z:
-                bad = z.testzip() if z is not None else None
-            if bad is not None:  # torch.load does not check the CRC-32 that torch.save writes for every record
-                raise RuntimeError(f"its record {bad} fails its CRC-32 check: the file is damaged")
+            if zipfile.is_zipfile(path):  # torch.load does not check the CRC-32 torch.save writes for every record
+                with zipfile.ZipFile(path) as z:
+                    bad = z.testzip()
+                if bad is not None:
+                    raise RuntimeError(f"its record {bad} fails its CRC-32 check: the file is damaged")
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated, damaged or not a torch file: the first line of the reason is enough
         reason = (str(e).strip().splitlines() or [""])[0]

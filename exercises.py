@@ -124,7 +124,7 @@ def _label(stmt: ast.stmt, src: str) -> str:
         return f"for {seg(stmt.target)} in ...:"
     if isinstance(stmt, (ast.FunctionDef, ast.AsyncFunctionDef)):
         return f"def {stmt.name}(...):"
-    if isinstance(stmt, ast.If) and _lines(src)[stmt.lineno - 1][stmt.col_offset:].startswith("elif"):
+    if isinstance(stmt, ast.If) and seg(stmt).startswith("elif"):
         return "elif ...:"  # an elif is an If nested in the orelse of the one above, starting at its keyword
     if isinstance(stmt, (ast.If, ast.While, ast.With)):
         return {ast.If: "if ...:", ast.While: "while ...:", ast.With: "with ...:"}[type(stmt)]
