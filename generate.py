@@ -41,7 +41,8 @@ from static_decode import StaticDecoder
 
 # -- sampling ----------------------------------------------------------------------------------------------
 def probs_from_logits(logits: torch.Tensor, temperature: float, top_k: int = None) -> torch.Tensor:
-    """(V,) logits → (V,) sampling distribution after temperature and top-k. temperature must be > 0."""
+    """(V,) logits → (V,) sampling distribution after temperature and top-k. temperature must be > 0. Every
+    token whose logit ties the k-th largest stays, so an exact tie can leave more than top_k tokens."""
     logits = logits.float() / temperature
     if top_k is not None and top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k).values[-1]
@@ -62,8 +63,8 @@ def verify_draft(p_logits, q_logits, draft: int, temperature, top_k, gen):
         return target, target == draft
     p = probs_from_logits(p_logits, temperature, top_k)
     q = probs_from_logits(q_logits, temperature, top_k)
-    u = torch.rand((), generator=gen, device=p.device)
-    if u * q[draft] <= p[draft]:  # accept with probability min(1, p/q)
+    u = torch.rand((), generator=gen, device=p.device)  # uniform on [0, 1)
+    if u * q[draft] < p[draft]:  # accept with probability min(1, p/q); strict, so p(d) = 0 never accepts
         return draft, True
     residual = (p - q).clamp_min(0)
     if residual.sum() <= 0:  # p == q: nothing to correct, any rejection is impossible in exact arithmetic
@@ -79,6 +80,8 @@ def generate(model, prompt, max_new_tokens, temperature=0.0, top_k=None, eot=Non
     cfg = model.cfg
     if len(prompt) == 0:
         raise ValueError("the prompt is empty: give at least one token")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens is {max_new_tokens}: ask for at least one token")
     if len(prompt) >= cfg.max_seq_len:
         raise ValueError(f"the prompt has {len(prompt)} tokens; the model's context is {cfg.max_seq_len}")
     if speculative and cfg.n_mtp == 0:

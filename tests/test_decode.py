@@ -222,3 +222,51 @@ def test_compiled_graphed_steps_on_gpu(speculative):
     eager = (_one_step_logits(bf16, prompts, False) - ref).abs().max()
     compiled = (_one_step_logits(bf16, prompts, True, graphs=True) - ref).abs().max()
     assert 0 < eager and compiled <= 2 * eager, (eager, compiled)
+
+
+def test_static_speculative_mtp_entries_equal_a_full_mtp_pass(monkeypatch):
+    """Every MTP entry the static speculative path computes for real tokens (the prompt's positions at the
+    prefill; position n of an active row's iteration; n+1 too when the draft was accepted) has the logits of the
+    MTP module run over the row's whole final sequence at once: the MTP cache holds the right next token at the
+    right position. The greedy tokens cannot show this (a bad draft is only rejected, at the cost of speed)."""
+    model = tiny_model(4, vocab_size=6)  # a 6-token vocabulary: the untrained MTP module's drafts are right at times
+    prompts = prompts_of([4, 7, 2], 4, vocab=6)
+    real_mtp, real_iter = model.mtp_step, SD._speculative_iteration
+    calls, iters = [], []
+
+    def mtp_spy(h, next_idx, start_pos, depth=0):
+        logits, hk = real_mtp(h, next_idx, start_pos, depth)
+        calls.append(logits.clone())
+        return logits, hk
+
+    def iter_spy(model_, x, draft, n, active):
+        out = real_iter(model_, x, draft, n, active)
+        iters.append((n.clone(), active.clone(), out[1].clone()))  # positions, active rows, tokens emitted
+        return out
+
+    model.mtp_step = mtp_spy
+    monkeypatch.setattr(SD, "_speculative_iteration", iter_spy)
+    dec = SD.StaticDecoder(model, max_batch=3, max_seq_len=7 + 17, graphs=False)
+    out, _ = dec.generate(prompts, 17, speculative=True)
+    dec.close()
+    assert len(calls) == 1 + len(iters)  # the prefill's MTP pass, then one per iteration
+    checked, kinds = 0, set()
+    for b, (prompt, new) in enumerate(zip(prompts, out)):
+        stream = torch.tensor([prompt + new])
+        L = stream.shape[1]
+        with torch.no_grad():
+            f = model.freqs_cis[:L]
+            h = model.embed(stream)
+            for layer in model.layers:
+                h = layer(h, f)
+            full = model.head(model.mtp[0](model.norm(h)[:, :-1], model.embed(stream[:, 1:]), f[:-1]))[0]
+        entries = [(0, t, t) for t in range(len(prompt))]  # (call, entry, position): the prefill's real positions
+        for i, (n, active, step) in enumerate(iters):
+            if active[b]:
+                entries += [(i + 1, 0, int(n[b]))] + ([(i + 1, 1, int(n[b]) + 1)] if step[b] == 2 else [])
+                kinds.add(int(step[b]))
+        for call, t, pos in entries:
+            if pos < L - 1:  # the full pass has no entry for the last token (its next one is not known)
+                torch.testing.assert_close(calls[call][b, t], full[pos], rtol=0, atol=1e-9)
+                checked += 1
+    assert kinds == {1, 2} and checked > 40  # drafts both rejected and accepted

@@ -171,6 +171,19 @@ def test_bad_requests_raise():
         G.generate(model, list(range(40)), 5)
     with pytest.raises(ValueError, match="MTP"):
         G.generate(tiny_model(0, n_mtp=0), [1, 2], 5, speculative=True)
+    for n in (0, -2):  # not one token, nor an error from deep inside the cache
+        with pytest.raises(ValueError, match="at least one token"):
+            G.generate(model, [1, 2, 3], n)
+
+
+def test_a_draft_the_main_model_cannot_emit_is_never_accepted(monkeypatch):
+    """p(d) = 0 (top-k cut d from the main model's law) rejects d whatever the uniform draw, 0 included: accepting
+    on u·q(d) <= p(d) would let u = 0, which torch.rand can return, emit a token the main model never samples."""
+    p_logits = torch.tensor([3.0, 2.0, 1.0, 0.0])
+    q_logits = torch.tensor([0.0, 1.0, 2.0, 3.0])  # top-2 of q: tokens 2 and 3, both outside p's top-2
+    monkeypatch.setattr(G.torch, "rand", lambda *a, **k: torch.zeros(()))
+    tok, ok = G.verify_draft(p_logits, q_logits, 3, 1.0, 2, torch.Generator().manual_seed(0))
+    assert not ok and tok in (0, 1)
 
 
 def run_cli(*args, stdin=""):
@@ -355,3 +368,45 @@ def test_cli_into_a_closed_pipe_exits_quietly(ckpt_dir):
     p.stdout.close()  # the reader goes away before the first token
     err = p.stderr.read()
     assert p.wait(timeout=120) == 0 and err == ""
+
+
+def test_top_k_keeps_exactly_the_k_most_likely_tokens():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(10, generator=g, dtype=torch.float64) * 2
+    for k in (1, 3, 9):
+        got = G.probs_from_logits(logits, 0.7, top_k=k)
+        top = logits.topk(k).indices
+        want = torch.zeros(10, dtype=torch.float64)
+        want[top] = torch.softmax(logits[top] / 0.7, -1)  # the k largest, renormalised after the temperature
+        assert int((got > 0).sum()) == k
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-7)
+
+
+def test_acceptance_rule_with_temperature_and_top_k_preserves_the_target_distribution():
+    """As test_acceptance_rule_preserves_the_target_distribution, at temperature 0.6 with top_k 4 of 8 tokens: with
+    the draft drawn as generate() draws it (pick on the MTP logits), the output law is the main model's own law
+    after the same temperature and top-k (computed here from the logits)."""
+    g = torch.Generator().manual_seed(0)
+    p_logits, q_logits = torch.randn(2, 8, generator=g) * 1.5
+    temp, k = 0.6, 4
+    top = p_logits.topk(k).indices
+    p = torch.zeros(8)
+    p[top] = torch.softmax(p_logits[top] / temp, -1)
+    n = 20000
+    counts = torch.zeros(8)
+    for _ in range(n):
+        draft = G.pick(q_logits, temp, k, g)
+        tok, _ = G.verify_draft(p_logits, q_logits, draft, temp, k, g)
+        counts[tok] += 1
+    assert (counts / n - p).abs().max() < 0.015  # the mistakes this catches are off by 0.04 (q without top-k) or more
+
+
+def test_generate_fills_the_context_and_stops_there():
+    """A request past the end of the context gets the tokens that fit (max_seq_len − len(prompt)), plain or
+    speculative, and they are the greedy ones."""
+    model = tiny_model(0)  # max_seq_len 40
+    prompt = torch.randint(0, 61, (37,), generator=torch.Generator().manual_seed(1)).tolist()
+    want = greedy_uncached(model, prompt, 3)
+    for speculative in (False, True):
+        out, _ = G.generate(model, prompt, 10, speculative=speculative)
+        assert out == want

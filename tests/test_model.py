@@ -183,3 +183,60 @@ def test_sequence_longer_than_context_raises():
     model = Transformer(tiny())
     with pytest.raises(ValueError, match="max_seq_len"):
         model(torch.zeros(1, 33, dtype=torch.long))
+
+
+def _measured_flops_per_token(cfg, B, T):
+    """One training step's forward and backward counted by torch's FlopCounterMode, per token: (the weights'
+    matrix products, everything else = the attention core's batched products over all T keys)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    torch.manual_seed(0)
+    model = Transformer(cfg).double()
+    idx = torch.randint(0, cfg.vocab_size, (B, T))
+    with FlopCounterMode(display=False) as fc:
+        _, losses = model(idx, idx.roll(-1, 1))
+        (losses["main"] + losses["mtp"]).backward()
+    weights = sum(v for op, v in fc.get_flop_counts()["Global"].items() if str(op) in ("aten.mm", "aten.addmm"))
+    return weights / (B * T), (fc.get_total_flops() - weights) / (B * T)
+
+
+def test_train_flops_per_token_match_a_counted_training_step():
+    """train_flops_per_token against the FLOPs torch counts in a real forward + backward: the weights' products
+    exactly (6 per weight and token), the attention core at half of the counted all-keys products (a causal query
+    sees T/2 keys on average); with MTP, the depth's part within 1/T (it runs on T−1 positions, the rule counts T)."""
+    from model import train_flops_per_token
+    T = 64
+    base = tiny_config(n_mtp=0, max_seq_len=T)
+    weights, attn = _measured_flops_per_token(base, 2, T)
+    assert train_flops_per_token(base, T, with_mtp=False) == pytest.approx(weights + attn / 2, rel=1e-12)
+    cfg = tiny_config(n_mtp=1, max_seq_len=T)
+    weights1, attn1 = _measured_flops_per_token(cfg, 2, T)
+    rule_mtp = train_flops_per_token(cfg, T) - train_flops_per_token(cfg, T, with_mtp=False)
+    measured_mtp = (weights1 - weights) + (attn1 - attn) / 2
+    assert rule_mtp == pytest.approx(measured_mtp * T / (T - 1), rel=1 / T)
+
+
+def test_dense_block_is_pre_norm_swiglu():
+    """Block 0 (dense) from its definition, with random norm gains: h = x + MLA(RMSNorm_a(x)), then
+    h + W2(SiLU(W1 u) ⊙ W3 u) with u = RMSNorm_f(h) (W1 the gate, W3 the up projection). Without transformers
+    installed (test_hf_io.py skips) nothing else pins the block's composition to an independent formula."""
+    import torch.nn.functional as F
+
+    from model import Block
+    cfg = tiny()
+    torch.manual_seed(8)
+    blk = Block(0, cfg).double()
+    with torch.no_grad():
+        for p in blk.parameters():
+            if p.ndim == 1:
+                p.uniform_(0.5, 1.5)
+    x = torch.randn(2, 7, cfg.dim, dtype=torch.float64)
+    f = Transformer(cfg).freqs_cis[:7]
+
+    def rms(x, w):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * w
+
+    with torch.no_grad():
+        h = x + blk.attn(rms(x, blk.attn_norm.weight), f)
+        u = rms(h, blk.ffn_norm.weight)
+        want = h + (F.silu(u @ blk.ffn.w1.weight.T) * (u @ blk.ffn.w3.weight.T)) @ blk.ffn.w2.weight.T
+        torch.testing.assert_close(blk(x, f), want, rtol=1e-9, atol=1e-12)

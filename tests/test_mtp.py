@@ -1,10 +1,11 @@
 """Multi-Token Prediction: semantics pinned against the report and the released-weight layout."""
+import pytest
 import torch
 import torch.nn.functional as F
 
 from helpers import tiny_config
 from model import Transformer
-from mtp import mtp_hidden, mtp_loss
+from mtp import mtp_accuracy, mtp_hidden, mtp_loss
 
 
 def tiny(**kw):
@@ -138,10 +139,50 @@ def test_demo_targets_are_what_mtp_loss_trains(capsys):
 
 
 def test_demo_bad_input_is_one_line():
-    import pytest
-
     import mtp
     with pytest.raises(SystemExit, match="error: 2 MTP depth.s. need at least 4 words, got 3"):
         mtp._demo_main(["a", "b", "c"])
     with pytest.raises(SystemExit, match="error: --depths must be at least 1"):
         mtp._demo_main(["--depths", "0", "a", "b", "c"])
+
+
+def test_forward_mtp_loss_is_the_formula_with_trained_norm_gains():
+    """Transformer.forward's MTP loss against the report's equations written out here, with every norm gain random.
+    At init all gains are 1, and then the final norm hides a skipped or swapped enorm/hnorm and an MTP depth fed the
+    pre-norm hidden state: h^0 = the main model's final *normed* hidden state, h'_i = eh_proj([RMSNorm_e(Emb(t_{i+1}));
+    RMSNorm_h(h^0_i)]), the block, a last RMSNorm, the shared head, scored against t_{i+2}."""
+    torch.manual_seed(6)
+    model = Transformer(tiny(n_mtp=1)).double().eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim == 1:  # the norm gains
+                p.uniform_(0.5, 1.5)
+    full = torch.randint(0, 97, (2, 13))
+    idx, targets = full[:, :-1], full[:, 1:]
+    T = idx.shape[1]
+    _, losses = model(idx, targets)
+
+    def rms(x, w):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * w
+
+    f = model.freqs_cis[:T]
+    with torch.no_grad():
+        h = model.embed(idx)
+        for layer in model.layers:
+            h = layer(h, f)
+        h0 = rms(h, model.norm.weight)  # the main model's final normed hidden state
+        m = model.mtp[0]
+        x = torch.cat([rms(model.embed(full[:, 1:T]), m.enorm.weight), rms(h0[:, :T - 1], m.hnorm.weight)], -1)
+        hk = rms(m.block(x @ m.eh_proj.weight.T, f[:T - 1]), m.norm.weight)
+        want = F.cross_entropy((hk @ model.head.weight.T).reshape(-1, 97), full[:, 2:].reshape(-1))
+    torch.testing.assert_close(losses["mtp"], want, rtol=1e-9, atol=1e-12)
+
+
+def test_mtp_accuracy_scores_depth_one_against_the_token_two_ahead():
+    """mtp_acc (train.py logs it as the acceptance proxy): depth 1 at position i is right iff its argmax is
+    targets[i+1] = t_{i+2}."""
+    targets = (torch.arange(18) % 11).view(2, 9)  # no two neighbours equal: an off-by-one cannot score
+    logits = F.one_hot(targets[:, 1:], 11).double()  # (2, 8, 11): every position right
+    assert mtp_accuracy(logits, targets).item() == 1.0
+    logits[0, :4] = F.one_hot((targets[0, 1:5] + 1) % 11, 11).double()  # 4 of the 16 wrong
+    assert mtp_accuracy(logits, targets).item() == pytest.approx(12 / 16)
