@@ -2,7 +2,9 @@
 
     save_checkpoint   torch.save to a temporary file in the same folder, then os.replace: on POSIX a rename within
                       a folder is atomic, so `path` is always either the old complete file or the new complete
-                      file. The temporary file is removed if anything fails.
+                      file. The temporary file is removed if anything fails. The file is flushed to the disk
+                      (fsync) before the rename and the folder after it, so that a power loss, not only a crash,
+                      leaves one of the two complete files (without it the rename can reach the disk first).
     load_checkpoint   torch.load (weights_only: a checkpoint cannot run code) after checking the CRC-32 of every
                       record; a missing, truncated, damaged or foreign file raises one line (FileNotFoundError /
                       ValueError) naming what was being loaded.
@@ -22,6 +24,7 @@ a one-process --resume read a distributed run's output.
 Used by train.py (save, resume) and generate.py (load).
 """
 import contextlib
+import errno
 import os
 import shutil
 import signal
@@ -41,14 +44,37 @@ class Interrupted(KeyboardInterrupt):
 
 
 # -- save and load ----------------------------------------------------------------------------------------------
+def fsync_path(path: str) -> None:
+    """Flush `path` from the OS's cache to the disk: a file's bytes, or a folder's entries (the renames made in
+    it). A folder that cannot be opened or synced (Windows, some network file systems) is skipped; a file's
+    failure (EIO, a full disk) raises OSError."""
+    folder = os.path.isdir(path)
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        if folder:
+            return
+        raise
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        if not (folder and e.errno in (errno.EINVAL, errno.ENOTSUP, errno.EBADF)):
+            raise
+    finally:
+        os.close(fd)
+
+
 def save_checkpoint(obj: dict, path: str) -> None:
-    """Atomic: write `path`.tmp, then rename it over `path`. Signals wait until the file is complete. A failed
-    write (full disk, read-only folder) raises OSError and leaves `path` as it was."""
+    """Atomic: write `path`.tmp, flush it to the disk, then rename it over `path` (and flush the folder). Signals
+    wait until the file is in place. A failed write (full disk, read-only folder) raises OSError and leaves `path`
+    as it was."""
     tmp = f"{path}.tmp"
     with signals_deferred():
         try:
             torch.save(obj, tmp)
+            fsync_path(tmp)
             os.replace(tmp, path)
+            fsync_path(os.path.dirname(os.path.abspath(path)))
         except RuntimeError as e:  # torch's file writer reports a failed write (a full disk) as RuntimeError
             reason = (str(e).strip().splitlines() or [""])[-1]
             raise OSError(f"cannot write {path} (is the disk full? {reason})") from None
@@ -254,9 +280,11 @@ def save_distributed(path: str, model, opt, meta: dict) -> None:
         shutil.rmtree(tmp)
     dist.barrier()
     try:
-        dcp.save(_dcp_state(model, opt), checkpoint_id=tmp)
+        dcp.save(_dcp_state(model, opt), checkpoint_id=tmp)  # its file writer fsyncs every shard it writes
         if main:
             torch.save(meta, os.path.join(tmp, DCP_META))
+            fsync_path(os.path.join(tmp, DCP_META))
+            fsync_path(tmp)
     except RuntimeError as e:  # a full disk, as in save_checkpoint
         raise OSError(f"cannot write {path} ({(str(e).strip().splitlines() or [''])[-1]})") from None
     dist.barrier()  # every shard and the metadata are on disk
@@ -264,6 +292,7 @@ def save_distributed(path: str, model, opt, meta: dict) -> None:
         if os.path.exists(path):
             os.replace(path, old)
         os.replace(tmp, path)
+        fsync_path(os.path.dirname(os.path.abspath(path)))
         shutil.rmtree(old, ignore_errors=True)
     dist.barrier()  # nobody reads or writes the folder before it is in place
 

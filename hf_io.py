@@ -47,6 +47,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from checkpoint import fsync_path
 from config import ModelConfig
 from fp8 import dequantize_weight
 from model import Transformer
@@ -227,8 +228,10 @@ def _is_checkpoint_file(name: str) -> bool:
 
 def _swap_in(tmp: str, path: str) -> None:
     """Put the finished directory tmp at path; other files and folders already in path (a tokenizer, the original
-    weights) are kept."""
-    if os.path.isdir(path):
+    weights) are kept. The new files are flushed to the disk before the renames (fsync), so that a power loss
+    cannot leave the renamed folder with files the disk never received."""
+    exists = os.path.isdir(path)
+    if exists:
         for name in os.listdir(path):
             src, dst = os.path.join(path, name), os.path.join(tmp, name)
             if _is_checkpoint_file(name):
@@ -237,13 +240,19 @@ def _swap_in(tmp: str, path: str) -> None:
                 shutil.copytree(src, dst, symlinks=True)
             else:
                 shutil.copy2(src, dst, follow_symlinks=False)
+    for name in os.listdir(tmp):
+        if _is_checkpoint_file(name):
+            fsync_path(os.path.join(tmp, name))
+    fsync_path(tmp)
+    old = None
+    if exists:
         old = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.old-", dir=os.path.dirname(path))
         os.rmdir(old)
-        os.replace(path, old)  # the old checkpoint stays complete until the new one is in place
-        os.replace(tmp, path)
+        os.replace(path, old)  # the old checkpoint stays complete until the new one is in place (load names it)
+    os.replace(tmp, path)
+    fsync_path(os.path.dirname(path))
+    if old:
         shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, path)
 
 
 def save_hf_checkpoint(model, path, max_shard_bytes: int = None) -> None:
@@ -359,6 +368,12 @@ def load_hf_checkpoint(path, dtype=torch.float32, device="cpu"):
     """A Transformer with the config and weights of a hub-layout checkpoint directory."""
     path = os.fspath(path)
     if not os.path.isdir(path):
+        parent, base = os.path.split(os.path.abspath(path))
+        kept = sorted(n for n in (os.listdir(parent) if os.path.isdir(parent) else ())
+                      if n.startswith(f".{base}.old-") and os.path.exists(os.path.join(parent, n, CONFIG)))
+        if kept:  # save_hf_checkpoint was stopped between its two renames
+            raise FileNotFoundError(f"checkpoint directory {path} does not exist: a save into it was interrupted; "
+                                    f"the previous checkpoint is complete in {os.path.join(parent, kept[-1])}")
         raise FileNotFoundError(f"checkpoint directory {path} does not exist")
     if not os.path.exists(os.path.join(path, CONFIG)):
         raise FileNotFoundError(f"{path} has no {CONFIG}")

@@ -27,6 +27,52 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == ["ckpt.pt"]  # no temporary file left behind
 
 
+def test_checkpoint_reaches_the_disk_before_it_replaces_the_old_one(tmp_path, monkeypatch):
+    """Durable as well as atomic: the new file's bytes are flushed (fsync) before the rename, and the folder (which
+    holds the rename) after it; otherwise a power loss can persist the rename before the data, leaving an empty
+    ckpt.pt where a complete old one was."""
+    path = str(tmp_path / "ckpt.pt")
+    events, real_fsync, real_replace = [], os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.path.realpath(f"/proc/self/fd/{fd}") if os.path.isdir("/proc/self/fd") else fd))
+        real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("replace", str(src), str(dst)))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(checkpoint.os, "fsync", fsync)
+    monkeypatch.setattr(checkpoint.os, "replace", replace)
+    checkpoint.save_checkpoint({"step": 1}, path)
+    monkeypatch.undo()
+    assert [e[0] for e in events] == ["fsync", "replace", "fsync"]
+    if os.path.isdir("/proc/self/fd"):  # which file and folder were flushed (Linux names an fd's path there)
+        assert events[0][1] == os.path.realpath(path + ".tmp") and events[2][1] == os.path.realpath(tmp_path)
+    assert torch.load(path, weights_only=True) == {"step": 1}
+
+
+def test_fsync_path_raises_for_a_file_and_skips_an_unsyncable_folder(tmp_path, monkeypatch):
+    """A file whose flush fails (EIO: the disk lost the write) raises; a folder whose file system cannot flush
+    folders (EINVAL) is skipped."""
+    import errno
+    f = tmp_path / "f"
+    f.write_bytes(b"x")
+
+    def failing(code):
+        def fsync(fd):
+            raise OSError(code, os.strerror(code))
+        return fsync
+
+    monkeypatch.setattr(checkpoint.os, "fsync", failing(errno.EIO))
+    with pytest.raises(OSError):
+        checkpoint.fsync_path(str(f))
+    monkeypatch.setattr(checkpoint.os, "fsync", failing(errno.EINVAL))
+    checkpoint.fsync_path(str(tmp_path))
+    with pytest.raises(OSError):
+        checkpoint.fsync_path(str(f))
+
+
 def test_load_errors_are_one_line(tmp_path):
     path = str(tmp_path / "ckpt.pt")
     with pytest.raises(FileNotFoundError, match=r"^gen: no checkpoint at .*ckpt.pt \(hint\)$"):
@@ -86,3 +132,27 @@ def test_nested_deferral_delivers_after_the_outer_block():
                 done.append("inner")
             done.append("outer")  # the inner block did not raise
     assert done == ["inner", "outer"] and signal.getsignal(signal.SIGINT) is before
+
+
+_RAN = []
+
+
+def _side_effect():
+    _RAN.append("code ran")
+    return {}
+
+
+class _RunsCode:
+    """What a malicious pickle does: calls a function as it is loaded."""
+    def __reduce__(self):
+        return (_side_effect, ())
+
+
+def test_load_refuses_a_checkpoint_that_would_run_code(tmp_path):
+    """torch.load with weights_only: a checkpoint (say, downloaded) whose pickle calls a function is refused in one
+    line, and the function never runs."""
+    path = str(tmp_path / "ckpt.pt")
+    torch.save({"model": {"w": torch.ones(2)}, "config": {}, "hook": _RunsCode()}, path)
+    with pytest.raises(ValueError, match="^gen: cannot read checkpoint "):
+        checkpoint.load_checkpoint(path, "gen")
+    assert _RAN == []

@@ -365,3 +365,74 @@ def test_transformers_checkpoint_gives_same_logits_here(tmp_path, q_lora_rank, f
         ours, theirs = model(idx), hf(idx).logits
     print(f"HF→ours max |Δlogit| = {(ours - theirs).abs().max().item():.2e} (|logit| max {ours.abs().max():.1f})")
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+
+
+def test_mtp_layer_holds_copies_of_the_embedding_and_the_head():
+    """The hub's MTP layer L = n_layers carries the shared embedding as embed_tokens and the shared output head as
+    shared_head.head (vLLM and SGLang read them for the MTP draft model)."""
+    cfg = tiny_cfg()
+    model = random_model(cfg)
+    t, L = hf_io.to_hf_state_dict(model), cfg.n_layers
+    assert not torch.equal(model.embed.weight, model.head.weight)
+    assert torch.equal(t[f"model.layers.{L}.embed_tokens.weight"], model.embed.weight)
+    assert torch.equal(t[f"model.layers.{L}.shared_head.head.weight"], model.head.weight)
+
+
+def test_shards_fill_up_to_max_shard_bytes():
+    """A shard holds tensors up to max_shard_bytes inclusive: 4 tensors of 16 bytes with a 32-byte limit are 2
+    shards of 2."""
+    shards = hf_io._shards({f"w{i}": torch.zeros(4) for i in range(4)}, 32)
+    assert [list(s) for s in shards] == [["w0", "w1"], ["w2", "w3"]]
+
+
+def test_fp8_checkpoint_with_another_block_size(tmp_path):
+    """quantization_config.weight_block_size sets the blocks of weight_scale_inv: 64×64 blocks here, dequantized as
+    w = fp8 · scale_inv[i // 64, j // 64]."""
+    cfg = tiny_cfg(inter_dim=160)
+    model = random_model(cfg)
+    tensors = hf_io.to_hf_state_dict(model)
+    want = dict(tensors)
+    for k in [k for k, t in tensors.items() if k.endswith("proj.weight") and t.ndim == 2]:
+        w = tensors[k]
+        M, N = w.shape
+        rb, cb = -(-M // 64), -(-N // 64)
+        padded = torch.zeros(rb * 64, cb * 64)
+        padded[:M, :N] = w
+        scale = (padded.abs().reshape(rb, 64, cb, 64).amax(dim=(1, 3)) / 448).clamp(min=1e-12)
+        full = scale.repeat_interleave(64, 0)[:M].repeat_interleave(64, 1)[:, :N]
+        q = (w / full).to(torch.float8_e4m3fn)
+        tensors[k], tensors[k + "_scale_inv"], want[k] = q, scale, q.float() * full
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    c = hf_io.hf_config(cfg)
+    c["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [64, 64],
+                                "activation_scheme": "dynamic"}
+    (tmp_path / "config.json").write_text(json.dumps(c))
+    got = hf_io.to_hf_state_dict(load_hf_checkpoint(tmp_path))
+    for k, t in got.items():
+        assert torch.equal(t, want[k]), k
+
+
+def test_a_crash_between_the_final_renames_keeps_the_old_checkpoint_on_disk(tmp_path, monkeypatch):
+    """Overwriting: the old checkpoint is moved aside, not deleted, until the new one is in place; killed between the
+    two renames, the old weights are still complete on disk (in the folder moved aside), and loading the path says
+    where in one line."""
+    cfg = tiny_cfg(n_mtp=0)
+    old, new = random_model(cfg, seed=0), random_model(cfg, seed=1)
+    target = tmp_path / "ckpt"
+    save_hf_checkpoint(old, target)
+    real = os.replace
+
+    def killed_at_the_second_rename(src, dst):
+        if os.path.basename(src).startswith(".ckpt.tmp-"):
+            raise KeyboardInterrupt                                   # stands for a kill at that instant
+        return real(src, dst)
+
+    monkeypatch.setattr(hf_io.os, "replace", killed_at_the_second_rename)
+    with pytest.raises(KeyboardInterrupt):
+        save_hf_checkpoint(new, target)
+    monkeypatch.undo()
+    kept = [d for d in tmp_path.iterdir() if (d / "model.safetensors").exists()]
+    assert len(kept) == 1
+    assert_same_model(old, load_hf_checkpoint(kept[0]), tokens(cfg))
+    with pytest.raises(FileNotFoundError, match=f"interrupted; the previous checkpoint is complete in .*{kept[0].name}$"):
+        load_hf_checkpoint(target)
