@@ -74,3 +74,14 @@ def test_bad_hyperparameters():
         AdamWBF16(_params(), betas=(0.9, 1.0))
     with pytest.raises(ValueError, match="floating-point"):
         AdamWBF16(_params(), moment_dtype=torch.int32)
+
+
+def test_bf16_moments_are_rounded_only_where_they_are_stored():
+    """The moments are rounded to bf16 only as they are stored for the next step; this step's update uses them in
+    fp32. So the first step, from zero moments, is torch's AdamW bit for bit (an update from the rounded m and v
+    is not)."""
+    ours, opt = _run(AdamWBF16, steps=1)
+    ref, _ = _run(torch.optim.AdamW, steps=1, foreach=False)
+    assert all(s["exp_avg"].dtype == torch.bfloat16 for s in opt.state.values())
+    for a, b in zip(ours, ref):
+        assert torch.equal(a, b)

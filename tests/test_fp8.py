@@ -896,3 +896,54 @@ def test_fp8_py_points_to_the_benchmark(capsys):
     with pytest.raises(SystemExit) as e:
         fp8._demo_main(["--bench"])
     assert e.value.code == 2 and "python fp8_bench.py" in capsys.readouterr().err
+
+
+def test_quantize_e5m6_stays_finite_near_its_max_and_keeps_its_subnormal_grid():
+    """E5M6's largest value is (2 − 2⁻⁶)·2¹⁵ = 65024, below fp16's 65504: a tile whose amax lies between the two
+    must take the next power-of-2 scale, or its amax rounds to 65536 = inf in the fp16 storage. Values that scale
+    below E5M6's smallest normal 2⁻¹⁴ are E5M6 subnormals, multiples of 2⁻²⁰ (not of fp16's 2⁻²⁴), rounded to
+    the nearest one."""
+    e5m6_max = (2 - 2 ** -6) * 2 ** 15
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 128, generator=g)
+    x[0, :3] = torch.tensor([65300.0, -65100.0, 65500.0])               # amax in (65024, 65504]
+    x[1, 0] = e5m6_max                                                  # scale 1: the row's values are y itself
+    x[1, 1:40] = torch.arange(1, 40) * 2.0 ** -24 * 7                   # below 2⁻¹⁴, off the 2⁻²⁰ grid
+    q, s = fp8.quantize_e5m6(x)
+    assert torch.isfinite(q).all() and q.float().abs().max() <= e5m6_max
+    assert torch.equal(s, torch.exp2(torch.round(torch.log2(s))))
+    back = q.float() * s.repeat_interleave(128, -1)
+    big = x.abs() >= 2.0 ** -14 * s.repeat_interleave(128, -1)
+    assert ((back - x).abs() <= x.abs() * 2 ** -7 * (1 + 1e-6))[big].all()   # half an ulp of 6 mantissa bits
+    assert s[1, 0] == 1.0
+    sub = q[1, 1:40].float()
+    assert torch.equal(sub * 2 ** 20, torch.round(sub * 2 ** 20))                 # on the 2⁻²⁰ grid
+    assert ((sub - x[1, 1:40]).abs() <= 2.0 ** -21).all()                         # the nearest grid point
+
+
+def test_quantize_act_t_tiles_the_tokens_from_the_first_one():
+    """Wgrad's tiles run along the tokens: for x (T, C), quantize_act_t's tile j of channel c covers tokens
+    128·j .. 128·j + 127, and only the last tile is padded, with zero tokens at its end (as the Hopper kernel
+    pads). T = 200 with token magnitudes that grow along T, so that each tile has its own scale."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(200, 256, generator=g) * torch.logspace(-2, 2, 200).unsqueeze(1)
+    qt, st = fp8.quantize_act_t(x)
+    assert qt.shape == (256, 256) and st.shape == (256, 2)
+    torch.testing.assert_close(st[:, 0], x[:128].abs().amax(0) / 448, rtol=1e-6, atol=0)
+    torch.testing.assert_close(st[:, 1], x[128:].abs().amax(0) / 448, rtol=1e-6, atol=0)
+    assert (qt[:, 200:].float() == 0).all()
+    assert fp8.calc_diff(fp8.dequantize_act(qt, st)[:, :200].t(), x) < 1e-3
+
+
+def test_fp8_linear_adds_its_bias_in_fp32_before_rounding():
+    """With a bias under bf16 autocast the GEMM's fp32 sum and the bias are added in fp32 and rounded once to bf16
+    (as nn.Linear adds its bias inside the GEMM), not rounded to bf16 first and again after the bias."""
+    torch.manual_seed(9)
+    lin = fp8_linear.FP8Linear(256, 384, bias=True)
+    x = torch.randn(80, 256)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        y = lin(x)
+    xq, xs = fp8.quantize_act(x.bfloat16())
+    wq, ws = fp8.quantize_weight(lin.weight.detach())
+    want = (fp8.fp8_gemm_ref(xq, xs, wq, ws, torch.float32) + lin.bias.detach()).bfloat16()
+    assert y.dtype == torch.bfloat16 and torch.equal(y, want)

@@ -582,3 +582,19 @@ def test_weights_quantized_once_on_gpu():
     comp = _accumulated_grads(model, idx, tgt, fp8_linear.weights_quantized_once(model), torch.compile(model))
     flat = [torch.cat([d[n].flatten().float() for n in want]) for d in (comp, want)]
     assert torch.nn.functional.cosine_similarity(*flat, dim=0) > 0.99
+
+
+def test_weights_quantized_once_keeps_dgrad_for_a_frozen_weight():
+    """A frozen FP8 weight (no dW wanted) inside weights_quantized_once still passes dX back to its input: the
+    block's Wᵀ serves Dgrad whenever the input wants a gradient. The same dX as outside the block, and fp32's."""
+    torch.manual_seed(0)
+    lin = fp8_linear.FP8Linear(256, 384)
+    lin.weight.requires_grad_(False)
+    x, g = torch.randn(64, 256), torch.randn(64, 384)
+    x_out, x_in = x.clone().requires_grad_(), x.clone().requires_grad_()
+    lin(x_out).backward(g)
+    with fp8_linear.weights_quantized_once(lin):
+        lin(x_in).backward(g)
+    grads = [x_out.grad, x_in.grad]
+    assert grads[1] is not None and torch.equal(grads[0], grads[1])
+    assert fp8.calc_diff(grads[1], g @ lin.weight) < 1e-3

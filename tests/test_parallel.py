@@ -148,6 +148,40 @@ def test_dispatch_ep_uneven_and_empty():
     assert run_workers(_skewed_worker, 2) == [0, 1]
 
 
+# -- gradient clipping across meshes ------------------------------------------------------------------------------
+def _clip_worker(rank, world):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+    mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("dp",))
+    g = torch.Generator().manual_seed(0)  # the same numbers on every rank
+    rep, plain = torch.randn(3, 4, generator=g, dtype=torch.float64), torch.randn(5, generator=g, dtype=torch.float64)
+    shards = torch.randn(world, 2, 4, generator=g, dtype=torch.float64)  # rank r holds shards[r]
+    params = []
+    for local, placement in ((rep, Replicate()), (shards[rank], Shard(0))):
+        p = torch.nn.Parameter(DTensor.from_local(torch.zeros_like(local), mesh, [placement], run_check=False))
+        p.grad = DTensor.from_local(local.clone(), mesh, [placement], run_check=False)
+        params.append(p)
+    p = torch.nn.Parameter(torch.zeros_like(plain))
+    p.grad = plain.clone()
+    params.append(p)
+    norm = parallel.clip_grad_norm(params, 1.0)
+    # replicated copies counted once, every shard once, the plain (replicated) tensor once
+    want = (rep.square().sum() + shards.square().sum() + plain.square().sum()).sqrt()
+    torch.testing.assert_close(norm, want, rtol=1e-12, atol=0)
+    assert want > 1.0  # clipping is active: every gradient scaled by 1 / ‖g‖
+    scale = 1.0 / (want + 1e-6)
+    torch.testing.assert_close(params[0].grad.to_local(), rep * scale, rtol=1e-9, atol=0)
+    torch.testing.assert_close(params[1].grad.to_local(), shards[rank] * scale, rtol=1e-9, atol=0)
+    torch.testing.assert_close(params[2].grad, plain * scale, rtol=1e-9, atol=0)
+    return rank
+
+
+def test_clip_grad_norm_counts_replicated_gradients_once():
+    """A gradient replicated over a mesh dimension is one copy, not a shard: its ‖g‖² must not be summed over the
+    ranks of that dimension (only sharded dimensions are)."""
+    assert run_workers(_clip_worker, 2) == [0, 1]
+
+
 # -- data parallelism (FSDP2) with and without expert parallelism == one process --------------------------------
 def tiny_cfg(**kw):
     return tiny_config(dict(n_layers=3, qk_rope_head_dim=8, max_seq_len=16, n_routed_experts=8, n_expert_groups=4,

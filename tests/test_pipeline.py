@@ -186,6 +186,26 @@ def test_stages_compose_to_the_model():
     assert names == {n for n, _ in model.named_parameters()}
 
 
+def test_stage_losses_are_scaled_per_micro_batch():
+    """Every loss a stage makes is divided by the number M of micro-batches where it is made: the last stage returns
+    (L_main + λ·L_MTP + α·L_Bal) / M and the earlier stages inject α·L_Bal / M (InjectLoss). The stages run back to
+    back in one process on each of M micro-batches, one backward each: the summed gradients are the one-process
+    gradients of the whole batch (no schedule, no processes: the slow pipeline tests' check, in the fast tier)."""
+    cfg = tiny_cfg()
+    _, ref_grads, _, _ = reference(cfg)
+    model = make_model(cfg)
+    x, y = batch(cfg)
+    M = 2
+    stages = [StageModule(model, s, 4, M, LAM, ALPHA) for s in range(4)]
+    for xm, ym in zip(x.tensor_split(M), y.tensor_split(M)):
+        h = xm
+        for s in stages:
+            h = s(h, xm, ym)
+        h.backward()
+    for n, p in model.named_parameters():
+        assert torch.allclose(p.grad, ref_grads[n], rtol=1e-10, atol=1e-13), n
+
+
 def test_inject_loss_adds_the_gradient_of_its_loss():
     h = torch.randn(3, 2, dtype=torch.float64, requires_grad=True)
     w = torch.randn((), dtype=torch.float64, requires_grad=True)

@@ -1,10 +1,13 @@
 """plan.py: hand-computed bytes, all-to-all and bubbles on small inputs; the refusal; the v3-671b plan's sanity."""
+import dataclasses
+
 import pytest
+import torch
 
 import plan
 from config import ModelConfig, get_preset
 from dualpipe import formula_bubble, make_schedule, simulate
-from model import count_params
+from model import Transformer, count_params
 
 # A block small enough to count by hand: d 8, H 2, d_n 4, d_r 2, d_v 4, q_c 4, k_c 4, dense FFN 16,
 # MoE: 4 routed experts of width 4, 1 shared, K_r 2.
@@ -120,3 +123,94 @@ def test_refusals_are_one_line(capsys):
         assert plan.main(bad) == 2, bad
         err = capsys.readouterr().err
         assert err.startswith("error: ") and err.count("\n") == 1, bad
+
+
+# -- FLOPs, MFU, stage times, the DualPipeV formula, the last stage's activations and the gradient sync ----------
+def activated_matmul_weights(cfg) -> int:
+    """Weights a token multiplies with, counted on the model itself (meta device): every matrix but the embedding
+    (a lookup), the routed experts at K_r/N_r of their size (only K_r of them run), and the shared head once more
+    for each MTP depth. Independent of plan.py's hand formulas."""
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    n = 0
+    for name, p in model.named_parameters():
+        if p.dim() < 2 or name == "embed.weight":
+            continue  # norm gains, the embedding lookup
+        share = cfg.n_activated_experts / cfg.n_routed_experts if ".ffn.experts." in name else 1
+        n += p.numel() * share
+    return n + cfg.n_mtp * cfg.vocab_size * cfg.dim  # the shared head again in each MTP depth
+
+
+@pytest.mark.parametrize("preset", [None, "v3-671b"])
+def test_forward_flops_match_the_models_activated_weights(preset):
+    """Forward FLOPs per token = 2 × activated matmul weights (main model and MTP) + causal attention, which over
+    T/2 keys on average costs H·T·(d_n + d_r + d_v) per attention layer (the MTP blocks' included)."""
+    cfg = SMALL if preset is None else get_preset(preset)
+    T = 64 if preset is None else 4096
+    layers = cfg.n_layers + cfg.n_mtp
+    want = 2 * activated_matmul_weights(cfg) + layers * cfg.n_heads * T * (
+        cfg.qk_nope_head_dim + cfg.qk_rope_head_dim + cfg.v_head_dim)
+    assert plan.forward_flops_per_token(cfg, T) == pytest.approx(want, rel=1e-12)
+
+
+def test_mfu_is_achieved_model_flops_over_the_bf16_peak():
+    """MFU = 3 × forward FLOPs a token × tokens/s per GPU / peak: the peak (not the assumed GEMM speed) is the
+    denominator, so changing it leaves the step alone and scales MFU inversely."""
+    cfg = dataclasses.replace(SMALL, n_layers=8)
+    args = (cfg, 4, 2, 2, 2, "dualpipe", 8, 64, 1)  # gpus, gpus_per_node, ep, pp, schedule, batch, T, micro-batch
+    A = plan.Assumptions()
+    p = plan.make_plan(*args, A)
+    tokens_per_s_gpu = 8 * 64 / p["step"] / 4
+    assert p["tokens_per_s_gpu"] == pytest.approx(tokens_per_s_gpu, rel=1e-12)
+    flops = 3 * p["fwd_flops"] * tokens_per_s_gpu  # model FLOP/s achieved per GPU
+    assert p["mfu"] == pytest.approx(flops / (A.peak_tflops * 1e12), rel=1e-12)
+    q = plan.make_plan(*args, dataclasses.replace(A, peak_tflops=2 * A.peak_tflops))
+    assert q["step"] == p["step"] and q["mfu"] == pytest.approx(p["mfu"] / 2, rel=1e-12)
+
+
+def test_stage_times_by_hand():
+    """F: a stage's FLOPs over GEMM/attention speed on the SMs left after communication (20 of 132); C: the
+    all-to-all of each MoE layer (the slower of IB and NVLink) and the send of the hidden state (BF16) over IB."""
+    A = plan.Assumptions()
+    c = 1 - 20 / 132
+    tokens, T = 64, 32
+    a2a = {"ib": 3000.0, "nvlink": 5000.0}  # bytes a token per MoE layer
+    # stage 0 of 2 = block 0, dense: matmuls q_a 8·4, q_b 4·12, kv_a 8·6, kv_b 4·16, o 8·8, FFN 3·8·16
+    # → 2·640 FLOPs; attention H·T·(d_n + d_r + d_v) = 2·T·10
+    F, R, C = plan.stage_times(SMALL, 2, 0, tokens, T, a2a, A)
+    assert F == pytest.approx(tokens * (1280 / (1000e12 * c) + 20 * T / (450e12 * c)), rel=1e-12)
+    assert R == pytest.approx(tokens * 2 * (4 * 12 + 4 * 16) / (1000e12 * c), rel=1e-12)  # MLA up-projections
+    assert C == pytest.approx(tokens * 8 * 2 / 50e9, rel=1e-12)  # no MoE layer: only the hidden state's send
+    # stage 1 = block 1 and the MTP block: two MoE layers, each max(3000 B / 50 GB/s, 5000 B / 160 GB/s)
+    _, _, C1 = plan.stage_times(SMALL, 2, 1, tokens, T, a2a, A)
+    assert C1 == pytest.approx(tokens * (2 * 3000 / 50e9 + 8 * 2 / 50e9), rel=1e-12)
+    # no SMs given to communication: the same FLOPs at full speed
+    F0, R0, C0 = plan.stage_times(SMALL, 2, 0, tokens, T, a2a, dataclasses.replace(A, comm_sms=0))
+    assert (F0, R0, C0) == pytest.approx((F * c, R * c, C), rel=1e-12)
+
+
+def test_dualpipev_formula_has_two_stages_a_rank():
+    """DualPipeV on pp ranks runs 2·pp stages: the README formula it is compared with is (PP/2 - 1)(F&B + B - 3W)
+    with PP = 2·pp, i.e. (pp - 1)(F&B + B - 3W)."""
+    cfg = dataclasses.replace(SMALL, n_layers=8)
+    p = plan.make_plan(cfg, 4, 2, 2, 2, "dualpipev", 8, 64, 1, plan.Assumptions())
+    c = p["costs"]
+    assert p["n_stages"] == 4
+    assert p["formula_bubble"] == pytest.approx((2 - 1) * (c["FB"] + c["B"] - 3 * c["W"]), rel=1e-12)
+    assert p["formula_bubble"] > 0
+
+
+def test_last_stage_activations_and_gradient_sync_by_hand():
+    """Last stage per token, BF16 scheme: final norm in and out 2·d BF16, logits V in BF16 and their FP32
+    log-softmax, and per MTP module its norms and concat 8·d BF16, its MoE block and its logits again.
+    Gradient sync per step: FP32 gradients reduce-scattered (4 B) and BF16 weights all-gathered (2 B), each
+    moving (n-1)/n of the parameters a rank holds, over IB."""
+    d, V = SMALL.dim, SMALL.vocab_size
+    moe_block = (74 + 16 + 12 + 56) * 2 + 8 + 16  # test_block_activations_by_hand
+    assert plan.tail_act_bytes(SMALL, "bf16") == 2 * d * 2 + V * (2 + 4) + (8 * d * 2 + moe_block + V * (2 + 4))
+    cfg = dataclasses.replace(SMALL, n_layers=8)
+    A = plan.Assumptions()
+    p = plan.make_plan(cfg, 8, 4, 2, 2, "1f1b", 16, 64, 1, A)  # dp 4, ep 2, efsdp 2
+    moved = max(r["dense"] * 3 / 4 + r["expert"] * 1 / 2 for r in p["ranks"])
+    assert p["sync"] == pytest.approx((4 + 2) * moved / (A.ib_gbs * 1e9), rel=1e-12)
+    assert p["step"] == pytest.approx(p["makespan"] + p["sync"], rel=1e-12)

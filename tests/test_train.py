@@ -78,14 +78,17 @@ def test_bf16_moments_train_and_resume_exactly(tmp_path, corpus_args, straight):
 
 
 def test_ctrl_c_saves_and_resumes_exactly(tmp_path, corpus_args, straight, monkeypatch, capsys):
+    """Ctrl-C in step 8 after its batch was drawn (the data generator has moved on): the checkpoint holds the state
+    at the end of step 7, so the resumed run draws step 8's batch again and ends with the straight run's weights."""
     real, calls = data.Corpus.get_batch, []
 
-    def get_batch(self, split, *a, **kw):  # Ctrl-C in the middle of step 8 (after drawing its batch)
+    def get_batch(self, split, *a, **kw):
+        batch = real(self, split, *a, **kw)
         if split == "train":
             calls.append(1)
             if len(calls) == 8:
                 raise KeyboardInterrupt
-        return real(self, split, *a, **kw)
+        return batch
 
     monkeypatch.setattr(data.Corpus, "get_batch", get_batch)
     assert run(tmp_path, corpus_args, "--max_iters", "12", "--eval_interval", "100") == 130
@@ -373,7 +376,9 @@ def test_corpus_shorter_than_a_block(tmp_path, capsys):
 
 def test_grad_accum_equals_one_big_batch(tmp_path, corpus_args):
     """2 micro-batches of 2 sequences == 1 batch of 4 (same windows: the data generator draws them in order):
-    the losses are means, the MoE load of both micro-batches feeds one bias update."""
+    the losses are means, the MoE load of both micro-batches feeds one bias update, and the gradient is the mean
+    over the micro-batches: its logged norm before clipping is the big batch's, so --grad_clip means the same
+    whatever --grad_accum (clipping and AdamW would hide a gradient grad_accum times too large from the weights)."""
     common = [a for a in RUN if a not in ("--batch_size", "4")]
     a, b = tmp_path / "a", tmp_path / "b"
     assert train.main(["--out_dir", str(a), *corpus_args, *TINY_ARGS, *common, "--batch_size", "4",
@@ -384,6 +389,11 @@ def test_grad_accum_equals_one_big_batch(tmp_path, corpus_args):
     for k in sa:
         assert torch.allclose(sa[k], sb[k], rtol=1e-4, atol=1e-6), k
     assert any("gate.bias" in k and sa[k].abs().sum() > 0 for k in sa)
+    la, lb = ([r for r in read_log(d) if "loss" in r] for d in (a, b))
+    assert [r["step"] for r in la] == [r["step"] for r in lb] == [1, 2, 3]
+    for ra, rb in zip(la, lb):
+        for k in ("loss", "main", "mtp", "balance", "grad_norm"):
+            assert rb[k] == pytest.approx(ra[k], rel=1e-4), (k, ra, rb)
 
 
 # -- never lose a run ---------------------------------------------------------------------------------------------
@@ -929,3 +939,68 @@ def test_preset_block_size_over_a_typed_max_seq_len_names_the_preset(tmp_path, c
     err = capsys.readouterr().err
     assert err == ("error: --block_size=4096: must be <= max_seq_len (2048) (the v3-layers preset's default: give "
                    "--block_size)\n")
+
+
+def test_lr_schedule_without_a_cosine_phase():
+    """--lr_decay_iters equal to --warmup_iters (check_args allows it): the peak through the warmup, then min_lr."""
+    a = argparse.Namespace(lr=1e-3, min_lr=1e-4, warmup_iters=10, lr_decay_iters=10)
+    assert train.lr_at(9, a) == pytest.approx(1e-3)
+    assert train.lr_at(10, a) == train.lr_at(11, a) == pytest.approx(1e-4)
+
+
+def test_total_loss_weights_mtp_by_lambda_and_balance_by_alpha():
+    """loss = L_main + λ·L_MTP + α·L_balance, λ = --mtp_lambda and α = --balance_alpha."""
+    losses = {"main": torch.tensor(2.0), "mtp": torch.tensor(3.0), "balance": torch.tensor(5.0)}
+    args = argparse.Namespace(mtp_lambda=0.3, balance_alpha=1e-4)
+    assert train.total_loss(losses, args).item() == pytest.approx(2.0 + 0.3 * 3.0 + 1e-4 * 5.0)
+
+
+def test_each_step_applies_and_logs_its_scheduled_lr_and_clip(tmp_path, corpus_args, monkeypatch):
+    """Step s (0-based) runs with lr(s) of the documented schedule (linear warmup to --lr over --warmup_iters, cosine to
+    --min_lr at --lr_decay_iters) on gradients clipped to --grad_clip, and its log record (step s + 1) shows that lr
+    and the norm before clipping."""
+    seen, real = [], train.optimizer_step
+
+    def optimizer_step(r):
+        norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in r.model.parameters() if p.grad is not None]))
+        seen.append(([g["lr"] for g in r.opt.param_groups], norm.item()))
+        real(r)
+
+    monkeypatch.setattr(train, "optimizer_step", optimizer_step)
+    assert run(tmp_path, corpus_args, "--max_iters", "5", "--eval_interval", "5", "--grad_clip", "0.05") == 0
+    lr, warm, decay, min_lr = 2e-3, 3, 20, 1e-4                     # RUN's schedule
+    want = [lr * (s + 1) / warm if s < warm else
+            min_lr + 0.5 * (1 + math.cos(math.pi * (s - warm) / (decay - warm))) * (lr - min_lr) for s in range(5)]
+    assert [lrs for lrs, _ in seen] == [[pytest.approx(w)] * len(seen[0][0]) for w in want]
+    records = [r for r in read_log(tmp_path) if "lr" in r]
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5]
+    assert [r["lr"] for r in records] == pytest.approx(want)
+    for (_, clipped), r in zip(seen, records):
+        assert r["grad_norm"] > 0.05 and clipped == pytest.approx(0.05, rel=1e-4)
+
+
+def test_the_last_step_is_evaluated(tmp_path, corpus_args):
+    """Evaluation every --eval_interval steps and at --max_iters, even when it is not a multiple of the interval."""
+    assert run(tmp_path, corpus_args, "--max_iters", "5", "--eval_interval", "4") == 0
+    assert [r["step"] for r in read_log(tmp_path) if "val_main" in r] == [4, 5]
+
+
+def test_bias_update_moves_each_gate_bias_by_gamma(tmp_path, corpus_args):
+    """After the first step every gate bias b_i is ±γ (--bias_gamma), or 0 for an expert at exactly the mean load:
+    b_i += γ·sign(mean load − load_i) from b = 0."""
+    assert run(tmp_path, corpus_args, "--max_iters", "1", "--eval_interval", "1", "--bias_gamma", "0.02") == 0
+    biases = [t for k, t in load(tmp_path)["model"].items() if k.endswith("gate.bias")]
+    assert biases
+    for b in biases:
+        assert ((b == 0) | torch.isclose(b.abs(), torch.tensor(0.02))).all() and b.abs().max() > 0, b
+
+
+@pytest.mark.parametrize("bf16_moments", [False, True])
+def test_optimizer_takes_the_training_options(bf16_moments):
+    """make_optimizer hands --lr, --beta1, --beta2 and --weight_decay (matrices) to the optimizer, with or without
+    --bf16_moments."""
+    model = Transformer(get_preset("tiny", dim=32, inter_dim=64, vocab_size=512))
+    args = argparse.Namespace(weight_decay=0.05, lr=7e-4, beta1=0.8, beta2=0.97, bf16_moments=bf16_moments)
+    opt = train_setup.make_optimizer(model, args, torch.device("cpu"))
+    assert [(g["lr"], tuple(g["betas"]), g["weight_decay"]) for g in opt.param_groups] == \
+        [(7e-4, (0.8, 0.97), 0.05), (7e-4, (0.8, 0.97), 0.0)]
