@@ -340,7 +340,9 @@ def recompute_flops(cfg, n_stages: int, stage: int) -> float:
 
 def stage_times(cfg, n_stages: int, stage: int, tokens: int, T: int, a2a: dict, A: Assumptions) -> tuple:
     """(F, R, C) seconds of one micro-batch on `stage`: forward compute, recomputation in the backward,
-    communication (all-to-all of its MoE layers and the send to the next stage)."""
+    communication (all-to-all of its MoE layers and the send of a stage's boundary, dim bf16 values a token). C is
+    charged to the forward and the backward alike, so the last stage's forward and the first stage's backward
+    count one send they do not make: an upper bound by dim·2 bytes a token, little beside the all-to-all."""
     c = 1 - A.comm_sms / A.sms
     lin, att = stage_flops(cfg, n_stages, stage, T)
     F = tokens * (lin / (A.gemm_tflops * 1e12 * c) + att / (A.attn_tflops * 1e12 * c))
