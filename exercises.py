@@ -30,6 +30,10 @@ solution (an encoded copy would hide nothing from a learner who looks, and a cop
 to the instructor's machine), and the tests' plain versions (loops, enumerations, bisection) say what to compute,
 which the docstring says already, but not how to compute it the way the exercise asks (vectorized, in the report's
 layout). A test that still meets a stub of another function reports "needs G (not started)", a bug of the test.
+The rest of the copy stays whole, and some of it computes an exercise's result another way (the naive and fused
+paths beside `_attend_absorb`, `latent_attention_ref` beside `latent_attention_split`): a learner may read them, as
+any part of the repository, but the grading tests replace them with functions that fail, so that calling them is not
+an answer.
 
 Adding an exercise: write its grading test in tests/grading/ with the marker, and add the function to a set in SETS
 below; tests/test_exercises.py checks that every listed function exists, can be stubbed and has grading tests.
@@ -484,9 +488,11 @@ def report(per: dict) -> str:
         first, *rest = (detail or "").split("\n")
         lines.append(f"{name:<{width}}  {status:<11}  {first}".rstrip())
         lines += rest
-    counts = {s: sum(v[0] == s for v in per.values()) for s in ("passed", "failed", "not started")}
-    lines.append(f"{counts['passed']} of {len(per)} passed, {counts['failed']} failed, "
-                 f"{counts['not started']} not started")
+    counts = {s: sum(v[0] == s for v in per.values()) for s in ("passed", "failed", "not started", "skipped",
+                                                                 "missing")}
+    tail = [f"{counts[s]} {s}" for s in ("skipped", "missing") if counts[s]]  # neither is a pass: grade exits 1
+    lines.append(", ".join([f"{counts['passed']} of {len(per)} passed", f"{counts['failed']} failed",
+                            f"{counts['not started']} not started", *tail]))
     return "\n".join(lines)
 
 

@@ -269,6 +269,15 @@ def test_grading_catches_a_planted_mistake_in_every_exercise(tmp_path):
 
 
 @pytest.mark.slow
+def test_report_counts_every_status():
+    """A function whose grading tests were all skipped (or did not run) is no pass: grade exits 1, and the summary
+    line says why instead of adding up to fewer functions than it lists."""
+    per = {"a.f": ("passed", "3 tests"), "a.g": ("skipped", ""), "a.h": ("missing", "its grading tests did not run"),
+           "a.i": ("not started", "")}
+    assert E.report(per).splitlines()[-1] == "1 of 4 passed, 0 failed, 1 not started, 1 skipped, 1 missing"
+    assert E.report({"a.f": ("passed", "")}).splitlines()[-1] == "1 of 1 passed, 0 failed, 0 not started"
+
+
 def test_list_into_a_closed_pipe_is_quiet():
     """`python exercises.py list | head`: once the reader is gone, no traceback and exit status 0."""
     p = subprocess.Popen([sys.executable, os.path.join(ROOT, "exercises.py"), "list"], stdout=subprocess.PIPE,

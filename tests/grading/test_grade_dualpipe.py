@@ -173,3 +173,30 @@ def test_eight_steps_schedule(kind, N, C):
     makespan, busy = execute(kind, N, ops, n_stages)
     if kind == "dualpipe":  # F=1, B=2, W=1, F&B=3: each rank idles (PP/2-1)(F&B+B-3W)
         assert [makespan - b for b in busy] == [(N // 2 - 1) * (3 + 2 - 3)] * N
+
+
+@pytest.mark.grades("dualpipe.step_counts")
+@pytest.mark.parametrize("N, C", [(4, 10), (3, 7), (5, 12)])
+def test_step_counts_dualpipev_every_rank(N, C):
+    # DualPipeV: H → N, h → r (not min(r, N-1-r)), C/2 → C
+    for r in range(N):
+        got = list(dualpipe.step_counts(N, C, r, "dualpipev"))
+        assert got == counts_plain(N, C, r, "dualpipev"), f"rank {r}: {got}"
+        assert got[0] + got[1] + got[3] == C and got[1] + got[2] + got[3] + got[4] == C
+
+
+@pytest.mark.grades("dualpipe._eight_steps")
+def test_eight_steps_every_step_by_hand():
+    # N = 4, C = 10, rank 0 (not a middle rank): counts [2, 1, 1, 2, 1, 1, 1, 1], every step runs; read off the
+    # table: 1 F0 ×2 | 2 F0, F1 | 3 BI1, W, F1 | 4 (F0&B1), (F1&B0) ×2 | 5 B1, (F1&B0) | 6 B1, BI0 | 7 W, BI0 | 8 W
+    want = [("F", 0, 0), ("F", 0, 1),
+            ("F", 0, 2), ("F", 1, 0),
+            ("BI", 1, 0), ("W", 1, 0), ("F", 1, 1),
+            ("FB", ("F", 0, 3), ("B", 1, 1)), ("FB", ("F", 1, 2), ("B", 0, 0)),
+            ("FB", ("F", 0, 4), ("B", 1, 2)), ("FB", ("F", 1, 3), ("B", 0, 1)),
+            ("B", 1, 3), ("FB", ("F", 1, 4), ("B", 0, 2)),
+            ("B", 1, 4), ("BI", 0, 3),
+            ("W", 0, 3), ("BI", 0, 4),
+            ("W", 0, 4)]
+    assert counts_plain(4, 10, 0) == [2, 1, 1, 2, 1, 1, 1, 1]
+    assert dualpipe._eight_steps([2, 1, 1, 2, 1, 1, 1, 1], False, 0) == want

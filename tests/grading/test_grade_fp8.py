@@ -35,7 +35,7 @@ def test_quantize_act_tiles(pow2):
             if pow2:
                 want = 2.0 ** math.ceil(math.log2(want))  # the next power of 2 at or above amax/448
             got = scale[r, t].item()
-            assert got == pytest.approx(want, rel=1e-6), f"row {r}, tile {t}: scale {got:.6g}, expected {want:.6g}"
+            assert got == pytest.approx(want, rel=1e-6, abs=0), f"row {r}, tile {t}: scale {got:.6g}, want {want:.6g}"
             back = q[r, t * 128:(t + 1) * 128].double() * scale[r, t].item()
             # E4M3 keeps 3 mantissa bits: each value within half a step (2^-4 relative), tiny ones within a
             # subnormal step
@@ -70,7 +70,7 @@ def test_quantize_weight_blocks(N, K):
             block = w[i * 128:(i + 1) * 128, j * 128:(j + 1) * 128]  # edge blocks are smaller
             want = max(block.abs().max().item(), fp8.AMAX_EPS) / 448
             got = scale[i, j].item()
-            assert got == pytest.approx(want, rel=1e-6), f"block ({i}, {j}): scale {got:.6g}, expected {want:.6g}"
+            assert got == pytest.approx(want, rel=1e-6, abs=0), f"block ({i}, {j}): scale {got:.6g}, want {want:.6g}"
             back = q[i * 128:(i + 1) * 128, j * 128:(j + 1) * 128].double() * scale[i, j].item()
             bound = block.double().abs() * 2.0 ** -4 + scale[i, j].item() * 2.0 ** -9
             assert ((back - block.double()).abs() <= bound).all(), f"block ({i}, {j}): w ≈ w_fp8 · scale"
@@ -121,3 +121,34 @@ def test_fp8_gemm_ref_row_scales_and_bf16():
     got16 = fp8.fp8_gemm_ref(a, sa, b, sb)  # default output: bf16
     assert got16.dtype == torch.bfloat16
     assert (got16.double() - want).abs().max() / want.abs().max() < 1e-2
+
+
+@pytest.mark.grades("fp8.quantize_act_ref")
+def test_quantize_act_zero_tile_scale_is_the_floor():
+    # pytest.approx's default abs=1e-12 would accept any scale below 1e-12 here: compare relatively only
+    x = torch.zeros(2, 256)
+    x[1, 128:] = 1.0
+    q, scale = fp8.quantize_act_ref(x)
+    assert scale[0].tolist() == pytest.approx([fp8.AMAX_EPS / 448] * 2, rel=1e-6, abs=0)
+    assert scale[1].tolist() == pytest.approx([fp8.AMAX_EPS / 448, 1 / 448], rel=1e-6, abs=0)
+    assert (q[0].float() == 0).all() and (q[1, 128:].float() == 448).all()
+
+
+@pytest.mark.grades("fp8.quantize_weight_ref")
+def test_quantize_weight_stack_of_experts():
+    """(E, N, K), the routed experts' stacked weights (fp8.quantize_weight without the Hopper kernel): every matrix
+    gets its own 128×128 blocks."""
+    gen = torch.Generator().manual_seed(5)
+    w = torch.randn(3, 200, 300, generator=gen) * 0.02
+    w[1, :128, 128:256] *= 50  # an outlier block in one expert only
+    q, scale = fp8.quantize_weight_ref(w)
+    assert q.dtype == E4M3 and q.shape == (3, 200, 300) and scale.shape == (3, 2, 3)
+    for e in range(3):
+        for i in range(2):
+            for j in range(3):
+                block = w[e, i * 128:(i + 1) * 128, j * 128:(j + 1) * 128]
+                want = max(block.abs().max().item(), fp8.AMAX_EPS) / 448
+                assert scale[e, i, j].item() == pytest.approx(want, rel=1e-6, abs=0), f"expert {e}, block ({i}, {j})"
+                back = q[e, i * 128:(i + 1) * 128, j * 128:(j + 1) * 128].double() * scale[e, i, j].item()
+                bound = block.double().abs() * 2.0 ** -4 + scale[e, i, j].item() * 2.0 ** -9
+                assert ((back - block.double()).abs() <= bound).all(), f"expert {e}, block ({i}, {j})"

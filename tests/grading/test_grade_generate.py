@@ -77,3 +77,41 @@ def test_verify_draft_sampling(monkeypatch, top_k):
         if n_acc < n:
             law += q[d] * (1 - n_acc / n) * outs / outs.sum()
     assert (law - p).abs().max() < 0.04, f"output law {law} vs p {p}: the rule must leave p unchanged"
+
+
+@pytest.mark.grades("generate.verify_draft")
+@pytest.mark.parametrize("temperature", [0.5, 2.0])
+def test_verify_draft_sampling_temperature(monkeypatch, temperature):
+    """p and q both at the sampling temperature: draft d is accepted with min(1, p_T(d)/q_T(d)), a rejection
+    resamples only where p_T > q_T."""
+    monkeypatch.setattr(generate, "probs_from_logits", lambda lg, t, k=None: probs_plain(lg, t, k).float())
+    p, q = probs_plain(P_LOGITS, temperature), probs_plain(Q_LOGITS, temperature)
+    gen = torch.Generator().manual_seed(3)
+    n = 1000
+    for d in range(len(p)):
+        accept = min(1.0, (p[d] / q[d]).item())
+        n_acc, outs = 0, torch.zeros_like(p)
+        for _ in range(n):
+            token, ok = generate.verify_draft(P_LOGITS, Q_LOGITS, d, temperature, None, gen)
+            n_acc += bool(ok)
+            if not ok:
+                outs[int(token)] += 1
+        tol = 5 * (accept * (1 - accept) / n) ** 0.5 + 1e-3
+        assert abs(n_acc / n - accept) < tol, f"T={temperature}, draft {d}: accepted {n_acc / n:.3f}, rule {accept:.3f}"
+        assert (outs[p <= q] == 0).all(), f"T={temperature}, draft {d}: a rejection gave a token with p_T <= q_T"
+
+
+@pytest.mark.grades("generate.verify_draft")
+def test_verify_draft_draws_from_gen(monkeypatch):
+    """All its randomness comes from `gen` (generate.py's seeded sampling): the same seed gives the same outcomes,
+    whatever the global generator's state."""
+    monkeypatch.setattr(generate, "probs_from_logits", lambda lg, t, k=None: probs_plain(lg, t, k).float())
+
+    def outcomes(global_seed):
+        with torch.random.fork_rng():
+            torch.manual_seed(global_seed)
+            gen = torch.Generator().manual_seed(4)
+            return [tuple(map(int, generate.verify_draft(P_LOGITS, Q_LOGITS, d % 5, 1.0, None, gen)))
+                    for d in range(200)]
+
+    assert outcomes(0) == outcomes(1)

@@ -33,9 +33,11 @@ def yarn_range_plain(d, theta, original_seq_len, beta_fast, beta_slow):
 
 
 def rope_cfg(yarn: bool, d=16, factor=40.0, mscale=1.0):
-    return SimpleNamespace(qk_rope_head_dim=d, rope_theta=10000.0, yarn_active=yarn, original_seq_len=4096,
-                           beta_fast=32, beta_slow=1, rope_factor=factor, mscale=mscale, qk_head_dim=48,
-                           max_seq_len=64)
+    # consistent with config.ModelConfig: qk_head_dim = dn + dr, and YaRN is active iff max_seq_len > original_seq_len
+    L = 4096
+    return SimpleNamespace(qk_nope_head_dim=48 - d, qk_rope_head_dim=d, qk_head_dim=48, rope_theta=10000.0,
+                           yarn_active=yarn, original_seq_len=L, max_seq_len=int(L * factor) if yarn else L,
+                           beta_fast=32, beta_slow=1, rope_factor=factor, mscale=mscale)
 
 
 # -- RoPE and YaRN -------------------------------------------------------------------------------------------
@@ -173,4 +175,77 @@ def test_attend_absorb_with_per_sequence_positions(monkeypatch, T, starts):
     w = layer.wkv_b.weight.detach()
     want = torch.cat([attention_plain(q_nope[b:b + 1], q_pe[b:b + 1], latent[b:b + 1], k_pe[b:b + 1], w, dn, dv,
                                       scale, starts[b]) for b in range(B)])
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.grades("mla.yarn_correction_range")
+def test_yarn_correction_range_clamps_high():
+    # θ = 10 over 4096 positions: even the last pairs turn more than beta_slow times, the slow end lies past the
+    # last dimension and high is clamped to d - 1 (the other cases never reach the clamp)
+    assert yarn_range_plain(8, 10.0, 4096, 32, 1) == (5, 7)
+    assert tuple(mla.yarn_correction_range(8, 10.0, 4096, 32, 1)) == (5, 7)
+
+
+@pytest.mark.grades("mla.rope_frequencies")
+def test_rope_frequencies_collapsed_ramp(monkeypatch):
+    """low == high: the ramp is a step (no 0/0): pairs up to low keep θ_j, the later ones are divided by the factor."""
+    monkeypatch.setattr(mla, "yarn_correction_range", lambda *args: (3, 3))
+    cfg = rope_cfg(True)
+    d = cfg.qk_rope_head_dim
+    want = [cfg.rope_theta ** (-2 * j / d) / (cfg.rope_factor if j > 3 else 1.0) for j in range(d // 2)]
+    got = mla.rope_frequencies(cfg)
+    torch.testing.assert_close(got.double(), torch.tensor(want, dtype=torch.float64), rtol=1e-6, atol=0)
+
+
+@pytest.mark.grades("mla.apply_rotary_emb")
+@pytest.mark.parametrize("heads", [True, False])
+def test_apply_rotary_emb_per_sequence_positions(heads):
+    """freqs_cis (B, T, dr/2): each sequence of the batch sits at positions of its own (batched decoding)."""
+    gen = torch.Generator().manual_seed(1)
+    B, T, H, dr = 3, 4, 2, 6
+    x = torch.randn((B, T, H, dr) if heads else (B, T, dr), generator=gen, dtype=torch.float64)
+    angles = torch.rand(B, T, dr // 2, generator=gen, dtype=torch.float64) * 6  # a different table per sequence
+    got = mla.apply_rotary_emb(x, torch.polar(torch.ones_like(angles), angles))
+    want = x.clone()
+    for b in range(B):
+        for t in range(T):
+            for i in range(dr // 2):
+                c, s = math.cos(angles[b, t, i]), math.sin(angles[b, t, i])
+                u, v = x[b, t, ..., 2 * i], x[b, t, ..., 2 * i + 1]
+                want[b, t, ..., 2 * i] = u * c - v * s
+                want[b, t, ..., 2 * i + 1] = u * s + v * c
+    assert got.shape == x.shape
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.grades("mla.apply_rotary_emb")
+def test_apply_rotary_emb_bf16_rounded_once():
+    """bf16 x: computed in fp32 and rounded once, so (double rounding aside) every entry is the exact rotation
+    rounded to bf16; a rotation in bf16 also rounds cos, sin and each product."""
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 16, 4, 64, generator=gen).bfloat16()
+    angles = torch.rand(16, 32, generator=gen, dtype=torch.float64) * 1000
+    freqs_cis = torch.polar(torch.ones_like(angles), angles).to(torch.complex64)
+    got = mla.apply_rotary_emb(x, freqs_cis)
+    cs = torch.view_as_real(freqs_cis).double()[None, :, None]  # (1, T, 1, dr/2, 2)
+    u, v = x.double().unflatten(-1, (-1, 2)).unbind(-1)
+    want = torch.stack([u * cs[..., 0] - v * cs[..., 1], u * cs[..., 1] + v * cs[..., 0]], -1).flatten(-2)
+    assert got.dtype == torch.bfloat16
+    assert (got != want.bfloat16()).float().mean().item() < 0.01, "not the exact rotation rounded to bf16"
+
+
+@pytest.mark.grades("mla.MLA._attend_absorb")
+def test_attend_absorb_computes_it_itself(monkeypatch):
+    """The exercise is the absorbed path: the naive (expanded k, v) and the fused paths are off limits."""
+    layer, scale = small_mla(monkeypatch)
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("_attend_absorb must not call _attend_naive / _attend_fused")
+    monkeypatch.setattr(mla.MLA, "_attend_naive", forbidden)
+    monkeypatch.setattr(mla.MLA, "_attend_fused", forbidden)
+    gen = torch.Generator().manual_seed(12)
+    q_nope, q_pe, latent, k_pe = (torch.randn(*shape, generator=gen, dtype=torch.float64)
+                                  for shape in ((1, 2, 3, 4), (1, 2, 3, 2), (1, 5, 6), (1, 5, 2)))
+    got = layer._attend_absorb(q_nope, q_pe, latent, k_pe, 3, torch.float64)
+    want = attention_plain(q_nope, q_pe, latent, k_pe, layer.wkv_b.weight.detach(), 4, 5, scale, 3)
     torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10)

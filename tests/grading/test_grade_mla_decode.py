@@ -40,3 +40,36 @@ def test_latent_attention_split(splits, block, first):
     want = attention_plain(q_lat, q_pe, latent, k_pe, at, 0.4)
     assert got.shape == (B, T, H, C)
     torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.grades("mla_decode.latent_attention_split")
+@pytest.mark.parametrize("splits, block", [(4, 8), (3, 4)])
+def test_latent_attention_split_large_scores_fp32(splits, block):
+    """fp32 inputs with scores of a few hundred (e^x overflows fp32 past x = 88.7): the running max and the merge
+    relative to the max of the ranges' maxima keep every exponent <= 0."""
+    gen = torch.Generator().manual_seed(splits)
+    B, T, H, C, DR, S = 2, 2, 3, 6, 4, 32
+    q_lat = torch.randn(B, T, H, C, generator=gen) * 30
+    q_pe = torch.randn(B, T, H, DR, generator=gen) * 30
+    latent = torch.randn(B, S, C, generator=gen)
+    k_pe = torch.randn(B, S, DR, generator=gen)
+    at = torch.tensor([[7, 8], [30, 31]])
+    got = mla_decode.latent_attention_split(q_lat, q_pe, latent, k_pe, at, 1.0, splits, block)
+    want = attention_plain(q_lat.double(), q_pe.double(), latent.double(), k_pe.double(), at, 1.0)
+    assert got.dtype == torch.float32 and torch.isfinite(got).all(), "overflow: an exponent above 0"
+    torch.testing.assert_close(got.double(), want, rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.grades("mla_decode.latent_attention_split")
+def test_latent_attention_split_computes_it_itself(monkeypatch):
+    """The exercise is the split online softmax: the one-shot reference and the kernel's entry point are off limits."""
+    def forbidden(*args, **kwargs):
+        raise AssertionError("latent_attention_split must not call latent_attention_ref / latent_attention")
+    monkeypatch.setattr(mla_decode, "latent_attention_ref", forbidden)
+    monkeypatch.setattr(mla_decode, "latent_attention", forbidden)
+    gen = torch.Generator().manual_seed(9)
+    q_lat, q_pe, latent, k_pe = (torch.randn(*shape, generator=gen, dtype=torch.float64)
+                                 for shape in ((1, 2, 2, 4), (1, 2, 2, 2), (1, 12, 4), (1, 12, 2)))
+    at = torch.tensor([[9, 10]])
+    got = mla_decode.latent_attention_split(q_lat, q_pe, latent, k_pe, at, 0.5, 2, 4)
+    torch.testing.assert_close(got, attention_plain(q_lat, q_pe, latent, k_pe, at, 0.5), rtol=1e-9, atol=1e-10)

@@ -201,5 +201,53 @@ def test_sequence_balance_loss_uniform_is_one():
     # every expert equally loaded and equally scored: f_i = 1, P_i = 1/E, so Σ f_i P_i = 1
     E, K, T = 4, 2, 6
     s = torch.full((1, T, E), 0.3, dtype=torch.float64)
-    indices = torch.tensor([[[0, 1], [2, 3]] * (T // 2)])
+    indices = torch.tensor([[[0, 1], [2, 3]] * (T // 2)])  # (1, T, K)
+    assert indices.shape == (1, T, K)
     assert moe.sequence_balance_loss(s, indices, E).item() == pytest.approx(1.0, rel=1e-12)
+
+
+@pytest.mark.grades("moe.limit_groups")
+def test_limit_groups_leaves_its_input_unchanged():
+    """Routing without a bias (softmax) passes the gate's s itself, which the gate also returns (the balance loss
+    reads it, autograd needs it): the -inf go into a new tensor."""
+    gen = torch.Generator().manual_seed(3)
+    scores = torch.rand(6, 16, generator=gen, dtype=torch.float64)
+    before = scores.clone()
+    out = moe.limit_groups(scores, 4, 2, False)
+    assert torch.equal(scores, before), "limit_groups wrote into its input"
+    assert torch.isinf(out).sum().item() == 6 * 8
+
+
+@pytest.mark.grades("moe.MoE.update_bias")
+def test_update_bias_uses_the_given_load():
+    """update_biases all-reduces every layer's load at once and passes each sum as `load`: the update follows it,
+    not the layer's own (this rank's) count, which is reset all the same."""
+    layer = small_moe()
+    layer.load.copy_(torch.tensor([0, 0, 0, 0, 9, 9, 9, 9]))  # this rank's own count: the opposite imbalance
+    summed = [10, 2, 6, 6, 1, 7, 6, 10]  # mean 6
+    layer.update_bias(0.1, load=torch.tensor(summed))
+    want = [0.1 if n < 6 else (-0.1 if n > 6 else 0.0) for n in summed]
+    assert layer.gate.bias.tolist() == pytest.approx(want, abs=1e-7)
+    assert layer.load.tolist() == [0] * 8
+
+
+@pytest.mark.grades("moe.route")
+@pytest.mark.parametrize("score_func", ["sigmoid", "softmax"])
+def test_route_weights_carry_the_gradient(monkeypatch, score_func):
+    """The LM loss reaches the gate's centroids e_i only through g_{i,t}: the weights are differentiable in s
+    (the renormalisation's sum included)."""
+    monkeypatch.setattr(moe, "limit_groups", limit_groups_plain)
+    gen = torch.Generator().manual_seed(11)
+    logits = torch.randn(6, 16, generator=gen, dtype=torch.float64)
+    s = (logits.sigmoid() if score_func == "sigmoid" else logits.softmax(-1)).requires_grad_()
+    b = torch.randn(16, generator=gen, dtype=torch.float64) * 0.3 if score_func == "sigmoid" else None
+    r = torch.randn(6, 16, generator=gen, dtype=torch.float64)  # a random read-out of each expert's weight
+    weights, indices = call_route(s, b, 3, 4, 2, score_func, 2.5)
+    got, = torch.autograd.grad((weights * r.gather(1, indices)).sum(), s)
+    total = 0.0
+    for t, chosen in enumerate(route_plain(s.detach(), b, 3, 4, 2, score_func, 2.5)):
+        e = torch.tensor(sorted(chosen))
+        w = s[t, e] / (s[t, e].sum() if score_func == "sigmoid" else 1.0) * 2.5
+        total = total + (w * r[t, e]).sum()
+    want, = torch.autograd.grad(total, s)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)

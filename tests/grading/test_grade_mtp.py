@@ -84,3 +84,18 @@ def test_mtp_loss_bf16_logits_and_empty():
     assert got.dtype == torch.float32, "the loss is computed in fp32 from low-precision logits"
     assert got.item() == pytest.approx(want.item(), rel=1e-5)
     assert mtp.mtp_loss([], idx[:, 1:], 0.3).item() == 0.0  # no MTP modules: no loss
+
+
+@pytest.mark.grades("mtp.mtp_hidden")
+def test_mtp_hidden_keeps_the_causal_chain():
+    """The MTP loss also trains the trunk and every earlier depth: h^0 → h^1 → ... → h^D is never detached."""
+    B, T, d, V, D = 2, 7, 4, 11, 3
+    torch.manual_seed(0)
+    embed = nn.Embedding(V, d)
+    idx = torch.randint(0, V, (B, T))
+    h0 = torch.randn(B, T, d, requires_grad=True)
+    out = mtp.mtp_hidden([Recorder(k) for k in range(1, D + 1)], h0, idx, embed, torch.randn(T, 3))
+    grad, = torch.autograd.grad(sum(o.sum() for o in out), h0)
+    # out_k = 0.5 · h^{k-1}[:, :T-k] + ...: position i of h^0 reaches depth k iff i < T - k, with weight 0.5^k
+    want = torch.tensor([sum(0.5 ** k for k in range(1, D + 1) if i < T - k) for i in range(T)])
+    torch.testing.assert_close(grad, want[None, :, None].expand(B, T, d))
