@@ -16,10 +16,10 @@ The run folder (--out_dir, default out/) holds ckpt.pt, log.jsonl (format: see "
 second run on the same folder refuses to start, and so does a fresh run into a folder that holds a run, unless given
 --resume (continue it) or --overwrite (replace it; the old files stay intact until the new run's first checkpoint is
 complete, and an --overwrite run stopped before that saves nothing). Checkpoints (checkpoint.py: written to a
-temporary file and then renamed, so a crash never leaves half a file; every --ckpt_interval steps and at the end)
-hold the model (MoE bias buffers included), the optimizer, the step, every RNG state (the data position is the state
-of the data generator), the config, the training options, the tokenizer name and the sums of the steps not yet
-logged. A run stopped part way (by Ctrl-C, SIGTERM or kill -9, or by a smaller --max_iters with the schedule given
+temporary file, flushed to the disk and then renamed, so neither a crash nor a power loss leaves half a file; every
+--ckpt_interval steps and at the end) hold the model (MoE bias buffers included), the optimizer, the step, every RNG
+state (the data position is the state of the data generator), the config, the training options, the tokenizer name
+and the sums of the steps not yet logged. A run stopped part way (by Ctrl-C, SIGTERM or kill -9, or by a smaller --max_iters with the schedule given
 explicitly) and continued with `--resume` ends with the weights of a straight run, bit for bit, given the same
 thread count, and after Ctrl-C, SIGTERM or kill -9 with its log records too. (A run that ended at a smaller
 --max_iters logged that last step and evaluated there, records a straight run does not have; the next train record
