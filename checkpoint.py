@@ -280,7 +280,7 @@ def save_distributed(path: str, model, opt, meta: dict) -> None:
         shutil.rmtree(tmp)
     dist.barrier()
     try:
-        dcp.save(_dcp_state(model, opt), checkpoint_id=tmp)  # its file writer fsyncs every shard it writes
+        dcp.save(_dcp_state(model, opt), checkpoint_id=tmp)  # its file writer fsyncs each file it writes
         if main:
             torch.save(meta, os.path.join(tmp, DCP_META))
             fsync_path(os.path.join(tmp, DCP_META))
