@@ -188,7 +188,12 @@ def config_from_hf(c: dict, n_mtp: int = None) -> ModelConfig:
     method = c.get("topk_method", "noaux_tc" if sigmoid else "greedy")
     if method not in (("noaux_tc",) if sigmoid else ("greedy", "group_limited_greedy")):
         raise ValueError(f"topk_method {method!r} with scoring_func {score!r} is not supported")
-    groups = (1, 1) if method == "greedy" else (c.get("n_group") or 1, c.get("topk_group") or 1)
+    # no defaults for the routing's shape: transformers' differ by class and version (DeepseekV3Config's are V3's)
+    routing = ["routed_scaling_factor", "first_k_dense_replace", "n_shared_experts"]
+    missing = [k for k in routing + ([] if method == "greedy" else ["n_group", "topk_group"]) if k not in c]
+    if missing:
+        raise ValueError(f"config.json lacks {', '.join(missing)} (give them: their defaults differ between versions)")
+    groups = (1, 1) if method == "greedy" else (c["n_group"] or 1, c["topk_group"] or 1)
     declared = c.get("num_nextn_predict_layers", c.get("num_mtp_layers", 0)) or 0
     fields = dict(
         vocab_size=c["vocab_size"], dim=c["hidden_size"], n_layers=c["num_hidden_layers"],
@@ -382,7 +387,10 @@ def load_hf_checkpoint(path, dtype=torch.float32, device="cpu"):
             c = json.load(f)
     except ValueError as e:
         raise ValueError(f"{path}/{CONFIG} is not valid JSON: {e}") from None
-    block = ((c.get("quantization_config") or {}).get("weight_block_size") or [128])[0]
+    sizes = list((c.get("quantization_config") or {}).get("weight_block_size") or [128, 128])
+    if len(sizes) != 2 or sizes[0] != sizes[1] or not isinstance(sizes[0], int) or sizes[0] <= 0:
+        raise ValueError(f"quantization_config weight_block_size {sizes} is not supported (square blocks only)")
+    block = sizes[0]
     w = _Weights(path, block)
     n_layers = c.get("num_hidden_layers") or 0
     declared = c.get("num_nextn_predict_layers", c.get("num_mtp_layers", 0)) or 0

@@ -239,3 +239,102 @@ def test_damaged_cache_is_detected_and_rebuilt(tmp_path):
         assert logged[0] == f"the cached corpus in {folder} is damaged ({message}): tokenizing again"
         assert all(np.array_equal(first.splits[k], want[k]) for k in want)
         assert data.cache_damage(folder) is None
+
+
+# -- gaps found by mutation testing ----------------------------------------------------------------------------------
+def test_val_split_is_the_documented_hash_rule():
+    """The validation files are fixed by the rule in is_val_file's docstring, computed here independently: the first
+    8 bytes of sha256(relative path), big-endian, over 2^64, below VAL_FRACTION (2%). A change of the rule would move
+    files between the splits of every existing corpus."""
+    import hashlib
+    names = [f"pkg{i % 7}/mod_{i}.py" for i in range(3000)] + ["os.py", "json/__init__.py", "notes21.txt"]
+    want = [int(hashlib.sha256(n.encode()).hexdigest()[:16], 16) < 0.02 * 2 ** 64 for n in names]
+    assert [data.is_val_file(n) for n in names] == want
+    assert 30 < sum(want) < 90 and want[-1]  # about 2% of 3000; notes21.txt is one of them
+
+
+def test_cache_key_sees_same_size_edits_and_size_changes_under_an_old_mtime(tmp_path, monkeypatch):
+    """The cache key holds each file's size and mtime: an edit that keeps the size (a changed character) and an edit
+    whose mtime was put back (a copy keeping times, a checkout) both re-tokenize; so does a change of the split rule."""
+    root = tmp_path / "corpus"
+    root.mkdir()
+    f = root / "a.py"
+    f.write_text("x = 1\n" * 300)
+    tok = data.get_tokenizer(512)
+    key = lambda: data.corpus_key("src", *data.user_files(str(root)), tok)  # noqa: E731
+    k0 = key()
+    st = os.stat(f)
+    f.write_text("x = 2\n" * 300)  # the same size, a new mtime
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns + 10 ** 9))
+    k1 = key()
+    assert os.path.getsize(f) == st.st_size and k1 != k0
+    f.write_text("x = 2\n" * 301)  # another size, the previous mtime
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns + 10 ** 9))
+    assert key() not in (k0, k1)
+    k2 = key()
+    monkeypatch.setattr(data, "TAIL_VAL_SHARE", 0.2)
+    assert key() != k2
+
+
+def test_full_vocabulary_is_stored_in_32_bits(tmp_path):
+    """With the full cl100k_base (100277 tokens, end-of-text 100257 > 65535) the cached streams are uint32: uint16
+    cannot hold the ids above 65535, end-of-text included (numpy 2 raises OverflowError, numpy 1 wrapped them)."""
+    path = tmp_path / "one.txt"
+    path.write_text("def f(x):\n    return x + 1\n" * 40)
+    c = data.load_corpus(str(path), 100277, str(tmp_path / "cache"))
+    tok = c.tokenizer
+    stream = tok.encode(path.read_text()) + [tok.eot]
+    assert tok.eot == 100257 and c.splits["train"].dtype == np.uint32
+    assert c.splits["train"].tolist() + c.splits["val"].tolist() == stream
+
+
+def test_write_atomic_leaves_the_old_file_until_the_new_one_is_complete(tmp_path):
+    """A cache file is written beside its place and renamed over it: a write that fails half-way leaves the previous
+    file untouched and no partial or temporary file behind."""
+    path = str(tmp_path / "train.bin")
+    data._write_atomic(path, lambda p: open(p, "wb").write(b"old"))
+
+    def half_then_fail(p):
+        with open(p, "wb") as f:
+            f.write(b"half")
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError):
+        data._write_atomic(path, half_then_fail)
+    assert open(path, "rb").read() == b"old" and os.listdir(tmp_path) == ["train.bin"]
+    with pytest.raises(OSError):
+        data._write_atomic(str(tmp_path / "val.bin"), half_then_fail)
+    assert os.listdir(tmp_path) == ["train.bin"]  # nothing at all where there was nothing
+
+
+def test_single_file_that_hashes_into_validation_takes_the_last_tenth(tmp_path):
+    """A one-file corpus whose name falls in the 2% validation share leaves the train split empty by the file rule:
+    the token-tail split applies then too (not 'corpus too short')."""
+    path = tmp_path / "notes21.txt"
+    assert data.is_val_file(path.name)
+    path.write_text("hello world, " * 500)
+    c = data.load_corpus(str(path), 8192, str(tmp_path / "cache"))
+    tok = c.tokenizer
+    stream = tok.encode(path.read_text()) + [tok.eot]
+    cut = len(stream) - len(stream) // 10
+    assert c.splits["train"].tolist() == stream[:cut] and c.splits["val"].tolist() == stream[cut:]
+
+
+def test_hidden_empty_and_nul_files_are_left_out(tmp_path):
+    """--data folder: hidden files (not only hidden folders), empty files and files with NUL bytes (UTF-16 text is
+    valid UTF-8 byte by byte) are not part of the corpus; each kept file adds its tokens and one end-of-text."""
+    root = tmp_path / "corpus"
+    make_folder(str(root), 60)
+    (root / ".notes.txt").write_text("hidden text\n" * 50)
+    (root / "empty.py").write_text("")
+    (root / "wide.txt").write_bytes("utf-16 text\n".encode("utf-16-le") * 50)
+    assert data.read_text(str(root / "wide.txt")) is None
+    _, rels = data.user_files(str(root))
+    assert ".notes.txt" not in rels and "empty.py" in rels and "wide.txt" in rels
+    c = data.load_corpus(str(root), 512, str(tmp_path / "cache"))
+    py = [r for r in rels if r.endswith(".py") and r != "empty.py"]
+    assert c.meta["n_files"] == len(py)
+    stream = c.splits["train"].tolist() + c.splits["val"].tolist()
+    val = [r for r in py if data.is_val_file(r)]
+    assert stream == expected_stream(str(root), [r for r in py if r not in val], c.tokenizer) + \
+        expected_stream(str(root), val, c.tokenizer)

@@ -641,3 +641,32 @@ def test_fp8_moe_step_does_not_sync(act_cache):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert all(torch.equal(a, b) for a, b in zip(got, warm))
+
+
+# -- gaps found by mutation testing: checks of the CPU reference path that only a GPU test made ---------------------
+def test_kgrouped_and_grouped_refuse_operands_that_do_not_fit_on_the_cpu():
+    """A list of Wgrad segment sizes is checked on the host wherever the GEMM runs: sizes not multiples of 128, or
+    summing past K, are a ValueError (the CPU reference would otherwise contract a truncated K range silently);
+    the M-grouped GEMM refuses a weight whose N is not whole 128-row blocks."""
+    kq, ks = fp8.quantize_act_t(torch.randn(256, 256))                 # K = 256 tokens
+    for bad in ([100, 28, 128], [128, 256]):                           # not multiples of 128; more rows than K
+        with pytest.raises(ValueError, match="segment sizes"):
+            fp8_experts.fp8_gemm_kgrouped(kq, ks, kq[:128], ks[:128], bad)
+        with pytest.raises(ValueError, match="segment sizes"):
+            fp8_experts.fp8_gemm_kgrouped_into(kq, ks, kq[:128], ks[:128], bad, torch.zeros(len(bad), 256, 128))
+    xq, xs = fp8.quantize_act(torch.randn(128, 128))
+    wq = torch.zeros(2, 64, 128).to(torch.float8_e4m3fn)              # N = 64: half a weight block
+    with pytest.raises(ValueError, match="N = 64 must be a multiple of 128"):
+        fp8_experts.fp8_gemm_grouped(xq, xs, wq, torch.ones(2, 1, 1), torch.zeros(1, dtype=torch.int32))
+
+
+def test_shared_layout_follows_counts_changed_in_place():
+    """The layout shared by the W1/W3/W2 GEMMs of one forward is keyed by the counts tensor and its version: the same
+    tensor overwritten in place (a reused or static counts buffer) gets the layout of its new values."""
+    counts = torch.tensor([200, 0, 56])
+    first = fp8_experts._shared_layout(counts, 256)
+    assert first[0].tolist() == _host_layout([200, 0, 56])[1]
+    counts.copy_(torch.tensor([0, 256, 0]))                            # same tensor, same M, other segments
+    dst, groups, padded = fp8_experts._shared_layout(counts, 256)
+    _, h_dst, h_groups, _ = _host_layout([0, 256, 0])
+    assert dst.tolist() == h_dst and groups.tolist() == h_groups and padded.tolist() == [0, 256, 0]

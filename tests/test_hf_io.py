@@ -410,6 +410,11 @@ def test_fp8_checkpoint_with_another_block_size(tmp_path):
     got = hf_io.to_hf_state_dict(load_hf_checkpoint(tmp_path))
     for k, t in got.items():
         assert torch.equal(t, want[k]), k
+    for sizes in ([64, 128], [64]):  # blocks of another shape are refused, not read as 64×64
+        c["quantization_config"]["weight_block_size"] = sizes
+        (tmp_path / "config.json").write_text(json.dumps(c))
+        with pytest.raises(ValueError, match=r"weight_block_size .* \(square blocks only\)"):
+            load_hf_checkpoint(tmp_path)
 
 
 def test_a_crash_between_the_final_renames_keeps_the_old_checkpoint_on_disk(tmp_path, monkeypatch):
@@ -436,3 +441,55 @@ def test_a_crash_between_the_final_renames_keeps_the_old_checkpoint_on_disk(tmp_
     assert_same_model(old, load_hf_checkpoint(kept[0]), tokens(cfg))
     with pytest.raises(FileNotFoundError, match=f"interrupted; the previous checkpoint is complete in .*{kept[0].name}$"):
         load_hf_checkpoint(target)
+
+
+# -- gaps found by mutation testing: config.json fields read on load ---------------------------------------------------
+@pytest.mark.parametrize("changes, words", [
+    ({"moe_layer_freq": 2}, "moe_layer_freq"),  # every second layer MoE: not what we build
+    ({"rms_norm_eps": 1e-5}, "rms_norm_eps"),
+    ({"norm_topk_prob": False}, "norm_topk_prob"),  # sigmoid weights not renormalised
+    ({"topk_method": "group_limited_greedy"}, "topk_method"),
+    ({"rope_scaling": {**hf_io.hf_config(tiny_cfg())["rope_scaling"], "attention_factor": 0.5}}, "attention_factor"),
+    ({"rope_scaling": {**hf_io.hf_config(tiny_cfg())["rope_scaling"], "truncate": False}}, "truncate"),
+])
+def test_config_settings_we_cannot_reproduce_are_refused(changes, words):
+    """Settings under which transformers would compute something else than this implementation raise ValueError
+    naming them, instead of loading a model that gives other logits."""
+    c = hf_io.hf_config(tiny_cfg())
+    assert hf_io.config_from_hf(c) == tiny_cfg()
+    with pytest.raises(ValueError, match=words):
+        hf_io.config_from_hf({**c, **changes})
+
+
+@pytest.mark.parametrize("key", ["routed_scaling_factor", "first_k_dense_replace", "n_shared_experts", "n_group",
+                                 "topk_group"])
+def test_routing_settings_without_a_default_must_be_given(key):
+    """A config.json without one of the routing's settings is refused naming it: transformers' defaults for them
+    differ by class and version (DeepseekV3Config's are V3's: 2.5, 3, 1, 8, 4), so any default here could load a model
+    that routes otherwise than transformers does."""
+    c = hf_io.hf_config(tiny_cfg())
+    del c[key]
+    with pytest.raises(ValueError, match=f"config.json lacks {key} "):
+        hf_io.config_from_hf(c)
+
+
+def test_greedy_topk_method_has_no_group_limit():
+    """DeepSeek-V2's topk_method "greedy" picks the top-k over all experts whatever n_group / topk_group say;
+    "group_limited_greedy" uses them."""
+    c = hf_io.hf_config(tiny_cfg(score_func="softmax", route_scale=1.0, n_expert_groups=1, n_limited_groups=1))
+    cfg = hf_io.config_from_hf({**c, "topk_method": "greedy", "n_group": 4, "topk_group": 2})
+    assert (cfg.n_expert_groups, cfg.n_limited_groups) == (1, 1)
+    cfg = hf_io.config_from_hf({**c, "topk_method": "group_limited_greedy", "n_group": 4, "topk_group": 2})
+    assert (cfg.n_expert_groups, cfg.n_limited_groups) == (4, 2)
+
+
+def test_rope_fields_read_from_the_rope_settings():
+    """The YaRN factor is rope_scaling's "factor", not max_position_embeddings / original_max_position_embeddings
+    (transformers 4.51-4.55 derived it so; the two agree in the V3 hub config, 163840 / 4096 = 40); rope_theta may sit
+    inside transformers ≥ 5's rope_parameters only."""
+    c = hf_io.hf_config(tiny_cfg())
+    rope = {**c.pop("rope_scaling"), "factor": 8.0}  # max_position_embeddings 64 / 16 = 4
+    assert hf_io.config_from_hf({**c, "rope_scaling": rope}).rope_factor == 8.0
+    del c["rope_theta"]
+    cfg = hf_io.config_from_hf({**c, "rope_parameters": {**rope, "rope_theta": 50000.0}})
+    assert (cfg.rope_theta, cfg.rope_factor, cfg.original_seq_len) == (50000.0, 8.0, 16)

@@ -240,3 +240,57 @@ def test_dense_block_is_pre_norm_swiglu():
         u = rms(h, blk.ffn_norm.weight)
         want = h + (F.silu(u @ blk.ffn.w1.weight.T) * (u @ blk.ffn.w3.weight.T)) @ blk.ffn.w2.weight.T
         torch.testing.assert_close(blk(x, f), want, rtol=1e-9, atol=1e-12)
+
+
+# -- gaps found by mutation testing: presets against the published configs, validation, config dicts ----------------
+# DeepSeek-V3's inference/configs/config_671B.json (ModelArgs defaults where the JSON is silent: original_seq_len
+# 4096, rope_theta 10000, beta_fast 32, beta_slow 1, mscale 1.0), the hub config's max_position_embeddings 163840 and
+# num_nextn_predict_layers 1, and the report's init std 0.006; DeepSeek-V2-Lite's config (config_16B.json).
+V3_671B = dict(vocab_size=129280, dim=7168, inter_dim=18432, moe_inter_dim=2048, n_layers=61, n_dense_layers=3,
+               n_heads=128, n_routed_experts=256, n_shared_experts=1, n_activated_experts=8, n_expert_groups=8,
+               n_limited_groups=4, score_func="sigmoid", route_scale=2.5, q_lora_rank=1536, kv_lora_rank=512,
+               qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128, original_seq_len=4096, rope_theta=10000.0,
+               rope_factor=40.0, beta_fast=32, beta_slow=1, mscale=1.0, max_seq_len=163840, n_mtp=1, init_std=0.006)
+V2_LITE_16B = dict(vocab_size=102400, dim=2048, inter_dim=10944, moe_inter_dim=1408, n_layers=27, n_dense_layers=1,
+                   n_heads=16, n_routed_experts=64, n_shared_experts=2, n_activated_experts=6, n_expert_groups=1,
+                   n_limited_groups=1, score_func="softmax", route_scale=1.0, q_lora_rank=0, kv_lora_rank=512,
+                   qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128, mscale=0.707, n_mtp=0)
+
+
+@pytest.mark.parametrize("name, published", [("v3-671b", V3_671B), ("v2-lite-16b", V2_LITE_16B)])
+def test_presets_are_the_published_configs(name, published):
+    cfg = get_preset(name)
+    assert {k: getattr(cfg, k) for k in published} == published
+
+
+@pytest.mark.parametrize("changes, field, words", [
+    (dict(n_routed_experts=4, n_expert_groups=4, n_limited_groups=2, n_activated_experts=2), "n_expert_groups",
+     "top-2"),  # sigmoid groups of one expert: no top-2 sum
+    (dict(route_scale=0.0), "route_scale", "> 0"),
+    (dict(mscale=-1.0), "mscale", "> 0"),
+    (dict(rope_factor=0.5), "rope_factor", ">= 1"),
+    (dict(beta_fast=1, beta_slow=1), "beta_fast", "beta_fast > beta_slow"),
+    (dict(beta_slow=0), "beta_fast", "beta_slow > 0"),
+    (dict(dim=32.0), "dim", "positive integer"),
+    (dict(n_layers=True), "n_layers", "positive integer"),
+])
+def test_more_bad_configs_raise_naming_field_and_rule(changes, field, words):
+    with pytest.raises(ValueError) as e:
+        tiny(**changes)
+    assert f"ModelConfig.{field}=" in str(e.value) and words in str(e.value)
+
+
+def test_softmax_groups_of_one_expert_are_valid():
+    """The top-2 rule is the sigmoid router's: a softmax router's group score is the max, so 1 expert a group is fine."""
+    assert tiny(score_func="softmax", n_routed_experts=4, n_expert_groups=4, n_limited_groups=2).n_expert_groups == 4
+
+
+def test_config_dict_round_trip_and_unknown_fields():
+    """config_to_dict → config_from_dict (what checkpoints store and generate.py / --resume read) gives back every
+    preset; a field this version does not know is a ValueError naming it, not dropped and not a TypeError."""
+    from config import config_from_dict, config_to_dict
+    for name in PRESETS:
+        d = config_to_dict(get_preset(name))
+        assert config_from_dict(d) == get_preset(name)
+    with pytest.raises(ValueError, match="unknown ModelConfig field.*n_future_layers"):
+        config_from_dict({**config_to_dict(tiny()), "n_future_layers": 2})

@@ -580,3 +580,89 @@ def test_gate_bias_stays_fp32_when_the_model_is_cast_to_bf16():
     model.double()  # a cast to a wider type applies to it as to any buffer
     assert all(g.bias.dtype == torch.float64 for g in gates)
     assert any(not torch.equal(b.bfloat16().float(), b) for b in before)  # bf16 would have rounded them
+
+
+# -- gaps found by mutation testing: the dispatch machinery ---------------------------------------------------------
+def test_explicit_grouped_mm_runs_torch_grouped_mm(monkeypatch):
+    """impl="grouped_mm" is honoured (test_segment_impls_agree_with_reference_fp32 relies on it): every projection of
+    dispatch_grouped goes through torch._grouped_mm, one call each, and "loop" never does."""
+    if not moe.grouped_mm_supported(torch.device("cpu"), torch.float32):
+        pytest.skip("torch._grouped_mm is not usable for CPU fp32 in this build")
+    calls, real = [], torch._grouped_mm
+    monkeypatch.setattr(torch, "_grouped_mm", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    assert moe.resolve_impl(torch.randn(4, 16), torch.randn(2, 32, 16), "grouped_mm") == "grouped_mm"
+    torch.manual_seed(0)
+    m = MoE(cfg_(n_routed_experts=16, n_activated_experts=3, init_std=0.3))
+    u = torch.randn(12, 16)
+    w, idx, _ = m.gate(u)
+    moe.dispatch_grouped(u, w, idx, m.experts, impl="grouped_mm")
+    assert len(calls) == 3  # w1, w3, w2
+    moe.dispatch_grouped(u, w, idx, m.experts, impl="loop")
+    assert len(calls) == 3
+
+
+def test_resolve_impl_needs_16_byte_rows_in_both_weight_dims(monkeypatch):
+    """The grouped GEMM's kernel needs 16-byte rows: "auto" takes it only when both the in and the out dims of the
+    weight are multiples of 16 bytes in the compute dtype (autocast's where it is on), else the loop."""
+    monkeypatch.setattr(moe, "grouped_mm_supported", lambda device, dtype: True)
+    a = torch.randn(4, 16)
+    assert moe.resolve_impl(a, torch.randn(2, 8, 16)) == "grouped_mm"  # 32- and 64-byte rows
+    assert moe.resolve_impl(a, torch.randn(2, 5, 16)) == "loop"  # out rows of 20 bytes
+    assert moe.resolve_impl(a[:, :6], torch.randn(2, 8, 6)) == "loop"  # in rows of 24 bytes
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # 12 values: 48 bytes in fp32, 24 in bf16
+        assert moe.resolve_impl(torch.randn(4, 12), torch.randn(2, 8, 12)) == "loop"
+
+
+def test_grouped_mm_under_autocast_computes_in_the_autocast_dtype():
+    """torch._grouped_mm has no autocast rule (it returns fp32 for fp32 inputs under bf16 autocast), so segment_mm
+    casts a and w itself: the grouped path gives the loop's (F.linear's) bf16 result, same dtype and bits."""
+    if not moe.grouped_mm_supported(torch.device("cpu"), torch.bfloat16):
+        pytest.skip("torch._grouped_mm is not usable for CPU bf16 in this build")
+    g = torch.Generator().manual_seed(0)
+    a, w, sizes = torch.randn(9, 16, generator=g), torch.randn(3, 32, 16, generator=g), [4, 0, 5]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = moe.segment_mm(a, w, sizes, "grouped_mm")
+        want = moe.segment_mm(a, w, sizes, "loop")
+    assert want.dtype == torch.bfloat16 and got.dtype == torch.bfloat16
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("impl", ["loop", "grouped_mm"])
+def test_dispatch_grouped_counts_every_expert_when_the_last_ones_are_idle(impl):
+    """dispatch_grouped without counts sizes its segments over all E experts (not up to the largest index chosen),
+    so tokens that never reach the last experts give the reference's output and gradients."""
+    if impl == "grouped_mm" and not moe.grouped_mm_supported(torch.device("cpu"), torch.float32):
+        pytest.skip("torch._grouped_mm is not usable for CPU fp32 in this build")
+    torch.manual_seed(0)
+    m = MoE(cfg_(n_routed_experts=8, n_expert_groups=1, n_limited_groups=1, init_std=0.3))
+    u = torch.randn(5, 16, requires_grad=True)
+    idx = torch.tensor([[0, 1], [2, 0], [1, 3], [3, 2], [0, 2]])  # experts 4-7 idle
+    w = torch.rand(5, 2, requires_grad=True)
+    ref = moe.dispatch_loop(u, w, idx, m.experts)
+    got = moe.dispatch_grouped(u, w, idx, m.experts, impl=impl)
+    torch.testing.assert_close(got, ref)
+    params = (u, w, m.experts.w1, m.experts.w2, m.experts.w3)
+    g = torch.randn_like(ref)
+    for a, b in zip(torch.autograd.grad(got, params, g), torch.autograd.grad(ref, params, g)):
+        torch.testing.assert_close(a, b)
+
+
+def test_dispatch_grouped_moves_rows_by_gathers_only_in_the_backward_too():
+    """The rows move into expert order and back through _GatherRows (its backward a gather over `back`): no
+    index_select / indexing node whose backward is a scatter-add (atomic, so not the same bits every run on a GPU)."""
+    torch.manual_seed(0)
+    m = MoE(cfg_(n_routed_experts=8, n_activated_experts=3, init_std=0.3))
+    u = torch.randn(6, 16, requires_grad=True)
+    w, idx, _ = m.gate(u)
+    y = moe.dispatch_grouped(u, w, idx, m.experts)
+    names, stack, seen = [], [y.grad_fn], set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.append(type(node).__name__)
+        stack += [n for n, _ in node.next_functions]
+    assert names.count("_GatherRowsBackward") == 2  # in (tokens → sorted rows) and out (sorted → token slots)
+    scatters = {"IndexSelectBackward0", "IndexBackward0", "IndexAddBackward0", "ScatterAddBackward0"}
+    assert not scatters & set(names), names
