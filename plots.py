@@ -133,6 +133,13 @@ def png_gantt(path: str, panels) -> None:
 
 
 # -- loss curves of train.py's log.jsonl ---------------------------------------------------------------------------
+LOSS_KEYS = ("loss", "main", "val_main", "val_mtp")  # the values read_log checks and loss_series draws
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
 def read_log(path: str):
     """(training records, evaluation records) of a log.jsonl; a bad line raises ValueError with its number."""
     if os.path.isdir(path) and os.path.isfile(os.path.join(path, "log.jsonl")):  # the run folder (--out_dir)
@@ -148,24 +155,33 @@ def read_log(path: str):
                 rec = json.loads(line)
             except json.JSONDecodeError:
                 raise ValueError(f"{path}:{n}: not a JSON object: {line.strip()[:60]!r}") from None
-            if not isinstance(rec, dict) or "step" not in rec:
-                raise ValueError(f"{path}:{n}: a record needs a 'step' field")
-            (evals if "val_main" in rec else train).append(rec)
+            if not isinstance(rec, dict) or not _is_number(rec.get("step")):
+                raise ValueError(f"{path}:{n}: a record needs a numeric 'step' field")
+            bad = [k for k in LOSS_KEYS if k in rec and not _is_number(rec[k])]
+            if bad:
+                raise ValueError(f"{path}:{n}: {bad[0]!r} is not a number: {rec[bad[0]]!r}")
+            if "val_main" in rec:
+                evals.append(rec)
+            elif "main" in rec or "loss" in rec:  # records of other kinds (none yet) are left out
+                train.append(rec)
     if not train and not evals:
-        raise ValueError(f"{path}: no records")
+        raise ValueError(f"{path}: no loss records")
     return train, evals
+
 
 
 def loss_series(train, evals) -> list:
     """[(name, mark, steps, values)] of the main next-token loss in training and validation, and val MTP."""
-    key = "main" if train and "main" in train[0] else "loss"
+    key = "main" if all("main" in r for r in train) else "loss"  # one quantity per curve
+    train = [r for r in train if key in r]
+    mtp = [r for r in evals if "val_mtp" in r]
     out = []
     if train:
         out.append((f"train {key}", "*", [r["step"] for r in train], [r[key] for r in train]))
     if evals:
         out.append(("val main", "o", [r["step"] for r in evals], [r["val_main"] for r in evals]))
-        if any(r.get("val_mtp", 0) for r in evals):
-            out.append(("val mtp", "x", [r["step"] for r in evals], [r["val_mtp"] for r in evals]))
+    if any(r["val_mtp"] for r in mtp):  # a model without MTP logs 0
+        out.append(("val mtp", "x", [r["step"] for r in mtp], [r["val_mtp"] for r in mtp]))
     return out
 
 

@@ -156,3 +156,34 @@ def test_load_refuses_a_checkpoint_that_would_run_code(tmp_path):
     with pytest.raises(ValueError, match="^gen: cannot read checkpoint "):
         checkpoint.load_checkpoint(path, "gen")
     assert _RAN == []
+
+
+def test_rng_state_keeps_the_cuda_generators(monkeypatch):
+    """On a machine whose CUDA is in use the state holds every GPU's generator, and set_rng_state puts it back
+    (simulated: torch.cuda's RNG functions are stand-ins that record what they are given)."""
+    gpus, put = [torch.tensor([1, 2, 3], dtype=torch.uint8)], []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: gpus)
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", put.append)
+    gen = torch.Generator().manual_seed(3)
+    state = checkpoint.rng_state(gen)
+    assert state["cuda"] is gpus
+    checkpoint.set_rng_state(state, gen)
+    assert put == [gpus]
+
+
+def test_newest_checkpoint_picks_the_newer_of_file_and_folder(tmp_path):
+    """ckpt.pt, or the distributed folder ckpt.dcp beside it when that is the only one or the newer; ckpt.dcp.old
+    stands for the folder after a crash between save_distributed's two renames."""
+    path = str(tmp_path / "ckpt.pt")
+    assert checkpoint.newest_checkpoint(path) == path  # neither: the file's name (load_checkpoint says it is missing)
+    os.mkdir(tmp_path / "ckpt.dcp.old")
+    assert checkpoint.newest_checkpoint(path) == str(tmp_path / "ckpt.dcp.old")
+    os.rename(tmp_path / "ckpt.dcp.old", tmp_path / "ckpt.dcp")
+    assert checkpoint.newest_checkpoint(path) == str(tmp_path / "ckpt.dcp")
+    torch.save({}, path)
+    os.utime(tmp_path / "ckpt.dcp", (1, 1))
+    assert checkpoint.newest_checkpoint(path) == path
+    os.utime(path, (0, 0))
+    assert checkpoint.newest_checkpoint(path) == str(tmp_path / "ckpt.dcp")

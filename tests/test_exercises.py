@@ -155,6 +155,7 @@ def test_make_writes_a_student_copy(tmp_path):
     (["make", "--out", "{tmp}/new", "--function", "route"], "not of the form module.Qualified.name"),
     (["make", "--out", "{tmp}/new"], "nothing to assign"),
     (["make", "--out", "{tmp}/full", "--set", "routing"], "exists"),
+    (["make", "--out", "{tmp}/full/x.txt", "--set", "routing"], "exists"),  # a file
     (["grade", "{tmp}/full"], "is not a student copy"),
     (["grade", "{tmp}/copy", "--function", "moe.route"], "is not an exercise of this copy"),
     (["grade", "{tmp}/copy", "--set", "nope"], "unknown set 'nope'"),

@@ -410,3 +410,37 @@ def test_generate_fills_the_context_and_stops_there():
     for speculative in (False, True):
         out, _ = G.generate(model, prompt, 10, speculative=speculative)
         assert out == want
+
+
+def test_cli_prompts_file_that_is_a_folder_is_one_line(ckpt_dir, capsys, tmp_path):
+    assert G.main(["--out_dir", ckpt_dir, "--prompts_file", str(tmp_path), "--max_new_tokens", "2"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err == f"error: --prompts_file {tmp_path}: no such file\n"
+
+
+def test_cli_prompt_that_fills_the_context_is_refused(ckpt_dir, capsys):
+    """A prompt of exactly max_seq_len tokens leaves no room for one new token: one line, exit 2."""
+    tok = G.load_model(ckpt_dir)[1]
+    text = "x " * 20
+    assert len(tok.encode(text)) == 40  # the model's context
+    assert G.main(["--out_dir", ckpt_dir, "--prompt", text, "--max_new_tokens", "2"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err == "error: the prompt has 40 tokens; the model's context is 40\n"
+
+
+def test_cli_missing_checkpoint_says_how_to_make_one(tmp_path, capsys):
+    assert G.main(["--out_dir", str(tmp_path), "--prompt", "x"]) == 2
+    assert capsys.readouterr().err == (f"error: generate: no checkpoint at {tmp_path / 'ckpt.pt'} (train one first: "
+                                       f"python train.py --out_dir {tmp_path})\n")
+
+
+def test_cli_refuses_a_checkpoint_of_another_tokenizer(ckpt_dir, capsys):
+    """Weights trained on another tokenizer's ids would decode to garbage: refused in one line."""
+    import data
+    path = os.path.join(ckpt_dir, "ckpt.pt")
+    ckpt = torch.load(path, weights_only=True)
+    ckpt["tokenizer"] = "gpt2"
+    torch.save(ckpt, path)
+    assert G.main(["--out_dir", ckpt_dir, "--prompt", "x", "--max_new_tokens", "2"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err == f"error: checkpoint tokenizer 'gpt2' is not {data.get_tokenizer(300).name!r}\n"

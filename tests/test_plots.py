@@ -100,3 +100,56 @@ def test_demo_commands_run_and_stay_narrow(tmp_path):
         assert r.returncode == 0, (args, r.stderr)
         lines = r.stdout.splitlines()
         assert len(lines) > 5 and max(map(len, lines)) <= 100, args
+
+
+def test_cli_refuses_a_record_that_is_not_an_object(tmp_path, capsys):
+    bad = tmp_path / "log.jsonl"
+    bad.write_text('{"step": 1, "main": 2.0}\n7\n')  # a line that is JSON but no record
+    with pytest.raises(SystemExit) as e:
+        plots.main([str(bad)])
+    assert e.value.code == 2 and capsys.readouterr().err == f"error: {bad}:2: a record needs a numeric 'step' field\n"
+
+
+def test_cli_draws_training_records_without_main(tmp_path, capsys):
+    """Training records that hold only the total loss are drawn with it."""
+    log = tmp_path / "log.jsonl"
+    log.write_text("".join(json.dumps({"step": s, "loss": 5.0 - s}) + "\n" for s in (1, 2, 3)))
+    plots.main([str(log)])
+    assert "last: train loss 2.0000 (step 3)" in capsys.readouterr().out
+
+
+def test_cli_leaves_out_the_mtp_curve_of_a_model_without_mtp(tmp_path, capsys):
+    """n_mtp = 0 logs val_mtp 0: no flat "val mtp" curve at 0 that would squash the others."""
+    log = tmp_path / "log.jsonl"
+    log.write_text("".join(json.dumps({"step": s, "main": 5.0 - s}) + "\n" + json.dumps(
+        {"step": s, "val_main": 5.5 - s, "val_mtp": 0.0, "val_mtp_acc": 0.0, "max_violation": 0.1}) + "\n"
+        for s in (1, 2, 3)))
+    plots.main([str(log)])
+    out = capsys.readouterr().out
+    assert "val mtp" not in out and "last: train main 2.0000 (step 3), val main 2.5000 (step 3)" in out
+
+
+@pytest.mark.parametrize("lines, message", [
+    (['{"step": 1, "main": null}'], ":1: 'main' is not a number: None"),
+    (['{"step": "x", "main": 1.0}'], ":1: a record needs a numeric 'step' field"),
+    (['{"step": 1, "main": 2.0}', '{"step": 2, "val_main": "low"}'], ":2: 'val_main' is not a number: 'low'"),
+    (['{"step": 1, "lr": 0.1}'], ": no loss records"),
+])
+def test_cli_odd_values_are_one_line(tmp_path, capsys, lines, message):
+    log = tmp_path / "log.jsonl"
+    log.write_text("\n".join(lines) + "\n")
+    with pytest.raises(SystemExit) as e:
+        plots.main([str(log)])
+    assert e.value.code == 2 and capsys.readouterr().err == f"error: {log}{message}\n"
+
+
+def test_cli_draws_logs_whose_records_differ(tmp_path, capsys):
+    """Hand-made or older logs: training records with "main" in some and only "loss" in others are drawn by the
+    total loss (one quantity per curve); val_mtp in only some evaluations; a record of another kind is left out."""
+    log = tmp_path / "log.jsonl"
+    log.write_text("\n".join(json.dumps(r) for r in [
+        {"step": 1, "main": 3.0, "loss": 3.5}, {"step": 2, "loss": 3.0}, {"step": 2, "lr": 0.1},
+        {"step": 2, "val_main": 3.1, "val_mtp": 3.4}, {"step": 4, "val_main": 2.9}, {"step": 4, "loss": 2.5}]) + "\n")
+    plots.main([str(log)])
+    out = capsys.readouterr().out
+    assert "last: train loss 2.5000 (step 4), val main 2.9000 (step 4), val mtp 3.4000 (step 2)" in out

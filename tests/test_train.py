@@ -1004,3 +1004,277 @@ def test_optimizer_takes_the_training_options(bf16_moments):
     opt = train_setup.make_optimizer(model, args, torch.device("cpu"))
     assert [(g["lr"], tuple(g["betas"]), g["weight_decay"]) for g in opt.param_groups] == \
         [(7e-4, (0.8, 0.97), 0.05), (7e-4, (0.8, 0.97), 0.0)]
+
+
+# -- from mutation testing of the run folder, signals, the log and the option checks ---------------------------------
+@pytest.mark.parametrize("name, value, rule", [
+    *[(n, "0", "must be >= 1") for n in ("batch_size", "block_size", "grad_accum", "eval_interval", "ckpt_interval",
+                                          "eval_iters", "log_interval")],
+    *[(n, "-1", "must be >= 0") for n in ("warmup_iters", "min_lr", "weight_decay", "grad_clip", "mtp_lambda",
+                                           "balance_alpha", "bias_gamma")],
+    ("lr", "0", "must be > 0"),
+    ("lr_decay_iters", "2", "must be >= warmup_iters"),  # RUN's --warmup_iters is 3
+])
+def test_every_training_option_rule_is_one_line(tmp_path, corpus_args, capsys, name, value, rule):
+    """Each rule of check_args refuses its option in one line before anything is written (without it a 0 interval
+    is a ZeroDivisionError traceback mid-run, and a 0 --grad_accum or --lr, a negative --min_lr or --grad_clip train
+    silently wrong)."""
+    assert run(tmp_path / "out", corpus_args, f"--{name}", value) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --{name}=") and err.endswith(f": {rule}\n") and err.count("\n") == 1, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_lr_decay_iters_may_equal_warmup_iters(tmp_path, corpus_args):
+    """The schedule without a cosine phase (test_lr_schedule_without_a_cosine_phase) is accepted by check_args."""
+    assert run(tmp_path, corpus_args, "--lr_decay_iters", "3", "--max_iters", "1") == 0
+
+
+def test_resume_of_the_old_run_keeps_its_log_after_a_killed_overwrite(tmp_path, corpus_args, monkeypatch):
+    """An --overwrite run killed (kill -9) before its first checkpoint leaves its log.jsonl.new beside the old run.
+    --resume of the old run (its checkpoint names log.jsonl) drops that file and keeps the old run's own log: the
+    new run's records must not replace it."""
+    assert run(tmp_path, corpus_args, "--max_iters", "4", "--eval_interval", "2") == 0
+    old_log = read_log(tmp_path)
+    real, calls = data.Corpus.get_batch, []
+
+    def get_batch(self, split, *a, **kw):
+        calls.append(split)
+        if len(calls) == 3:  # in the 3rd step of the new run; its first checkpoint would come at step 5
+            raise Killed()
+        return real(self, split, *a, **kw)
+
+    monkeypatch.setattr(data.Corpus, "get_batch", get_batch)
+    with pytest.raises(Killed):
+        run(tmp_path, corpus_args, "--overwrite", "--seed", "7", "--max_iters", "8", "--ckpt_interval", "5")
+    monkeypatch.undo()
+    assert os.path.exists(tmp_path / "log.jsonl.new") and load(tmp_path)["step"] == 4
+    assert train.main(["--out_dir", str(tmp_path), "--resume", "--max_iters", "6", "--device", "cpu"]) == 0
+    assert read_log(tmp_path)[:len(old_log)] == old_log
+    assert [r["step"] for r in read_log(tmp_path) if "loss" in r] == list(range(1, 7))
+    assert not os.path.exists(tmp_path / "log.jsonl.new")
+
+
+def test_ctrl_c_as_the_first_checkpoint_of_an_overwrite_run_lands(tmp_path, corpus_args, monkeypatch, capsys):
+    """Ctrl-C right after the first checkpoint of an --overwrite run is in place, before its log replaces the old
+    one: the signal waits for the rename too (train.save), so the folder holds the new run's checkpoint with the new
+    run's log, and says so; it must not drop the new log and claim the old run is kept."""
+    import signal
+    assert run(tmp_path, corpus_args, "--max_iters", "4") == 0
+    real = train.save_checkpoint
+
+    def save_checkpoint(obj, path):
+        real(obj, path)
+        os.kill(os.getpid(), signal.SIGINT)  # the checkpoint is complete; the log is still log.jsonl.new
+
+    monkeypatch.setattr(train, "save_checkpoint", save_checkpoint)
+    capsys.readouterr()
+    assert run(tmp_path, corpus_args, "--overwrite", "--seed", "7", "--max_iters", "8", "--ckpt_interval", "3") == 130
+    monkeypatch.undo()
+    assert capsys.readouterr().err == f"interrupted: saved step 3 to {tmp_path / 'ckpt.pt'} (continue with --resume)\n"
+    assert load(tmp_path)["step"] == 3 and load(tmp_path)["args"]["seed"] == 7
+    assert [r["step"] for r in read_log(tmp_path) if "loss" in r] == [1, 2, 3]
+    assert sorted(os.listdir(tmp_path)) == [".lock", "ckpt.pt", "log.jsonl"]
+
+
+def test_ctrl_c_during_an_optimizer_step_saves_that_step_and_resumes_exactly(tmp_path, corpus_args, monkeypatch,
+                                                                              capsys, straight):
+    """A Ctrl-C (a real SIGINT) while step 5's update is applied waits until the step, its count and its snapshot are
+    done: the checkpoint holds step 5 with step 5's weights (the snapshot's tensors are the live ones, so a checkpoint
+    labelled step 4 would hold step 5's weights and the resumed run would apply step 5 twice)."""
+    import signal
+    real, calls = train.optimizer_step, []
+
+    def optimizer_step(r):
+        calls.append(1)
+        real(r)
+        if len(calls) == 5:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(train, "optimizer_step", optimizer_step)
+    assert run(tmp_path, corpus_args, "--max_iters", "12", "--eval_interval", "12") == 130
+    monkeypatch.undo()
+    assert "interrupted: saved step 5 " in capsys.readouterr().err and load(tmp_path)["step"] == 5
+    assert train.main(["--out_dir", str(tmp_path), "--resume", "--device", "cpu"]) == 0
+    assert_same_state(load(tmp_path)["model"], straight["model"])
+
+
+def test_resume_at_an_evaluated_step_does_not_evaluate_it_again(tmp_path, corpus_args):
+    """The checkpoints fall on evaluation steps by default (--ckpt_interval = --eval_interval): a resumed run
+    evaluates its first step only if the log lacks that evaluation, so its log equals a straight run's."""
+    opts = ["--eval_interval", "2", "--log_interval", "2"]
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert run(a, corpus_args, *opts, "--max_iters", "6") == 0
+    assert run(b, corpus_args, *opts, "--max_iters", "4") == 0
+    assert train.main(["--out_dir", str(b), "--resume", "--max_iters", "6", "--device", "cpu"]) == 0
+    got = read_log(b)
+    assert [r["step"] for r in got if "val_main" in r] == [2, 4, 6]
+    assert without_speed(got) == without_speed(read_log(a))
+
+
+def test_a_failed_log_write_is_one_line_and_keeps_the_checkpoint(tmp_path, corpus_args, monkeypatch, capsys):
+    """The disk fills up while a log record is written: one line, exit 1, the last checkpoint named and intact."""
+    import errno
+    real, calls = train.write_record, []
+
+    def write_record(log, rec):
+        calls.append(1)
+        if len(calls) == 6:  # step 6's record; the checkpoint of step 4 is on disk
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(log, rec)
+
+    monkeypatch.setattr(train, "write_record", write_record)
+    assert run(tmp_path, corpus_args, "--max_iters", "8", "--ckpt_interval", "4", "--eval_interval", "100") == 1
+    assert capsys.readouterr().err == (f"error: cannot write to {tmp_path} (No space left on device); "
+                                       f"{tmp_path / 'ckpt.pt'} holds step 4\n")
+    assert load(tmp_path)["step"] == 4
+
+
+def test_a_non_finite_gradient_with_a_finite_loss_stops_before_the_update(tmp_path, corpus_args, monkeypatch, capsys):
+    """A gradient that overflows while the loss stays finite (bf16, FP8): the run stops before the optimizer step, so
+    no checkpoint of NaN weights replaces the last good one."""
+    real, calls = train.clip_gradients, []
+
+    def clip_gradients(opt, params, clip):
+        calls.append(1)
+        if len(calls) == 8:  # the last step, whose checkpoint would replace step 4's
+            params[0].grad[0] = float("inf")
+        return real(opt, params, clip)
+
+    monkeypatch.setattr(train, "clip_gradients", clip_gradients)
+    assert run(tmp_path, corpus_args, "--max_iters", "8", "--eval_interval", "4") == 1
+    err = capsys.readouterr().err
+    assert "non-finite loss or gradient at step 7" in err and err.count("\n") == 1
+    ckpt = load(tmp_path)
+    assert ckpt["step"] == 4 and all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+
+
+def test_ctrl_c_then_a_full_disk_is_one_line(tmp_path, corpus_args, monkeypatch, capsys):
+    """Ctrl-C, and the checkpoint it triggers hits a full disk: one line and exit 1, no traceback, no partial file."""
+    real_batch, calls = data.Corpus.get_batch, []
+
+    def get_batch(self, split, *a, **kw):
+        calls.append(split)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_batch(self, split, *a, **kw)
+
+    def full_disk(obj, f):
+        raise RuntimeError("basic_ios::clear: iostream error")
+
+    monkeypatch.setattr(data.Corpus, "get_batch", get_batch)
+    monkeypatch.setattr(torch, "save", full_disk)
+    assert run(tmp_path, corpus_args, "--max_iters", "10") == 1
+    monkeypatch.undo()
+    err = capsys.readouterr().err
+    assert err.startswith("error: cannot write ") and "is the disk full?" in err and err.count("\n") == 1
+    assert "ckpt.pt" not in os.listdir(tmp_path) and "ckpt.pt.tmp" not in os.listdir(tmp_path)
+
+
+def test_ctrl_c_before_the_loop_is_one_line(tmp_path, corpus_args, monkeypatch, capsys):
+    """Ctrl-C while train() prints its summary (the unigram baseline reads the whole corpus): exit 130, one line."""
+    def interrupted(*a):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(data, "unigram_baseline", interrupted)
+    try:
+        rc = run(tmp_path, corpus_args, "--max_iters", "2")
+    except KeyboardInterrupt:  # caught here, or it would stop pytest itself
+        pytest.fail("the Ctrl-C escaped train.main")
+    assert rc == 130
+    assert capsys.readouterr().err == "interrupted: no checkpoint written\n"
+
+
+def test_bench_runs_a_short_timing_unless_given_max_iters(tmp_path, corpus_args, monkeypatch):
+    """--bench without --max_iters times 10 steps after 3 warmup steps, not the run's 1000 steps."""
+    real, calls = train.optimizer_step, []
+
+    def optimizer_step(r):
+        calls.append(1)
+        assert len(calls) <= 13, "--bench ran more than 3 + 10 steps"
+        real(r)
+
+    monkeypatch.setattr(train, "optimizer_step", optimizer_step)
+    assert train.main(["--out_dir", str(tmp_path / "b"), *corpus_args, *TINY_ARGS, *RUN, "--bench"]) == 0
+    assert len(calls) == 13
+
+
+def test_resume_takes_the_preset_from_the_checkpoint_and_a_typed_one_must_match(tmp_path, corpus_args, capsys):
+    """On --resume the preset comes from the checkpoint (and its training defaults under the saved options); a
+    --preset typed on the command line is compared with the checkpoint's model like any typed model field."""
+    parse = train_setup.build_parser().parse_args
+    assert train_setup.resolve_args(parse([]), {"args": {"preset": "small"}}).preset == "small"
+    assert train_setup.resolve_args(parse([]), {"args": {"preset": "small"}}).lr == 6e-4
+    assert run(tmp_path, corpus_args, "--max_iters", "1") == 0
+    capsys.readouterr()
+    assert train.main(["--out_dir", str(tmp_path), "--resume", "--preset", "small", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --resume: the model config does not match the checkpoint") and err.count("\n") == 1
+
+
+def test_run_options_are_never_taken_from_a_checkpoint():
+    """--device (a run may move machines), the folder, the layout and the other run options are this process's:
+    a checkpoint holding them (an older or edited one) does not bring them back."""
+    saved = {"args": {"device": "cuda:3", "out_dir": "elsewhere", "compile": True, "bench": True, "ep": 4, "pp": 2,
+                      "resume": True, "overwrite": True, "plan": True, "dist_timeout": 1.0}}
+    a = train_setup.resolve_args(train_setup.build_parser().parse_args([]), saved)
+    assert (a.device, a.out_dir, a.compile, a.bench, a.ep, a.pp, a.resume, a.overwrite, a.plan, a.dist_timeout) == \
+        ("auto", "out", None, False, 1, 1, False, False, False, 600.0)
+
+
+def test_resume_from_another_folder_finds_a_relative_data_path(tmp_path, corpus_args, monkeypatch):
+    """--data is saved as an absolute path: --resume started from another working directory reads the same file."""
+    monkeypatch.chdir(os.path.dirname(corpus_args[1]))
+    out = tmp_path / "run"
+    assert train.main(["--out_dir", str(out), "--data", os.path.basename(corpus_args[1]), *corpus_args[2:],
+                       *TINY_ARGS, *RUN, "--max_iters", "2"]) == 0
+    assert load(out)["args"]["data"] == corpus_args[1]
+    monkeypatch.chdir(tmp_path)
+    assert train.main(["--out_dir", str(out), "--resume", "--max_iters", "3", "--device", "cpu"]) == 0
+
+
+def test_a_missing_gpu_is_one_line(tmp_path, corpus_args, monkeypatch, capsys):
+    """--device cuda on a machine without CUDA: one line before anything is written (not a traceback from the
+    memory check's CUDA query)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert run(tmp_path / "out", corpus_args, "--device", "cuda") == 2
+    assert capsys.readouterr().err == "error: --device cuda: CUDA is not available on this machine\n"
+    assert not (tmp_path / "out").exists()
+
+
+def test_fresh_run_refuses_a_folder_holding_a_distributed_checkpoint(tmp_path, corpus_args, capsys):
+    """A torchrun run's checkpoint folder (ckpt.dcp) is a run like ckpt.pt: a fresh run refuses the folder."""
+    (tmp_path / "ckpt.dcp").mkdir()
+    assert run(tmp_path, corpus_args, "--max_iters", "1") == 2
+    assert capsys.readouterr().err == (f"error: --out_dir {tmp_path} holds a run (ckpt.dcp): --resume continues it, "
+                                       f"--overwrite replaces it (the old files stay until the new run's first "
+                                       f"checkpoint)\n")
+    assert os.listdir(tmp_path) == ["ckpt.dcp"]
+
+
+def test_free_memory_reads_meminfo_in_kilobytes(monkeypatch):
+    """/proc/meminfo counts kB: 1000 kB available is 1,024,000 bytes for the memory check."""
+    import builtins
+    import io
+    real = builtins.open
+    monkeypatch.setattr(builtins, "open", lambda p, *a, **kw: io.StringIO("MemTotal: 2000 kB\nMemAvailable: 1000 kB\n")
+                        if p == "/proc/meminfo" else real(p, *a, **kw))
+    assert train_setup.free_memory(torch.device("cpu")) == 1000 * 1024
+
+
+def test_plan_refuses_model_fields(capsys):
+    """--plan plans a preset as it is: a model field beside it is refused in one line, not silently ignored."""
+    assert train.main(["--plan", "--dim", "64"]) == 2
+    assert capsys.readouterr().err == "error: --plan plans a preset as it is (give --preset only, no model fields)\n"
+
+
+def test_overwrite_run_diverging_before_its_first_checkpoint_says_the_old_one_is_kept(tmp_path, corpus_args,
+                                                                                     monkeypatch, capsys):
+    """The stop line names what is on disk: the old run's checkpoint, unchanged (not "no checkpoint written")."""
+    assert run(tmp_path, corpus_args, "--max_iters", "4") == 0
+    real, calls = train.total_loss, []
+    monkeypatch.setattr(train, "total_loss", lambda losses, args: calls.append(1) or
+                        (real(losses, args) * (float("nan") if len(calls) == 2 else 1.0)))
+    capsys.readouterr()
+    assert run(tmp_path, corpus_args, "--overwrite", "--max_iters", "6", "--ckpt_interval", "3") == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: non-finite loss") and err.endswith(f"; {tmp_path / 'ckpt.pt'} is unchanged\n")
