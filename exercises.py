@@ -40,6 +40,7 @@ below; tests/test_exercises.py checks that every listed function exists, can be 
 """
 import argparse
 import ast
+import contextlib
 import io
 import json
 import os
@@ -299,11 +300,30 @@ def make(out: str, names: list, root: str = ROOT) -> dict:
     """Write the student copy of `root` to `out` with `names` stubbed; returns {function: [tests]}."""
     if not names:
         raise ExerciseError("nothing to assign: give --set NAME or --function module.name (see: exercises.py list)")
+    if not out:
+        raise ExerciseError("--out is empty; give a new directory for the student copy")
     if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
         raise ExerciseError(f"{out} exists; give a new directory for the student copy")
     tests = check_functions(root, names)
     files = repository_files(root)
-    os.makedirs(out, exist_ok=True)
+    existed = os.path.isdir(out)
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as e:
+        raise ExerciseError(f"cannot make {out} ({e.strerror or e})") from None
+    try:
+        _write_copy(out, root, files, names, tests)
+    except OSError as e:  # a full disk: no half-made copy is left behind (an empty folder given stays, empty)
+        shutil.rmtree(out, ignore_errors=True)
+        if existed:
+            with contextlib.suppress(OSError):
+                os.mkdir(out)
+        raise ExerciseError(f"cannot write the student copy to {out} ({e.strerror or e})") from None
+    return tests
+
+
+def _write_copy(out: str, root: str, files: list, names: list, tests: dict) -> None:
+    """make's writing: the files, the stubs, exercises.json and EXERCISES.md."""
     for rel in files:
         dst = os.path.join(out, rel)
         os.makedirs(os.path.dirname(dst) or ".", exist_ok=True)
@@ -322,7 +342,6 @@ def make(out: str, names: list, root: str = ROOT) -> dict:
         json.dump({"functions": tests}, f, indent=1)
     with open(os.path.join(out, "EXERCISES.md"), "w", encoding="utf-8") as f:
         f.write(exercises_md(tests))
-    return tests
 
 
 def exercises_md(tests: dict) -> str:
@@ -449,8 +468,13 @@ def grade(student_dir: str, sets=(), functions=(), verbose=False, timeout=900) -
     manifest = os.path.join(student_dir, MANIFEST)
     if not os.path.isfile(manifest):
         raise ExerciseError(f"{student_dir} is not a student copy (no {MANIFEST}; make one with exercises.py make)")
-    with open(manifest, encoding="utf-8") as f:
-        tests = json.load(f)["functions"]
+    try:
+        with open(manifest, encoding="utf-8") as f:
+            tests = json.load(f)["functions"]
+        if not isinstance(tests, dict):
+            raise TypeError("'functions' is not a mapping")
+    except (ValueError, KeyError, TypeError) as e:
+        raise ExerciseError(f"{manifest} is damaged ({type(e).__name__}: {e}); make the student copy again") from None
     if sets or functions:
         chosen = resolve(sets, functions)
         unknown = [n for n in chosen if n not in tests]

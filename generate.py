@@ -219,10 +219,14 @@ def read_prompts(args) -> list:
         try:
             with open(args.prompts_file, encoding="utf-8") as f:
                 lines = [line.rstrip("\r\n") for line in f]
-        except (FileNotFoundError, IsADirectoryError):
+        except FileNotFoundError:
             raise FileNotFoundError(f"--prompts_file {args.prompts_file}: no such file") from None
+        except IsADirectoryError:
+            raise ValueError(f"--prompts_file {args.prompts_file}: a folder, not a file") from None
         except UnicodeDecodeError:
             raise ValueError(f"--prompts_file {args.prompts_file}: not UTF-8 text") from None
+        except OSError as e:  # unreadable (permissions), a device error
+            raise ValueError(f"--prompts_file {args.prompts_file}: cannot read it ({e.strerror or e})") from None
         file_prompts = [line for line in lines if line.strip()]
         if not file_prompts:
             raise ValueError(f"--prompts_file {args.prompts_file}: no prompt in it (one per non-empty line)")

@@ -159,15 +159,39 @@ def test_make_writes_a_student_copy(tmp_path):
     (["grade", "{tmp}/full"], "is not a student copy"),
     (["grade", "{tmp}/copy", "--function", "moe.route"], "is not an exercise of this copy"),
     (["grade", "{tmp}/copy", "--set", "nope"], "unknown set 'nope'"),
+    (["make", "--out", "", "--set", "routing"], "--out is empty"),
+    (["make", "--out", "{tmp}/full/x.txt/new", "--set", "routing"], "cannot make"),  # its parent is a file
+    (["grade", "{tmp}/cut"], "exercises.json is damaged (JSONDecodeError"),
+    (["grade", "{tmp}/empty"], "exercises.json is damaged (KeyError"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, argv, message):
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x.txt").write_text("x")
     (tmp_path / "copy").mkdir()
     write(tmp_path / "copy" / E.MANIFEST, json.dumps({"functions": {"moe.limit_groups": []}}))
+    for name, text in (("cut", '{"functions": '), ("empty", "{}")):  # damaged manifests
+        (tmp_path / name).mkdir()
+        write(tmp_path / name / E.MANIFEST, text)
     assert E.main([a.replace("{tmp}", str(tmp_path)) for a in argv]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and err.count("\n") == 1
+    assert not (tmp_path / "new").exists()
+
+
+def test_make_that_fails_part_way_leaves_no_half_copy(tmp_path, capsys, monkeypatch):
+    """A write that fails while the copy is made (a full disk) is one line, and the folder holds nothing half made."""
+    real, n = E.shutil.copy2, []
+
+    def copy2(src, dst, **kw):
+        n.append(1)
+        if len(n) == 5:
+            raise OSError(28, "No space left on device")
+        return real(src, dst, **kw)
+
+    monkeypatch.setattr(E.shutil, "copy2", copy2)
+    assert E.main(["make", "--out", str(tmp_path / "new"), "--set", "routing"]) == 2
+    want = f"error: cannot write the student copy to {tmp_path / 'new'} (No space left on device)\n"
+    assert capsys.readouterr().err == want
     assert not (tmp_path / "new").exists()
 
 

@@ -412,10 +412,23 @@ def test_generate_fills_the_context_and_stops_there():
         assert out == want
 
 
-def test_cli_prompts_file_that_is_a_folder_is_one_line(ckpt_dir, capsys, tmp_path):
+def test_cli_prompts_file_that_is_a_folder_or_unreadable_is_one_line(ckpt_dir, capsys, tmp_path, monkeypatch):
     assert G.main(["--out_dir", ckpt_dir, "--prompts_file", str(tmp_path), "--max_new_tokens", "2"]) == 2
     out, err = capsys.readouterr()
-    assert out == "" and err == f"error: --prompts_file {tmp_path}: no such file\n"
+    assert out == "" and err == f"error: --prompts_file {tmp_path}: a folder, not a file\n"
+    locked = tmp_path / "prompts.txt"
+    locked.write_text("def \n")
+    real_open = open
+
+    def no_permission(path, *a, **kw):  # what a file without read permission gives (root reads any file here)
+        if str(path) == str(locked):
+            raise PermissionError(13, "Permission denied")
+        return real_open(path, *a, **kw)
+
+    monkeypatch.setattr("builtins.open", no_permission)
+    assert G.main(["--out_dir", ckpt_dir, "--prompts_file", str(locked), "--max_new_tokens", "2"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err == f"error: --prompts_file {locked}: cannot read it (Permission denied)\n"
 
 
 def test_cli_prompt_that_fills_the_context_is_refused(ckpt_dir, capsys):

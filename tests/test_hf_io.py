@@ -439,7 +439,8 @@ def test_a_crash_between_the_final_renames_keeps_the_old_checkpoint_on_disk(tmp_
     kept = [d for d in tmp_path.iterdir() if (d / "model.safetensors").exists()]
     assert len(kept) == 1
     assert_same_model(old, load_hf_checkpoint(kept[0]), tokens(cfg))
-    with pytest.raises(FileNotFoundError, match=f"interrupted; the previous checkpoint is complete in .*{kept[0].name}$"):
+    where = f"interrupted; the previous checkpoint is complete in .*{kept[0].name}$"
+    with pytest.raises(FileNotFoundError, match=where):
         load_hf_checkpoint(target)
 
 

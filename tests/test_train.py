@@ -962,7 +962,8 @@ def test_each_step_applies_and_logs_its_scheduled_lr_and_clip(tmp_path, corpus_a
     seen, real = [], train.optimizer_step
 
     def optimizer_step(r):
-        norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in r.model.parameters() if p.grad is not None]))
+        grads = [p.grad.norm() for p in r.model.parameters() if p.grad is not None]
+        norm = torch.linalg.vector_norm(torch.stack(grads))
         seen.append(([g["lr"] for g in r.opt.param_groups], norm.item()))
         real(r)
 
