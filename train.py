@@ -18,15 +18,16 @@ second run on the same folder refuses to start, and so does a fresh run into a f
 complete, and an --overwrite run stopped before that saves nothing). Checkpoints (checkpoint.py: written to a
 temporary file, flushed to the disk and then renamed, so neither a crash nor a power loss leaves half a file; every
 --ckpt_interval steps and at the end) hold the model (MoE bias buffers included), the optimizer, the step, every RNG
-state (the data position is the state of the data generator), the config, the training options, the tokenizer name
-and the sums of the steps not yet logged. A run stopped part way (by Ctrl-C, SIGTERM or kill -9, or by a smaller
---max_iters with the schedule given explicitly) and continued with `--resume` ends with the weights of a straight
-run, bit for bit, given the same thread count, and after Ctrl-C, SIGTERM or kill -9 with its log records too. (A run
-that ended at a smaller --max_iters logged that last step and evaluated there, records a straight run does not have;
-the next train record averages the steps after it.) On resume, options not given on the command line come from the
-checkpoint. Ctrl-C and SIGTERM (what `timeout` and cluster schedulers send) save the last finished step and exit
-with 128 + the signal number (130, 143); a non-finite loss, a full disk or an unwritable folder stop with one line
-and leave the last good checkpoint in place.
+state (the data position is the state of the data generator), the config, the training options, the tokenizer name,
+and the SHA-256 of the token streams (a resume over other tokens says so) and the sums of the steps not yet logged.
+A run stopped part way (by Ctrl-C, SIGTERM or kill -9, or by a smaller --max_iters with the schedule given
+explicitly) and continued with `--resume` ends with the weights of a straight run, bit for bit, given the same
+thread count, and after Ctrl-C, SIGTERM or kill -9 with its log records too. (A run that ended at a smaller
+--max_iters logged that last step and evaluated there, records a straight run does not have; the next train record
+averages the steps after it.) On resume, options not given on the command line come from the checkpoint. Ctrl-C and
+SIGTERM (what `timeout` and cluster schedulers send) save the last finished step and exit with 128 + the signal
+number (130, 143); a non-finite loss, a full disk or an unwritable folder stop with one line and leave the last good
+checkpoint in place.
 
 Many processes: `torchrun --nproc_per_node N train.py --ep E ...` runs the same loop on N ranks (parallel.py:
 the experts of each MoE layer split over E ranks, FSDP2 over the N data-parallel ranks, each drawing the same

@@ -137,6 +137,12 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def corpus_digest(corpus) -> list:
+    """The SHA-256 of the train and validation token streams (data.py's cache header holds them): a resumed run
+    compares them with its checkpoint's to tell whether it trains on the same tokens."""
+    return [corpus.meta["train_sha256"], corpus.meta["val_sha256"]]
+
+
 def resolve_args(ns: argparse.Namespace, ckpt: dict = None) -> argparse.Namespace:
     """Typed options > the checkpoint's training options (on --resume) > the preset's defaults."""
     given = {k: v for k, v in vars(ns).items() if v is not None}
@@ -260,7 +266,7 @@ class Run:
         (no copy): they do not change until the next optimizer step, and a checkpoint is written before it."""
         saved = {k: v for k, v in vars(self.args).items() if k not in RUN_ONLY + ("typed", "model_overrides")}
         meta = {"step": self.step, "rng": rng_state(self.gen), "config": config_to_dict(self.cfg), "args": saved,
-                "tokenizer": self.corpus.tokenizer.name, "data": self.corpus.key,
+                "tokenizer": self.corpus.tokenizer.name, "data": self.corpus.key, "tokens": corpus_digest(self.corpus),
                 "log_sums": dict(self.log_sums), "log_count": self.log_count, "log_file": self.log_name}
         if self.layout.distributed:  # the model and optimizer shards are written by every rank (train.save)
             return meta
@@ -311,6 +317,9 @@ def setup(ns: argparse.Namespace) -> Run:
     if ckpt and ckpt.get("tokenizer") != corpus.tokenizer.name:
         raise ValueError(f"--resume: the checkpoint's tokenizer {ckpt.get('tokenizer')!r} is not "
                          f"{corpus.tokenizer.name!r}")
+    if ckpt and ckpt.get("tokens", corpus_digest(corpus)) != corpus_digest(corpus):  # another --data, an edited file
+        print("note: --resume: the corpus's tokens are not those the checkpoint was trained on; the run goes on over "
+              "these, so it will not end as a straight run on the old ones would", file=sys.stderr)
     corpus.check_block(args.block_size)
     lock = parallel.rank0_first(lambda: None if args.bench or not layout.is_main else lock_out_dir(out_dir), layout)
     try:
@@ -372,9 +381,9 @@ def compile_model(model: nn.Module, args, device: torch.device) -> nn.Module:
     "reduce-overhead", which records each compiled graph as a CUDA graph and replays it (train.forward_backward
     marks where each micro-batch starts; the graphs are recorded at the second call, which train.first_step
     covers too). The lazy set-up is done first: the grouped-GEMM probe (moe.grouped_mm_supported) would otherwise
-    run inside the first compiled call, split that graph and make the next call compile again. A torch.compile that refuses at once (e.g. a Python version it does not support
-    yet): a typed --compile is a ValueError (one line), the default goes on with the model itself (a note;
-    args.compile becomes False)."""
+    run inside the first compiled call, split that graph and make the next call compile again. A torch.compile that
+    refuses at once (e.g. a Python version it does not support yet): a typed --compile is a ValueError (one line), the
+    default goes on with the model itself (a note; args.compile becomes False)."""
     if args.compile is None:
         args.compile = default_compile(args, device)
     if args.cuda_graphs and device.type != "cuda":

@@ -1233,6 +1233,24 @@ def test_resume_from_another_folder_finds_a_relative_data_path(tmp_path, corpus_
     assert train.main(["--out_dir", str(out), "--resume", "--max_iters", "3", "--device", "cpu"]) == 0
 
 
+def test_resume_over_other_tokens_says_so(tmp_path, corpus_args, capsys):
+    """The checkpoint holds the SHA-256 of the token streams it trained on; a resume over the same tokens is silent, one
+    over others (an edited corpus, another --data) goes on with a note that it is no straight run's continuation."""
+    out = tmp_path / "run"
+    assert train.main(["--out_dir", str(out), *corpus_args, *TINY_ARGS, *RUN, "--max_iters", "2"]) == 0
+    digest = load(out)["tokens"]
+    assert len(digest) == 2 and all(len(h) == 64 for h in digest)
+    capsys.readouterr()
+    assert train.main(["--out_dir", str(out), "--resume", "--max_iters", "3", "--device", "cpu"]) == 0
+    assert "note: --resume" not in capsys.readouterr().err
+    other = tmp_path / "other.txt"
+    with open(corpus_args[1]) as f:
+        other.write_text(f.read() + "x = 1\n" * 50)
+    assert train.main(["--out_dir", str(out), "--resume", "--max_iters", "4", "--device", "cpu",
+                       "--data", str(other)]) == 0
+    assert "note: --resume: the corpus's tokens are not those the checkpoint was trained on" in capsys.readouterr().err
+
+
 def test_a_missing_gpu_is_one_line(tmp_path, corpus_args, monkeypatch, capsys):
     """--device cuda on a machine without CUDA: one line before anything is written (not a traceback from the
     memory check's CUDA query)."""
