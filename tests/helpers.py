@@ -35,6 +35,19 @@ DIST_RUN = ["--block_size", "16", "--lr", "2e-3", "--warmup_iters", "2", "--lr_d
             "--eval_iters", "2", "--log_interval", "1", "--device", "cpu", "--seed", "3"]
 
 
+@torch.no_grad()
+def full_mtp_logits(model, stream):
+    """The MTP depth-1 logits of every position of stream (1, L) at once, (1, L-1, V): the main model over the
+    whole sequence, its normed hidden states with the next tokens' embeddings into the MTP module, the shared head.
+    What a decoder's MTP cache entries must equal."""
+    L = stream.shape[1]
+    f = model.freqs_cis[:L]
+    h = model.embed(stream)
+    for layer in model.layers:
+        h = layer(h, f)
+    return model.head(model.mtp[0](model.norm(h)[:, :-1], model.embed(stream[:, 1:]), f[:-1]))
+
+
 def write_corpus(d):
     """A small generated Python file in folder d; train.py's --data and --cache_dir for it."""
     text = "".join(f"def f{i}(x, y):\n    return x * {i} + y  # {i % 7}\n\n" for i in range(400))

@@ -100,8 +100,12 @@ def test_split_by_file_deterministic_and_disjoint(tmp_path):
     assert a.splits["train"].dtype == np.uint16
 
 
-def test_single_file_takes_last_tenth(tmp_path):
-    path = tmp_path / "one.txt"
+@pytest.mark.parametrize("name", ["one.txt", "notes21.txt"])
+def test_single_file_takes_last_tenth(tmp_path, name):
+    """One file: the last tenth of its tokens is validation, also when its name falls in the 2% validation share
+    (notes21.txt), which leaves the train split empty by the file rule (not 'corpus too short')."""
+    path = tmp_path / name
+    assert data.is_val_file(name) == (name == "notes21.txt")
     path.write_text("hello world, " * 500)
     c = data.load_corpus(str(path), 8192, str(tmp_path / "cache"))
     tok = c.tokenizer
@@ -305,19 +309,6 @@ def test_write_atomic_leaves_the_old_file_until_the_new_one_is_complete(tmp_path
     with pytest.raises(OSError):
         data._write_atomic(str(tmp_path / "val.bin"), half_then_fail)
     assert os.listdir(tmp_path) == ["train.bin"]  # nothing at all where there was nothing
-
-
-def test_single_file_that_hashes_into_validation_takes_the_last_tenth(tmp_path):
-    """A one-file corpus whose name falls in the 2% validation share leaves the train split empty by the file rule:
-    the token-tail split applies then too (not 'corpus too short')."""
-    path = tmp_path / "notes21.txt"
-    assert data.is_val_file(path.name)
-    path.write_text("hello world, " * 500)
-    c = data.load_corpus(str(path), 8192, str(tmp_path / "cache"))
-    tok = c.tokenizer
-    stream = tok.encode(path.read_text()) + [tok.eot]
-    cut = len(stream) - len(stream) // 10
-    assert c.splits["train"].tolist() == stream[:cut] and c.splits["val"].tolist() == stream[cut:]
 
 
 def test_hidden_empty_and_nul_files_are_left_out(tmp_path):

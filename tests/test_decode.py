@@ -6,7 +6,7 @@ import torch
 
 import generate as G
 import static_decode as SD
-from helpers import tiny_config
+from helpers import full_mtp_logits, tiny_config
 from model import Transformer
 
 
@@ -252,14 +252,8 @@ def test_static_speculative_mtp_entries_equal_a_full_mtp_pass(monkeypatch):
     assert len(calls) == 1 + len(iters)  # the prefill's MTP pass, then one per iteration
     checked, kinds = 0, set()
     for b, (prompt, new) in enumerate(zip(prompts, out)):
-        stream = torch.tensor([prompt + new])
-        L = stream.shape[1]
-        with torch.no_grad():
-            f = model.freqs_cis[:L]
-            h = model.embed(stream)
-            for layer in model.layers:
-                h = layer(h, f)
-            full = model.head(model.mtp[0](model.norm(h)[:, :-1], model.embed(stream[:, 1:]), f[:-1]))[0]
+        L = len(prompt) + len(new)
+        full = full_mtp_logits(model, torch.tensor([prompt + new]))[0]  # (L-1, V)
         entries = [(0, t, t) for t in range(len(prompt))]  # (call, entry, position): the prefill's real positions
         for i, (n, active, step) in enumerate(iters):
             if active[b]:

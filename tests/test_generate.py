@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import generate as G
-from helpers import tiny_config
+from helpers import full_mtp_logits, tiny_config
 from model import Transformer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -81,15 +81,7 @@ def test_speculative_mtp_cache_matches_a_full_mtp_pass():
 
     model.mtp_step = spy
     out, _ = G.generate(model, prompt, 15, speculative=True)
-    stream = torch.tensor([prompt + out])
-    T = stream.shape[1]
-    with torch.no_grad():
-        f = model.freqs_cis[:T]
-        h = model.embed(stream)
-        for layer in model.layers:
-            h = layer(h, f)
-        h = model.norm(h)
-        full = model.head(model.mtp[0](h[:, :-1], model.embed(stream[:, 1:]), f[:-1]))  # (1, T-1, V)
+    full = full_mtp_logits(model, torch.tensor([prompt + out]))  # (1, T-1, V)
     assert len(seen) > 3
     for pos, logits in seen:
         assert torch.allclose(logits, full[0, pos], atol=1e-9)

@@ -178,24 +178,32 @@ def test_config_variants_accepted():
         ("softmax", 0, 2, False, 0)
 
 
-def test_fp8_block_quantized_checkpoint(tmp_path):
-    cfg = tiny_cfg(inter_dim=160)  # dense gate/up (160, 32), down (32, 160): edge blocks to crop
-    model = random_model(cfg)
-    tensors, deq = hf_io.to_hf_state_dict(model), {}
+def block_quantized(tensors: dict, block: int):
+    """The hub's FP8 layout of every projection matrix: E4M3 weights and weight_scale_inv per block × block, the
+    amax of its (edge-cropped) block / 448. Returns (tensors, {name: dequantized weight}), the latter by the plain
+    per-element definition w[i, j] = fp8[i, j] · scale_inv[i // block, j // block]."""
+    tensors, deq = dict(tensors), {}
     for k in [k for k, t in tensors.items() if k.endswith("proj.weight") and t.ndim == 2]:
         w = tensors[k]
         M, N = w.shape
-        rb, cb = -(-M // 128), -(-N // 128)
-        padded = torch.zeros(rb * 128, cb * 128)
+        rb, cb = -(-M // block), -(-N // block)
+        padded = torch.zeros(rb * block, cb * block)
         padded[:M, :N] = w
-        amax = padded.abs().reshape(rb, 128, cb, 128).amax(dim=(1, 3))  # (rb, cb)
+        amax = padded.abs().reshape(rb, block, cb, block).amax(dim=(1, 3))  # (rb, cb)
         scale = (amax / 448).clamp(min=1e-12)
-        q = (w / scale.repeat_interleave(128, 0)[:M].repeat_interleave(128, 1)[:, :N]).to(torch.float8_e4m3fn)
+        q = (w / scale.repeat_interleave(block, 0)[:M].repeat_interleave(block, 1)[:, :N]).to(torch.float8_e4m3fn)
         expect = torch.empty(M, N)
-        for i in range(M):  # the plain per-element definition: fp8 × scale_inv[i // 128, j // 128]
-            for j0 in range(0, N, 128):
-                expect[i, j0:j0 + 128] = q[i, j0:j0 + 128].float() * scale[i // 128, j0 // 128]
+        for i in range(M):
+            for j0 in range(0, N, block):
+                expect[i, j0:j0 + block] = q[i, j0:j0 + block].float() * scale[i // block, j0 // block]
         tensors[k], tensors[k + "_scale_inv"], deq[k] = q, scale, expect
+    return tensors, deq
+
+
+def test_fp8_block_quantized_checkpoint(tmp_path):
+    cfg = tiny_cfg(inter_dim=160)  # dense gate/up (160, 32), down (32, 160): edge blocks to crop
+    model = random_model(cfg)
+    tensors, deq = block_quantized(hf_io.to_hf_state_dict(model), 128)
     assert ("model.layers.0.mlp.gate_proj.weight_scale_inv", (2, 1)) in \
         [(k, tuple(v.shape)) for k, v in tensors.items()]
     save_file(tensors, str(tmp_path / "model.safetensors"))
@@ -390,18 +398,8 @@ def test_fp8_checkpoint_with_another_block_size(tmp_path):
     w = fp8 · scale_inv[i // 64, j // 64]."""
     cfg = tiny_cfg(inter_dim=160)
     model = random_model(cfg)
-    tensors = hf_io.to_hf_state_dict(model)
-    want = dict(tensors)
-    for k in [k for k, t in tensors.items() if k.endswith("proj.weight") and t.ndim == 2]:
-        w = tensors[k]
-        M, N = w.shape
-        rb, cb = -(-M // 64), -(-N // 64)
-        padded = torch.zeros(rb * 64, cb * 64)
-        padded[:M, :N] = w
-        scale = (padded.abs().reshape(rb, 64, cb, 64).amax(dim=(1, 3)) / 448).clamp(min=1e-12)
-        full = scale.repeat_interleave(64, 0)[:M].repeat_interleave(64, 1)[:, :N]
-        q = (w / full).to(torch.float8_e4m3fn)
-        tensors[k], tensors[k + "_scale_inv"], want[k] = q, scale, q.float() * full
+    tensors, deq = block_quantized(hf_io.to_hf_state_dict(model), 64)
+    want = {**tensors, **deq}
     save_file(tensors, str(tmp_path / "model.safetensors"))
     c = hf_io.hf_config(cfg)
     c["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [64, 64],
