@@ -309,17 +309,20 @@ def open_log(run: Run):
 
 
 def truncate_log(path: str, step: int) -> None:
-    """Keep the records up to `step`; a half-written last line goes too. Rewritten atomically."""
+    """Keep the records up to `step`; a half-written last line goes too, and so does a damaged line elsewhere (alone:
+    the records after it stay). Rewritten atomically."""
     if not os.path.exists(path):
         return
     keep = []
-    with open(path) as f:
+    with open(path, errors="replace") as f:
         for line in f:
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError:
-                break
-            if not line.endswith("\n") or rec.get("step", 0) > step:
+                continue
+            if not line.endswith("\n") or not isinstance(rec, dict) or not isinstance(rec.get("step", 0), (int, float)):
+                continue
+            if rec.get("step", 0) > step:
                 break
             keep.append(line)
     tmp = f"{path}.tmp"

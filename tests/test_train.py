@@ -2,6 +2,7 @@
 --overwrite, lock), non-finite loss, full disk, LR schedule, FLOP count, one-line user errors. Every run uses a tiny
 model on a small generated text, so each takes about a second."""
 import argparse
+import json
 import math
 import os
 import subprocess
@@ -1297,3 +1298,14 @@ def test_overwrite_run_diverging_before_its_first_checkpoint_says_the_old_one_is
     assert run(tmp_path, corpus_args, "--overwrite", "--max_iters", "6", "--ckpt_interval", "3") == 1
     err = capsys.readouterr().err
     assert err.startswith("error: non-finite loss") and err.endswith(f"; {tmp_path / 'ckpt.pt'} is unchanged\n")
+
+
+def test_truncate_log_drops_damaged_lines_alone(tmp_path):
+    """Resume cuts the log back to the checkpoint's step: records after it go, and so does a half-written last line;
+    a damaged line in the middle (bad bytes, not JSON, not a record) goes alone, the records after it stay."""
+    log = tmp_path / "log.jsonl"
+    good = [json.dumps({"step": s, "loss": 1.0 / s}) + "\n" for s in (1, 2, 3, 4, 5)]
+    log.write_bytes("".join([good[0], '{"step": 2, "lo\n', good[1], "7\n", '{"step": "x"}\n', good[2]]).encode()
+                    + b"\xff\xfe{\n" + "".join(good[3:]).encode() + b'{"step": 6, "lo')
+    train.truncate_log(str(log), 4)
+    assert log.read_text() == "".join(good[:4])
