@@ -7,9 +7,10 @@ One optimizer step (report §2 and §4, training details):
     weight decay 0.1 on matrices only; --bf16_moments keeps its moments in bf16 as the report does, §3.3.3),
     then the aux-loss-free update of every MoE gate bias:
     b_i += γ·sign(mean load − load_i)                     (γ = --bias_gamma; bias buffers never see a gradient)
-Learning rate: linear warmup to --lr over --warmup_iters steps, then cosine to --min_lr at --lr_decay_iters. Unless
-given, both follow --max_iters: warmup over the first tenth of the steps, decay ending at the last step (so the
-default 1000 steps warm up for 100). The resolved values are saved in the checkpoint: a resumed run keeps its
+Learning rate: linear warmup to --lr over --warmup_iters steps, held there until --lr_hold_iters (the report's
+plateau; default: no plateau), then cosine to --min_lr at --lr_decay_iters. Unless given, warmup and decay follow
+--max_iters: warmup over the first tenth of the steps, decay ending at the last step (so the default 1000 steps warm
+up for 100). The resolved values are saved in the checkpoint: a resumed run keeps its
 schedule even when it is given a larger --max_iters.
 
 The run folder (--out_dir, default out/) holds ckpt.pt, log.jsonl (format: see "the log" below) and a lock file: a
@@ -469,12 +470,15 @@ def optimizer_step(run: Run) -> None:
 
 
 def lr_at(step: int, args) -> float:
-    """Learning rate of optimizer step `step` (0-based): linear warmup, cosine decay, then min_lr."""
+    """Learning rate of optimizer step `step` (0-based): linear warmup, the peak held until lr_hold_iters, cosine
+    decay, then min_lr."""
     if step < args.warmup_iters:
         return args.lr * (step + 1) / args.warmup_iters
+    if step < args.lr_hold_iters:
+        return args.lr
     if step >= args.lr_decay_iters:
         return args.min_lr
-    ratio = (step - args.warmup_iters) / (args.lr_decay_iters - args.warmup_iters)  # in [0, 1)
+    ratio = (step - args.lr_hold_iters) / (args.lr_decay_iters - args.lr_hold_iters)  # in [0, 1)
     return args.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (args.lr - args.min_lr)
 
 

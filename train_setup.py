@@ -35,7 +35,7 @@ from moe import grouped_mm_supported
 TRAIN_DEFAULTS = dict(
     preset="tiny", data=None, cache_dir=data.DEFAULT_CACHE_DIR, seed=1337, max_iters=1000,
     batch_size=8, block_size=128, grad_accum=1,
-    lr=3e-3, min_lr=3e-4, warmup_iters=None, lr_decay_iters=None,  # None: from max_iters (resolve_args)
+    lr=3e-3, min_lr=3e-4, warmup_iters=None, lr_hold_iters=None, lr_decay_iters=None,  # None: derived (resolve_args)
     weight_decay=0.1, beta1=0.9, beta2=0.95, grad_clip=1.0,
     mtp_lambda=0.3, balance_alpha=1e-4, bias_gamma=0.01,
     eval_interval=200, ckpt_interval=None, eval_iters=20, log_interval=10,  # ckpt_interval None: eval_interval
@@ -118,7 +118,10 @@ def build_parser() -> argparse.ArgumentParser:
         for name, changes in PRESET_TRAIN.items()))
     helps = dict(batch_size="sequences per micro-batch", block_size="tokens per sequence (<= max_seq_len)",
                  grad_accum="micro-batches per optimizer step", lr="peak learning rate", min_lr="final learning rate",
-                 warmup_iters="linear warmup steps", lr_decay_iters="step where the cosine reaches min_lr",
+                 warmup_iters="linear warmup steps",
+                 lr_hold_iters="step until which the peak lr holds before the cosine (the report holds it for 10T of "
+                               "its 14.8T tokens)",
+                 lr_decay_iters="step where the cosine reaches min_lr",
                  ckpt_interval="steps between checkpoints",
                  weight_decay="AdamW decay (matrices only)", beta1="AdamW β1", beta2="AdamW β2",
                  grad_clip="max global gradient norm (0: off)", mtp_lambda="λ, weight of the MTP loss",
@@ -126,7 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
                  bias_gamma="γ, speed of the aux-loss-free gate-bias update",
                  eval_interval="steps between evaluations",
                  eval_iters="validation batches per evaluation", log_interval="steps between log lines")
-    derived = dict(warmup_iters="max_iters // 10", lr_decay_iters="max_iters", ckpt_interval="eval_interval")
+    derived = dict(warmup_iters="max_iters // 10", lr_hold_iters="warmup_iters", lr_decay_iters="max_iters",
+                   ckpt_interval="eval_interval")
     for name, text in helps.items():
         g.add_argument(f"--{name}", type=int if name in derived else type(d[name]),
                        help=f"{text} (default: {derived.get(name, d[name])})")
@@ -164,6 +168,8 @@ def resolve_args(ns: argparse.Namespace, ckpt: dict = None) -> argparse.Namespac
         args["warmup_iters"] = args["max_iters"] // 10
     if args["lr_decay_iters"] is None:
         args["lr_decay_iters"] = args["max_iters"]
+    if args["lr_hold_iters"] is None:  # no plateau: the cosine starts where the warmup ends
+        args["lr_hold_iters"] = args["warmup_iters"]
     if args["ckpt_interval"] is None:
         args["ckpt_interval"] = args["eval_interval"]
     if args["pp"] > 1 and "grad_accum" not in given:  # --microbatches take its place (a preset's value too)
@@ -201,7 +207,9 @@ def check_args(args, cfg: ModelConfig) -> None:
                  "balance_alpha", "bias_gamma"):
         need(getattr(args, name) >= 0, name, "must be >= 0")
     need(args.lr > 0, "lr", "must be > 0")
-    need(args.lr_decay_iters >= args.warmup_iters, "lr_decay_iters", "must be >= warmup_iters")
+    need(args.lr_hold_iters >= args.warmup_iters, "lr_hold_iters", "must be >= warmup_iters")
+    need(args.lr_decay_iters >= args.lr_hold_iters, "lr_decay_iters",
+         "must be >= warmup_iters" if args.lr_hold_iters == args.warmup_iters else "must be >= lr_hold_iters")
     need(args.block_size <= cfg.max_seq_len, "block_size", f"must be <= max_seq_len ({cfg.max_seq_len})"
          + ("" if "block_size" in args.typed else f" (the {args.preset} preset's default: give --block_size)"))
     need(args.block_size > cfg.n_mtp, "block_size", f"must be > n_mtp ({cfg.n_mtp}): MTP predicts further ahead")

@@ -245,7 +245,7 @@ def test_damaged_cache_is_detected_and_rebuilt(tmp_path):
         assert data.cache_damage(folder) is None
 
 
-# -- gaps found by mutation testing ----------------------------------------------------------------------------------
+# -- the split rule, the cache and the files read --------------------------------------------------------------------
 def test_val_split_is_the_documented_hash_rule():
     """The validation files are fixed by the rule in is_val_file's docstring, computed here independently: the first
     8 bytes of sha256(relative path), big-endian, over 2^64, below VAL_FRACTION (2%). A change of the rule would move

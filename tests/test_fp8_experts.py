@@ -643,7 +643,7 @@ def test_fp8_moe_step_does_not_sync(act_cache):
     assert all(torch.equal(a, b) for a, b in zip(got, warm))
 
 
-# -- gaps found by mutation testing: checks of the CPU reference path that only a GPU test made ---------------------
+# -- the CPU reference path's operand checks and its tile layout ----------------------------------------------------
 def test_kgrouped_and_grouped_refuse_operands_that_do_not_fit_on_the_cpu():
     """A list of Wgrad segment sizes is checked on the host wherever the GEMM runs: sizes not multiples of 128, or
     summing past K, are a ValueError (the CPU reference would otherwise contract a truncated K range silently);

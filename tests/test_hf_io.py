@@ -442,7 +442,7 @@ def test_a_crash_between_the_final_renames_keeps_the_old_checkpoint_on_disk(tmp_
         load_hf_checkpoint(target)
 
 
-# -- gaps found by mutation testing: config.json fields read on load ---------------------------------------------------
+# -- config.json fields read on load -----------------------------------------------------------------------------------
 @pytest.mark.parametrize("changes, words", [
     ({"moe_layer_freq": 2}, "moe_layer_freq"),  # every second layer MoE: not what we build
     ({"rms_norm_eps": 1e-5}, "rms_norm_eps"),

@@ -242,7 +242,7 @@ def test_dense_block_is_pre_norm_swiglu():
         torch.testing.assert_close(blk(x, f), want, rtol=1e-9, atol=1e-12)
 
 
-# -- gaps found by mutation testing: presets against the published configs, validation, config dicts ----------------
+# -- presets against the published configs, validation, config dicts ------------------------------------------------
 # DeepSeek-V3's inference/configs/config_671B.json (ModelArgs defaults where the JSON is silent: original_seq_len
 # 4096, rope_theta 10000, beta_fast 32, beta_slow 1, mscale 1.0), the hub config's max_position_embeddings 163840 and
 # num_nextn_predict_layers 1, and the report's init std 0.006; DeepSeek-V2-Lite's config (config_16B.json).

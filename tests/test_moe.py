@@ -582,7 +582,7 @@ def test_gate_bias_stays_fp32_when_the_model_is_cast_to_bf16():
     assert any(not torch.equal(b.bfloat16().float(), b) for b in before)  # bf16 would have rounded them
 
 
-# -- gaps found by mutation testing: the dispatch machinery ---------------------------------------------------------
+# -- the dispatch machinery: the implementation chosen, autocast, idle experts, gathers -----------------------------
 def test_explicit_grouped_mm_runs_torch_grouped_mm(monkeypatch):
     """impl="grouped_mm" is honoured (test_segment_impls_agree_with_reference_fp32 relies on it): every projection of
     dispatch_grouped goes through torch._grouped_mm, one call each, and "loop" never does."""

@@ -144,13 +144,24 @@ def test_non_finite_loss_keeps_last_checkpoint(tmp_path, corpus_args, monkeypatc
 
 
 def test_lr_schedule():
-    a = argparse.Namespace(lr=1e-3, min_lr=1e-4, warmup_iters=10, lr_decay_iters=110)
+    a = argparse.Namespace(lr=1e-3, min_lr=1e-4, warmup_iters=10, lr_hold_iters=10, lr_decay_iters=110)
     assert train.lr_at(0, a) == pytest.approx(1e-4)  # (0+1)/10 of the peak
     assert train.lr_at(9, a) == pytest.approx(1e-3)  # end of warmup: the peak
     assert train.lr_at(10, a) == pytest.approx(1e-3)  # cosine starts at the peak
     assert train.lr_at(60, a) == pytest.approx(5.5e-4)  # half-way: (lr + min_lr) / 2
     assert train.lr_at(35, a) == pytest.approx(1e-4 + 0.9e-3 * (1 + math.cos(math.pi / 4)) / 2)
     assert train.lr_at(110, a) == train.lr_at(10_000, a) == pytest.approx(1e-4)
+
+
+def test_lr_schedule_with_a_plateau():
+    """--lr_hold_iters: the peak holds from the warmup's end to the hold step, then the cosine runs over the steps
+    left to lr_decay_iters (the report's shape: warmup, a constant peak, a cosine down to min_lr)."""
+    a = argparse.Namespace(lr=1e-3, min_lr=1e-4, warmup_iters=10, lr_hold_iters=50, lr_decay_iters=150)
+    assert train.lr_at(4, a) == pytest.approx(5e-4)
+    assert train.lr_at(10, a) == train.lr_at(49, a) == train.lr_at(50, a) == pytest.approx(1e-3)
+    assert train.lr_at(100, a) == pytest.approx(5.5e-4)  # half-way through the cosine's 100 steps
+    assert train.lr_at(75, a) == pytest.approx(1e-4 + 0.9e-3 * (1 + math.cos(math.pi / 4)) / 2)
+    assert train.lr_at(150, a) == pytest.approx(1e-4)
 
 
 @pytest.mark.parametrize("preset", ["tiny", "small", "v2-lite-16b", "v3-671b"])
@@ -944,7 +955,7 @@ def test_preset_block_size_over_a_typed_max_seq_len_names_the_preset(tmp_path, c
 
 def test_lr_schedule_without_a_cosine_phase():
     """--lr_decay_iters equal to --warmup_iters (check_args allows it): the peak through the warmup, then min_lr."""
-    a = argparse.Namespace(lr=1e-3, min_lr=1e-4, warmup_iters=10, lr_decay_iters=10)
+    a = argparse.Namespace(lr=1e-3, min_lr=1e-4, warmup_iters=10, lr_hold_iters=10, lr_decay_iters=10)
     assert train.lr_at(9, a) == pytest.approx(1e-3)
     assert train.lr_at(10, a) == train.lr_at(11, a) == pytest.approx(1e-4)
 
@@ -1008,7 +1019,7 @@ def test_optimizer_takes_the_training_options(bf16_moments):
         [(7e-4, (0.8, 0.97), 0.05), (7e-4, (0.8, 0.97), 0.0)]
 
 
-# -- from mutation testing of the run folder, signals, the log and the option checks ---------------------------------
+# -- the run folder, signals, the log and the option checks ----------------------------------------------------------
 @pytest.mark.parametrize("name, value, rule", [
     *[(n, "0", "must be >= 1") for n in ("batch_size", "block_size", "grad_accum", "eval_interval", "ckpt_interval",
                                           "eval_iters", "log_interval")],
@@ -1016,12 +1027,14 @@ def test_optimizer_takes_the_training_options(bf16_moments):
                                            "balance_alpha", "bias_gamma")],
     ("lr", "0", "must be > 0"),
     ("lr_decay_iters", "2", "must be >= warmup_iters"),  # RUN's --warmup_iters is 3
+    ("lr_hold_iters", "2", "must be >= warmup_iters"),
+    ("lr_decay_iters", "2 --lr_hold_iters 4", "must be >= lr_hold_iters"),
 ])
 def test_every_training_option_rule_is_one_line(tmp_path, corpus_args, capsys, name, value, rule):
     """Each rule of check_args refuses its option in one line before anything is written (without it a 0 interval
     is a ZeroDivisionError traceback mid-run, and a 0 --grad_accum or --lr, a negative --min_lr or --grad_clip train
     silently wrong)."""
-    assert run(tmp_path / "out", corpus_args, f"--{name}", value) == 2
+    assert run(tmp_path / "out", corpus_args, f"--{name}", *value.split()) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"error: --{name}=") and err.endswith(f": {rule}\n") and err.count("\n") == 1, err
     assert not (tmp_path / "out").exists()
