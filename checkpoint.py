@@ -46,11 +46,13 @@ class Interrupted(KeyboardInterrupt):
 # -- save and load ----------------------------------------------------------------------------------------------
 def fsync_path(path: str) -> None:
     """Flush `path` from the OS's cache to the disk: a file's bytes, or a folder's entries (the renames made in
-    it). A folder that cannot be opened or synced (Windows, some network file systems) is skipped; a file's
-    failure (EIO, a full disk) raises OSError."""
+    it). A file is opened for writing (Windows flushes only such handles). A folder that cannot be opened or synced
+    (Windows, some network file systems) is skipped, and so is a file system that cannot sync at all (EINVAL,
+    ENOTSUP); a failed flush of a file (EIO, a full disk) raises OSError. On macOS fsync reaches the drive but not
+    the drive's own cache."""
     folder = os.path.isdir(path)
     try:
-        fd = os.open(path, os.O_RDONLY)
+        fd = os.open(path, os.O_RDONLY if folder else os.O_RDWR | getattr(os, "O_BINARY", 0))
     except OSError:
         if folder:
             return
@@ -58,7 +60,7 @@ def fsync_path(path: str) -> None:
     try:
         os.fsync(fd)
     except OSError as e:
-        if not (folder and e.errno in (errno.EINVAL, errno.ENOTSUP, errno.EBADF)):
+        if e.errno not in (errno.EINVAL, errno.ENOTSUP) + ((errno.EBADF,) if folder else ()):
             raise
     finally:
         os.close(fd)

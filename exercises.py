@@ -313,12 +313,14 @@ def make(out: str, names: list, root: str = ROOT) -> dict:
         raise ExerciseError(f"cannot make {out} ({e.strerror or e})") from None
     try:
         _write_copy(out, root, files, names, tests)
-    except OSError as e:  # a full disk: no half-made copy is left behind (an empty folder given stays, empty)
+    except BaseException as e:  # a full disk, Ctrl-C: no half-made copy is left (an empty folder given stays, empty)
         shutil.rmtree(out, ignore_errors=True)
         if existed:
             with contextlib.suppress(OSError):
                 os.mkdir(out)
-        raise ExerciseError(f"cannot write the student copy to {out} ({e.strerror or e})") from None
+        if isinstance(e, OSError):
+            raise ExerciseError(f"cannot write the student copy to {out} ({e.strerror or e})") from None
+        raise
     return tests
 
 

@@ -30,8 +30,9 @@ No tensor is permuted: our RoPE rotates interleaved pairs (2i, 2i+1) like the of
 with `rope_interleave=True`. YaRN is written as rope_scaling with mscale == mscale_all_dim, which makes HF's cos/sin
 amplitude factor 1 and its softmax scale qk_head_dim^-0.5 · m², m = 0.1·mscale·ln(factor) + 1, exactly ours.
 
-Loading also accepts: shards; FP8 checkpoints (float8_e4m3fn weights with `<key>_scale_inv` 128×128 block scales,
-dequantized on load: w = fp8 · scale_inv[i//128, j//128]); HF transformers ≥ 5 fused experts
+Loading also accepts: shards; FP8 checkpoints (float8_e4m3fn weights with `<key>_scale_inv` block scales, b×b with
+b from quantization_config.weight_block_size, 128 in the released weights, dequantized on load: w = fp8 ·
+scale_inv[i//b, j//b]); HF transformers ≥ 5 fused experts
 (`mlp.experts.gate_up_proj` (E, 2I, dim) = [gate; up], `mlp.experts.down_proj` (E, dim, I)); `rope_scaling` or the
 newer `rope_parameters`; V2-style softmax routers; checkpoints that declare MTP layers but do not hold them (HF
 transformers' save_pretrained drops them). Settings this implementation cannot reproduce exactly raise ValueError.
@@ -245,10 +246,11 @@ def _swap_in(tmp: str, path: str) -> None:
                 shutil.copytree(src, dst, symlinks=True)
             else:
                 shutil.copy2(src, dst, follow_symlinks=False)
-    for name in os.listdir(tmp):
-        if _is_checkpoint_file(name):
-            fsync_path(os.path.join(tmp, name))
-    fsync_path(tmp)
+    for folder, _, names in os.walk(tmp):  # the copies of kept files too: their originals go with the old folder
+        for name in names:
+            if os.path.isfile(os.path.join(folder, name)) and not os.path.islink(os.path.join(folder, name)):
+                fsync_path(os.path.join(folder, name))
+        fsync_path(folder)
     old = None
     if exists:
         old = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.old-", dir=os.path.dirname(path))
@@ -374,11 +376,12 @@ def load_hf_checkpoint(path, dtype=torch.float32, device="cpu"):
     path = os.fspath(path)
     if not os.path.isdir(path):
         parent, base = os.path.split(os.path.abspath(path))
-        kept = sorted(n for n in (os.listdir(parent) if os.path.isdir(parent) else ())
-                      if n.startswith(f".{base}.old-") and os.path.exists(os.path.join(parent, n, CONFIG)))
-        if kept:  # save_hf_checkpoint was stopped between its two renames
+        kept = sorted((os.path.join(parent, n) for n in (os.listdir(parent) if os.path.isdir(parent) else ())
+                       if n.startswith(f".{base}.old-") and os.path.exists(os.path.join(parent, n, CONFIG))),
+                      key=os.path.getmtime)
+        if kept:  # save_hf_checkpoint was stopped between its two renames: the newest folder moved aside
             raise FileNotFoundError(f"checkpoint directory {path} does not exist: a save into it was interrupted; "
-                                    f"the previous checkpoint is complete in {os.path.join(parent, kept[-1])}")
+                                    f"the previous checkpoint is complete in {kept[-1]}")
         raise FileNotFoundError(f"checkpoint directory {path} does not exist")
     if not os.path.exists(os.path.join(path, CONFIG)):
         raise FileNotFoundError(f"{path} has no {CONFIG}")
@@ -387,8 +390,9 @@ def load_hf_checkpoint(path, dtype=torch.float32, device="cpu"):
             c = json.load(f)
     except ValueError as e:
         raise ValueError(f"{path}/{CONFIG} is not valid JSON: {e}") from None
-    sizes = list((c.get("quantization_config") or {}).get("weight_block_size") or [128, 128])
-    if len(sizes) != 2 or sizes[0] != sizes[1] or not isinstance(sizes[0], int) or sizes[0] <= 0:
+    sizes = (c.get("quantization_config") or {}).get("weight_block_size") or [128, 128]
+    if (not isinstance(sizes, list) or len(sizes) != 2 or sizes[0] != sizes[1] or not isinstance(sizes[0], int)
+            or sizes[0] <= 0):
         raise ValueError(f"quantization_config weight_block_size {sizes} is not supported (square blocks only)")
     block = sizes[0]
     w = _Weights(path, block)

@@ -169,7 +169,6 @@ def read_log(path: str):
     return train, evals
 
 
-
 def loss_series(train, evals) -> list:
     """[(name, mark, steps, values)] of the main next-token loss in training and validation, and val MTP."""
     key = "main" if all("main" in r for r in train) else "loss"  # one quantity per curve

@@ -20,7 +20,7 @@ complete, and an --overwrite run stopped before that saves nothing). Checkpoints
 temporary file, flushed to the disk and then renamed, so neither a crash nor a power loss leaves half a file; every
 --ckpt_interval steps and at the end) hold the model (MoE bias buffers included), the optimizer, the step, every RNG
 state (the data position is the state of the data generator), the config, the training options, the tokenizer name,
-and the SHA-256 of the token streams (a resume over other tokens says so) and the sums of the steps not yet logged.
+the SHA-256 of the token streams (a resume over other tokens says so) and the sums of the steps not yet logged.
 A run stopped part way (by Ctrl-C, SIGTERM or kill -9, or by a smaller --max_iters with the schedule given
 explicitly) and continued with `--resume` ends with the weights of a straight run, bit for bit, given the same
 thread count, and after Ctrl-C, SIGTERM or kill -9 with its log records too. (A run that ended at a smaller
@@ -71,7 +71,7 @@ from checkpoint import (Interrupted, rng_state, save_checkpoint, save_distribute
 from config import ModelConfig
 from model import count_params, train_flops_per_token
 from moe import max_violation
-from train_setup import LOG, Run, build_parser, first_line, setup
+from train_setup import LOG, Run, build_parser, first_line, setup, lr_hold_step
 
 PEAK_BF16 = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "A800": 312e12}
 
@@ -474,11 +474,12 @@ def lr_at(step: int, args) -> float:
     decay, then min_lr."""
     if step < args.warmup_iters:
         return args.lr * (step + 1) / args.warmup_iters
-    if step < args.lr_hold_iters:
+    hold = lr_hold_step(args)
+    if step < hold:
         return args.lr
     if step >= args.lr_decay_iters:
         return args.min_lr
-    ratio = (step - args.lr_hold_iters) / (args.lr_decay_iters - args.lr_hold_iters)  # in [0, 1)
+    ratio = (step - hold) / (args.lr_decay_iters - hold)  # in [0, 1)
     return args.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (args.lr - args.min_lr)
 
 

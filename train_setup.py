@@ -141,6 +141,13 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def lr_hold_step(args) -> int:
+    """The step until which the peak learning rate holds: --lr_hold_iters, or (None, also in a checkpoint) the end of
+    the warmup, whatever --warmup_iters a resumed run is given."""
+    hold = getattr(args, "lr_hold_iters", None)
+    return args.warmup_iters if hold is None else hold
+
+
 def corpus_digest(corpus) -> list:
     """The SHA-256 of the train and validation token streams (data.py's cache header holds them): a resumed run
     compares them with its checkpoint's to tell whether it trains on the same tokens."""
@@ -168,8 +175,6 @@ def resolve_args(ns: argparse.Namespace, ckpt: dict = None) -> argparse.Namespac
         args["warmup_iters"] = args["max_iters"] // 10
     if args["lr_decay_iters"] is None:
         args["lr_decay_iters"] = args["max_iters"]
-    if args["lr_hold_iters"] is None:  # no plateau: the cosine starts where the warmup ends
-        args["lr_hold_iters"] = args["warmup_iters"]
     if args["ckpt_interval"] is None:
         args["ckpt_interval"] = args["eval_interval"]
     if args["pp"] > 1 and "grad_accum" not in given:  # --microbatches take its place (a preset's value too)
@@ -207,9 +212,10 @@ def check_args(args, cfg: ModelConfig) -> None:
                  "balance_alpha", "bias_gamma"):
         need(getattr(args, name) >= 0, name, "must be >= 0")
     need(args.lr > 0, "lr", "must be > 0")
-    need(args.lr_hold_iters >= args.warmup_iters, "lr_hold_iters", "must be >= warmup_iters")
-    need(args.lr_decay_iters >= args.lr_hold_iters, "lr_decay_iters",
-         "must be >= warmup_iters" if args.lr_hold_iters == args.warmup_iters else "must be >= lr_hold_iters")
+    hold = lr_hold_step(args)
+    need(hold >= args.warmup_iters, "lr_hold_iters", "must be >= warmup_iters")
+    need(args.lr_decay_iters >= hold, "lr_decay_iters",
+         "must be >= lr_hold_iters" if args.lr_hold_iters is not None else "must be >= warmup_iters")
     need(args.block_size <= cfg.max_seq_len, "block_size", f"must be <= max_seq_len ({cfg.max_seq_len})"
          + ("" if "block_size" in args.typed else f" (the {args.preset} preset's default: give --block_size)"))
     need(args.block_size > cfg.n_mtp, "block_size", f"must be > n_mtp ({cfg.n_mtp}): MTP predicts further ahead")

@@ -53,8 +53,8 @@ def test_checkpoint_reaches_the_disk_before_it_replaces_the_old_one(tmp_path, mo
 
 
 def test_fsync_path_raises_for_a_file_and_skips_an_unsyncable_folder(tmp_path, monkeypatch):
-    """A file whose flush fails (EIO: the disk lost the write) raises; a folder whose file system cannot flush
-    folders (EINVAL) is skipped."""
+    """A file whose flush fails (EIO: the disk lost the write) raises; a file system that cannot flush (EINVAL) is
+    skipped, for a folder and a file alike."""
     import errno
     f = tmp_path / "f"
     f.write_bytes(b"x")
@@ -69,8 +69,7 @@ def test_fsync_path_raises_for_a_file_and_skips_an_unsyncable_folder(tmp_path, m
         checkpoint.fsync_path(str(f))
     monkeypatch.setattr(checkpoint.os, "fsync", failing(errno.EINVAL))
     checkpoint.fsync_path(str(tmp_path))
-    with pytest.raises(OSError):
-        checkpoint.fsync_path(str(f))
+    checkpoint.fsync_path(str(f))
 
 
 def test_load_errors_are_one_line(tmp_path):

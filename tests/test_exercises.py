@@ -178,20 +178,25 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, argv, message):
     assert not (tmp_path / "new").exists()
 
 
-def test_make_that_fails_part_way_leaves_no_half_copy(tmp_path, capsys, monkeypatch):
-    """A write that fails while the copy is made (a full disk) is one line, and the folder holds nothing half made."""
+@pytest.mark.parametrize("error", [OSError(28, "No space left on device"), KeyboardInterrupt()])
+def test_make_that_fails_part_way_leaves_no_half_copy(tmp_path, capsys, monkeypatch, error):
+    """A write that fails while the copy is made (a full disk: one line) or Ctrl-C leaves no half-made folder."""
     real, n = E.shutil.copy2, []
 
     def copy2(src, dst, **kw):
         n.append(1)
         if len(n) == 5:
-            raise OSError(28, "No space left on device")
+            raise error
         return real(src, dst, **kw)
 
     monkeypatch.setattr(E.shutil, "copy2", copy2)
-    assert E.main(["make", "--out", str(tmp_path / "new"), "--set", "routing"]) == 2
-    want = f"error: cannot write the student copy to {tmp_path / 'new'} (No space left on device)\n"
-    assert capsys.readouterr().err == want
+    if isinstance(error, OSError):
+        assert E.main(["make", "--out", str(tmp_path / "new"), "--set", "routing"]) == 2
+        want = f"error: cannot write the student copy to {tmp_path / 'new'} (No space left on device)\n"
+        assert capsys.readouterr().err == want
+    else:
+        with pytest.raises(KeyboardInterrupt):
+            E.main(["make", "--out", str(tmp_path / "new"), "--set", "routing"])
     assert not (tmp_path / "new").exists()
 
 

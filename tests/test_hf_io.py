@@ -263,7 +263,11 @@ def test_overwrite_is_atomic(tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == ["ckpt"]  # the temporary directory is gone ...
     assert_same_model(old, load_hf_checkpoint(target), tokens(cfg))  # ... and the old checkpoint intact
     monkeypatch.setattr(hf_io, "save_file", real_save)
+    synced = []
+    monkeypatch.setattr(hf_io, "fsync_path", lambda p: synced.append(os.path.relpath(p, tmp_path).split(os.sep)[1:]))
     save_hf_checkpoint(new, target)  # single file now: the old shards and index must be gone
+    for kept in (["config.json"], ["model.safetensors"], ["tokenizer.json"], ["original", "params.json"]):
+        assert kept in synced, kept  # flushed before the renames, the copies of the kept files too
     assert sorted(os.listdir(target)) == ["config.json", "model.safetensors", "original", "tokenizer.json"]
     assert (target / "original" / "params.json").read_text() == "{}"
     assert sorted(os.listdir(tmp_path)) == ["ckpt"]

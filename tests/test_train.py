@@ -162,6 +162,18 @@ def test_lr_schedule_with_a_plateau():
     assert train.lr_at(100, a) == pytest.approx(5.5e-4)  # half-way through the cosine's 100 steps
     assert train.lr_at(75, a) == pytest.approx(1e-4 + 0.9e-3 * (1 + math.cos(math.pi / 4)) / 2)
     assert train.lr_at(150, a) == pytest.approx(1e-4)
+    b = argparse.Namespace(lr=1e-3, min_lr=1e-4, warmup_iters=10, lr_hold_iters=None, lr_decay_iters=110)
+    plain = argparse.Namespace(lr=1e-3, min_lr=1e-4, warmup_iters=10, lr_hold_iters=10, lr_decay_iters=110)
+    assert [train.lr_at(s, b) for s in range(120)] == [train.lr_at(s, plain) for s in range(120)]  # None: no plateau
+
+
+def test_an_untyped_hold_follows_the_warmup_on_resume(tmp_path, corpus_args):
+    """Not given, --lr_hold_iters is saved as None ("where the warmup ends"), so a resume given another --warmup_iters
+    gets no plateau it did not ask for (nor a refusal of an option it never typed)."""
+    assert run(tmp_path, corpus_args, "--max_iters", "2", "--eval_interval", "2") == 0
+    assert load(tmp_path)["args"]["lr_hold_iters"] is None
+    assert train.main(["--out_dir", str(tmp_path), "--resume", "--max_iters", "3", "--warmup_iters", "5",
+                       "--device", "cpu"]) == 0
 
 
 @pytest.mark.parametrize("preset", ["tiny", "small", "v2-lite-16b", "v3-671b"])
