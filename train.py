@@ -10,8 +10,8 @@ One optimizer step (report §2 and §4, training details):
 Learning rate: linear warmup to --lr over --warmup_iters steps, held there until --lr_hold_iters (the report's
 plateau; default: no plateau), then cosine to --min_lr at --lr_decay_iters. Unless given, warmup and decay follow
 --max_iters: warmup over the first tenth of the steps, decay ending at the last step (so the default 1000 steps warm
-up for 100). The resolved values are saved in the checkpoint: a resumed run keeps its
-schedule even when it is given a larger --max_iters.
+up for 100). The resolved values are saved in the checkpoint: a resumed run keeps its schedule even when it is given
+a larger --max_iters.
 
 The run folder (--out_dir, default out/) holds ckpt.pt, log.jsonl (format: see "the log" below) and a lock file: a
 second run on the same folder refuses to start, and so does a fresh run into a folder that holds a run, unless given
@@ -71,7 +71,7 @@ from checkpoint import (Interrupted, rng_state, save_checkpoint, save_distribute
 from config import ModelConfig
 from model import count_params, train_flops_per_token
 from moe import max_violation
-from train_setup import LOG, Run, build_parser, first_line, setup, lr_hold_step
+from train_setup import LOG, Run, build_parser, first_line, lr_hold_step, setup
 
 PEAK_BF16 = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "A800": 312e12}
 
@@ -321,9 +321,10 @@ def truncate_log(path: str, step: int) -> None:
                 rec = json.loads(line)
             except json.JSONDecodeError:
                 continue
-            if not line.endswith("\n") or not isinstance(rec, dict) or not isinstance(rec.get("step", 0), (int, float)):
+            at = rec.get("step", 0) if isinstance(rec, dict) else None
+            if not line.endswith("\n") or not isinstance(at, (int, float)):
                 continue
-            if rec.get("step", 0) > step:
+            if at > step:
                 break
             keep.append(line)
     tmp = f"{path}.tmp"

@@ -144,8 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
 def lr_hold_step(args) -> int:
     """The step until which the peak learning rate holds: --lr_hold_iters, or (None, also in a checkpoint) the end of
     the warmup, whatever --warmup_iters a resumed run is given."""
-    hold = getattr(args, "lr_hold_iters", None)
-    return args.warmup_iters if hold is None else hold
+    return args.warmup_iters if args.lr_hold_iters is None else args.lr_hold_iters
 
 
 def corpus_digest(corpus) -> list:
@@ -331,7 +330,8 @@ def setup(ns: argparse.Namespace) -> Run:
     if ckpt and ckpt.get("tokenizer") != corpus.tokenizer.name:
         raise ValueError(f"--resume: the checkpoint's tokenizer {ckpt.get('tokenizer')!r} is not "
                          f"{corpus.tokenizer.name!r}")
-    if ckpt and ckpt.get("tokens", corpus_digest(corpus)) != corpus_digest(corpus):  # another --data, an edited file
+    digest = corpus_digest(corpus)
+    if ckpt and ckpt.get("tokens", digest) != digest:  # another --data, an edited file
         print("note: --resume: the corpus's tokens are not those the checkpoint was trained on; the run goes on over "
               "these, so it will not end as a straight run on the old ones would", file=sys.stderr)
     corpus.check_block(args.block_size)

@@ -190,8 +190,8 @@ def test_stage_times_by_hand():
 
 
 def test_dualpipev_formula_has_two_stages_a_rank():
-    """DualPipeV on pp ranks runs 2·pp stages: the README formula it is compared with is (PP/2 - 1)(F&B + B - 3W)
-    with PP = 2·pp, i.e. (pp - 1)(F&B + B - 3W)."""
+    """DualPipeV on pp ranks runs 2·pp stages, so its bubble formula (PP/2 - 1)(F&B + B - 3W) takes PP = 2·pp:
+    (pp - 1)(F&B + B - 3W)."""
     cfg = dataclasses.replace(SMALL, n_layers=8)
     p = plan.make_plan(cfg, 4, 2, 2, 2, "dualpipev", 8, 64, 1, plan.Assumptions())
     c = p["costs"]
