@@ -326,6 +326,11 @@ class Pipeline(nn.Module):
     def moe_layers(self):
         return [m for m in self.modules() if isinstance(m, MoE)]
 
+    def set_mtp_lambda(self, lam: float) -> None:
+        """λ of the next steps' objective (train.py schedules it), on this rank's last stage."""
+        for m in self._stages:
+            m.lam = lam
+
     @torch.no_grad()
     def update_moe_bias(self, gamma: float, group=None):
         """The aux-loss-free bias update of this rank's MoE layers, their loads summed over `group` (the dp

@@ -8,10 +8,12 @@ One optimizer step (report §2 and §4, training details):
     then the aux-loss-free update of every MoE gate bias:
     b_i += γ·sign(mean load − load_i)                     (γ = --bias_gamma; bias buffers never see a gradient)
 Learning rate: linear warmup to --lr over --warmup_iters steps, held there until --lr_hold_iters (the report's
-plateau; default: no plateau), then cosine to --min_lr at --lr_decay_iters. Unless given, warmup and decay follow
---max_iters: warmup over the first tenth of the steps, decay ending at the last step (so the default 1000 steps warm
-up for 100). The resolved values are saved in the checkpoint: a resumed run keeps its schedule even when it is given
-a larger --max_iters.
+plateau; default: no plateau), then cosine to --min_lr at --lr_decay_iters, and --final_lr from --final_lr_iters on
+(the report's last step; default: none). Unless given, warmup and decay follow --max_iters: warmup over the first
+tenth of the steps, decay ending at the last step (so the default 1000 steps warm up for 100). λ and γ switch once if
+asked: λ to --mtp_lambda_after at --mtp_lambda_iters, γ to 0 at --bias_gamma_iters (the report's 0.3 → 0.1 and
+0.001 → 0; README: the report's schedule scaled to a run). The resolved values are saved in the checkpoint: a resumed
+run keeps its schedule even when it is given a larger --max_iters.
 
 The run folder (--out_dir, default out/) holds ckpt.pt, log.jsonl (format: see "the log" below) and a lock file: a
 second run on the same folder refuses to start, and so does a fresh run into a folder that holds a run, unless given
@@ -398,9 +400,10 @@ def forward_backward(run: Run) -> dict:
     if run.layout.pp > 1:  # one schedule step runs all --microbatches forward and backward (pipeline.Pipeline)
         # M × (B, T), drawn as one process draws them for --grad_accum M
         xs, ys = zip(*(run.batch("train", run.gen) for _ in range(args.microbatches)))
+        run.model.set_mtp_lambda(mtp_lambda_at(run.step, args))  # the last stage makes the loss
         with run.autocast:
             losses = run.model.train_step(torch.cat(xs), torch.cat(ys))
-        losses["loss"] = total_loss(losses, args)
+        losses["loss"] = total_loss(losses, args, run.step)
         sums = {k: losses[k].float().to(run.device) for k in sums}
     else:
         if args.cuda_graphs and args.grad_accum > 1:
@@ -418,7 +421,7 @@ def forward_backward(run: Run) -> dict:
                     torch.compiler.cudagraph_mark_step_begin()
                 with run.autocast:
                     _, losses = run.fwd(x, y)
-                loss = total_loss(losses, args)
+                loss = total_loss(losses, args, run.step)
                 (loss / args.grad_accum).backward()
                 losses["loss"] = loss
                 for k in sums:
@@ -467,25 +470,37 @@ def optimizer_step(run: Run) -> None:
         run.opt.grad_scale = None                            # this step's clipping factor is used up
     run.opt.zero_grad(set_to_none=True)
     # b_i += γ·sign(mean load − load_i), the load over this step's tokens of all data-parallel ranks
-    run.model.update_moe_bias(run.args.bias_gamma, run.layout.group("dp"))
+    run.model.update_moe_bias(bias_gamma_at(run.step, run.args), run.layout.group("dp"))
 
 
 def lr_at(step: int, args) -> float:
     """Learning rate of optimizer step `step` (0-based): linear warmup, the peak held until lr_hold_iters, cosine
-    decay, then min_lr."""
+    decay, then min_lr, and from final_lr_iters on (if given) final_lr."""
     if step < args.warmup_iters:
         return args.lr * (step + 1) / args.warmup_iters
     hold = lr_hold_step(args)
     if step < hold:
         return args.lr
     if step >= args.lr_decay_iters:
-        return args.min_lr
+        return args.final_lr if args.final_lr_iters is not None and step >= args.final_lr_iters else args.min_lr
     ratio = (step - hold) / (args.lr_decay_iters - hold)  # in [0, 1)
     return args.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (args.lr - args.min_lr)
 
 
-def total_loss(losses: dict, args) -> torch.Tensor:
-    return losses["main"] + args.mtp_lambda * losses["mtp"] + args.balance_alpha * losses["balance"]
+def mtp_lambda_at(step: int, args) -> float:
+    """λ of optimizer step `step`: --mtp_lambda, and from --mtp_lambda_iters on (if given) --mtp_lambda_after."""
+    late = args.mtp_lambda_iters is not None and step >= args.mtp_lambda_iters
+    return args.mtp_lambda_after if late else args.mtp_lambda
+
+
+def bias_gamma_at(step: int, args) -> float:
+    """γ of optimizer step `step`: --bias_gamma, and from --bias_gamma_iters on (if given) 0."""
+    return 0.0 if args.bias_gamma_iters is not None and step >= args.bias_gamma_iters else args.bias_gamma
+
+
+def total_loss(losses: dict, args, step: int) -> torch.Tensor:
+    """The objective of optimizer step `step`: L_main + λ·L_MTP + α·Σ L_balance."""
+    return losses["main"] + mtp_lambda_at(step, args) * losses["mtp"] + args.balance_alpha * losses["balance"]
 
 
 @torch.no_grad()

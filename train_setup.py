@@ -36,8 +36,10 @@ TRAIN_DEFAULTS = dict(
     preset="tiny", data=None, cache_dir=data.DEFAULT_CACHE_DIR, seed=1337, max_iters=1000,
     batch_size=8, block_size=128, grad_accum=1,
     lr=3e-3, min_lr=3e-4, warmup_iters=None, lr_hold_iters=None, lr_decay_iters=None,  # None: derived (resolve_args)
+    final_lr_iters=None, final_lr=None,  # None: no switch (min_lr to the end; λ and γ constant)
     weight_decay=0.1, beta1=0.9, beta2=0.95, grad_clip=1.0,
-    mtp_lambda=0.3, balance_alpha=1e-4, bias_gamma=0.01,
+    mtp_lambda=0.3, mtp_lambda_iters=None, mtp_lambda_after=None, balance_alpha=1e-4,
+    bias_gamma=0.01, bias_gamma_iters=None,
     eval_interval=200, ckpt_interval=None, eval_iters=20, log_interval=10,  # ckpt_interval None: eval_interval
     fp8=False, fp8_act_cache="bf16", bf16_moments=False,
 )
@@ -122,18 +124,27 @@ def build_parser() -> argparse.ArgumentParser:
                  lr_hold_iters="step until which the peak lr holds before the cosine (the report holds it for 10T of "
                                "its 14.8T tokens)",
                  lr_decay_iters="step where the cosine reaches min_lr",
+                 final_lr_iters="step from which the lr is --final_lr (the report: min_lr 2.2e-5 for 333B tokens "
+                                "after the cosine, then 7.3e-6 for the last 167B)",
+                 final_lr="learning rate from --final_lr_iters on",
                  ckpt_interval="steps between checkpoints",
                  weight_decay="AdamW decay (matrices only)", beta1="AdamW β1", beta2="AdamW β2",
                  grad_clip="max global gradient norm (0: off)", mtp_lambda="λ, weight of the MTP loss",
+                 mtp_lambda_iters="step from which λ is --mtp_lambda_after (the report: 0.3 for the first 10T of its "
+                                  "14.8T tokens, then 0.1)",
+                 mtp_lambda_after="λ from --mtp_lambda_iters on",
                  balance_alpha="α, weight of the sequence-wise balance loss",
                  bias_gamma="γ, speed of the aux-loss-free gate-bias update",
+                 bias_gamma_iters="step from which γ is 0: the biases stay (the report: 0.001 for the first 14.3T "
+                                  "tokens, then 0)",
                  eval_interval="steps between evaluations",
                  eval_iters="validation batches per evaluation", log_interval="steps between log lines")
-    derived = dict(warmup_iters="max_iters // 10", lr_hold_iters="warmup_iters", lr_decay_iters="max_iters",
-                   ckpt_interval="eval_interval")
+    shown = dict(warmup_iters="max_iters // 10", lr_hold_iters="warmup_iters", lr_decay_iters="max_iters",
+                 ckpt_interval="eval_interval", final_lr_iters="none", final_lr="none", mtp_lambda_iters="none",
+                 mtp_lambda_after="none", bias_gamma_iters="none")  # defaults that are no plain value
     for name, text in helps.items():
-        g.add_argument(f"--{name}", type=int if name in derived else type(d[name]),
-                       help=f"{text} (default: {derived.get(name, d[name])})")
+        kind = int if name.endswith(("_iters", "_interval")) else float if d[name] is None else type(d[name])
+        g.add_argument(f"--{name}", type=kind, help=f"{text} (default: {shown.get(name, d[name])})")
     m = p.add_argument_group("model (ModelConfig fields; default: the preset's value, shown for tiny)")
     for f in fields(ModelConfig):
         m.add_argument(f"--{f.name}", type=type(getattr(PRESETS["tiny"], f.name)),
@@ -210,11 +221,18 @@ def check_args(args, cfg: ModelConfig) -> None:
     for name in ("warmup_iters", "min_lr", "weight_decay", "grad_clip", "mtp_lambda",
                  "balance_alpha", "bias_gamma"):
         need(getattr(args, name) >= 0, name, "must be >= 0")
+    for name in ("final_lr_iters", "final_lr", "mtp_lambda_iters", "mtp_lambda_after", "bias_gamma_iters"):
+        need(getattr(args, name) is None or getattr(args, name) >= 0, name, "must be >= 0")
+    for when, value in (("final_lr_iters", "final_lr"), ("mtp_lambda_iters", "mtp_lambda_after")):  # in pairs
+        need(getattr(args, value) is not None or getattr(args, when) is None, when, f"needs --{value}")
+        need(getattr(args, when) is not None or getattr(args, value) is None, value, f"needs --{when}")
     need(args.lr > 0, "lr", "must be > 0")
     hold = lr_hold_step(args)
     need(hold >= args.warmup_iters, "lr_hold_iters", "must be >= warmup_iters")
     need(args.lr_decay_iters >= hold, "lr_decay_iters",
          "must be >= lr_hold_iters" if args.lr_hold_iters is not None else "must be >= warmup_iters")
+    need(args.final_lr_iters is None or args.final_lr_iters >= args.lr_decay_iters, "final_lr_iters",
+         "must be >= lr_decay_iters (the final lr follows the cosine)")
     need(args.block_size <= cfg.max_seq_len, "block_size", f"must be <= max_seq_len ({cfg.max_seq_len})"
          + ("" if "block_size" in args.typed else f" (the {args.preset} preset's default: give --block_size)"))
     need(args.block_size > cfg.n_mtp, "block_size", f"must be > n_mtp ({cfg.n_mtp}): MTP predicts further ahead")

@@ -221,12 +221,12 @@ def test_inject_loss_adds_the_gradient_of_its_loss():
                                                      ("1f1b", 2, 2, 2, 2), ("dualpipev", 4, 4, 2, 1)])
 def test_train_with_pp_equals_one_process(tmp_path, corpus_args, kind, n_layers, micro, dp, ep):
     """train.py --pp 2 on 2·dp ranks (experts over ep) == one process with --grad_accum M on the same
-    micro-batches: weights, gate biases and log after 3 steps; the distributed checkpoint loads in one process
-    under the model's names."""
+    micro-batches, λ switched after the first step: weights, gate biases and log after 3 steps; the distributed
+    checkpoint loads in one process under the model's names."""
     import checkpoint
     import train
     common = [*corpus_args, *TINY_ARGS, *DIST_RUN, "--n_layers", str(n_layers), "--max_iters", "3",
-              "--eval_interval", "3"]
+              "--eval_interval", "3", "--mtp_lambda_iters", "1", "--mtp_lambda_after", "0.1"]  # λ switched
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
     assert train.main([*common, "--batch_size", str(2 * dp), "--grad_accum", str(micro), "--out_dir", one]) == 0
     out = run_workers(train_worker, 2 * dp, [*common, "--batch_size", "2", "--pp", "2", "--pp_schedule", kind,

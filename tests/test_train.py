@@ -131,9 +131,9 @@ def test_ctrl_c_pressed_again_during_the_save(tmp_path, corpus_args, monkeypatch
 def test_non_finite_loss_keeps_last_checkpoint(tmp_path, corpus_args, monkeypatch, capsys):
     real, calls = train.total_loss, []
 
-    def total_loss(losses, args):  # the 6th step's loss is NaN
+    def total_loss(losses, args, step):  # the 6th step's loss is NaN
         calls.append(1)
-        out = real(losses, args)
+        out = real(losses, args, step)
         return out * float("nan") if len(calls) == 6 else out
 
     monkeypatch.setattr(train, "total_loss", total_loss)
@@ -143,8 +143,13 @@ def test_non_finite_loss_keeps_last_checkpoint(tmp_path, corpus_args, monkeypatc
     assert ckpt["step"] == 4 and all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
 
 
+def schedule(**kw):
+    """The options lr_at reads: peak 1e-3, min_lr 1e-4, no final step unless given."""
+    return argparse.Namespace(**{"lr": 1e-3, "min_lr": 1e-4, "final_lr_iters": None, "final_lr": None, **kw})
+
+
 def test_lr_schedule():
-    a = argparse.Namespace(lr=1e-3, min_lr=1e-4, warmup_iters=10, lr_hold_iters=10, lr_decay_iters=110)
+    a = schedule(warmup_iters=10, lr_hold_iters=10, lr_decay_iters=110)
     assert train.lr_at(0, a) == pytest.approx(1e-4)  # (0+1)/10 of the peak
     assert train.lr_at(9, a) == pytest.approx(1e-3)  # end of warmup: the peak
     assert train.lr_at(10, a) == pytest.approx(1e-3)  # cosine starts at the peak
@@ -156,14 +161,14 @@ def test_lr_schedule():
 def test_lr_schedule_with_a_plateau():
     """--lr_hold_iters: the peak holds from the warmup's end to the hold step, then the cosine runs over the steps
     left to lr_decay_iters (the report's shape: warmup, a constant peak, a cosine down to min_lr)."""
-    a = argparse.Namespace(lr=1e-3, min_lr=1e-4, warmup_iters=10, lr_hold_iters=50, lr_decay_iters=150)
+    a = schedule(warmup_iters=10, lr_hold_iters=50, lr_decay_iters=150)
     assert train.lr_at(4, a) == pytest.approx(5e-4)
     assert train.lr_at(10, a) == train.lr_at(49, a) == train.lr_at(50, a) == pytest.approx(1e-3)
     assert train.lr_at(100, a) == pytest.approx(5.5e-4)  # half-way through the cosine's 100 steps
     assert train.lr_at(75, a) == pytest.approx(1e-4 + 0.9e-3 * (1 + math.cos(math.pi / 4)) / 2)
     assert train.lr_at(150, a) == pytest.approx(1e-4)
-    b = argparse.Namespace(lr=1e-3, min_lr=1e-4, warmup_iters=10, lr_hold_iters=None, lr_decay_iters=110)
-    plain = argparse.Namespace(lr=1e-3, min_lr=1e-4, warmup_iters=10, lr_hold_iters=10, lr_decay_iters=110)
+    b = schedule(warmup_iters=10, lr_hold_iters=None, lr_decay_iters=110)
+    plain = schedule(warmup_iters=10, lr_hold_iters=10, lr_decay_iters=110)
     assert [train.lr_at(s, b) for s in range(120)] == [train.lr_at(s, plain) for s in range(120)]  # None: no plateau
 
 
@@ -217,7 +222,8 @@ def _stepped(clip, fused, fold, device="cpu"):
     if fold:
         norm = train.clip_gradients(opt, params, clip)
         run = SimpleNamespace(opt=opt, model=SimpleNamespace(update_moe_bias=lambda *a: None),
-                              args=SimpleNamespace(bias_gamma=0.0), layout=SimpleNamespace(group=lambda name: None))
+                              args=SimpleNamespace(bias_gamma=0.0, bias_gamma_iters=None), step=0,
+                              layout=SimpleNamespace(group=lambda name: None))
         grads, zero_grad = [], opt.zero_grad
 
         def keep_grads(set_to_none=True):                             # the gradients the step used, then zeroed
@@ -462,8 +468,8 @@ def test_overwrite_keeps_the_old_run_until_the_first_checkpoint(tmp_path, corpus
     old = folder_hashes(tmp_path)
     # The new run diverges at its 2nd step, before its first checkpoint (step 3): the old run is untouched.
     real, calls = train.total_loss, []
-    monkeypatch.setattr(train, "total_loss", lambda losses, args: calls.append(1) or
-                        (real(losses, args) * (float("nan") if len(calls) == 2 else 1.0)))
+    monkeypatch.setattr(train, "total_loss", lambda losses, *a: calls.append(1) or
+                        (real(losses, *a) * (float("nan") if len(calls) == 2 else 1.0)))
     assert run(tmp_path, corpus_args, "--overwrite", "--max_iters", "6", "--ckpt_interval", "3") == 1
     assert {k: v for k, v in folder_hashes(tmp_path).items() if k in old} == old
     monkeypatch.undo()
@@ -967,7 +973,7 @@ def test_preset_block_size_over_a_typed_max_seq_len_names_the_preset(tmp_path, c
 
 def test_lr_schedule_without_a_cosine_phase():
     """--lr_decay_iters equal to --warmup_iters (check_args allows it): the peak through the warmup, then min_lr."""
-    a = argparse.Namespace(lr=1e-3, min_lr=1e-4, warmup_iters=10, lr_hold_iters=10, lr_decay_iters=10)
+    a = schedule(warmup_iters=10, lr_hold_iters=10, lr_decay_iters=10)
     assert train.lr_at(9, a) == pytest.approx(1e-3)
     assert train.lr_at(10, a) == train.lr_at(11, a) == pytest.approx(1e-4)
 
@@ -975,8 +981,58 @@ def test_lr_schedule_without_a_cosine_phase():
 def test_total_loss_weights_mtp_by_lambda_and_balance_by_alpha():
     """loss = L_main + λ·L_MTP + α·L_balance, λ = --mtp_lambda and α = --balance_alpha."""
     losses = {"main": torch.tensor(2.0), "mtp": torch.tensor(3.0), "balance": torch.tensor(5.0)}
-    args = argparse.Namespace(mtp_lambda=0.3, balance_alpha=1e-4)
-    assert train.total_loss(losses, args).item() == pytest.approx(2.0 + 0.3 * 3.0 + 1e-4 * 5.0)
+    args = argparse.Namespace(mtp_lambda=0.3, balance_alpha=1e-4, mtp_lambda_iters=None)
+    assert train.total_loss(losses, args, 10).item() == pytest.approx(2.0 + 0.3 * 3.0 + 1e-4 * 5.0)
+
+
+def test_lr_schedule_ends_with_the_final_step():
+    """--final_lr_iters: min_lr from the cosine's end, then --final_lr (the report: 2.2e-5 for 333B tokens after
+    the cosine, then 7.3e-6 for the last 167B)."""
+    a = schedule(warmup_iters=10, lr_hold_iters=50, lr_decay_iters=150, final_lr_iters=180, final_lr=3e-5)
+    plain = schedule(warmup_iters=10, lr_hold_iters=50, lr_decay_iters=150)
+    assert [train.lr_at(s, a) for s in range(180)] == [train.lr_at(s, plain) for s in range(180)]
+    assert train.lr_at(179, a) == pytest.approx(1e-4) and train.lr_at(180, a) == train.lr_at(10_000, a) == 3e-5
+    b = schedule(warmup_iters=10, lr_hold_iters=50, lr_decay_iters=150, final_lr_iters=150, final_lr=3e-5)
+    assert train.lr_at(149, b) > 1e-4 and train.lr_at(150, b) == 3e-5  # at the cosine's end: no min_lr phase
+
+
+def test_mtp_lambda_and_bias_gamma_switch_once():
+    """λ is --mtp_lambda before --mtp_lambda_iters and --mtp_lambda_after from there on; γ is --bias_gamma before
+    --bias_gamma_iters and 0 from there on (the report: λ 0.3 → 0.1 after 10T tokens, γ 0.001 → 0 for the last
+    500B); without the step options both stay constant."""
+    a = argparse.Namespace(mtp_lambda=0.3, mtp_lambda_iters=20, mtp_lambda_after=0.1, balance_alpha=1e-4,
+                           bias_gamma=1e-3, bias_gamma_iters=30)
+    assert [train.mtp_lambda_at(s, a) for s in (0, 19, 20, 10_000)] == [0.3, 0.3, 0.1, 0.1]
+    assert [train.bias_gamma_at(s, a) for s in (0, 29, 30, 10_000)] == [1e-3, 1e-3, 0.0, 0.0]
+    losses = {"main": torch.tensor(2.0), "mtp": torch.tensor(3.0), "balance": torch.tensor(5.0)}
+    assert train.total_loss(losses, a, 19).item() == pytest.approx(2.0 + 0.3 * 3.0 + 1e-4 * 5.0)
+    assert train.total_loss(losses, a, 20).item() == pytest.approx(2.0 + 0.1 * 3.0 + 1e-4 * 5.0)
+    b = argparse.Namespace(mtp_lambda=0.3, mtp_lambda_iters=None, mtp_lambda_after=None, bias_gamma=1e-3,
+                           bias_gamma_iters=None)
+    assert train.mtp_lambda_at(10 ** 6, b) == 0.3 and train.bias_gamma_at(10 ** 6, b) == 1e-3
+
+
+def test_a_run_switches_lambda_gamma_and_lr_at_the_given_steps(tmp_path, corpus_args):
+    """A run with the three switches, stopped and resumed across them: every step's logged loss is
+    main + λ(s)·mtp + α·balance with λ switched at --mtp_lambda_iters, the gate biases stop moving at
+    --bias_gamma_iters, the logged lr is --final_lr from --final_lr_iters on, and the resumed run (its switches
+    from the checkpoint) ends with the weights of a straight one."""
+    switches = ["--lr_decay_iters", "4", "--final_lr_iters", "5", "--final_lr", "3e-5", "--mtp_lambda_iters", "2",
+                "--mtp_lambda_after", "0.1", "--bias_gamma_iters", "3", "--bias_gamma", "0.02", "--eval_interval", "3"]
+    out = tmp_path / "resumed"
+    assert run(out, corpus_args, *switches, "--max_iters", "3") == 0
+    before = {k: t for k, t in load(out)["model"].items() if k.endswith("gate.bias")}
+    assert before and all(t.abs().max() > 0 for t in before.values())  # γ moved them in steps 0-2
+    assert train.main(["--out_dir", str(out), "--resume", "--max_iters", "6", "--device", "cpu"]) == 0
+    assert_same_state({k: t for k, t in load(out)["model"].items() if k.endswith("gate.bias")}, before)
+    records = [r for r in read_log(out) if "loss" in r]
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
+    for r in records:  # record of step s + 1 holds step s
+        lam = 0.3 if r["step"] - 1 < 2 else 0.1
+        assert r["loss"] == pytest.approx(r["main"] + lam * r["mtp"] + 1e-4 * r["balance"], rel=1e-6), r
+    assert [r["lr"] for r in records[-2:]] == [pytest.approx(1e-4), 3e-5]
+    assert run(tmp_path / "straight", corpus_args, *switches, "--max_iters", "6") == 0
+    assert_same_state(load(out)["model"], load(tmp_path / "straight")["model"])
 
 
 def test_each_step_applies_and_logs_its_scheduled_lr_and_clip(tmp_path, corpus_args, monkeypatch):
@@ -1041,6 +1097,16 @@ def test_optimizer_takes_the_training_options(bf16_moments):
     ("lr_decay_iters", "2", "must be >= warmup_iters"),  # RUN's --warmup_iters is 3
     ("lr_hold_iters", "2", "must be >= warmup_iters"),
     ("lr_decay_iters", "2 --lr_hold_iters 4", "must be >= lr_hold_iters"),
+    ("final_lr_iters", "-1 --final_lr 1e-5", "must be >= 0"),
+    ("final_lr", "-1 --final_lr_iters 30", "must be >= 0"),
+    ("mtp_lambda_iters", "-1 --mtp_lambda_after 0.1", "must be >= 0"),
+    ("mtp_lambda_after", "-1 --mtp_lambda_iters 5", "must be >= 0"),
+    ("bias_gamma_iters", "-1", "must be >= 0"),
+    ("final_lr_iters", "30", "needs --final_lr"),
+    ("final_lr", "1e-5", "needs --final_lr_iters"),
+    ("mtp_lambda_iters", "5", "needs --mtp_lambda_after"),
+    ("mtp_lambda_after", "0.1", "needs --mtp_lambda_iters"),
+    ("final_lr_iters", "19 --final_lr 1e-5", "must be >= lr_decay_iters (the final lr follows the cosine)"),  # RUN: 20
 ])
 def test_every_training_option_rule_is_one_line(tmp_path, corpus_args, capsys, name, value, rule):
     """Each rule of check_args refuses its option in one line before anything is written (without it a 0 interval
@@ -1317,8 +1383,8 @@ def test_overwrite_run_diverging_before_its_first_checkpoint_says_the_old_one_is
     """The stop line names what is on disk: the old run's checkpoint, unchanged (not "no checkpoint written")."""
     assert run(tmp_path, corpus_args, "--max_iters", "4") == 0
     real, calls = train.total_loss, []
-    monkeypatch.setattr(train, "total_loss", lambda losses, args: calls.append(1) or
-                        (real(losses, args) * (float("nan") if len(calls) == 2 else 1.0)))
+    monkeypatch.setattr(train, "total_loss", lambda losses, *a: calls.append(1) or
+                        (real(losses, *a) * (float("nan") if len(calls) == 2 else 1.0)))
     capsys.readouterr()
     assert run(tmp_path, corpus_args, "--overwrite", "--max_iters", "6", "--ckpt_interval", "3") == 1
     err = capsys.readouterr().err
