@@ -86,6 +86,9 @@ def main(argv=None) -> int:
         args = train_setup.resolve_args(p.parse_args(argv))
         cfg = train_setup.resolve_config(args)
         train_setup.check_args(args, cfg)
+        if args.batch_ramp_iters is not None:
+            raise ValueError(f"--batch_ramp_iters={args.batch_ramp_iters}: this script times full steps: leave the "
+                             f"ramp out")
         device = pick_device(args.device)
         if cuda_only and device.type != "cuda":
             raise ValueError(f"--cuda_only needs a CUDA device (here: {device.type})")

@@ -12,8 +12,9 @@ plateau; default: no plateau), then cosine to --min_lr at --lr_decay_iters, and 
 (the report's last step; default: none). Unless given, warmup and decay follow --max_iters: warmup over the first
 tenth of the steps, decay ending at the last step (so the default 1000 steps warm up for 100). λ and γ switch once if
 asked: λ to --mtp_lambda_after at --mtp_lambda_iters, γ to 0 at --bias_gamma_iters (the report's 0.3 → 0.1 and
-0.001 → 0; README: the report's schedule scaled to a run). The resolved values are saved in the checkpoint: a resumed
-run keeps its schedule even when it is given a larger --max_iters.
+0.001 → 0; README: the report's schedule scaled to a run). The batch can ramp up: --batch_ramp_iters steps growing
+from --batch_ramp_start micro-batches to --grad_accum (train_setup.Run.micro_batches_at). The resolved values are
+saved in the checkpoint: a resumed run keeps its schedule even when it is given a larger --max_iters.
 
 The run folder (--out_dir, default out/) holds ckpt.pt, log.jsonl (format: see "the log" below) and a lock file: a
 second run on the same folder refuses to start, and so does a fresh run into a folder that holds a run, unless given
@@ -101,7 +102,7 @@ def train(run: Run) -> int:
           f"+ {n_params['mtp'] / 1e6:.2f}M MTP | {run.device}, "
           f"{'bf16 autocast' if run.device.type == 'cuda' else 'fp32'}{', fp8' if args.fp8 else ''}"
           f"{', torch.compile (the first step compiles)' if args.compile else ''} | "
-          f"{run.tokens_per_step:,} tokens/step | {corpus.tokenizer.name}")
+          f"{run.tokens_per_step:,} tokens/step{ramp_note(run)} | {corpus.tokenizer.name}")
     print(f"unigram baseline on val: {baseline:.4f} nats/token")
     if run.layout.distributed:
         print(f"layout: {run.layout.describe()}")
@@ -124,19 +125,19 @@ def train(run: Run) -> int:
             if run.step >= args.max_iters:
                 print(f"checkpoint is at step {run.step} >= --max_iters {args.max_iters}: nothing to do")
                 return 0
-            t_last, timed = time.time(), 0  # throughput: steps run since t_last
+            t_last, timed = time.time(), 0  # throughput: tokens trained since t_last
             while run.step < args.max_iters:
                 k = run.step - start  # the first steps of this process compile (and record the CUDA graphs)
                 metrics = first_step(run, k) if k < compiling_steps(args) else forward_backward(run)
                 with step_signals(run):  # the step, its log record and the snapshot move together
                     optimizer_step(run)
+                    timed += run.tokens_at(run.step)
                     run.step += 1
-                    timed += 1
                     for k, v in metrics.items():
                         run.log_sums[k] = run.log_sums.get(k, 0.0) + v
                     run.log_count += 1
                     if run.step % args.log_interval == 0 or run.step == args.max_iters:
-                        rec = train_record(run, timed * run.tokens_per_step / (time.time() - t_last))
+                        rec = train_record(run, timed / (time.time() - t_last))
                         write_record(log, rec)
                         show_progress(bar, interactive, rec, args.max_iters)
                         t_last, timed = time.time(), 0
@@ -190,6 +191,11 @@ def train(run: Run) -> int:
     val = f"val loss {ev['val_main']:.4f} vs unigram baseline {baseline:.4f} nats/token; " if ev else ""
     print(f"done: step {run.step}, {val}checkpoint {run.ckpt_path}")
     return 0
+
+
+def ramp_note(run: Run) -> str:
+    a = run.args
+    return "" if a.batch_ramp_iters is None else f" (from {run.tokens_at(0):,} over {a.batch_ramp_iters} steps)"
 
 
 def close(f) -> None:
@@ -372,13 +378,13 @@ def evaluate_and_log(run: Run, log) -> dict:
 
 
 # -- one optimizer step ----------------------------------------------------------------------------------------
-def fp8_micro_batches(run: Run):
-    """With --fp8, --grad_accum > 1 and one process, the block around one step's micro-batches: every FP8 weight
+def fp8_micro_batches(run: Run, n_micro: int):
+    """With --fp8, n_micro > 1 micro-batches and one process, the block around one step's micro-batches: every FP8 weight
     quantized once for all of them, not once per micro-batch (fp8_linear.weights_quantized_once; the same bits,
     for 2 bytes per weight of memory held through the step), and its gradient summed by its Wgrad GEMM in place,
     not by autograd's extra pass per micro-batch (fp8_linear.grads_accumulated_in_wgrad; the same sums).
     Otherwise nothing (one micro-batch quantizes each weight once and has no sum to make)."""
-    if not run.args.fp8 or run.args.grad_accum == 1 or run.layout.distributed:
+    if not run.args.fp8 or n_micro == 1 or run.layout.distributed:
         return contextlib.nullcontext()
     return _fp8_step_block(run.model)
 
@@ -391,8 +397,9 @@ def _fp8_step_block(model):
 
 
 def forward_backward(run: Run) -> dict:
-    """Gradients of one optimizer step, accumulated over grad_accum micro-batches; returns the mean losses."""
-    args = run.args
+    """Gradients of one optimizer step, accumulated over its micro-batches (--grad_accum, fewer on the batch-size
+    ramp); returns the mean losses."""
+    args, n_micro = run.args, run.micro_batches_at(run.step)
     lr = lr_at(run.step, args)
     for group in run.opt.param_groups:
         group["lr"] = lr
@@ -406,26 +413,26 @@ def forward_backward(run: Run) -> dict:
         losses["loss"] = total_loss(losses, args, run.step)
         sums = {k: losses[k].float().to(run.device) for k in sums}
     else:
-        if args.cuda_graphs and args.grad_accum > 1:
+        if args.cuda_graphs and n_micro > 1:
             # With no .grad yet, autograd keeps the first micro-batch's gradient tensor itself as .grad; replayed as
             # a CUDA graph, that tensor lives in the graphs' memory pool, which the next micro-batch overwrites.
             # Zeros first: every micro-batch's gradient is added into .grad in place.
             for p in run.model.parameters():
                 if p.requires_grad and p.grad is None:
                     p.grad = torch.zeros_like(p)
-        with fp8_micro_batches(run):
-            for micro in range(args.grad_accum):
+        with fp8_micro_batches(run, n_micro):
+            for micro in range(n_micro):
                 x, y = run.batch("train", run.gen)  # (B, T) each
-                parallel.set_gradient_sync(run.model, micro == args.grad_accum - 1)  # under FSDP: one sync per step
+                parallel.set_gradient_sync(run.model, micro == n_micro - 1)  # under FSDP: one sync per step
                 if args.cuda_graphs:  # the graphs' outputs of the last micro-batch are read (sums) and dead now
                     torch.compiler.cudagraph_mark_step_begin()
                 with run.autocast:
                     _, losses = run.fwd(x, y)
                 loss = total_loss(losses, args, run.step)
-                (loss / args.grad_accum).backward()
+                (loss / n_micro).backward()
                 losses["loss"] = loss
                 for k in sums:
-                    sums[k] += losses[k].detach().float() / args.grad_accum
+                    sums[k] += losses[k].detach().float() / n_micro
     clip = args.grad_clip if args.grad_clip > 0 else float("inf")  # inf: measure the norm, never clip
     if run.layout.pp > 1:
         sums = parallel.mean_over_dp(sums, run.layout)

@@ -34,7 +34,7 @@ from moe import grouped_mm_supported
 # per step to move the biases far enough.
 TRAIN_DEFAULTS = dict(
     preset="tiny", data=None, cache_dir=data.DEFAULT_CACHE_DIR, seed=1337, max_iters=1000,
-    batch_size=8, block_size=128, grad_accum=1,
+    batch_size=8, block_size=128, grad_accum=1, batch_ramp_iters=None, batch_ramp_start=None,  # None: no ramp
     lr=3e-3, min_lr=3e-4, warmup_iters=None, lr_hold_iters=None, lr_decay_iters=None,  # None: derived (resolve_args)
     final_lr_iters=None, final_lr=None,  # None: no switch (min_lr to the end; λ and γ constant)
     weight_decay=0.1, beta1=0.9, beta2=0.95, grad_clip=1.0,
@@ -119,7 +119,11 @@ def build_parser() -> argparse.ArgumentParser:
         f"--preset {name} changes " + ", ".join(f"{k}={v}" for k, v in changes.items())
         for name, changes in PRESET_TRAIN.items()))
     helps = dict(batch_size="sequences per micro-batch", block_size="tokens per sequence (<= max_seq_len)",
-                 grad_accum="micro-batches per optimizer step", lr="peak learning rate", min_lr="final learning rate",
+                 grad_accum="micro-batches per optimizer step",
+                 batch_ramp_iters="steps over which the micro-batches per step grow linearly from --batch_ramp_start "
+                                  "to --grad_accum (the report: 3,072 to 15,360 sequences over its first 469B tokens)",
+                 batch_ramp_start="micro-batches per step at step 0 of the ramp",
+                 lr="peak learning rate", min_lr="final learning rate",
                  warmup_iters="linear warmup steps",
                  lr_hold_iters="step until which the peak lr holds before the cosine (the report holds it for 10T of "
                                "its 14.8T tokens)",
@@ -141,9 +145,10 @@ def build_parser() -> argparse.ArgumentParser:
                  eval_iters="validation batches per evaluation", log_interval="steps between log lines")
     shown = dict(warmup_iters="max_iters // 10", lr_hold_iters="warmup_iters", lr_decay_iters="max_iters",
                  ckpt_interval="eval_interval", final_lr_iters="none", final_lr="none", mtp_lambda_iters="none",
-                 mtp_lambda_after="none", bias_gamma_iters="none")  # defaults that are no plain value
+                 mtp_lambda_after="none", bias_gamma_iters="none", batch_ramp_iters="none",
+                 batch_ramp_start="none")  # defaults that are no plain value
     for name, text in helps.items():
-        kind = int if name.endswith(("_iters", "_interval")) else float if d[name] is None else type(d[name])
+        kind = type(d[name]) if d[name] is not None else float if name in ("final_lr", "mtp_lambda_after") else int
         g.add_argument(f"--{name}", type=kind, help=f"{text} (default: {shown.get(name, d[name])})")
     m = p.add_argument_group("model (ModelConfig fields; default: the preset's value, shown for tiny)")
     for f in fields(ModelConfig):
@@ -223,7 +228,8 @@ def check_args(args, cfg: ModelConfig) -> None:
         need(getattr(args, name) >= 0, name, "must be >= 0")
     for name in ("final_lr_iters", "final_lr", "mtp_lambda_iters", "mtp_lambda_after", "bias_gamma_iters"):
         need(getattr(args, name) is None or getattr(args, name) >= 0, name, "must be >= 0")
-    for when, value in (("final_lr_iters", "final_lr"), ("mtp_lambda_iters", "mtp_lambda_after")):  # in pairs
+    for when, value in (("final_lr_iters", "final_lr"), ("mtp_lambda_iters", "mtp_lambda_after"),  # in pairs
+                        ("batch_ramp_iters", "batch_ramp_start")):
         need(getattr(args, value) is not None or getattr(args, when) is None, when, f"needs --{value}")
         need(getattr(args, when) is not None or getattr(args, value) is None, value, f"needs --{when}")
     need(args.lr > 0, "lr", "must be > 0")
@@ -233,6 +239,11 @@ def check_args(args, cfg: ModelConfig) -> None:
          "must be >= lr_hold_iters" if args.lr_hold_iters is not None else "must be >= warmup_iters")
     need(args.final_lr_iters is None or args.final_lr_iters >= args.lr_decay_iters, "final_lr_iters",
          "must be >= lr_decay_iters (the final lr follows the cosine)")
+    if args.batch_ramp_iters is not None:
+        need(args.batch_ramp_iters >= 1, "batch_ramp_iters", "must be >= 1")
+        need(1 <= args.batch_ramp_start <= args.grad_accum, "batch_ramp_start", "must be in [1, grad_accum]")
+        need(args.pp == 1, "batch_ramp_iters", "needs --pp 1 (the pipeline's micro-batches are fixed)")
+        need(not args.bench, "batch_ramp_iters", "--bench times full steps: leave the ramp out")
     need(args.block_size <= cfg.max_seq_len, "block_size", f"must be <= max_seq_len ({cfg.max_seq_len})"
          + ("" if "block_size" in args.typed else f" (the {args.preset} preset's default: give --block_size)"))
     need(args.block_size > cfg.n_mtp, "block_size", f"must be > n_mtp ({cfg.n_mtp}): MTP predicts further ahead")
@@ -285,9 +296,23 @@ class Run:
 
     @property
     def tokens_per_step(self) -> int:
-        """Tokens of one optimizer step over all ranks (batch_size sequences per data-parallel rank)."""
+        """Tokens of one optimizer step over all ranks (batch_size sequences per data-parallel rank), past the
+        batch-size ramp."""
         return (self.args.batch_size * self.args.block_size * self.args.grad_accum * self.args.microbatches
                 * self.layout.dp)
+
+    def micro_batches_at(self, step: int) -> int:
+        """Micro-batches of optimizer step `step`: --grad_accum, or on the batch-size ramp (the report's 3,072 to
+        15,360 sequences) --batch_ramp_start + (grad_accum − batch_ramp_start)·step / batch_ramp_iters, rounded
+        down, until step batch_ramp_iters."""
+        a = self.args
+        if a.batch_ramp_iters is None or step >= a.batch_ramp_iters:
+            return a.grad_accum
+        return a.batch_ramp_start + (a.grad_accum - a.batch_ramp_start) * step // a.batch_ramp_iters
+
+    def tokens_at(self, step: int) -> int:
+        """Tokens of optimizer step `step` over all ranks."""
+        return self.tokens_per_step * self.micro_batches_at(step) // self.args.grad_accum
 
     def path(self, name: str) -> str:
         return os.path.join(self.args.out_dir, name)

@@ -384,12 +384,12 @@ def test_train_quantizes_fp8_weights_once_only_where_it_pays():
     import train
     lin = fp8_linear.FP8Linear(128, 128)
 
-    def run(fp8_on=True, grad_accum=2, distributed=False):
-        return SimpleNamespace(args=SimpleNamespace(fp8=fp8_on, grad_accum=grad_accum), model=lin,
-                               layout=SimpleNamespace(distributed=distributed))
-    for off in (run(fp8_on=False), run(grad_accum=1), run(distributed=True)):
-        assert isinstance(train.fp8_micro_batches(off), contextlib.nullcontext)
-    with train.fp8_micro_batches(run()):
+    def run(fp8_on=True, distributed=False):
+        return SimpleNamespace(args=SimpleNamespace(fp8=fp8_on), model=lin, layout=SimpleNamespace(
+            distributed=distributed))
+    for off, n_micro in ((run(fp8_on=False), 2), (run(), 1), (run(distributed=True), 2)):
+        assert isinstance(train.fp8_micro_batches(off, n_micro), contextlib.nullcontext)
+    with train.fp8_micro_batches(run(), 2):
         assert lin.quantized is not None and lin.quantized[0] is lin.weight
         assert lin.grad_into is not None and lin.grad_into[1] is lin.weight.grad
     assert lin.quantized is None and lin.grad_into is None

@@ -280,6 +280,8 @@ def test_profile_step_runs_on_the_cpu_and_refuses_bad_input(corpus_args, capsys)
     assert capsys.readouterr().err == "error: --cuda_graphs needs a CUDA device (here: cpu)\n"
     assert profile_step.main([*argv, "--cuda_only"]) == 2                 # nothing to record on a CPU
     assert capsys.readouterr().err == "error: --cuda_only needs a CUDA device (here: cpu)\n"
+    assert profile_step.main([*argv, "--batch_ramp_iters", "2", "--batch_ramp_start", "1"]) == 2  # full steps only
+    assert capsys.readouterr().err == "error: --batch_ramp_iters=2: this script times full steps: leave the ramp out\n"
     for bad in (["--rows", "0"], ["--rows", "x"], ["--rows"]):
         assert profile_step.main([*argv, *bad]) == 2
         assert capsys.readouterr().err.startswith("error: --rows must be a positive integer, got ")
@@ -424,6 +426,33 @@ def test_grad_accum_equals_one_big_batch(tmp_path, corpus_args):
     for ra, rb in zip(la, lb):
         for k in ("loss", "main", "mtp", "balance", "grad_norm"):
             assert rb[k] == pytest.approx(ra[k], rel=1e-4), (k, ra, rb)
+
+
+def test_batch_ramp_grows_the_micro_batches_per_step():
+    """--batch_ramp_iters N --batch_ramp_start M0: step s < N runs M0 + (grad_accum − M0)·s // N micro-batches
+    (the report's batch-size ramp, 3,072 to 15,360 sequences: a fifth to the full batch), then --grad_accum."""
+    args = argparse.Namespace(grad_accum=5, batch_ramp_iters=8, batch_ramp_start=1, batch_size=2, block_size=16,
+                              microbatches=1)
+    run = train_setup.Run(args, *[None] * 7, step=0, ckpt_path="", resumed=False)
+    assert [run.micro_batches_at(s) for s in range(10)] == [1, 1, 2, 2, 3, 3, 4, 4, 5, 5]
+    assert [run.tokens_at(s) for s in (0, 8)] == [32, 160] and run.tokens_per_step == 160
+    args.batch_ramp_iters = None
+    assert {run.micro_batches_at(s) for s in range(10)} == {5}
+
+
+def test_a_batch_ramp_trains_as_runs_of_its_micro_batch_counts(tmp_path, corpus_args):
+    """A ramp from 1 to 2 micro-batches over 2 steps (1, 1, then 2, 2) ends with the weights and log of a run of
+    2 steps at --grad_accum 1 resumed for 2 more at --grad_accum 2: the same batches, each step's gradient the mean
+    over its own micro-batches."""
+    opts = ["--eval_interval", "2", "--batch_size", "2"]
+    ramp, parts = tmp_path / "ramp", tmp_path / "parts"
+    assert run(ramp, corpus_args, *opts, "--grad_accum", "2", "--batch_ramp_iters", "2", "--batch_ramp_start", "1",
+               "--max_iters", "4") == 0
+    assert run(parts, corpus_args, *opts, "--grad_accum", "1", "--max_iters", "2") == 0
+    assert train.main(["--out_dir", str(parts), "--resume", "--grad_accum", "2", "--max_iters", "4", "--device",
+                       "cpu"]) == 0
+    assert_same_state(load(ramp)["model"], load(parts)["model"])
+    assert without_speed(read_log(ramp)) == without_speed(read_log(parts))
 
 
 # -- never lose a run ---------------------------------------------------------------------------------------------
@@ -1107,6 +1136,12 @@ def test_optimizer_takes_the_training_options(bf16_moments):
     ("mtp_lambda_iters", "5", "needs --mtp_lambda_after"),
     ("mtp_lambda_after", "0.1", "needs --mtp_lambda_iters"),
     ("final_lr_iters", "19 --final_lr 1e-5", "must be >= lr_decay_iters (the final lr follows the cosine)"),  # RUN: 20
+    ("batch_ramp_iters", "4", "needs --batch_ramp_start"),
+    ("batch_ramp_start", "1", "needs --batch_ramp_iters"),
+    ("batch_ramp_iters", "0 --batch_ramp_start 1", "must be >= 1"),
+    ("batch_ramp_start", "3 --batch_ramp_iters 4 --grad_accum 2", "must be in [1, grad_accum]"),
+    ("batch_ramp_start", "0 --batch_ramp_iters 4 --grad_accum 2", "must be in [1, grad_accum]"),
+    ("batch_ramp_iters", "4 --batch_ramp_start 1 --bench", "--bench times full steps: leave the ramp out"),
 ])
 def test_every_training_option_rule_is_one_line(tmp_path, corpus_args, capsys, name, value, rule):
     """Each rule of check_args refuses its option in one line before anything is written (without it a 0 interval
