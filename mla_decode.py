@@ -29,6 +29,15 @@ the PyTorch path does. fp32 inputs use IEEE fp32 products (no TF32), so fp32 mod
 The ranges are cut from the cache's length S (StaticDecoder: max_seq_len), not from the newest position, which a
 CUDA graph cannot read back: ranges past it end at once, so a short context in a long cache has fewer busy blocks.
 
+V3's 64-row blocks run on two warpgroups (8 warps) and Hopper's wgmma gives each warpgroup 64 rows. For a matmul
+whose result feeds another matmul (the flash-attention pattern) Triton puts all warps along the rows, so with 64
+rows each warpgroup would compute every score of the tile, the same ones, twice the products. With more warps than
+the rows fill (SPLIT), the kernel masks the scores inside a branch that is always taken (`if s0 < hi`): the
+compiler does not follow the scores through it to P·c^KV, lays them out as for a lone matmul (each warpgroup takes
+half of the tile's positions), and P crosses to the other warpgroup through shared memory (BLOCK_M·BLOCK_S values,
+counted by `_shared_bytes`). The two score products are scaled before they are added, so that neither is folded
+into the other as its accumulator (one matmul feeding another again).
+
 On a machine without CUDA or Triton, `latent_attention` runs the reference (same results up to rounding).
 tests/test_mla_decode.py checks kernel against reference (on the GPU, and through Triton's CPU interpreter where
 Triton is installed); decode_bench.py measures the bytes per second it reads.
@@ -144,7 +153,8 @@ def _launch(q_lat, q_pe, latent, k_pe, at, scale, out_dtype, config):
         q_lat.stride(0), q_lat.stride(1), q_lat.stride(2), q_pe.stride(0), q_pe.stride(1), q_pe.stride(2),
         latent.stride(0), latent.stride(1), k_pe.stride(0), k_pe.stride(1),
         C=C, DR=DR, CP=_padded(C), DRP=_padded(DR), BLOCK_M=block_m, BLOCK_S=block_s,
-        PREC="ieee" if q_lat.dtype == torch.float32 else "tf32", num_warps=warps, num_stages=stages)
+        PREC="ieee" if q_lat.dtype == torch.float32 else "tf32", SPLIT=block_m >= 64 and 16 * warps > block_m,
+        num_warps=warps, num_stages=stages)
     out = torch.empty(B, T, H, C, device=q_lat.device, dtype=out_dtype)  # rows r = t·H + h: (B, T·H, d_c)
     _combine_kernel[(_cdiv(rows, 16), B)](acc, m, l, out, rows, splits, C=C, CP=_padded(C), BLOCK_M=16, num_warps=4)
     return out
@@ -171,10 +181,12 @@ def _limits(device) -> tuple:
 
 
 def _shared_bytes(block_m, block_s, stages, C, DR, elt):
-    """An upper estimate of a configuration's shared memory (bytes): `stages` cache tiles in flight and the queries.
-    Triton 3.6 allotted exactly this to the configuration it refused (a 64-token prefill: 252 KiB); it allots less to
-    others, and other Triton versions differ."""
-    return (stages * block_s + block_m) * (_padded(C) + _padded(DR)) * elt
+    """An upper estimate of a configuration's shared memory (bytes): `stages` cache tiles in flight, the queries and,
+    with two warpgroups (64 rows or more), P on its way between them. Triton 3.6 allotted exactly the tiles and
+    queries to the configuration it refused (a 64-token prefill: 252 KiB) and all three to V3's (224 KiB); it allots
+    less to others, and other Triton versions differ."""
+    exchange = block_m * block_s if block_m >= 64 else 0
+    return ((stages * block_s + block_m) * (_padded(C) + _padded(DR)) + exchange) * elt
 
 
 def _heuristic(rows, C, DR, B, S, device, dtype):
@@ -209,7 +221,7 @@ if triton is not None:
     def _split_kernel(Q, QPE, KV, PE, AT, ACC, Mx, L, H, T, S, split_len, scale_log2,
                       s_qb, s_qt, s_qh, s_pb, s_pt, s_ph, s_kb, s_ks, s_eb, s_es,
                       C: tl.constexpr, DR: tl.constexpr, CP: tl.constexpr, DRP: tl.constexpr,
-                      BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr, PREC: tl.constexpr):
+                      BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr, PREC: tl.constexpr, SPLIT: tl.constexpr):
         """One block: BLOCK_M query rows of sequence b over positions [split·split_len, +split_len) ∩ visible."""
         mb, sp, b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)  # int64: b·stride, big caches
         n_rows, splits = T * H, tl.num_programs(1)
@@ -234,10 +246,15 @@ if triton is not None:
                          mask=inside[:, None] & (c[None, :] < C), other=0.0)  # (BLOCK_S, d_c)
             pe = tl.load(PE + b * s_eb + s[:, None] * s_es + e[None, :],
                          mask=inside[:, None] & (e[None, :] < DR), other=0.0)  # (BLOCK_S, dr)
-            qk = (tl.dot(q, tl.trans(kv), input_precision=PREC)  # (BLOCK_M, BLOCK_S) fp32
-                  + tl.dot(qr, tl.trans(pe), input_precision=PREC))
+            qk_c = tl.dot(q, tl.trans(kv), input_precision=PREC)  # (BLOCK_M, BLOCK_S) fp32: q^lat · c^KV
+            qk_r = tl.dot(qr, tl.trans(pe), input_precision=PREC)  # q^R · k^R
             seen = inside[None, :] & (s[None, :] <= pos[:, None])
-            qk = tl.where(seen, (qk * scale_log2).to(tl.float32), float("-inf"))  # fp32 (inductor passes fp64)
+            if SPLIT:  # two warpgroups share 64 rows: the scores are split between them (header)
+                qk = (qk_c * scale_log2 + qk_r * scale_log2).to(tl.float32)  # fp32 (inductor passes fp64)
+                if s0 < hi:  # always true: the branch hides the P·c^KV product from the scores' layout
+                    qk = tl.where(seen, qk, float("-inf"))
+            else:
+                qk = tl.where(seen, ((qk_c + qk_r) * scale_log2).to(tl.float32), float("-inf"))
             m_new = tl.maximum(m_i, tl.max(qk, 1))
             m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing visible yet: no NaN
             alpha = tl.exp2(m_i - m_use)

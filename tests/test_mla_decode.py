@@ -82,11 +82,13 @@ def test_static_decoder_fused_gives_the_reference_tokens():
 
 # (B, T, H, d_c, dr, S, (BLOCK_M, BLOCK_S, num_warps, num_stages, splits), first position or None): several
 # ranges, ranges past the newest visible key, rows that fill no whole block, widths that are no power of two, a dr
-# below the tl.dot minimum; the last: the second range [32, 64) starts between the two tokens' positions 31 and 32,
-# so in that range the first token's rows see nothing (the −inf guard of the online softmax)
+# below the tl.dot minimum; the fifth: the second range [32, 64) starts between the two tokens' positions 31 and 32,
+# so in that range the first token's rows see nothing (the −inf guard of the online softmax); the last: 64-row
+# blocks, the path that splits the scores between two warpgroups on a GPU (80 rows: a full block and a part)
 KERNEL_CASES = [(2, 1, 16, 64, 16, 40, (16, 16, 4, 2, 3), None), (3, 2, 8, 48, 16, 37, (16, 16, 4, 2, 2), None),
                 (1, 3, 4, 32, 4, 20, (16, 16, 4, 2, 1), None), (2, 1, 20, 16, 8, 70, (16, 32, 4, 2, 4), None),
-                (1, 2, 4, 16, 16, 64, (16, 16, 4, 2, 2), 31)]
+                (1, 2, 4, 16, 16, 64, (16, 16, 4, 2, 2), 31),
+                (2, 2, 40, 32, 8, 45, (64, 16, 8, 2, 3), None)]
 
 @pytest.mark.parametrize("case", range(len(KERNEL_CASES)))
 def test_split_algorithm_is_the_softmax(case):
