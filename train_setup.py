@@ -123,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
                  batch_ramp_iters="steps over which the micro-batches per step grow linearly from --batch_ramp_start "
                                   "to --grad_accum (the report: 3,072 to 15,360 sequences over its first 469B tokens)",
                  batch_ramp_start="micro-batches per step at step 0 of the ramp",
-                 lr="peak learning rate", min_lr="final learning rate",
+                 lr="peak learning rate", min_lr="learning rate at the cosine's end",
                  warmup_iters="linear warmup steps",
                  lr_hold_iters="step until which the peak lr holds before the cosine (the report holds it for 10T of "
                                "its 14.8T tokens)",
@@ -215,7 +215,8 @@ def resolve_config(args, ckpt: dict = None) -> ModelConfig:
     return cfg
 
 
-def check_args(args, cfg: ModelConfig) -> None:
+def check_args(args, cfg: ModelConfig, start: int = 0) -> None:
+    """Every rule on the training options, for a run that starts at step `start` (a resumed run: the checkpoint's)."""
     def need(ok, name, rule):
         if not ok:
             raise ValueError(f"--{name}={getattr(args, name)!r}: {rule}")
@@ -230,7 +231,8 @@ def check_args(args, cfg: ModelConfig) -> None:
         need(getattr(args, name) is None or getattr(args, name) >= 0, name, "must be >= 0")
     for when, value in (("final_lr_iters", "final_lr"), ("mtp_lambda_iters", "mtp_lambda_after"),  # in pairs
                         ("batch_ramp_iters", "batch_ramp_start")):
-        need(getattr(args, value) is not None or getattr(args, when) is None, when, f"needs --{value}")
+        off = getattr(args, when) is None or (when == "batch_ramp_iters" and args.batch_ramp_iters == 0)
+        need(getattr(args, value) is not None or off, when, f"needs --{value}")
         need(getattr(args, when) is not None or getattr(args, value) is None, value, f"needs --{when}")
     need(args.lr > 0, "lr", "must be > 0")
     hold = lr_hold_step(args)
@@ -238,12 +240,15 @@ def check_args(args, cfg: ModelConfig) -> None:
     need(args.lr_decay_iters >= hold, "lr_decay_iters",
          "must be >= lr_hold_iters" if args.lr_hold_iters is not None else "must be >= warmup_iters")
     need(args.final_lr_iters is None or args.final_lr_iters >= args.lr_decay_iters, "final_lr_iters",
-         "must be >= lr_decay_iters (the final lr follows the cosine)")
-    if args.batch_ramp_iters is not None:
-        need(args.batch_ramp_iters >= 1, "batch_ramp_iters", "must be >= 1")
-        need(1 <= args.batch_ramp_start <= args.grad_accum, "batch_ramp_start", "must be in [1, grad_accum]")
-        need(args.pp == 1, "batch_ramp_iters", "needs --pp 1 (the pipeline's micro-batches are fixed)")
-        need(not args.bench, "batch_ramp_iters", "--bench times full steps: leave the ramp out")
+         f"must be >= lr_decay_iters ({args.lr_decay_iters}): the final lr follows the cosine")
+    ramp = args.batch_ramp_iters
+    if ramp is not None:  # 0: no ramp (how a resumed run turns a saved one off)
+        need(ramp >= 0, "batch_ramp_iters", "must be >= 0 (0: no ramp)")
+        need(not args.bench or ramp == 0, "batch_ramp_iters", "--bench times full steps: leave the ramp out (0: none)")
+        if start < ramp:  # the ramp is still ahead of this run
+            need(args.pp == 1, "batch_ramp_iters", "needs --pp 1 while it runs (the pipeline's micro-batches are "
+                                                   "fixed)")
+            need(1 <= args.batch_ramp_start <= args.grad_accum, "batch_ramp_start", "must be in [1, grad_accum]")
     need(args.block_size <= cfg.max_seq_len, "block_size", f"must be <= max_seq_len ({cfg.max_seq_len})"
          + ("" if "block_size" in args.typed else f" (the {args.preset} preset's default: give --block_size)"))
     need(args.block_size > cfg.n_mtp, "block_size", f"must be > n_mtp ({cfg.n_mtp}): MTP predicts further ahead")
@@ -303,12 +308,13 @@ class Run:
 
     def micro_batches_at(self, step: int) -> int:
         """Micro-batches of optimizer step `step`: --grad_accum, or on the batch-size ramp (the report's 3,072 to
-        15,360 sequences) --batch_ramp_start + (grad_accum − batch_ramp_start)·step / batch_ramp_iters, rounded
-        down, until step batch_ramp_iters."""
+        15,360 sequences) --batch_ramp_start + (grad_accum − batch_ramp_start)·step / batch_ramp_iters, rounded to
+        the nearest (so the ramp's mean is halfway), until step batch_ramp_iters."""
         a = self.args
         if a.batch_ramp_iters is None or step >= a.batch_ramp_iters:
             return a.grad_accum
-        return a.batch_ramp_start + (a.grad_accum - a.batch_ramp_start) * step // a.batch_ramp_iters
+        n = a.batch_ramp_iters
+        return a.batch_ramp_start + ((a.grad_accum - a.batch_ramp_start) * step + n // 2) // n
 
     def tokens_at(self, step: int) -> int:
         """Tokens of optimizer step `step` over all ranks."""
@@ -359,7 +365,7 @@ def setup(ns: argparse.Namespace) -> Run:
         ckpt = load_checkpoint(ckpt_path, "--resume", need=CKPT_KEYS) if ns.resume else None
     args = resolve_args(ns, ckpt)
     cfg = resolve_config(args, ckpt)
-    check_args(args, cfg)
+    check_args(args, cfg, ckpt["step"] if ckpt else 0)
     # the process group (under torchrun; checks the sizes first, alike on every rank) and the device
     layout = parallel.init(args.ep, args.pp, args.device, args.dist_timeout, cfg.n_routed_experts)
     parallel.quiet_other_ranks(layout)

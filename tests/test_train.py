@@ -429,30 +429,69 @@ def test_grad_accum_equals_one_big_batch(tmp_path, corpus_args):
 
 
 def test_batch_ramp_grows_the_micro_batches_per_step():
-    """--batch_ramp_iters N --batch_ramp_start M0: step s < N runs M0 + (grad_accum − M0)·s // N micro-batches
-    (the report's batch-size ramp, 3,072 to 15,360 sequences: a fifth to the full batch), then --grad_accum."""
+    """--batch_ramp_iters N --batch_ramp_start M0: step s < N runs M0 + (grad_accum − M0)·s / N micro-batches,
+    rounded to the nearest (the report's batch-size ramp, 3,072 to 15,360 sequences: a fifth to the full batch),
+    then --grad_accum; N = 0 is no ramp."""
     args = argparse.Namespace(grad_accum=5, batch_ramp_iters=8, batch_ramp_start=1, batch_size=2, block_size=16,
                               microbatches=1)
     run = train_setup.Run(args, *[None] * 7, step=0, ckpt_path="", resumed=False)
-    assert [run.micro_batches_at(s) for s in range(10)] == [1, 1, 2, 2, 3, 3, 4, 4, 5, 5]
+    assert [run.micro_batches_at(s) for s in range(10)] == [1, 2, 2, 3, 3, 4, 4, 5, 5, 5]
     assert [run.tokens_at(s) for s in (0, 8)] == [32, 160] and run.tokens_per_step == 160
-    args.batch_ramp_iters = None
-    assert {run.micro_batches_at(s) for s in range(10)} == {5}
+    args.batch_ramp_iters = 800  # a long ramp averages halfway: (1 + 5) / 2
+    assert sum(run.micro_batches_at(s) for s in range(800)) == 3 * 800
+    for off in (None, 0):
+        args.batch_ramp_iters = off
+        assert {run.micro_batches_at(s) for s in range(10)} == {5}
 
 
 def test_a_batch_ramp_trains_as_runs_of_its_micro_batch_counts(tmp_path, corpus_args):
-    """A ramp from 1 to 2 micro-batches over 2 steps (1, 1, then 2, 2) ends with the weights and log of a run of
-    2 steps at --grad_accum 1 resumed for 2 more at --grad_accum 2: the same batches, each step's gradient the mean
-    over its own micro-batches."""
-    opts = ["--eval_interval", "2", "--batch_size", "2"]
+    """A ramp from 1 to 3 micro-batches over 4 steps (1, 2, 2, 3, then 3) ends with the weights and training log of
+    a run of 1 step at --grad_accum 1, resumed for 2 at --grad_accum 2 and 2 more at --grad_accum 3: the same
+    batches, each step's gradient the mean over its own micro-batches."""
+    opts = ["--eval_interval", "5", "--batch_size", "2"]
     ramp, parts = tmp_path / "ramp", tmp_path / "parts"
-    assert run(ramp, corpus_args, *opts, "--grad_accum", "2", "--batch_ramp_iters", "2", "--batch_ramp_start", "1",
-               "--max_iters", "4") == 0
-    assert run(parts, corpus_args, *opts, "--grad_accum", "1", "--max_iters", "2") == 0
-    assert train.main(["--out_dir", str(parts), "--resume", "--grad_accum", "2", "--max_iters", "4", "--device",
-                       "cpu"]) == 0
+    assert run(ramp, corpus_args, *opts, "--grad_accum", "3", "--batch_ramp_iters", "4", "--batch_ramp_start", "1",
+               "--max_iters", "5") == 0
+    assert run(parts, corpus_args, *opts, "--grad_accum", "1", "--max_iters", "1") == 0
+    for accum, end in (("2", "3"), ("3", "5")):
+        assert train.main(["--out_dir", str(parts), "--resume", "--grad_accum", accum, "--max_iters", end,
+                           "--device", "cpu"]) == 0
     assert_same_state(load(ramp)["model"], load(parts)["model"])
-    assert without_speed(read_log(ramp)) == without_speed(read_log(parts))
+    got, want = ([r for r in read_log(d) if "loss" in r] for d in (ramp, parts))
+    assert [r["step"] for r in got] == [1, 2, 3, 4, 5] and without_speed(got) == without_speed(want)
+
+
+def test_tokens_per_second_count_each_steps_own_tokens_on_the_ramp(tmp_path, corpus_args, monkeypatch):
+    """The log's tok_per_s: the tokens of the steps since the last record (each step its own micro-batches) over
+    the time they took. A clock that ticks 1 s per reading: one tick per logged step."""
+    import itertools
+    from types import SimpleNamespace
+    ticks = itertools.count()
+    monkeypatch.setattr(train, "time", SimpleNamespace(time=lambda: float(next(ticks))))
+    assert run(tmp_path, corpus_args, "--max_iters", "6", "--eval_interval", "6", "--grad_accum", "3",
+               "--batch_ramp_iters", "4", "--batch_ramp_start", "1") == 0
+    rates = [r["tok_per_s"] for r in read_log(tmp_path) if "tok_per_s" in r]
+    assert rates == [64.0, 128.0, 128.0, 192.0, 192.0, 192.0]  # 4 sequences of 16 tokens a micro-batch (RUN)
+
+
+def test_a_saved_ramp_binds_only_while_it_runs(tmp_path, corpus_args):
+    """A ramp is refused with --pp (the pipeline's micro-batches are fixed), and its start must fit --grad_accum,
+    only while it is ahead of the run: a run resumed past it may use the pipeline or fewer micro-batches;
+    --batch_ramp_iters 0 turns it off (what --bench needs)."""
+    assert run(tmp_path, corpus_args, "--max_iters", "2", "--grad_accum", "3", "--batch_ramp_iters", "2",
+               "--batch_ramp_start", "2") == 0
+    assert train.main(["--out_dir", str(tmp_path), "--resume", "--max_iters", "3", "--grad_accum", "1", "--device",
+                       "cpu"]) == 0  # its start (2) is more than 1, but the ramp is over at step 2
+    parse = lambda *a: train_setup.resolve_args(train_setup.build_parser().parse_args(  # noqa: E731
+        [*TINY_ARGS, "--block_size", "16", *a]))
+    args = parse("--pp", "2", "--batch_ramp_iters", "4", "--batch_ramp_start", "1")
+    cfg = train_setup.resolve_config(args)
+    with pytest.raises(ValueError, match=r"^--batch_ramp_iters=4: needs --pp 1 while it runs"):
+        train_setup.check_args(args, cfg, start=3)
+    train_setup.check_args(args, cfg, start=4)
+    with pytest.raises(ValueError, match=r"^--batch_ramp_iters=4: --bench times full steps"):
+        train_setup.check_args(parse("--bench", "--batch_ramp_iters", "4", "--batch_ramp_start", "1"), cfg)
+    train_setup.check_args(parse("--bench", "--batch_ramp_iters", "0"), cfg)
 
 
 # -- never lose a run ---------------------------------------------------------------------------------------------
@@ -1135,13 +1174,15 @@ def test_optimizer_takes_the_training_options(bf16_moments):
     ("final_lr", "1e-5", "needs --final_lr_iters"),
     ("mtp_lambda_iters", "5", "needs --mtp_lambda_after"),
     ("mtp_lambda_after", "0.1", "needs --mtp_lambda_iters"),
-    ("final_lr_iters", "19 --final_lr 1e-5", "must be >= lr_decay_iters (the final lr follows the cosine)"),  # RUN: 20
+    ("final_lr_iters", "19 --final_lr 1e-5", "must be >= lr_decay_iters (20): the final lr follows the cosine"),
     ("batch_ramp_iters", "4", "needs --batch_ramp_start"),
     ("batch_ramp_start", "1", "needs --batch_ramp_iters"),
-    ("batch_ramp_iters", "0 --batch_ramp_start 1", "must be >= 1"),
+    ("batch_ramp_iters", "-1 --batch_ramp_start 1", "must be >= 0 (0: no ramp)"),
     ("batch_ramp_start", "3 --batch_ramp_iters 4 --grad_accum 2", "must be in [1, grad_accum]"),
     ("batch_ramp_start", "0 --batch_ramp_iters 4 --grad_accum 2", "must be in [1, grad_accum]"),
-    ("batch_ramp_iters", "4 --batch_ramp_start 1 --bench", "--bench times full steps: leave the ramp out"),
+    ("batch_ramp_iters", "4 --batch_ramp_start 1 --bench", "--bench times full steps: leave the ramp out (0: none)"),
+    ("batch_ramp_iters", "4 --batch_ramp_start 2 --pp 2",  # before the start's range: --pp sets grad_accum to 1
+     "needs --pp 1 while it runs (the pipeline's micro-batches are fixed)"),
 ])
 def test_every_training_option_rule_is_one_line(tmp_path, corpus_args, capsys, name, value, rule):
     """Each rule of check_args refuses its option in one line before anything is written (without it a 0 interval
