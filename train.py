@@ -194,8 +194,9 @@ def train(run: Run) -> int:
 
 
 def ramp_note(run: Run) -> str:
+    """For the run's first line: " (from N tokens over K steps)" with a batch-size ramp, else nothing."""
     a = run.args
-    return "" if a.batch_ramp_iters is None else f" (from {run.tokens_at(0):,} over {a.batch_ramp_iters} steps)"
+    return "" if not a.batch_ramp_iters else f" (from {run.tokens_at(0):,} over {a.batch_ramp_iters} steps)"
 
 
 def close(f) -> None:
@@ -379,8 +380,8 @@ def evaluate_and_log(run: Run, log) -> dict:
 
 # -- one optimizer step ----------------------------------------------------------------------------------------
 def fp8_micro_batches(run: Run, n_micro: int):
-    """With --fp8, n_micro > 1 micro-batches and one process, the block around one step's micro-batches: every FP8 weight
-    quantized once for all of them, not once per micro-batch (fp8_linear.weights_quantized_once; the same bits,
+    """With --fp8, n_micro > 1 micro-batches and one process, the block around one step's micro-batches: every FP8
+    weight quantized once for all of them, not once per micro-batch (fp8_linear.weights_quantized_once; the same bits,
     for 2 bytes per weight of memory held through the step), and its gradient summed by its Wgrad GEMM in place,
     not by autograd's extra pass per micro-batch (fp8_linear.grads_accumulated_in_wgrad; the same sums).
     Otherwise nothing (one micro-batch quantizes each weight once and has no sum to make)."""

@@ -444,7 +444,7 @@ def test_batch_ramp_grows_the_micro_batches_per_step():
         assert {run.micro_batches_at(s) for s in range(10)} == {5}
 
 
-def test_a_batch_ramp_trains_as_runs_of_its_micro_batch_counts(tmp_path, corpus_args):
+def test_a_batch_ramp_trains_as_runs_of_its_micro_batch_counts(tmp_path, corpus_args, capsys):
     """A ramp from 1 to 3 micro-batches over 4 steps (1, 2, 2, 3, then 3) ends with the weights and training log of
     a run of 1 step at --grad_accum 1, resumed for 2 at --grad_accum 2 and 2 more at --grad_accum 3: the same
     batches, each step's gradient the mean over its own micro-batches."""
@@ -452,6 +452,7 @@ def test_a_batch_ramp_trains_as_runs_of_its_micro_batch_counts(tmp_path, corpus_
     ramp, parts = tmp_path / "ramp", tmp_path / "parts"
     assert run(ramp, corpus_args, *opts, "--grad_accum", "3", "--batch_ramp_iters", "4", "--batch_ramp_start", "1",
                "--max_iters", "5") == 0
+    assert " | 96 tokens/step (from 32 over 4 steps) | " in capsys.readouterr().out  # 2 × 16 tokens a micro-batch
     assert run(parts, corpus_args, *opts, "--grad_accum", "1", "--max_iters", "1") == 0
     for accum, end in (("2", "3"), ("3", "5")):
         assert train.main(["--out_dir", str(parts), "--resume", "--grad_accum", accum, "--max_iters", end,
