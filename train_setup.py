@@ -231,9 +231,9 @@ def check_args(args, cfg: ModelConfig, start: int = 0) -> None:
         need(getattr(args, name) is None or getattr(args, name) >= 0, name, "must be >= 0")
     for when, value in (("final_lr_iters", "final_lr"), ("mtp_lambda_iters", "mtp_lambda_after"),  # in pairs
                         ("batch_ramp_iters", "batch_ramp_start")):
-        off = getattr(args, when) is None or (when == "batch_ramp_iters" and args.batch_ramp_iters == 0)
-        need(getattr(args, value) is not None or off, when, f"needs --{value}")
         need(getattr(args, when) is not None or getattr(args, value) is None, value, f"needs --{when}")
+    for when, value in (("final_lr_iters", "final_lr"), ("mtp_lambda_iters", "mtp_lambda_after")):
+        need(getattr(args, when) is None or getattr(args, value) is not None, when, f"needs --{value}")
     need(args.lr > 0, "lr", "must be > 0")
     hold = lr_hold_step(args)
     need(hold >= args.warmup_iters, "lr_hold_iters", "must be >= warmup_iters")
@@ -244,6 +244,7 @@ def check_args(args, cfg: ModelConfig, start: int = 0) -> None:
     ramp = args.batch_ramp_iters
     if ramp is not None:  # 0: no ramp (how a resumed run turns a saved one off)
         need(ramp >= 0, "batch_ramp_iters", "must be >= 0 (0: no ramp)")
+        need(ramp == 0 or args.batch_ramp_start is not None, "batch_ramp_iters", "needs --batch_ramp_start")
         need(not args.bench or ramp == 0, "batch_ramp_iters", "--bench times full steps: leave the ramp out (0: none)")
         if start < ramp:  # the ramp is still ahead of this run
             need(args.pp == 1, "batch_ramp_iters", "needs --pp 1 while it runs (the pipeline's micro-batches are "

@@ -30,6 +30,11 @@ def run(out_dir, corpus_args, *extra):
     return train.main(["--out_dir", str(out_dir), *corpus_args, *TINY_ARGS, *RUN, *extra])
 
 
+def resolve(*argv) -> argparse.Namespace:
+    """train.py's options as setup() resolves them (no checkpoint)."""
+    return train_setup.resolve_args(train_setup.build_parser().parse_args(list(argv)))
+
+
 def load(out_dir):
     return torch.load(os.path.join(out_dir, "ckpt.pt"), map_location="cpu", weights_only=True)
 
@@ -483,8 +488,7 @@ def test_a_saved_ramp_binds_only_while_it_runs(tmp_path, corpus_args):
                "--batch_ramp_start", "2") == 0
     assert train.main(["--out_dir", str(tmp_path), "--resume", "--max_iters", "3", "--grad_accum", "1", "--device",
                        "cpu"]) == 0  # its start (2) is more than 1, but the ramp is over at step 2
-    parse = lambda *a: train_setup.resolve_args(train_setup.build_parser().parse_args(  # noqa: E731
-        [*TINY_ARGS, "--block_size", "16", *a]))
+    parse = lambda *a: resolve(*TINY_ARGS, "--block_size", "16", *a)  # noqa: E731
     args = parse("--pp", "2", "--batch_ramp_iters", "4", "--batch_ramp_start", "1")
     cfg = train_setup.resolve_config(args)
     with pytest.raises(ValueError, match=r"^--batch_ramp_iters=4: needs --pp 1 while it runs"):
@@ -829,8 +833,7 @@ def test_compile_default_rule(monkeypatch):
     assert train_setup.default_compile(argparse.Namespace(fp8=True), torch.device("cuda"))
     monkeypatch.setattr(train_setup.parallel, "under_torchrun", lambda: True)
     assert not train_setup.default_compile(args, torch.device("cuda"))
-    parse = lambda *a: train_setup.resolve_args(train_setup.build_parser().parse_args(list(a)))  # noqa: E731
-    assert parse().compile is None and parse("--compile").compile is True and parse("--no-compile").compile is False
+    assert resolve().compile is None and resolve("--compile").compile is True and resolve("--no-compile").compile is False
 
 
 def _losses_and_grads(model, fwd, idx, tgt):
@@ -910,9 +913,8 @@ def test_cuda_graphs_refusals_are_one_line(tmp_path, corpus_args, capsys, extra,
 def test_cuda_graphs_is_off_by_default_and_never_taken_from_a_checkpoint():
     """Off unless typed; a run option, as --compile is: a resumed run decides afresh."""
     assert "cuda_graphs" in train_setup.RUN_ONLY
-    parse = lambda *a: train_setup.resolve_args(train_setup.build_parser().parse_args(list(a)))  # noqa: E731
-    assert parse().cuda_graphs is False and parse("--cuda_graphs").cuda_graphs is True
-    saved = {"args": {**vars(parse("--cuda_graphs")), "typed": []}}
+    assert resolve().cuda_graphs is False and resolve("--cuda_graphs").cuda_graphs is True
+    saved = {"args": {**vars(resolve("--cuda_graphs")), "typed": []}}
     assert train_setup.resolve_args(train_setup.build_parser().parse_args([]), saved).cuda_graphs is False
 
 
@@ -971,7 +973,7 @@ def test_a_model_that_cannot_fit_is_refused_before_allocating(tmp_path, corpus_a
 
 def test_lr_schedule_follows_max_iters_unless_given(tmp_path, corpus_args):
     def resolved(*argv):
-        a = train_setup.resolve_args(train_setup.build_parser().parse_args(list(argv)))
+        a = resolve(*argv)
         return a.warmup_iters, a.lr_decay_iters
     assert resolved() == (100, 1000)  # the default run: warmup 100, cosine to step 1000
     assert resolved("--max_iters", "30") == (3, 30)
@@ -1023,7 +1025,7 @@ def test_v3_layers_trains_with_the_reports_learning_rate():
     sequence per micro-batch and 8 micro-batches per optimizer step (32,768 tokens, about the 30,720 one GPU of
     V3's run trained on per step); an option typed by the user still wins."""
     def resolved(*argv):
-        a = train_setup.resolve_args(train_setup.build_parser().parse_args(list(argv)))
+        a = resolve(*argv)
         return a.lr, a.min_lr, a.bias_gamma, a.batch_size, a.block_size, a.grad_accum
     assert resolved("--preset", "v3-layers") == (2.2e-4, 2.2e-5, 0.001, 1, 4096, 8)
     assert resolved("--preset", "v3-layers", "--grad_accum", "1")[5] == 1
