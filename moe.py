@@ -286,7 +286,8 @@ class _GatherRows(torch.autograd.Function):
     back (len(index),) lists them: back.view(len(x), r)[i] = the r positions j with index[j] = i.
 
     The backward is then a gather as well, grad_x[i] = Σ_j grad[back[i, j]], summed in a fixed order: no atomic
-    scatter-add (autograd's backward of x[index] would be one, since it cannot know that index is so regular)."""
+    scatter-add (autograd's backward of x[index] would be one, since it cannot know that index is so regular).
+    The r terms are added one after the other (`sum_slots`)."""
 
     @staticmethod
     def forward(ctx, x, index, back):
@@ -297,7 +298,8 @@ class _GatherRows(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         (back,) = ctx.saved_tensors
-        grad_x = grad.index_select(0, back).view(ctx.n, ctx.r, *grad.shape[1:]).sum(1)  # (n, r, ...) → (n, ...)
+        rows = grad.index_select(0, back).view(ctx.n, ctx.r, *grad.shape[1:])  # (n, r, ...)
+        grad_x = sum_slots(rows).to(grad.dtype)  # (n, ...)
         return grad_x, None, None
 
 
@@ -319,13 +321,31 @@ def sort_by_expert(indices: torch.Tensor):
     return order, inverse_permutation(order), order // indices.shape[1]
 
 
+def sum_slots(rows: torch.Tensor, weights: torch.Tensor = None) -> torch.Tensor:
+    """Σ_j rows[:, j] (· weights[:, j]) in at least fp32, the r terms added in the order j = 0, 1, ...
+    (n, r, ...) → (n, ...). Written as r terms added one after the other, not .sum(1): compiled, with rows a
+    gather, this is one elementwise kernel with r loads per value; inductor made the reduction over the short r axis
+    a kernel 3-4× slower on a GPU (`v3-layers`' MoE layers: r = 8 slots of 7168 values)."""
+    acc = torch.promote_types(rows.dtype, torch.float32)
+    if weights is not None:
+        acc = torch.promote_types(acc, weights.dtype)
+        weights = weights.to(acc).view(*weights.shape, *([1] * (rows.dim() - 2))).unbind(1)  # r × (n, 1, ...)
+    out = rows.new_zeros((rows.shape[0], *rows.shape[2:]), dtype=acc) if rows.shape[1] == 0 else None  # (n, ...)
+    # unbind, not rows[:, j]: its backward stacks the r gradients in one tensor, where r selects would each
+    # fill a zero tensor of rows' size (eager autograd)
+    for j, row in enumerate(rows.unbind(1)):  # row: (n, ...)
+        term = row.to(acc) if weights is None else row * weights[j]
+        out = term if j == 0 else out + term
+    return out
+
+
 def combine(out: torch.Tensor, weights: torch.Tensor, order: torch.Tensor, inv: torch.Tensor, dtype) -> torch.Tensor:
     """y_t = Σ_k g_{t,k} · FFN_{idx_{t,k}}(u_t) from the experts' outputs in sorted order: out[inv] puts them back in
     (token, slot) order (a gather), then each token's K slots are weighted and summed in a fixed order (no atomic
     scatter-add, so the same bits every run). out (N·K, dim) sorted by expert → (N, dim) in `dtype`."""
     N, K = weights.shape
     rows = gather_rows(out, inv, order).view(N, K, out.shape[-1])  # (N, K, dim): row t·K + k is token t's slot k
-    return (rows * weights.unsqueeze(-1)).sum(1).to(dtype)  # (N, dim), products and sum in fp32 (the gate's dtype)
+    return sum_slots(rows, weights).to(dtype)  # (N, dim), products and sum in fp32 (the gate's dtype)
 
 
 def dispatch_grouped(x, weights, indices, experts: Experts, impl: str = "auto", counts=None) -> torch.Tensor:

@@ -286,6 +286,26 @@ def test_gather_rows_backward_is_the_sum_over_the_rows_that_read_each_row(n, r):
     torch.testing.assert_close(dx, dx_ref, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("r", [3, 1, 0])
+def test_sum_slots_adds_the_slots_in_order_in_at_least_fp32(r):
+    """sum_slots(rows, w) = ((rows[:, 0]·w[:, 0] + rows[:, 1]·w[:, 1]) + ...) term by term in the order of the slots, in
+    fp32 for bf16 rows (fp64 where the weights are), the same bits as that loop written out; no slots: zeros."""
+    torch.manual_seed(r)
+    rows = torch.randn(4, r, 5, 2).bfloat16()
+    w = torch.rand(4, r)
+    got = moe.sum_slots(rows, w)
+    ref = torch.zeros(4, 5, 2)
+    for j in range(r):
+        ref = rows[:, j].float() * w[:, j, None, None] if j == 0 else ref + rows[:, j].float() * w[:, j, None, None]
+    assert got.dtype == torch.float32 and got.shape == (4, 5, 2) and torch.equal(got, ref)
+    plain = moe.sum_slots(rows)
+    assert plain.dtype == torch.float32 and torch.equal(plain, moe.sum_slots(rows, torch.ones(4, r)))
+    assert moe.sum_slots(rows, w.double()).dtype == torch.float64
+    if r == 3:  # in the slots' order: (1e8 − 1e8) + 1 = 1, where (1 − 1e8) + 1e8 = 0 in fp32
+        big = torch.tensor([[[1e8], [-1e8], [1.0]]])
+        assert moe.sum_slots(big).item() == 1.0 and moe.sum_slots(big.flip(1)).item() == 0.0
+
+
 @pytest.mark.parametrize("N", [6, 0])
 def test_combine_is_the_weighted_sum_of_each_tokens_slots_in_fixed_order(N):
     """combine(out, g, order, inv) sums token t's K slots, each the expert output at its sorted position inv[t·K+k]
