@@ -288,8 +288,8 @@ def test_gather_rows_backward_is_the_sum_over_the_rows_that_read_each_row(n, r):
 
 @pytest.mark.parametrize("r", [3, 1, 0])
 def test_sum_slots_adds_the_slots_in_order_in_at_least_fp32(r):
-    """sum_slots(rows, w) = ((rows[:, 0]·w[:, 0] + rows[:, 1]·w[:, 1]) + ...) term by term in the order of the slots, in
-    fp32 for bf16 rows (fp64 where the weights are), the same bits as that loop written out; no slots: zeros."""
+    """sum_slots(rows, w) = (rows[:, 0]·w[:, 0] + rows[:, 1]·w[:, 1]) + ... term by term in the order of the slots,
+    in fp32 for bf16 rows (fp64 where the weights are), the same bits as that loop written out; no slots: zeros."""
     torch.manual_seed(r)
     rows = torch.randn(4, r, 5, 2).bfloat16()
     w = torch.rand(4, r)
