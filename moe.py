@@ -298,6 +298,8 @@ class _GatherRows(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         (back,) = ctx.saved_tensors
+        if ctx.r == 1:  # a permutation: each row's gradient is one row of grad, nothing to add
+            return grad.index_select(0, back), None, None
         rows = grad.index_select(0, back).view(ctx.n, ctx.r, *grad.shape[1:])  # (n, r, ...)
         grad_x = sum_slots(rows).to(grad.dtype)  # (n, ...)
         return grad_x, None, None
@@ -345,7 +347,7 @@ def combine(out: torch.Tensor, weights: torch.Tensor, order: torch.Tensor, inv: 
     scatter-add, so the same bits every run). out (N·K, dim) sorted by expert → (N, dim) in `dtype`."""
     N, K = weights.shape
     rows = gather_rows(out, inv, order).view(N, K, out.shape[-1])  # (N, K, dim): row t·K + k is token t's slot k
-    return sum_slots(rows, weights).to(dtype)  # (N, dim), products and sum in fp32 (the gate's dtype)
+    return sum_slots(rows, weights).to(dtype)  # (N, dim), products and sum in fp32 at least (the gate's dtype)
 
 
 def dispatch_grouped(x, weights, indices, experts: Experts, impl: str = "auto", counts=None) -> torch.Tensor:

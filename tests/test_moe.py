@@ -304,6 +304,8 @@ def test_sum_slots_adds_the_slots_in_order_in_at_least_fp32(r):
     if r == 3:  # in the slots' order: (1e8 − 1e8) + 1 = 1, where (1 − 1e8) + 1e8 = 0 in fp32
         big = torch.tensor([[[1e8], [-1e8], [1.0]]])
         assert moe.sum_slots(big).item() == 1.0 and moe.sum_slots(big.flip(1)).item() == 0.0
+        # one after the other, not in pairs: ((1e8 + 1) − 1e8) + 1 = 1, where (1e8 + 1) + (−1e8 + 1) = 0
+        assert moe.sum_slots(torch.tensor([[[1e8], [1.0], [-1e8], [1.0]]])).item() == 1.0
 
 
 @pytest.mark.parametrize("N", [6, 0])
