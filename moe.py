@@ -333,7 +333,7 @@ def sum_slots(rows: torch.Tensor, weights: torch.Tensor = None) -> torch.Tensor:
         acc = torch.promote_types(acc, weights.dtype)
         weights = weights.to(acc).view(*weights.shape, *([1] * (rows.dim() - 2))).unbind(1)  # r × (n, 1, ...)
     out = rows.new_zeros((rows.shape[0], *rows.shape[2:]), dtype=acc) if rows.shape[1] == 0 else None  # (n, ...)
-    # unbind, not rows[:, j]: its backward stacks the r gradients in one tensor, where r selects would each
+    # unbind, not rows[:, j]: unbind's backward stacks the r gradients in one tensor, where r selects would each
     # fill a zero tensor of rows' size (eager autograd)
     for j, row in enumerate(rows.unbind(1)):  # row: (n, ...)
         term = row.to(acc) if weights is None else row * weights[j]
