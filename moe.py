@@ -298,11 +298,10 @@ class _GatherRows(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         (back,) = ctx.saved_tensors
-        if ctx.r == 1:  # a permutation: each row's gradient is one row of grad, nothing to add
-            return grad.index_select(0, back), None, None
-        rows = grad.index_select(0, back).view(ctx.n, ctx.r, *grad.shape[1:])  # (n, r, ...)
-        grad_x = sum_slots(rows).to(grad.dtype)  # (n, ...)
-        return grad_x, None, None
+        rows = grad.index_select(0, back)  # (n·r, ...): the r rows that read row i, together
+        if ctx.r != 1:  # r = 1, a permutation: each row's gradient is one row of grad, nothing to add
+            rows = sum_slots(rows.view(ctx.n, ctx.r, *grad.shape[1:])).to(grad.dtype)  # (n, r, ...) → (n, ...)
+        return rows, None, None
 
 
 def gather_rows(x: torch.Tensor, index: torch.Tensor, back: torch.Tensor) -> torch.Tensor:
