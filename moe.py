@@ -23,6 +23,8 @@ moe_inter_dim ("fine-grained" experts: many narrow ones rather than a few wide o
 - Complementary Sequence-Wise Auxiliary Loss: to stop single sequences from being extremely unbalanced, a tiny
   L_Bal = α Σ_i f_i P_i per sequence (α = 1e-4, applied by train.py), with T the sequence length,
       f_i = N_r/(K_r·T) · Σ_t 1[token t is routed to i]       (a count: carries no gradient)
+  (the report's eq. 18 counts the K_r highest unbiased s_{i,t}; this counts the experts chosen, bias and group
+  limit included: the load each expert really gets. README, "Simplified or not implemented".)
       P_i = (1/T) Σ_t s'_{i,t},   s'_{i,t} = s_{i,t} / Σ_j s_{j,t}   (differentiable w.r.t. the gate)
   Perfectly balanced routing gives f_i = 1 for every i and hence Σ_i f_i P_i = 1.
 - Node-Limited Routing: a token may reach at most M nodes, ranked by the sum of the K_r/M highest affinities of

@@ -201,6 +201,20 @@ def test_matmul_params_match_the_model(preset):
         assert 36e9 < n["main"] < 39e9
 
 
+def test_training_defaults_are_the_reports():
+    """Report §4.2's optimizer and loss settings are the defaults of every preset: AdamW β1 0.9, β2 0.95, weight
+    decay 0.1, the gradient norm clipped to 1.0, λ 0.3, α 1e-4; the presets at V3's scale take γ 0.001 and
+    v3-layers V3's learning rate, 2.2e-4 decaying to 2.2e-5 (the tiny preset's γ is 0.01: README, Training
+    schedule)."""
+    for preset in ("tiny", "small", "v3-layers"):
+        a = resolve("--preset", preset)
+        assert (a.beta1, a.beta2, a.weight_decay, a.grad_clip, a.mtp_lambda, a.balance_alpha) == (
+            0.9, 0.95, 0.1, 1.0, 0.3, 1e-4), preset
+        assert a.bias_gamma == (0.01 if preset == "tiny" else 0.001), preset
+    v3 = resolve("--preset", "v3-layers")
+    assert (v3.lr, v3.min_lr) == (2.2e-4, 2.2e-5)
+
+
 @pytest.mark.parametrize("bf16_moments", [False, True])
 def test_optimizer_decays_matrices_only(bf16_moments):
     cfg = get_preset("tiny", dim=32, inter_dim=64, vocab_size=512)
