@@ -95,7 +95,11 @@ def load_checkpoint(path: str, what: str, need=("model", "config"), hint: str = 
         raise FileNotFoundError(f"{what}: no checkpoint at {path}{hint}")
     try:
         if os.path.isdir(path):  # a distributed run's folder: gather its shards into whole tensors
-            ckpt = load_distributed_full(path, keys=("model", "optimizer") if "optimizer" in need else ("model",))
+            from torch.distributed.checkpoint.api import CheckpointException
+            try:
+                ckpt = load_distributed_full(path, keys=("model", "optimizer") if "optimizer" in need else ("model",))
+            except CheckpointException as e:  # a BaseException, not an Exception: as damaged a folder as any
+                raise RuntimeError(str(e).strip().splitlines()[-1] if str(e).strip() else "unreadable") from None
         else:
             if zipfile.is_zipfile(path):  # torch.load does not check the CRC-32 torch.save writes for every record
                 with zipfile.ZipFile(path) as z:
@@ -331,6 +335,11 @@ def load_distributed_full(path: str, keys=("model",)) -> dict:
     from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
     from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
     path = _existing(path)
+    reader = FileSystemReader(path)
+    try:  # checked first: torch's loader would log each failed attempt with a traceback before it gives up
+        reader.read_metadata()
+    except Exception as e:
+        raise RuntimeError(f"no readable .metadata in it ({type(e).__name__}: {e})") from None
     state = {}  # filled from the checkpoint's own metadata, as format_utils.dcp_to_torch_save does
     _load_state_dict(state, storage_reader=FileSystemReader(path),
                      planner=_EmptyStateDictLoadPlanner(keys=set(keys)), no_dist=True)

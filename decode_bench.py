@@ -122,8 +122,9 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(usage="%(prog)s [options]", description=__doc__.split("\n\n")[0])
     p.add_argument("--out_dir", default="out", help="directory holding train.py's ckpt.pt")
     p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--max_new_tokens", type=int, default=256)
-    p.add_argument("--prompt_tokens", type=int, default=64)
+    p.add_argument("--max_new_tokens", type=int, default=None,
+                   help="default: 256, or what the model's max_seq_len leaves after the prompt")
+    p.add_argument("--prompt_tokens", type=int, default=None, help="default: 64, or a quarter of max_seq_len")
     p.add_argument("--no_reference", action="store_true", help="skip the (slow) reference generate() rows")
     p.add_argument("--compile", action="store_true",
                    help="also time StaticDecoder(compile=True) at batch 1, plain and speculative")
@@ -135,6 +136,9 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cuda", help="cuda (timings) or cpu (a check that the script runs)")
     args = p.parse_args(argv)
     try:
+        for name in ("batch", "max_new_tokens", "prompt_tokens"):
+            if getattr(args, name) is not None and getattr(args, name) < 1:
+                raise ValueError(f"--{name} must be at least 1, got {getattr(args, name)}")
         if args.device == "cuda" and not torch.cuda.is_available():
             raise ValueError("decode_bench.py times CUDA; this machine has no CUDA device (--device cpu checks it)")
         if args.kernel_sweep:
@@ -151,12 +155,21 @@ def main(argv=None) -> int:
         else:
             model, tok = G.load_model(args.out_dir, device=args.device)
             source = args.out_dir
+        L = model.cfg.max_seq_len  # the prompt and the new tokens must fit the model's positions
+        P = args.prompt_tokens or min(64, L // 4)
+        if P >= L:
+            raise ValueError(f"--prompt_tokens {P} leaves no room for new tokens in the model's max_seq_len {L}")
+        N = args.max_new_tokens or min(256, L - P)
+        if P + N > L:
+            raise ValueError(f"--prompt_tokens {P} + --max_new_tokens {N} = {P + N} positions exceed the model's "
+                             f"max_seq_len {L}")
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     text = open(os.path.join(os.path.dirname(os.__file__), "argparse.py")).read()
     stream = tok.encode(text)
-    N, P, B = args.max_new_tokens, args.prompt_tokens, args.batch
+    B = args.batch
+    specs = (False, True) if model.cfg.n_mtp else (False,)  # no MTP module: no speculative rows
     starts = [(997 * b) % (len(stream) - P) for b in range(B)]
     prompts = [stream[s:s + max(1, P * (b + 1) // B)] for b, s in enumerate(starts)]
     prompt = stream[:P]
@@ -176,6 +189,8 @@ def main(argv=None) -> int:
             m = model.float() if dtype == torch.float32 else model.bfloat16()
             (plain, st), sec = timed(lambda: G.generate(m, prompt, N, temperature=0.0))
             row(f"generate() {str(dtype)[6:]}, batch 1", len(plain), sec, f"{st['main_forwards']} main forwards")
+            if not model.cfg.n_mtp:
+                continue
             (spec, st), sec = timed(lambda: G.generate(m, prompt, N, temperature=0.0, speculative=True))
             row(f"generate(speculative) {str(dtype)[6:]}, batch 1", len(spec), sec,
                 f"accepted {st['accepted']}/{st['drafted']}, {st['main_forwards']} main forwards, "
@@ -183,7 +198,7 @@ def main(argv=None) -> int:
     model = model.bfloat16()
     dec = SD.StaticDecoder(model, max_batch=B, max_seq_len=max(len(p) for p in prompts + [prompt]) + N,
                            attn_impl=args.attn_impl)
-    for speculative in (False, True):
+    for speculative in specs:
         dec.generate([prompt], N, speculative=speculative)  # capture
         (out1, st), sec = timed(lambda: dec.generate([prompt], N, speculative=speculative))
         if not speculative:
@@ -191,7 +206,7 @@ def main(argv=None) -> int:
         note = (f"accepted {st['accepted']}/{st['drafted']}, {st['main_forwards']} main forwards, same tokens as "
                 f"plain: {out1 == plain1}") if speculative else f"graphs {dec.graphs}"
         row(f"StaticDecoder bf16{' speculative' if speculative else ''}, batch 1", len(out1[0]), sec, note)
-    for speculative in (False, True):
+    for speculative in specs:
         dec.generate(prompts, N, speculative=speculative)
         (outB, st), sec = timed(lambda: dec.generate(prompts, N, speculative=speculative))
         if not speculative:
@@ -252,7 +267,7 @@ def main(argv=None) -> int:
     if args.compile:  # the same batch-1 rows with every step compiled before its capture
         dec = SD.StaticDecoder(model, max_batch=1, max_seq_len=dec.max_seq_len, compile=True,
                                attn_impl=args.attn_impl)
-        for speculative in (False, True):
+        for speculative in specs:
             _, sec = timed(lambda: dec.generate([prompt], N, speculative=speculative))
             print(f"StaticDecoder(compile=True){' speculative' if speculative else ''}: first call (compiles, "
                   f"captures) {sec:.1f} s", flush=True)

@@ -65,6 +65,9 @@ Not implemented: a DualPipeV executor (torch's is used), overlap of communicatio
 receives block, F&B pairs run serially), forward-only (inference) steps, and freeing sent activations early.
 """
 import argparse
+import math
+import os
+import sys
 from collections import deque
 from dataclasses import dataclass
 
@@ -262,8 +265,8 @@ def simulate(sched: Schedule, costs: dict, cost_fn=None) -> Timeline:
     makes no progress while ops remain is a deadlock (a schedule bug) and raises RuntimeError.
     cost_fn(rank, op), if given, replaces `op_cost` and `costs` (stages of different sizes: plan.py)."""
     for key in ("F", "B", "W", "FB") if cost_fn is None else ():
-        if costs.get(key, -1) < 0:
-            raise ValueError(f"costs[{key!r}] must be given and >= 0, got {costs.get(key)}")
+        if not 0 <= costs.get(key, -1) < math.inf:  # NaN fails too
+            raise ValueError(f"costs[{key!r}] must be given, finite and >= 0, got {costs.get(key)}")
     if cost_fn is None and costs["W"] > costs["B"]:
         raise ValueError(f"costs: W ({costs['W']}) is part of B ({costs['B']}) and cannot exceed it")
     N = sched.n_ranks
@@ -488,6 +491,9 @@ def main(argv=None) -> None:
     a = p.parse_args(argv)
     costs = dict(F=a.F, B=a.B, W=a.W, FB=a.FB)
     try:
+        for key, cost in costs.items():
+            if not 0 <= cost < math.inf:
+                raise ValueError(f"--{key} must be a finite cost >= 0, got {cost}")
         if a.ranks % 2:
             raise ValueError(f"--ranks ({a.ranks}) must be even so DualPipe and DualPipeV share PP stages")
         rows = bubble_table(a.ranks, a.chunks, costs)
@@ -515,4 +521,7 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except BrokenPipeError:  # the reader is gone (`| head`): stop quietly; stdout must not be flushed at exit
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

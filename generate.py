@@ -28,8 +28,12 @@ pick another token than the float32 reference does).
 import argparse
 import math
 import os
+import signal
 import sys
 import time
+
+if __name__ == "__main__":  # Ctrl-C while torch loads (about a second): the line and exit code of main's
+    signal.signal(signal.SIGINT, lambda *_: (print("interrupted", file=sys.stderr), os._exit(130)))
 
 import torch
 
@@ -365,4 +369,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # from here on Ctrl-C raises KeyboardInterrupt again
     sys.exit(main())

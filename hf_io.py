@@ -301,6 +301,11 @@ def save_hf_checkpoint(model, path, max_shard_bytes: int = None) -> None:
 
 
 # -- loading -------------------------------------------------------------------------------------------------------
+def _json_kind(v) -> str:
+    """What a JSON value is, in JSON's words (for errors)."""
+    return {list: "an array", str: "a string", bool: "true or false", type(None): "null"}.get(type(v), "a number")
+
+
 class _Weights:
     """The tensors of a checkpoint directory, read lazily from one file or from the shards of an index."""
 
@@ -309,8 +314,10 @@ class _Weights:
             with open(os.path.join(path, INDEX)) as f:
                 try:
                     where = json.load(f)["weight_map"]
-                except (ValueError, KeyError) as e:
+                except (ValueError, KeyError, TypeError) as e:
                     raise ValueError(f"{path}/{INDEX} is not a valid index: {e}") from None
+            if not isinstance(where, dict) or not all(isinstance(v, str) for v in where.values()):
+                raise ValueError(f"{path}/{INDEX} is not a valid index: its weight_map must map names to file names")
         elif os.path.exists(os.path.join(path, SINGLE)):
             where = None
         else:
@@ -374,6 +381,8 @@ def _mtp_layers_present(keys, n_layers: int, declared: int) -> int:
 def load_hf_checkpoint(path, dtype=torch.float32, device="cpu"):
     """A Transformer with the config and weights of a hub-layout checkpoint directory."""
     path = os.fspath(path)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"{path} is a file: a checkpoint is a directory (config.json and safetensors files)")
     if not os.path.isdir(path):
         parent, base = os.path.split(os.path.abspath(path))
         kept = sorted((os.path.join(parent, n) for n in (os.listdir(parent) if os.path.isdir(parent) else ())
@@ -390,6 +399,11 @@ def load_hf_checkpoint(path, dtype=torch.float32, device="cpu"):
             c = json.load(f)
     except ValueError as e:
         raise ValueError(f"{path}/{CONFIG} is not valid JSON: {e}") from None
+    if not isinstance(c, dict):
+        raise ValueError(f"{path}/{CONFIG} must hold a JSON object, not {_json_kind(c)}")
+    for field in ("quantization_config", "rope_scaling", "rope_parameters"):
+        if not isinstance(c.get(field) or {}, dict):
+            raise ValueError(f"{path}/{CONFIG}: {field} must be a JSON object, not {_json_kind(c[field])}")
     sizes = (c.get("quantization_config") or {}).get("weight_block_size") or [128, 128]
     if (not isinstance(sizes, list) or len(sizes) != 2 or sizes[0] != sizes[1] or not isinstance(sizes[0], int)
             or sizes[0] <= 0):

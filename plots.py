@@ -147,7 +147,7 @@ def read_log(path: str):
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no log file at {path} (train.py writes <out_dir>/log.jsonl)")
     train, evals = [], []
-    with open(path) as f:
+    with open(path, encoding="utf-8", errors="replace") as f:  # damaged bytes: that line is not JSON, said below
         for n, line in enumerate(f, start=1):
             if not line.strip():
                 continue
@@ -192,6 +192,8 @@ def main(argv=None) -> None:
     try:
         train, evals = read_log(a.log)
         series = loss_series(train, evals)
+        if not any(math.isfinite(x) and math.isfinite(y) for *_, xs, ys in series for x, y in zip(xs, ys)):
+            raise ValueError(f"{a.log}: no finite loss to draw (every loss is NaN or infinite: the run diverged)")
         print("\n".join(text_chart(series, ylabel="loss (nats/token)", xlabel="step")))
         print("last: " + ", ".join(f"{name} {ys[-1]:.4f} (step {xs[-1]})" for name, _, xs, ys in series))
         if a.png:

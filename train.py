@@ -63,6 +63,10 @@ import sys
 import time
 from dataclasses import fields
 
+if __name__ == "__main__":  # Ctrl-C while torch loads (about a second): the line and exit code of setup's
+    signal.signal(signal.SIGINT, lambda *_: (print("interrupted before training started", file=sys.stderr),
+                                            os._exit(130)))
+
 import torch
 import torch.nn as nn
 from tqdm import tqdm
@@ -619,9 +623,12 @@ def plan_run(ns: argparse.Namespace) -> int:
     if overrides:
         print("error: --plan plans a preset as it is (give --preset only, no model fields)", file=sys.stderr)
         return 2
-    return plan.run(preset, ns.gpus or plan.REPORT["gpus"], ns.gpus_per_node or plan.REPORT["gpus_per_node"],
-                    ns.ep or 1, ns.pp or 1, ns.pp_schedule or "1f1b", 15360, 4096, 1, plan.Assumptions())
+    layout = {k: plan.REPORT[k] if getattr(ns, k) is None else getattr(ns, k)  # the report's, where not given
+              for k in ("gpus", "gpus_per_node", "ep", "pp", "pp_schedule")}
+    return plan.run(preset, layout["gpus"], layout["gpus_per_node"], layout["ep"], layout["pp"],
+                    layout["pp_schedule"], 15360, 4096, 1, plan.Assumptions())
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # from here on Ctrl-C raises KeyboardInterrupt again
     sys.exit(main())

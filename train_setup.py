@@ -10,6 +10,7 @@ and nothing is written before the lock is held.
 """
 import argparse
 import contextlib
+import math
 import os
 import shutil
 import sys
@@ -109,7 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                     "in place of --grad_accum (default: the stage count)")
     t.add_argument("--plan", action="store_true", default=None,
                    help="print the on-paper plan of --preset on --gpus GPUs with --ep, --pp, --pp_schedule and exit "
-                        "(plan.py: memory, all-to-all, bubble, step time, MFU; the report's batch)")
+                        "(plan.py: memory, all-to-all, bubble, step time, MFU; the report's batch; any of the five "
+                        "not given takes the report's layout: 2048 GPUs, 8 a node, ep 64, pp 16, dualpipe)")
     t.add_argument("--gpus", type=int, help="with --plan: GPUs in all (default: 2048)")
     t.add_argument("--gpus_per_node", type=int, help="with --plan: GPUs a node (default: 8)")
     t.add_argument("--dist_timeout", type=float,
@@ -221,6 +223,9 @@ def check_args(args, cfg: ModelConfig, start: int = 0) -> None:
         if not ok:
             raise ValueError(f"--{name}={getattr(args, name)!r}: {rule}")
 
+    for name in ("lr", "min_lr", "final_lr", "weight_decay", "beta1", "beta2", "grad_clip", "mtp_lambda",
+                 "mtp_lambda_after", "balance_alpha", "bias_gamma", "dist_timeout"):
+        need(getattr(args, name) is None or math.isfinite(getattr(args, name)), name, "must be a finite number")
     for name in ("max_iters", "batch_size", "block_size", "grad_accum", "eval_interval", "ckpt_interval",
                  "eval_iters", "log_interval"):
         need(getattr(args, name) >= 1, name, "must be >= 1")
@@ -235,8 +240,16 @@ def check_args(args, cfg: ModelConfig, start: int = 0) -> None:
     for when, value in (("final_lr_iters", "final_lr"), ("mtp_lambda_iters", "mtp_lambda_after")):
         need(getattr(args, when) is None or getattr(args, value) is not None, when, f"needs --{value}")
     need(args.lr > 0, "lr", "must be > 0")
+    need(args.min_lr <= args.lr, "min_lr", f"must be <= lr ({args.lr}): the cosine goes down from lr to min_lr"
+         + ("" if "min_lr" in args.typed else f" (the {args.preset} preset's default: give --min_lr)"))
+    for name in ("beta1", "beta2"):
+        need(0 <= getattr(args, name) < 1, name, "must be in [0, 1)")
+    need(args.max_iters >= start, "max_iters", f"must be >= the checkpoint's step ({start}): a run does not go back")
     hold = lr_hold_step(args)
     need(hold >= args.warmup_iters, "lr_hold_iters", "must be >= warmup_iters")
+    if args.lr_decay_iters < hold and "lr_decay_iters" not in args.typed:  # name what was typed: the decay follows
+        held = "lr_hold_iters" if args.lr_hold_iters is not None else "warmup_iters"
+        need(False, held, f"must be <= lr_decay_iters ({args.lr_decay_iters}: --max_iters unless given)")
     need(args.lr_decay_iters >= hold, "lr_decay_iters",
          "must be >= lr_hold_iters" if args.lr_hold_iters is not None else "must be >= warmup_iters")
     need(args.final_lr_iters is None or args.final_lr_iters >= args.lr_decay_iters, "final_lr_iters",

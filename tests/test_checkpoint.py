@@ -91,6 +91,21 @@ def test_load_errors_are_one_line(tmp_path):
     assert "fails its CRC-32 check: the file is damaged" in str(e.value)
 
 
+def test_a_damaged_distributed_folder_is_refused_in_one_line(tmp_path, capfd):
+    """A ckpt.dcp folder with an empty or missing .metadata (a crash of another tool, a copy cut short), and a folder
+    where ckpt.pt should be, are refused with the usual line, and torch's loader prints no tracebacks of its own."""
+    folder = tmp_path / "ckpt.dcp"
+    folder.mkdir()
+    (folder / ".metadata").write_bytes(b"")
+    plain = tmp_path / "other"
+    (plain / "ckpt.pt").mkdir(parents=True)
+    for path, cause in ((tmp_path / "ckpt.pt", "Ran out of input"), (plain / "ckpt.pt", "No such file")):
+        with pytest.raises(ValueError, match=rf"^--resume: cannot read checkpoint .*no readable .metadata.*{cause}"):
+            checkpoint.load_checkpoint(str(path), "--resume")
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and "metadata is not found" not in err, err
+
+
 def test_rng_state_round_trip():
     gen = torch.Generator().manual_seed(5)
     torch.manual_seed(7)

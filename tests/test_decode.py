@@ -264,3 +264,18 @@ def test_static_speculative_mtp_entries_equal_a_full_mtp_pass(monkeypatch):
                 torch.testing.assert_close(calls[call][b, t], full[pos], rtol=0, atol=1e-9)
                 checked += 1
     assert kinds == {1, 2} and checked > 40  # drafts both rejected and accepted
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--batch", "0"], "--batch must be at least 1, got 0"),
+    (["--max_new_tokens", "-3"], "--max_new_tokens must be at least 1, got -3"),
+    (["--prompt_tokens", "1000"], "--prompt_tokens 1000 leaves no room for new tokens in the model's max_seq_len"),
+    (["--prompt_tokens", "200", "--max_new_tokens", "100"], "= 300 positions exceed the model's max_seq_len 256"),
+])
+def test_decode_bench_refuses_sizes_that_do_not_fit_in_one_line(argv, message, capsys):
+    """decode_bench.py checks its sizes against each other and the model's positions before it decodes anything:
+    one line on stderr and exit code 2 (the tiny preset has 256 positions)."""
+    import decode_bench
+    assert decode_bench.main(["--device", "cpu", "--random_preset", "tiny", "--no_reference", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1, err

@@ -5,6 +5,7 @@ from collections import Counter
 
 import pytest
 
+import dualpipe
 from dualpipe import (Schedule, bubble_table, formula_bubble, make_schedule, render_timeline, schedule_1f1b,
                       schedule_dualpipe, schedule_dualpipev, simulate, step_counts)
 
@@ -314,6 +315,27 @@ def test_cli_prints_narrow_timelines_and_the_bubble_table(capsys):
                  re.findall(r"^(1f1b|dualpipe|dualpipev)\s+(\d+)\s+(\S+)\s+(\S+)\s+(\S+)$", out, re.M))
     assert table == {"1f1b": (8, 21, 21, 81), "dualpipe": (8, 6, 6, 66), "dualpipev": (4, 6, 6, 126)}
     assert out.count("rank  0 |") == len(re.findall(r"^\s+t = ", out, re.M)) > 3
+
+
+@pytest.mark.parametrize("argv, message", [(["--F", "inf"], "--F must be a finite cost >= 0, got inf"),
+                                           (["--FB", "nan"], "--FB must be a finite cost >= 0, got nan"),
+                                           (["--W", "-1"], "--W must be a finite cost >= 0, got -1.0")])
+def test_cli_refuses_costs_that_are_not_finite_in_one_line(argv, message):
+    with pytest.raises(SystemExit, match=f"^error: {message}$"):
+        dualpipe.main(argv)
+    with pytest.raises(ValueError, match="must be given, finite and >= 0"):
+        simulate(schedule_1f1b(2, 4), {"F": 1.0, "B": 2.0, "W": 1.0, "FB": float("nan")})
+
+
+@pytest.mark.slow
+def test_cli_into_a_closed_pipe_exits_quietly():
+    """`python dualpipe.py | head -c 1`: once the reader is gone, stop without a traceback."""
+    import subprocess
+    import sys
+    p = subprocess.Popen([sys.executable, dualpipe.__file__], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    p.stdout.read(1)
+    p.stdout.close()
+    assert p.wait(timeout=60) == 0 and p.stderr.read() == b""
 
 
 def test_cli_png_without_matplotlib_is_one_line_error(tmp_path, monkeypatch):

@@ -279,6 +279,10 @@ def test_bad_inputs(tmp_path):
     model = random_model(cfg)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_hf_checkpoint(tmp_path / "nope")
+    (tmp_path / "model.safetensors.bin").write_bytes(b"")
+    with pytest.raises(ValueError, match="model.safetensors.bin is a file: a checkpoint is a directory"):
+        load_hf_checkpoint(tmp_path / "model.safetensors.bin")
+    os.remove(tmp_path / "model.safetensors.bin")
     with pytest.raises(FileNotFoundError, match="config.json"):
         load_hf_checkpoint(tmp_path)
     with pytest.raises(ValueError, match="max_shard_bytes"):
@@ -311,6 +315,20 @@ def test_bad_inputs(tmp_path):
                               "mscale_all_dim")]:
         write(good, **changes)
         with pytest.raises(ValueError, match=message):
+            load_hf_checkpoint(tmp_path)
+    # JSON of the wrong kind: one line that names the file and the field, not an AttributeError
+    for text, message in [("[1]", "config.json must hold a JSON object, not an array"),
+                          ("null", "must hold a JSON object, not null"),
+                          (json.dumps({**config, "quantization_config": [1]}), "quantization_config must be a JSON"),
+                          (json.dumps({**config, "rope_scaling": "yarn"}), "rope_scaling must be a JSON object, not a")]:
+        write(good)
+        (tmp_path / "config.json").write_text(text)
+        with pytest.raises(ValueError, match=message):
+            load_hf_checkpoint(tmp_path)
+    write(good)
+    for index in ([], {"weight_map": 5}, {"weight_map": {"model.norm.weight": 3}}):
+        (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+        with pytest.raises(ValueError, match="model.safetensors.index.json is not a valid index"):
             load_hf_checkpoint(tmp_path)
 
 

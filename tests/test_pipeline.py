@@ -282,8 +282,14 @@ def test_train_refuses_pipeline_options_alone(tmp_path, corpus_args, capsys):
 def test_train_plan(capsys):
     import train
     argv = ["--preset", "v3-671b", "--plan", "--gpus", "2048", "--gpus_per_node", "8", "--ep", "64", "--pp", "16"]
-    assert train.main(argv) == 0
+    assert train.main(argv + ["--pp_schedule", "1f1b"]) == 0
     out = capsys.readouterr().out
     assert "pp 16 (1f1b, 16 stages of 3-4 blocks) x dp 128 (ep 64 x efsdp 2)" in out and "report: 2048 H800" in out
+    # what is not given is the report's layout: 2048 GPUs, 8 a node, ep 64, pp 16, DualPipe
+    for given in (argv, ["--plan"]):
+        assert train.main(given) == 0
+        assert "2048 GPUs (8 a node): pp 16 (dualpipe, 16 stages of 3-4 blocks) x dp 128 (ep 64" in capsys.readouterr().out
+    assert train.main(["--plan", "--gpus", "0"]) == 2  # refused, not replaced by the default
+    assert capsys.readouterr().err == "error: --gpus must be >= 1, got 0\n"
     assert train.main(argv + ["--gpus", "128", "--ep", "8"]) == 2  # 32 experts of a layer on each GPU
     assert capsys.readouterr().err.startswith("error: does not fit: pp rank")

@@ -134,10 +134,16 @@ def test_cli_leaves_out_the_mtp_curve_of_a_model_without_mtp(tmp_path, capsys):
     (['{"step": "x", "main": 1.0}'], ":1: a record needs a numeric 'step' field"),
     (['{"step": 1, "main": 2.0}', '{"step": 2, "val_main": "low"}'], ":2: 'val_main' is not a number: 'low'"),
     (['{"step": 1, "lr": 0.1}'], ": no loss records"),
+    (['{"step": 1, "main": NaN}', '{"step": 2, "val_main": Infinity}'],
+     ": no finite loss to draw (every loss is NaN or infinite: the run diverged)"),
+    ([b'\xff\xfe binary'], ":1: not a JSON object: '\ufffd\ufffd binary'"),  # not UTF-8: the file and line named
 ])
 def test_cli_odd_values_are_one_line(tmp_path, capsys, lines, message):
     log = tmp_path / "log.jsonl"
-    log.write_text("\n".join(lines) + "\n")
+    if isinstance(lines[0], bytes):
+        log.write_bytes(b"\n".join(lines) + b"\n")
+    else:
+        log.write_text("\n".join(lines) + "\n")
     with pytest.raises(SystemExit) as e:
         plots.main([str(log)])
     assert e.value.code == 2 and capsys.readouterr().err == f"error: {log}{message}\n"

@@ -5,6 +5,7 @@ import argparse
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -361,6 +362,19 @@ def test_cli_errors_are_one_line(tmp_path):
         errs.append(err)
     assert errs[0].startswith("error: --data path ") and errs[0].endswith("missing.txt does not exist\n")
     assert errs[1].startswith("error: --resume: no checkpoint at ")
+
+
+def test_ctrl_c_while_torch_loads_is_one_line(tmp_path):
+    """Ctrl-C during `import torch` (the first second of a run): the line and exit code 130 of a Ctrl-C during
+    setup, no traceback, from train.py and generate.py. A stand-in torch package delivers the SIGINT mid-import."""
+    (tmp_path / "torch").mkdir()
+    (tmp_path / "torch" / "__init__.py").write_text(
+        "import os, signal, time\nos.kill(os.getpid(), signal.SIGINT)\ntime.sleep(30)\n")
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    for script, line in (("train.py", "interrupted before training started\n"), ("generate.py", "interrupted\n")):
+        p = subprocess.run([sys.executable, os.path.join(ROOT, script)], cwd=tmp_path, env=env, text=True,
+                           capture_output=True, timeout=60)
+        assert p.returncode == 130 and p.stderr == line and p.stdout == "", (script, p.returncode, p.stderr)
 
 
 def test_fp8_act_cache_modes():
@@ -1179,6 +1193,11 @@ def test_optimizer_takes_the_training_options(bf16_moments):
     *[(n, "-1", "must be >= 0") for n in ("warmup_iters", "min_lr", "weight_decay", "grad_clip", "mtp_lambda",
                                            "balance_alpha", "bias_gamma")],
     ("lr", "0", "must be > 0"),
+    ("lr", "inf", "must be a finite number"),
+    ("weight_decay", "nan", "must be a finite number"),
+    ("beta1", "1.5", "must be in [0, 1)"),
+    ("beta2", "-0.1", "must be in [0, 1)"),
+    ("min_lr", "3e-3", "must be <= lr (0.002): the cosine goes down from lr to min_lr"),  # RUN's --lr is 2e-3
     ("lr_decay_iters", "2", "must be >= warmup_iters"),  # RUN's --warmup_iters is 3
     ("lr_hold_iters", "2", "must be >= warmup_iters"),
     ("lr_decay_iters", "2 --lr_hold_iters 4", "must be >= lr_hold_iters"),
@@ -1209,6 +1228,22 @@ def test_every_training_option_rule_is_one_line(tmp_path, corpus_args, capsys, n
     err = capsys.readouterr().err
     assert err.startswith(f"error: --{name}=") and err.endswith(f": {rule}\n") and err.count("\n") == 1, err
     assert not (tmp_path / "out").exists()
+
+
+def test_option_rules_name_the_option_typed():
+    """Where a rule breaks through a default, the error names the option the user typed and the default: the end of
+    the cosine follows --max_iters, min_lr is the preset's; a resumed run cannot go back to an earlier step."""
+    cfg = get_preset("tiny")
+    for argv, message in [
+        (("--warmup_iters", "10", "--max_iters", "3"), "--warmup_iters=10: must be <= lr_decay_iters (3: --max_iters"),
+        (("--lr_hold_iters", "50", "--max_iters", "40"), "--lr_hold_iters=50: must be <= lr_decay_iters (40"),
+        (("--lr", "1e-4",), "--min_lr=0.0003: must be <= lr (0.0001): the cosine goes down from lr to min_lr (the "
+                            "tiny preset's default: give --min_lr)")]:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            train_setup.check_args(resolve(*argv), cfg)
+    with pytest.raises(ValueError, match=re.escape("--max_iters=3: must be >= the checkpoint's step (5)")):
+        train_setup.check_args(resolve("--max_iters", "3"), cfg, start=5)
+    train_setup.check_args(resolve("--max_iters", "5"), cfg, start=5)  # equal: nothing to do, said in one line
 
 
 def test_lr_decay_iters_may_equal_warmup_iters(tmp_path, corpus_args):
