@@ -307,14 +307,31 @@ def read_meta(path: str) -> dict:
     return torch.load(os.path.join(_existing(path), DCP_META), map_location="cpu", weights_only=True)
 
 
+def check_distributed(path: str) -> str:
+    """The folder to load (path, or path.old after a crash between save_distributed's renames) once its .metadata
+    reads: checked first, because torch's loader would log each failed attempt with a traceback before it gives up.
+    RuntimeError otherwise."""
+    from torch.distributed.checkpoint import FileSystemReader
+    path = _existing(path)
+    try:
+        FileSystemReader(path).read_metadata()
+    except Exception as e:
+        raise RuntimeError(f"no readable .metadata in it ({type(e).__name__}: {e})") from None
+    return path
+
+
 def load_distributed(path: str, model, opt) -> dict:
     """Load a folder of save_distributed into an already parallelized model and its optimizer, on every rank;
     the world size and layout may differ from the run that saved it (DCP re-slices every tensor). Returns meta."""
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.state_dict import set_state_dict
-    path = _existing(path)
+    path = check_distributed(path)
     state = _dcp_state(model, opt)
-    dcp.load(state, checkpoint_id=path)
+    try:
+        dcp.load(state, checkpoint_id=path)
+    except CheckpointException as e:  # a BaseException, not an Exception: a shard missing or cut short
+        raise RuntimeError(str(e).strip().splitlines()[-1] if str(e).strip() else "unreadable") from None
     set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
                    options=_dcp_options())
     return read_meta(path)
@@ -334,12 +351,7 @@ def load_distributed_full(path: str, keys=("model",)) -> dict:
     from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
     from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
-    path = _existing(path)
-    reader = FileSystemReader(path)
-    try:  # checked first: torch's loader would log each failed attempt with a traceback before it gives up
-        reader.read_metadata()
-    except Exception as e:
-        raise RuntimeError(f"no readable .metadata in it ({type(e).__name__}: {e})") from None
+    path = check_distributed(path)
     state = {}  # filled from the checkpoint's own metadata, as format_utils.dcp_to_torch_save does
     _load_state_dict(state, storage_reader=FileSystemReader(path),
                      planner=_EmptyStateDictLoadPlanner(keys=set(keys)), no_dist=True)

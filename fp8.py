@@ -95,8 +95,8 @@ def quantize_act(x: torch.Tensor, pow2_scale: bool = False, mmajor: bool = False
     not; quantize_act_ref is the reference. (Letting inductor compile the reference's ops inside the graph, fused
     with the op that produced x, ran `small` a few % faster on an H200 but did not give the kernel's values:
     Triton divides fp32 approximately unless inductor's eager_numerics.division_rounding is set, and a fused
-    producer's result is quantized before it is rounded to bf16; BENCHMARKS.md.) mmajor (x 2-D): the same scales
-    laid out as `mmajor_scales` lays them, which fp8_gemm then uses as they are."""
+    producer's result is quantized before it is rounded to bf16; the numbers: `git show 33d3c5e^:BENCHMARKS.md`.)
+    mmajor (x 2-D): the same scales laid out as `mmajor_scales` lays them, which fp8_gemm then uses as they are."""
     _check_act(x)
     if mmajor and x.dim() != 2:
         raise ValueError(f"quantize_act: mmajor scales need a 2-D x, got {tuple(x.shape)}")

@@ -32,7 +32,10 @@ import signal
 import sys
 import time
 
-if __name__ == "__main__":  # Ctrl-C while torch loads (about a second): the line and exit code of main's
+# Ctrl-C while torch loads (about a second): the line and exit code of main's. Only where Ctrl-C has its usual
+# meaning (a process started in the background may ignore it); the handler found is put back below.
+_SIGINT_AT_START = signal.getsignal(signal.SIGINT)
+if __name__ == "__main__" and _SIGINT_AT_START is signal.default_int_handler:
     signal.signal(signal.SIGINT, lambda *_: (print("interrupted", file=sys.stderr), os._exit(130)))
 
 import torch
@@ -369,5 +372,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    signal.signal(signal.SIGINT, signal.default_int_handler)  # from here on Ctrl-C raises KeyboardInterrupt again
+    signal.signal(signal.SIGINT, _SIGINT_AT_START)  # from here on Ctrl-C does what it did before the imports
     sys.exit(main())

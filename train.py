@@ -63,9 +63,12 @@ import sys
 import time
 from dataclasses import fields
 
-if __name__ == "__main__":  # Ctrl-C while torch loads (about a second): the line and exit code of setup's
-    signal.signal(signal.SIGINT, lambda *_: (print("interrupted before training started", file=sys.stderr),
-                                            os._exit(130)))
+# Ctrl-C while torch loads (about a second): the line and exit code of setup's, said once under torchrun. Only where
+# Ctrl-C has its usual meaning (a run started in the background may ignore it); the handler found is put back below.
+_SIGINT_AT_START = signal.getsignal(signal.SIGINT)
+if __name__ == "__main__" and _SIGINT_AT_START is signal.default_int_handler:
+    signal.signal(signal.SIGINT, lambda *_: (os.environ.get("RANK", "0") == "0" and print(
+        "interrupted before training started", file=sys.stderr), os._exit(130)))
 
 import torch
 import torch.nn as nn
@@ -625,10 +628,12 @@ def plan_run(ns: argparse.Namespace) -> int:
         return 2
     layout = {k: plan.REPORT[k] if getattr(ns, k) is None else getattr(ns, k)  # the report's, where not given
               for k in ("gpus", "gpus_per_node", "ep", "pp", "pp_schedule")}
+    if ns.pp_schedule is None and layout["pp"] % 2:  # DualPipe needs an even pp: an odd one given runs 1F1B
+        layout["pp_schedule"] = "1f1b"
     return plan.run(preset, layout["gpus"], layout["gpus_per_node"], layout["ep"], layout["pp"],
                     layout["pp_schedule"], 15360, 4096, 1, plan.Assumptions())
 
 
 if __name__ == "__main__":
-    signal.signal(signal.SIGINT, signal.default_int_handler)  # from here on Ctrl-C raises KeyboardInterrupt again
+    signal.signal(signal.SIGINT, _SIGINT_AT_START)  # from here on Ctrl-C does what it did before the imports
     sys.exit(main())

@@ -23,8 +23,8 @@ import data
 import parallel
 import pipeline
 from adamw_bf16 import AdamWBF16
-from checkpoint import (dcp_path, load_checkpoint, load_distributed, load_optimizer_state, lock_out_dir,
-                        newest_checkpoint, read_meta, rng_state, set_rng_state)
+from checkpoint import (check_distributed, dcp_path, load_checkpoint, load_distributed, load_optimizer_state,
+                        lock_out_dir, newest_checkpoint, read_meta, rng_state, set_rng_state)
 from config import ModelConfig, PRESETS, get_preset, config_to_dict, config_from_dict
 from model import Transformer, count_params
 from moe import grouped_mm_supported
@@ -111,7 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--plan", action="store_true", default=None,
                    help="print the on-paper plan of --preset on --gpus GPUs with --ep, --pp, --pp_schedule and exit "
                         "(plan.py: memory, all-to-all, bubble, step time, MFU; the report's batch; any of the five "
-                        "not given takes the report's layout: 2048 GPUs, 8 a node, ep 64, pp 16, dualpipe)")
+                        "not given takes the report's layout: 2048 GPUs, 8 a node, ep 64, pp 16, dualpipe, or "
+                        "1f1b for an odd --pp)")
     t.add_argument("--gpus", type=int, help="with --plan: GPUs in all (default: 2048)")
     t.add_argument("--gpus_per_node", type=int, help="with --plan: GPUs a node (default: 8)")
     t.add_argument("--dist_timeout", type=float,
@@ -217,8 +218,10 @@ def resolve_config(args, ckpt: dict = None) -> ModelConfig:
     return cfg
 
 
-def check_args(args, cfg: ModelConfig, start: int = 0) -> None:
-    """Every rule on the training options, for a run that starts at step `start` (a resumed run: the checkpoint's)."""
+def check_args(args, cfg: ModelConfig, start: int = 0, resumed: bool = False) -> None:
+    """Every rule on the training options, for a run that starts at step `start` (a resumed run: the checkpoint's,
+    whose saved options fill in what was not typed)."""
+    origin = "the checkpoint's min_lr" if resumed else f"the {args.preset} preset's default"  # of min_lr
     def need(ok, name, rule):
         if not ok:
             raise ValueError(f"--{name}={getattr(args, name)!r}: {rule}")
@@ -240,16 +243,19 @@ def check_args(args, cfg: ModelConfig, start: int = 0) -> None:
     for when, value in (("final_lr_iters", "final_lr"), ("mtp_lambda_iters", "mtp_lambda_after")):
         need(getattr(args, when) is None or getattr(args, value) is not None, when, f"needs --{value}")
     need(args.lr > 0, "lr", "must be > 0")
-    need(args.min_lr <= args.lr, "min_lr", f"must be <= lr ({args.lr}): the cosine goes down from lr to min_lr"
-         + ("" if "min_lr" in args.typed else f" (the {args.preset} preset's default: give --min_lr)"))
+    if not resumed or {"lr", "min_lr"} & args.typed:  # a checkpoint's own pair is its run's, whatever it is
+        need(args.min_lr <= args.lr, "min_lr", f"must be <= lr ({args.lr}): the cosine goes down from lr to min_lr"
+             + ("" if "min_lr" in args.typed else f" ({origin}: give --min_lr)"))
     for name in ("beta1", "beta2"):
         need(0 <= getattr(args, name) < 1, name, "must be in [0, 1)")
-    need(args.max_iters >= start, "max_iters", f"must be >= the checkpoint's step ({start}): a run does not go back")
+    need(args.bench or args.max_iters >= start, "max_iters",  # (--bench: the steps to time, from any start)
+         f"must be >= the checkpoint's step ({start}): a run does not go back")
     hold = lr_hold_step(args)
     need(hold >= args.warmup_iters, "lr_hold_iters", "must be >= warmup_iters")
-    if args.lr_decay_iters < hold and "lr_decay_iters" not in args.typed:  # name what was typed: the decay follows
+    if args.lr_decay_iters < hold and "lr_decay_iters" not in args.typed:  # name what was typed, and the default
         held = "lr_hold_iters" if args.lr_hold_iters is not None else "warmup_iters"
-        need(False, held, f"must be <= lr_decay_iters ({args.lr_decay_iters}: --max_iters unless given)")
+        need(False, held, f"must be <= lr_decay_iters ({args.lr_decay_iters}: "
+                          + ("the checkpoint's; give --lr_decay_iters)" if resumed else "--max_iters unless given)"))
     need(args.lr_decay_iters >= hold, "lr_decay_iters",
          "must be >= lr_hold_iters" if args.lr_hold_iters is not None else "must be >= warmup_iters")
     need(args.final_lr_iters is None or args.final_lr_iters >= args.lr_decay_iters, "final_lr_iters",
@@ -379,7 +385,7 @@ def setup(ns: argparse.Namespace) -> Run:
         ckpt = load_checkpoint(ckpt_path, "--resume", need=CKPT_KEYS) if ns.resume else None
     args = resolve_args(ns, ckpt)
     cfg = resolve_config(args, ckpt)
-    check_args(args, cfg, ckpt["step"] if ckpt else 0)
+    check_args(args, cfg, ckpt["step"] if ckpt else 0, resumed=ckpt is not None)
     # the process group (under torchrun; checks the sizes first, alike on every rank) and the device
     layout = parallel.init(args.ep, args.pp, args.device, args.dist_timeout, cfg.n_routed_experts)
     parallel.quiet_other_ranks(layout)
@@ -495,7 +501,7 @@ def resume_meta(path: str) -> dict:
         raise ValueError(f"--resume: {single} is newer than {path} (a one-process run continued it): continue "
                          f"with python train.py --resume, or move {single} aside to resume the older {path}")
     try:
-        meta = read_meta(path)
+        meta = read_meta(check_distributed(path))
     except Exception as e:
         raise ValueError(f"--resume: cannot read {path} ({type(e).__name__}: {first_line(e)})") from None
     missing = [k for k in CKPT_KEYS if k not in ("model", "optimizer") and k not in meta]

@@ -106,6 +106,22 @@ def test_a_damaged_distributed_folder_is_refused_in_one_line(tmp_path, capfd):
     assert "Traceback" not in err and "metadata is not found" not in err, err
 
 
+def test_a_distributed_folder_with_a_cut_shard_is_refused_in_one_line(tmp_path, capfd):
+    """A readable .metadata but a shard cut short: torch's loader raises a CheckpointException, a BaseException that
+    `except Exception` would let through as a traceback; here it is the usual line. The folder read whole first."""
+    import torch.distributed.checkpoint as dcp
+    folder = tmp_path / "ckpt.dcp"
+    dcp.save({"model": {"w": torch.arange(64.0)}}, checkpoint_id=str(folder), no_dist=True)
+    torch.save({"step": 3, "config": {}}, folder / checkpoint.DCP_META)
+    got = checkpoint.load_checkpoint(str(tmp_path / "ckpt.pt"), "gen", need=("model", "step"))
+    assert got["step"] == 3 and torch.equal(got["model"]["w"], torch.arange(64.0))
+    shard = next(folder.glob("*.distcp"))
+    shard.write_bytes(shard.read_bytes()[:10])
+    with pytest.raises(ValueError, match=r"^gen: cannot read checkpoint .*ckpt.dcp \(RuntimeError: ") as e:
+        checkpoint.load_checkpoint(str(tmp_path / "ckpt.pt"), "gen", need=("model", "step"))
+    assert "\n" not in str(e.value) and "Traceback" not in capfd.readouterr().err
+
+
 def test_rng_state_round_trip():
     gen = torch.Generator().manual_seed(5)
     torch.manual_seed(7)

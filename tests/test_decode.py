@@ -279,3 +279,19 @@ def test_decode_bench_refuses_sizes_that_do_not_fit_in_one_line(argv, message, c
     assert decode_bench.main(["--device", "cpu", "--random_preset", "tiny", "--no_reference", *argv]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
+
+
+@pytest.mark.slow
+def test_decode_bench_runs_a_model_without_mtp_without_speculative_rows(monkeypatch, capsys):
+    """A checkpoint trained with --n_mtp 0 has no drafter: decode_bench.py times the plain paths and leaves the
+    speculative rows out (it used to stop with a traceback at the first speculative call)."""
+    import config
+    import decode_bench
+    monkeypatch.setattr(decode_bench, "get_preset", lambda name, **kw: config.get_preset(
+        name, **({"n_mtp": 0} if name == "tiny" else {}), **kw))
+    argv = ["--device", "cpu", "--random_preset", "tiny", "--batch", "2", "--prompt_tokens", "4",
+            "--max_new_tokens", "4"]
+    assert decode_bench.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "generate() float32, batch 1" in out and "StaticDecoder bf16, batch 2" in out
+    assert "speculative" not in out and "plain step" in out

@@ -471,8 +471,9 @@ def test_torchrun_resume_refuses_to_go_back_behind_a_newer_one_process_checkpoin
     under torchrun must not silently restart from the older folder."""
     import time
     from train_setup import resume_meta
+    import torch.distributed.checkpoint as dcp
     folder = tmp_path / "ckpt.dcp"
-    folder.mkdir()
+    dcp.save({"w": torch.zeros(1)}, checkpoint_id=str(folder), no_dist=True)  # a readable .metadata
     torch.save({"step": 4}, folder / checkpoint.DCP_META)
     time.sleep(0.01)
     torch.save({"step": 6}, tmp_path / "ckpt.pt")

@@ -288,7 +288,10 @@ def test_train_plan(capsys):
     # what is not given is the report's layout: 2048 GPUs, 8 a node, ep 64, pp 16, DualPipe
     for given in (argv, ["--plan"]):
         assert train.main(given) == 0
-        assert "2048 GPUs (8 a node): pp 16 (dualpipe, 16 stages of 3-4 blocks) x dp 128 (ep 64" in capsys.readouterr().out
+        out = capsys.readouterr().out
+        assert "2048 GPUs (8 a node): pp 16 (dualpipe, 16 stages of 3-4 blocks) x dp 128 (ep 64" in out
+    assert train.main(["--plan", "--preset", "small", "--pp", "1", "--gpus", "8", "--ep", "8"]) == 0
+    assert "on 8 GPUs (8 a node): pp 1 (1f1b, 1 stages" in capsys.readouterr().out  # an odd pp: 1F1B, not DualPipe
     assert train.main(["--plan", "--gpus", "0"]) == 2  # refused, not replaced by the default
     assert capsys.readouterr().err == "error: --gpus must be >= 1, got 0\n"
     assert train.main(argv + ["--gpus", "128", "--ep", "8"]) == 2  # 32 experts of a layer on each GPU

@@ -366,15 +366,21 @@ def test_cli_errors_are_one_line(tmp_path):
 
 def test_ctrl_c_while_torch_loads_is_one_line(tmp_path):
     """Ctrl-C during `import torch` (the first second of a run): the line and exit code 130 of a Ctrl-C during
-    setup, no traceback, from train.py and generate.py. A stand-in torch package delivers the SIGINT mid-import."""
+    setup, no traceback, from train.py and generate.py. A stand-in torch package delivers the SIGINT mid-import
+    (then exits 7 if it is still running). A process started with SIGINT ignored (`python train.py &` from a script)
+    keeps ignoring it."""
+    import signal
     (tmp_path / "torch").mkdir()
     (tmp_path / "torch" / "__init__.py").write_text(
-        "import os, signal, time\nos.kill(os.getpid(), signal.SIGINT)\ntime.sleep(30)\n")
+        "import os, signal, sys, time\nos.kill(os.getpid(), signal.SIGINT)\ntime.sleep(0.5)\nsys.exit(7)\n")
     env = {**os.environ, "PYTHONPATH": str(tmp_path)}
     for script, line in (("train.py", "interrupted before training started\n"), ("generate.py", "interrupted\n")):
-        p = subprocess.run([sys.executable, os.path.join(ROOT, script)], cwd=tmp_path, env=env, text=True,
-                           capture_output=True, timeout=60)
-        assert p.returncode == 130 and p.stderr == line and p.stdout == "", (script, p.returncode, p.stderr)
+        for ignored in (False, True):
+            p = subprocess.run([sys.executable, os.path.join(ROOT, script)], cwd=tmp_path, env=env, text=True,
+                               capture_output=True, timeout=60,
+                               preexec_fn=(lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if ignored else None)
+            want = (7, "") if ignored else (130, line)
+            assert (p.returncode, p.stderr) == want and p.stdout == "", (script, ignored, p.returncode, p.stderr)
 
 
 def test_fp8_act_cache_modes():
@@ -1230,6 +1236,17 @@ def test_every_training_option_rule_is_one_line(tmp_path, corpus_args, capsys, n
     assert not (tmp_path / "out").exists()
 
 
+def test_resume_meta_refuses_a_folder_without_readable_metadata(tmp_path):
+    """Under torchrun --resume reads the folder's meta file first: a folder whose .metadata is empty is refused there
+    in one line, before every rank's loader would log its tracebacks."""
+    folder = tmp_path / "ckpt.dcp"
+    folder.mkdir()
+    torch.save({k: 0 for k in train_setup.CKPT_KEYS}, folder / "meta.pt")
+    (folder / ".metadata").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"^--resume: cannot read .*ckpt.dcp \(RuntimeError: no readable .metadata"):
+        train_setup.resume_meta(str(folder))
+
+
 def test_option_rules_name_the_option_typed():
     """Where a rule breaks through a default, the error names the option the user typed and the default: the end of
     the cosine follows --max_iters, min_lr is the preset's; a resumed run cannot go back to an earlier step."""
@@ -1242,8 +1259,19 @@ def test_option_rules_name_the_option_typed():
         with pytest.raises(ValueError, match=re.escape(message)):
             train_setup.check_args(resolve(*argv), cfg)
     with pytest.raises(ValueError, match=re.escape("--max_iters=3: must be >= the checkpoint's step (5)")):
-        train_setup.check_args(resolve("--max_iters", "3"), cfg, start=5)
-    train_setup.check_args(resolve("--max_iters", "5"), cfg, start=5)  # equal: nothing to do, said in one line
+        train_setup.check_args(resolve("--max_iters", "3"), cfg, start=5, resumed=True)
+    train_setup.check_args(resolve("--max_iters", "5"), cfg, start=5, resumed=True)  # equal: nothing to do
+    train_setup.check_args(resolve("--bench", "--max_iters", "2"), cfg, start=5, resumed=True)  # 2 steps to time
+    # resumed: what was not typed is the checkpoint's (saved before these rules: min_lr above lr), and runs as saved
+    saved = {"args": {"preset": "tiny", "lr": 1e-4, "min_lr": 3e-4, "warmup_iters": 1, "lr_decay_iters": 2}}
+    parse = train_setup.build_parser().parse_args
+    train_setup.check_args(train_setup.resolve_args(parse(["--max_iters", "4"]), saved), cfg, 2, resumed=True)
+    for argv, message in [(["--lr", "2e-4"], "--min_lr=0.0003: must be <= lr (0.0002): the cosine goes down from lr "
+                                             "to min_lr (the checkpoint's min_lr: give --min_lr)"),
+                          (["--lr_hold_iters", "5"], "--lr_hold_iters=5: must be <= lr_decay_iters (2: the "
+                                                     "checkpoint's; give --lr_decay_iters)")]:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            train_setup.check_args(train_setup.resolve_args(parse(argv), saved), cfg, 2, resumed=True)
 
 
 def test_lr_decay_iters_may_equal_warmup_iters(tmp_path, corpus_args):
