@@ -95,11 +95,7 @@ def load_checkpoint(path: str, what: str, need=("model", "config"), hint: str = 
         raise FileNotFoundError(f"{what}: no checkpoint at {path}{hint}")
     try:
         if os.path.isdir(path):  # a distributed run's folder: gather its shards into whole tensors
-            from torch.distributed.checkpoint.api import CheckpointException
-            try:
-                ckpt = load_distributed_full(path, keys=("model", "optimizer") if "optimizer" in need else ("model",))
-            except CheckpointException as e:  # a BaseException, not an Exception: as damaged a folder as any
-                raise RuntimeError(str(e).strip().splitlines()[-1] if str(e).strip() else "unreadable") from None
+            ckpt = load_distributed_full(path, keys=("model", "optimizer") if "optimizer" in need else ("model",))
         else:
             if zipfile.is_zipfile(path):  # torch.load does not check the CRC-32 torch.save writes for every record
                 with zipfile.ZipFile(path) as z:
@@ -307,6 +303,11 @@ def read_meta(path: str) -> dict:
     return torch.load(os.path.join(_existing(path), DCP_META), map_location="cpu", weights_only=True)
 
 
+def _last_line(e: BaseException) -> str:
+    """torch.distributed.checkpoint's errors end with the cause (after every rank's traceback): that line."""
+    return (str(e).strip().splitlines() or ["unreadable"])[-1]
+
+
 def check_distributed(path: str) -> str:
     """The folder to load (path, or path.old after a crash between save_distributed's renames) once its .metadata
     reads: checked first, because torch's loader would log each failed attempt with a traceback before it gives up.
@@ -331,7 +332,7 @@ def load_distributed(path: str, model, opt) -> dict:
     try:
         dcp.load(state, checkpoint_id=path)
     except CheckpointException as e:  # a BaseException, not an Exception: a shard missing or cut short
-        raise RuntimeError(str(e).strip().splitlines()[-1] if str(e).strip() else "unreadable") from None
+        raise RuntimeError(_last_line(e)) from None
     set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
                    options=_dcp_options())
     return read_meta(path)
@@ -351,8 +352,12 @@ def load_distributed_full(path: str, keys=("model",)) -> dict:
     from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
     from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+    from torch.distributed.checkpoint.api import CheckpointException
     path = check_distributed(path)
     state = {}  # filled from the checkpoint's own metadata, as format_utils.dcp_to_torch_save does
-    _load_state_dict(state, storage_reader=FileSystemReader(path),
-                     planner=_EmptyStateDictLoadPlanner(keys=set(keys)), no_dist=True)
+    try:
+        _load_state_dict(state, storage_reader=FileSystemReader(path),
+                         planner=_EmptyStateDictLoadPlanner(keys=set(keys)), no_dist=True)
+    except CheckpointException as e:  # a BaseException, not an Exception: a shard missing or cut short
+        raise RuntimeError(_last_line(e)) from None
     return {**read_meta(path), **state}
