@@ -5,7 +5,8 @@
     python exercises.py grade [DIR] [--set NAME ...] [--function NAME ...]        # learner: a grade per function
 
 `make` copies the repository (its git-tracked files, and untracked ones git does not ignore; outside git, the
-source, text and test files) to DIR and, in every chosen function, replaces the body with
+source, text and test files) to DIR, except its own tests (tests/test_*.py hold the answers: a test's vectorized
+reference, the correct line beside each planted mistake), and, in every chosen function, replaces the body with
 `raise NotImplementedError("exercise: module.Qualified.name")`. The signature, the decorators and the docstring
 stay, and so do the body's comments, as a skeleton to follow: a line `q_lat = torch.einsum(...)  # (B, T, H, c)`
 becomes `# q_lat = ...  # (B, T, H, c)`, full-line comments are kept as they are, each at its original indentation.
@@ -16,7 +17,10 @@ grade it; DIR/exercises.json holds the same list for `grade`.
 `grade` runs exactly those tests (tests/grading/, each marked `@pytest.mark.grades("module.Qualified.name")`) in one
 pytest process on DIR's code and prints, per function: passed; failed, with the first failing line of the test and
 the error; or not started (its stub still raises NotImplementedError). It exits 0 when every graded function passed,
-1 otherwise, 2 on bad input.
+1 otherwise, 2 on bad input. A test that runs longer than --timeout seconds fails (an endless loop costs one test,
+not the grade). Run from another copy of the repository (the instructor's, on homework handed in), it grades with
+that copy's grading tests only if DIR's are the same bytes, and refuses otherwise; it runs the student's code with
+the caller's permissions, so handed-in work is best graded outside the repository.
 
 How one gap does not fail everything. A grading test of F calls F alone and compares it with a plain formula written
 in the test itself from the report's definitions (an explicit per-head softmax(q·k)·v, an enumeration of all group
@@ -46,6 +50,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -305,7 +310,9 @@ def make(out: str, names: list, root: str = ROOT) -> dict:
     if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
         raise ExerciseError(f"{out} exists; give a new directory for the student copy")
     tests = check_functions(root, names)
-    files = repository_files(root)
+    # the repository's own tests stay behind: they hold the answers (the planted mistakes' correct lines, vectorized
+    # forms of the exercises); the copy keeps the grading tests and what they import
+    files = [p for p in repository_files(root) if not re.fullmatch(r"tests/test_\w+\.py", p)]
     existed = os.path.isdir(out)
     try:
         os.makedirs(out, exist_ok=True)
@@ -364,10 +371,22 @@ def exercises_md(tests: dict) -> str:
 class Recorder:
     """pytest plugin: keeps the grading tests of the chosen functions and records each test's outcome."""
 
-    def __init__(self, functions):
+    def __init__(self, functions, per_test: float = 0):
         self.functions = set(functions)
+        self.per_test = per_test  # seconds a test may take (0: no limit), so that one endless loop costs one test
         self.results = {}   # nodeid → dict(function, outcome, where, error, stub)
         self.broken = {}    # test file → collection error
+
+    def pytest_runtest_setup(self, item):
+        if self.per_test:
+            def stop(*_):
+                raise TimeoutError(f"took longer than {self.per_test:g} s (an endless loop?)")
+            signal.signal(signal.SIGALRM, stop)
+            signal.setitimer(signal.ITIMER_REAL, self.per_test)
+
+    def pytest_runtest_teardown(self, item):
+        if self.per_test:
+            signal.setitimer(signal.ITIMER_REAL, 0)
 
     @staticmethod
     def _graded(item):
@@ -423,10 +442,10 @@ class Recorder:
         return None
 
 
-def _run_pytest(out_json: str, functions: list, files: list) -> int:
+def _run_pytest(out_json: str, functions: list, per_test: float, files: list) -> int:
     """In the grading subprocess (cwd = the student copy): run pytest on `files`, write the outcomes as JSON."""
     import pytest
-    rec = Recorder(functions)
+    rec = Recorder(functions, per_test)
     args = ["-q", "-p", "no:cacheprovider", "--continue-on-collection-errors", "-o", "addopts=",
             "--rootdir", os.getcwd(), *files]
     rc = pytest.main(args, plugins=[rec])
@@ -465,8 +484,11 @@ def summarize(tests: dict, outcome: dict) -> dict:
     return per
 
 
-def grade(student_dir: str, sets=(), functions=(), verbose=False, timeout=900) -> dict:
-    """Grade the student copy in `student_dir`; returns {function: (status, detail)} in the manifest's order."""
+def grade(student_dir: str, sets=(), functions=(), verbose=False, timeout=900, per_test=60.0) -> dict:
+    """Grade the student copy in `student_dir`; returns {function: (status, detail)} in the manifest's order.
+    per_test: seconds one grading test may take (an endless loop fails that test, not the whole run); timeout: the
+    whole run's limit. Run from another copy of the repository (the instructor's), the copy's grading tests must be
+    that repository's own, byte for byte."""
     manifest = os.path.join(student_dir, MANIFEST)
     if not os.path.isfile(manifest):
         raise ExerciseError(f"{student_dir} is not a student copy (no {MANIFEST}; make one with exercises.py make)")
@@ -477,6 +499,8 @@ def grade(student_dir: str, sets=(), functions=(), verbose=False, timeout=900) -
             raise TypeError("'functions' is not a mapping")
     except (ValueError, KeyError, TypeError) as e:
         raise ExerciseError(f"{manifest} is damaged ({type(e).__name__}: {e}); make the student copy again") from None
+    if not tests:
+        raise ExerciseError(f"{manifest} lists no function to grade; make the student copy again")
     if sets or functions:
         chosen = resolve(sets, functions)
         unknown = [n for n in chosen if n not in tests]
@@ -484,12 +508,17 @@ def grade(student_dir: str, sets=(), functions=(), verbose=False, timeout=900) -
             raise ExerciseError(f"{unknown[0]} is not an exercise of this copy; it has: {', '.join(tests)}")
         tests = {n: tests[n] for n in chosen}
     files = sorted({t.split("::")[0] for ts in tests.values() for t in ts})
+    if os.path.realpath(student_dir) != os.path.realpath(ROOT):  # an instructor grading a copy handed in
+        for rel in files + [os.path.join("tests", "conftest.py")]:
+            if _bytes(os.path.join(student_dir, rel)) != _bytes(os.path.join(ROOT, rel)):
+                raise ExerciseError(f"{os.path.join(student_dir, rel)} is not this repository's {rel} (edited, or made "
+                                    f"from another version); grading uses the grading tests as they were made")
     fd, out_json = tempfile.mkstemp(suffix=".json", prefix="grade-")
     os.close(fd)
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", "1")
     env["PYTHONDONTWRITEBYTECODE"] = "1"
-    cmd = [sys.executable, os.path.abspath(__file__), "_pytest", out_json, ",".join(tests), *files]
+    cmd = [sys.executable, os.path.abspath(__file__), "_pytest", out_json, ",".join(tests), str(per_test), *files]
     try:
         proc = subprocess.run(cmd, cwd=student_dir, env=env, capture_output=not verbose, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -505,6 +534,15 @@ def grade(student_dir: str, sets=(), functions=(), verbose=False, timeout=900) -
         tail = (proc.stderr or proc.stdout or "").strip().splitlines()[-1:] if not verbose else []
         raise ExerciseError(f"the grading run did not finish ({' '.join(tail) or 'no output'})")
     return summarize(tests, outcome)
+
+
+def _bytes(path: str):
+    """A file's bytes, or None if it is missing."""
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError:
+        return None
 
 
 def report(per: dict) -> str:
@@ -538,7 +576,7 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["_pytest"]:  # the grading subprocess: the student copy's modules come first on sys.path
         sys.path[0] = os.getcwd()
-        return _run_pytest(argv[1], argv[2].split(","), argv[3:])
+        return _run_pytest(argv[1], argv[2].split(","), float(argv[3]), argv[4:])
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     sub.add_parser("list", help="show the ready-made sets and their functions")
@@ -547,6 +585,8 @@ def main(argv=None) -> int:
     g = sub.add_parser("grade", help="learner: run the grading tests of a student copy")
     g.add_argument("dir", nargs="?", default=".", help="the student copy (default: the current directory)")
     g.add_argument("-v", "--verbose", action="store_true", help="show pytest's own output too")
+    g.add_argument("--timeout", type=float, default=60.0,
+                   help="seconds one grading test may take before it fails as an endless loop (default: 60)")
     for q in (m, g):
         q.add_argument("--set", action="append", default=[], metavar="NAME", help="a ready-made set (repeatable)")
         q.add_argument("--function", action="append", default=[], metavar="module.Qualified.name",
@@ -560,7 +600,9 @@ def main(argv=None) -> int:
             print(f"wrote {args.out}: functions to implement: {len(tests)}, listed with their tests in "
                   f"{os.path.join(args.out, 'EXERCISES.md')}; grade them inside it with: python exercises.py grade")
         else:
-            per = grade(args.dir, args.set, args.function, args.verbose)
+            if not args.timeout > 0:
+                raise ExerciseError(f"--timeout must be > 0 seconds, got {args.timeout}")
+            per = grade(args.dir, args.set, args.function, args.verbose, per_test=args.timeout)
             print(report(per))
             return 0 if all(s == "passed" for s, _ in per.values()) else 1
     except ExerciseError as e:

@@ -145,6 +145,9 @@ def test_make_writes_a_student_copy(tmp_path):
     assert E.is_stub(read(out / "fp8.py"), "fp8_gemm_ref")
     assert read(out / "mla.py") == read(os.path.join(ROOT, "mla.py"))
     assert (out / "exercises.py").is_file() and (out / "tests" / "grading" / "test_grade_moe.py").is_file()
+    # the repository's own tests are not handed out: they hold the answers (test_exercises.py's planted mistakes
+    # quote every correct line); the grading tests and their conftest are
+    assert (out / "tests" / "conftest.py").is_file() and not list((out / "tests").glob("test_*.py"))
     assert "`route` in `moe.py`" in read(out / "EXERCISES.md")
 
 
@@ -163,13 +166,15 @@ def test_make_writes_a_student_copy(tmp_path):
     (["make", "--out", "{tmp}/full/x.txt/new", "--set", "routing"], "cannot make"),  # its parent is a file
     (["grade", "{tmp}/cut"], "exercises.json is damaged (JSONDecodeError"),
     (["grade", "{tmp}/empty"], "exercises.json is damaged (KeyError"),
+    (["grade", "{tmp}/nothing"], "exercises.json lists no function to grade"),
+    (["grade", "{tmp}/copy", "--timeout", "0"], "--timeout must be > 0 seconds"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, argv, message):
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x.txt").write_text("x")
     (tmp_path / "copy").mkdir()
     write(tmp_path / "copy" / E.MANIFEST, json.dumps({"functions": {"moe.limit_groups": []}}))
-    for name, text in (("cut", '{"functions": '), ("empty", "{}")):  # damaged manifests
+    for name, text in (("cut", '{"functions": '), ("empty", "{}"), ("nothing", '{"functions": {}}')):  # damaged
         (tmp_path / name).mkdir()
         write(tmp_path / name / E.MANIFEST, text)
     assert E.main([a.replace("{tmp}", str(tmp_path)) for a in argv]) == 2
@@ -237,6 +242,26 @@ def test_grade_turns_from_not_started_to_passed_and_catches_a_mistake(tmp_path):
     restore(copy, "moe.sequence_balance_loss")
     per = E.grade(str(copy), functions=["moe.sequence_balance_loss"])
     assert per == {"moe.sequence_balance_loss": ("passed", per["moe.sequence_balance_loss"][1])}
+
+
+@pytest.mark.slow
+def test_an_endless_loop_fails_its_test_alone_and_edited_grading_tests_are_refused(tmp_path):
+    """One grading test may take --timeout seconds: an endless loop in one exercise fails that exercise, pointing at
+    the loop, and the others are still graded. Graded from the repository, a copy whose grading tests were edited
+    (a test turned into `return`, say) is refused rather than graded by them."""
+    copy = tmp_path / "student"
+    E.make(str(copy), ["moe.route", "moe.sequence_balance_loss"])
+    restore(copy, "moe.route")
+    line = "    B, T, K = indices.shape\n"
+    restore(copy, "moe.sequence_balance_loss", mistake=(line, "    while True:\n        pass\n" + line))
+    per = E.grade(str(copy), per_test=2)
+    assert per["moe.route"][0] == "passed"
+    status, detail = per["moe.sequence_balance_loss"]
+    assert status == "failed" and "TimeoutError: took longer than 2 s (an endless loop?) (at moe.py:" in detail
+    grading = copy / "tests" / "grading" / "test_grade_moe.py"
+    write(grading, read(grading) + "\n")
+    with pytest.raises(E.ExerciseError, match="test_grade_moe.py is not this repository's tests/grading/"):
+        E.grade(str(copy))
 
 
 @pytest.mark.slow
