@@ -426,6 +426,10 @@ class Recorder:
         res["outcome"] = "failed"
         msg = str(exc.value).strip().splitlines()
         res["error"] = f"{exc.typename}: {msg[0] if msg else ''}".rstrip(": ")
+        size = [ln.strip() for ln in msg[1:] if ln.strip().startswith(("Greatest absolute difference",
+                                                                          "Absolute difference"))]
+        if size:  # torch.testing.assert_close: how far off, not only that it is
+            res["error"] += f" ({size[0]})"
         if exc.errisinstance(NotImplementedError) and msg and msg[0].startswith(STUB_PREFIX):
             res["stub"] = msg[0][len(STUB_PREFIX):]
         test_file = os.path.abspath(str(item.path))
@@ -437,7 +441,8 @@ class Recorder:
             if os.path.abspath(str(entry.path)) == test_file:
                 stmt = str(entry.statement).strip().splitlines()
                 rel = os.path.relpath(test_file).replace(os.sep, "/")
-                res["where"] = f"{rel}:{entry.lineno + 1}: {stmt[0] if stmt else ''}"
+                case = f" [{item.callspec.id}]" if hasattr(item, "callspec") else ""  # which parameters failed
+                res["where"] = f"{rel}:{entry.lineno + 1}{case}: {stmt[0] if stmt else ''}"
                 break
         return None
 

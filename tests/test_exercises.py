@@ -238,6 +238,7 @@ def test_grade_turns_from_not_started_to_passed_and_catches_a_mistake(tmp_path):
     assert per["moe.route"][0] == "passed"
     status, detail = per["moe.sequence_balance_loss"]
     assert status == "failed" and "tests/grading/test_grade_moe.py:" in detail and "Error" in detail
+    assert "(Absolute difference: " in detail or "(Greatest absolute difference: " in detail  # how far off too
 
     restore(copy, "moe.sequence_balance_loss")
     per = E.grade(str(copy), functions=["moe.sequence_balance_loss"])
