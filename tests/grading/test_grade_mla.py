@@ -17,19 +17,13 @@ def turns(j: float, d: int, theta: float, original_seq_len: int) -> float:
     return original_seq_len * theta ** (-2 * j / d) / (2 * math.pi)
 
 
-def pair_at(beta: float, d: int, theta: float, original_seq_len: int) -> float:
-    """The (fractional) pair index j with turns(j) = beta, by bisection (turns falls as j grows)."""
-    lo, hi = -4.0 * d, 4.0 * d
-    for _ in range(200):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if turns(mid, d, theta, original_seq_len) > beta else (lo, mid)
-    return (lo + hi) / 2
-
-
 def yarn_range_plain(d, theta, original_seq_len, beta_fast, beta_slow):
-    low = max(math.floor(pair_at(beta_fast, d, theta, original_seq_len)), 0)
-    high = min(math.ceil(pair_at(beta_slow, d, theta, original_seq_len)), d - 1)
-    return low, high
+    """By enumeration of whole pair indices (turns falls as j grows): low, the last pair that still makes beta_fast
+    turns or more (0 at the least); high, the first pair that makes beta_slow turns or fewer (d - 1 at the most)."""
+    js = range(-8 * d, 8 * d)
+    low = max([j for j in js if turns(j, d, theta, original_seq_len) >= beta_fast] + [0])
+    high = min([j for j in js if turns(j, d, theta, original_seq_len) <= beta_slow] + [d - 1])
+    return max(low, 0), min(high, d - 1)
 
 
 def rope_cfg(yarn: bool, d=16, factor=40.0, mscale=1.0):
