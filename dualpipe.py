@@ -37,8 +37,8 @@ The per-rank DualPipe schedule (h = min(r, N-1-r), H = N/2, C micro-batches, C/2
     8 nW         W (drain the FIFO)                   × h+1
 
 What is here:
-- Reference (read first): pure-Python schedule generators `schedule_1f1b`, `schedule_dualpipe`,
-  `schedule_dualpipev` and `step_counts`. An op is ("F", phase, chunk), ("B", phase, chunk) (full backward),
+- Reference (read first; in an exercise copy some of these are the homework): pure-Python schedule generators
+  `schedule_1f1b`, `schedule_dualpipe`, `schedule_dualpipev` and `step_counts`. An op is ("F", phase, chunk), ("B", phase, chunk) (full backward),
   ("BI", phase, chunk) (input-grad only, its W deferred), ("W", phase, chunk) (the deferred weight grad, popped
   FIFO), or ("FB", f_op, b_op) (an overlapped pair). In op tuples `phase` is the *module* index after the flip:
   for DualPipe it equals the direction, for DualPipeV phase 0 is stage r and phase 1 is stage 2N-1-r.

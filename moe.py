@@ -85,9 +85,11 @@ def limit_groups(scores: torch.Tensor, n_groups: int, n_keep: int, top2: bool) -
 def route(scores, bias, k, n_groups, n_keep, score_func, route_scale):
     """scores s (N, E) unbiased affinities → (weights g (N, K), indices (N, K)).
 
-    Selection uses s + b (and the group limit); the weights gather the *unbiased* s of the chosen experts.
-    score_func says which routing the scores came from: "sigmoid" (V3: group score = top-2 sum, weights
-    renormalised to sum to 1) or "softmax" (V2: group score = max, no renormalisation). bias may be None."""
+    Each token picks its k (K_r) experts with the highest s + b, among the n_keep of n_groups expert groups that the
+    group limit keeps (limit_groups; n_groups 1: no limit); the weights gather the *unbiased* s of the chosen
+    experts. score_func says which routing the scores came from: "sigmoid" (V3: group score = top-2 sum, weights
+    renormalised to sum to 1) or "softmax" (V2: group score = max, no renormalisation). Then every weight is
+    multiplied by route_scale (2.5 in V3's released config). bias may be None."""
     if score_func not in ("sigmoid", "softmax"):
         raise ValueError(f"route: score_func must be 'sigmoid' or 'softmax', got {score_func!r}")
     choice = scores if bias is None else scores + bias
