@@ -376,12 +376,14 @@ class Recorder:
         self.per_test = per_test  # seconds a test may take (0: no limit), so that one endless loop costs one test
         self.results = {}   # nodeid → dict(function, outcome, where, error, stub)
         self.broken = {}    # test file → collection error
+        if per_test:
+            signal.signal(signal.SIGALRM, self._too_long)
+
+    def _too_long(self, *_):
+        raise TimeoutError(f"took longer than {self.per_test:g} s (an endless loop?)")
 
     def pytest_runtest_setup(self, item):
         if self.per_test:
-            def stop(*_):
-                raise TimeoutError(f"took longer than {self.per_test:g} s (an endless loop?)")
-            signal.signal(signal.SIGALRM, stop)
             signal.setitimer(signal.ITIMER_REAL, self.per_test)
 
     def pytest_runtest_teardown(self, item):

@@ -34,9 +34,14 @@ import time
 
 # Ctrl-C while torch loads (about a second): the line and exit code of main's. Only where Ctrl-C has its usual
 # meaning (a process started in the background may ignore it); the handler found is put back below.
+def _interrupted_while_importing(*_):
+    print("interrupted", file=sys.stderr)
+    os._exit(130)
+
+
 _SIGINT_AT_START = signal.getsignal(signal.SIGINT)
 if __name__ == "__main__" and _SIGINT_AT_START is signal.default_int_handler:
-    signal.signal(signal.SIGINT, lambda *_: (print("interrupted", file=sys.stderr), os._exit(130)))
+    signal.signal(signal.SIGINT, _interrupted_while_importing)
 
 import torch
 

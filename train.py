@@ -65,10 +65,15 @@ from dataclasses import fields
 
 # Ctrl-C while torch loads (about a second): the line and exit code of setup's, said once under torchrun. Only where
 # Ctrl-C has its usual meaning (a run started in the background may ignore it); the handler found is put back below.
+def _interrupted_while_importing(*_):
+    if os.environ.get("RANK", "0") == "0":
+        print("interrupted before training started", file=sys.stderr)
+    os._exit(130)
+
+
 _SIGINT_AT_START = signal.getsignal(signal.SIGINT)
 if __name__ == "__main__" and _SIGINT_AT_START is signal.default_int_handler:
-    signal.signal(signal.SIGINT, lambda *_: (os.environ.get("RANK", "0") == "0" and print(
-        "interrupted before training started", file=sys.stderr), os._exit(130)))
+    signal.signal(signal.SIGINT, _interrupted_while_importing)
 
 import torch
 import torch.nn as nn
